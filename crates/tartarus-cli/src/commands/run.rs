@@ -1,0 +1,367 @@
+//! `tartarus run`: one command in a new sandbox, daemonless. The CLI process is the sandbox's supervisor:
+//! it forwards signals as a kill, enforces the timeout, relays a terminal with `-t`, and removes everything
+//! on every exit path.
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rustix::event::{PollFd, PollFlags};
+use serde::Serialize;
+use tartarus_runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+use tartarus_runtime::units::{parse_duration, parse_size};
+use tartarus_runtime::{
+    BindMount, ExitReason, KillReason, NetworkMode, Outcome, ResourceLimits, RootSpec, Runtime, SandboxSpec,
+    StdioFds, Termination,
+};
+
+use crate::terminal::{Pty, RawMode};
+use crate::{print_error, EXIT_TARTARUS_ERROR};
+
+#[derive(Args, Debug)]
+#[command(after_help = "Example: tartarus run --memory 256M --timeout 30s -- python3 -c \"print('hi')\"")]
+pub struct RunArgs {
+    /// Directory to use as the read-only root (default: the host's /usr with a generated /etc)
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// Memory limit, e.g. 256M or 1G
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    memory: Option<u64>,
+    /// CPU limit in cores, e.g. 0.5
+    #[arg(long, value_name = "CORES")]
+    cpus: Option<f64>,
+    /// Maximum number of processes and threads
+    #[arg(long, value_name = "N")]
+    pids: Option<u64>,
+    /// Kill the sandbox after this long, e.g. 30s, 1m30s, 250ms
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    timeout: Option<Duration>,
+    /// Set an environment variable (repeatable); nothing is inherited from the host
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env_arg)]
+    env: Vec<(String, String)>,
+    /// Working directory inside the sandbox (default: /home/sandbox)
+    #[arg(long, short = 'w', value_name = "PATH")]
+    workdir: Option<PathBuf>,
+    /// Make a host path visible: HOST:SANDBOX[:ro|rw] (read-only unless :rw)
+    #[arg(long = "mount", short = 'm', value_name = "HOST:SANDBOX[:ro|rw]", value_parser = parse_mount_arg)]
+    mounts: Vec<BindMount>,
+    /// Network: none (own loopback only) or host-loopback (share the host's network stack)
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_network_arg)]
+    network: NetworkMode,
+    /// Size cap of each writable scratch area (/tmp, home, /dev/shm)
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
+    scratch_size: u64,
+    /// Allocate a terminal for interactive use
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Print a JSON result record on stderr when the sandbox ends
+    #[arg(long)]
+    json: bool,
+    /// Write the JSON result record to this file instead of stderr
+    #[arg(long, value_name = "FILE")]
+    result_file: Option<PathBuf>,
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_env_arg(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{s}' is not KEY=VALUE (e.g. --env LANG=C.UTF-8)")),
+    }
+}
+
+fn parse_mount_arg(s: &str) -> Result<BindMount, String> {
+    let bad = || format!("'{s}' is not HOST:SANDBOX[:ro|rw] (e.g. --mount ./data:/data:ro)");
+    let parts: Vec<&str> = s.split(':').collect();
+    let (source, target, writable) = match parts.as_slice() {
+        [h, t] => (*h, *t, false),
+        [h, t, "ro"] => (*h, *t, false),
+        [h, t, "rw"] => (*h, *t, true),
+        _ => return Err(bad()),
+    };
+    if source.is_empty() || target.is_empty() {
+        return Err(bad());
+    }
+    Ok(BindMount {
+        source: source.into(),
+        target: target.into(),
+        writable,
+    })
+}
+
+fn parse_network_arg(s: &str) -> Result<NetworkMode, String> {
+    match s {
+        "none" => Ok(NetworkMode::None),
+        "host-loopback" => Ok(NetworkMode::HostLoopback),
+        _ => Err(format!("'{s}' is not a network mode: use none or host-loopback")),
+    }
+}
+
+/// Runtime settings shared by `run` and `gc` (the cgroup parent can be moved for tests and operators).
+pub fn runtime_config() -> ProcessRuntimeConfig {
+    let mut config = ProcessRuntimeConfig::default();
+    if let Ok(parent) = std::env::var("TARTARUS_CGROUP_PARENT") {
+        if !parent.is_empty() && !parent.contains('/') && parent != "." && parent != ".." {
+            config.cgroup_parent = parent;
+        }
+    }
+    config
+}
+
+/// The JSON result record.
+#[derive(Serialize)]
+struct ResultRecord<'a> {
+    id: &'a str,
+    exit_code: i32,
+    signal: Option<i32>,
+    reason: &'static str,
+    wall_ms: f64,
+    cpu_ms: f64,
+    peak_memory_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn spec_from(args: &RunArgs) -> SandboxSpec {
+    let mut spec = SandboxSpec::new(args.command.clone());
+    spec.env = args.env.clone();
+    spec.workdir = args.workdir.clone();
+    spec.root = args
+        .rootfs
+        .clone()
+        .map(RootSpec::Directory)
+        .unwrap_or(RootSpec::HostSystem);
+    spec.mounts = args.mounts.clone();
+    spec.network = args.network;
+    spec.limits = ResourceLimits {
+        memory_bytes: args.memory,
+        cpus: args.cpus,
+        pids: args.pids,
+    };
+    spec.timeout = args.timeout;
+    spec.tty = args.tty;
+    spec.scratch_bytes = args.scratch_size;
+    if args.tty {
+        if let Ok(term) = std::env::var("TERM") {
+            spec.env.insert(0, ("TERM".into(), term));
+        }
+    }
+    spec
+}
+
+const FORWARDED_SIGNALS: [i32; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGWINCH,
+];
+
+pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let spec = spec_from(&args);
+    let report = Reporter {
+        json: args.json,
+        result_file: args.result_file.clone(),
+    };
+    let runtime = ProcessRuntime::new(runtime_config());
+    let mut sandbox = match runtime.prepare(spec) {
+        Ok(s) => s,
+        Err(e) => return Ok(report.failure("", &e, EXIT_TARTARUS_ERROR as i32)),
+    };
+    // Signals become events on a descriptor; the sandbox's command starts with a clean mask.
+    tartarus_hostsys::block_signals(&FORWARDED_SIGNALS)?;
+    let signals = tartarus_hostsys::signal_fd(&FORWARDED_SIGNALS)?;
+
+    let stdin = tartarus_hostsys::stdio_fd(0);
+    let stdout = tartarus_hostsys::stdio_fd(1);
+    let pty = if args.tty { Some(Pty::open()?) } else { None };
+    let stdio = match &pty {
+        Some(pty) => {
+            pty.copy_window_size(stdin);
+            StdioFds::terminal(pty.slave.as_raw_fd())
+        }
+        None => StdioFds::INHERIT,
+    };
+    if let Err(e) = sandbox.start(stdio) {
+        let code = e.exit_code();
+        let _ = sandbox.cleanup();
+        return Ok(report.failure(sandbox.id(), &e, code));
+    }
+    let _raw = match &pty {
+        Some(_) if tartarus_hostsys::is_terminal(stdin) => Some(RawMode::enable(stdin)?),
+        _ => None,
+    };
+    let started = Instant::now();
+    let mut interrupted: Option<i32> = None;
+    let outcome = loop {
+        let event_fd = sandbox
+            .event_fd()
+            .expect("running sandbox has an event fd")
+            .as_raw_fd();
+        // SAFETY: the descriptor belongs to `sandbox`, which outlives this poll.
+        let event = unsafe { BorrowedFd::borrow_raw(event_fd) };
+        let mut fds = vec![
+            PollFd::new(&event, PollFlags::IN),
+            PollFd::new(&signals, PollFlags::IN),
+        ];
+        if let Some(pty) = &pty {
+            fds.push(PollFd::new(&pty.master, PollFlags::IN));
+            fds.push(PollFd::new(&stdin, PollFlags::IN));
+        }
+        let remaining = args.timeout.map(|t| t.saturating_sub(started.elapsed()));
+        let ts = remaining.map(|d| rustix::time::Timespec {
+            tv_sec: d.as_secs() as i64,
+            tv_nsec: d.subsec_nanos() as i64,
+        });
+        match rustix::event::poll(&mut fds, ts.as_ref()) {
+            Ok(0) => {
+                sandbox.kill(KillReason::Timeout)?;
+                continue;
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        drop(fds);
+        if let Some(pty) = &pty {
+            if ready[2] {
+                relay(pty.master.as_fd(), stdout);
+            }
+            if ready[3] && !relay(stdin, pty.master.as_fd()) {
+                // Caller's stdin closed: stop watching it by sending EOF (^D) once.
+                let _ = tartarus_hostsys::write_all(&pty.master, &[4]);
+            }
+        }
+        if ready[1] {
+            while let Some(signal) = tartarus_hostsys::read_signal(signals.as_fd())? {
+                if signal == libc::SIGWINCH {
+                    if let Some(pty) = &pty {
+                        pty.copy_window_size(stdin);
+                    }
+                    continue;
+                }
+                interrupted.get_or_insert(signal);
+                sandbox.kill(KillReason::Requested)?;
+            }
+        }
+        if ready[0] {
+            if let Some(outcome) = sandbox.try_wait()? {
+                break outcome;
+            }
+        }
+    };
+    if let Some(pty) = pty {
+        drop(pty.slave);
+        // Drain what the command wrote before exiting; EIO means every writer is gone.
+        while relay(pty.master.as_fd(), stdout) {}
+    }
+    drop(_raw);
+    let id = sandbox.id().to_string();
+    if let Err(e) = sandbox.cleanup() {
+        print_error(&e);
+    }
+    let code = match (interrupted, outcome.reason) {
+        (Some(signal), _) => 128 + signal,
+        _ => outcome.termination.exit_code(),
+    };
+    explain(&outcome, &args);
+    report.success(&id, &outcome, code);
+    Ok(code.clamp(0, 255) as u8)
+}
+
+/// Copies what is available from `from` to `to`; false at EOF or error.
+fn relay(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 16 * 1024];
+    match rustix::io::read(from, &mut buf) {
+        Ok(0) | Err(_) => false,
+        Ok(n) => tartarus_hostsys::write_all(to, &buf[..n]).is_ok(),
+    }
+}
+
+fn explain(outcome: &Outcome, args: &RunArgs) {
+    match outcome.reason {
+        ExitReason::Timeout => {
+            let limit = args.timeout.map(|t| format!("{t:?}")).unwrap_or_default();
+            eprintln!("tartarus: timed out after {limit}; the sandbox was killed");
+        }
+        ExitReason::Oom => {
+            let limit = args
+                .memory
+                .map(|m| format!(" (limit {} MiB)", m >> 20))
+                .unwrap_or_default();
+            eprintln!("tartarus: out of memory{limit}; the kernel killed the command");
+        }
+        _ => {}
+    }
+}
+
+struct Reporter {
+    json: bool,
+    result_file: Option<PathBuf>,
+}
+
+impl Reporter {
+    fn emit(&self, record: &ResultRecord<'_>) {
+        if !self.json && self.result_file.is_none() {
+            return;
+        }
+        let Ok(text) = serde_json::to_string(record) else {
+            return;
+        };
+        match &self.result_file {
+            Some(path) => {
+                if let Err(e) = std::fs::write(path, format!("{text}\n")) {
+                    eprintln!("tartarus: cannot write result file {}: {e}", path.display());
+                }
+            }
+            None => {
+                let _ = writeln!(std::io::stderr(), "{text}");
+            }
+        }
+    }
+
+    fn success(&self, id: &str, outcome: &Outcome, exit_code: i32) {
+        let signal = match outcome.termination {
+            Termination::Signaled(s) => Some(s),
+            Termination::Exited(_) => None,
+        };
+        self.emit(&ResultRecord {
+            id,
+            exit_code,
+            signal,
+            reason: outcome.reason.as_str(),
+            wall_ms: outcome.wall.as_secs_f64() * 1000.0,
+            cpu_ms: outcome.cpu.as_secs_f64() * 1000.0,
+            peak_memory_bytes: outcome.peak_memory_bytes,
+            error: None,
+        });
+    }
+
+    fn failure(&self, id: &str, error: &(dyn std::error::Error + 'static), exit_code: i32) -> u8 {
+        print_error(error);
+        self.emit(&ResultRecord {
+            id,
+            exit_code,
+            signal: None,
+            reason: "error",
+            wall_ms: 0.0,
+            cpu_ms: 0.0,
+            peak_memory_bytes: 0,
+            error: Some(error.to_string()),
+        });
+        exit_code as u8
+    }
+}

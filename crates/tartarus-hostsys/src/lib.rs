@@ -1,0 +1,493 @@
+//! Narrow wrappers over the Linux syscalls that Tartarus needs and that `rustix` does not cover
+//! (`clone3` with namespaces, `mount_setattr`, `close_range`, `signalfd`, `wait4` with usage).
+//!
+//! This is the only crate in the workspace that contains `unsafe` for host syscalls. Every wrapper states
+//! its contract; everything above it deals in `OwnedFd`, `Pid` and `io::Result`.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+pub use rustix::process::Pid;
+
+/// Namespace and process flags accepted by [`clone_process`]; values are the kernel's `CLONE_*` bits.
+pub mod clone_flags {
+    pub const NEWUSER: u64 = libc::CLONE_NEWUSER as u64;
+    pub const NEWNS: u64 = libc::CLONE_NEWNS as u64;
+    pub const NEWPID: u64 = libc::CLONE_NEWPID as u64;
+    pub const NEWNET: u64 = libc::CLONE_NEWNET as u64;
+    pub const NEWIPC: u64 = libc::CLONE_NEWIPC as u64;
+    pub const NEWUTS: u64 = libc::CLONE_NEWUTS as u64;
+    pub const NEWCGROUP: u64 = libc::CLONE_NEWCGROUP as u64;
+}
+
+/// Which side of a [`clone_process`] call we are on.
+pub enum Forked {
+    /// The new process. It must finish with [`exit_immediately`] and never return into the caller's frames
+    /// beyond the function that called `clone_process`.
+    Child,
+    /// The caller, with the child's pid and a pidfd for race-free signalling.
+    Parent { pid: Pid, pidfd: OwnedFd },
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Creates a child process in new namespaces with `clone3`, fork-style (the child continues on a copy of
+/// the caller's stack), and returns a pidfd for it.
+///
+/// # Safety
+/// The calling process must be single-threaded: the child gets a copy of the address space with only the
+/// calling thread, so a lock held by another thread (allocator, stdio) would stay locked forever. The child
+/// must end with [`exit_immediately`] (never return to `main`, never unwind out of its closure).
+pub unsafe fn clone_process(namespaces: u64) -> io::Result<Forked> {
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: namespaces | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: `args` is a valid, fully initialised clone_args of the size we pass; the kernel writes the
+    // pidfd into `pidfd`, which outlives the call. Single-threadedness is the caller's contract.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => {
+            // SAFETY: CLONE_PIDFD succeeded, so the kernel stored a fresh, owned descriptor in `pidfd`.
+            let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+            let pid = Pid::from_raw(pid as i32).ok_or_else(|| io::Error::other("clone3 returned pid 0"))?;
+            Ok(Forked::Parent { pid, pidfd })
+        }
+    }
+}
+
+/// A plain `fork()`; the child is told apart by `None`.
+///
+/// # Safety
+/// Same contract as [`clone_process`]: single-threaded caller, and the child ends with
+/// [`exit_immediately`].
+pub unsafe fn fork_process() -> io::Result<Option<Pid>> {
+    // SAFETY: fork has no memory-safety preconditions beyond the caller's single-threadedness contract.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Pid::from_raw(pid)),
+    }
+}
+
+/// Ends the process at once without running destructors or atexit handlers (`_exit`).
+pub fn exit_immediately(code: i32) -> ! {
+    // SAFETY: `_exit` never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Mount attributes for [`set_mount_attributes`] (`MOUNT_ATTR_*`).
+pub mod mount_attr {
+    pub const RDONLY: u64 = 0x0000_0001;
+    pub const NOSUID: u64 = 0x0000_0002;
+    pub const NODEV: u64 = 0x0000_0004;
+    pub const NOEXEC: u64 = 0x0000_0008;
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Sets attributes on the mount (and, with `recursive`, every mount below it) that `fd` refers to
+/// (`mount_setattr(fd, "", AT_EMPTY_PATH)`); works on detached trees from `open_tree(OPEN_TREE_CLONE)`.
+pub fn set_mount_attributes(fd: BorrowedFd<'_>, attr_set: u64, recursive: bool) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let mut flags = libc::AT_EMPTY_PATH as u32;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as u32;
+    }
+    // SAFETY: the path is a valid NUL-terminated empty string, `attr` is a valid mount_attr of the size
+    // passed, and `fd` is a live descriptor for the duration of the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if ret == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Marks every descriptor from `first` upwards close-on-exec (`close_range(.., CLOSE_RANGE_CLOEXEC)`).
+pub fn set_cloexec_from(first: u32) -> io::Result<()> {
+    close_range(first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC)
+}
+
+/// Closes every descriptor in `first..=last`.
+pub fn close_fds_in(first: u32, last: u32) -> io::Result<()> {
+    if first > last {
+        return Ok(());
+    }
+    close_range(first, last, 0)
+}
+
+fn close_range(first: u32, last: u32, flags: u32) -> io::Result<()> {
+    // SAFETY: close_range only manipulates this process's descriptor table; callers own the range they close.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
+    if ret == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Duplicates `fd` onto `target` (`dup2`), clearing close-on-exec on the result; a no-op when equal, except
+/// that close-on-exec is still cleared.
+pub fn dup_onto(fd: RawFd, target: RawFd) -> io::Result<()> {
+    if fd == target {
+        // SAFETY: fcntl(F_SETFD) on a descriptor number has no memory-safety preconditions.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    // SAFETY: dup2 only manipulates this process's descriptor table.
+    if unsafe { libc::dup2(fd, target) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Resets every catchable signal to its default action and unblocks all signals, so an exec'd program
+/// starts clean (Rust's runtime ignores SIGPIPE, which exec would otherwise pass on).
+pub fn reset_signals() {
+    for signal in 1..libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL is always valid; invalid numbers just fail with EINVAL, ignored here.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    let _ = set_signal_mask(&[], libc::SIG_SETMASK);
+}
+
+/// Blocks `signals` for the calling thread (they can then be read from a [`signal_fd`]).
+pub fn block_signals(signals: &[i32]) -> io::Result<()> {
+    set_signal_mask(signals, libc::SIG_BLOCK)
+}
+
+fn signal_set(signals: &[i32]) -> libc::sigset_t {
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given; sigaddset then only writes into it.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        for &signal in signals {
+            libc::sigaddset(set.as_mut_ptr(), signal);
+        }
+        set.assume_init()
+    }
+}
+
+fn set_signal_mask(signals: &[i32], how: i32) -> io::Result<()> {
+    let set = signal_set(signals);
+    // SAFETY: `set` is an initialised sigset_t; the old mask is not requested.
+    let ret = unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// A non-blocking, close-on-exec signalfd for `signals` (which the caller has blocked).
+pub fn signal_fd(signals: &[i32]) -> io::Result<OwnedFd> {
+    let set = signal_set(signals);
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal number from a [`signal_fd`]; `None` when none is pending.
+pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
+    let mut info = MaybeUninit::<libc::signalfd_siginfo>::uninit();
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: the buffer is exactly one signalfd_siginfo, which is what the kernel writes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), size) };
+    if n == -1 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    if n as usize != size {
+        return Ok(None);
+    }
+    // SAFETY: the kernel filled the whole structure (n == size).
+    Ok(Some(unsafe { info.assume_init() }.ssi_signo as i32))
+}
+
+/// How a child ended, with its resource usage (which includes the descendants it reaped).
+#[derive(Debug, Clone, Copy)]
+pub struct ChildExit {
+    /// Raw wait status (decode with [`ExitStatus`]).
+    pub status: i32,
+    pub user_cpu: std::time::Duration,
+    pub system_cpu: std::time::Duration,
+    /// Largest resident set of the child or any reaped descendant, in bytes.
+    pub max_rss_bytes: u64,
+}
+
+/// Waits for `pid` (blocking) and returns its status and rusage (`wait4`).
+pub fn wait_child(pid: Pid) -> io::Result<ChildExit> {
+    let mut status = 0;
+    let mut usage = MaybeUninit::<libc::rusage>::zeroed();
+    loop {
+        // SAFETY: both out-pointers are valid for writes for the duration of the call.
+        let ret = unsafe { libc::wait4(pid.as_raw_nonzero().get(), &mut status, 0, usage.as_mut_ptr()) };
+        if ret == -1 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        break;
+    }
+    // SAFETY: wait4 succeeded and filled the structure (it was zeroed beforehand in any case).
+    let usage = unsafe { usage.assume_init() };
+    let to_duration = |tv: libc::timeval| {
+        std::time::Duration::from_secs(tv.tv_sec as u64) + std::time::Duration::from_micros(tv.tv_usec as u64)
+    };
+    Ok(ChildExit {
+        status,
+        user_cpu: to_duration(usage.ru_utime),
+        system_cpu: to_duration(usage.ru_stime),
+        max_rss_bytes: (usage.ru_maxrss as u64).saturating_mul(1024),
+    })
+}
+
+/// Reaps any child without blocking; returns its pid and raw wait status.
+pub fn reap_any() -> io::Result<Option<(Pid, i32)>> {
+    let mut status = 0;
+    // SAFETY: `status` is valid for writes.
+    let ret = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    match ret {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Pid::from_raw(pid).map(|p| (p, status))),
+    }
+}
+
+/// Reaps any child, blocking until one exits; `None` when there are no children left.
+pub fn reap_any_blocking() -> io::Result<Option<(Pid, i32)>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is valid for writes.
+        let ret = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if ret == -1 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECHILD) => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+        return Ok(Pid::from_raw(ret).map(|p| (p, status)));
+    }
+}
+
+/// A decoded wait status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    pub fn from_raw(status: i32) -> Self {
+        if libc::WIFSIGNALED(status) {
+            ExitStatus::Signaled(libc::WTERMSIG(status))
+        } else {
+            ExitStatus::Exited(libc::WEXITSTATUS(status))
+        }
+    }
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn set_loopback_up() -> io::Result<()> {
+    // SAFETY: socket() has no memory preconditions; the result is checked and owned below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq naming "lo"; the ioctl reads and writes only that structure.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: reading the flags member that SIOCGIFFLAGS just filled.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: as above, with the flags updated.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the process non-dumpable, so processes with the same uid cannot ptrace it or open its /proc files.
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Returns the highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`), falling
+/// back to the highest one libc knows.
+pub fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Removes `cap` from the bounding set (`PR_CAPBSET_DROP`); unknown capabilities are ignored.
+pub fn drop_bounding_capability(cap: u32) -> io::Result<()> {
+    // SAFETY: PR_CAPBSET_DROP takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } == -1 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// `execve(path, argv, envp)`; returns only on failure.
+pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> io::Error {
+    debug_assert!(argv.last().is_some_and(|p| p.is_null()) && envp.last().is_some_and(|p| p.is_null()));
+    // SAFETY: `path` is NUL-terminated; `argv` and `envp` are NULL-terminated arrays of pointers to
+    // NUL-terminated strings that the caller keeps alive (checked in debug builds above).
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// Fills `buf` with random bytes from the kernel (`getrandom`).
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is valid for writes of its length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n == -1 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// True when `pid` names a live process (signal 0 probe; EPERM still means it exists).
+pub fn process_exists(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 performs only the existence and permission check.
+    let ret = unsafe { libc::kill(pid, 0) };
+    ret == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The filesystem magic of the filesystem holding `path` (`statfs.f_type`).
+pub fn filesystem_type(path: &CStr) -> io::Result<i64> {
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `st` is valid for writes.
+    if unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded and filled the structure.
+    Ok(unsafe { st.assume_init() }.f_type as i64)
+}
+
+/// `CGROUP2_SUPER_MAGIC`, for [`filesystem_type`].
+pub const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+/// True when `fd` refers to a terminal.
+pub fn is_terminal(fd: BorrowedFd<'_>) -> bool {
+    rustix::termios::isatty(fd)
+}
+
+/// Borrows one of the process's standard descriptors (0, 1 or 2).
+pub fn stdio_fd(n: RawFd) -> BorrowedFd<'static> {
+    assert!(
+        (0..=2).contains(&n),
+        "only standard descriptors may be borrowed statically"
+    );
+    // SAFETY: descriptors 0..=2 are open for the life of the process (the CLI never closes them).
+    unsafe { BorrowedFd::borrow_raw(n) }
+}
+
+/// Writes all of `data` to `fd`, retrying on EINTR and short writes.
+pub fn write_all(fd: impl AsFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::write(fd.as_fd(), data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Moves the calling process into a new cgroup namespace rooted at its current cgroup.
+pub fn unshare_cgroup_namespace() -> io::Result<()> {
+    // SAFETY: CLONE_NEWCGROUP changes no memory or descriptor state of this process.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

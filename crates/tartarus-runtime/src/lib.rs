@@ -1,0 +1,17 @@
+//! Sandboxes for untrusted code: the [`Runtime`] trait, the validated [`SandboxSpec`] every backend
+//! receives, and the Linux process-isolation backend ([`process::ProcessRuntime`]).
+//!
+//! Place in the data flow: the CLI (`tartarus run`) and later the server turn user input into a
+//! `SandboxSpec`, pick a runtime, and drive `prepare → start → wait → cleanup`. This crate never prints and
+//! never exits; every failure is a typed error that says what to change.
+
+pub mod process;
+pub mod sandbox;
+pub mod spec;
+pub mod units;
+
+pub use sandbox::{
+    ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
+    StdioFds, Termination,
+};
+pub use spec::{BindMount, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec, SpecError};

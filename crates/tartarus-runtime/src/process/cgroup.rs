@@ -1,0 +1,710 @@
+//! cgroup placement and limits for v2, v1 and hybrid hosts.
+//!
+//! Each requested limit goes to the controller where it can be enforced: the v2 tree when it offers the
+//! controller, else the v1 hierarchy of that controller. A limit with neither fails `prepare` with a message
+//! naming what is missing; a sandbox never runs without a limit that was asked for. Cgroups are only created
+//! when a limit is requested (the pid namespace already gives us kill-tree). Directory names carry the
+//! creating process's pid so `gc` can remove leftovers of a crashed supervisor.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::sandbox::PrepareError;
+use crate::spec::ResourceLimits;
+
+/// The filesystem operations cgroup management needs; [`HostCgroupFs`] is the real one.
+pub trait CgroupFs {
+    fn is_cgroup2_mount(&self, path: &Path) -> bool;
+    fn exists(&self, path: &Path) -> bool;
+    fn read(&self, path: &Path) -> io::Result<String>;
+    fn write(&self, path: &Path, data: &str) -> io::Result<()>;
+    fn mkdir(&self, path: &Path) -> io::Result<()>;
+    fn rmdir(&self, path: &Path) -> io::Result<()>;
+    fn subdirs(&self, path: &Path) -> io::Result<Vec<String>>;
+}
+
+/// The host's cgroup filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostCgroupFs;
+
+impl CgroupFs for HostCgroupFs {
+    fn is_cgroup2_mount(&self, path: &Path) -> bool {
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        tartarus_hostsys::filesystem_type(&c).is_ok_and(|t| t == tartarus_hostsys::CGROUP2_MAGIC)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn read(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+    fn write(&self, path: &Path, data: &str) -> io::Result<()> {
+        // cgroup files take one write per value; OpenOptions avoids truncation semantics they reject.
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.write_all(data.as_bytes())
+    }
+    fn mkdir(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir(path)
+    }
+    fn rmdir(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir(path)
+    }
+    fn subdirs(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                out.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A resource controller we set limits with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Controller {
+    Memory,
+    Cpu,
+    Pids,
+}
+
+impl Controller {
+    pub fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Cpu => "cpu",
+            Controller::Pids => "pids",
+        }
+    }
+    fn limit_name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Cpu => "cpu",
+            Controller::Pids => "pids",
+        }
+    }
+}
+
+/// Which cgroup version a directory belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// What this host offers, found by [`CgroupLayout::detect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupLayout {
+    /// The v2 mount (`/sys/fs/cgroup` on pure v2, `/sys/fs/cgroup/unified` on hybrid), if any.
+    pub v2_mount: Option<PathBuf>,
+    /// Controllers available in the v2 tree at the parent we create in.
+    pub v2_controllers: BTreeSet<String>,
+    /// v1 hierarchy mount per controller.
+    pub v1_mounts: Vec<(Controller, PathBuf)>,
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+impl CgroupLayout {
+    pub fn detect(fs: &dyn CgroupFs) -> CgroupLayout {
+        let root = Path::new(CGROUP_ROOT);
+        if fs.is_cgroup2_mount(root) {
+            return CgroupLayout {
+                v2_mount: Some(root.to_path_buf()),
+                v2_controllers: read_controllers(fs, root),
+                v1_mounts: Vec::new(),
+            };
+        }
+        let unified = root.join("unified");
+        let v2_mount = fs.is_cgroup2_mount(&unified).then_some(unified);
+        let v2_controllers = v2_mount
+            .as_deref()
+            .map(|m| read_controllers(fs, m))
+            .unwrap_or_default();
+        let mut v1_mounts = Vec::new();
+        for controller in [Controller::Memory, Controller::Cpu, Controller::Pids] {
+            let dir = root.join(controller.name());
+            if fs.exists(&dir.join("cgroup.procs")) {
+                v1_mounts.push((controller, dir));
+            }
+        }
+        CgroupLayout {
+            v2_mount,
+            v2_controllers,
+            v1_mounts,
+        }
+    }
+
+    fn v1_mount(&self, controller: Controller) -> Option<&Path> {
+        self.v1_mounts
+            .iter()
+            .find(|(c, _)| *c == controller)
+            .map(|(_, p)| p.as_path())
+    }
+
+    /// Where `controller` would be enforced: v2 when offered there, else its v1 hierarchy.
+    pub fn placement(&self, controller: Controller) -> Option<(CgroupVersion, &Path)> {
+        if let Some(mount) = &self.v2_mount {
+            if self.v2_controllers.contains(controller.name()) {
+                return Some((CgroupVersion::V2, mount));
+            }
+        }
+        self.v1_mount(controller).map(|m| (CgroupVersion::V1, m))
+    }
+}
+
+fn read_controllers(fs: &dyn CgroupFs, dir: &Path) -> BTreeSet<String> {
+    fs.read(&dir.join("cgroup.controllers"))
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// One cgroup directory we created, with the controllers enforced there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupDir {
+    pub version: CgroupVersion,
+    pub path: PathBuf,
+    pub controllers: Vec<Controller>,
+}
+
+/// The cgroups of one sandbox. Created by [`SandboxCgroups::create`], removed by
+/// [`SandboxCgroups::remove`] (idempotent).
+#[derive(Debug, Default)]
+pub struct SandboxCgroups {
+    pub dirs: Vec<CgroupDir>,
+}
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Creates the cgroup directories for `limits` under `<hierarchy>/<parent>/<name>` and writes the limits.
+/// Rolls back everything it created when any step fails.
+pub fn create(
+    fs: &dyn CgroupFs,
+    layout: &CgroupLayout,
+    parent: &str,
+    name: &str,
+    limits: &ResourceLimits,
+) -> Result<SandboxCgroups, PrepareError> {
+    let mut wanted = Vec::new();
+    if limits.memory_bytes.is_some() {
+        wanted.push(Controller::Memory);
+    }
+    if limits.cpus.is_some() {
+        wanted.push(Controller::Cpu);
+    }
+    if limits.pids.is_some() {
+        wanted.push(Controller::Pids);
+    }
+    // Group controllers by the directory that will enforce them.
+    let mut dirs: Vec<CgroupDir> = Vec::new();
+    for controller in wanted {
+        let Some((version, mount)) = layout.placement(controller) else {
+            return Err(PrepareError::LimitUnavailable {
+                limit: controller.limit_name(),
+                why: missing_controller_reason(layout, controller),
+            });
+        };
+        let path = mount.join(parent).join(name);
+        match dirs.iter_mut().find(|d| d.path == path) {
+            Some(dir) => dir.controllers.push(controller),
+            None => dirs.push(CgroupDir {
+                version,
+                path,
+                controllers: vec![controller],
+            }),
+        }
+    }
+    let mut created = SandboxCgroups::default();
+    for dir in dirs {
+        if let Err(e) = create_dir(fs, &dir, limits) {
+            created.remove(fs);
+            // Remove the half-made directory too.
+            let _ = fs.rmdir(&dir.path);
+            return Err(e);
+        }
+        created.dirs.push(dir);
+    }
+    Ok(created)
+}
+
+fn missing_controller_reason(layout: &CgroupLayout, controller: Controller) -> String {
+    let v2 = match &layout.v2_mount {
+        Some(m) => format!(
+            "the cgroup v2 tree at {} does not offer '{}' (available: {})",
+            m.display(),
+            controller.name(),
+            if layout.v2_controllers.is_empty() {
+                "none".to_string()
+            } else {
+                layout
+                    .v2_controllers
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        ),
+        None => "there is no cgroup v2 tree".to_string(),
+    };
+    format!(
+        "{v2} and there is no cgroup v1 '{}' hierarchy under {CGROUP_ROOT}; \
+         enable the controller (or delegate it to this user) or drop the limit",
+        controller.name()
+    )
+}
+
+fn create_dir(fs: &dyn CgroupFs, dir: &CgroupDir, limits: &ResourceLimits) -> Result<(), PrepareError> {
+    let cgroup_err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source: io::Error| PrepareError::Cgroup { path, source }
+    };
+    let parent = dir.path.parent().unwrap_or(Path::new("/"));
+    if !fs.exists(parent) {
+        match fs.mkdir(parent) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(PrepareError::LimitUnavailable {
+                    limit: dir.controllers[0].limit_name(),
+                    why: format!(
+                        "{} is not writable by this user; run as root or delegate a cgroup to this user",
+                        parent.display()
+                    ),
+                })
+            }
+            Err(e) => return Err(cgroup_err(parent)(e)),
+        }
+    }
+    if dir.version == CgroupVersion::V2 {
+        // Controllers must be enabled for the children of every level we create in.
+        let enable: String = dir
+            .controllers
+            .iter()
+            .map(|c| format!("+{} ", c.name()))
+            .collect();
+        let mount_root = parent.parent().unwrap_or(parent);
+        for level in [mount_root, parent] {
+            let control = level.join("cgroup.subtree_control");
+            fs.write(&control, enable.trim_end())
+                .map_err(cgroup_err(&control))?;
+        }
+    }
+    fs.mkdir(&dir.path).map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => PrepareError::LimitUnavailable {
+            limit: dir.controllers[0].limit_name(),
+            why: format!(
+                "cannot create cgroup {}: permission denied; run as root or delegate a cgroup to this user",
+                dir.path.display()
+            ),
+        },
+        _ => cgroup_err(&dir.path)(e),
+    })?;
+    for (file, value) in limit_settings(fs, dir, limits) {
+        let path = dir.path.join(file);
+        fs.write(&path, &value).map_err(cgroup_err(&path))?;
+    }
+    Ok(())
+}
+
+/// The files and values that express `limits` in `dir`, in the order they must be written.
+fn limit_settings(
+    fs: &dyn CgroupFs,
+    dir: &CgroupDir,
+    limits: &ResourceLimits,
+) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for controller in &dir.controllers {
+        match (controller, dir.version) {
+            (Controller::Memory, CgroupVersion::V2) => {
+                if let Some(bytes) = limits.memory_bytes {
+                    out.push(("memory.max", bytes.to_string()));
+                    if fs.exists(&dir.path.join("memory.swap.max")) {
+                        out.push(("memory.swap.max", "0".to_string()));
+                    }
+                }
+            }
+            (Controller::Memory, CgroupVersion::V1) => {
+                if let Some(bytes) = limits.memory_bytes {
+                    out.push(("memory.limit_in_bytes", bytes.to_string()));
+                    // Without this the limit could be escaped into swap.
+                    if fs.exists(&dir.path.join("memory.memsw.limit_in_bytes")) {
+                        out.push(("memory.memsw.limit_in_bytes", bytes.to_string()));
+                    }
+                }
+            }
+            (Controller::Cpu, version) => {
+                if let Some(cpus) = limits.cpus {
+                    let quota = ((cpus * CPU_PERIOD_US as f64) as u64).max(1000);
+                    match version {
+                        CgroupVersion::V2 => out.push(("cpu.max", format!("{quota} {CPU_PERIOD_US}"))),
+                        CgroupVersion::V1 => {
+                            out.push(("cpu.cfs_period_us", CPU_PERIOD_US.to_string()));
+                            out.push(("cpu.cfs_quota_us", quota.to_string()));
+                        }
+                    }
+                }
+            }
+            (Controller::Pids, _) => {
+                if let Some(pids) = limits.pids {
+                    out.push(("pids.max", pids.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl SandboxCgroups {
+    /// Moves process `pid` into every cgroup of the sandbox.
+    pub fn add_process(&self, fs: &dyn CgroupFs, pid: i32) -> io::Result<()> {
+        for dir in &self.dirs {
+            fs.write(&dir.path.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn dir_with(&self, controller: Controller) -> Option<&CgroupDir> {
+        self.dirs.iter().find(|d| d.controllers.contains(&controller))
+    }
+
+    /// How many times the OOM killer killed a process in the sandbox.
+    pub fn oom_kills(&self, fs: &dyn CgroupFs) -> u64 {
+        let Some(dir) = self.dir_with(Controller::Memory) else {
+            return 0;
+        };
+        let file = match dir.version {
+            CgroupVersion::V2 => "memory.events",
+            CgroupVersion::V1 => "memory.oom_control",
+        };
+        fs.read(&dir.path.join(file))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Peak memory use of the sandbox, when the memory controller tracks it.
+    pub fn peak_memory(&self, fs: &dyn CgroupFs) -> Option<u64> {
+        let dir = self.dir_with(Controller::Memory)?;
+        let file = match dir.version {
+            CgroupVersion::V2 => "memory.peak",
+            CgroupVersion::V1 => "memory.max_usage_in_bytes",
+        };
+        fs.read(&dir.path.join(file)).ok()?.trim().parse().ok()
+    }
+
+    /// Removes every directory; processes still inside are killed first. Idempotent.
+    pub fn remove(&mut self, fs: &dyn CgroupFs) -> Vec<(PathBuf, io::Error)> {
+        let mut failures = Vec::new();
+        for dir in self.dirs.drain(..) {
+            if let Err(e) = remove_dir(fs, &dir.path) {
+                failures.push((dir.path, e));
+            }
+        }
+        failures
+    }
+}
+
+/// Removes one cgroup directory, killing what is still inside (a pid namespace's teardown normally has
+/// emptied it already).
+fn remove_dir(fs: &dyn CgroupFs, path: &Path) -> io::Result<()> {
+    for attempt in 0..200 {
+        match fs.rmdir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 199 => {
+                kill_members(fs, path);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn kill_members(fs: &dyn CgroupFs, path: &Path) {
+    if fs.write(&path.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    if let Ok(procs) = fs.read(&path.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY-free: rustix validates the pid; errors (already gone) are irrelevant here.
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// Name of a sandbox cgroup: the supervisor's pid, then the sandbox id.
+pub fn cgroup_name(owner_pid: u32, sandbox_id: &str) -> String {
+    format!("{owner_pid}-{sandbox_id}")
+}
+
+/// Removes sandbox cgroups under `parent` whose supervisor process is gone. Returns what it removed.
+pub fn collect_garbage(fs: &dyn CgroupFs, layout: &CgroupLayout, parent: &str) -> Vec<PathBuf> {
+    let mut roots: Vec<&Path> = layout.v1_mounts.iter().map(|(_, p)| p.as_path()).collect();
+    if let Some(v2) = &layout.v2_mount {
+        roots.push(v2);
+    }
+    let mut removed = Vec::new();
+    for root in roots {
+        let dir = root.join(parent);
+        let Ok(children) = fs.subdirs(&dir) else { continue };
+        for child in children {
+            let Some(owner) = child.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            if tartarus_hostsys::process_exists(owner) {
+                continue;
+            }
+            let path = dir.join(&child);
+            if remove_dir(fs, &path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// An in-memory cgroup filesystem that records every write.
+    #[derive(Default)]
+    pub struct FakeCgroupFs {
+        pub cgroup2_mounts: BTreeSet<PathBuf>,
+        pub files: RefCell<BTreeMap<PathBuf, String>>,
+        pub dirs: RefCell<BTreeSet<PathBuf>>,
+        pub writes: RefCell<Vec<(PathBuf, String)>>,
+        pub read_only: BTreeSet<PathBuf>,
+    }
+
+    impl FakeCgroupFs {
+        pub fn file(self, path: &str, content: &str) -> Self {
+            self.files.borrow_mut().insert(path.into(), content.into());
+            self
+        }
+        pub fn written(&self, path: &str) -> Option<String> {
+            self.writes
+                .borrow()
+                .iter()
+                .rev()
+                .find(|(p, _)| p == Path::new(path))
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    impl CgroupFs for FakeCgroupFs {
+        fn is_cgroup2_mount(&self, path: &Path) -> bool {
+            self.cgroup2_mounts.contains(path)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.files.borrow().contains_key(path) || self.dirs.borrow().contains(path)
+        }
+        fn read(&self, path: &Path) -> io::Result<String> {
+            self.files
+                .borrow()
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::ErrorKind::NotFound.into())
+        }
+        fn write(&self, path: &Path, data: &str) -> io::Result<()> {
+            if self.read_only.iter().any(|ro| path.starts_with(ro)) {
+                return Err(io::ErrorKind::PermissionDenied.into());
+            }
+            self.writes
+                .borrow_mut()
+                .push((path.to_path_buf(), data.to_string()));
+            self.files
+                .borrow_mut()
+                .insert(path.to_path_buf(), data.to_string());
+            Ok(())
+        }
+        fn mkdir(&self, path: &Path) -> io::Result<()> {
+            if self.read_only.iter().any(|ro| path.starts_with(ro)) {
+                return Err(io::ErrorKind::PermissionDenied.into());
+            }
+            if !self.dirs.borrow_mut().insert(path.to_path_buf()) {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            Ok(())
+        }
+        fn rmdir(&self, path: &Path) -> io::Result<()> {
+            if self.dirs.borrow_mut().remove(path) {
+                Ok(())
+            } else {
+                Err(io::ErrorKind::NotFound.into())
+            }
+        }
+        fn subdirs(&self, path: &Path) -> io::Result<Vec<String>> {
+            Ok(self
+                .dirs
+                .borrow()
+                .iter()
+                .filter(|d| d.parent() == Some(path))
+                .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeCgroupFs;
+    use super::*;
+
+    fn hybrid() -> FakeCgroupFs {
+        let mut fs = FakeCgroupFs::default()
+            .file("/sys/fs/cgroup/unified/cgroup.controllers", "")
+            .file("/sys/fs/cgroup/memory/cgroup.procs", "")
+            .file("/sys/fs/cgroup/cpu/cgroup.procs", "")
+            .file("/sys/fs/cgroup/pids/cgroup.procs", "");
+        fs.cgroup2_mounts.insert("/sys/fs/cgroup/unified".into());
+        fs
+    }
+
+    fn pure_v2(controllers: &str) -> FakeCgroupFs {
+        let mut fs = FakeCgroupFs::default().file("/sys/fs/cgroup/cgroup.controllers", controllers);
+        fs.cgroup2_mounts.insert("/sys/fs/cgroup".into());
+        fs
+    }
+
+    fn all_limits() -> ResourceLimits {
+        ResourceLimits {
+            memory_bytes: Some(256 << 20),
+            cpus: Some(0.5),
+            pids: Some(64),
+        }
+    }
+
+    #[test]
+    fn hybrid_host_places_every_limit_in_v1() {
+        let fs = hybrid();
+        let layout = CgroupLayout::detect(&fs);
+        assert_eq!(
+            layout.v2_mount.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
+        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap();
+        assert_eq!(cgroups.dirs.len(), 3);
+        assert!(cgroups.dirs.iter().all(|d| d.version == CgroupVersion::V1));
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/memory/tartarus/1-abc/memory.limit_in_bytes")
+                .unwrap(),
+            "268435456"
+        );
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/cpu/tartarus/1-abc/cpu.cfs_quota_us")
+                .unwrap(),
+            "50000"
+        );
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/pids/tartarus/1-abc/pids.max").unwrap(),
+            "64"
+        );
+    }
+
+    #[test]
+    fn pure_v2_uses_one_directory_and_enables_controllers() {
+        let fs = pure_v2("cpuset cpu io memory pids");
+        let layout = CgroupLayout::detect(&fs);
+        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap();
+        assert_eq!(cgroups.dirs.len(), 1);
+        assert_eq!(
+            cgroups.dirs[0].controllers,
+            vec![Controller::Memory, Controller::Cpu, Controller::Pids]
+        );
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/cgroup.subtree_control").unwrap(),
+            "+memory +cpu +pids"
+        );
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/tartarus/1-abc/memory.max").unwrap(),
+            "268435456"
+        );
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/tartarus/1-abc/cpu.max").unwrap(),
+            "50000 100000"
+        );
+    }
+
+    #[test]
+    fn missing_controller_fails_with_a_reason_naming_it() {
+        let fs = pure_v2("cpu pids");
+        let layout = CgroupLayout::detect(&fs);
+        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("memory limit requested but cannot be enforced"),
+            "{text}"
+        );
+        assert!(text.contains("does not offer 'memory'"), "{text}");
+        assert!(fs.dirs.borrow().is_empty(), "nothing may be left behind");
+    }
+
+    #[test]
+    fn unwritable_hierarchy_is_a_clear_limit_error_and_rolls_back() {
+        let mut fs = hybrid();
+        fs.read_only.insert("/sys/fs/cgroup/pids".into());
+        let layout = CgroupLayout::detect(&fs);
+        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap_err();
+        assert!(
+            matches!(err, PrepareError::LimitUnavailable { limit: "pids", .. }),
+            "{err}"
+        );
+        let leftovers: Vec<_> = fs
+            .dirs
+            .borrow()
+            .iter()
+            .filter(|d| d.ends_with("1-abc"))
+            .cloned()
+            .collect();
+        assert!(leftovers.is_empty(), "rolled back: {leftovers:?}");
+    }
+
+    #[test]
+    fn oom_kills_are_read_from_the_version_specific_file() {
+        let fs = hybrid().file(
+            "/sys/fs/cgroup/memory/t/x/memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        let cgroups = SandboxCgroups {
+            dirs: vec![CgroupDir {
+                version: CgroupVersion::V1,
+                path: "/sys/fs/cgroup/memory/t/x".into(),
+                controllers: vec![Controller::Memory],
+            }],
+        };
+        assert_eq!(cgroups.oom_kills(&fs), 2);
+    }
+
+    #[test]
+    fn garbage_collection_removes_only_dead_owners() {
+        let fs = hybrid();
+        let live = std::process::id();
+        fs.dirs
+            .borrow_mut()
+            .insert(format!("/sys/fs/cgroup/pids/tartarus/{live}-a").into());
+        fs.dirs
+            .borrow_mut()
+            .insert("/sys/fs/cgroup/pids/tartarus/2147483600-b".into());
+        let layout = CgroupLayout::detect(&fs);
+        let removed = collect_garbage(&fs, &layout, "tartarus");
+        assert_eq!(
+            removed,
+            vec![PathBuf::from("/sys/fs/cgroup/pids/tartarus/2147483600-b")]
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! Code that runs in the sandbox's processes: the pid-1 init (builds the root, reaps, reports) and the
+//! command (drops every privilege, then execs).
+//!
+//! Both run in a copy of the supervisor's address space made by `clone3`/`fork` from a single-threaded
+//! process, so allocation is safe; they never return into the supervisor's frames and always end with
+//! `_exit` (a panic becomes exit code 125).
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+
+use rustix::process::{Resource, Rlimit, Signal};
+use rustix::thread::{CapabilitySet, CapabilitySets};
+use tartarus_hostsys::{exit_immediately, ExitStatus};
+
+use super::landlock::{self, LandlockRules};
+use super::protocol::{Report, STATUS_LEN};
+use super::rootfs::{self, Context, RootInputs, SetupError, SetupResult};
+use super::seccomp::CompiledFilters;
+use crate::sandbox::StdioFds;
+use crate::spec::{NetworkMode, ProcessLimits, SANDBOX_UID};
+
+/// How uids are mapped into the sandbox's user namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdMode {
+    /// The supervisor is root: map a 65536-id range starting at an unprivileged host id, so even the
+    /// sandbox's root is nobody on the host.
+    Privileged { host_base: u32 },
+    /// Unprivileged supervisor: only the caller's own uid/gid can be mapped (to the sandbox user).
+    Unprivileged { uid: u32, gid: u32 },
+}
+
+/// The command to execute, prepared (and allocated) by the supervisor.
+pub struct ExecPlan {
+    /// Paths to try in order (one for a command with `/`, one per `PATH` entry otherwise).
+    pub candidates: Vec<CString>,
+    pub display_name: String,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+}
+
+/// Everything the child needs; built by the supervisor before the clone.
+pub struct ChildPlan<'a> {
+    pub sync_read: RawFd,
+    pub start_write: RawFd,
+    pub status_write: RawFd,
+    /// Descriptors of the supervisor that the child must close at once.
+    pub supervisor_fds: [RawFd; 3],
+    pub ids: IdMode,
+    pub root: &'a RootInputs,
+    pub hostname: &'a str,
+    pub network: NetworkMode,
+    pub exec: &'a ExecPlan,
+    pub filters: &'a CompiledFilters,
+    pub stdio: StdioFds,
+    pub tty: bool,
+    pub workdir: &'a CStr,
+    pub writable_dirs: &'a [PathBuf],
+    pub process_limits: ProcessLimits,
+}
+
+/// Entry point of the cloned child; never returns.
+pub fn run(plan: &ChildPlan<'_>) -> ! {
+    let code = std::panic::catch_unwind(AssertUnwindSafe(|| run_init(plan))).unwrap_or(125);
+    exit_immediately(code)
+}
+
+fn report(fd: RawFd, message: &Report) {
+    // SAFETY: `fd` is the child's copy of the start pipe's write end, open until exec or exit.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = tartarus_hostsys::write_all(fd, &message.encode());
+}
+
+fn report_setup(fd: RawFd, e: SetupError) -> i32 {
+    report(
+        fd,
+        &Report::SetupFailed {
+            errno: e.source.raw_os_error().unwrap_or(0),
+            stage: e.stage,
+        },
+    );
+    125
+}
+
+fn run_init(plan: &ChildPlan<'_>) -> i32 {
+    for fd in plan.supervisor_fds {
+        // SAFETY: these are the supervisor's pipe ends, duplicated into this process by clone; closing our
+        // copies affects nobody else.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    // Die with the supervisor. Set before waiting so a supervisor that dies now is noticed (the sync read
+    // then sees EOF).
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    // SAFETY: the sync pipe's read end is ours; it is read and kept open until exec (close-on-exec).
+    let sync = unsafe { BorrowedFd::borrow_raw(plan.sync_read) };
+    let mut go = [0u8; 1];
+    if !matches!(rustix::io::read(sync, &mut go), Ok(1)) {
+        return 1; // supervisor gone or refused: nothing was set up
+    }
+    if let Err(e) = become_namespace_root(plan) {
+        return report_setup(plan.start_write, e);
+    }
+    // Credential changes clear the parent-death signal: set it again, then make sure the supervisor did
+    // not die in between (it holds the sync pipe's write end open for the sandbox's whole life).
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    if supervisor_gone(sync) {
+        return 1;
+    }
+    if let Err(e) = setup_namespaces(plan) {
+        return report_setup(plan.start_write, e);
+    }
+    let _ = tartarus_hostsys::set_not_dumpable();
+    // SAFETY: this process is single-threaded (a clone of a single-threaded supervisor).
+    let child = match unsafe { tartarus_hostsys::fork_process() } {
+        Ok(None) => {
+            let code = std::panic::catch_unwind(AssertUnwindSafe(|| exec_command(plan))).unwrap_or(125);
+            exit_immediately(code)
+        }
+        Ok(Some(pid)) => pid,
+        Err(e) => {
+            return report_setup(
+                plan.start_write,
+                SetupError {
+                    stage: "fork".into(),
+                    source: e,
+                },
+            )
+        }
+    };
+    // Keep only the status pipe: the command's exec (or failure report) must be the last writer of the
+    // start pipe, and init must not hold the command's stdio open.
+    let keep = plan.status_write as u32;
+    let _ = tartarus_hostsys::close_fds_in(0, keep.saturating_sub(1));
+    let _ = tartarus_hostsys::close_fds_in(keep + 1, u32::MAX);
+    loop {
+        match tartarus_hostsys::reap_any_blocking() {
+            Ok(Some((pid, status))) if pid == child => {
+                // SAFETY: the status pipe's write end is ours (kept above).
+                let fd = unsafe { BorrowedFd::borrow_raw(plan.status_write) };
+                let _ = tartarus_hostsys::write_all(fd, &status.to_le_bytes()[..STATUS_LEN]);
+                return 0;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return 1,
+        }
+    }
+}
+
+fn supervisor_gone(sync: BorrowedFd<'_>) -> bool {
+    let mut fds = [rustix::event::PollFd::new(&sync, rustix::event::PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+}
+
+/// With a privileged mapping, switch to the namespace's root (a mapped, unprivileged host id) and drop the
+/// supervisor's supplementary groups, which would otherwise keep host group access.
+fn become_namespace_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
+    if let IdMode::Privileged { .. } = plan.ids {
+        rustix::thread::set_thread_groups(&[]).stage(|| "clearing supplementary groups".into())?;
+        let root_gid = rustix::process::Gid::ROOT;
+        let root_uid = rustix::process::Uid::ROOT;
+        rustix::thread::set_thread_res_gid(root_gid, root_gid, root_gid).stage(|| "setresgid".into())?;
+        rustix::thread::set_thread_res_uid(root_uid, root_uid, root_uid).stage(|| "setresuid".into())?;
+    }
+    Ok(())
+}
+
+fn setup_namespaces(plan: &ChildPlan<'_>) -> SetupResult<()> {
+    // A cgroup namespace rooted at the cgroup the supervisor has just placed us in.
+    tartarus_hostsys::unshare_cgroup_namespace().stage(|| "creating the cgroup namespace".into())?;
+    rootfs::build_and_enter(plan.root)?;
+    rustix::system::sethostname(plan.hostname.as_bytes()).stage(|| "setting the hostname".into())?;
+    if plan.network == NetworkMode::None {
+        tartarus_hostsys::set_loopback_up().stage(|| "bringing up loopback".into())?;
+    }
+    Ok(())
+}
+
+/// The command's process: from here on nothing is trusted.
+fn exec_command(plan: &ChildPlan<'_>) -> i32 {
+    match drop_privileges(plan) {
+        Ok(()) => {}
+        Err(e) => return report_setup(plan.start_write, e),
+    }
+    let mut not_executable: Option<io::Error> = None;
+    let argv: Vec<*const libc::c_char> = plan
+        .exec
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = plan
+        .exec
+        .envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    for candidate in &plan.exec.candidates {
+        let err = tartarus_hostsys::execve(candidate, &argv, &envp);
+        match err.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => continue,
+            _ => {
+                not_executable.get_or_insert(err);
+            }
+        }
+    }
+    match not_executable {
+        Some(e) => {
+            report(
+                plan.start_write,
+                &Report::NotExecutable {
+                    errno: e.raw_os_error().unwrap_or(0),
+                },
+            );
+            126
+        }
+        None => {
+            report(plan.start_write, &Report::NotFound);
+            127
+        }
+    }
+}
+
+fn drop_privileges(plan: &ChildPlan<'_>) -> SetupResult<()> {
+    rustix::process::setsid().stage(|| "setsid".into())?;
+    attach_stdio(plan.stdio)?;
+    if plan.tty {
+        // SAFETY: descriptor 0 was just set up as the terminal.
+        let tty = unsafe { BorrowedFd::borrow_raw(0) };
+        rustix::process::ioctl_tiocsctty(tty).stage(|| "acquiring the terminal".into())?;
+    }
+    tartarus_hostsys::set_cloexec_from(3).stage(|| "closing inherited descriptors".into())?;
+    rustix::process::chdir(plan.workdir)
+        .stage(|| format!("entering working directory {}", plan.workdir.to_string_lossy()))?;
+    set_rlimits(&plan.process_limits)?;
+    tartarus_hostsys::reset_signals();
+
+    let writable: Vec<&std::path::Path> = plan.writable_dirs.iter().map(PathBuf::as_path).collect();
+    let stdio: [BorrowedFd<'_>; 3] = [0, 1, 2].map(tartarus_hostsys::stdio_fd);
+    landlock::restrict(&LandlockRules {
+        writable_dirs: &writable,
+        device_dir: std::path::Path::new("/dev"),
+        stdio: &stdio,
+    })
+    .map_err(|e| SetupError {
+        stage: e.to_string(),
+        source: io::ErrorKind::Unsupported.into(),
+    })?;
+
+    for cap in 0..=tartarus_hostsys::last_capability() {
+        tartarus_hostsys::drop_bounding_capability(cap)
+            .stage(|| "dropping the capability bounding set".into())?;
+    }
+    rustix::thread::clear_ambient_capability_set().stage(|| "clearing ambient capabilities".into())?;
+    if let IdMode::Privileged { .. } = plan.ids {
+        let id = rustix::process::Gid::from_raw(SANDBOX_UID);
+        rustix::thread::set_thread_res_gid(id, id, id).stage(|| "switching to the sandbox group".into())?;
+        let id = rustix::process::Uid::from_raw(SANDBOX_UID);
+        rustix::thread::set_thread_res_uid(id, id, id).stage(|| "switching to the sandbox user".into())?;
+    }
+    let none = CapabilitySets {
+        effective: CapabilitySet::empty(),
+        permitted: CapabilitySet::empty(),
+        inheritable: CapabilitySet::empty(),
+    };
+    rustix::thread::set_capabilities(None, none).stage(|| "dropping capabilities".into())?;
+    plan.filters.apply().map_err(|e| SetupError {
+        stage: format!("installing seccomp filter: {e}"),
+        source: io::ErrorKind::Other.into(),
+    })?;
+    Ok(())
+}
+
+/// Puts the caller's chosen descriptors on 0, 1 and 2 (via high copies, so any overlap is safe).
+fn attach_stdio(stdio: StdioFds) -> SetupResult<()> {
+    let sources = [stdio.stdin, stdio.stdout, stdio.stderr];
+    let mut copies = Vec::with_capacity(3);
+    for fd in sources {
+        // SAFETY: the caller guarantees these descriptors are open (StdioFds contract).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        copies.push(rustix::io::fcntl_dupfd_cloexec(fd, 10).stage(|| "duplicating stdio".into())?);
+    }
+    for (target, copy) in copies.iter().enumerate() {
+        tartarus_hostsys::dup_onto(rustix::fd::AsRawFd::as_raw_fd(&copy.as_fd()), target as RawFd)
+            .stage(|| "attaching stdio".into())?;
+    }
+    Ok(())
+}
+
+fn set_rlimits(limits: &ProcessLimits) -> SetupResult<()> {
+    let set = |resource, value: u64| {
+        rustix::process::setrlimit(
+            resource,
+            Rlimit {
+                current: Some(value),
+                maximum: Some(value),
+            },
+        )
+        .stage(|| format!("setting rlimit {resource:?}"))
+    };
+    set(Resource::Core, 0)?;
+    set(Resource::Nofile, limits.open_files)?;
+    set(Resource::Fsize, limits.file_size_bytes)?;
+    Ok(())
+}
+
+/// Decodes init's status record.
+pub fn decode_status(bytes: [u8; STATUS_LEN]) -> ExitStatus {
+    ExitStatus::from_raw(i32::from_le_bytes(bytes))
+}

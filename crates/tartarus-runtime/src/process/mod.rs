@@ -1,0 +1,620 @@
+//! The process sandbox: Linux namespaces (user, pid, mount, ipc, uts, net, cgroup), a fresh root with
+//! `pivot_root`, seccomp-BPF, Landlock, no capabilities, rlimits and cgroup limits.
+//!
+//! Process tree: supervisor (the caller) → init (pid 1 of the sandbox: builds the root, reaps, reports the
+//! command's status) → the command. Init has a parent-death signal, and the pid namespace dies with it, so
+//! killing init — or the supervisor — kills the whole tree. Nothing is written to the host's disk: the root
+//! and scratch areas are tmpfs mounts inside the sandbox's own mount namespace, gone with it. Cgroups (only
+//! when limits are requested) are removed by `cleanup`, or by `gc` after a supervisor crash.
+
+mod cgroup;
+mod child;
+mod landlock;
+mod protocol;
+mod rootfs;
+mod seccomp;
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::process::{Pid, Signal};
+
+use self::cgroup::SandboxCgroups;
+pub use self::cgroup::{CgroupFs, CgroupLayout, HostCgroupFs};
+use self::child::{ChildPlan, ExecPlan, IdMode};
+use self::protocol::{Report, STATUS_LEN};
+use self::rootfs::{PreparedMount, RootInputs};
+use self::seccomp::CompiledFilters;
+pub use self::seccomp::DENIED_SYSCALLS;
+use crate::sandbox::{
+    ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
+    StdioFds, Termination,
+};
+use crate::spec::{
+    normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, DEFAULT_PATH, SANDBOX_HOME, SANDBOX_UID,
+};
+
+/// First host id of the range the sandbox's ids map to when the supervisor is root: sandbox root is host
+/// uid 100000000, the sandbox user host uid 100001000. Nothing on the host is owned by these ids.
+pub const PRIVILEGED_HOST_ID_BASE: u32 = 100_000_000;
+const MAPPED_RANGE: u32 = 65_536;
+
+/// Settings of the process runtime that are not per-sandbox.
+#[derive(Debug, Clone)]
+pub struct ProcessRuntimeConfig {
+    /// Name of the cgroup (under each hierarchy) that holds sandbox cgroups.
+    pub cgroup_parent: String,
+}
+
+impl Default for ProcessRuntimeConfig {
+    fn default() -> Self {
+        ProcessRuntimeConfig {
+            cgroup_parent: "tartarus".to_string(),
+        }
+    }
+}
+
+/// The Linux process-isolation runtime.
+pub struct ProcessRuntime {
+    config: ProcessRuntimeConfig,
+    cgroup_fs: Box<dyn CgroupFs>,
+}
+
+impl ProcessRuntime {
+    pub fn new(config: ProcessRuntimeConfig) -> Self {
+        ProcessRuntime {
+            config,
+            cgroup_fs: Box::new(HostCgroupFs),
+        }
+    }
+
+    /// Removes cgroups left behind by supervisors that died (e.g. `kill -9` of `tartarus run`).
+    pub fn collect_garbage(&self) -> Vec<PathBuf> {
+        let layout = CgroupLayout::detect(self.cgroup_fs.as_ref());
+        cgroup::collect_garbage(self.cgroup_fs.as_ref(), &layout, &self.config.cgroup_parent)
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn prepare(&self, spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError> {
+        Ok(Box::new(ProcessSandbox::prepare(self, spec)?))
+    }
+}
+
+/// A sandbox of the process runtime.
+pub struct ProcessSandbox {
+    id: String,
+    state: SandboxState,
+    spec: SandboxSpec,
+    root: RootInputs,
+    exec: ExecPlan,
+    filters: CompiledFilters,
+    workdir: CString,
+    writable_dirs: Vec<PathBuf>,
+    ids: IdMode,
+    cgroups: SandboxCgroups,
+    cgroup_fs: Box<dyn CgroupFs>,
+    running: Option<Running>,
+    outcome: Option<Outcome>,
+}
+
+/// Handles of a started sandbox.
+struct Running {
+    init: Pid,
+    pidfd: OwnedFd,
+    /// Held open for the sandbox's life: init treats its closing as the supervisor's death.
+    _sync_write: OwnedFd,
+    status_read: OwnedFd,
+    started: Instant,
+    killed: Option<KillReason>,
+}
+
+fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
+    move |source| PrepareError::Host { what, source }
+}
+
+fn new_sandbox_id() -> Result<String, PrepareError> {
+    let mut bytes = [0u8; 6];
+    tartarus_hostsys::random_bytes(&mut bytes)
+        .map_err(host_err("reading random bytes for the sandbox id"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn to_cstring(text: impl Into<Vec<u8>>) -> Result<CString, PrepareError> {
+    CString::new(text)
+        .map_err(|_| PrepareError::Spec(crate::spec::SpecError::NulByte { what: "an argument" }))
+}
+
+impl ProcessSandbox {
+    fn prepare(runtime: &ProcessRuntime, mut spec: SandboxSpec) -> Result<Self, PrepareError> {
+        spec.validate()?;
+        for m in &mut spec.mounts {
+            m.target = normalize_sandbox_path(&m.target);
+        }
+        let id = new_sandbox_id()?;
+        let root = root_inputs(&spec)?;
+        let exec = exec_plan(&spec)?;
+        let filters = CompiledFilters::build().map_err(|e| PrepareError::Seccomp(e.to_string()))?;
+        let workdir = spec
+            .workdir
+            .as_deref()
+            .map(normalize_sandbox_path)
+            .unwrap_or_else(|| SANDBOX_HOME.into());
+        let workdir = to_cstring(workdir.into_os_string().into_encoded_bytes())?;
+        let mut writable_dirs: Vec<PathBuf> = vec!["/tmp".into(), SANDBOX_HOME.into(), "/dev/shm".into()];
+        writable_dirs.extend(
+            spec.mounts
+                .iter()
+                .filter(|m| m.writable)
+                .map(|m| m.target.clone()),
+        );
+        let euid = rustix::process::geteuid().as_raw();
+        let ids = if euid == 0 {
+            IdMode::Privileged {
+                host_base: PRIVILEGED_HOST_ID_BASE,
+            }
+        } else {
+            IdMode::Unprivileged {
+                uid: euid,
+                gid: rustix::process::getegid().as_raw(),
+            }
+        };
+        let cgroup_fs: Box<dyn CgroupFs> = Box::new(HostCgroupFs);
+        let cgroups = if spec.limits.any() {
+            let layout = CgroupLayout::detect(cgroup_fs.as_ref());
+            cgroup::collect_garbage(cgroup_fs.as_ref(), &layout, &runtime.config.cgroup_parent);
+            let name = cgroup::cgroup_name(std::process::id(), &id);
+            cgroup::create(
+                cgroup_fs.as_ref(),
+                &layout,
+                &runtime.config.cgroup_parent,
+                &name,
+                &spec.limits,
+            )?
+        } else {
+            SandboxCgroups::default()
+        };
+        Ok(ProcessSandbox {
+            id,
+            state: SandboxState::Prepared,
+            spec,
+            root,
+            exec,
+            filters,
+            workdir,
+            writable_dirs,
+            ids,
+            cgroups,
+            cgroup_fs,
+            running: None,
+            outcome: None,
+        })
+    }
+
+    fn start_inner(&mut self, stdio: StdioFds) -> Result<(), StartError> {
+        let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
+        ensure_single_threaded().map_err(host(
+            "the process runtime must start sandboxes from a single-threaded process",
+        ))?;
+        let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io::Error::from);
+        let (sync_read, sync_write) = pipe().map_err(host("creating the sync pipe"))?;
+        let (start_read, start_write) = pipe().map_err(host("creating the start pipe"))?;
+        let (status_read, status_write) = pipe().map_err(host("creating the status pipe"))?;
+        let mut namespaces = tartarus_hostsys::clone_flags::NEWUSER
+            | tartarus_hostsys::clone_flags::NEWNS
+            | tartarus_hostsys::clone_flags::NEWPID
+            | tartarus_hostsys::clone_flags::NEWIPC
+            | tartarus_hostsys::clone_flags::NEWUTS;
+        if self.spec.network == NetworkMode::None {
+            namespaces |= tartarus_hostsys::clone_flags::NEWNET;
+        }
+        let plan = ChildPlan {
+            sync_read: sync_read.as_raw_fd(),
+            start_write: start_write.as_raw_fd(),
+            status_write: status_write.as_raw_fd(),
+            supervisor_fds: [
+                sync_write.as_raw_fd(),
+                start_read.as_raw_fd(),
+                status_read.as_raw_fd(),
+            ],
+            ids: self.ids,
+            root: &self.root,
+            hostname: &self.spec.hostname,
+            network: self.spec.network,
+            exec: &self.exec,
+            filters: &self.filters,
+            stdio,
+            tty: self.spec.tty,
+            workdir: &self.workdir,
+            writable_dirs: &self.writable_dirs,
+            process_limits: self.spec.process_limits,
+        };
+        let started = Instant::now();
+        // SAFETY: ensure_single_threaded() checked the precondition; the child runs `child::run`, which
+        // never returns.
+        let (pid, pidfd) = match unsafe { tartarus_hostsys::clone_process(namespaces) } {
+            Ok(tartarus_hostsys::Forked::Child) => child::run(&plan),
+            Ok(tartarus_hostsys::Forked::Parent { pid, pidfd }) => (pid, pidfd),
+            Err(e) => return Err(StartError::Namespaces(e)),
+        };
+        drop((sync_read, start_write, status_write));
+        self.running = Some(Running {
+            init: pid,
+            pidfd,
+            _sync_write: sync_write,
+            status_read,
+            started,
+            killed: None,
+        });
+        self.state = SandboxState::Running;
+        let running = self.running.as_ref().expect("just set");
+
+        write_id_maps(pid, self.ids).map_err(StartError::IdMap)?;
+        self.cgroups
+            .add_process(self.cgroup_fs.as_ref(), pid.as_raw_nonzero().get())
+            .map_err(host("moving the sandbox into its cgroups"))?;
+        tartarus_hostsys::write_all(&running._sync_write, b"g").map_err(host("releasing the sandbox"))?;
+
+        match read_report(&start_read).map_err(host("reading the sandbox start report"))? {
+            None => Ok(()),
+            Some(Report::NotFound) => Err(StartError::CommandNotFound(self.exec.display_name.clone())),
+            Some(Report::NotExecutable { errno }) => Err(StartError::NotExecutable {
+                command: self.exec.display_name.clone(),
+                source: io::Error::from_raw_os_error(errno),
+            }),
+            Some(Report::SetupFailed { errno, stage }) => Err(StartError::Setup {
+                stage,
+                source: io::Error::from_raw_os_error(errno),
+            }),
+        }
+    }
+
+    fn collect(&mut self) -> Result<Outcome, RuntimeError> {
+        let running = self.running.as_ref().ok_or(RuntimeError::State(self.state))?;
+        let mut record = [0u8; STATUS_LEN];
+        let got = read_full(&running.status_read, &mut record).map_err(|source| RuntimeError::Host {
+            what: "reading the sandbox status",
+            source,
+        })?;
+        let exit = tartarus_hostsys::wait_child(running.init).map_err(|source| RuntimeError::Host {
+            what: "waiting for the sandbox init",
+            source,
+        })?;
+        let wall = running.started.elapsed();
+        let termination = if got == STATUS_LEN {
+            match child::decode_status(record) {
+                tartarus_hostsys::ExitStatus::Exited(c) => Termination::Exited(c),
+                tartarus_hostsys::ExitStatus::Signaled(s) => Termination::Signaled(s),
+            }
+        } else {
+            // Init itself died (killed by us, the OOM killer, or the supervisor's death): the command with it.
+            Termination::Signaled(libc::SIGKILL)
+        };
+        let oom = self.cgroups.oom_kills(self.cgroup_fs.as_ref()) > 0;
+        let reason = match (running.killed, oom, termination) {
+            (Some(KillReason::Timeout), _, _) => ExitReason::Timeout,
+            (_, true, Termination::Signaled(_)) => ExitReason::Oom,
+            (Some(KillReason::Requested), _, _) => ExitReason::Killed,
+            (None, _, Termination::Signaled(_)) => ExitReason::Killed,
+            (None, _, Termination::Exited(_)) => ExitReason::Exited,
+        };
+        let peak_memory_bytes = self
+            .cgroups
+            .peak_memory(self.cgroup_fs.as_ref())
+            .unwrap_or(exit.max_rss_bytes);
+        let outcome = Outcome {
+            termination,
+            reason,
+            wall,
+            cpu: exit.user_cpu + exit.system_cpu,
+            peak_memory_bytes,
+        };
+        self.outcome = Some(outcome);
+        self.state = SandboxState::Finished;
+        Ok(outcome)
+    }
+
+    fn status_ready(&self, timeout: Option<Duration>) -> Result<bool, RuntimeError> {
+        let Some(running) = &self.running else {
+            return Ok(true);
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &running.status_read,
+            rustix::event::PollFlags::IN,
+        )];
+        let ts = timeout.map(|t| rustix::time::Timespec {
+            tv_sec: t.as_secs() as i64,
+            tv_nsec: t.subsec_nanos() as i64,
+        });
+        loop {
+            match rustix::event::poll(&mut fds, ts.as_ref()) {
+                Ok(n) => return Ok(n > 0),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(RuntimeError::Host {
+                        what: "polling the sandbox",
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Sandbox for ProcessSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn state(&self) -> SandboxState {
+        self.state
+    }
+
+    fn start(&mut self, stdio: StdioFds) -> Result<(), StartError> {
+        if !self.state.can_start() {
+            return Err(StartError::State(self.state));
+        }
+        let result = self.start_inner(stdio);
+        if result.is_err() && self.running.is_some() {
+            // Failed after the clone: make sure init is gone and reaped before reporting.
+            let _ = self.kill(KillReason::Requested);
+            let _ = self.collect();
+        }
+        result
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.running.as_ref().map(|r| r.status_read.as_fd())
+    }
+
+    fn try_wait(&mut self) -> Result<Option<Outcome>, RuntimeError> {
+        if let Some(outcome) = self.outcome {
+            return Ok(Some(outcome));
+        }
+        if self.state != SandboxState::Running {
+            return Err(RuntimeError::State(self.state));
+        }
+        if self.status_ready(Some(Duration::ZERO))? {
+            return self.collect().map(Some);
+        }
+        Ok(None)
+    }
+
+    fn wait(&mut self) -> Result<Outcome, RuntimeError> {
+        if let Some(outcome) = self.outcome {
+            return Ok(outcome);
+        }
+        let running = self.running.as_ref().ok_or(RuntimeError::State(self.state))?;
+        if let Some(limit) = self.spec.timeout {
+            let remaining = limit.saturating_sub(running.started.elapsed());
+            if !self.status_ready(Some(remaining))? {
+                self.kill(KillReason::Timeout)?;
+            }
+        }
+        self.collect()
+    }
+
+    fn kill(&mut self, reason: KillReason) -> Result<(), RuntimeError> {
+        let state = self.state;
+        let Some(running) = self.running.as_mut() else {
+            return Err(RuntimeError::State(state));
+        };
+        if state != SandboxState::Running {
+            return Ok(());
+        }
+        running.killed.get_or_insert(reason);
+        match rustix::process::pidfd_send_signal(&running.pidfd, Signal::KILL) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(RuntimeError::Host {
+                what: "killing the sandbox",
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn cleanup(&mut self) -> Result<(), RuntimeError> {
+        if self.state == SandboxState::CleanedUp {
+            return Ok(());
+        }
+        if self.state == SandboxState::Running {
+            self.kill(KillReason::Requested)?;
+            self.collect()?;
+        }
+        self.running = None;
+        let failures = self.cgroups.remove(self.cgroup_fs.as_ref());
+        self.state = SandboxState::CleanedUp;
+        if let Some((path, source)) = failures.into_iter().next() {
+            return Err(RuntimeError::Cleanup {
+                path: path.display().to_string(),
+                source,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ProcessSandbox {
+    fn drop(&mut self) {
+        let _ = self.cleanup();
+    }
+}
+
+fn ensure_single_threaded() -> io::Result<()> {
+    // /proc/self/task has one entry per thread; "." and ".." make a single-threaded count of 3 links.
+    let stat = rustix::fs::stat("/proc/self/task")?;
+    if stat.st_nlink > 3 {
+        return Err(io::Error::other(format!(
+            "{} threads are running",
+            stat.st_nlink - 2
+        )));
+    }
+    Ok(())
+}
+
+fn write_id_maps(pid: Pid, ids: IdMode) -> io::Result<()> {
+    let proc = format!("/proc/{}", pid.as_raw_nonzero());
+    let write = |file: &str, content: &str| -> io::Result<()> {
+        let fd = rustix::fs::open(
+            format!("{proc}/{file}").as_str(),
+            OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        tartarus_hostsys::write_all(&fd, content.as_bytes())
+    };
+    match ids {
+        IdMode::Privileged { host_base } => {
+            let map = format!("0 {host_base} {MAPPED_RANGE}\n");
+            write("uid_map", &map)?;
+            write("gid_map", &map)?;
+        }
+        IdMode::Unprivileged { uid, gid } => {
+            write("setgroups", "deny")?;
+            write("uid_map", &format!("{SANDBOX_UID} {uid} 1\n"))?;
+            write("gid_map", &format!("{SANDBOX_UID} {gid} 1\n"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the start pipe to EOF: nothing means the command was executed.
+fn read_report(fd: &OwnedFd) -> io::Result<Option<Report>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match rustix::io::read(fd, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    Report::decode(&buf)
+        .map(Some)
+        .ok_or_else(|| io::Error::other("malformed start report"))
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match rustix::io::read(fd, &mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(filled)
+}
+
+fn root_inputs(spec: &SandboxSpec) -> Result<RootInputs, PrepareError> {
+    let mut mounts = Vec::with_capacity(spec.mounts.len());
+    for m in &spec.mounts {
+        let source =
+            rustix::fs::open(&m.source, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+                PrepareError::MountSource {
+                    path: m.source.display().to_string(),
+                    source: e.into(),
+                }
+            })?;
+        let stat = rustix::fs::fstat(&source).map_err(|e| PrepareError::MountSource {
+            path: m.source.display().to_string(),
+            source: e.into(),
+        })?;
+        let source_is_dir =
+            rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Directory;
+        let target = m.target.strip_prefix("/").unwrap_or(&m.target).to_path_buf();
+        mounts.push(PreparedMount {
+            source,
+            source_is_dir,
+            target,
+            writable: m.writable,
+        });
+    }
+    let resolv: Vec<u8> = match spec.network {
+        NetworkMode::None => b"# this sandbox has no network\n".to_vec(),
+        NetworkMode::HostLoopback => std::fs::read("/etc/resolv.conf").unwrap_or_default(),
+    };
+    let (rootfs, host_entries, shared_etc, etc_files) = match &spec.root {
+        RootSpec::HostSystem => (
+            None,
+            rootfs::host_entries(),
+            rootfs::SHARED_ETC.to_vec(),
+            rootfs::generated_etc(&spec.hostname, &resolv),
+        ),
+        RootSpec::Directory(path) => {
+            let fd = rustix::fs::open(
+                path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| PrepareError::Rootfs {
+                path: path.display().to_string(),
+                source: e.into(),
+            })?;
+            (Some(fd), Vec::new(), Vec::new(), Vec::new())
+        }
+    };
+    Ok(RootInputs {
+        root: spec.root.clone(),
+        rootfs,
+        host_entries,
+        shared_etc,
+        etc_files,
+        mounts,
+        scratch_bytes: spec.scratch_bytes,
+    })
+}
+
+fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, PrepareError> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), SANDBOX_HOME.into()),
+        ("USER".into(), "sandbox".into()),
+        ("LOGNAME".into(), "sandbox".into()),
+        ("HOSTNAME".into(), spec.hostname.clone()),
+    ];
+    for (k, v) in &spec.env {
+        match env.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    let program = &spec.command[0];
+    let candidates = if program.contains('/') {
+        vec![to_cstring(program.as_str())?]
+    } else {
+        let path = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or(DEFAULT_PATH);
+        path.split(':')
+            .filter(|dir| dir.starts_with('/'))
+            .map(|dir| to_cstring(format!("{}/{program}", dir.trim_end_matches('/'))))
+            .collect::<Result<_, _>>()?
+    };
+    Ok(ExecPlan {
+        candidates,
+        display_name: program.clone(),
+        argv: spec
+            .command
+            .iter()
+            .map(|a| to_cstring(a.as_str()))
+            .collect::<Result<_, _>>()?,
+        envp: env
+            .iter()
+            .map(|(k, v)| to_cstring(format!("{k}={v}")))
+            .collect::<Result<_, _>>()?,
+    })
+}

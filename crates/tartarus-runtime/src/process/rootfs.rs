@@ -1,0 +1,502 @@
+//! Building the sandbox root inside the child's private mount namespace, then pivoting into it.
+//!
+//! Host sources (`/usr`, devices, `--mount` sources) are captured first as detached mount trees with
+//! `open_tree(OPEN_TREE_CLONE)`; read-only is applied to the detached tree before it is attached, so there is
+//! never a writable window. Every mount point inside the new root is reached with
+//! `openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)`, so a symlink or `..` in a user's rootfs cannot redirect a
+//! mount outside it. The root is staged on `/tmp` of the private namespace (sources are captured by then),
+//! then `pivot_root(".", ".")` and a lazy unmount drop the host's tree entirely.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+use rustix::mount::{
+    mount, mount_change, move_mount, open_tree, unmount, MountFlags, MountPropagationFlags, MoveMountFlags,
+    OpenTreeFlags, UnmountFlags,
+};
+use tartarus_hostsys::mount_attr;
+
+use crate::spec::{RootSpec, SANDBOX_HOME, SANDBOX_UID};
+
+/// Where the new root is assembled inside the private mount namespace.
+const STAGE: &str = "/tmp";
+
+/// A failed setup step: what we were doing and the kernel's answer.
+#[derive(Debug)]
+pub struct SetupError {
+    pub stage: String,
+    pub source: io::Error,
+}
+
+pub type SetupResult<T> = Result<T, SetupError>;
+
+pub(crate) trait Context<T> {
+    fn stage(self, stage: impl FnOnce() -> String) -> SetupResult<T>;
+}
+
+impl<T, E: Into<io::Error>> Context<T> for Result<T, E> {
+    fn stage(self, stage: impl FnOnce() -> String) -> SetupResult<T> {
+        self.map_err(|e| SetupError {
+            stage: stage(),
+            source: e.into(),
+        })
+    }
+}
+
+/// A top-level entry of the host's root mirrored into a host-system sandbox root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostEntry {
+    /// A directory bound read-only (`/usr`).
+    Bind(&'static str),
+    /// A symlink recreated as is (`/bin -> usr/bin` on merged-/usr systems).
+    Symlink(&'static str, PathBuf),
+}
+
+/// What the root needs, computed by the supervisor before the fork.
+pub struct RootInputs {
+    pub root: RootSpec,
+    /// `O_PATH` descriptor of `--rootfs`, opened by the supervisor.
+    pub rootfs: Option<OwnedFd>,
+    pub host_entries: Vec<HostEntry>,
+    /// Host files and directories from `/etc` shared read-only (none are secrets).
+    pub shared_etc: Vec<&'static str>,
+    /// Generated `/etc` files (name, content), host-system root only.
+    pub etc_files: Vec<(&'static str, Vec<u8>)>,
+    pub mounts: Vec<PreparedMount>,
+    pub scratch_bytes: u64,
+}
+
+/// A `--mount`, with its source already opened by the supervisor.
+pub struct PreparedMount {
+    pub source: OwnedFd,
+    pub source_is_dir: bool,
+    /// Relative to the new root (no leading `/`).
+    pub target: PathBuf,
+    pub writable: bool,
+}
+
+/// Device nodes bound from the host's `/dev`.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Top-level host entries considered for a host-system root.
+pub const HOST_ENTRY_NAMES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+/// `/etc` entries shared read-only when present: library cache, alternatives symlinks, CA certificates.
+pub const SHARED_ETC: &[&str] = &["etc/ld.so.cache", "etc/alternatives", "etc/ssl/certs"];
+
+/// Inspects the host's top-level entries (run in the supervisor).
+pub fn host_entries() -> Vec<HostEntry> {
+    let mut out = Vec::new();
+    for &name in HOST_ENTRY_NAMES {
+        let path = Path::new("/").join(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(&path) {
+                    out.push(HostEntry::Symlink(name, target));
+                }
+            }
+            Ok(m) if m.is_dir() => out.push(HostEntry::Bind(name)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The minimal generated `/etc`: a passwd/group with the sandbox user, loopback-only hosts, no resolvers.
+pub fn generated_etc(hostname: &str, resolv_conf: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let uid = SANDBOX_UID;
+    vec![
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:/usr/sbin/nologin\n\
+                 sandbox:x:{uid}:{uid}:sandbox:{SANDBOX_HOME}:/bin/sh\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "group",
+            format!("root:x:0:\nsandbox:x:{uid}:\nnogroup:x:65534:\n").into_bytes(),
+        ),
+        (
+            "hosts",
+            format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n").into_bytes(),
+        ),
+        ("hostname", format!("{hostname}\n").into_bytes()),
+        (
+            "nsswitch.conf",
+            b"passwd: files\ngroup: files\nhosts: files dns\n".to_vec(),
+        ),
+        ("resolv.conf", resolv_conf.to_vec()),
+    ]
+}
+
+/// Builds the root and pivots into it. Runs in the child, as the namespace's root, single-threaded.
+pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
+    mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)
+        .stage(|| "making mounts private".into())?;
+
+    // 1. Capture every host source while the host tree is still fully visible.
+    let host_system = inputs.root == RootSpec::HostSystem;
+    let mut host_trees = Vec::new();
+    if host_system {
+        for entry in &inputs.host_entries {
+            if let HostEntry::Bind(name) = entry {
+                host_trees.push((*name, capture(CWD, &format!("/{name}"), false)?));
+            }
+        }
+        for &name in &inputs.shared_etc {
+            let host = format!("/{name}");
+            if Path::new(&host).exists() {
+                host_trees.push((name, capture(CWD, &host, false)?));
+            }
+        }
+    }
+    let mut devices = Vec::with_capacity(DEVICES.len());
+    for dev in DEVICES {
+        devices.push((*dev, capture(CWD, &format!("/dev/{dev}"), true)?));
+    }
+    let mut user_trees = Vec::with_capacity(inputs.mounts.len());
+    for m in &inputs.mounts {
+        let tree = open_tree(
+            &m.source,
+            "",
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_RECURSIVE
+                | OpenTreeFlags::AT_EMPTY_PATH,
+        )
+        .stage(|| format!("capturing mount source for /{}", m.target.display()))?;
+        let mut attrs = mount_attr::NOSUID | mount_attr::NODEV;
+        if !m.writable {
+            attrs |= mount_attr::RDONLY;
+        }
+        tartarus_hostsys::set_mount_attributes(tree.as_fd(), attrs, true)
+            .stage(|| format!("setting attributes of /{}", m.target.display()))?;
+        user_trees.push(tree);
+    }
+
+    // 2. The root mount itself.
+    let root_path = match &inputs.root {
+        RootSpec::HostSystem => {
+            mount_fs("tmpfs", STAGE, "tmpfs", "mode=0755,size=4m")?;
+            STAGE.to_string()
+        }
+        RootSpec::Directory(path) => {
+            let lower = inputs.rootfs.as_ref().ok_or_else(|| SetupError {
+                stage: "rootfs descriptor missing".into(),
+                source: io::ErrorKind::InvalidInput.into(),
+            })?;
+            // The host path is reached through the descriptor: /tmp is about to be shadowed.
+            let lowerdir = format!("/proc/self/fd/{}", lower.as_raw_fd());
+            mount_fs(
+                "tmpfs",
+                STAGE,
+                "tmpfs",
+                &format!("mode=0755,size={}", inputs.scratch_bytes),
+            )?;
+            for dir in ["upper", "work", "root"] {
+                rustix::fs::mkdir(format!("{STAGE}/{dir}"), Mode::from_raw_mode(0o755))
+                    .stage(|| format!("creating overlay {dir} directory"))?;
+            }
+            let options =
+                format!("lowerdir={lowerdir},upperdir={STAGE}/upper,workdir={STAGE}/work,userxattr");
+            mount_fs("overlay", &format!("{STAGE}/root"), "overlay", &options).map_err(|e| SetupError {
+                stage: format!("overlay over rootfs {}", path.display()),
+                ..e
+            })?;
+            format!("{STAGE}/root")
+        }
+    };
+    let root = rustix::fs::open(
+        &root_path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .stage(|| "opening the new root".into())?;
+
+    // 3. Host system directories and shared /etc entries.
+    if host_system {
+        for entry in &inputs.host_entries {
+            if let HostEntry::Symlink(name, target) = entry {
+                rustix::fs::symlinkat(target, &root, *name).stage(|| format!("creating /{name} symlink"))?;
+            }
+        }
+        let etc = ensure_dir(&root, Path::new("etc"))?;
+        for (name, content) in &inputs.etc_files {
+            write_new_file(&etc, name, content)?;
+        }
+        for (name, tree) in &host_trees {
+            let target = Path::new(name);
+            let is_dir = rustix::fs::fstat(tree)
+                .map(|s| is_dir_mode(s.st_mode))
+                .unwrap_or(true);
+            let point = if is_dir {
+                ensure_dir(&root, target)?
+            } else {
+                ensure_file(&root, target)?
+            };
+            attach(tree, &point, name)?;
+        }
+    }
+
+    // 4. /proc, /dev, scratch areas.
+    let proc_dir = ensure_dir(&root, Path::new("proc"))?;
+    mount_fs_at(
+        "proc",
+        &proc_dir,
+        "proc",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        None,
+        "/proc",
+    )?;
+    let dev = ensure_dir(&root, Path::new("dev"))?;
+    mount_fs_at(
+        "tmpfs",
+        &dev,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        Some("mode=0755,size=64k"),
+        "/dev",
+    )?;
+    // Reopen: the descriptor above names the directory under the new mount.
+    let dev = ensure_dir(&root, Path::new("dev"))?;
+    for (name, tree) in &devices {
+        let point = ensure_file(&dev, Path::new(name))?;
+        attach(tree, &point, &format!("dev/{name}"))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        rustix::fs::symlinkat(target, &dev, link).stage(|| format!("creating /dev/{link}"))?;
+    }
+    let pts = ensure_dir(&dev, Path::new("pts"))?;
+    mount_fs_at(
+        "devpts",
+        &pts,
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+        "/dev/pts",
+    )?;
+    let scratch = format!("size={}", inputs.scratch_bytes);
+    let shm = ensure_dir(&dev, Path::new("shm"))?;
+    mount_fs_at(
+        "tmpfs",
+        &shm,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        Some(&format!("mode=1777,{scratch}")),
+        "/dev/shm",
+    )?;
+    let devfs = rustix::fs::openat(
+        &root,
+        "dev",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .stage(|| "reopening /dev".into())?;
+    tartarus_hostsys::set_mount_attributes(devfs.as_fd(), mount_attr::RDONLY, false)
+        .stage(|| "making /dev read-only".into())?;
+
+    let tmp = ensure_dir(&root, Path::new("tmp"))?;
+    mount_fs_at(
+        "tmpfs",
+        &tmp,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        Some(&format!("mode=1777,{scratch}")),
+        "/tmp",
+    )?;
+    let home = ensure_dir(&root, Path::new(SANDBOX_HOME.trim_start_matches('/')))?;
+    let home_opts = format!("mode=0755,uid={SANDBOX_UID},gid={SANDBOX_UID},{scratch}");
+    mount_fs_at(
+        "tmpfs",
+        &home,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        Some(&home_opts),
+        SANDBOX_HOME,
+    )?;
+
+    // 5. User mounts, in order (a later mount may sit inside an earlier one).
+    for (m, tree) in inputs.mounts.iter().zip(&user_trees) {
+        let point = if m.source_is_dir {
+            ensure_dir(&root, &m.target)?
+        } else {
+            ensure_file(&root, &m.target)?
+        };
+        attach(tree, &point, &m.target.display().to_string())?;
+    }
+
+    // 6. Seal the root read-only and switch to it.
+    let root_top = rustix::fs::open(
+        &root_path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .stage(|| "reopening the new root".into())?;
+    tartarus_hostsys::set_mount_attributes(
+        root_top.as_fd(),
+        mount_attr::RDONLY | mount_attr::NOSUID | mount_attr::NODEV,
+        false,
+    )
+    .stage(|| "making the root read-only".into())?;
+    rustix::process::fchdir(&root_top).stage(|| "entering the new root".into())?;
+    rustix::process::pivot_root(".", ".").stage(|| "pivot_root".into())?;
+    unmount(".", UnmountFlags::DETACH).stage(|| "detaching the host root".into())?;
+    rustix::process::chdir("/").stage(|| "chdir /".into())?;
+    Ok(())
+}
+
+fn is_dir_mode(mode: u32) -> bool {
+    rustix::fs::FileType::from_raw_mode(mode) == rustix::fs::FileType::Directory
+}
+
+/// A detached, read-only (nosuid) clone of the host tree at `path`.
+fn capture(dir: BorrowedFd<'_>, path: &str, device: bool) -> SetupResult<OwnedFd> {
+    let tree = open_tree(
+        dir,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_RECURSIVE,
+    )
+    .stage(|| format!("capturing host {path}"))?;
+    let mut attrs = mount_attr::NOSUID;
+    if !device {
+        attrs |= mount_attr::RDONLY | mount_attr::NODEV;
+    }
+    tartarus_hostsys::set_mount_attributes(tree.as_fd(), attrs, true)
+        .stage(|| format!("making host {path} read-only"))?;
+    Ok(tree)
+}
+
+fn attach(tree: &OwnedFd, point: &OwnedFd, what: &str) -> SetupResult<()> {
+    move_mount(
+        tree,
+        "",
+        point,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .stage(|| format!("mounting /{what}"))
+}
+
+fn mount_fs(source: &str, target: &str, fstype: &str, data: &str) -> SetupResult<()> {
+    let data = CString::new(data).stage(|| format!("{fstype} options"))?;
+    mount(
+        source,
+        target,
+        fstype,
+        MountFlags::NOSUID | MountFlags::NODEV,
+        Some(data.as_c_str()),
+    )
+    .stage(|| format!("mounting {fstype} on {target}"))
+}
+
+/// Mounts a filesystem on the directory `point` refers to (through its /proc/self/fd path, which pins the
+/// exact directory we resolved without symlinks).
+fn mount_fs_at(
+    source: &str,
+    point: &OwnedFd,
+    fstype: &str,
+    flags: MountFlags,
+    data: Option<&str>,
+    what: &str,
+) -> SetupResult<()> {
+    let target = format!("/proc/self/fd/{}", point.as_raw_fd());
+    let data = data
+        .map(CString::new)
+        .transpose()
+        .stage(|| format!("{fstype} options"))?;
+    mount(source, target.as_str(), fstype, flags, data.as_deref())
+        .stage(|| format!("mounting {fstype} on {what}"))
+}
+
+fn resolve_beneath(dir: impl AsFd, name: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+    rustix::fs::openat2(
+        dir,
+        name,
+        flags | OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(io::Error::from)
+}
+
+fn symlink_refusal(path: &Path, e: io::Error) -> SetupError {
+    if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EXDEV) {
+        SetupError {
+            stage: format!(
+                "mount point /{} passes through a symlink or leaves the root; use the real path",
+                path.display()
+            ),
+            source: e,
+        }
+    } else {
+        SetupError {
+            stage: format!("resolving /{}", path.display()),
+            source: e,
+        }
+    }
+}
+
+/// Creates (if needed) and opens the directory `path` below `root` without following any symlink.
+pub(crate) fn ensure_dir(root: impl AsFd, path: &Path) -> SetupResult<OwnedFd> {
+    let mut current = resolve_beneath(root.as_fd(), Path::new("."), OFlags::DIRECTORY)
+        .map_err(|e| symlink_refusal(path, e))?;
+    for component in path.components() {
+        let Component::Normal(name) = component else {
+            continue;
+        };
+        match rustix::fs::mkdirat(&current, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => {
+                return Err(SetupError {
+                    stage: format!("creating /{}", path.display()),
+                    source: e.into(),
+                })
+            }
+        }
+        current = resolve_beneath(&current, Path::new(name), OFlags::DIRECTORY)
+            .map_err(|e| symlink_refusal(path, e))?;
+    }
+    Ok(current)
+}
+
+/// Creates (if needed) an empty file at `path` below `root` to serve as a mount point, without following
+/// symlinks.
+fn ensure_file(root: impl AsFd, path: &Path) -> SetupResult<OwnedFd> {
+    let parent = ensure_dir(root, path.parent().unwrap_or(Path::new("")))?;
+    let name = path.file_name().ok_or_else(|| SetupError {
+        stage: format!("mount point /{} has no file name", path.display()),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    match rustix::fs::openat(
+        &parent,
+        name,
+        OFlags::CREATE | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    ) {
+        Ok(_) | Err(rustix::io::Errno::ISDIR) => {}
+        Err(e) => return Err(symlink_refusal(path, e.into())),
+    }
+    resolve_beneath(&parent, Path::new(name), OFlags::empty()).map_err(|e| symlink_refusal(path, e))
+}
+
+fn write_new_file(dir: &OwnedFd, name: &str, content: &[u8]) -> SetupResult<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .stage(|| format!("creating /etc/{name}"))?;
+    tartarus_hostsys::write_all(&fd, content).stage(|| format!("writing /etc/{name}"))
+}

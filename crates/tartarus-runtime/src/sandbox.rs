@@ -1,0 +1,237 @@
+//! The `Runtime` trait every isolation backend implements, and the lifecycle types it shares.
+//!
+//! Lifecycle: [`Runtime::prepare`] → [`Sandbox::start`] → [`Sandbox::wait`] (or poll [`Sandbox::event_fd`] and
+//! call [`Sandbox::try_wait`]) → [`Sandbox::kill`] at any point → [`Sandbox::cleanup`]. `cleanup` is
+//! idempotent and also runs on drop, so no exit path leaks host resources.
+
+use std::os::fd::{BorrowedFd, RawFd};
+use std::time::Duration;
+
+use crate::spec::{SandboxSpec, SpecError};
+
+/// An isolation backend (process sandbox today; gVisor, microVM and Wasm later).
+pub trait Runtime {
+    /// Short stable name, e.g. `process`.
+    fn name(&self) -> &'static str;
+    /// Validates `spec` against this host and reserves what the sandbox needs (cgroups, descriptors for the
+    /// root), without starting anything.
+    fn prepare(&self, spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError>;
+}
+
+/// One sandbox of some runtime.
+pub trait Sandbox {
+    fn id(&self) -> &str;
+    fn state(&self) -> SandboxState;
+    /// Starts the command with the given standard descriptors. Returns once the command has been
+    /// executed, or with the reason it could not be.
+    fn start(&mut self, stdio: StdioFds) -> Result<(), StartError>;
+    /// A descriptor that becomes readable when the sandbox may have finished; then call [`Sandbox::try_wait`].
+    fn event_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// Collects the outcome if the sandbox has finished, without blocking.
+    fn try_wait(&mut self) -> Result<Option<Outcome>, RuntimeError>;
+    /// Blocks until the sandbox finishes, killing it when `timeout` (from the start) elapses first.
+    fn wait(&mut self) -> Result<Outcome, RuntimeError>;
+    /// Kills every process of the sandbox; `reason` is reported in the outcome.
+    fn kill(&mut self, reason: KillReason) -> Result<(), RuntimeError>;
+    /// Removes every host resource of the sandbox. Idempotent.
+    fn cleanup(&mut self) -> Result<(), RuntimeError>;
+}
+
+/// Standard descriptors handed to the command. They must stay open until `start` returns.
+#[derive(Debug, Clone, Copy)]
+pub struct StdioFds {
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+}
+
+impl StdioFds {
+    /// The caller's own descriptors 0, 1 and 2, passed through untouched (no copying, no buffering).
+    pub const INHERIT: StdioFds = StdioFds {
+        stdin: 0,
+        stdout: 1,
+        stderr: 2,
+    };
+
+    /// All three on one terminal (the slave side of a pty).
+    pub fn terminal(fd: RawFd) -> Self {
+        StdioFds {
+            stdin: fd,
+            stdout: fd,
+            stderr: fd,
+        }
+    }
+}
+
+/// Lifecycle states; guards say which transitions are legal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxState {
+    Prepared,
+    Running,
+    Finished,
+    CleanedUp,
+}
+
+impl SandboxState {
+    pub fn can_start(self) -> bool {
+        self == SandboxState::Prepared
+    }
+    pub fn can_kill(self) -> bool {
+        self == SandboxState::Running
+    }
+}
+
+/// Why we killed a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    Timeout,
+    /// Asked for by a user or an operator (signal to the CLI, API call).
+    Requested,
+}
+
+/// How the command's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl Termination {
+    /// Shell convention: the exit code, or 128 + signal.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Termination::Exited(code) => code,
+            Termination::Signaled(signal) => 128 + signal,
+        }
+    }
+}
+
+/// Why the sandbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    Exited,
+    Timeout,
+    Oom,
+    Killed,
+}
+
+impl ExitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Exited => "exited",
+            ExitReason::Timeout => "timeout",
+            ExitReason::Oom => "oom",
+            ExitReason::Killed => "killed",
+        }
+    }
+}
+
+/// The result of a finished sandbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outcome {
+    pub termination: Termination,
+    pub reason: ExitReason,
+    pub wall: Duration,
+    pub cpu: Duration,
+    pub peak_memory_bytes: u64,
+}
+
+/// `prepare` failed: the spec cannot run on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("rootfs '{path}' is not a usable directory")]
+    Rootfs {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount source '{path}' cannot be used")]
+    MountSource {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{limit} limit requested but cannot be enforced: {why}")]
+    LimitUnavailable { limit: &'static str, why: String },
+    #[error("cgroup setup failed at {path}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("seccomp filter could not be built: {0}")]
+    Seccomp(String),
+    #[error("{what}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `start` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("sandbox is {0:?}; only a prepared sandbox can start")]
+    State(SandboxState),
+    #[error(
+        "cannot create the sandbox namespaces (are user namespaces enabled? see user.max_user_namespaces)"
+    )]
+    Namespaces(#[source] std::io::Error),
+    #[error("cannot map the sandbox user")]
+    IdMap(#[source] std::io::Error),
+    #[error("sandbox setup failed: {stage}")]
+    Setup {
+        stage: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("command not found: {0} (not in the sandbox's PATH or root)")]
+    CommandNotFound(String),
+    #[error("command not executable: {command}")]
+    NotExecutable {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox protocol error: {0}")]
+    Protocol(String),
+    #[error("{what}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// The exit code a shell would use for this failure: 127 not found, 126 not executable, 125 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::CommandNotFound(_) => 127,
+            StartError::NotExecutable { .. } => 126,
+            _ => 125,
+        }
+    }
+}
+
+/// Waiting, killing or cleaning up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("sandbox is {0:?}; operation not allowed")]
+    State(SandboxState),
+    #[error("{what}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cleanup of {path} failed")]
+    Cleanup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

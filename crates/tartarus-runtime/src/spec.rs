@@ -1,0 +1,295 @@
+//! What a sandbox should be: the validated description every runtime backend receives.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+/// Where the sandbox's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSpec {
+    /// Read-only binds of the host's `/usr` (and `/bin`, `/lib*`, `/sbin`), a generated minimal `/etc`.
+    HostSystem,
+    /// A directory on the host used as the read-only root (an overlay keeps it untouched).
+    Directory(PathBuf),
+}
+
+/// A host path made visible inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    /// Absolute, normalised path inside the sandbox.
+    pub target: PathBuf,
+    pub writable: bool,
+}
+
+/// Network exposure of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// A private network namespace with only its own loopback interface.
+    #[default]
+    None,
+    /// Shares the host's network namespace: host services on 127.0.0.1 are reachable (and so is every
+    /// other interface). For trusted tools that must talk to a local service.
+    HostLoopback,
+}
+
+/// Resource limits enforced through cgroups. `None` means "not requested".
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ResourceLimits {
+    pub memory_bytes: Option<u64>,
+    /// CPU bandwidth in cores (0.5 = half of one core).
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+impl ResourceLimits {
+    pub fn any(&self) -> bool {
+        self.memory_bytes.is_some() || self.cpus.is_some() || self.pids.is_some()
+    }
+}
+
+/// Per-process rlimits applied to the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessLimits {
+    pub open_files: u64,
+    pub file_size_bytes: u64,
+}
+
+impl Default for ProcessLimits {
+    fn default() -> Self {
+        ProcessLimits {
+            open_files: 1024,
+            file_size_bytes: 4 << 30,
+        }
+    }
+}
+
+/// The validated description of one sandbox. Build it with [`SandboxSpec::new`] and validate it with
+/// [`SandboxSpec::validate`] (runtimes call it again in `prepare`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxSpec {
+    /// argv; `command[0]` is resolved through the sandbox's `PATH` when it has no `/`.
+    pub command: Vec<String>,
+    /// The complete environment: nothing is inherited from the host.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox; the sandbox user's home when `None`.
+    pub workdir: Option<PathBuf>,
+    pub root: RootSpec,
+    pub mounts: Vec<BindMount>,
+    pub network: NetworkMode,
+    pub limits: ResourceLimits,
+    pub process_limits: ProcessLimits,
+    pub timeout: Option<Duration>,
+    /// Give the command a terminal (the caller passes the terminal's slave side as stdio).
+    pub tty: bool,
+    /// Size cap of each writable tmpfs (`/tmp`, home, `/dev/shm`).
+    pub scratch_bytes: u64,
+    pub hostname: String,
+}
+
+/// The uid and gid the command runs as inside the sandbox.
+pub const SANDBOX_UID: u32 = 1000;
+/// Home directory of the sandbox user.
+pub const SANDBOX_HOME: &str = "/home/sandbox";
+/// `PATH` given to the command when the caller sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A spec that cannot run, with what to change.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    #[error("no command given: put it after `--`, e.g. `tartarus run -- /bin/echo hi`")]
+    EmptyCommand,
+    #[error("{what} contains a NUL byte")]
+    NulByte { what: &'static str },
+    #[error("invalid environment variable name '{0}': it must be non-empty and contain no '='")]
+    EnvName(String),
+    #[error("{what} '{path}' must be an absolute path without '..' (e.g. /work)")]
+    SandboxPath { what: &'static str, path: String },
+    #[error("--cpus {0} is out of range: give a positive number of cores, at most 1024 (e.g. 0.5)")]
+    Cpus(f64),
+    #[error("--memory {0} bytes is below the 4 MiB minimum a process needs")]
+    Memory(u64),
+    #[error("--pids must be at least 2 (the sandbox init and the command)")]
+    Pids,
+    #[error("scratch size must be between 1 MiB and 1 TiB")]
+    Scratch,
+    #[error("hostname '{0}' is not a valid host name (1-63 letters, digits or '-')")]
+    Hostname(String),
+}
+
+impl SandboxSpec {
+    /// A spec with safe defaults for `command`: host system root, no network, no inherited environment.
+    pub fn new(command: Vec<String>) -> Self {
+        SandboxSpec {
+            command,
+            env: Vec::new(),
+            workdir: None,
+            root: RootSpec::HostSystem,
+            mounts: Vec::new(),
+            network: NetworkMode::None,
+            limits: ResourceLimits::default(),
+            process_limits: ProcessLimits::default(),
+            timeout: None,
+            tty: false,
+            scratch_bytes: 256 << 20,
+            hostname: "sandbox".to_string(),
+        }
+    }
+
+    /// Checks everything that can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.command.is_empty() {
+            return Err(SpecError::EmptyCommand);
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(SpecError::NulByte { what: "the command" });
+        }
+        for (key, value) in &self.env {
+            if key.is_empty() || key.contains('=') {
+                return Err(SpecError::EnvName(key.clone()));
+            }
+            if key.contains('\0') || value.contains('\0') {
+                return Err(SpecError::NulByte {
+                    what: "an environment variable",
+                });
+            }
+        }
+        if let Some(dir) = &self.workdir {
+            check_sandbox_path("--workdir", dir)?;
+        }
+        for mount in &self.mounts {
+            check_sandbox_path("mount target", &mount.target)?;
+            if mount.target == Path::new("/") {
+                return Err(SpecError::SandboxPath {
+                    what: "mount target",
+                    path: "/".into(),
+                });
+            }
+        }
+        if let Some(cpus) = self.limits.cpus {
+            if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+                return Err(SpecError::Cpus(cpus));
+            }
+        }
+        if let Some(memory) = self.limits.memory_bytes {
+            if memory < 4 << 20 {
+                return Err(SpecError::Memory(memory));
+            }
+        }
+        if self.limits.pids.is_some_and(|p| p < 2) {
+            return Err(SpecError::Pids);
+        }
+        if !(1 << 20..=1 << 40).contains(&self.scratch_bytes) {
+            return Err(SpecError::Scratch);
+        }
+        let host_ok = !self.hostname.is_empty()
+            && self.hostname.len() <= 63
+            && self
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !host_ok {
+            return Err(SpecError::Hostname(self.hostname.clone()));
+        }
+        Ok(())
+    }
+
+    /// The value of `key` in the sandbox environment.
+    pub fn env_value(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn check_sandbox_path(what: &'static str, path: &Path) -> Result<(), SpecError> {
+    let bad = || SpecError::SandboxPath {
+        what,
+        path: path.display().to_string(),
+    };
+    if !path.is_absolute() {
+        return Err(bad());
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(bad());
+    }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(SpecError::NulByte { what });
+    }
+    Ok(())
+}
+
+/// Normalises an absolute sandbox path: drops `.` and repeated slashes (`..` is rejected by validation).
+pub fn normalize_sandbox_path(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        if let Component::Normal(part) = c {
+            out.push(part);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec::new(vec!["/bin/true".into()])
+    }
+
+    #[test]
+    fn defaults_validate() {
+        assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn empty_command_is_rejected() {
+        assert_eq!(SandboxSpec::new(vec![]).validate(), Err(SpecError::EmptyCommand));
+    }
+
+    #[test]
+    fn mount_targets_with_dotdot_or_relative_are_rejected() {
+        for target in ["/data/../etc", "data", "/"] {
+            let mut s = spec();
+            s.mounts.push(BindMount {
+                source: "/tmp".into(),
+                target: target.into(),
+                writable: false,
+            });
+            assert!(
+                matches!(s.validate(), Err(SpecError::SandboxPath { .. })),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn absurd_limits_are_rejected() {
+        let mut s = spec();
+        s.limits.cpus = Some(0.0);
+        assert_eq!(s.validate(), Err(SpecError::Cpus(0.0)));
+        let mut s = spec();
+        s.limits.memory_bytes = Some(1024);
+        assert_eq!(s.validate(), Err(SpecError::Memory(1024)));
+        let mut s = spec();
+        s.limits.pids = Some(1);
+        assert_eq!(s.validate(), Err(SpecError::Pids));
+    }
+
+    #[test]
+    fn env_names_with_equals_are_rejected() {
+        let mut s = spec();
+        s.env.push(("A=B".into(), "c".into()));
+        assert_eq!(s.validate(), Err(SpecError::EnvName("A=B".into())));
+    }
+
+    #[test]
+    fn normalize_drops_dots_and_slashes() {
+        assert_eq!(
+            normalize_sandbox_path(Path::new("//data/./x/")),
+            PathBuf::from("/data/x")
+        );
+    }
+}
