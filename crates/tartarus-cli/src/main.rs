@@ -3,10 +3,13 @@
 //! This binary is argument parsing and wiring only; the work happens in the library crates. Errors from
 //! the libraries are printed once here, as one line with their whole cause chain.
 
+// No Rust runtime start-up: it reads /proc/self/maps to find the main thread's stack guard and installs a
+// signal stack, which together cost more than a sandbox's whole namespace setup. `std` works unchanged
+// (arguments come from glibc's init_array hook); a stack overflow is a plain SIGSEGV.
+#![no_main]
+
 mod commands;
 mod terminal;
-
-use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -38,10 +41,18 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
+#[no_mangle]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    let code = real_main();
+    // Flush stdout explicitly: without lang_start nothing else does it before exit.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    code
+}
+
+fn real_main() -> libc::c_int {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e),
+        Err(e) => return usage_error(e) as libc::c_int,
     };
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
@@ -52,11 +63,11 @@ fn main() -> ExitCode {
         }
     };
     match result {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code as libc::c_int,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("tartarus: {}", chain.join(": "));
-            ExitCode::from(EXIT_TARTARUS_ERROR)
+            EXIT_TARTARUS_ERROR as libc::c_int
         }
     }
 }
@@ -74,14 +85,14 @@ pub fn print_error(e: &(dyn std::error::Error + 'static)) {
 }
 
 /// Help and version go to stdout with success; usage errors become one line with a pointer to --help.
-fn usage_error(e: clap::Error) -> ExitCode {
+fn usage_error(e: clap::Error) -> u8 {
     use clap::error::ErrorKind;
     match e.kind() {
         ErrorKind::DisplayHelp
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            return 0;
         }
         _ => {}
     }
@@ -96,5 +107,5 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .map(|t| format!("; {t}"))
         .unwrap_or_default();
     eprintln!("tartarus: {first}{tip} (see 'tartarus --help')");
-    ExitCode::from(EXIT_TARTARUS_ERROR)
+    EXIT_TARTARUS_ERROR
 }

@@ -189,16 +189,12 @@ pub fn dup_onto(fd: RawFd, target: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Resets every catchable signal to its default action and unblocks all signals, so an exec'd program
-/// starts clean (Rust's runtime ignores SIGPIPE, which exec would otherwise pass on).
-pub fn reset_signals() {
-    for signal in 1..libc::SIGRTMAX() {
-        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
-            continue;
-        }
-        // SAFETY: installing SIG_DFL is always valid; invalid numbers just fail with EINVAL, ignored here.
-        unsafe { libc::signal(signal, libc::SIG_DFL) };
-    }
+/// Prepares signal state for an exec: unblocks every signal and restores SIGPIPE's default action, which
+/// Rust programs ignore and exec would otherwise pass on (`yes | head` must still end). Other ignored
+/// signals are deliberately inherited, as `nohup` relies on.
+pub fn reset_signals_for_exec() {
+    // SAFETY: installing SIG_DFL for SIGPIPE is always valid.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let _ = set_signal_mask(&[], libc::SIG_SETMASK);
 }
 
@@ -485,8 +481,17 @@ pub fn write_all(fd: impl AsFd, mut data: &[u8]) -> io::Result<()> {
 
 /// Moves the calling process into a new cgroup namespace rooted at its current cgroup.
 pub fn unshare_cgroup_namespace() -> io::Result<()> {
-    // SAFETY: CLONE_NEWCGROUP changes no memory or descriptor state of this process.
-    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } == -1 {
+    unshare_namespace(libc::CLONE_NEWCGROUP)
+}
+
+/// Moves the calling process into a new, empty network namespace.
+pub fn unshare_network_namespace() -> io::Result<()> {
+    unshare_namespace(libc::CLONE_NEWNET)
+}
+
+fn unshare_namespace(flag: libc::c_int) -> io::Result<()> {
+    // SAFETY: namespace flags (unlike CLONE_FILES or CLONE_VM) change no memory or descriptor state.
+    if unsafe { libc::unshare(flag) } == -1 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 
+use rustix::fs::Mode;
 use rustix::process::{Resource, Rlimit, Signal};
 use rustix::thread::{CapabilitySet, CapabilitySets};
 use tartarus_hostsys::{exit_immediately, ExitStatus};
@@ -59,6 +60,8 @@ pub struct ChildPlan<'a> {
     pub workdir: &'a CStr,
     pub writable_dirs: &'a [PathBuf],
     pub process_limits: ProcessLimits,
+    /// Highest capability number of this kernel, read by the supervisor.
+    pub last_capability: u32,
 }
 
 /// Entry point of the cloned child; never returns.
@@ -108,15 +111,34 @@ fn run_init(plan: &ChildPlan<'_>) -> i32 {
     if supervisor_gone(sync) {
         return 1;
     }
-    if let Err(e) = setup_namespaces(plan) {
+    rustix::process::umask(Mode::empty());
+    // A cgroup namespace rooted at the cgroup the supervisor has just placed us in.
+    if let Err(e) = tartarus_hostsys::unshare_cgroup_namespace() {
+        let e = SetupError {
+            stage: "creating the cgroup namespace".into(),
+            source: e,
+        };
         return report_setup(plan.start_write, e);
     }
     let _ = tartarus_hostsys::set_not_dumpable();
+    // The command's process is forked first so that it creates its network namespace on one core while
+    // init builds the root on the other; it then waits for the "root ready" byte.
+    let (ready_read, ready_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            let e = SetupError {
+                stage: "creating the ready pipe".into(),
+                source: e.into(),
+            };
+            return report_setup(plan.start_write, e);
+        }
+    };
     // SAFETY: this process is single-threaded (a clone of a single-threaded supervisor).
     let child = match unsafe { tartarus_hostsys::fork_process() } {
         Ok(None) => {
-            let code = std::panic::catch_unwind(AssertUnwindSafe(|| exec_command(plan))).unwrap_or(125);
-            exit_immediately(code)
+            drop(ready_write);
+            let run = AssertUnwindSafe(|| command_process(plan, ready_read));
+            exit_immediately(std::panic::catch_unwind(run).unwrap_or(125))
         }
         Ok(Some(pid)) => pid,
         Err(e) => {
@@ -129,6 +151,12 @@ fn run_init(plan: &ChildPlan<'_>) -> i32 {
             )
         }
     };
+    drop(ready_read);
+    if let Err(e) = build_root(plan) {
+        return report_setup(plan.start_write, e);
+    }
+    let _ = tartarus_hostsys::write_all(&ready_write, b"r");
+    drop(ready_write);
     // Keep only the status pipe: the command's exec (or failure report) must be the last writer of the
     // start pipe, and init must not hold the command's stdio open.
     let keep = plan.status_write as u32;
@@ -170,19 +198,31 @@ fn become_namespace_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
     Ok(())
 }
 
-fn setup_namespaces(plan: &ChildPlan<'_>) -> SetupResult<()> {
-    // A cgroup namespace rooted at the cgroup the supervisor has just placed us in.
-    tartarus_hostsys::unshare_cgroup_namespace().stage(|| "creating the cgroup namespace".into())?;
+fn build_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
     rootfs::build_and_enter(plan.root)?;
-    rustix::system::sethostname(plan.hostname.as_bytes()).stage(|| "setting the hostname".into())?;
-    if plan.network == NetworkMode::None {
-        tartarus_hostsys::set_loopback_up().stage(|| "bringing up loopback".into())?;
-    }
-    Ok(())
+    rustix::system::sethostname(plan.hostname.as_bytes()).stage(|| "setting the hostname".into())
 }
 
+/// The command's process before exec: its own network namespace, then wait for init's root.
+fn command_process(plan: &ChildPlan<'_>, ready: OwnedFd) -> i32 {
+    if plan.network == NetworkMode::None {
+        let netns = tartarus_hostsys::unshare_network_namespace()
+            .stage(|| "creating the network namespace".into())
+            .and_then(|()| tartarus_hostsys::set_loopback_up().stage(|| "bringing up loopback".into()));
+        if let Err(e) = netns {
+            return report_setup(plan.start_write, e);
+        }
+    }
+    let mut byte = [0u8; 1];
+    if !matches!(rustix::io::read(&ready, &mut byte), Ok(1)) {
+        return 125; // init failed and has reported why
+    }
+    drop(ready);
+    exec_command(plan)
+}
 /// The command's process: from here on nothing is trusted.
 fn exec_command(plan: &ChildPlan<'_>) -> i32 {
+    rustix::process::umask(Mode::from_raw_mode(0o022));
     match drop_privileges(plan) {
         Ok(()) => {}
         Err(e) => return report_setup(plan.start_write, e),
@@ -240,7 +280,7 @@ fn drop_privileges(plan: &ChildPlan<'_>) -> SetupResult<()> {
     rustix::process::chdir(plan.workdir)
         .stage(|| format!("entering working directory {}", plan.workdir.to_string_lossy()))?;
     set_rlimits(&plan.process_limits)?;
-    tartarus_hostsys::reset_signals();
+    tartarus_hostsys::reset_signals_for_exec();
 
     let writable: Vec<&std::path::Path> = plan.writable_dirs.iter().map(PathBuf::as_path).collect();
     let stdio: [BorrowedFd<'_>; 3] = [0, 1, 2].map(tartarus_hostsys::stdio_fd);
@@ -254,7 +294,7 @@ fn drop_privileges(plan: &ChildPlan<'_>) -> SetupResult<()> {
         source: io::ErrorKind::Unsupported.into(),
     })?;
 
-    for cap in 0..=tartarus_hostsys::last_capability() {
+    for cap in 0..=plan.last_capability {
         tartarus_hostsys::drop_bounding_capability(cap)
             .stage(|| "dropping the capability bounding set".into())?;
     }

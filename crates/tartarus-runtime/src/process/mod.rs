@@ -102,6 +102,7 @@ pub struct ProcessSandbox {
     ids: IdMode,
     cgroups: SandboxCgroups,
     cgroup_fs: Box<dyn CgroupFs>,
+    last_capability: u32,
     running: Option<Running>,
     outcome: Option<Outcome>,
 }
@@ -194,6 +195,7 @@ impl ProcessSandbox {
             ids,
             cgroups,
             cgroup_fs,
+            last_capability: tartarus_hostsys::last_capability(),
             running: None,
             outcome: None,
         })
@@ -208,14 +210,12 @@ impl ProcessSandbox {
         let (sync_read, sync_write) = pipe().map_err(host("creating the sync pipe"))?;
         let (start_read, start_write) = pipe().map_err(host("creating the start pipe"))?;
         let (status_read, status_write) = pipe().map_err(host("creating the status pipe"))?;
-        let mut namespaces = tartarus_hostsys::clone_flags::NEWUSER
+        // The network and cgroup namespaces are created later, in the child (see child.rs).
+        let namespaces = tartarus_hostsys::clone_flags::NEWUSER
             | tartarus_hostsys::clone_flags::NEWNS
             | tartarus_hostsys::clone_flags::NEWPID
             | tartarus_hostsys::clone_flags::NEWIPC
             | tartarus_hostsys::clone_flags::NEWUTS;
-        if self.spec.network == NetworkMode::None {
-            namespaces |= tartarus_hostsys::clone_flags::NEWNET;
-        }
         let plan = ChildPlan {
             sync_read: sync_read.as_raw_fd(),
             start_write: start_write.as_raw_fd(),
@@ -236,6 +236,7 @@ impl ProcessSandbox {
             workdir: &self.workdir,
             writable_dirs: &self.writable_dirs,
             process_limits: self.spec.process_limits,
+            last_capability: self.last_capability,
         };
         let started = Instant::now();
         // SAFETY: ensure_single_threaded() checked the precondition; the child runs `child::run`, which

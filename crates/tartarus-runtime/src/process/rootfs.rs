@@ -145,19 +145,15 @@ pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
     if host_system {
         for entry in &inputs.host_entries {
             if let HostEntry::Bind(name) = entry {
-                host_trees.push((*name, capture(CWD, &format!("/{name}"), false)?));
+                host_trees.push((*name, capture(CWD, &format!("/{name}"))?));
             }
         }
         for &name in &inputs.shared_etc {
             let host = format!("/{name}");
             if Path::new(&host).exists() {
-                host_trees.push((name, capture(CWD, &host, false)?));
+                host_trees.push((name, capture(CWD, &host)?));
             }
         }
-    }
-    let mut devices = Vec::with_capacity(DEVICES.len());
-    for dev in DEVICES {
-        devices.push((*dev, capture(CWD, &format!("/dev/{dev}"), true)?));
     }
     let mut user_trees = Vec::with_capacity(inputs.mounts.len());
     for m in &inputs.mounts {
@@ -182,7 +178,12 @@ pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
     // 2. The root mount itself.
     let root_path = match &inputs.root {
         RootSpec::HostSystem => {
-            mount_fs("tmpfs", STAGE, "tmpfs", "mode=0755,size=4m")?;
+            mount_fs(
+                "tmpfs",
+                STAGE,
+                "tmpfs",
+                &format!("mode=0755,size={}", inputs.scratch_bytes),
+            )?;
             STAGE.to_string()
         }
         RootSpec::Directory(path) => {
@@ -243,30 +244,15 @@ pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
         }
     }
 
-    // 4. /proc, /dev, scratch areas.
+    // 4. /proc, /dev and the scratch areas. The root tmpfs itself holds /tmp, the home and /dev/shm (one
+    //    size cap for all scratch); each is bound onto itself so it stays writable when the root is sealed.
     let proc_dir = ensure_dir(&root, Path::new("proc"))?;
-    mount_fs_at(
-        "proc",
-        &proc_dir,
-        "proc",
-        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-        None,
-        "/proc",
-    )?;
+    let proc_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mount_fs_at("proc", &proc_dir, "proc", proc_flags, None, "/proc")?;
     let dev = ensure_dir(&root, Path::new("dev"))?;
-    mount_fs_at(
-        "tmpfs",
-        &dev,
-        "tmpfs",
-        MountFlags::NOSUID | MountFlags::NOEXEC,
-        Some("mode=0755,size=64k"),
-        "/dev",
-    )?;
-    // Reopen: the descriptor above names the directory under the new mount.
-    let dev = ensure_dir(&root, Path::new("dev"))?;
-    for (name, tree) in &devices {
+    for name in DEVICES {
         let point = ensure_file(&dev, Path::new(name))?;
-        attach(tree, &point, &format!("dev/{name}"))?;
+        bind_at(&format!("/dev/{name}"), &point)?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -278,53 +264,34 @@ pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
         rustix::fs::symlinkat(target, &dev, link).stage(|| format!("creating /dev/{link}"))?;
     }
     let pts = ensure_dir(&dev, Path::new("pts"))?;
+    let pts_opts = Some("newinstance,ptmxmode=0666,mode=0620");
     mount_fs_at(
         "devpts",
         &pts,
         "devpts",
         MountFlags::NOSUID | MountFlags::NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
+        pts_opts,
         "/dev/pts",
     )?;
-    let scratch = format!("size={}", inputs.scratch_bytes);
-    let shm = ensure_dir(&dev, Path::new("shm"))?;
-    mount_fs_at(
-        "tmpfs",
-        &shm,
-        "tmpfs",
-        MountFlags::NOSUID | MountFlags::NODEV,
-        Some(&format!("mode=1777,{scratch}")),
-        "/dev/shm",
-    )?;
-    let devfs = rustix::fs::openat(
-        &root,
-        "dev",
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .stage(|| "reopening /dev".into())?;
-    tartarus_hostsys::set_mount_attributes(devfs.as_fd(), mount_attr::RDONLY, false)
-        .stage(|| "making /dev read-only".into())?;
-
-    let tmp = ensure_dir(&root, Path::new("tmp"))?;
-    mount_fs_at(
-        "tmpfs",
-        &tmp,
-        "tmpfs",
-        MountFlags::NOSUID | MountFlags::NODEV,
-        Some(&format!("mode=1777,{scratch}")),
-        "/tmp",
-    )?;
-    let home = ensure_dir(&root, Path::new(SANDBOX_HOME.trim_start_matches('/')))?;
-    let home_opts = format!("mode=0755,uid={SANDBOX_UID},gid={SANDBOX_UID},{scratch}");
-    mount_fs_at(
-        "tmpfs",
-        &home,
-        "tmpfs",
-        MountFlags::NOSUID | MountFlags::NODEV,
-        Some(&home_opts),
-        SANDBOX_HOME,
-    )?;
+    let home = Path::new(SANDBOX_HOME.trim_start_matches('/'));
+    for (path, mode) in [
+        (Path::new("tmp"), 0o1777),
+        (Path::new("dev/shm"), 0o1777),
+        (home, 0o755),
+    ] {
+        let dir = ensure_dir_with_mode(&root, path, mode)?;
+        if path == home {
+            let id = Some(rustix::process::Uid::from_raw(SANDBOX_UID));
+            let gid = Some(rustix::process::Gid::from_raw(SANDBOX_UID));
+            rustix::fs::chownat(&dir, "", id, gid, rustix::fs::AtFlags::EMPTY_PATH)
+                .stage(|| format!("giving {SANDBOX_HOME} to the sandbox user"))?;
+        }
+        let fd_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        bind_at(&fd_path, &dir).map_err(|e| SetupError {
+            stage: format!("binding /{}", path.display()),
+            ..e
+        })?;
+    }
 
     // 5. User mounts, in order (a later mount may sit inside an earlier one).
     for (m, tree) in inputs.mounts.iter().zip(&user_trees) {
@@ -361,17 +328,14 @@ fn is_dir_mode(mode: u32) -> bool {
 }
 
 /// A detached, read-only (nosuid) clone of the host tree at `path`.
-fn capture(dir: BorrowedFd<'_>, path: &str, device: bool) -> SetupResult<OwnedFd> {
+fn capture(dir: BorrowedFd<'_>, path: &str) -> SetupResult<OwnedFd> {
     let tree = open_tree(
         dir,
         path,
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_RECURSIVE,
     )
     .stage(|| format!("capturing host {path}"))?;
-    let mut attrs = mount_attr::NOSUID;
-    if !device {
-        attrs |= mount_attr::RDONLY | mount_attr::NODEV;
-    }
+    let attrs = mount_attr::RDONLY | mount_attr::NOSUID | mount_attr::NODEV;
     tartarus_hostsys::set_mount_attributes(tree.as_fd(), attrs, true)
         .stage(|| format!("making host {path} read-only"))?;
     Ok(tree)
@@ -386,6 +350,12 @@ fn attach(tree: &OwnedFd, point: &OwnedFd, what: &str) -> SetupResult<()> {
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
     .stage(|| format!("mounting /{what}"))
+}
+
+/// Binds the host path (or /proc/self/fd path) `source` onto the mount point `point`.
+fn bind_at(source: &str, point: &OwnedFd) -> SetupResult<()> {
+    let target = format!("/proc/self/fd/{}", point.as_raw_fd());
+    mount(source, target.as_str(), "", MountFlags::BIND, None).stage(|| format!("binding {source}"))
 }
 
 fn mount_fs(source: &str, target: &str, fstype: &str, data: &str) -> SetupResult<()> {
@@ -449,13 +419,21 @@ fn symlink_refusal(path: &Path, e: io::Error) -> SetupError {
 
 /// Creates (if needed) and opens the directory `path` below `root` without following any symlink.
 pub(crate) fn ensure_dir(root: impl AsFd, path: &Path) -> SetupResult<OwnedFd> {
-    let mut current = resolve_beneath(root.as_fd(), Path::new("."), OFlags::DIRECTORY)
-        .map_err(|e| symlink_refusal(path, e))?;
+    ensure_dir_with_mode(root, path, 0o755)
+}
+
+/// [`ensure_dir`], creating missing directories with `mode` (the caller's umask is 0 during setup).
+fn ensure_dir_with_mode(root: impl AsFd, path: &Path, mode: u32) -> SetupResult<OwnedFd> {
+    // One component at a time: mkdirat never follows a symlink in its last component, and each step is
+    // reopened with RESOLVE_NO_SYMLINKS, so nothing here can leave `root`.
+    let root = root.as_fd();
+    let mut current: Option<OwnedFd> = None;
     for component in path.components() {
         let Component::Normal(name) = component else {
             continue;
         };
-        match rustix::fs::mkdirat(&current, name, Mode::from_raw_mode(0o755)) {
+        let parent = current.as_ref().map(|fd| fd.as_fd()).unwrap_or(root);
+        match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(mode)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => {
                 return Err(SetupError {
@@ -464,22 +442,34 @@ pub(crate) fn ensure_dir(root: impl AsFd, path: &Path) -> SetupResult<OwnedFd> {
                 })
             }
         }
-        current = resolve_beneath(&current, Path::new(name), OFlags::DIRECTORY)
+        let next = resolve_beneath(parent, Path::new(name), OFlags::DIRECTORY)
             .map_err(|e| symlink_refusal(path, e))?;
+        current = Some(next);
     }
-    Ok(current)
+    match current {
+        Some(fd) => Ok(fd),
+        None => {
+            resolve_beneath(root, Path::new("."), OFlags::DIRECTORY).map_err(|e| symlink_refusal(path, e))
+        }
+    }
 }
 
 /// Creates (if needed) an empty file at `path` below `root` to serve as a mount point, without following
 /// symlinks.
 fn ensure_file(root: impl AsFd, path: &Path) -> SetupResult<OwnedFd> {
-    let parent = ensure_dir(root, path.parent().unwrap_or(Path::new("")))?;
+    let root = root.as_fd();
+    let parent_path = path.parent().unwrap_or(Path::new(""));
+    let parent_fd = match parent_path.as_os_str().is_empty() {
+        true => None,
+        false => Some(ensure_dir(root, parent_path)?),
+    };
+    let parent = parent_fd.as_ref().map(|fd| fd.as_fd()).unwrap_or(root);
     let name = path.file_name().ok_or_else(|| SetupError {
         stage: format!("mount point /{} has no file name", path.display()),
         source: io::ErrorKind::InvalidInput.into(),
     })?;
     match rustix::fs::openat(
-        &parent,
+        parent,
         name,
         OFlags::CREATE | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o644),
@@ -487,7 +477,7 @@ fn ensure_file(root: impl AsFd, path: &Path) -> SetupResult<OwnedFd> {
         Ok(_) | Err(rustix::io::Errno::ISDIR) => {}
         Err(e) => return Err(symlink_refusal(path, e.into())),
     }
-    resolve_beneath(&parent, Path::new(name), OFlags::empty()).map_err(|e| symlink_refusal(path, e))
+    resolve_beneath(parent, Path::new(name), OFlags::empty()).map_err(|e| symlink_refusal(path, e))
 }
 
 fn write_new_file(dir: &OwnedFd, name: &str, content: &[u8]) -> SetupResult<()> {

@@ -207,3 +207,10 @@ mod tests {
         }
     }
 }
+#[cfg(test)]
+mod size {
+    #[test]
+    fn print_size() {
+        eprintln!("main filter: {} insns", super::build_filter().unwrap().len());
+    }
+}
