@@ -6,7 +6,7 @@
 // No Rust runtime start-up: it reads /proc/self/maps to find the main thread's stack guard and installs a
 // signal stack, which together cost more than a sandbox's whole namespace setup. `std` works unchanged
 // (arguments come from glibc's init_array hook); a stack overflow is a plain SIGSEGV.
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 mod commands;
 mod terminal;
@@ -41,6 +41,7 @@ enum Command {
     },
 }
 
+#[cfg(not(test))]
 #[no_mangle]
 extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
     let code = real_main();

@@ -521,19 +521,12 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 fn root_inputs(spec: &SandboxSpec) -> Result<RootInputs, PrepareError> {
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
-        let source =
-            rustix::fs::open(&m.source, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
-                PrepareError::MountSource {
-                    path: m.source.display().to_string(),
-                    source: e.into(),
-                }
-            })?;
-        let stat = rustix::fs::fstat(&source).map_err(|e| PrepareError::MountSource {
+        let source_err = |source: io::Error| PrepareError::MountSource {
             path: m.source.display().to_string(),
-            source: e.into(),
-        })?;
-        let source_is_dir =
-            rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Directory;
+            source,
+        };
+        let source = std::fs::canonicalize(&m.source).map_err(source_err)?;
+        let source_is_dir = std::fs::metadata(&source).map_err(source_err)?.is_dir();
         let target = m.target.strip_prefix("/").unwrap_or(&m.target).to_path_buf();
         mounts.push(PreparedMount {
             source,
@@ -554,16 +547,15 @@ fn root_inputs(spec: &SandboxSpec) -> Result<RootInputs, PrepareError> {
             rootfs::generated_etc(&spec.hostname, &resolv),
         ),
         RootSpec::Directory(path) => {
-            let fd = rustix::fs::open(
-                path,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| PrepareError::Rootfs {
+            let rootfs_err = |source: io::Error| PrepareError::Rootfs {
                 path: path.display().to_string(),
-                source: e.into(),
-            })?;
-            (Some(fd), Vec::new(), Vec::new(), Vec::new())
+                source,
+            };
+            let canonical = std::fs::canonicalize(path).map_err(rootfs_err)?;
+            if !std::fs::metadata(&canonical).map_err(rootfs_err)?.is_dir() {
+                return Err(rootfs_err(io::Error::from_raw_os_error(libc::ENOTDIR)));
+            }
+            (Some(canonical), Vec::new(), Vec::new(), Vec::new())
         }
     };
     Ok(RootInputs {

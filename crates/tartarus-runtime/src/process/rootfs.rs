@@ -58,8 +58,8 @@ pub enum HostEntry {
 /// What the root needs, computed by the supervisor before the fork.
 pub struct RootInputs {
     pub root: RootSpec,
-    /// `O_PATH` descriptor of `--rootfs`, opened by the supervisor.
-    pub rootfs: Option<OwnedFd>,
+    /// Canonical host path of `--rootfs`, checked by the supervisor.
+    pub rootfs: Option<PathBuf>,
     pub host_entries: Vec<HostEntry>,
     /// Host files and directories from `/etc` shared read-only (none are secrets).
     pub shared_etc: Vec<&'static str>,
@@ -69,9 +69,10 @@ pub struct RootInputs {
     pub scratch_bytes: u64,
 }
 
-/// A `--mount`, with its source already opened by the supervisor.
+/// A `--mount`, with its source checked and canonicalised by the supervisor. The child captures it by
+/// path: descriptors from the supervisor's mount namespace cannot be cloned into the sandbox's.
 pub struct PreparedMount {
-    pub source: OwnedFd,
+    pub source: PathBuf,
     pub source_is_dir: bool,
     /// Relative to the new root (no leading `/`).
     pub target: PathBuf,
@@ -158,12 +159,9 @@ pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
     let mut user_trees = Vec::with_capacity(inputs.mounts.len());
     for m in &inputs.mounts {
         let tree = open_tree(
+            CWD,
             &m.source,
-            "",
-            OpenTreeFlags::OPEN_TREE_CLONE
-                | OpenTreeFlags::OPEN_TREE_CLOEXEC
-                | OpenTreeFlags::AT_RECURSIVE
-                | OpenTreeFlags::AT_EMPTY_PATH,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_RECURSIVE,
         )
         .stage(|| format!("capturing mount source for /{}", m.target.display()))?;
         let mut attrs = mount_attr::NOSUID | mount_attr::NODEV;
@@ -187,10 +185,16 @@ pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
             STAGE.to_string()
         }
         RootSpec::Directory(path) => {
-            let lower = inputs.rootfs.as_ref().ok_or_else(|| SetupError {
-                stage: "rootfs descriptor missing".into(),
+            let lower_path = inputs.rootfs.as_ref().ok_or_else(|| SetupError {
+                stage: "rootfs path missing".into(),
                 source: io::ErrorKind::InvalidInput.into(),
             })?;
+            let lower = rustix::fs::open(
+                lower_path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .stage(|| format!("opening rootfs {}", path.display()))?;
             // The host path is reached through the descriptor: /tmp is about to be shadowed.
             let lowerdir = format!("/proc/self/fd/{}", lower.as_raw_fd());
             mount_fs(
@@ -401,19 +405,16 @@ fn resolve_beneath(dir: impl AsFd, name: &Path, flags: OFlags) -> io::Result<Own
 }
 
 fn symlink_refusal(path: &Path, e: io::Error) -> SetupError {
-    if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EXDEV) {
-        SetupError {
+    // With O_NOFOLLOW a symlink shows up as ELOOP, or ENOTDIR when a directory was asked for.
+    match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => SetupError {
             stage: format!(
-                "mount point /{} passes through a symlink or leaves the root; use the real path",
+                "mount point /{} passes through a symlink or a non-directory, or leaves the root; use the real path",
                 path.display()
             ),
             source: e,
-        }
-    } else {
-        SetupError {
-            stage: format!("resolving /{}", path.display()),
-            source: e,
-        }
+        },
+        _ => SetupError { stage: format!("resolving /{}", path.display()), source: e },
     }
 }
 

@@ -1,9 +1,11 @@
 //! The seccomp-BPF filter applied to every sandboxed command.
 //!
 //! A deny list (allow by default) of syscalls that reach kernel attack surface a sandboxed program has no
-//! business with, answered with EPERM so programs that probe features degrade gracefully. Two filters are
-//! installed: seccompiler's, and a tiny hand-written one that refuses the x32 ABI (syscall numbers with bit
-//! 30 set), which seccompiler's per-number rules cannot express and which would otherwise bypass the list.
+//! business with, answered with EPERM so programs that probe features degrade gracefully. The program is
+//! seccompiler's, with a five-instruction prefix that refuses the x32 ABI (syscall numbers with bit 30 set,
+//! which seccompiler's per-number rules cannot express and which would otherwise bypass the list) and
+//! answers clone3 with ENOSYS. One filter, because the kernel validates and JITs every filter at every
+//! launch (docs/benchmarks.md).
 
 use std::collections::BTreeMap;
 
@@ -118,9 +120,10 @@ pub fn build_filter() -> Result<BpfProgram, seccompiler::BackendError> {
     Ok(denied)
 }
 
-/// A second filter: clone3 → ENOSYS (libc falls back to clone, which the main filter inspects), and every
-/// x32-ABI syscall → EPERM.
-pub fn build_abi_filter() -> BpfProgram {
+/// The prefix: clone3 → ENOSYS (libc falls back to clone, whose flags the main rules inspect), and every
+/// x32-ABI syscall → EPERM; anything else falls through to the next instruction. Prepending it leaves the
+/// relative jumps of the program after it intact.
+pub fn build_abi_prefix() -> BpfProgram {
     const LOAD_NR: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
@@ -133,34 +136,32 @@ pub fn build_abi_filter() -> BpfProgram {
         k,
     };
     let jump = |code, k, jt, jf| sock_filter { code, jt, jf, k };
+    const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
     vec![
         stmt(LOAD_NR, 0), // seccomp_data.nr
         jump(JSET, X32_BIT, 3, 0),
         jump(JEQ, libc::SYS_clone3 as u32, 1, 0),
-        stmt(RET, libc::SECCOMP_RET_ALLOW),
+        stmt(JA, 2), // not ours: continue after the prefix
         stmt(RET, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
         stmt(RET, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
     ]
 }
 
-/// Both filters, compiled once per sandbox in the supervisor (before any fork).
+/// The whole program, compiled once per sandbox in the supervisor (before any fork).
 pub struct CompiledFilters {
-    pub main: BpfProgram,
-    pub abi: BpfProgram,
+    pub program: BpfProgram,
 }
 
 impl CompiledFilters {
     pub fn build() -> Result<Self, seccompiler::BackendError> {
-        Ok(CompiledFilters {
-            main: build_filter()?,
-            abi: build_abi_filter(),
-        })
+        let mut program = build_abi_prefix();
+        program.extend(build_filter()?);
+        Ok(CompiledFilters { program })
     }
 
-    /// Installs both filters on the calling thread (sets no_new_privs first).
+    /// Installs the filter on the calling thread (sets no_new_privs first).
     pub fn apply(&self) -> Result<(), seccompiler::Error> {
-        seccompiler::apply_filter(&self.abi)?;
-        seccompiler::apply_filter(&self.main)
+        seccompiler::apply_filter(&self.program)
     }
 }
 
@@ -197,20 +198,13 @@ mod tests {
     }
 
     #[test]
-    fn abi_filter_jumps_land_inside_the_program() {
-        let prog = build_abi_filter();
+    fn abi_prefix_jumps_land_inside_the_program() {
+        let prog = CompiledFilters::build().unwrap().program;
         for (i, insn) in prog.iter().enumerate() {
             if insn.code & libc::BPF_JMP as u16 != 0 && insn.code & 0x07 == libc::BPF_JMP as u16 {
                 assert!(i + 1 + (insn.jt as usize) < prog.len());
                 assert!(i + 1 + (insn.jf as usize) < prog.len());
             }
         }
-    }
-}
-#[cfg(test)]
-mod size {
-    #[test]
-    fn print_size() {
-        eprintln!("main filter: {} insns", super::build_filter().unwrap().len());
     }
 }
