@@ -1,10 +1,11 @@
 //! End-to-end behaviour of `tartarus run`: exit codes, stdio, environment, mounts, limits, results,
 //! bad input, and cleanup on every exit path. Runs the real binary with real kernel features.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -444,8 +444,10 @@ pub fn filesystem_type(path: &CStr) -> io::Result<i64> {
     if unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) } == -1 {
         return Err(io::Error::last_os_error());
     }
+    #[allow(clippy::unnecessary_cast)] // f_type is not i64 on every target
     // SAFETY: statfs succeeded and filled the structure.
-    Ok(unsafe { st.assume_init() }.f_type as i64)
+    let f_type = unsafe { st.assume_init() }.f_type as i64;
+    Ok(f_type)
 }
 
 /// `CGROUP2_SUPER_MAGIC`, for [`filesystem_type`].

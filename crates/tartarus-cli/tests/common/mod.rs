@@ -1,5 +1,5 @@
 //! Helpers for end-to-end tests that drive the real `tartarus` binary.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
