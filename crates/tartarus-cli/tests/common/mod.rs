@@ -50,14 +50,12 @@ pub fn ok(o: Output) -> String {
     stdout(&o)
 }
 
-/// The JSON result record printed with --json (the last stderr line).
+/// The JSON result record printed with --json: the last stderr line holding one. A sandboxed process
+/// killed mid-write can leave a partial line in front of it, so the record is taken from its first brace.
 pub fn result_record(o: &Output) -> serde_json::Value {
     let err = stderr(o);
-    let line = err
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON in: {err}"));
+    let line = err.lines().rev().find_map(|l| l.find("{\"id\"").map(|i| &l[i..]));
+    let line = line.unwrap_or_else(|| panic!("no JSON in: {err}"));
     serde_json::from_str(line).expect("valid JSON record")
 }
 
