@@ -60,6 +60,9 @@ pub struct ChildPlan<'a> {
     pub workdir: &'a CStr,
     pub writable_dirs: &'a [PathBuf],
     pub process_limits: ProcessLimits,
+    /// Fork the command's process before the supervisor's go-ahead (only when no cgroup placement is
+    /// needed, since a process forked before placement would stay outside the sandbox's cgroups).
+    pub early_fork: bool,
     /// Highest capability number of this kernel, read by the supervisor.
     pub last_capability: u32,
 }
@@ -98,6 +101,16 @@ fn run_init(plan: &ChildPlan<'_>) -> i32 {
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
     // SAFETY: the sync pipe's read end is ours; it is read and kept open until exec (close-on-exec).
     let sync = unsafe { BorrowedFd::borrow_raw(plan.sync_read) };
+    // The command's process creates its network namespace (the slowest kernel step) on the other core
+    // while init builds the root. Without cgroups it is forked at once, even before the supervisor has
+    // written the id maps; with cgroups only after the supervisor has placed init, so it inherits them.
+    let mut command = None;
+    if plan.early_fork {
+        command = match fork_command_process(plan) {
+            Ok(c) => Some(c),
+            Err(e) => return report_setup(plan.start_write, e),
+        };
+    }
     let mut go = [0u8; 1];
     if !matches!(rustix::io::read(sync, &mut go), Ok(1)) {
         return 1; // supervisor gone or refused: nothing was set up
@@ -111,51 +124,23 @@ fn run_init(plan: &ChildPlan<'_>) -> i32 {
     if supervisor_gone(sync) {
         return 1;
     }
-    rustix::process::umask(Mode::empty());
-    // A cgroup namespace rooted at the cgroup the supervisor has just placed us in.
-    if let Err(e) = tartarus_hostsys::unshare_cgroup_namespace() {
-        let e = SetupError {
-            stage: "creating the cgroup namespace".into(),
-            source: e,
-        };
-        return report_setup(plan.start_write, e);
-    }
-    let _ = tartarus_hostsys::set_not_dumpable();
-    // The command's process is forked first so that it creates its network namespace on one core while
-    // init builds the root on the other; it then waits for the "root ready" byte.
-    let (ready_read, ready_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => {
-            let e = SetupError {
-                stage: "creating the ready pipe".into(),
-                source: e.into(),
-            };
-            return report_setup(plan.start_write, e);
-        }
+    let (child, ready_write) = match command {
+        Some(c) => c,
+        None => match fork_command_process(plan) {
+            Ok(c) => c,
+            Err(e) => return report_setup(plan.start_write, e),
+        },
     };
-    // SAFETY: this process is single-threaded (a clone of a single-threaded supervisor).
-    let child = match unsafe { tartarus_hostsys::fork_process() } {
-        Ok(None) => {
-            drop(ready_write);
-            let run = AssertUnwindSafe(|| command_process(plan, ready_read));
-            exit_immediately(std::panic::catch_unwind(run).unwrap_or(125))
-        }
-        Ok(Some(pid)) => pid,
-        Err(e) => {
-            return report_setup(
-                plan.start_write,
-                SetupError {
-                    stage: "fork".into(),
-                    source: e,
-                },
-            )
-        }
-    };
-    drop(ready_read);
+    // Two bytes for the command's process: "root ready" (it may drop its privileges) and "sealed" (the
+    // host's root is detached; it may exec).
     if let Err(e) = build_root(plan) {
         return report_setup(plan.start_write, e);
     }
     let _ = tartarus_hostsys::write_all(&ready_write, b"r");
+    if let Err(e) = rootfs::detach_host_root() {
+        return report_setup(plan.start_write, e);
+    }
+    let _ = tartarus_hostsys::write_all(&ready_write, b"s");
     drop(ready_write);
     // Keep only the status pipe: the command's exec (or failure report) must be the last writer of the
     // start pipe, and init must not hold the command's stdio open.
@@ -173,6 +158,25 @@ fn run_init(plan: &ChildPlan<'_>) -> i32 {
             Ok(Some(_)) => continue,
             Ok(None) | Err(_) => return 1,
         }
+    }
+}
+
+/// A cgroup namespace rooted at init's cgroup (the sandbox's, once placed), then the command's process.
+/// Returns its pid and the write end of its "ready" pipe.
+fn fork_command_process(plan: &ChildPlan<'_>) -> SetupResult<(rustix::process::Pid, OwnedFd)> {
+    tartarus_hostsys::unshare_cgroup_namespace().stage(|| "creating the cgroup namespace".into())?;
+    rustix::process::umask(Mode::empty());
+    let _ = tartarus_hostsys::set_not_dumpable();
+    let (ready_read, ready_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .stage(|| "creating the ready pipe".into())?;
+    // SAFETY: this process is single-threaded (a clone of a single-threaded supervisor).
+    match unsafe { tartarus_hostsys::fork_process() }.stage(|| "fork".into())? {
+        None => {
+            drop(ready_write);
+            let run = AssertUnwindSafe(|| command_process(plan, ready_read));
+            exit_immediately(std::panic::catch_unwind(run).unwrap_or(125))
+        }
+        Some(pid) => Ok((pid, ready_write)),
     }
 }
 
@@ -199,7 +203,7 @@ fn become_namespace_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
 }
 
 fn build_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
-    rootfs::build_and_enter(plan.root)?;
+    rootfs::build_and_pivot(plan.root)?;
     rustix::system::sethostname(plan.hostname.as_bytes()).stage(|| "setting the hostname".into())
 }
 
@@ -213,19 +217,41 @@ fn command_process(plan: &ChildPlan<'_>, ready: OwnedFd) -> i32 {
             return report_setup(plan.start_write, e);
         }
     }
-    let mut byte = [0u8; 1];
-    if !matches!(rustix::io::read(&ready, &mut byte), Ok(1)) {
+    // Installing the filter (the kernel validates and JITs it) overlaps with init's root building. Nothing
+    // this process does afterwards is on the deny list.
+    if let Err(e) = plan.filters.apply() {
+        let e = SetupError {
+            stage: format!("installing seccomp filter: {e}"),
+            source: io::ErrorKind::Other.into(),
+        };
+        return report_setup(plan.start_write, e);
+    }
+    if !read_byte(&ready) {
         return 125; // init failed and has reported why
     }
-    drop(ready);
-    exec_command(plan)
+    exec_command(plan, &ready)
+}
+
+/// Waits for one byte from init; false when init closed the pipe (it failed and reported why).
+fn read_byte(ready: &OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match rustix::io::read(ready, &mut byte) {
+            Ok(1) => return true,
+            Err(rustix::io::Errno::INTR) => continue,
+            _ => return false,
+        }
+    }
 }
 /// The command's process: from here on nothing is trusted.
-fn exec_command(plan: &ChildPlan<'_>) -> i32 {
+fn exec_command(plan: &ChildPlan<'_>, sealed: &OwnedFd) -> i32 {
     rustix::process::umask(Mode::from_raw_mode(0o022));
     match drop_privileges(plan) {
         Ok(()) => {}
         Err(e) => return report_setup(plan.start_write, e),
+    }
+    if !read_byte(sealed) {
+        return 125;
     }
     let mut not_executable: Option<io::Error> = None;
     let argv: Vec<*const libc::c_char> = plan
@@ -300,6 +326,8 @@ fn drop_privileges(plan: &ChildPlan<'_>) -> SetupResult<()> {
     }
     rustix::thread::clear_ambient_capability_set().stage(|| "clearing ambient capabilities".into())?;
     if let IdMode::Privileged { .. } = plan.ids {
+        // Forked before init dropped them, this process may still hold the supervisor's groups.
+        rustix::thread::set_thread_groups(&[]).stage(|| "clearing supplementary groups".into())?;
         let id = rustix::process::Gid::from_raw(SANDBOX_UID);
         rustix::thread::set_thread_res_gid(id, id, id).stage(|| "switching to the sandbox group".into())?;
         let id = rustix::process::Uid::from_raw(SANDBOX_UID);
@@ -310,12 +338,8 @@ fn drop_privileges(plan: &ChildPlan<'_>) -> SetupResult<()> {
         permitted: CapabilitySet::empty(),
         inheritable: CapabilitySet::empty(),
     };
-    rustix::thread::set_capabilities(None, none).stage(|| "dropping capabilities".into())?;
-    plan.filters.apply().map_err(|e| SetupError {
-        stage: format!("installing seccomp filter: {e}"),
-        source: io::ErrorKind::Other.into(),
-    })?;
-    Ok(())
+    // The seccomp filter is already in place (command_process).
+    rustix::thread::set_capabilities(None, none).stage(|| "dropping capabilities".into())
 }
 
 /// Puts the caller's chosen descriptors on 0, 1 and 2 (via high copies, so any overlap is safe).

@@ -237,6 +237,7 @@ impl ProcessSandbox {
             writable_dirs: &self.writable_dirs,
             process_limits: self.spec.process_limits,
             last_capability: self.last_capability,
+            early_fork: self.cgroups.dirs.is_empty(),
         };
         let started = Instant::now();
         // SAFETY: ensure_single_threaded() checked the precondition; the child runs `child::run`, which

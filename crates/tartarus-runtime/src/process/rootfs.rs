@@ -5,7 +5,9 @@
 //! never a writable window. Every mount point inside the new root is reached with
 //! `openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)`, so a symlink or `..` in a user's rootfs cannot redirect a
 //! mount outside it. The root is staged on `/tmp` of the private namespace (sources are captured by then),
-//! then `pivot_root(".", ".")` and a lazy unmount drop the host's tree entirely.
+//! then `pivot_root(".", ".")`, and [`detach_host_root`] drops the host's tree entirely. The detach waits
+//! for an RCU grace period (≈0.5 ms here), so the caller runs it while the command's process prepares,
+//! and the command is only executed once it is done.
 
 use std::ffi::CString;
 use std::io;
@@ -136,7 +138,8 @@ pub fn generated_etc(hostname: &str, resolv_conf: &[u8]) -> Vec<(&'static str, V
 }
 
 /// Builds the root and pivots into it. Runs in the child, as the namespace's root, single-threaded.
-pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
+/// The host's root is still attached under the new one until [`detach_host_root`].
+pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
     mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)
         .stage(|| "making mounts private".into())?;
 
@@ -322,9 +325,14 @@ pub fn build_and_enter(inputs: &RootInputs) -> SetupResult<()> {
     .stage(|| "making the root read-only".into())?;
     rustix::process::fchdir(&root_top).stage(|| "entering the new root".into())?;
     rustix::process::pivot_root(".", ".").stage(|| "pivot_root".into())?;
-    unmount(".", UnmountFlags::DETACH).stage(|| "detaching the host root".into())?;
-    rustix::process::chdir("/").stage(|| "chdir /".into())?;
     Ok(())
+}
+
+/// Detaches the host's root, which `pivot_root(".", ".")` left mounted on top of the new root (and is the
+/// current directory). Nothing untrusted may run in the mount namespace before this returns.
+pub fn detach_host_root() -> SetupResult<()> {
+    unmount(".", UnmountFlags::DETACH).stage(|| "detaching the host root".into())?;
+    rustix::process::chdir("/").stage(|| "chdir /".into())
 }
 
 fn is_dir_mode(mode: u32) -> bool {
