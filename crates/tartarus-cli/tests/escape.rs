@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -204,23 +203,12 @@ fn mount_target_with_dotdot_is_rejected_before_anything_runs() {
 #[test]
 fn fork_bomb_is_contained_by_pids() {
     let parent = cgroup_parent("forkbomb");
-    let out = Command::new(bin())
-        .args([
-            "run",
-            "--pids",
-            "64",
-            "--timeout",
-            "20s",
-            "--json",
-            "--",
-            "/bin/sh",
-            "-c",
-        ])
-        .arg("bomb() { bomb | bomb & }; bomb; sleep 1; echo host-still-fine")
-        .env("TARTARUS_CGROUP_PARENT", &parent)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let bomb = "bomb() { bomb | bomb & }; bomb; sleep 1; echo host-still-fine";
+    let out = run_in_cgroup(
+        &parent,
+        &["--pids", "64", "--timeout", "20s", "--json"],
+        &["/bin/sh", "-c", bomb],
+    );
     let r = result_record(&out);
     assert_ne!(
         r["reason"],
@@ -228,11 +216,7 @@ fn fork_bomb_is_contained_by_pids() {
         "fork bomb was not contained: {}",
         stderr(&out)
     );
-    assert!(
-        stderr(&out).contains("Cannot fork") || stderr(&out).contains("fork"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("Cannot fork"), "{}", stderr(&out));
     assert!(leftover_cgroups(&parent).is_empty());
     remove_cgroup_parent(&parent);
 }
@@ -240,18 +224,15 @@ fn fork_bomb_is_contained_by_pids() {
 #[test]
 fn memory_bomb_is_killed_inside_the_sandbox_only() {
     let parent = cgroup_parent("membomb");
-    let mut child = Command::new(bin())
-        .args(["run", "--memory", "48M", "--json", "--", "/usr/bin/python3", "-c"])
-        .arg("x = []\nwhile True: x.append(bytearray(1 << 20))")
-        .env("TARTARUS_CGROUP_PARENT", &parent)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(137));
-    assert!(err.contains("\"reason\":\"oom\""), "{err}");
+    let bomb = "x = []\nwhile True: x.append(bytearray(1 << 20))";
+    let out = run_in_cgroup(
+        &parent,
+        &["--memory", "48M", "--json"],
+        &["/usr/bin/python3", "-c", bomb],
+    );
+    assert_eq!(code(&out), 137);
+    assert_eq!(result_record(&out)["reason"], "oom", "{}", stderr(&out));
+    assert!(leftover_cgroups(&parent).is_empty());
     remove_cgroup_parent(&parent);
 }
 

@@ -261,24 +261,15 @@ fn timeout_kills_the_whole_tree_and_reports_timeout() {
 #[test]
 fn memory_limit_kills_with_reason_oom() {
     let parent = cgroup_parent("oom");
-    let out = Command::new(bin())
-        .args([
-            "run",
-            "--memory",
-            "64M",
-            "--json",
-            "--",
-            "/usr/bin/python3",
-            "-c",
-            "x = bytearray(512 << 20)",
-        ])
-        .env("TARTARUS_CGROUP_PARENT", &parent)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_in_cgroup(
+        &parent,
+        &["--memory", "64M", "--json"],
+        &["/usr/bin/python3", "-c", "x = bytearray(512 << 20)"],
+    );
     let r = result_record(&out);
     assert_eq!(r["reason"], "oom", "{}", stderr(&out));
     assert_eq!(code(&out), 137);
+    assert!(r["peak_memory_bytes"].as_u64().unwrap() <= 64 << 20, "{r}");
     assert!(leftover_cgroups(&parent).is_empty());
     remove_cgroup_parent(&parent);
 }

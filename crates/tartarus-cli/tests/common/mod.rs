@@ -22,6 +22,19 @@ pub fn run(flags: &[&str], cmd: &[&str]) -> Output {
         .expect("spawn tartarus")
 }
 
+/// `tartarus run [flags] -- cmd...` with its cgroups under `parent` (see [`cgroup_parent`]).
+pub fn run_in_cgroup(parent: &str, flags: &[&str], cmd: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("run")
+        .args(flags)
+        .arg("--")
+        .args(cmd)
+        .env("TARTARUS_CGROUP_PARENT", parent)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn tartarus")
+}
+
 /// Runs a shell snippet in a default sandbox.
 pub fn sh(script: &str) -> Output {
     run(&[], &["/bin/sh", "-c", script])

@@ -176,36 +176,33 @@ pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
         user_trees.push(tree);
     }
 
-    // 2. The root mount itself.
-    let root_path = match &inputs.root {
-        RootSpec::HostSystem => {
-            mount_fs(
-                "tmpfs",
-                STAGE,
-                "tmpfs",
-                &format!("mode=0755,size={}", inputs.scratch_bytes),
-            )?;
-            STAGE.to_string()
-        }
-        RootSpec::Directory(path) => {
-            let lower_path = inputs.rootfs.as_ref().ok_or_else(|| SetupError {
-                stage: "rootfs path missing".into(),
-                source: io::ErrorKind::InvalidInput.into(),
-            })?;
-            let lower = rustix::fs::open(
-                lower_path,
+    // 2. The root mount itself: the scratch tmpfs, or an overlay whose upper layer lives in it. A rootfs is
+    //    opened before /tmp is shadowed and reached through its descriptor.
+    let lower = match &inputs.rootfs {
+        Some(path) => Some(
+            rustix::fs::open(
+                path,
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .stage(|| format!("opening rootfs {}", path.display()))?;
-            // The host path is reached through the descriptor: /tmp is about to be shadowed.
+            .stage(|| format!("opening rootfs {}", path.display()))?,
+        ),
+        None => None,
+    };
+    mount_fs(
+        "tmpfs",
+        STAGE,
+        "tmpfs",
+        &format!("mode=0755,size={}", inputs.scratch_bytes),
+    )?;
+    let root_path = match (&inputs.root, lower) {
+        (RootSpec::HostSystem, _) => STAGE.to_string(),
+        (RootSpec::Directory(path), lower) => {
+            let lower = lower.ok_or_else(|| SetupError {
+                stage: "rootfs path missing".into(),
+                source: io::ErrorKind::InvalidInput.into(),
+            })?;
             let lowerdir = format!("/proc/self/fd/{}", lower.as_raw_fd());
-            mount_fs(
-                "tmpfs",
-                STAGE,
-                "tmpfs",
-                &format!("mode=0755,size={}", inputs.scratch_bytes),
-            )?;
             for dir in ["upper", "work", "root"] {
                 rustix::fs::mkdir(format!("{STAGE}/{dir}"), Mode::from_raw_mode(0o755))
                     .stage(|| format!("creating overlay {dir} directory"))?;
