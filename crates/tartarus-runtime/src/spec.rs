@@ -3,8 +3,10 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// Where the sandbox's root filesystem comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RootSpec {
     /// Read-only binds of the host's `/usr` (and `/bin`, `/lib*`, `/sbin`), a generated minimal `/etc`.
     HostSystem,
@@ -12,8 +14,15 @@ pub enum RootSpec {
     Directory(PathBuf),
 }
 
+impl Default for SandboxSpec {
+    /// The defaults of [`SandboxSpec::new`] with no command (valid only for a service sandbox).
+    fn default() -> Self {
+        SandboxSpec::new(Vec::new())
+    }
+}
+
 /// A host path made visible inside the sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindMount {
     pub source: PathBuf,
     /// Absolute, normalised path inside the sandbox.
@@ -22,7 +31,8 @@ pub struct BindMount {
 }
 
 /// Network exposure of a sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum NetworkMode {
     /// A private network namespace with only its own loopback interface.
     #[default]
@@ -33,7 +43,7 @@ pub enum NetworkMode {
 }
 
 /// Resource limits enforced through cgroups. `None` means "not requested".
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct ResourceLimits {
     pub memory_bytes: Option<u64>,
     /// CPU bandwidth in cores (0.5 = half of one core).
@@ -48,7 +58,7 @@ impl ResourceLimits {
 }
 
 /// Per-process rlimits applied to the command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessLimits {
     pub open_files: u64,
     pub file_size_bytes: u64,
@@ -65,7 +75,8 @@ impl Default for ProcessLimits {
 
 /// The validated description of one sandbox. Build it with [`SandboxSpec::new`] and validate it with
 /// [`SandboxSpec::validate`] (runtimes call it again in `prepare`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SandboxSpec {
     /// argv; `command[0]` is resolved through the sandbox's `PATH` when it has no `/`.
     pub command: Vec<String>,
@@ -84,6 +95,9 @@ pub struct SandboxSpec {
     /// Size cap of each writable tmpfs (`/tmp`, home, `/dev/shm`).
     pub scratch_bytes: u64,
     pub hostname: String,
+    /// Keep init running after setup to serve exec requests ([`crate::process::ProcessSandbox::exec`]); the
+    /// command is then optional and, if given, ends the sandbox when it exits.
+    pub service: bool,
 }
 
 /// The uid and gid the command runs as inside the sandbox.
@@ -132,12 +146,13 @@ impl SandboxSpec {
             tty: false,
             scratch_bytes: 256 << 20,
             hostname: "sandbox".to_string(),
+            service: false,
         }
     }
 
     /// Checks everything that can be checked without touching the host.
     pub fn validate(&self) -> Result<(), SpecError> {
-        if self.command.is_empty() {
+        if self.command.is_empty() && !self.service {
             return Err(SpecError::EmptyCommand);
         }
         if self.command.iter().any(|a| a.contains('\0')) {

@@ -1,2 +1,3 @@
 pub mod gc;
 pub mod run;
+pub mod shim;

@@ -21,7 +21,7 @@ use super::protocol::{Report, STATUS_LEN};
 use super::rootfs::{self, Context, RootInputs, SetupError, SetupResult};
 use super::seccomp::CompiledFilters;
 use crate::sandbox::StdioFds;
-use crate::spec::{NetworkMode, ProcessLimits, SANDBOX_UID};
+use crate::spec::{NetworkMode, ProcessLimits, SpecError, DEFAULT_PATH, SANDBOX_HOME, SANDBOX_UID};
 
 /// How uids are mapped into the sandbox's user namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,18 +42,69 @@ pub struct ExecPlan {
     pub envp: Vec<CString>,
 }
 
+impl ExecPlan {
+    /// The plan for `command` with the sandbox's default environment overridden by `env`; a command
+    /// without `/` is looked up in that environment's `PATH`.
+    pub fn build(
+        command: &[String],
+        env: &[(String, String)],
+        hostname: &str,
+    ) -> Result<ExecPlan, SpecError> {
+        let program = command.first().ok_or(SpecError::EmptyCommand)?;
+        let mut full: Vec<(String, String)> = vec![
+            ("PATH".into(), DEFAULT_PATH.into()),
+            ("HOME".into(), SANDBOX_HOME.into()),
+            ("USER".into(), "sandbox".into()),
+            ("LOGNAME".into(), "sandbox".into()),
+            ("HOSTNAME".into(), hostname.to_string()),
+        ];
+        for (k, v) in env {
+            match full.iter_mut().find(|(key, _)| key == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => full.push((k.clone(), v.clone())),
+            }
+        }
+        let c = |text: String| CString::new(text).map_err(|_| SpecError::NulByte { what: "the command" });
+        let candidates = if program.contains('/') {
+            vec![c(program.clone())?]
+        } else {
+            let path = full
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.as_str())
+                .unwrap_or(DEFAULT_PATH);
+            path.split(':')
+                .filter(|dir| dir.starts_with('/'))
+                .map(|dir| c(format!("{}/{program}", dir.trim_end_matches('/'))))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(ExecPlan {
+            candidates,
+            display_name: program.clone(),
+            argv: command.iter().map(|a| c(a.clone())).collect::<Result<_, _>>()?,
+            envp: full
+                .iter()
+                .map(|(k, v)| c(format!("{k}={v}")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
 /// Everything the child needs; built by the supervisor before the clone.
 pub struct ChildPlan<'a> {
     pub sync_read: RawFd,
     pub start_write: RawFd,
     pub status_write: RawFd,
     /// Descriptors of the supervisor that the child must close at once.
-    pub supervisor_fds: [RawFd; 3],
+    pub supervisor_fds: &'a [RawFd],
+    /// Init's end of the control socket of a service sandbox.
+    pub control: Option<RawFd>,
     pub ids: IdMode,
     pub root: &'a RootInputs,
     pub hostname: &'a str,
     pub network: NetworkMode,
-    pub exec: &'a ExecPlan,
+    /// The main command; `None` for a service sandbox started without one.
+    pub exec: Option<&'a ExecPlan>,
     pub filters: &'a CompiledFilters,
     pub stdio: StdioFds,
     pub tty: bool,
@@ -69,17 +120,21 @@ pub struct ChildPlan<'a> {
 
 /// Entry point of the cloned child; never returns.
 pub fn run(plan: &ChildPlan<'_>) -> ! {
-    let code = std::panic::catch_unwind(AssertUnwindSafe(|| run_init(plan))).unwrap_or(125);
+    let init = AssertUnwindSafe(|| match plan.control {
+        Some(control) => super::service::run_init(plan, control),
+        None => run_init(plan),
+    });
+    let code = std::panic::catch_unwind(init).unwrap_or(125);
     exit_immediately(code)
 }
 
-fn report(fd: RawFd, message: &Report) {
+pub(super) fn report(fd: RawFd, message: &Report) {
     // SAFETY: `fd` is the child's copy of the start pipe's write end, open until exec or exit.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     let _ = tartarus_hostsys::write_all(fd, &message.encode());
 }
 
-fn report_setup(fd: RawFd, e: SetupError) -> i32 {
+pub(super) fn report_setup(fd: RawFd, e: SetupError) -> i32 {
     report(
         fd,
         &Report::SetupFailed {
@@ -91,7 +146,7 @@ fn report_setup(fd: RawFd, e: SetupError) -> i32 {
 }
 
 fn run_init(plan: &ChildPlan<'_>) -> i32 {
-    for fd in plan.supervisor_fds {
+    for &fd in plan.supervisor_fds {
         // SAFETY: these are the supervisor's pipe ends, duplicated into this process by clone; closing our
         // copies affects nobody else.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -124,6 +179,9 @@ fn run_init(plan: &ChildPlan<'_>) -> i32 {
     if supervisor_gone(sync) {
         return 1;
     }
+    // Only now: while init is non-dumpable its /proc files belong to the host's root, and an unprivileged
+    // supervisor could no longer write the id maps.
+    let _ = tartarus_hostsys::set_not_dumpable();
     let (child, ready_write) = match command {
         Some(c) => c,
         None => match fork_command_process(plan) {
@@ -166,7 +224,6 @@ fn run_init(plan: &ChildPlan<'_>) -> i32 {
 fn fork_command_process(plan: &ChildPlan<'_>) -> SetupResult<(rustix::process::Pid, OwnedFd)> {
     tartarus_hostsys::unshare_cgroup_namespace().stage(|| "creating the cgroup namespace".into())?;
     rustix::process::umask(Mode::empty());
-    let _ = tartarus_hostsys::set_not_dumpable();
     let (ready_read, ready_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .stage(|| "creating the ready pipe".into())?;
     // SAFETY: this process is single-threaded (a clone of a single-threaded supervisor).
@@ -180,7 +237,7 @@ fn fork_command_process(plan: &ChildPlan<'_>) -> SetupResult<(rustix::process::P
     }
 }
 
-fn supervisor_gone(sync: BorrowedFd<'_>) -> bool {
+pub(super) fn supervisor_gone(sync: BorrowedFd<'_>) -> bool {
     let mut fds = [rustix::event::PollFd::new(&sync, rustix::event::PollFlags::IN)];
     let zero = rustix::time::Timespec {
         tv_sec: 0,
@@ -191,7 +248,7 @@ fn supervisor_gone(sync: BorrowedFd<'_>) -> bool {
 
 /// With a privileged mapping, switch to the namespace's root (a mapped, unprivileged host id) and drop the
 /// supervisor's supplementary groups, which would otherwise keep host group access.
-fn become_namespace_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
+pub(super) fn become_namespace_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
     if let IdMode::Privileged { .. } = plan.ids {
         rustix::thread::set_thread_groups(&[]).stage(|| "clearing supplementary groups".into())?;
         let root_gid = rustix::process::Gid::ROOT;
@@ -202,7 +259,7 @@ fn become_namespace_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
     Ok(())
 }
 
-fn build_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
+pub(super) fn build_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
     rootfs::build_and_pivot(plan.root)?;
     rustix::system::sethostname(plan.hostname.as_bytes()).stage(|| "setting the hostname".into())
 }
@@ -219,21 +276,25 @@ fn command_process(plan: &ChildPlan<'_>, ready: OwnedFd) -> i32 {
     }
     // Installing the filter (the kernel validates and JITs it) overlaps with init's root building. Nothing
     // this process does afterwards is on the deny list.
-    if let Err(e) = plan.filters.apply() {
-        let e = SetupError {
-            stage: format!("installing seccomp filter: {e}"),
-            source: io::ErrorKind::Other.into(),
-        };
+    if let Err(e) = apply_seccomp(plan) {
         return report_setup(plan.start_write, e);
     }
     if !read_byte(&ready) {
         return 125; // init failed and has reported why
     }
-    exec_command(plan, &ready)
+    let Some(exec) = plan.exec else { return 125 };
+    let target = Target {
+        exec,
+        workdir: plan.workdir,
+        stdio: plan.stdio,
+        tty: plan.tty,
+        report_fd: plan.start_write,
+    };
+    exec_target(plan, &target, Some(&ready))
 }
 
 /// Waits for one byte from init; false when init closed the pipe (it failed and reported why).
-fn read_byte(ready: &OwnedFd) -> bool {
+pub(super) fn read_byte(ready: &OwnedFd) -> bool {
     let mut byte = [0u8; 1];
     loop {
         match rustix::io::read(ready, &mut byte) {
@@ -243,32 +304,42 @@ fn read_byte(ready: &OwnedFd) -> bool {
         }
     }
 }
-/// The command's process: from here on nothing is trusted.
-fn exec_command(plan: &ChildPlan<'_>, sealed: &OwnedFd) -> i32 {
+/// What one process in the sandbox executes: the main command or an exec request.
+pub(super) struct Target<'a> {
+    pub exec: &'a ExecPlan,
+    pub workdir: &'a CStr,
+    pub stdio: StdioFds,
+    pub tty: bool,
+    /// Where a failure to start is reported (close-on-exec, so a successful exec closes it).
+    pub report_fd: RawFd,
+}
+
+/// From here on nothing is trusted: drop every privilege, wait for `sealed` (the host root detached) when
+/// given, and exec. Returns only on failure, with the shell's exit code for it.
+pub(super) fn exec_target(plan: &ChildPlan<'_>, target: &Target<'_>, sealed: Option<&OwnedFd>) -> i32 {
     rustix::process::umask(Mode::from_raw_mode(0o022));
-    match drop_privileges(plan) {
-        Ok(()) => {}
-        Err(e) => return report_setup(plan.start_write, e),
+    if let Err(e) = drop_privileges(plan, target) {
+        return report_setup(target.report_fd, e);
     }
-    if !read_byte(sealed) {
+    if sealed.is_some_and(|fd| !read_byte(fd)) {
         return 125;
     }
-    let mut not_executable: Option<io::Error> = None;
-    let argv: Vec<*const libc::c_char> = plan
+    let argv: Vec<*const libc::c_char> = target
         .exec
         .argv
         .iter()
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
-    let envp: Vec<*const libc::c_char> = plan
+    let envp: Vec<*const libc::c_char> = target
         .exec
         .envp
         .iter()
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
-    for candidate in &plan.exec.candidates {
+    let mut not_executable: Option<io::Error> = None;
+    for candidate in &target.exec.candidates {
         let err = tartarus_hostsys::execve(candidate, &argv, &envp);
         match err.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::ENOTDIR) => continue,
@@ -280,7 +351,7 @@ fn exec_command(plan: &ChildPlan<'_>, sealed: &OwnedFd) -> i32 {
     match not_executable {
         Some(e) => {
             report(
-                plan.start_write,
+                target.report_fd,
                 &Report::NotExecutable {
                     errno: e.raw_os_error().unwrap_or(0),
                 },
@@ -288,23 +359,31 @@ fn exec_command(plan: &ChildPlan<'_>, sealed: &OwnedFd) -> i32 {
             126
         }
         None => {
-            report(plan.start_write, &Report::NotFound);
+            report(target.report_fd, &Report::NotFound);
             127
         }
     }
 }
 
-fn drop_privileges(plan: &ChildPlan<'_>) -> SetupResult<()> {
+/// Installs the seccomp filter; also sets no_new_privs.
+pub(super) fn apply_seccomp(plan: &ChildPlan<'_>) -> SetupResult<()> {
+    plan.filters.apply().map_err(|e| SetupError {
+        stage: format!("installing seccomp filter: {e}"),
+        source: io::ErrorKind::Other.into(),
+    })
+}
+
+fn drop_privileges(plan: &ChildPlan<'_>, target: &Target<'_>) -> SetupResult<()> {
     rustix::process::setsid().stage(|| "setsid".into())?;
-    attach_stdio(plan.stdio)?;
-    if plan.tty {
+    attach_stdio(target.stdio)?;
+    if target.tty {
         // SAFETY: descriptor 0 was just set up as the terminal.
         let tty = unsafe { BorrowedFd::borrow_raw(0) };
         rustix::process::ioctl_tiocsctty(tty).stage(|| "acquiring the terminal".into())?;
     }
     tartarus_hostsys::set_cloexec_from(3).stage(|| "closing inherited descriptors".into())?;
-    rustix::process::chdir(plan.workdir)
-        .stage(|| format!("entering working directory {}", plan.workdir.to_string_lossy()))?;
+    rustix::process::chdir(target.workdir)
+        .stage(|| format!("entering working directory {}", target.workdir.to_string_lossy()))?;
     set_rlimits(&plan.process_limits)?;
     tartarus_hostsys::reset_signals_for_exec();
 

@@ -13,6 +13,7 @@ mod landlock;
 mod protocol;
 mod rootfs;
 mod seccomp;
+mod service;
 
 use std::ffi::CString;
 use std::io;
@@ -26,17 +27,17 @@ use rustix::process::{Pid, Signal};
 use self::cgroup::SandboxCgroups;
 pub use self::cgroup::{CgroupFs, CgroupLayout, HostCgroupFs};
 use self::child::{ChildPlan, ExecPlan, IdMode};
-use self::protocol::{Report, STATUS_LEN};
+use self::protocol::{read_report, Report, STATUS_LEN};
 use self::rootfs::{PreparedMount, RootInputs};
 use self::seccomp::CompiledFilters;
 pub use self::seccomp::DENIED_SYSCALLS;
+use self::service::ExecClient;
+pub use self::service::{ExecError, ExecRequest};
 use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
 };
-use crate::spec::{
-    normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, DEFAULT_PATH, SANDBOX_HOME, SANDBOX_UID,
-};
+use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
 
 /// First host id of the range the sandbox's ids map to when the supervisor is root: sandbox root is host
 /// uid 100000000, the sandbox user host uid 100001000. Nothing on the host is owned by these ids.
@@ -79,6 +80,14 @@ impl ProcessRuntime {
     }
 }
 
+impl ProcessRuntime {
+    /// [`Runtime::prepare`] without the trait object, for callers that need the process runtime's own
+    /// capabilities (exec into a service sandbox).
+    pub fn prepare_sandbox(&self, spec: SandboxSpec) -> Result<ProcessSandbox, PrepareError> {
+        ProcessSandbox::prepare(self, spec)
+    }
+}
+
 impl Runtime for ProcessRuntime {
     fn name(&self) -> &'static str {
         "process"
@@ -95,7 +104,7 @@ pub struct ProcessSandbox {
     state: SandboxState,
     spec: SandboxSpec,
     root: RootInputs,
-    exec: ExecPlan,
+    exec: Option<ExecPlan>,
     filters: CompiledFilters,
     workdir: CString,
     writable_dirs: Vec<PathBuf>,
@@ -105,6 +114,7 @@ pub struct ProcessSandbox {
     last_capability: u32,
     running: Option<Running>,
     outcome: Option<Outcome>,
+    exec_client: Option<ExecClient>,
 }
 
 /// Handles of a started sandbox.
@@ -142,7 +152,10 @@ impl ProcessSandbox {
         }
         let id = new_sandbox_id()?;
         let root = root_inputs(&spec)?;
-        let exec = exec_plan(&spec)?;
+        let exec = match spec.command.is_empty() {
+            true => None,
+            false => Some(ExecPlan::build(&spec.command, &spec.env, &spec.hostname)?),
+        };
         let filters = CompiledFilters::build().map_err(|e| PrepareError::Seccomp(e.to_string()))?;
         let workdir = spec
             .workdir
@@ -198,6 +211,7 @@ impl ProcessSandbox {
             last_capability: tartarus_hostsys::last_capability(),
             running: None,
             outcome: None,
+            exec_client: None,
         })
     }
 
@@ -210,6 +224,27 @@ impl ProcessSandbox {
         let (sync_read, sync_write) = pipe().map_err(host("creating the sync pipe"))?;
         let (start_read, start_write) = pipe().map_err(host("creating the start pipe"))?;
         let (status_read, status_write) = pipe().map_err(host("creating the status pipe"))?;
+        let control = match self.spec.service {
+            true => Some(
+                rustix::net::socketpair(
+                    rustix::net::AddressFamily::UNIX,
+                    rustix::net::SocketType::SEQPACKET,
+                    rustix::net::SocketFlags::CLOEXEC,
+                    None,
+                )
+                .map_err(|e| StartError::Host {
+                    what: "creating the control socket",
+                    source: e.into(),
+                })?,
+            ),
+            false => None,
+        };
+        let mut supervisor_fds = vec![
+            sync_write.as_raw_fd(),
+            start_read.as_raw_fd(),
+            status_read.as_raw_fd(),
+        ];
+        supervisor_fds.extend(control.as_ref().map(|(ours, _)| ours.as_raw_fd()));
         // The network and cgroup namespaces are created later, in the child (see child.rs).
         let namespaces = tartarus_hostsys::clone_flags::NEWUSER
             | tartarus_hostsys::clone_flags::NEWNS
@@ -220,16 +255,13 @@ impl ProcessSandbox {
             sync_read: sync_read.as_raw_fd(),
             start_write: start_write.as_raw_fd(),
             status_write: status_write.as_raw_fd(),
-            supervisor_fds: [
-                sync_write.as_raw_fd(),
-                start_read.as_raw_fd(),
-                status_read.as_raw_fd(),
-            ],
+            supervisor_fds: &supervisor_fds,
+            control: control.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
             ids: self.ids,
             root: &self.root,
             hostname: &self.spec.hostname,
             network: self.spec.network,
-            exec: &self.exec,
+            exec: self.exec.as_ref(),
             filters: &self.filters,
             stdio,
             tty: self.spec.tty,
@@ -237,7 +269,7 @@ impl ProcessSandbox {
             writable_dirs: &self.writable_dirs,
             process_limits: self.spec.process_limits,
             last_capability: self.last_capability,
-            early_fork: self.cgroups.dirs.is_empty(),
+            early_fork: self.cgroups.dirs.is_empty() && !self.spec.service,
         };
         let started = Instant::now();
         // SAFETY: ensure_single_threaded() checked the precondition; the child runs `child::run`, which
@@ -248,6 +280,10 @@ impl ProcessSandbox {
             Err(e) => return Err(StartError::Namespaces(e)),
         };
         drop((sync_read, start_write, status_write));
+        self.exec_client = control.map(|(ours, theirs)| {
+            drop(theirs);
+            ExecClient::new(ours)
+        });
         self.running = Some(Running {
             init: pid,
             pidfd,
@@ -267,9 +303,9 @@ impl ProcessSandbox {
 
         match read_report(&start_read).map_err(host("reading the sandbox start report"))? {
             None => Ok(()),
-            Some(Report::NotFound) => Err(StartError::CommandNotFound(self.exec.display_name.clone())),
+            Some(Report::NotFound) => Err(StartError::CommandNotFound(self.command_name())),
             Some(Report::NotExecutable { errno }) => Err(StartError::NotExecutable {
-                command: self.exec.display_name.clone(),
+                command: self.command_name(),
                 source: io::Error::from_raw_os_error(errno),
             }),
             Some(Report::SetupFailed { errno, stage }) => Err(StartError::Setup {
@@ -277,6 +313,13 @@ impl ProcessSandbox {
                 source: io::Error::from_raw_os_error(errno),
             }),
         }
+    }
+
+    fn command_name(&self) -> String {
+        self.exec
+            .as_ref()
+            .map(|e| e.display_name.clone())
+            .unwrap_or_default()
     }
 
     fn collect(&mut self) -> Result<Outcome, RuntimeError> {
@@ -348,6 +391,43 @@ impl ProcessSandbox {
                 }
             }
         }
+    }
+}
+
+impl ProcessSandbox {
+    /// Runs `request` inside a running service sandbox with the given stdio; returns its id once the
+    /// command has been executed (or why it could not be: 127 not found, 126 not executable).
+    pub fn exec(&mut self, request: &ExecRequest, stdio: [BorrowedFd<'_>; 3]) -> Result<u64, ExecError> {
+        if self.state != SandboxState::Running {
+            return Err(ExecError::NotRunning);
+        }
+        self.exec_client
+            .as_mut()
+            .ok_or(ExecError::NotService)?
+            .start(request, stdio)
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for exec `id` to end; `Ok(None)` on timeout.
+    pub fn wait_exec(
+        &mut self,
+        id: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Termination>, ExecError> {
+        self.exec_client
+            .as_mut()
+            .ok_or(ExecError::NotService)?
+            .wait(id, timeout)
+    }
+
+    /// Readable when an exec reply (such as an exit) is pending; then call [`ProcessSandbox::wait_exec`]
+    /// with a zero timeout.
+    pub fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exec_client.as_ref().map(|c| c.socket())
+    }
+
+    /// Kills exec `id` and its process group.
+    pub fn kill_exec(&mut self, id: u64) -> Result<(), ExecError> {
+        self.exec_client.as_mut().ok_or(ExecError::NotService)?.kill(id)
     }
 }
 
@@ -486,26 +566,6 @@ fn write_id_maps(pid: Pid, ids: IdMode) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads the start pipe to EOF: nothing means the command was executed.
-fn read_report(fd: &OwnedFd) -> io::Result<Option<Report>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 512];
-    loop {
-        match rustix::io::read(fd, &mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if buf.is_empty() {
-        return Ok(None);
-    }
-    Report::decode(&buf)
-        .map(Some)
-        .ok_or_else(|| io::Error::other("malformed start report"))
-}
-
 fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -567,48 +627,5 @@ fn root_inputs(spec: &SandboxSpec) -> Result<RootInputs, PrepareError> {
         etc_files,
         mounts,
         scratch_bytes: spec.scratch_bytes,
-    })
-}
-
-fn exec_plan(spec: &SandboxSpec) -> Result<ExecPlan, PrepareError> {
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), DEFAULT_PATH.into()),
-        ("HOME".into(), SANDBOX_HOME.into()),
-        ("USER".into(), "sandbox".into()),
-        ("LOGNAME".into(), "sandbox".into()),
-        ("HOSTNAME".into(), spec.hostname.clone()),
-    ];
-    for (k, v) in &spec.env {
-        match env.iter_mut().find(|(key, _)| key == k) {
-            Some(slot) => slot.1 = v.clone(),
-            None => env.push((k.clone(), v.clone())),
-        }
-    }
-    let program = &spec.command[0];
-    let candidates = if program.contains('/') {
-        vec![to_cstring(program.as_str())?]
-    } else {
-        let path = env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or(DEFAULT_PATH);
-        path.split(':')
-            .filter(|dir| dir.starts_with('/'))
-            .map(|dir| to_cstring(format!("{}/{program}", dir.trim_end_matches('/'))))
-            .collect::<Result<_, _>>()?
-    };
-    Ok(ExecPlan {
-        candidates,
-        display_name: program.clone(),
-        argv: spec
-            .command
-            .iter()
-            .map(|a| to_cstring(a.as_str()))
-            .collect::<Result<_, _>>()?,
-        envp: env
-            .iter()
-            .map(|(k, v)| to_cstring(format!("{k}={v}")))
-            .collect::<Result<_, _>>()?,
     })
 }

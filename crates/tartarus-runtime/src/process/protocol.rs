@@ -53,6 +53,26 @@ impl Report {
     }
 }
 
+/// Reads the start pipe to EOF: nothing means the command was executed.
+pub fn read_report(fd: &std::os::fd::OwnedFd) -> std::io::Result<Option<Report>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match rustix::io::read(fd, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    Report::decode(&buf)
+        .map(Some)
+        .ok_or_else(|| std::io::Error::other("malformed start report"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

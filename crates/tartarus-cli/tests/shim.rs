@@ -1,0 +1,180 @@
+//! The shim: one long-lived service sandbox, driven over its unix socket the way the server drives it.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::bin;
+use serde_json::{json, Value};
+
+struct Shim {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Shim {
+    /// Starts a shim for `spec` and waits for its `ready` line.
+    fn start(spec: Value) -> Shim {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("shim.sock");
+        std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
+        let mut child = Command::new(bin())
+            .arg("shim")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--spec")
+            .arg(dir.path().join("spec.json"))
+            .arg("--result")
+            .arg(dir.path().join("result.json"))
+            .arg("--log")
+            .arg(dir.path().join("main.log"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("ready "), "shim did not start: {line:?}");
+        Shim { child, dir, socket }
+    }
+
+    fn request(&self, request: Value) -> Value {
+        let mut stream = UnixStream::connect(&self.socket).unwrap();
+        writeln!(stream, "{request}").unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn exec(&self, command: &[&str]) -> Value {
+        self.request(json!({"op": "exec", "command": command}))
+    }
+
+    /// Waits for the shim to exit and returns its result record.
+    fn finish(&mut self) -> Value {
+        assert!(self.child.wait().unwrap().success());
+        assert!(!self.socket.exists(), "socket left behind");
+        serde_json::from_str(&std::fs::read_to_string(self.dir.path().join("result.json")).unwrap()).unwrap()
+    }
+}
+
+#[test]
+fn exec_runs_commands_in_one_persistent_sandbox() {
+    let mut shim = Shim::start(json!({"service": true}));
+    assert_eq!(shim.request(json!({"op": "status"}))["state"], "running");
+    let r = shim.exec(&["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(
+        (
+            r["exit_code"].as_i64(),
+            r["stdout"].as_str(),
+            r["stderr"].as_str()
+        ),
+        (Some(3), Some("out\n"), Some("err\n"))
+    );
+    shim.exec(&["/bin/sh", "-c", "echo kept > /tmp/state"]);
+    assert_eq!(shim.exec(&["cat", "/tmp/state"])["stdout"], "kept\n");
+    let r = shim.request(json!({"op": "exec", "command": ["cat"], "stdin": "from stdin"}));
+    assert_eq!(r["stdout"], "from stdin");
+    let r = shim.request(json!({"op": "exec", "command": ["sh", "-c", "echo $GREETING; pwd"], "env": [["GREETING", "hi"]], "workdir": "/tmp"}));
+    assert_eq!(r["stdout"], "hi\n/tmp\n");
+    assert_eq!(shim.request(json!({"op": "kill"}))["ok"], true);
+    assert_eq!(shim.finish()["reason"], "killed");
+}
+
+#[test]
+fn exec_processes_are_as_confined_as_a_main_command() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut shim = Shim::start(json!({"service": true}));
+    let r = shim.exec(&[
+        "/bin/sh",
+        "-c",
+        "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; ls /proc | grep -c '^[0-9]'",
+    ]);
+    let out = r["stdout"].as_str().unwrap();
+    assert!(out.starts_with("1000\n"), "{out}");
+    assert!(
+        out.contains("CapEff:\t0000000000000000")
+            && out.contains("NoNewPrivs:\t1")
+            && out.contains("Seccomp:\t2"),
+        "{out}"
+    );
+    let probe = format!("import socket\ns=socket.socket()\ntry:\n s.connect(('127.0.0.1',{port})); print('CONNECTED')\nexcept OSError: print('refused')");
+    assert_eq!(shim.exec(&["python3", "-c", &probe])["stdout"], "refused\n");
+    assert_eq!(
+        shim.exec(&["sh", "-c", "echo x > /etc/x 2>/dev/null || echo ro"])["stdout"],
+        "ro\n"
+    );
+    shim.request(json!({"op": "kill"}));
+    shim.finish();
+}
+
+#[test]
+fn exec_errors_and_timeouts_are_reported() {
+    let mut shim = Shim::start(json!({"service": true}));
+    assert_eq!(
+        shim.exec(&["no-such-command"])["error"]["code"],
+        "command_not_found"
+    );
+    assert_eq!(shim.exec(&["/etc/passwd"])["error"]["code"], "not_executable");
+    assert_eq!(
+        shim.request(json!({"op": "exec", "command": []}))["error"]["code"],
+        "invalid_request"
+    );
+    assert_eq!(
+        shim.request(json!({"op": "exec", "command": ["true"], "workdir": "../x"}))["error"]["code"],
+        "invalid_request"
+    );
+    assert_eq!(
+        shim.request(json!({"op": "frobnicate"}))["error"]["code"],
+        "invalid_request"
+    );
+    let r = shim
+        .request(json!({"op": "exec", "command": ["sh", "-c", "sleep 30 & sleep 30"], "timeout_ms": 200}));
+    assert_eq!(
+        (r["timed_out"].as_bool(), r["exit_code"].as_i64()),
+        (Some(true), Some(137))
+    );
+    // The sandbox is still usable after a failed or timed-out exec.
+    assert_eq!(shim.exec(&["echo", "alive"])["stdout"], "alive\n");
+    shim.request(json!({"op": "kill"}));
+    shim.finish();
+}
+
+#[test]
+fn main_command_ends_the_sandbox_and_its_output_goes_to_the_log() {
+    let mut shim =
+        Shim::start(json!({"service": true, "command": ["/bin/sh", "-c", "echo from-main; read x"]}));
+    let log = shim.dir.path().join("main.log");
+    // The main command is blocked on stdin (/dev/null → EOF), so it has already exited or will shortly.
+    let result = shim.finish();
+    assert_eq!(result["reason"], "exited");
+    assert_eq!(result["exit_code"], 1);
+    assert_eq!(std::fs::read_to_string(log).unwrap(), "from-main\n");
+}
+
+#[test]
+fn invalid_spec_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spec.json"), r#"{"service": true, "memory": 5}"#).unwrap();
+    let out = Command::new(bin())
+        .args(["shim", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--spec")
+        .arg(dir.path().join("spec.json"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field `memory`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
