@@ -35,6 +35,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Remove cgroups left behind by a crashed `tartarus run`
     Gc,
+    /// Manage API keys of the server (tenants and roles)
+    Apikey(commands::apikey::ApiKeyArgs),
     /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
     #[command(hide = true)]
     Shim(commands::shim::ShimArgs),
@@ -61,6 +63,7 @@ fn real_main() -> libc::c_int {
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Gc => commands::gc::run(),
+        Command::Apikey(args) => commands::apikey::run(args),
         Command::Shim(args) => commands::shim::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());

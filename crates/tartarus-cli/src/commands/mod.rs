@@ -1,3 +1,4 @@
+pub mod apikey;
 pub mod gc;
 pub mod run;
 pub mod shim;

@@ -1,0 +1,400 @@
+//! Persistent state of the control plane: API keys (hashed) with their tenant and role, and the audit log.
+//! Embedded SQLite in the data directory today; the same interface over PostgreSQL comes with cluster
+//! mode. Schema changes are numbered migrations under `migrations/`, applied on open.
+//!
+//! Place in the data flow: the server authenticates every request through [`Store::authenticate`] and
+//! records mutating calls with [`Store::record_audit`]; `tartarus apikey` manages keys directly.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, across tenants (operators).
+    Admin,
+    /// Create, use and delete the tenant's own sandboxes.
+    User,
+    /// Read the tenant's own sandboxes; no mutation.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn can_mutate(self) -> bool {
+        self != Role::Viewer
+    }
+}
+
+impl FromStr for Role {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "user" => Ok(Role::User),
+            "viewer" => Ok(Role::Viewer),
+            other => Err(StoreError::Invalid(format!(
+                "unknown role '{other}': use admin, user or viewer"
+            ))),
+        }
+    }
+}
+
+/// An API key as stored (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant: String,
+    pub role: Role,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at_ms: i64,
+    pub tenant: String,
+    pub key_id: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub outcome: String,
+    pub detail: Option<String>,
+}
+
+/// An audit record to write.
+#[derive(Debug, Clone, Default)]
+pub struct NewAudit<'a> {
+    pub tenant: &'a str,
+    pub key_id: Option<&'a str>,
+    pub action: &'a str,
+    pub target: Option<&'a str>,
+    pub outcome: &'a str,
+    pub detail: Option<&'a str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("state database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("state database error")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no API key with id '{0}'")]
+    UnknownKey(String),
+}
+
+/// Prefix of every key secret, so leaked keys are easy to recognise and scan for.
+pub const KEY_PREFIX: &str = "tk_";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn random_hex(bytes: usize) -> Result<String, StoreError> {
+    let mut buf = vec![0u8; bytes];
+    tartarus_hostsys::random_bytes(&mut buf)
+        .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn hash_secret(secret: &str) -> Vec<u8> {
+    blake3::hash(secret.as_bytes()).as_bytes().to_vec()
+}
+
+fn valid_tenant(tenant: &str) -> bool {
+    !tenant.is_empty()
+        && tenant.len() <= 63
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The state store.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if needed) `DIR/state.db` and applies pending migrations.
+    pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join("state.db");
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Creates a key; returns it and its secret, which is shown once and never stored.
+    pub async fn create_key(&self, tenant: &str, role: Role) -> Result<(ApiKey, String), StoreError> {
+        if !valid_tenant(tenant) {
+            return Err(StoreError::Invalid(format!(
+                "invalid tenant '{tenant}': use 1-63 lower-case letters, digits, '-' or '_'"
+            )));
+        }
+        let id = format!("key_{}", random_hex(8)?);
+        let secret = format!("{KEY_PREFIX}{}", random_hex(32)?);
+        let created_ms = now_ms();
+        sqlx::query("INSERT INTO api_keys (id, tenant, role, key_hash, created_ms) VALUES (?, ?, ?, ?, ?)")
+            .bind(&id)
+            .bind(tenant)
+            .bind(role.as_str())
+            .bind(hash_secret(&secret))
+            .bind(created_ms)
+            .execute(&self.pool)
+            .await?;
+        let key = ApiKey {
+            id,
+            tenant: tenant.to_string(),
+            role,
+            created_ms,
+            revoked_ms: None,
+        };
+        Ok((key, secret))
+    }
+
+    /// The live (not revoked) key whose secret this is.
+    pub async fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>, StoreError> {
+        if !secret.starts_with(KEY_PREFIX) {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys WHERE key_hash = ? AND revoked_ms IS NULL",
+        )
+        .bind(hash_secret(secret))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    /// Every key, oldest first.
+    pub async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys ORDER BY created_ms, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    /// Revokes a key (idempotent for an already revoked key).
+    pub async fn revoke_key(&self, id: &str) -> Result<ApiKey, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::UnknownKey(id.to_string()))?;
+        tx.commit().await?;
+        key_from_row(&row)
+    }
+
+    pub async fn record_audit(&self, record: &NewAudit<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit (at_ms, tenant, key_id, action, target, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(now_ms())
+        .bind(record.tenant)
+        .bind(record.key_id)
+        .bind(record.action)
+        .bind(record.target)
+        .bind(record.outcome)
+        .bind(record.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Audit records, newest first, optionally for one tenant and since a time.
+    pub async fn audit(
+        &self,
+        tenant: Option<&str>,
+        since_ms: Option<i64>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, tenant, key_id, action, target, outcome, detail FROM audit \
+             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR at_ms >= ?2) ORDER BY id DESC",
+        )
+        .bind(tenant)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditRecord {
+                id: r.get("id"),
+                at_ms: r.get("at_ms"),
+                tenant: r.get("tenant"),
+                key_id: r.get("key_id"),
+                action: r.get("action"),
+                target: r.get("target"),
+                outcome: r.get("outcome"),
+                detail: r.get("detail"),
+            })
+            .collect())
+    }
+}
+
+fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, StoreError> {
+    let role: String = row.try_get("role")?;
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        role: role.parse()?,
+        created_ms: row.try_get("created_ms")?,
+        revoked_ms: row.try_get("revoked_ms")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn created_keys_authenticate_until_revoked() {
+        let (_dir, store) = store().await;
+        let (key, secret) = store.create_key("team-a", Role::User).await.unwrap();
+        assert!(secret.starts_with(KEY_PREFIX) && secret.len() == KEY_PREFIX.len() + 64);
+        assert_eq!(store.authenticate(&secret).await.unwrap(), Some(key.clone()));
+        assert_eq!(store.authenticate("tk_wrong").await.unwrap(), None);
+        assert_eq!(store.authenticate("not-even-a-key").await.unwrap(), None);
+        let revoked = store.revoke_key(&key.id).await.unwrap();
+        assert!(revoked.revoked_ms.is_some());
+        assert_eq!(store.authenticate(&secret).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn secrets_are_not_stored() {
+        let (dir, store) = store().await;
+        let (_key, secret) = store.create_key("team-a", Role::Admin).await.unwrap();
+        drop(store);
+        for name in ["state.db", "state.db-wal"] {
+            if let Ok(bytes) = std::fs::read(dir.path().join(name)) {
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !text.contains(&secret[KEY_PREFIX.len()..]),
+                    "secret found in {name}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_are_listed_and_unknown_ids_rejected() {
+        let (_dir, store) = store().await;
+        store.create_key("a", Role::Admin).await.unwrap();
+        store.create_key("b", Role::Viewer).await.unwrap();
+        let keys = store.list_keys().await.unwrap();
+        assert_eq!(
+            keys.iter()
+                .map(|k| (k.tenant.as_str(), k.role))
+                .collect::<Vec<_>>(),
+            [("a", Role::Admin), ("b", Role::Viewer)]
+        );
+        assert!(matches!(
+            store.revoke_key("key_nope").await,
+            Err(StoreError::UnknownKey(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_tenants_and_roles_are_rejected() {
+        let (_dir, store) = store().await;
+        for tenant in ["", "Team A", "x/y", &"a".repeat(64)] {
+            assert!(
+                matches!(
+                    store.create_key(tenant, Role::User).await,
+                    Err(StoreError::Invalid(_))
+                ),
+                "{tenant}"
+            );
+        }
+        assert!("root"
+            .parse::<Role>()
+            .unwrap_err()
+            .to_string()
+            .contains("admin, user or viewer"));
+        assert!(!Role::Viewer.can_mutate() && Role::User.can_mutate());
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_migrations_are_idempotent() {
+        let (dir, store) = store().await;
+        let (_key, secret) = store.create_key("a", Role::User).await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).await.unwrap();
+        assert!(store.authenticate(&secret).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn audit_is_filtered_by_tenant_and_time() {
+        let (_dir, store) = store().await;
+        let record = |tenant| NewAudit {
+            tenant,
+            action: "sandbox.create",
+            outcome: "ok",
+            ..NewAudit::default()
+        };
+        store.record_audit(&record("a")).await.unwrap();
+        store.record_audit(&record("b")).await.unwrap();
+        assert_eq!(store.audit(None, None).await.unwrap().len(), 2);
+        let only_a = store.audit(Some("a"), None).await.unwrap();
+        assert_eq!(only_a.len(), 1);
+        assert_eq!(only_a[0].action, "sandbox.create");
+        assert!(store
+            .audit(None, Some(now_ms() + 60_000))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
