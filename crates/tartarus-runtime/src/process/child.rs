@@ -145,12 +145,30 @@ pub(super) fn report_setup(fd: RawFd, e: SetupError) -> i32 {
     125
 }
 
-fn run_init(plan: &ChildPlan<'_>) -> i32 {
-    for &fd in plan.supervisor_fds {
-        // SAFETY: these are the supervisor's pipe ends, duplicated into this process by clone; closing our
-        // copies affects nobody else.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+impl<'a> ChildPlan<'a> {
+    /// Closes this process's copies of the supervisor's descriptors.
+    pub(super) fn close_supervisor_fds(&self) {
+        for &fd in self.supervisor_fds {
+            // SAFETY: these are the supervisor's ends, duplicated into this process by clone; closing our
+            // copies affects nobody else.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
+
+    /// The main command as an exec target, reporting on the start pipe.
+    pub(super) fn main_target(&self) -> Option<Target<'a>> {
+        self.exec.map(|exec| Target {
+            exec,
+            workdir: self.workdir,
+            stdio: self.stdio,
+            tty: self.tty,
+            report_fd: self.start_write,
+        })
+    }
+}
+
+fn run_init(plan: &ChildPlan<'_>) -> i32 {
+    plan.close_supervisor_fds();
     // Die with the supervisor. Set before waiting so a supervisor that dies now is noticed (the sync read
     // then sees EOF).
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
@@ -282,13 +300,8 @@ fn command_process(plan: &ChildPlan<'_>, ready: OwnedFd) -> i32 {
     if !read_byte(&ready) {
         return 125; // init failed and has reported why
     }
-    let Some(exec) = plan.exec else { return 125 };
-    let target = Target {
-        exec,
-        workdir: plan.workdir,
-        stdio: plan.stdio,
-        tty: plan.tty,
-        report_fd: plan.start_write,
+    let Some(target) = plan.main_target() else {
+        return 125;
     };
     exec_target(plan, &target, Some(&ready))
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -143,11 +143,7 @@ fn receive<T: for<'de> Deserialize<'de>>(fd: BorrowedFd<'_>) -> io::Result<Optio
 
 /// Init of a service sandbox; never returns.
 pub(super) fn run_init(plan: &ChildPlan<'_>, control: RawFd) -> i32 {
-    for &fd in plan.supervisor_fds {
-        // SAFETY: the supervisor's ends, duplicated into this process by clone; closing our copies affects
-        // nobody else.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    }
+    plan.close_supervisor_fds();
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
     // SAFETY: the sync pipe's read end is ours and stays open while we use it.
     let sync = unsafe { BorrowedFd::borrow_raw(plan.sync_read) };
@@ -172,20 +168,11 @@ pub(super) fn run_init(plan: &ChildPlan<'_>, control: RawFd) -> i32 {
             )
         }
     };
-    let main = match plan.exec {
-        Some(exec) => {
-            let target = Target {
-                exec,
-                workdir: plan.workdir,
-                stdio: plan.stdio,
-                tty: plan.tty,
-                report_fd: plan.start_write,
-            };
-            match spawn(plan, &target) {
-                Ok(pid) => Some(pid),
-                Err(e) => return child::report_setup(plan.start_write, e),
-            }
-        }
+    let main = match plan.main_target() {
+        Some(target) => match spawn(plan, &target) {
+            Ok(pid) => Some(pid),
+            Err(e) => return child::report_setup(plan.start_write, e),
+        },
         None => None,
     };
     // From now on init holds only the status pipe, the control socket and its signalfd; the start pipe
