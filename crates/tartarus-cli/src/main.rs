@@ -35,6 +35,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Remove cgroups left behind by a crashed `tartarus run`
     Gc,
+    /// Serve the REST API over long-lived sandboxes
+    Server(commands::server::ServerArgs),
     /// Manage API keys of the server (tenants and roles)
     Apikey(commands::apikey::ApiKeyArgs),
     /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
@@ -64,6 +66,7 @@ fn real_main() -> libc::c_int {
         Command::Run(args) => commands::run::run(args),
         Command::Gc => commands::gc::run(),
         Command::Apikey(args) => commands::apikey::run(args),
+        Command::Server(args) => commands::server::run(args),
         Command::Shim(args) => commands::shim::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());

@@ -398,3 +398,259 @@ mod tests {
             .is_empty());
     }
 }
+
+/// Lifecycle of a sandbox record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStatus {
+    Starting,
+    Running,
+    Exited,
+    Killed,
+    Failed,
+    Lost,
+}
+
+impl SandboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxStatus::Starting => "starting",
+            SandboxStatus::Running => "running",
+            SandboxStatus::Exited => "exited",
+            SandboxStatus::Killed => "killed",
+            SandboxStatus::Failed => "failed",
+            SandboxStatus::Lost => "lost",
+        }
+    }
+
+    pub fn is_live(self) -> bool {
+        matches!(self, SandboxStatus::Starting | SandboxStatus::Running)
+    }
+}
+
+impl FromStr for SandboxStatus {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "starting" => SandboxStatus::Starting,
+            "running" => SandboxStatus::Running,
+            "exited" => SandboxStatus::Exited,
+            "killed" => SandboxStatus::Killed,
+            "failed" => SandboxStatus::Failed,
+            "lost" => SandboxStatus::Lost,
+            other => {
+                return Err(StoreError::Invalid(format!(
+                    "unknown status '{other}': use starting, running, exited, killed, failed or lost"
+                )))
+            }
+        })
+    }
+}
+
+/// A sandbox record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub tenant: String,
+    pub status: SandboxStatus,
+    pub template: Option<String>,
+    /// The runtime spec (JSON).
+    pub spec: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub shim_pid: Option<i64>,
+    pub dir: String,
+}
+
+/// How a sandbox ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish<'a> {
+    pub status: SandboxStatus,
+    pub exit_code: Option<i64>,
+    pub reason: &'a str,
+}
+
+const SANDBOX_COLUMNS: &str =
+    "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir";
+
+fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, StoreError> {
+    let status: String = row.try_get("status")?;
+    let labels: String = row.try_get("labels")?;
+    Ok(SandboxRecord {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        status: status.parse()?,
+        template: row.try_get("template")?,
+        spec: row.try_get("spec")?,
+        labels: serde_json::from_str(&labels)
+            .map_err(|e| StoreError::Invalid(format!("stored labels: {e}")))?,
+        created_ms: row.try_get("created_ms")?,
+        finished_ms: row.try_get("finished_ms")?,
+        exit_code: row.try_get("exit_code")?,
+        reason: row.try_get("reason")?,
+        shim_pid: row.try_get("shim_pid")?,
+        dir: row.try_get("dir")?,
+    })
+}
+
+impl Store {
+    /// Inserts a new sandbox in status `starting`.
+    pub async fn insert_sandbox(&self, record: &SandboxRecord) -> Result<(), StoreError> {
+        let labels = serde_json::to_string(&record.labels).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO sandboxes (id, tenant, status, template, spec, labels, created_ms, dir) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&record.id)
+        .bind(&record.tenant)
+        .bind(record.status.as_str())
+        .bind(&record.template)
+        .bind(&record.spec)
+        .bind(labels)
+        .bind(record.created_ms)
+        .bind(&record.dir)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a starting sandbox running under the shim `shim_pid`.
+    pub async fn mark_running(&self, id: &str, shim_pid: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sandboxes SET status = 'running', shim_pid = ? WHERE id = ? AND status = 'starting'",
+        )
+        .bind(shim_pid)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records how a live sandbox ended; a sandbox that already ended keeps its first outcome.
+    pub async fn finish_sandbox(&self, id: &str, finish: &Finish<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sandboxes SET status = ?, exit_code = ?, reason = ?, finished_ms = ? \
+             WHERE id = ? AND status IN ('starting', 'running')",
+        )
+        .bind(finish.status.as_str())
+        .bind(finish.exit_code)
+        .bind(finish.reason)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One sandbox; with `tenant`, only if it belongs to that tenant.
+    pub async fn sandbox(&self, id: &str, tenant: Option<&str>) -> Result<Option<SandboxRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)"
+        ))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| sandbox_from_row(&r)).transpose()
+    }
+
+    /// Sandboxes, newest first, filtered by tenant and status when given.
+    pub async fn sandboxes(
+        &self,
+        tenant: Option<&str>,
+        status: Option<SandboxStatus>,
+    ) -> Result<Vec<SandboxRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE (?1 IS NULL OR tenant = ?1) \
+             AND (?2 IS NULL OR status = ?2) ORDER BY created_ms DESC, id"
+        ))
+        .bind(tenant)
+        .bind(status.map(|s| s.as_str()))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Live sandboxes of a tenant (for quotas).
+    pub async fn live_count(&self, tenant: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sandboxes WHERE tenant = ? AND status IN ('starting', 'running')",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+}
+
+#[cfg(test)]
+mod sandbox_tests {
+    use super::*;
+
+    fn record(id: &str, tenant: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            status: SandboxStatus::Starting,
+            template: None,
+            spec: "{}".into(),
+            labels: [("team".to_string(), "x".to_string())].into(),
+            created_ms: now_ms(),
+            finished_ms: None,
+            exit_code: None,
+            reason: None,
+            shim_pid: None,
+            dir: format!("/tmp/{id}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn sandbox_lifecycle_and_tenant_scoping() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        store.insert_sandbox(&record("sb_1", "a")).await.unwrap();
+        store.insert_sandbox(&record("sb_2", "b")).await.unwrap();
+        store.mark_running("sb_1", 42).await.unwrap();
+        let got = store.sandbox("sb_1", Some("a")).await.unwrap().unwrap();
+        assert_eq!(
+            (got.status, got.shim_pid, got.labels["team"].as_str()),
+            (SandboxStatus::Running, Some(42), "x")
+        );
+        assert!(
+            store.sandbox("sb_1", Some("b")).await.unwrap().is_none(),
+            "other tenants must not see it"
+        );
+        assert_eq!(store.sandboxes(Some("a"), None).await.unwrap().len(), 1);
+        assert_eq!(
+            store
+                .sandboxes(None, Some(SandboxStatus::Running))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(store.live_count("a").await.unwrap(), 1);
+        let finish = Finish {
+            status: SandboxStatus::Exited,
+            exit_code: Some(3),
+            reason: "exited",
+        };
+        store.finish_sandbox("sb_1", &finish).await.unwrap();
+        let lost = Finish {
+            status: SandboxStatus::Lost,
+            exit_code: None,
+            reason: "late",
+        };
+        store.finish_sandbox("sb_1", &lost).await.unwrap();
+        let got = store.sandbox("sb_1", None).await.unwrap().unwrap();
+        assert_eq!(
+            (got.status, got.exit_code),
+            (SandboxStatus::Exited, Some(3)),
+            "first outcome wins"
+        );
+        assert_eq!(store.live_count("a").await.unwrap(), 0);
+    }
+}

@@ -1,4 +1,5 @@
 pub mod apikey;
 pub mod gc;
 pub mod run;
+pub mod server;
 pub mod shim;

@@ -100,7 +100,11 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
         stdout: log.as_raw_fd(),
         stderr: log.as_raw_fd(),
     };
-    sandbox.start(stdio)?;
+    if let Err(e) = sandbox.start(stdio) {
+        // Exit with the shell's code for the failure (127 not found, 126 not executable, 125 otherwise).
+        crate::print_error(&e);
+        return Ok(e.exit_code() as u8);
+    }
     drop((null, log));
 
     let _ = std::fs::remove_file(&args.socket);

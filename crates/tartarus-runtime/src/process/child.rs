@@ -111,6 +111,8 @@ pub struct ChildPlan<'a> {
     pub workdir: &'a CStr,
     pub writable_dirs: &'a [PathBuf],
     pub process_limits: ProcessLimits,
+    /// The sandbox's environment, under every exec request's own.
+    pub base_env: &'a [(String, String)],
     /// Fork the command's process before the supervisor's go-ahead (only when no cgroup placement is
     /// needed, since a process forked before placement would stay outside the sandbox's cgroups).
     pub early_fork: bool,

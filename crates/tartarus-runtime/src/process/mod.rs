@@ -270,6 +270,7 @@ impl ProcessSandbox {
             process_limits: self.spec.process_limits,
             last_capability: self.last_capability,
             early_fork: self.cgroups.dirs.is_empty() && !self.spec.service,
+            base_env: &self.spec.env,
         };
         let started = Instant::now();
         // SAFETY: ensure_single_threaded() checked the precondition; the child runs `child::run`, which

@@ -302,8 +302,8 @@ fn start_exec(plan: &ChildPlan<'_>, request: &ExecRequest, fds: Vec<OwnedFd>) ->
             "an exec request must carry three stdio descriptors".to_string(),
         )
     })?;
-    let exec =
-        ExecPlan::build(&request.command, &request.env, plan.hostname).map_err(|e| (125, e.to_string()))?;
+    let env: Vec<(String, String)> = plan.base_env.iter().chain(&request.env).cloned().collect();
+    let exec = ExecPlan::build(&request.command, &env, plan.hostname).map_err(|e| (125, e.to_string()))?;
     let workdir = request
         .workdir
         .clone()

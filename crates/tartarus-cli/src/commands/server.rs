@@ -1,0 +1,38 @@
+//! `tartarus server`: the REST API on one machine, with state in the data directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use tartarus_server::ServerConfig;
+
+use super::apikey::default_data_dir;
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed)
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Where state lives: SQLite database, admin key, sandbox directories (default: see `apikey --help`)
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TARTARUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = ServerConfig {
+        listen: args.listen,
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        shim_exe: std::env::current_exe()?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(tartarus_server::serve(config))?;
+    Ok(0)
+}

@@ -1,0 +1,507 @@
+//! `tartarus server` end to end: the real binary on a loopback port, driven over HTTP.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::bin;
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+    admin: String,
+}
+
+impl Server {
+    /// Starts a server on a free loopback port over `data_dir` and waits until it listens.
+    fn start(data_dir: &Path) -> Server {
+        let mut child = Command::new(bin())
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("server did not start: {line:?}"));
+        let admin = std::fs::read_to_string(data_dir.join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            admin,
+        }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a request; returns the status and the JSON body.
+fn call(method: &str, url: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    let mut request = ureq::request(method, url);
+    if let Some(key) = key {
+        request = request.set("Authorization", &format!("Bearer {key}"));
+    }
+    let response = match body {
+        Some(body) => request.send_json(body),
+        None => request.call(),
+    };
+    match response {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+fn raw(server: &Server, path: &str, body: &str) -> (u16, Value) {
+    let response = ureq::post(&format!("{}{path}", server.base))
+        .set("Authorization", &format!("Bearer {}", server.admin))
+        .set("Content-Type", "application/json")
+        .send_string(body);
+    match response {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn new_key(data_dir: &Path, tenant: &str, role: &str) -> String {
+    let out = Command::new(bin())
+        .args([
+            "apikey",
+            "create",
+            "--tenant",
+            tenant,
+            "--role",
+            role,
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn create(server: &Server, key: &str, body: Value) -> Value {
+    let (status, record) = call(
+        "POST",
+        &format!("{}/v1/sandboxes", server.base),
+        Some(key),
+        Some(body),
+    );
+    assert_eq!(status, 201, "{record}");
+    record
+}
+
+fn exec(server: &Server, key: &str, id: &str, body: Value) -> (u16, Value) {
+    call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/exec", server.base),
+        Some(key),
+        Some(body),
+    )
+}
+
+#[test]
+fn first_start_writes_a_private_admin_key_and_logs_only_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let key_file = dir.path().join("admin.key");
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (status, body) = call("GET", &format!("{}/healthz", server.base), None, None);
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    server.child.kill().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(server.child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.contains(&key_file.display().to_string()), "{log}");
+    assert!(
+        !log.contains(&server.admin),
+        "the key itself must never be logged"
+    );
+}
+
+#[test]
+fn create_exec_list_and_delete_a_sandbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = new_key(dir.path(), "team-a", "user");
+    let record = create(
+        &server,
+        &key,
+        json!({"labels": {"app": "demo"}, "env": {"GREETING": "hi"}}),
+    );
+    assert_eq!(
+        (record["status"].as_str(), record["tenant"].as_str()),
+        (Some("running"), Some("team-a"))
+    );
+    let id = record["id"].as_str().unwrap();
+
+    let (status, r) = exec(
+        &server,
+        &key,
+        id,
+        json!({"cmd": ["sh", "-c", "echo $GREETING; id -u; echo oops >&2; exit 4"]}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        (
+            r["stdout"].as_str(),
+            r["stderr"].as_str(),
+            r["exit_code"].as_i64()
+        ),
+        (Some("hi\n1000\n"), Some("oops\n"), Some(4))
+    );
+    let (_, r) = exec(
+        &server,
+        &key,
+        id,
+        json!({"cmd": ["sh", "-c", "cat > /tmp/f; cat /tmp/f"], "stdin": "kept"}),
+    );
+    assert_eq!(r["stdout"], "kept");
+
+    let (_, list) = call(
+        "GET",
+        &format!("{}/v1/sandboxes?label=app=demo", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (_, list) = call(
+        "GET",
+        &format!("{}/v1/sandboxes?label=app=other", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!(list.as_array().unwrap().len(), 0);
+
+    let (status, gone) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!((status, gone["status"].as_str()), (200, Some("killed")));
+    let (status, r) = exec(&server, &key, id, json!({"cmd": ["true"]}));
+    assert_eq!((status, r["error"]["code"].as_str()), (409, Some("conflict")));
+    assert!(!dir.path().join("sandboxes").join(id).join("shim.sock").exists());
+}
+
+#[test]
+fn main_command_exit_ends_the_sandbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let record = create(&server, &server.admin, json!({"cmd": ["sh", "-c", "exit 3"]}));
+    let id = record["id"].as_str().unwrap();
+    let (_, done) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/wait?timeout_s=30", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(
+        (
+            done["status"].as_str(),
+            done["exit_code"].as_i64(),
+            done["reason"].as_str()
+        ),
+        (Some("exited"), Some(3), Some("exited"))
+    );
+}
+
+#[test]
+fn keys_are_required_and_roles_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let url = format!("{}/v1/sandboxes", server.base);
+    let (status, body) = call("GET", &url, None, None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, _) = call("GET", &url, Some("tk_not-a-real-key"), None);
+    assert_eq!(status, 401);
+
+    let viewer = new_key(dir.path(), "team-a", "viewer");
+    assert_eq!(call("GET", &url, Some(&viewer), None).0, 200);
+    let (status, body) = call("POST", &url, Some(&viewer), Some(json!({})));
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")));
+
+    let user = new_key(dir.path(), "team-a", "user");
+    let (status, body) = call("POST", &url, Some(&user), Some(json!({"rootfs": "/"})));
+    assert_eq!(status, 403, "{body}");
+    let listed = Command::new(bin())
+        .args(["apikey", "list", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let keys: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let user_id = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["role"] == "user")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let revoked = Command::new(bin())
+        .args(["apikey", "revoke", &user_id, "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(revoked.status.success());
+    assert_eq!(
+        call("GET", &url, Some(&user), None).0,
+        401,
+        "a revoked key must stop working at once"
+    );
+}
+
+#[test]
+fn tenants_cannot_see_or_touch_each_others_sandboxes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let a = new_key(dir.path(), "team-a", "user");
+    let b = new_key(dir.path(), "team-b", "user");
+    let id = create(&server, &a, json!({}))["id"].as_str().unwrap().to_string();
+    let base = &server.base;
+    for (method, path, body) in [
+        ("GET", format!("/v1/sandboxes/{id}"), None),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["true"]})),
+        ),
+        ("DELETE", format!("/v1/sandboxes/{id}"), None),
+    ] {
+        let (status, body) = call(method, &format!("{base}{path}"), Some(&b), body);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{method} {path}"
+        );
+    }
+    let (_, list) = call("GET", &format!("{base}/v1/sandboxes"), Some(&b), None);
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    // The owner and the admin still see it running.
+    assert_eq!(
+        call("GET", &format!("{base}/v1/sandboxes/{id}"), Some(&a), None).1["status"],
+        "running"
+    );
+    let (_, all) = call("GET", &format!("{base}/v1/sandboxes"), Some(&server.admin), None);
+    assert_eq!(all.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_input_gets_the_right_status_and_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let cases: Vec<(&str, u16, &str)> = vec![
+        ("{not json", 400, "invalid_request"),
+        (r#"{"cmd": "ls"}"#, 422, "invalid_request"),
+        (r#"{"unknown": 1}"#, 422, "invalid_request"),
+        (r#"{"resources": {"cpus": -1}}"#, 422, "invalid_request"),
+        (
+            r#"{"resources": {"memory_mb": 99999999}}"#,
+            422,
+            "invalid_request",
+        ),
+        (r#"{"timeout_s": 0}"#, 422, "invalid_request"),
+        (r#"{"network": "internet"}"#, 422, "invalid_request"),
+        (r#"{"template": "python-ds"}"#, 422, "invalid_request"),
+        (
+            r#"{"cmd": ["definitely-not-a-command"]}"#,
+            422,
+            "command_not_found",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, reply) = raw(&server, "/v1/sandboxes", body);
+        assert_eq!(
+            (got, reply["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {reply}"
+        );
+        assert!(!reply["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let huge = format!(r#"{{"labels": {{"x": "{}"}}}}"#, "a".repeat(2 << 20));
+    assert_eq!(raw(&server, "/v1/sandboxes", &huge).0, 413);
+    let (status, body) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/sb_nope", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    let (status, _) = call(
+        "GET",
+        &format!("{}/v1/sandboxes?status=sleeping", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(status, 422);
+    // Nothing half-made: only the failed not-found record exists, and it is marked failed.
+    let (_, all) = call(
+        "GET",
+        &format!("{}/v1/sandboxes", server.base),
+        Some(&server.admin),
+        None,
+    );
+    let all = all.as_array().unwrap();
+    assert!(all.iter().all(|s| s["status"] == "failed"), "{all:?}");
+
+    let id = create(&server, &server.admin, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (body, code) in [
+        (r#"{"cmd": []}"#, "invalid_request"),
+        (r#"{"cmd": ["nope-nope"]}"#, "command_not_found"),
+        (r#"{"cmd": ["true"], "cwd": "../etc"}"#, "invalid_request"),
+    ] {
+        let (got, reply) = raw(&server, &format!("/v1/sandboxes/{id}/exec"), body);
+        assert_eq!(
+            reply["error"]["code"].as_str(),
+            Some(code),
+            "{body}: {got} {reply}"
+        );
+    }
+}
+
+#[test]
+fn a_killed_server_reconciles_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = server.admin.clone();
+    let survivor = create(&server, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let victim = create(&server, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    exec(
+        &server,
+        &key,
+        &survivor,
+        json!({"cmd": ["sh", "-c", "echo state > /tmp/state"]}),
+    );
+    server.kill9();
+
+    // While the server is down, one sandbox's supervisor dies too.
+    let shim_pid = |id: &str| -> i32 {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("sandboxes/{id}/shim.sock")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let victim_pid = shim_pid(&victim);
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(victim_pid).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(victim_pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let mut poll = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+    rustix::event::poll(&mut poll, None).unwrap();
+
+    let server = Server::start(dir.path());
+    let get = |id: &str| {
+        call(
+            "GET",
+            &format!("{}/v1/sandboxes/{id}", server.base),
+            Some(&key),
+            None,
+        )
+        .1
+    };
+    assert_eq!(
+        get(&survivor)["status"],
+        "running",
+        "a live sandbox must be re-adopted"
+    );
+    let (_, r) = exec(&server, &key, &survivor, json!({"cmd": ["cat", "/tmp/state"]}));
+    assert_eq!(r["stdout"], "state\n", "re-adopted sandbox keeps its state");
+    let lost = get(&victim);
+    assert_eq!(lost["status"], "lost", "{lost}");
+    assert!(lost["reason"].as_str().unwrap().contains("restarted"), "{lost}");
+    let (status, gone) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{survivor}", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!((status, gone["status"].as_str()), (200, Some("killed")));
+}
+
+#[test]
+fn openapi_document_is_complete_and_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (status, doc) = call("GET", &format!("{}/v1/openapi.json", server.base), None, None);
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/v1/sandboxes",
+        "/v1/sandboxes/{id}",
+        "/v1/sandboxes/{id}/exec",
+        "/v1/sandboxes/{id}/wait",
+        "/healthz",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from the document");
+    }
+    // Every $ref must point at a schema that exists.
+    let text = doc.to_string();
+    for reference in text
+        .split("\"$ref\":\"")
+        .skip(1)
+        .map(|s| &s[..s.find('"').unwrap()])
+    {
+        let name = reference
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("odd ref {reference}"));
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "dangling $ref {reference}"
+        );
+    }
+}

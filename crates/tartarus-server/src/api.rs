@@ -1,0 +1,92 @@
+//! Wire types of the REST API v1 (serde + OpenAPI schemas).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Resources of a sandbox.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores (0.5 = half a core).
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Templates arrive with images (issue 4); must be absent for now.
+    pub template: Option<String>,
+    /// Host directory to use as the read-only root (admin keys only).
+    pub rootfs: Option<String>,
+    /// Main command; the sandbox ends when it exits. Without it the sandbox lives until deleted or timed out.
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the main command.
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub resources: Resources,
+    /// Lifetime limit in seconds.
+    pub timeout_s: Option<u64>,
+    /// `none` (default) or `host-loopback`.
+    pub network: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxView {
+    pub id: String,
+    pub tenant: String,
+    /// starting, running, exited, killed, failed, lost
+    pub status: String,
+    pub template: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339 / ISO 8601 is left to clients: milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub exit_code: Option<i64>,
+    /// Why it ended: exited, timeout, oom, killed, or a reason for lost/failed.
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Text given to the command's stdin.
+    pub stdin: Option<String>,
+    pub timeout_s: Option<f64>,
+}
+
+/// The result of an exec.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub wall_ms: f64,
+    pub timed_out: bool,
+    /// Output beyond 4 MiB per stream was dropped.
+    pub truncated: bool,
+}
+
+/// `GET /v1/sandboxes` query.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    /// `key=value`: only sandboxes with this label.
+    pub label: Option<String>,
+}

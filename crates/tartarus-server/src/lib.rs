@@ -1,0 +1,435 @@
+//! The control plane on one machine: a REST API (axum) over long-lived sandboxes, API keys with tenants and
+//! roles, an audit log, and restart safety.
+//!
+//! Place in the data flow: request → [`auth::Caller`] (key → tenant, role) → handler → [`sandboxes::Manager`]
+//! → one `tartarus shim` per sandbox (the process runtime's supervisor) → state in [`tartarus_store`].
+//! The server never forks sandboxes itself: it is multi-threaded, and shims outlive it, so a restart
+//! re-adopts running sandboxes instead of losing them.
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod sandboxes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tartarus_runtime::{NetworkMode, ResourceLimits, RootSpec, SandboxSpec};
+use tartarus_store::{NewAudit, Role, SandboxRecord, SandboxStatus, Store};
+use utoipa::OpenApi;
+
+use crate::api::{CreateSandbox, ExecBody, ExecResult, ListQuery, SandboxView};
+use crate::auth::Caller;
+use crate::error::{json_rejection, ApiError, ErrorBody};
+use crate::sandboxes::Manager;
+
+/// Largest request body (JSON) accepted.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Settings of `tartarus server`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The `tartarus` binary that provides `shim`.
+    pub shim_exe: PathBuf,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub manager: Arc<Manager>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tartarus API", version = "1"),
+    paths(create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox, wait_sandbox, healthz),
+    components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] tartarus_store::StoreError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reconciling sandboxes after a restart failed: {0}")]
+    Reconcile(String),
+    #[error("server error")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Creates the data directory, the state store and (on first start) the admin key file.
+pub async fn open_state(data_dir: &std::path::Path) -> Result<Store, ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir_err = |source| ServerError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(dir_err)?;
+    let store = Store::open(data_dir).await?;
+    let key_path = data_dir.join("admin.key");
+    if !key_path.exists() {
+        let (key, secret) = store.create_key("admin", Role::Admin).await?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .map_err(dir_err)?;
+        std::io::Write::write_all(&mut file, format!("{secret}\n").as_bytes()).map_err(dir_err)?;
+        tracing::info!(key = key.id, "admin API key written to {}", key_path.display());
+    }
+    Ok(store)
+}
+
+/// The router with every route and layer.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
+        .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
+        .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
+        .fallback(|| async { ApiError::not_found("no such route; see /v1/openapi.json") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::internal(
+                "internal error (a bug: please report)",
+            ))
+        }))
+        .with_state(state)
+}
+
+/// Runs the server until SIGINT/SIGTERM. Prints `listening on ADDR` once it accepts connections.
+pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+    let store = open_state(&config.data_dir).await?;
+    let manager = Manager::new(store.clone(), config.data_dir.clone(), config.shim_exe.clone());
+    let (adopted, ended) = manager
+        .reconcile()
+        .await
+        .map_err(|e| ServerError::Reconcile(e.message))?;
+    if adopted + ended > 0 {
+        tracing::info!(adopted, ended, "reconciled sandboxes from a previous run");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServerError::Serve)?;
+    println!("listening on {addr}");
+    tracing::info!("listening on {addr}, data in {}", config.data_dir.display());
+    let app = router(AppState { store, manager });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(ServerError::Serve)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+fn view(record: &SandboxRecord) -> SandboxView {
+    SandboxView {
+        id: record.id.clone(),
+        tenant: record.tenant.clone(),
+        status: record.status.as_str().to_string(),
+        template: record.template.clone(),
+        labels: record.labels.clone(),
+        created_ms: record.created_ms,
+        finished_ms: record.finished_ms,
+        exit_code: record.exit_code,
+        reason: record.reason.clone(),
+    }
+}
+
+async fn audit(state: &AppState, caller: &Caller, action: &str, target: Option<&str>, outcome: &str) {
+    let record = NewAudit {
+        tenant: &caller.tenant,
+        key_id: Some(&caller.key_id),
+        action,
+        target,
+        outcome,
+        detail: None,
+    };
+    if let Err(e) = state.store.record_audit(&record).await {
+        tracing::error!("audit write failed: {e}");
+    }
+}
+
+/// Translates and validates a create request into a runtime spec.
+fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<SandboxSpec, ApiError> {
+    if body.template.is_some() {
+        return Err(ApiError::invalid(
+            "templates are not available yet; omit 'template'",
+        ));
+    }
+    let mut spec = SandboxSpec::new(body.cmd.clone().unwrap_or_default());
+    spec.service = true;
+    if let Some(rootfs) = &body.rootfs {
+        if caller.role != Role::Admin {
+            return Err(ApiError::forbidden(
+                "only admin keys may choose a host directory as rootfs",
+            ));
+        }
+        spec.root = RootSpec::Directory(rootfs.into());
+    }
+    spec.env = body.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    spec.workdir = body.cwd.as_ref().map(Into::into);
+    let r = &body.resources;
+    if r.cpus.is_some_and(|c| !(c > 0.0 && c <= 64.0)) {
+        return Err(ApiError::invalid("resources.cpus must be in (0, 64]"));
+    }
+    if r.memory_mb.is_some_and(|m| !(4..=1 << 20).contains(&m)) {
+        return Err(ApiError::invalid(
+            "resources.memory_mb must be between 4 and 1048576",
+        ));
+    }
+    if r.pids.is_some_and(|p| !(2..=1_000_000).contains(&p)) {
+        return Err(ApiError::invalid("resources.pids must be between 2 and 1000000"));
+    }
+    spec.limits = ResourceLimits {
+        memory_bytes: r.memory_mb.map(|m| m << 20),
+        cpus: r.cpus,
+        pids: r.pids,
+    };
+    if let Some(t) = body.timeout_s {
+        if !(1..=7 * 86_400).contains(&t) {
+            return Err(ApiError::invalid("timeout_s must be between 1 and 604800"));
+        }
+        spec.timeout = Some(Duration::from_secs(t));
+    }
+    spec.network = match body.network.as_deref() {
+        None | Some("none") => NetworkMode::None,
+        Some("host-loopback") => NetworkMode::HostLoopback,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "unknown network '{other}': use none or host-loopback"
+            )))
+        }
+    };
+    spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(spec)
+}
+
+/// Create a sandbox.
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, security(("api_key" = [])),
+    responses((status = 201, body = SandboxView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+               (status = 422, body = ErrorBody)))]
+async fn create_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<CreateSandbox>, JsonRejection>,
+) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
+    caller.require_mutate()?;
+    let Json(body) = body.map_err(json_rejection)?;
+    let spec = spec_from(&body, &caller)?;
+    let result = state
+        .manager
+        .create(&caller.tenant, spec, body.labels.clone())
+        .await;
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    audit(
+        &state,
+        &caller,
+        "sandbox.create",
+        result.as_ref().ok().map(|r| r.id.as_str()),
+        outcome,
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(view(&result?))))
+}
+
+/// List sandboxes of the caller's tenant (all tenants for admins).
+#[utoipa::path(get, path = "/v1/sandboxes", params(ListQuery), security(("api_key" = [])),
+    responses((status = 200, body = [SandboxView]), (status = 401, body = ErrorBody)))]
+async fn list_sandboxes(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<SandboxView>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let status: Option<SandboxStatus> = query
+        .status
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("{e}")))?;
+    let label = match &query.label {
+        Some(l) => Some(
+            l.split_once('=')
+                .ok_or_else(|| ApiError::invalid("label filter must be key=value"))?,
+        ),
+        None => None,
+    };
+    let records = state.store.sandboxes(caller.scope(), status).await?;
+    let views = records
+        .iter()
+        .filter(|r| label.is_none_or(|(k, v)| r.labels.get(k).is_some_and(|have| have == v)))
+        .map(view)
+        .collect();
+    Ok(Json(views))
+}
+
+async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<SandboxRecord, ApiError> {
+    // Another tenant's sandbox is reported exactly like a missing one, so ids do not leak.
+    state
+        .store
+        .sandbox(id, caller.scope())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox '{id}'")))
+}
+
+/// Get one sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)))]
+async fn get_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Kill a sandbox and remove its resources; returns its final record.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    caller.require_mutate()?;
+    if record.status.is_live() {
+        state.manager.kill(&record).await?;
+    }
+    audit(&state, &caller, "sandbox.delete", Some(&id), "ok").await;
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Run a command inside a running sandbox and return its output.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", request_body = ExecBody, security(("api_key" = [])),
+    responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+               (status = 422, body = ErrorBody)))]
+async fn exec_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<ExecBody>, JsonRejection>,
+) -> Result<Json<ExecResult>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    caller.require_mutate()?;
+    let Json(body) = body.map_err(json_rejection)?;
+    if body.cmd.is_empty() {
+        return Err(ApiError::invalid("cmd must not be empty"));
+    }
+    if body.timeout_s.is_some_and(|t| !(t > 0.0 && t <= 86_400.0)) {
+        return Err(ApiError::invalid("timeout_s must be in (0, 86400]"));
+    }
+    if !record.status.is_live() {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id} is {}",
+            record.status.as_str()
+        )));
+    }
+    let request = json!({
+        "op": "exec",
+        "command": body.cmd,
+        "env": body.env.iter().collect::<Vec<_>>(),
+        "workdir": body.cwd,
+        "stdin": body.stdin,
+        "timeout_ms": body.timeout_s.map(|t| (t * 1000.0) as u64),
+    });
+    let result = state.manager.exec(&record, request).await;
+    audit(
+        &state,
+        &caller,
+        "sandbox.exec",
+        Some(&id),
+        if result.is_ok() { "ok" } else { "failed" },
+    )
+    .await;
+    Ok(Json(result?))
+}
+
+/// Wait (up to `timeout_s`, default 60, at most 3600) until a sandbox has ended; returns its record.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/wait", params(WaitQuery), security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)))]
+async fn wait_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let record = find(&state, &caller, &id).await?;
+    let limit = Duration::from_secs(query.timeout_s.unwrap_or(60).min(3600));
+    if record.status.is_live() {
+        state.manager.wait(&id, limit).await;
+    }
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    timeout_s: Option<u64>,
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "ok")))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,319 @@
+//! Running sandboxes through shims: one `tartarus shim` process per sandbox, in its own process group so
+//! it survives a server restart. The server talks to a shim over its unix socket, watches it exit, and
+//! records the outcome the shim leaves in `result.json`.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use tartarus_runtime::SandboxSpec;
+use tartarus_store::{Finish, SandboxRecord, SandboxStatus, Store};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use crate::api::ExecResult;
+use crate::error::ApiError;
+
+/// How long a shim may take to report `ready`.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Manager {
+    store: Store,
+    data_dir: PathBuf,
+    shim_exe: PathBuf,
+    /// Per live sandbox: becomes true once its outcome is recorded.
+    done: Mutex<HashMap<String, watch::Receiver<bool>>>,
+}
+
+fn random_id() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 6];
+    tartarus_hostsys::random_bytes(&mut bytes).map_err(|e| ApiError::internal(format!("randomness: {e}")))?;
+    Ok(format!(
+        "sb_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
+    move |e| ApiError::internal(format!("{what}: {e}"))
+}
+
+impl Manager {
+    pub fn new(store: Store, data_dir: PathBuf, shim_exe: PathBuf) -> Arc<Self> {
+        Arc::new(Manager {
+            store,
+            data_dir,
+            shim_exe,
+            done: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn socket(dir: &Path) -> PathBuf {
+        dir.join("shim.sock")
+    }
+
+    /// Starts a sandbox and returns its record once it runs.
+    pub async fn create(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: SandboxSpec,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<SandboxRecord, ApiError> {
+        let id = random_id()?;
+        let dir = self.data_dir.join("sandboxes").join(&id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_err("creating the sandbox directory"))?;
+        let spec_json = serde_json::to_string(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
+        tokio::fs::write(dir.join("spec.json"), &spec_json)
+            .await
+            .map_err(io_err("writing the spec"))?;
+        let mut record = SandboxRecord {
+            id: id.clone(),
+            tenant: tenant.to_string(),
+            status: SandboxStatus::Starting,
+            template: None,
+            spec: spec_json,
+            labels,
+            created_ms: now_ms(),
+            finished_ms: None,
+            exit_code: None,
+            reason: None,
+            shim_pid: None,
+            dir: dir.display().to_string(),
+        };
+        self.store.insert_sandbox(&record).await?;
+        let shim_log =
+            std::fs::File::create(dir.join("shim.log")).map_err(io_err("creating the shim log"))?;
+        let mut child = tokio::process::Command::new(&self.shim_exe)
+            .arg("shim")
+            .arg("--socket")
+            .arg(Self::socket(&dir))
+            .arg("--spec")
+            .arg(dir.join("spec.json"))
+            .arg("--result")
+            .arg(dir.join("result.json"))
+            .arg("--log")
+            .arg(dir.join("main.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(shim_log)
+            // Its own process group: a Ctrl-C to the server must not reach sandboxes.
+            .process_group(0)
+            .spawn()
+            .map_err(io_err("starting the shim"))?;
+        let pid = child.id().unwrap_or(0) as i64;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| ApiError::internal("shim has no stdout"))?;
+        let mut line = String::new();
+        let ready = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
+        if !matches!(ready, Ok(Ok(n)) if n > 0 && line.starts_with("ready ")) {
+            let _ = child.start_kill();
+            let status = child.wait().await.ok().and_then(|s| s.code());
+            let log = tokio::fs::read_to_string(dir.join("shim.log"))
+                .await
+                .unwrap_or_default();
+            let message = log
+                .lines()
+                .last()
+                .unwrap_or("the sandbox did not start")
+                .trim_start_matches("tartarus: ");
+            let finish = Finish {
+                status: SandboxStatus::Failed,
+                exit_code: status.map(i64::from),
+                reason: message,
+            };
+            self.store.finish_sandbox(&id, &finish).await?;
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(match status {
+                Some(127) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message),
+                Some(126) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message),
+                Some(125) => ApiError::invalid(message),
+                _ => ApiError::internal(format!("sandbox did not start: {message}")),
+            });
+        }
+        self.store.mark_running(&id, pid).await?;
+        let (tx, rx) = watch::channel(false);
+        self.done
+            .lock()
+            .map_err(|_| ApiError::internal("lock poisoned"))?
+            .insert(id.clone(), rx);
+        let manager = Arc::clone(self);
+        let watched = id.clone();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            manager
+                .finalize(&watched, &dir, "shim exited without a result")
+                .await;
+            let _ = tx.send(true);
+        });
+        record.status = SandboxStatus::Running;
+        record.shim_pid = Some(pid);
+        Ok(record)
+    }
+
+    /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).
+    async fn finalize(&self, id: &str, dir: &Path, missing: &str) {
+        let result: Option<Value> = tokio::fs::read_to_string(dir.join("result.json"))
+            .await
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok());
+        let outcome = match &result {
+            Some(r) => {
+                let reason = r["reason"].as_str().unwrap_or("exited");
+                let status = if reason == "exited" {
+                    SandboxStatus::Exited
+                } else {
+                    SandboxStatus::Killed
+                };
+                (status, r["exit_code"].as_i64(), reason.to_string())
+            }
+            None => (SandboxStatus::Lost, None, missing.to_string()),
+        };
+        let finish = Finish {
+            status: outcome.0,
+            exit_code: outcome.1,
+            reason: &outcome.2,
+        };
+        if let Err(e) = self.store.finish_sandbox(id, &finish).await {
+            tracing::error!(sandbox = id, "recording the outcome failed: {e}");
+        }
+        let _ = tokio::fs::remove_file(Self::socket(dir)).await;
+        if let Ok(mut done) = self.done.lock() {
+            done.remove(id);
+        }
+    }
+
+    async fn request(&self, record: &SandboxRecord, request: Value) -> Result<Value, ApiError> {
+        let socket = Self::socket(Path::new(&record.dir));
+        let gone = || ApiError::conflict(format!("sandbox {} is not running", record.id));
+        let stream = UnixStream::connect(&socket).await.map_err(|_| gone())?;
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .map_err(|_| gone())?;
+        let mut line = String::new();
+        BufReader::new(read)
+            .read_line(&mut line)
+            .await
+            .map_err(|_| gone())?;
+        if line.is_empty() {
+            return Err(gone());
+        }
+        serde_json::from_str(&line).map_err(|e| ApiError::internal(format!("shim reply: {e}")))
+    }
+
+    pub async fn exec(&self, record: &SandboxRecord, request: Value) -> Result<ExecResult, ApiError> {
+        let reply = self.request(record, request).await?;
+        if let Some(error) = reply.get("error") {
+            let message = error["message"].as_str().unwrap_or("exec failed").to_string();
+            return Err(match error["code"].as_str() {
+                Some("command_not_found") => {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
+                }
+                Some("not_executable") => {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message)
+                }
+                Some("invalid_request") => ApiError::invalid(message),
+                _ => ApiError::internal(message),
+            });
+        }
+        serde_json::from_value(reply).map_err(|e| ApiError::internal(format!("shim exec reply: {e}")))
+    }
+
+    /// Waits up to `limit` for a live sandbox's outcome to be recorded.
+    pub async fn wait(&self, id: &str, limit: Duration) {
+        let waiter = self.done.lock().ok().and_then(|done| done.get(id).cloned());
+        if let Some(mut rx) = waiter {
+            let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
+        }
+    }
+
+    /// Kills a running sandbox and waits until its outcome is recorded.
+    pub async fn kill(&self, record: &SandboxRecord) -> Result<(), ApiError> {
+        let waiter = self
+            .done
+            .lock()
+            .map_err(|_| ApiError::internal("lock poisoned"))?
+            .get(&record.id)
+            .cloned();
+        self.request(record, json!({"op": "kill"})).await?;
+        if let Some(mut rx) = waiter {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|done| *done)).await;
+        }
+        Ok(())
+    }
+
+    /// After a restart: re-adopt sandboxes whose shim still runs, record the others' outcomes.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(usize, usize), ApiError> {
+        let (mut adopted, mut ended) = (0, 0);
+        for status in [SandboxStatus::Starting, SandboxStatus::Running] {
+            for record in self.store.sandboxes(None, Some(status)).await? {
+                let dir = PathBuf::from(&record.dir);
+                let pidfd = record
+                    .shim_pid
+                    .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+                    .and_then(|pid| {
+                        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+                    });
+                let alive = match (&pidfd, status) {
+                    (Some(_), SandboxStatus::Running) => {
+                        self.request(&record, json!({"op": "status"})).await.is_ok()
+                    }
+                    _ => false,
+                };
+                match (alive, pidfd) {
+                    (true, Some(pidfd)) => {
+                        self.watch_adopted(record.id.clone(), dir, pidfd)?;
+                        adopted += 1;
+                    }
+                    _ => {
+                        self.finalize(
+                            &record.id,
+                            &dir,
+                            "the server restarted and the sandbox's shim was gone",
+                        )
+                        .await;
+                        ended += 1;
+                    }
+                }
+            }
+        }
+        Ok((adopted, ended))
+    }
+
+    fn watch_adopted(self: &Arc<Self>, id: String, dir: PathBuf, pidfd: OwnedFd) -> Result<(), ApiError> {
+        let (tx, rx) = watch::channel(false);
+        self.done
+            .lock()
+            .map_err(|_| ApiError::internal("lock poisoned"))?
+            .insert(id.clone(), rx);
+        let manager = Arc::clone(self);
+        // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the
+        // same pidfd for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns it.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
+            .map_err(|e| ApiError::internal(format!("watching the shim: {e}")))?;
+        tokio::spawn(async move {
+            let _ = fd.readable().await;
+            manager.finalize(&id, &dir, "shim exited without a result").await;
+            let _ = tx.send(true);
+        });
+        Ok(())
+    }
+}
