@@ -148,20 +148,9 @@ impl Manager {
             });
         }
         self.store.mark_running(&id, pid).await?;
-        let (tx, rx) = watch::channel(false);
-        self.done
-            .lock()
-            .map_err(|_| ApiError::internal("lock poisoned"))?
-            .insert(id.clone(), rx);
-        let manager = Arc::clone(self);
-        let watched = id.clone();
-        tokio::spawn(async move {
+        self.watch(id.clone(), dir, async move {
             let _ = child.wait().await;
-            manager
-                .finalize(&watched, &dir, "shim exited without a result")
-                .await;
-            let _ = tx.send(true);
-        });
+        })?;
         record.status = SandboxStatus::Running;
         record.shim_pid = Some(pid);
         Ok(record)
@@ -299,18 +288,31 @@ impl Manager {
     }
 
     fn watch_adopted(self: &Arc<Self>, id: String, dir: PathBuf, pidfd: OwnedFd) -> Result<(), ApiError> {
+        // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the
+        // same pidfd for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns it.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
+            .map_err(|e| ApiError::internal(format!("watching the shim: {e}")))?;
+        self.watch(id, dir, async move {
+            let _ = fd.readable().await;
+        })
+    }
+
+    /// Records the sandbox's outcome once `exited` (its shim's exit) completes, and lets `wait`/`kill`
+    /// callers know.
+    fn watch(
+        self: &Arc<Self>,
+        id: String,
+        dir: PathBuf,
+        exited: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ApiError> {
         let (tx, rx) = watch::channel(false);
         self.done
             .lock()
             .map_err(|_| ApiError::internal("lock poisoned"))?
             .insert(id.clone(), rx);
         let manager = Arc::clone(self);
-        // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the
-        // same pidfd for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns it.
-        let fd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
-            .map_err(|e| ApiError::internal(format!("watching the shim: {e}")))?;
         tokio::spawn(async move {
-            let _ = fd.readable().await;
+            exited.await;
             manager.finalize(&id, &dir, "shim exited without a result").await;
             let _ = tx.send(true);
         });
