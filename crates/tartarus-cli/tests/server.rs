@@ -505,3 +505,95 @@ fn openapi_document_is_complete_and_consistent() {
         );
     }
 }
+
+fn put(server: &Server, key: &str, id: &str, path: &str, bytes: &[u8]) -> (u16, Value) {
+    let url = format!("{}/v1/sandboxes/{id}/files?path={path}", server.base);
+    match ureq::put(&url)
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_bytes(bytes)
+    {
+        Ok(r) => (r.status(), Value::Null),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn get_bytes(server: &Server, key: &str, id: &str, query: &str) -> (u16, Vec<u8>) {
+    let url = format!("{}/v1/sandboxes/{id}/files?{query}", server.base);
+    let response = match ureq::get(&url)
+        .set("Authorization", &format!("Bearer {key}"))
+        .call()
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = response.status();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).unwrap();
+    (status, bytes)
+}
+
+#[test]
+fn files_move_in_and_out_byte_for_byte_and_stay_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = new_key(dir.path(), "team-a", "user");
+    let id = create(&server, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let payload: Vec<u8> = (0..=255u8).cycle().take(70_000).collect(); // includes NUL and invalid UTF-8
+    assert_eq!(put(&server, &key, &id, "/tmp/data.bin", &payload).0, 204);
+    assert_eq!(
+        get_bytes(&server, &key, &id, "path=/tmp/data.bin"),
+        (200, payload.clone())
+    );
+    let (_, r) = exec(
+        &server,
+        &key,
+        &id,
+        json!({"cmd": ["sh", "-c", "wc -c < /tmp/data.bin; id -u"]}),
+    );
+    assert_eq!(
+        r["stdout"], "70000\n1000\n",
+        "written inside the sandbox, as the sandbox user"
+    );
+    let (status, listing) = get_bytes(&server, &key, &id, "path=/tmp&list=1");
+    let listing: Value = serde_json::from_slice(&listing).unwrap();
+    assert_eq!(
+        (status, &listing[0]["name"], &listing[0]["size"]),
+        (200, &json!("data.bin"), &json!(70000))
+    );
+
+    for (query, status) in [
+        ("path=/tmp/../etc/passwd", 422),
+        ("path=relative", 422),
+        ("path=/dev/zero", 422),
+        ("path=/no/such/file", 404),
+    ] {
+        assert_eq!(get_bytes(&server, &key, &id, query).0, status, "{query}");
+    }
+    let (status, body) = put(&server, &key, &id, "/etc/passwd", b"owned");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    exec(
+        &server,
+        &key,
+        &id,
+        json!({"cmd": ["ln", "-s", "/etc/hostname", "/tmp/link"]}),
+    );
+    assert_eq!(
+        put(&server, &key, &id, "/tmp/link", b"x").0,
+        422,
+        "symlinks are refused as targets"
+    );
+
+    let viewer = new_key(dir.path(), "team-a", "viewer");
+    assert_eq!(put(&server, &viewer, &id, "/tmp/v", b"x").0, 403);
+    let other = new_key(dir.path(), "team-b", "user");
+    assert_eq!(get_bytes(&server, &other, &id, "path=/tmp/data.bin").0, 404);
+}

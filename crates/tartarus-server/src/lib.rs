@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod files;
 pub mod sandboxes;
 
 use std::net::SocketAddr;
@@ -52,8 +53,9 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tartarus API", version = "1"),
-    paths(create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox, wait_sandbox, healthz),
-    components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources)),
+    paths(create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox, wait_sandbox, healthz,
+          files::put_file, files::get_file),
+    components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -130,6 +132,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
         .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::get_file)
+                .put(files::put_file)
+                .layer(DefaultBodyLimit::max(files::MAX_FILE)),
+        )
         .fallback(|| async { ApiError::not_found("no such route; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
@@ -190,7 +198,13 @@ fn view(record: &SandboxRecord) -> SandboxView {
     }
 }
 
-async fn audit(state: &AppState, caller: &Caller, action: &str, target: Option<&str>, outcome: &str) {
+pub(crate) async fn audit(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: Option<&str>,
+    outcome: &str,
+) {
     let record = NewAudit {
         tenant: &caller.tenant,
         key_id: Some(&caller.key_id),
@@ -318,7 +332,7 @@ async fn list_sandboxes(
     Ok(Json(views))
 }
 
-async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<SandboxRecord, ApiError> {
+pub(crate) async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<SandboxRecord, ApiError> {
     // Another tenant's sandbox is reported exactly like a missing one, so ids do not leak.
     state
         .store

@@ -188,7 +188,8 @@ impl Manager {
         }
     }
 
-    async fn request(&self, record: &SandboxRecord, request: Value) -> Result<Value, ApiError> {
+    /// Sends one request to the sandbox's shim and returns its reply.
+    pub async fn request(&self, record: &SandboxRecord, request: Value) -> Result<Value, ApiError> {
         let socket = Self::socket(Path::new(&record.dir));
         let gone = || ApiError::conflict(format!("sandbox {} is not running", record.id));
         let stream = UnixStream::connect(&socket).await.map_err(|_| gone())?;

@@ -20,6 +20,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use clap::Args;
 use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
@@ -61,6 +63,12 @@ enum ShimRequest {
         workdir: Option<String>,
         #[serde(default)]
         stdin: Option<String>,
+        /// Binary stdin, base64 (instead of `stdin`).
+        #[serde(default)]
+        stdin_base64: Option<String>,
+        /// Return stdout as base64 (`stdout_base64`) instead of text.
+        #[serde(default)]
+        binary_output: bool,
         #[serde(default)]
         timeout_ms: Option<u64>,
     },
@@ -73,6 +81,8 @@ struct ExecResponse {
     exit_code: i32,
     signal: Option<i32>,
     stdout: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout_base64: Option<String>,
     stderr: String,
     wall_ms: f64,
     timed_out: bool,
@@ -185,6 +195,8 @@ fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<boo
             env,
             workdir,
             stdin,
+            stdin_base64,
+            binary_output,
             timeout_ms,
         }) => {
             let request = ExecRequest {
@@ -193,12 +205,13 @@ fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<boo
                 workdir,
             };
             let timeout = timeout_ms.map(Duration::from_millis);
-            match exec(
-                sandbox,
-                &request,
-                stdin.as_deref().unwrap_or("").as_bytes(),
-                timeout,
-            ) {
+            let input = match stdin_base64 {
+                Some(b64) => BASE64
+                    .decode(b64.as_bytes())
+                    .map_err(|e| ExecError::Invalid(format!("stdin_base64: {e}"))),
+                None => Ok(stdin.unwrap_or_default().into_bytes()),
+            };
+            match input.and_then(|input| exec(sandbox, &request, &input, timeout, binary_output)) {
                 Ok(r) => serde_json::to_value(r)?,
                 Err(e) => {
                     let code = match e.exit_code() {
@@ -228,6 +241,7 @@ fn exec(
     request: &ExecRequest,
     input: &[u8],
     timeout: Option<Duration>,
+    binary_output: bool,
 ) -> Result<ExecResponse, ExecError> {
     let channel = |e: std::io::Error| ExecError::Channel(e);
     let (stdin_read, stdin_write) = pipe().map_err(channel)?;
@@ -300,10 +314,15 @@ fn exec(
         Termination::Signaled(s) => Some(s),
         Termination::Exited(_) => None,
     };
+    let (stdout, stdout_base64) = match binary_output {
+        true => (String::new(), Some(BASE64.encode(&out))),
+        false => (String::from_utf8_lossy(&out).into_owned(), None),
+    };
     Ok(ExecResponse {
         exit_code: termination.exit_code(),
         signal,
-        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stdout,
+        stdout_base64,
         stderr: String::from_utf8_lossy(&err).into_owned(),
         wall_ms: started.elapsed().as_secs_f64() * 1000.0,
         timed_out,
