@@ -597,3 +597,56 @@ fn files_move_in_and_out_byte_for_byte_and_stay_inside() {
     let other = new_key(dir.path(), "team-b", "user");
     assert_eq!(get_bytes(&server, &other, &id, "path=/tmp/data.bin").0, 404);
 }
+
+#[test]
+fn logs_stream_the_main_command_until_the_sandbox_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = server.admin.clone();
+    // The main command prints, then waits for a file that the test creates through the API.
+    let script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second >&2; exit 7";
+    let id = create(&server, &key, json!({"cmd": ["sh", "-c", script]}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("{}/v1/sandboxes/{id}/logs?follow=true", server.base);
+    let response = ureq::get(&url)
+        .set("Authorization", &format!("Bearer {key}"))
+        .call()
+        .unwrap();
+    let mut reader = BufReader::new(response.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "first\n", "output must stream while the command still runs");
+    assert_eq!(put(&server, &key, &id, "/tmp/go", b"").0, 204);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    assert_eq!(rest, "second\n", "the stream ends when the sandbox ends");
+    let (_, done) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{id}", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!(
+        (done["status"].as_str(), done["exit_code"].as_i64()),
+        (Some("exited"), Some(7))
+    );
+    // Without follow: what was written, at once.
+    let (status, text) = get_bytes_at(&server, &key, &format!("/v1/sandboxes/{id}/logs"));
+    assert_eq!(
+        (status, String::from_utf8(text).unwrap()),
+        (200, "first\nsecond\n".to_string())
+    );
+}
+
+fn get_bytes_at(server: &Server, key: &str, path: &str) -> (u16, Vec<u8>) {
+    let response = ureq::get(&format!("{}{path}", server.base))
+        .set("Authorization", &format!("Bearer {key}"))
+        .call()
+        .unwrap();
+    let status = response.status();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).unwrap();
+    (status, bytes)
+}

@@ -227,6 +227,11 @@ impl Manager {
         serde_json::from_value(reply).map_err(|e| ApiError::internal(format!("shim exec reply: {e}")))
     }
 
+    /// Resolves to true once a live sandbox's outcome is recorded (`None` when it is not live).
+    pub fn done(&self, id: &str) -> Option<watch::Receiver<bool>> {
+        self.done.lock().ok().and_then(|done| done.get(id).cloned())
+    }
+
     /// Waits up to `limit` for a live sandbox's outcome to be recorded.
     pub async fn wait(&self, id: &str, limit: Duration) {
         let waiter = self.done.lock().ok().and_then(|done| done.get(id).cloned());
