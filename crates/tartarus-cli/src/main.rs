@@ -8,6 +8,7 @@
 // (arguments come from glibc's init_array hook); a stack overflow is a plain SIGSEGV.
 #![no_main]
 
+mod client;
 mod commands;
 mod terminal;
 
@@ -37,6 +38,26 @@ enum Command {
     Gc,
     /// Serve the REST API over long-lived sandboxes
     Server(commands::server::ServerArgs),
+    /// Set or show where the server is and which key to use
+    Config(commands::remote::ConfigArgs),
+    /// Create a sandbox on the server and print its id
+    Create(commands::remote::CreateArgs),
+    /// List sandboxes on the server
+    Ps(commands::remote::PsArgs),
+    /// Show one sandbox as JSON
+    Inspect { id: String },
+    /// Run a command in a sandbox on the server; exits with its exit code
+    Exec(commands::remote::ExecArgs),
+    /// Print a sandbox's main output (--follow streams it)
+    Logs {
+        id: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Copy a file between the host and a sandbox (SANDBOX_ID:/path on one side)
+    Cp { src: String, dst: String },
+    /// Kill a sandbox on the server and remove it
+    Kill { id: String },
     /// Manage API keys of the server (tenants and roles)
     Apikey(commands::apikey::ApiKeyArgs),
     /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
@@ -67,6 +88,14 @@ fn real_main() -> libc::c_int {
         Command::Gc => commands::gc::run(),
         Command::Apikey(args) => commands::apikey::run(args),
         Command::Server(args) => commands::server::run(args),
+        Command::Config(args) => commands::remote::config(args),
+        Command::Create(args) => commands::remote::create(args),
+        Command::Ps(args) => commands::remote::ps(args),
+        Command::Inspect { id } => commands::remote::inspect(id),
+        Command::Exec(args) => commands::remote::exec(args),
+        Command::Logs { id, follow } => commands::remote::logs(id, follow),
+        Command::Cp { src, dst } => commands::remote::cp(src, dst),
+        Command::Kill { id } => commands::remote::kill(id),
         Command::Shim(args) => commands::shim::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());

@@ -650,3 +650,116 @@ fn get_bytes_at(server: &Server, key: &str, path: &str) -> (u16, Vec<u8>) {
     std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).unwrap();
     (status, bytes)
 }
+
+/// Runs a client command against `server` with `key` (config isolated in a temp dir).
+fn cli(server: &Server, key: &str, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let config = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("TARTARUS_HOST", &server.base)
+        .env("TARTARUS_API_KEY", key)
+        .env("XDG_CONFIG_HOME", config.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_cli_drives_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = new_key(dir.path(), "team-a", "user");
+    let out = cli(
+        &server,
+        &key,
+        &["create", "--label", "app=cli", "--env", "GREETING=hello"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let ps = String::from_utf8(cli(&server, &key, &["ps"], b"").stdout).unwrap();
+    assert!(
+        ps.starts_with("ID") && ps.contains(&id) && ps.contains("running"),
+        "{ps}"
+    );
+
+    let out = cli(
+        &server,
+        &key,
+        &["exec", &id, "--", "sh", "-c", "echo $GREETING; exit 5"],
+        b"",
+    );
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+        (Some(5), "hello\n")
+    );
+    let out = cli(&server, &key, &["exec", &id, "--", "tr", "a-z", "A-Z"], b"piped");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED");
+
+    let files = tempfile::tempdir().unwrap();
+    let src = files.path().join("in.bin");
+    std::fs::write(&src, [0u8, 1, 2, 255]).unwrap();
+    let dst = files.path().join("out.bin");
+    let remote = format!("{id}:/tmp/copied.bin");
+    assert!(cli(&server, &key, &["cp", src.to_str().unwrap(), &remote], b"")
+        .status
+        .success());
+    assert!(cli(&server, &key, &["cp", &remote, dst.to_str().unwrap()], b"")
+        .status
+        .success());
+    assert_eq!(std::fs::read(&dst).unwrap(), [0u8, 1, 2, 255]);
+
+    let inspect: Value = serde_json::from_slice(&cli(&server, &key, &["inspect", &id], b"").stdout).unwrap();
+    assert_eq!(inspect["labels"]["app"], "cli");
+    assert!(cli(&server, &key, &["kill", &id], b"").status.success());
+    let ps: Value = serde_json::from_slice(&cli(&server, &key, &["ps", "--json"], b"").stdout).unwrap();
+    assert_eq!(ps[0]["status"], "killed");
+
+    let out = cli(&server, &key, &["exec", "sb_missing", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sandbox 'sb_missing' (not_found, HTTP 404)"));
+}
+
+#[test]
+fn config_set_stores_host_and_key_privately() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let config = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .env("XDG_CONFIG_HOME", config.path())
+            .env_remove("TARTARUS_HOST")
+            .env_remove("TARTARUS_API_KEY")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["ps"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no server configured"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run(&["config", "set", "host", &server.base]).status.success());
+    assert!(run(&["config", "set", "api-key", &server.admin]).status.success());
+    let file = config.path().join("tartarus/config.toml");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let shown = String::from_utf8(run(&["config", "show"]).stdout).unwrap();
+    assert!(
+        !shown.contains(&server.admin),
+        "config show must mask the key: {shown}"
+    );
+    assert!(
+        run(&["ps"]).status.success(),
+        "the client works from the config file"
+    );
+}
