@@ -763,3 +763,58 @@ fn config_set_stores_host_and_key_privately() {
         "the client works from the config file"
     );
 }
+
+fn metrics_text(server: &Server) -> String {
+    ureq::get(&format!("{}/metrics", server.base))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+}
+
+fn metric_value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_follow_sandboxes_and_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = server.admin.clone();
+    let id = create(&server, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let text = metrics_text(&server);
+    assert_eq!(
+        metric_value(&text, "tartarus_sandbox_active_count"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "tartarus_sandbox_launch_duration_seconds_count{"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(text.contains("node=\""), "{text}");
+    call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}", server.base),
+        Some(&key),
+        None,
+    );
+    let text = metrics_text(&server);
+    assert_eq!(metric_value(&text, "tartarus_sandbox_active_count"), Some(0.0));
+    assert_eq!(
+        metric_value(
+            &text,
+            "tartarus_sandbox_total{template=\"none\",status=\"killed\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(text.contains("tartarus_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/sandboxes\",status=\"201\"} 1"), "{text}");
+}

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod files;
+pub mod metrics;
 pub mod sandboxes;
 
 use std::net::SocketAddr;
@@ -48,6 +49,7 @@ pub struct ServerConfig {
 pub struct AppState {
     pub store: Store,
     pub manager: Arc<Manager>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 #[derive(OpenApi)]
@@ -127,6 +129,7 @@ pub async fn open_state(data_dir: &std::path::Path) -> Result<Store, ServerError
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
@@ -141,6 +144,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::not_found("no such route; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(metrics::track))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(ApiError::internal(
                 "internal error (a bug: please report)",
@@ -169,7 +173,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(ServerError::Serve)?;
     println!("listening on {addr}");
     tracing::info!("listening on {addr}, data in {}", config.data_dir.display());
-    let app = router(AppState { store, manager });
+    let app = router(AppState {
+        store,
+        manager,
+        metrics: metrics::install(),
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -512,6 +520,17 @@ async fn logs_sandbox(
 #[serde(deny_unknown_fields)]
 struct LogsQuery {
     follow: Option<bool>,
+}
+
+/// Prometheus text format. Unauthenticated, like /healthz: serve it on an address scrapers can reach.
+async fn metrics_text(State(state): State<AppState>) -> Result<String, ApiError> {
+    let handle = state
+        .metrics
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("metrics recorder not installed"))?;
+    let live = state.store.live_count_all().await?;
+    ::metrics::gauge!(metrics::ACTIVE).set(live as f64);
+    Ok(handle.render())
 }
 
 /// Liveness.

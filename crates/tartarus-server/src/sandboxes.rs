@@ -27,6 +27,8 @@ pub struct Manager {
     store: Store,
     data_dir: PathBuf,
     shim_exe: PathBuf,
+    /// The `node` metrics label.
+    node: String,
     /// Per live sandbox: becomes true once its outcome is recorded.
     done: Mutex<HashMap<String, watch::Receiver<bool>>>,
 }
@@ -57,6 +59,7 @@ impl Manager {
             store,
             data_dir,
             shim_exe,
+            node: crate::metrics::node_name(),
             done: Mutex::new(HashMap::new()),
         })
     }
@@ -72,6 +75,7 @@ impl Manager {
         spec: SandboxSpec,
         labels: std::collections::BTreeMap<String, String>,
     ) -> Result<SandboxRecord, ApiError> {
+        let started = std::time::Instant::now();
         let id = random_id()?;
         let dir = self.data_dir.join("sandboxes").join(&id);
         tokio::fs::create_dir_all(&dir)
@@ -139,6 +143,7 @@ impl Manager {
                 reason: message,
             };
             self.store.finish_sandbox(&id, &finish).await?;
+            metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => "failed").increment(1);
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(match status {
                 Some(127) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message),
@@ -148,6 +153,8 @@ impl Manager {
             });
         }
         self.store.mark_running(&id, pid).await?;
+        metrics::histogram!(crate::metrics::LAUNCH_DURATION, "template" => "none", "node" => self.node.clone())
+            .record(started.elapsed().as_secs_f64());
         self.watch(id.clone(), dir, async move {
             let _ = child.wait().await;
         })?;
@@ -179,6 +186,8 @@ impl Manager {
             exit_code: outcome.1,
             reason: &outcome.2,
         };
+        metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => outcome.0.as_str())
+            .increment(1);
         if let Err(e) = self.store.finish_sandbox(id, &finish).await {
             tracing::error!(sandbox = id, "recording the outcome failed: {e}");
         }

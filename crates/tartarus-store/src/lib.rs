@@ -574,6 +574,14 @@ impl Store {
         rows.iter().map(sandbox_from_row).collect()
     }
 
+    /// Live sandboxes of all tenants.
+    pub async fn live_count_all(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM sandboxes WHERE status IN ('starting', 'running')")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
     /// Live sandboxes of a tenant (for quotas).
     pub async fn live_count(&self, tenant: &str) -> Result<i64, StoreError> {
         let row = sqlx::query(

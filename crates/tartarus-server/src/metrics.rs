@@ -1,0 +1,51 @@
+//! Prometheus metrics (`GET /metrics`). Names follow the design map.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Time from the create request until the sandbox runs.
+pub const LAUNCH_DURATION: &str = "tartarus_sandbox_launch_duration_seconds";
+/// Sandboxes starting or running now.
+pub const ACTIVE: &str = "tartarus_sandbox_active_count";
+/// Sandboxes by final status (and failed starts).
+pub const TOTAL: &str = "tartarus_sandbox_total";
+/// API request latency.
+pub const REQUEST_DURATION: &str = "tartarus_http_request_duration_seconds";
+
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Installs the process-wide recorder; `None` if one is already installed.
+pub fn install() -> Option<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets(BUCKETS)
+        .ok()?
+        .install_recorder()
+        .ok()
+}
+
+/// This machine's name, the `node` label.
+pub fn node_name() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+/// Records every request's latency by method, route template and status.
+pub async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!(REQUEST_DURATION, "method" => method, "route" => route, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
