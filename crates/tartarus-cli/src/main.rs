@@ -58,6 +58,10 @@ enum Command {
     Cp { src: String, dst: String },
     /// Kill a sandbox on the server and remove it
     Kill { id: String },
+    /// Freeze every process of a sandbox on the server
+    Pause { id: String },
+    /// Thaw a paused sandbox on the server
+    Resume { id: String },
     /// Manage API keys of the server (tenants and roles)
     Apikey(commands::apikey::ApiKeyArgs),
     /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
@@ -96,6 +100,8 @@ fn real_main() -> libc::c_int {
         Command::Logs { id, follow } => commands::remote::logs(id, follow),
         Command::Cp { src, dst } => commands::remote::cp(src, dst),
         Command::Kill { id } => commands::remote::kill(id),
+        Command::Pause { id } => commands::remote::set_paused(id, true),
+        Command::Resume { id } => commands::remote::set_paused(id, false),
         Command::Shim(args) => commands::shim::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());

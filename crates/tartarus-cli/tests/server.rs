@@ -20,9 +20,14 @@ struct Server {
 impl Server {
     /// Starts a server on a free loopback port over `data_dir` and waits until it listens.
     fn start(data_dir: &Path) -> Server {
+        Self::start_with_env(data_dir, &[])
+    }
+
+    fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(bin())
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -817,4 +822,102 @@ fn metrics_follow_sandboxes_and_requests() {
         "{text}"
     );
     assert!(text.contains("tartarus_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/sandboxes\",status=\"201\"} 1"), "{text}");
+}
+
+/// Whether the kernel reports the sandbox cgroups under `parent` frozen (v2 `cgroup.events` or v1 state).
+fn frozen_state(parent: &str) -> Vec<bool> {
+    let mut states = Vec::new();
+    for root in [
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/freezer",
+    ] {
+        let Ok(entries) = std::fs::read_dir(Path::new(root).join(parent)) else {
+            continue;
+        };
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            if let Ok(events) = std::fs::read_to_string(entry.path().join("cgroup.events")) {
+                states.push(events.lines().any(|l| l == "frozen 1"));
+            } else if let Ok(state) = std::fs::read_to_string(entry.path().join("freezer.state")) {
+                states.push(state.trim() == "FROZEN");
+            }
+        }
+    }
+    states
+}
+
+#[test]
+fn pause_freezes_the_sandbox_and_resume_thaws_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = common::cgroup_parent("pause");
+    let server = Server::start_with_env(dir.path(), &[("TARTARUS_CGROUP_PARENT", &parent)]);
+    let key = server.admin.clone();
+    let id = create(&server, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    exec(
+        &server,
+        &key,
+        &id,
+        json!({"cmd": ["sh", "-c", "echo before > /tmp/state"]}),
+    );
+    assert_eq!(frozen_state(&parent), vec![false]);
+
+    let (status, paused) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/pause", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!(
+        (status, paused["status"].as_str()),
+        (200, Some("paused")),
+        "{paused}"
+    );
+    assert_eq!(
+        frozen_state(&parent),
+        vec![true],
+        "the kernel must report the sandbox frozen"
+    );
+    let (status, body) = exec(&server, &key, &id, json!({"cmd": ["true"]}));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{body}"
+    );
+
+    let (status, resumed) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/resume", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!((status, resumed["status"].as_str()), (200, Some("running")));
+    assert_eq!(frozen_state(&parent), vec![false]);
+    assert_eq!(
+        exec(&server, &key, &id, json!({"cmd": ["cat", "/tmp/state"]})).1["stdout"],
+        "before\n"
+    );
+
+    // Deleting a paused sandbox thaws and kills it, and leaves no cgroup behind.
+    call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/pause", server.base),
+        Some(&key),
+        None,
+    );
+    let (status, gone) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!((status, gone["status"].as_str()), (200, Some("killed")));
+    assert!(
+        common::leftover_cgroups(&parent).is_empty(),
+        "{:?}",
+        common::leftover_cgroups(&parent)
+    );
+    common::remove_cgroup_parent(&parent);
 }

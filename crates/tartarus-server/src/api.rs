@@ -44,7 +44,7 @@ pub struct CreateSandbox {
 pub struct SandboxView {
     pub id: String,
     pub tenant: String,
-    /// starting, running, exited, killed, failed, lost
+    /// starting, running, paused, exited, killed, failed, lost
     pub status: String,
     pub template: Option<String>,
     pub labels: BTreeMap<String, String>,

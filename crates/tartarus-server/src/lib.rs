@@ -56,7 +56,7 @@ pub struct AppState {
 #[openapi(
     info(title = "Tartarus API", version = "1"),
     paths(create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox, wait_sandbox, healthz,
-          files::put_file, files::get_file, logs_sandbox),
+          files::put_file, files::get_file, logs_sandbox, pause_sandbox, resume_sandbox),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry)),
     modifiers(&BearerAuth)
 )]
@@ -136,6 +136,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
         .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(logs_sandbox))
+        .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
+        .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(
             "/v1/sandboxes/{id}/files",
             get(files::get_file)
@@ -197,7 +199,10 @@ fn view(record: &SandboxRecord) -> SandboxView {
     SandboxView {
         id: record.id.clone(),
         tenant: record.tenant.clone(),
-        status: record.status.as_str().to_string(),
+        status: match (record.status, record.paused) {
+            (SandboxStatus::Running, true) => "paused".to_string(),
+            (status, _) => status.as_str().to_string(),
+        },
         template: record.template.clone(),
         labels: record.labels.clone(),
         created_ms: record.created_ms,
@@ -520,6 +525,56 @@ async fn logs_sandbox(
 #[serde(deny_unknown_fields)]
 struct LogsQuery {
     follow: Option<bool>,
+}
+
+async fn set_paused(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    paused: bool,
+) -> Result<Json<SandboxView>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    caller.require_mutate()?;
+    if record.status != SandboxStatus::Running {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id} is {}",
+            record.status.as_str()
+        )));
+    }
+    let result = state.manager.set_paused(&record, paused).await;
+    let action = if paused { "sandbox.pause" } else { "sandbox.resume" };
+    audit(
+        &state,
+        &caller,
+        action,
+        Some(&id),
+        if result.is_ok() { "ok" } else { "failed" },
+    )
+    .await;
+    result?;
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Freeze every process of a running sandbox (cgroup freezer); execs get 409 until it is resumed.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn pause_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    set_paused(state, caller, id, true).await
+}
+
+/// Thaw a paused sandbox.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn resume_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    set_paused(state, caller, id, false).await
 }
 
 /// Prometheus text format. Unauthenticated, like /healthz: serve it on an address scrapers can reach.

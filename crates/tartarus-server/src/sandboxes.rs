@@ -98,6 +98,7 @@ impl Manager {
             reason: None,
             shim_pid: None,
             dir: dir.display().to_string(),
+            paused: false,
         };
         self.store.insert_sandbox(&record).await?;
         let shim_log =
@@ -218,11 +219,29 @@ impl Manager {
         serde_json::from_str(&line).map_err(|e| ApiError::internal(format!("shim reply: {e}")))
     }
 
+    /// Pauses (freezes) or resumes a running sandbox.
+    pub async fn set_paused(&self, record: &SandboxRecord, paused: bool) -> Result<(), ApiError> {
+        let reply = self
+            .request(record, json!({"op": if paused { "pause" } else { "resume" }}))
+            .await?;
+        if let Some(error) = reply.get("error") {
+            let message = error["message"].as_str().unwrap_or("pause failed").to_string();
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                message,
+            ));
+        }
+        self.store.set_paused(&record.id, paused).await?;
+        Ok(())
+    }
+
     pub async fn exec(&self, record: &SandboxRecord, request: Value) -> Result<ExecResult, ApiError> {
         let reply = self.request(record, request).await?;
         if let Some(error) = reply.get("error") {
             let message = error["message"].as_str().unwrap_or("exec failed").to_string();
             return Err(match error["code"].as_str() {
+                Some("paused") => ApiError::conflict(message),
                 Some("command_not_found") => {
                     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
                 }
@@ -276,12 +295,18 @@ impl Manager {
                     .and_then(|pid| {
                         rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
                     });
-                let alive = match (&pidfd, status) {
+                let state = match (&pidfd, status) {
                     (Some(_), SandboxStatus::Running) => {
-                        self.request(&record, json!({"op": "status"})).await.is_ok()
+                        self.request(&record, json!({"op": "status"})).await.ok()
                     }
-                    _ => false,
+                    _ => None,
                 };
+                let alive = state.is_some();
+                if let Some(state) = &state {
+                    self.store
+                        .set_paused(&record.id, state["state"] == "paused")
+                        .await?;
+                }
                 match (alive, pidfd) {
                     (true, Some(pidfd)) => {
                         self.watch_adopted(record.id.clone(), dir, pidfd)?;

@@ -463,6 +463,8 @@ pub struct SandboxRecord {
     pub reason: Option<String>,
     pub shim_pid: Option<i64>,
     pub dir: String,
+    /// Frozen by the cgroup freezer (status stays `running`).
+    pub paused: bool,
 }
 
 /// How a sandbox ended.
@@ -474,7 +476,7 @@ pub struct Finish<'a> {
 }
 
 const SANDBOX_COLUMNS: &str =
-    "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir";
+    "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused";
 
 fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, StoreError> {
     let status: String = row.try_get("status")?;
@@ -493,6 +495,7 @@ fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, Stor
         reason: row.try_get("reason")?,
         shim_pid: row.try_get("shim_pid")?,
         dir: row.try_get("dir")?,
+        paused: row.try_get::<i64, _>("paused")? != 0,
     })
 }
 
@@ -526,6 +529,16 @@ impl Store {
         .bind(id)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Sets or clears the paused flag of a running sandbox.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET paused = ? WHERE id = ? AND status = 'running'")
+            .bind(paused as i64)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -612,6 +625,7 @@ mod sandbox_tests {
             reason: None,
             shim_pid: None,
             dir: format!("/tmp/{id}"),
+            paused: false,
         }
     }
 

@@ -190,6 +190,17 @@ pub fn kill(id: String) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+pub fn set_paused(id: String, paused: bool) -> anyhow::Result<u8> {
+    let op = if paused { "pause" } else { "resume" };
+    let record = Client::from_env()?.json("POST", &format!("/v1/sandboxes/{}/{op}", encode(&id)), None)?;
+    eprintln!(
+        "tartarus: {} {}",
+        record["id"].as_str().unwrap_or(&id),
+        record["status"].as_str().unwrap_or(op)
+    );
+    Ok(0)
+}
+
 #[derive(Args, Debug)]
 pub struct ExecArgs {
     id: String,

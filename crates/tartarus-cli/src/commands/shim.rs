@@ -73,6 +73,8 @@ enum ShimRequest {
         timeout_ms: Option<u64>,
     },
     Status,
+    Pause,
+    Resume,
     Kill,
 }
 
@@ -185,7 +187,20 @@ fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<boo
     let mut kill = false;
     let response = match serde_json::from_str::<ShimRequest>(&line) {
         Err(e) => error_json("invalid_request", e),
-        Ok(ShimRequest::Status) => json!({"id": sandbox.id(), "state": "running"}),
+        Ok(ShimRequest::Status) => {
+            json!({"id": sandbox.id(), "state": if sandbox.is_paused() { "paused" } else { "running" }})
+        }
+        Ok(ShimRequest::Pause) => match sandbox.pause() {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => error_json("unavailable", crate_error_line(&e)),
+        },
+        Ok(ShimRequest::Resume) => match sandbox.resume() {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => error_json("unavailable", crate_error_line(&e)),
+        },
+        Ok(ShimRequest::Exec { .. }) if sandbox.is_paused() => {
+            error_json("paused", "the sandbox is paused; resume it first")
+        }
         Ok(ShimRequest::Kill) => {
             kill = true;
             json!({"ok": true})
@@ -229,6 +244,18 @@ fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<boo
     // A client that went away does not stop the shim.
     let _ = writeln!(stream, "{response}");
     Ok(kill)
+}
+
+/// An error and its causes on one line.
+fn crate_error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {

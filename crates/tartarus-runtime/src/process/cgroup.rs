@@ -71,6 +71,8 @@ pub enum Controller {
     Memory,
     Cpu,
     Pids,
+    /// v1 `freezer`; on v2 freezing is the core `cgroup.freeze` file and needs no controller.
+    Freezer,
 }
 
 impl Controller {
@@ -79,6 +81,7 @@ impl Controller {
             Controller::Memory => "memory",
             Controller::Cpu => "cpu",
             Controller::Pids => "pids",
+            Controller::Freezer => "freezer",
         }
     }
     fn limit_name(self) -> &'static str {
@@ -86,6 +89,7 @@ impl Controller {
             Controller::Memory => "memory",
             Controller::Cpu => "cpu",
             Controller::Pids => "pids",
+            Controller::Freezer => "pause",
         }
     }
 }
@@ -127,7 +131,12 @@ impl CgroupLayout {
             .map(|m| read_controllers(fs, m))
             .unwrap_or_default();
         let mut v1_mounts = Vec::new();
-        for controller in [Controller::Memory, Controller::Cpu, Controller::Pids] {
+        for controller in [
+            Controller::Memory,
+            Controller::Cpu,
+            Controller::Pids,
+            Controller::Freezer,
+        ] {
             let dir = root.join(controller.name());
             if fs.exists(&dir.join("cgroup.procs")) {
                 v1_mounts.push((controller, dir));
@@ -150,7 +159,7 @@ impl CgroupLayout {
     /// Where `controller` would be enforced: v2 when offered there, else its v1 hierarchy.
     pub fn placement(&self, controller: Controller) -> Option<(CgroupVersion, &Path)> {
         if let Some(mount) = &self.v2_mount {
-            if self.v2_controllers.contains(controller.name()) {
+            if controller == Controller::Freezer || self.v2_controllers.contains(controller.name()) {
                 return Some((CgroupVersion::V2, mount));
             }
         }
@@ -189,8 +198,12 @@ pub fn create(
     parent: &str,
     name: &str,
     limits: &ResourceLimits,
+    freezable: bool,
 ) -> Result<SandboxCgroups, PrepareError> {
     let mut wanted = Vec::new();
+    if freezable {
+        wanted.push(Controller::Freezer);
+    }
     if limits.memory_bytes.is_some() {
         wanted.push(Controller::Memory);
     }
@@ -285,10 +298,14 @@ fn create_dir(fs: &dyn CgroupFs, dir: &CgroupDir, limits: &ResourceLimits) -> Re
         let enable: String = dir
             .controllers
             .iter()
+            .filter(|c| **c != Controller::Freezer)
             .map(|c| format!("+{} ", c.name()))
             .collect();
         let mount_root = parent.parent().unwrap_or(parent);
         for level in [mount_root, parent] {
+            if enable.is_empty() {
+                break; // freezing is a core v2 file: no controller to enable
+            }
             let control = level.join("cgroup.subtree_control");
             fs.write(&control, enable.trim_end())
                 .map_err(cgroup_err(&control))?;
@@ -349,6 +366,7 @@ fn limit_settings(
                     }
                 }
             }
+            (Controller::Freezer, _) => {}
             (Controller::Pids, _) => {
                 if let Some(pids) = limits.pids {
                     out.push(("pids.max", pids.to_string()));
@@ -370,6 +388,24 @@ impl SandboxCgroups {
 
     fn dir_with(&self, controller: Controller) -> Option<&CgroupDir> {
         self.dirs.iter().find(|d| d.controllers.contains(&controller))
+    }
+
+    /// Freezes (or thaws) every process of the sandbox.
+    pub fn freeze(&self, fs: &dyn CgroupFs, frozen: bool) -> io::Result<()> {
+        let dir = self
+            .dir_with(Controller::Freezer)
+            .ok_or_else(|| io::Error::other("no freezer cgroup"))?;
+        match dir.version {
+            CgroupVersion::V2 => fs.write(&dir.path.join("cgroup.freeze"), if frozen { "1" } else { "0" }),
+            CgroupVersion::V1 => fs.write(
+                &dir.path.join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+            ),
+        }
+    }
+
+    pub fn can_freeze(&self) -> bool {
+        self.dir_with(Controller::Freezer).is_some()
     }
 
     /// How many times the OOM killer killed a process in the sandbox.
@@ -597,7 +633,7 @@ mod tests {
             layout.v2_mount.as_deref(),
             Some(Path::new("/sys/fs/cgroup/unified"))
         );
-        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap();
+        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap();
         assert_eq!(cgroups.dirs.len(), 3);
         assert!(cgroups.dirs.iter().all(|d| d.version == CgroupVersion::V1));
         assert_eq!(
@@ -620,7 +656,7 @@ mod tests {
     fn pure_v2_uses_one_directory_and_enables_controllers() {
         let fs = pure_v2("cpuset cpu io memory pids");
         let layout = CgroupLayout::detect(&fs);
-        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap();
+        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap();
         assert_eq!(cgroups.dirs.len(), 1);
         assert_eq!(
             cgroups.dirs[0].controllers,
@@ -644,7 +680,7 @@ mod tests {
     fn missing_controller_fails_with_a_reason_naming_it() {
         let fs = pure_v2("cpu pids");
         let layout = CgroupLayout::detect(&fs);
-        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap_err();
+        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("memory limit requested but cannot be enforced"),
@@ -659,7 +695,7 @@ mod tests {
         let mut fs = hybrid();
         fs.read_only.insert("/sys/fs/cgroup/pids".into());
         let layout = CgroupLayout::detect(&fs);
-        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits()).unwrap_err();
+        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap_err();
         assert!(
             matches!(err, PrepareError::LimitUnavailable { limit: "pids", .. }),
             "{err}"
@@ -672,6 +708,64 @@ mod tests {
             .cloned()
             .collect();
         assert!(leftovers.is_empty(), "rolled back: {leftovers:?}");
+    }
+
+    #[test]
+    fn freezer_uses_the_v2_core_file_even_without_v2_controllers() {
+        let fs = hybrid();
+        let layout = CgroupLayout::detect(&fs);
+        let cgroups = create(
+            &fs,
+            &layout,
+            "tartarus",
+            "1-abc",
+            &ResourceLimits::default(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(cgroups.dirs.len(), 1);
+        assert_eq!(
+            cgroups.dirs[0].path,
+            Path::new("/sys/fs/cgroup/unified/tartarus/1-abc")
+        );
+        assert!(
+            fs.written("/sys/fs/cgroup/unified/cgroup.subtree_control")
+                .is_none(),
+            "nothing to enable"
+        );
+        cgroups.freeze(&fs, true).unwrap();
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.freeze")
+                .unwrap(),
+            "1"
+        );
+        cgroups.freeze(&fs, false).unwrap();
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.freeze")
+                .unwrap(),
+            "0"
+        );
+    }
+
+    #[test]
+    fn freezer_falls_back_to_v1() {
+        let fs = FakeCgroupFs::default().file("/sys/fs/cgroup/freezer/cgroup.procs", "");
+        let layout = CgroupLayout::detect(&fs);
+        let cgroups = create(
+            &fs,
+            &layout,
+            "tartarus",
+            "1-abc",
+            &ResourceLimits::default(),
+            true,
+        )
+        .unwrap();
+        cgroups.freeze(&fs, true).unwrap();
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/freezer/tartarus/1-abc/freezer.state")
+                .unwrap(),
+            "FROZEN"
+        );
     }
 
     #[test]
