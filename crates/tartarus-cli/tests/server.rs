@@ -24,9 +24,14 @@ impl Server {
     }
 
     fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_with(data_dir, env, &[])
+    }
+
+    fn start_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
         let mut child = Command::new(bin())
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -920,4 +925,61 @@ fn pause_freezes_the_sandbox_and_resume_thaws_it() {
         common::leftover_cgroups(&parent)
     );
     common::remove_cgroup_parent(&parent);
+}
+
+#[test]
+fn warm_pool_sandboxes_behave_like_fresh_ones_and_unclaimed_ones_are_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &[], &["--warm-pool", "2"]);
+    let key = new_key(dir.path(), "team-a", "user");
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let record = create(
+            &server,
+            &key,
+            json!({"env": {"N": n.to_string()}, "labels": {"n": n.to_string()}}),
+        );
+        let id = record["id"].as_str().unwrap().to_string();
+        let (_, r) = exec(&server, &key, &id, json!({"cmd": ["sh", "-c", "echo $N; id -u"]}));
+        assert_eq!(
+            r["stdout"],
+            format!("{n}\n1000\n"),
+            "create env must reach execs in every sandbox"
+        );
+        ids.push(id);
+    }
+    let other = new_key(dir.path(), "team-b", "user");
+    assert_eq!(
+        call(
+            "GET",
+            &format!("{}/v1/sandboxes/{}", server.base, ids[0]),
+            Some(&other),
+            None
+        )
+        .0,
+        404
+    );
+    server.kill9();
+
+    let server = Server::start(dir.path());
+    for id in &ids {
+        let (_, r) = call(
+            "GET",
+            &format!("{}/v1/sandboxes/{id}", server.base),
+            Some(&key),
+            None,
+        );
+        assert_eq!(r["status"], "running", "claimed sandboxes are re-adopted: {r}");
+    }
+    let mut left: Vec<String> = std::fs::read_dir(dir.path().join("sandboxes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        left, expected,
+        "unclaimed pooled sandboxes must be removed on restart"
+    );
 }

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// The `tartarus` binary that provides `shim`.
     pub shim_exe: PathBuf,
+    /// Prepared sandboxes kept ready for requests that fit the defaults.
+    pub warm_pool: usize,
 }
 
 #[derive(Clone)]
@@ -158,7 +160,12 @@ pub fn router(state: AppState) -> Router {
 /// Runs the server until SIGINT/SIGTERM. Prints `listening on ADDR` once it accepts connections.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let store = open_state(&config.data_dir).await?;
-    let manager = Manager::new(store.clone(), config.data_dir.clone(), config.shim_exe.clone());
+    let manager = Manager::new(
+        store.clone(),
+        config.data_dir.clone(),
+        config.shim_exe.clone(),
+        config.warm_pool,
+    );
     let (adopted, ended) = manager
         .reconcile()
         .await
@@ -166,6 +173,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     if adopted + ended > 0 {
         tracing::info!(adopted, ended, "reconciled sandboxes from a previous run");
     }
+    manager.refill();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -408,10 +416,13 @@ async fn exec_sandbox(
             record.status.as_str()
         )));
     }
+    // The sandbox's own env first (pooled sandboxes start without one), then the request's.
+    let base: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
+    let env: Vec<(String, String)> = base.env.into_iter().chain(body.env.clone()).collect();
     let request = json!({
         "op": "exec",
         "command": body.cmd,
-        "env": body.env.iter().collect::<Vec<_>>(),
+        "env": env,
         "workdir": body.cwd,
         "stdin": body.stdin,
         "timeout_ms": body.timeout_s.map(|t| (t * 1000.0) as u64),

@@ -31,6 +31,63 @@ pub struct Manager {
     node: String,
     /// Per live sandbox: becomes true once its outcome is recorded.
     done: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Prepared, unclaimed sandboxes (not in the store until claimed).
+    pool: Mutex<Vec<Pooled>>,
+    pool_size: usize,
+    refilling: std::sync::atomic::AtomicBool,
+}
+
+/// A prepared sandbox waiting in the warm pool.
+struct Pooled {
+    id: String,
+    dir: PathBuf,
+    child: tokio::process::Child,
+    pid: i64,
+}
+
+/// The spec of a pooled sandbox: the defaults of a service sandbox.
+fn pool_spec() -> SandboxSpec {
+    SandboxSpec {
+        service: true,
+        ..SandboxSpec::default()
+    }
+}
+
+/// Whether a pooled sandbox satisfies `spec`: the sandbox's env is applied by the server to every exec,
+/// so only what is fixed at start must match the pool's defaults.
+fn poolable(spec: &SandboxSpec) -> bool {
+    let pooled = pool_spec();
+    spec.command.is_empty()
+        && spec.root == pooled.root
+        && spec.mounts.is_empty()
+        && spec.network == pooled.network
+        && !spec.limits.any()
+        && spec.timeout.is_none()
+        && spec.workdir.is_none()
+}
+
+fn new_record(
+    id: &str,
+    tenant: &str,
+    dir: &Path,
+    spec: String,
+    labels: std::collections::BTreeMap<String, String>,
+) -> SandboxRecord {
+    SandboxRecord {
+        id: id.to_string(),
+        tenant: tenant.to_string(),
+        status: SandboxStatus::Starting,
+        template: None,
+        spec,
+        labels,
+        created_ms: now_ms(),
+        finished_ms: None,
+        exit_code: None,
+        reason: None,
+        shim_pid: None,
+        dir: dir.display().to_string(),
+        paused: false,
+    }
 }
 
 fn random_id() -> Result<String, ApiError> {
@@ -54,13 +111,16 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
 }
 
 impl Manager {
-    pub fn new(store: Store, data_dir: PathBuf, shim_exe: PathBuf) -> Arc<Self> {
+    pub fn new(store: Store, data_dir: PathBuf, shim_exe: PathBuf, pool_size: usize) -> Arc<Self> {
         Arc::new(Manager {
             store,
             data_dir,
             shim_exe,
             node: crate::metrics::node_name(),
             done: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Vec::new()),
+            pool_size,
+            refilling: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -68,45 +128,15 @@ impl Manager {
         dir.join("shim.sock")
     }
 
-    /// Starts a sandbox and returns its record once it runs.
-    pub async fn create(
-        self: &Arc<Self>,
-        tenant: &str,
-        spec: SandboxSpec,
-        labels: std::collections::BTreeMap<String, String>,
-    ) -> Result<SandboxRecord, ApiError> {
-        let started = std::time::Instant::now();
-        let id = random_id()?;
-        let dir = self.data_dir.join("sandboxes").join(&id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(io_err("creating the sandbox directory"))?;
-        let spec_json = serde_json::to_string(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
-        tokio::fs::write(dir.join("spec.json"), &spec_json)
-            .await
-            .map_err(io_err("writing the spec"))?;
-        let mut record = SandboxRecord {
-            id: id.clone(),
-            tenant: tenant.to_string(),
-            status: SandboxStatus::Starting,
-            template: None,
-            spec: spec_json,
-            labels,
-            created_ms: now_ms(),
-            finished_ms: None,
-            exit_code: None,
-            reason: None,
-            shim_pid: None,
-            dir: dir.display().to_string(),
-            paused: false,
-        };
-        self.store.insert_sandbox(&record).await?;
-        let shim_log =
-            std::fs::File::create(dir.join("shim.log")).map_err(io_err("creating the shim log"))?;
+    /// Starts a shim for the spec in `dir` and waits for `ready`; on failure returns the shim's exit code
+    /// and its last log line.
+    async fn start_shim(&self, dir: &Path) -> Result<(tokio::process::Child, i64), (Option<i32>, String)> {
+        let fail = |e: std::io::Error| (None, format!("starting the shim: {e}"));
+        let shim_log = std::fs::File::create(dir.join("shim.log")).map_err(fail)?;
         let mut child = tokio::process::Command::new(&self.shim_exe)
             .arg("shim")
             .arg("--socket")
-            .arg(Self::socket(&dir))
+            .arg(Self::socket(dir))
             .arg("--spec")
             .arg(dir.join("spec.json"))
             .arg("--result")
@@ -119,39 +149,96 @@ impl Manager {
             // Its own process group: a Ctrl-C to the server must not reach sandboxes.
             .process_group(0)
             .spawn()
-            .map_err(io_err("starting the shim"))?;
+            .map_err(fail)?;
         let pid = child.id().unwrap_or(0) as i64;
         let stdout = child
             .stdout
             .take()
-            .ok_or_else(|| ApiError::internal("shim has no stdout"))?;
+            .ok_or((None, "shim has no stdout".to_string()))?;
         let mut line = String::new();
         let ready = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
-        if !matches!(ready, Ok(Ok(n)) if n > 0 && line.starts_with("ready ")) {
-            let _ = child.start_kill();
-            let status = child.wait().await.ok().and_then(|s| s.code());
-            let log = tokio::fs::read_to_string(dir.join("shim.log"))
-                .await
-                .unwrap_or_default();
-            let message = log
-                .lines()
-                .last()
-                .unwrap_or("the sandbox did not start")
-                .trim_start_matches("tartarus: ");
-            let finish = Finish {
-                status: SandboxStatus::Failed,
-                exit_code: status.map(i64::from),
-                reason: message,
-            };
-            self.store.finish_sandbox(&id, &finish).await?;
-            metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => "failed").increment(1);
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(match status {
-                Some(127) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message),
-                Some(126) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message),
-                Some(125) => ApiError::invalid(message),
-                _ => ApiError::internal(format!("sandbox did not start: {message}")),
-            });
+        if matches!(ready, Ok(Ok(n)) if n > 0 && line.starts_with("ready ")) {
+            return Ok((child, pid));
+        }
+        let _ = child.start_kill();
+        let status = child.wait().await.ok().and_then(|s| s.code());
+        let log = tokio::fs::read_to_string(dir.join("shim.log"))
+            .await
+            .unwrap_or_default();
+        let message = log
+            .lines()
+            .last()
+            .unwrap_or("the sandbox did not start")
+            .trim_start_matches("tartarus: ");
+        Err((status, message.to_string()))
+    }
+
+    /// Creates `DIR/sandboxes/<new id>/spec.json`.
+    async fn prepare_dir(&self, spec: &SandboxSpec) -> Result<(String, PathBuf, String), ApiError> {
+        let id = random_id()?;
+        let dir = self.data_dir.join("sandboxes").join(&id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_err("creating the sandbox directory"))?;
+        let spec_json = serde_json::to_string(spec).map_err(|e| ApiError::internal(e.to_string()))?;
+        tokio::fs::write(dir.join("spec.json"), &spec_json)
+            .await
+            .map_err(io_err("writing the spec"))?;
+        Ok((id, dir, spec_json))
+    }
+
+    /// Starts a sandbox and returns its record once it runs. A request the warm pool can serve (no main
+    /// command, limits, timeout, rootfs or host network) takes a prepared sandbox instead.
+    pub async fn create(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: SandboxSpec,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<SandboxRecord, ApiError> {
+        let started = std::time::Instant::now();
+        let pooled = if poolable(&spec) { self.take_pooled() } else { None };
+        // A sandbox started for this request has its record already; a pooled one gets it now.
+        let (id, dir, mut child, pid, inserted) = match pooled {
+            Some(p) => (p.id, p.dir, p.child, p.pid, false),
+            None => {
+                let (id, dir, spec_json) = self.prepare_dir(&spec).await?;
+                let record = new_record(&id, tenant, &dir, spec_json, labels.clone());
+                self.store.insert_sandbox(&record).await?;
+                match self.start_shim(&dir).await {
+                    Ok((child, pid)) => (id, dir, child, pid, true),
+                    Err((status, message)) => {
+                        let finish = Finish {
+                            status: SandboxStatus::Failed,
+                            exit_code: status.map(i64::from),
+                            reason: &message,
+                        };
+                        self.store.finish_sandbox(&id, &finish).await?;
+                        metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => "failed")
+                            .increment(1);
+                        let _ = tokio::fs::remove_dir_all(&dir).await;
+                        return Err(match status {
+                            Some(127) => {
+                                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
+                            }
+                            Some(126) => {
+                                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message)
+                            }
+                            Some(125) => ApiError::invalid(message),
+                            _ => ApiError::internal(format!("sandbox did not start: {message}")),
+                        });
+                    }
+                }
+            }
+        };
+        let mut record = new_record(
+            &id,
+            tenant,
+            &dir,
+            serde_json::to_string(&spec).unwrap_or_default(),
+            labels,
+        );
+        if !inserted {
+            self.store.insert_sandbox(&record).await?;
         }
         self.store.mark_running(&id, pid).await?;
         metrics::histogram!(crate::metrics::LAUNCH_DURATION, "template" => "none", "node" => self.node.clone())
@@ -159,9 +246,56 @@ impl Manager {
         self.watch(id.clone(), dir, async move {
             let _ = child.wait().await;
         })?;
+        self.refill();
         record.status = SandboxStatus::Running;
         record.shim_pid = Some(pid);
         Ok(record)
+    }
+
+    /// A live prepared sandbox from the pool, if any.
+    fn take_pooled(&self) -> Option<Pooled> {
+        let mut pool = self.pool.lock().ok()?;
+        while let Some(mut p) = pool.pop() {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Tops the warm pool up to its size in the background (one filler at a time).
+    pub fn refill(self: &Arc<Self>) {
+        if self.pool_size == 0 || self.refilling.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let manager = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let have = manager.pool.lock().map(|p| p.len()).unwrap_or(usize::MAX);
+                if have >= manager.pool_size {
+                    break;
+                }
+                let spec = pool_spec();
+                let Ok((id, dir, _)) = manager.prepare_dir(&spec).await else {
+                    break;
+                };
+                match manager.start_shim(&dir).await {
+                    Ok((child, pid)) => {
+                        if let Ok(mut pool) = manager.pool.lock() {
+                            pool.push(Pooled { id, dir, child, pid });
+                        }
+                    }
+                    Err((_, message)) => {
+                        tracing::error!("warm pool: a sandbox did not start: {message}");
+                        let _ = tokio::fs::remove_dir_all(&dir).await;
+                        break;
+                    }
+                }
+            }
+            manager
+                .refilling
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).
@@ -324,7 +458,36 @@ impl Manager {
                 }
             }
         }
+        self.remove_orphans().await?;
         Ok((adopted, ended))
+    }
+
+    /// Kills pooled sandboxes a previous run prepared but never handed out (they have no record), and
+    /// removes their directories.
+    async fn remove_orphans(&self) -> Result<(), ApiError> {
+        let Ok(mut entries) = tokio::fs::read_dir(self.data_dir.join("sandboxes")).await else {
+            return Ok(());
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if self.store.sandbox(&id, None).await?.is_some() {
+                continue;
+            }
+            let dir = entry.path();
+            if let Ok(stream) = UnixStream::connect(Self::socket(&dir)).await {
+                let (read, mut write) = stream.into_split();
+                if write.write_all(b"{\"op\":\"kill\"}\n").await.is_ok() {
+                    let mut line = String::new();
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        BufReader::new(read).read_line(&mut line),
+                    )
+                    .await;
+                }
+            }
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        Ok(())
     }
 
     fn watch_adopted(self: &Arc<Self>, id: String, dir: PathBuf, pidfd: OwnedFd) -> Result<(), ApiError> {

@@ -16,6 +16,9 @@ pub struct ServerArgs {
     /// Where state lives: SQLite database, admin key, sandbox directories (default: see `apikey --help`)
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Prepared sandboxes kept ready, so a create without limits, timeout or main command starts at once
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    warm_pool: usize,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -31,6 +34,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         listen: args.listen,
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         shim_exe: std::env::current_exe()?,
+        warm_pool: args.warm_pool,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(tartarus_server::serve(config))?;

@@ -127,6 +127,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
     println!("ready {}", sandbox.id());
     std::io::stdout().flush()?;
 
+    let mut kill_requester = None;
     let outcome = loop {
         let event = sandbox.event_fd().map(|fd| fd.as_raw_fd()).unwrap_or(-1);
         // SAFETY: the descriptor belongs to `sandbox`, which outlives this poll.
@@ -152,8 +153,9 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
         }
         if ready[0] {
             let (stream, _) = listener.accept()?;
-            if serve(&mut sandbox, stream)? {
+            if let Some(killer) = serve(&mut sandbox, stream)? {
                 sandbox.kill(KillReason::Requested)?;
+                kill_requester = Some(killer);
                 break None;
             }
         }
@@ -176,15 +178,19 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
         std::fs::write(path, format!("{record}\n"))?;
     }
     sandbox.cleanup()?;
+    // A kill is answered only now, so the requester knows everything is gone.
+    if let Some(mut stream) = kill_requester {
+        let _ = writeln!(stream, "{}", json!({"ok": true}));
+    }
     Ok(0)
 }
 
-/// Answers one connection; true when the client asked to kill the sandbox.
-fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<bool> {
+/// Answers one connection; returns the connection when the client asked to kill the sandbox (answered
+/// once the sandbox is gone).
+fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<Option<UnixStream>> {
     let mut line = String::new();
     let mut reader = BufReader::new(std::io::Read::take(&stream, MAX_REQUEST));
     reader.read_line(&mut line)?;
-    let mut kill = false;
     let response = match serde_json::from_str::<ShimRequest>(&line) {
         Err(e) => error_json("invalid_request", e),
         Ok(ShimRequest::Status) => {
@@ -201,10 +207,7 @@ fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<boo
         Ok(ShimRequest::Exec { .. }) if sandbox.is_paused() => {
             error_json("paused", "the sandbox is paused; resume it first")
         }
-        Ok(ShimRequest::Kill) => {
-            kill = true;
-            json!({"ok": true})
-        }
+        Ok(ShimRequest::Kill) => return Ok(Some(stream)),
         Ok(ShimRequest::Exec {
             command,
             env,
@@ -243,7 +246,7 @@ fn serve(sandbox: &mut ProcessSandbox, stream: UnixStream) -> anyhow::Result<boo
     let mut stream = stream;
     // A client that went away does not stop the shim.
     let _ = writeln!(stream, "{response}");
-    Ok(kill)
+    Ok(None)
 }
 
 /// An error and its causes on one line.
