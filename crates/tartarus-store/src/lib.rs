@@ -209,7 +209,7 @@ impl Store {
     /// Every key, oldest first.
     pub async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys ORDER BY created_ms, id",
+            "SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys ORDER BY created_ms, rowid",
         )
         .fetch_all(&self.pool)
         .await?;
