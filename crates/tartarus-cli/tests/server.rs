@@ -3,8 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -66,6 +67,38 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Kills every sandbox under `data_dir` through its shim (shims outlive servers by design), so tests
+/// leave nothing running. A shim answers `kill` once its sandbox is gone.
+fn kill_all_sandboxes(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("sandboxes")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if let Ok(mut stream) = UnixStream::connect(entry.path().join("shim.sock")) {
+            let _ = writeln!(stream, "{}", json!({"op": "kill"}));
+            let _ = BufReader::new(stream).read_line(&mut String::new());
+        }
+    }
+}
+
+/// A temporary data directory whose sandboxes are all killed when it goes away.
+struct DataDir(tempfile::TempDir);
+
+impl DataDir {
+    fn new() -> DataDir {
+        DataDir(tempfile::tempdir().unwrap())
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        kill_all_sandboxes(self.0.path());
     }
 }
 
@@ -138,7 +171,7 @@ fn exec(server: &Server, key: &str, id: &str, body: Value) -> (u16, Value) {
 
 #[test]
 fn first_start_writes_a_private_admin_key_and_logs_only_its_path() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let mut server = Server::start(dir.path());
     let key_file = dir.path().join("admin.key");
     assert_eq!(
@@ -159,7 +192,7 @@ fn first_start_writes_a_private_admin_key_and_logs_only_its_path() {
 
 #[test]
 fn create_exec_list_and_delete_a_sandbox() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let key = new_key(dir.path(), "team-a", "user");
     let record = create(
@@ -225,7 +258,7 @@ fn create_exec_list_and_delete_a_sandbox() {
 
 #[test]
 fn main_command_exit_ends_the_sandbox() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let record = create(&server, &server.admin, json!({"cmd": ["sh", "-c", "exit 3"]}));
     let id = record["id"].as_str().unwrap();
@@ -247,7 +280,7 @@ fn main_command_exit_ends_the_sandbox() {
 
 #[test]
 fn keys_are_required_and_roles_enforced() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let url = format!("{}/v1/sandboxes", server.base);
     let (status, body) = call("GET", &url, None, None);
@@ -296,7 +329,7 @@ fn keys_are_required_and_roles_enforced() {
 
 #[test]
 fn tenants_cannot_see_or_touch_each_others_sandboxes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let a = new_key(dir.path(), "team-a", "user");
     let b = new_key(dir.path(), "team-b", "user");
@@ -331,7 +364,7 @@ fn tenants_cannot_see_or_touch_each_others_sandboxes() {
 
 #[test]
 fn bad_input_gets_the_right_status_and_a_clear_message() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let cases: Vec<(&str, u16, &str)> = vec![
         ("{not json", 400, "invalid_request"),
@@ -406,7 +439,7 @@ fn bad_input_gets_the_right_status_and_a_clear_message() {
 
 #[test]
 fn a_killed_server_reconciles_on_restart() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let key = server.admin.clone();
     let survivor = create(&server, &key, json!({}))["id"]
@@ -484,7 +517,7 @@ fn a_killed_server_reconciles_on_restart() {
 
 #[test]
 fn openapi_document_is_complete_and_consistent() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let (status, doc) = call("GET", &format!("{}/v1/openapi.json", server.base), None, None);
     assert_eq!(status, 200);
@@ -545,7 +578,7 @@ fn get_bytes(server: &Server, key: &str, id: &str, query: &str) -> (u16, Vec<u8>
 
 #[test]
 fn files_move_in_and_out_byte_for_byte_and_stay_inside() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let key = new_key(dir.path(), "team-a", "user");
     let id = create(&server, &key, json!({}))["id"]
@@ -606,7 +639,7 @@ fn files_move_in_and_out_byte_for_byte_and_stay_inside() {
 
 #[test]
 fn logs_stream_the_main_command_until_the_sandbox_ends() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let key = server.admin.clone();
     // The main command prints, then waits for a file that the test creates through the API.
@@ -676,7 +709,7 @@ fn cli(server: &Server, key: &str, args: &[&str], stdin: &[u8]) -> std::process:
 
 #[test]
 fn the_cli_drives_the_server() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let key = new_key(dir.path(), "team-a", "user");
     let out = cli(
@@ -733,7 +766,7 @@ fn the_cli_drives_the_server() {
 
 #[test]
 fn config_set_stores_host_and_key_privately() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let config = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
@@ -787,7 +820,7 @@ fn metric_value(text: &str, prefix: &str) -> Option<f64> {
 
 #[test]
 fn metrics_follow_sandboxes_and_requests() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start(dir.path());
     let key = server.admin.clone();
     let id = create(&server, &key, json!({}))["id"]
@@ -849,7 +882,7 @@ fn frozen_state(parent: &str) -> Vec<bool> {
 
 #[test]
 fn pause_freezes_the_sandbox_and_resume_thaws_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let parent = common::cgroup_parent("pause");
     let server = Server::start_with_env(dir.path(), &[("TARTARUS_CGROUP_PARENT", &parent)]);
     let key = server.admin.clone();
@@ -925,7 +958,7 @@ fn pause_freezes_the_sandbox_and_resume_thaws_it() {
 
 #[test]
 fn warm_pool_sandboxes_behave_like_fresh_ones_and_unclaimed_ones_are_cleaned_up() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = DataDir::new();
     let server = Server::start_with(dir.path(), &[], &["--warm-pool", "2"]);
     let key = new_key(dir.path(), "team-a", "user");
     let mut ids = Vec::new();

@@ -178,3 +178,78 @@ fn invalid_spec_is_a_clear_error() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_command_that_ignores_its_stdin_does_not_take_the_shim_down() {
+    let mut shim = Shim::start(json!({"service": true}));
+    // 1 MiB of stdin to a command that exits at once: the shim's writes hit a closed pipe.
+    let input = "x".repeat(1 << 20);
+    let r = shim.request(json!({"op": "exec", "command": ["true"], "stdin": input}));
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(shim.exec(&["echo", "still here"])["stdout"], "still here\n");
+    shim.request(json!({"op": "kill"}));
+    shim.finish();
+}
+
+#[test]
+fn streaming_exec_sends_output_as_it_comes_while_other_requests_are_served() {
+    let mut shim = Shim::start(json!({"service": true}));
+    let mut stream = UnixStream::connect(&shim.socket).unwrap();
+    let script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; printf 'h\\303\\251 '; echo second >&2; exit 3";
+    writeln!(
+        stream,
+        "{}",
+        json!({"op": "exec", "command": ["sh", "-c", script], "stream": true})
+    )
+    .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let mut next = || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+    assert_eq!(next(), json!({"started": true}));
+    assert_eq!(
+        next(),
+        json!({"stream": "stdout", "data": "first\n"}),
+        "output must arrive while the command runs"
+    );
+    // A second request is served while the first exec is still running, and releases it.
+    assert_eq!(shim.exec(&["touch", "/tmp/go"])["exit_code"], 0);
+    let mut seen = Vec::new();
+    let last = loop {
+        let line = next();
+        if line.get("exit_code").is_some() {
+            break line;
+        }
+        seen.push(line);
+    };
+    assert!(
+        seen.contains(&json!({"stream": "stdout", "data": "hé "})),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&json!({"stream": "stderr", "data": "second\n"})),
+        "{seen:?}"
+    );
+    assert_eq!(
+        (last["exit_code"].as_i64(), last["timed_out"].as_bool()),
+        (Some(3), Some(false))
+    );
+    shim.request(json!({"op": "kill"}));
+    shim.finish();
+}
+
+#[test]
+fn kill_is_served_while_a_long_exec_runs() {
+    let mut shim = Shim::start(json!({"service": true}));
+    let mut long = UnixStream::connect(&shim.socket).unwrap();
+    writeln!(
+        long,
+        "{}",
+        json!({"op": "exec", "command": ["sleep", "600"], "stream": true})
+    )
+    .unwrap();
+    let mut reader = BufReader::new(long.try_clone().unwrap());
+    let mut started = String::new();
+    reader.read_line(&mut started).unwrap();
+    assert!(started.contains("started"), "{started}");
+    assert_eq!(shim.request(json!({"op": "kill"}))["ok"], true);
+    assert_eq!(shim.finish()["reason"], "killed");
+}

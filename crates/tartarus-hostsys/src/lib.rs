@@ -198,6 +198,14 @@ pub fn reset_signals_for_exec() {
     let _ = set_signal_mask(&[], libc::SIG_SETMASK);
 }
 
+/// Ignores SIGPIPE, so writing to a pipe or socket whose reader is gone fails with EPIPE instead of
+/// killing the process. For long-lived processes that write to peers that may leave (the binary skips
+/// Rust's runtime start-up, which would otherwise do this).
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN for SIGPIPE is always valid.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 /// Blocks `signals` for the calling thread (they can then be read from a [`signal_fd`]).
 pub fn block_signals(signals: &[i32]) -> io::Result<()> {
     set_signal_mask(signals, libc::SIG_BLOCK)

@@ -22,6 +22,8 @@ pub struct ServerArgs {
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
+    // Clients and shims that go away must never kill the server.
+    tartarus_hostsys::ignore_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TARTARUS_LOG")
