@@ -131,6 +131,11 @@ impl Client {
         Ok(response.into_json().unwrap_or(Value::Null))
     }
 
+    /// POSTs JSON and returns the response body as a reader (for streamed responses).
+    pub fn post_stream(&self, path: &str, body: Value) -> anyhow::Result<Box<dyn Read + Send + Sync>> {
+        Ok(Self::finish(self.request("POST", path).send_json(body))?.into_reader())
+    }
+
     pub fn put_bytes(&self, path: &str, bytes: &[u8]) -> anyhow::Result<()> {
         Self::finish(self.request("PUT", path).send_bytes(bytes)).map(|_| ())
     }

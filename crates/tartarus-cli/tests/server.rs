@@ -1038,3 +1038,57 @@ fn oversized_post_status(server: &Server, size: usize) -> u16 {
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
 }
+
+#[test]
+fn exec_streams_server_sent_events() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let key = server.admin.clone();
+    let id = create(&server, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second >&2; exit 6";
+    let response = ureq::post(&format!("{}/v1/sandboxes/{id}/exec", server.base))
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_json(json!({"cmd": ["sh", "-c", script], "stream": true}))
+        .unwrap();
+    assert_eq!(response.content_type(), "text/event-stream");
+    let mut lines = BufReader::new(response.into_reader())
+        .lines()
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty());
+    assert_eq!(lines.next().unwrap(), "event: stdout");
+    assert_eq!(
+        lines.next().unwrap(),
+        r#"data: "first\n""#,
+        "output must arrive while the command runs"
+    );
+    assert_eq!(
+        exec(&server, &key, &id, json!({"cmd": ["touch", "/tmp/go"]})).0,
+        200
+    );
+    let rest: Vec<String> = lines.collect();
+    assert_eq!(
+        rest[..2],
+        ["event: stderr".to_string(), r#"data: "second\n""#.to_string()],
+        "{rest:?}"
+    );
+    assert_eq!(rest[2], "event: exit");
+    let exit: Value = serde_json::from_str(rest[3].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(
+        (exit["exit_code"].as_i64(), exit["timed_out"].as_bool()),
+        (Some(6), Some(false))
+    );
+    // A command that cannot start is a plain JSON error, not a stream.
+    let (status, body) = exec(
+        &server,
+        &key,
+        &id,
+        json!({"cmd": ["no-such-thing"], "stream": true}),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("command_not_found"))
+    );
+}

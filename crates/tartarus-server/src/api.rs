@@ -67,6 +67,11 @@ pub struct ExecBody {
     /// Text given to the command's stdin.
     pub stdin: Option<String>,
     pub timeout_s: Option<f64>,
+    /// Answer with Server-Sent Events as output is written: `stdout` and `stderr` events whose data is a
+    /// JSON string, then one `exit` event with `{exit_code, signal, wall_ms, timed_out}`. Stdin can only be
+    /// given up front, in `stdin`. Closing the connection kills the command.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// The result of an exec.

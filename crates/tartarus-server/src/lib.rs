@@ -400,7 +400,8 @@ async fn exec_sandbox(
     caller: Caller,
     Path(id): Path<String>,
     body: Result<Json<ExecBody>, JsonRejection>,
-) -> Result<Json<ExecResult>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
@@ -426,7 +427,20 @@ async fn exec_sandbox(
         "workdir": body.cwd,
         "stdin": body.stdin,
         "timeout_ms": body.timeout_s.map(|t| (t * 1000.0) as u64),
+        "stream": body.stream,
     });
+    if body.stream {
+        let result = state.manager.exec_stream(&record, request).await;
+        audit(
+            &state,
+            &caller,
+            "sandbox.exec",
+            Some(&id),
+            if result.is_ok() { "ok" } else { "failed" },
+        )
+        .await;
+        return Ok(sse_exec(result?).into_response());
+    }
     let result = state.manager.exec(&record, request).await;
     audit(
         &state,
@@ -436,7 +450,7 @@ async fn exec_sandbox(
         if result.is_ok() { "ok" } else { "failed" },
     )
     .await;
-    Ok(Json(result?))
+    Ok(Json(result?).into_response())
 }
 
 /// Wait (up to `timeout_s`, default 60, at most 3600) until a sandbox has ended; returns its record.
@@ -597,6 +611,27 @@ async fn metrics_text(State(state): State<AppState>) -> Result<String, ApiError>
     let live = state.store.live_count_all().await?;
     ::metrics::gauge!(metrics::ACTIVE).set(live as f64);
     Ok(handle.render())
+}
+
+/// Turns the shim's lines into Server-Sent Events: `stdout`/`stderr` with a JSON string, then `exit`.
+fn sse_exec(stream: sandboxes::ExecStream) -> impl axum::response::IntoResponse {
+    use axum::response::sse::{Event, Sse};
+    let events = futures_util::stream::unfold(Some(stream), |state| async move {
+        let mut stream = state?;
+        let line = stream.lines.next_line().await.ok()??;
+        let value: serde_json::Value = serde_json::from_str(&line).ok()?;
+        let event = match value.get("stream").and_then(|s| s.as_str()) {
+            Some(name) => Event::default().event(name).data(value["data"].to_string()),
+            None => {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(Event::default().event("exit").data(value.to_string())),
+                    None,
+                ))
+            }
+        };
+        Some((Ok(event), Some(stream)))
+    });
+    Sse::new(events)
 }
 
 /// Liveness.

@@ -353,6 +353,31 @@ impl Manager {
         serde_json::from_str(&line).map_err(|e| ApiError::internal(format!("shim reply: {e}")))
     }
 
+    /// Starts a streaming exec; returns the shim's reply lines after `{"started":true}`.
+    pub async fn exec_stream(&self, record: &SandboxRecord, request: Value) -> Result<ExecStream, ApiError> {
+        let socket = Self::socket(Path::new(&record.dir));
+        let gone = || ApiError::conflict(format!("sandbox {} is not running", record.id));
+        let stream = UnixStream::connect(&socket).await.map_err(|_| gone())?;
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .map_err(|_| gone())?;
+        let mut lines = BufReader::new(read).lines();
+        let first = lines.next_line().await.map_err(|_| gone())?.ok_or_else(gone)?;
+        let reply: Value =
+            serde_json::from_str(&first).map_err(|e| ApiError::internal(format!("shim reply: {e}")))?;
+        if let Some(error) = reply.get("error") {
+            return Err(exec_error(error));
+        }
+        if reply["started"] != true {
+            return Err(ApiError::internal(format!(
+                "unexpected shim reply to a streaming exec: {reply}"
+            )));
+        }
+        Ok(ExecStream { lines, _write: write })
+    }
+
     /// Pauses (freezes) or resumes a running sandbox.
     pub async fn set_paused(&self, record: &SandboxRecord, paused: bool) -> Result<(), ApiError> {
         let reply = self
@@ -373,18 +398,7 @@ impl Manager {
     pub async fn exec(&self, record: &SandboxRecord, request: Value) -> Result<ExecResult, ApiError> {
         let reply = self.request(record, request).await?;
         if let Some(error) = reply.get("error") {
-            let message = error["message"].as_str().unwrap_or("exec failed").to_string();
-            return Err(match error["code"].as_str() {
-                Some("paused") => ApiError::conflict(message),
-                Some("command_not_found") => {
-                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
-                }
-                Some("not_executable") => {
-                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message)
-                }
-                Some("invalid_request") => ApiError::invalid(message),
-                _ => ApiError::internal(message),
-            });
+            return Err(exec_error(error));
         }
         serde_json::from_value(reply).map_err(|e| ApiError::internal(format!("shim exec reply: {e}")))
     }
@@ -521,4 +535,25 @@ impl Manager {
         });
         Ok(())
     }
+}
+
+/// Maps a shim's exec error to the API's.
+fn exec_error(error: &Value) -> ApiError {
+    let message = error["message"].as_str().unwrap_or("exec failed").to_string();
+    match error["code"].as_str() {
+        Some("paused") => ApiError::conflict(message),
+        Some("command_not_found") => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
+        }
+        Some("not_executable") => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message),
+        Some("invalid_request") => ApiError::invalid(message),
+        _ => ApiError::internal(message),
+    }
+}
+
+/// The shim's output lines of a streaming exec. Dropping it closes the connection, which makes the shim
+/// kill the command; the write half is kept because shutting it down early would look like that too.
+pub struct ExecStream {
+    pub lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    _write: tokio::net::unix::OwnedWriteHalf,
 }

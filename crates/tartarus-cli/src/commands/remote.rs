@@ -232,17 +232,37 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<u8> {
             body["stdin"] = json!(input);
         }
     }
-    let result = client.json(
-        "POST",
-        &format!("/v1/sandboxes/{}/exec", encode(&args.id)),
-        Some(body),
-    )?;
-    std::io::stdout().write_all(result["stdout"].as_str().unwrap_or_default().as_bytes())?;
-    std::io::stderr().write_all(result["stderr"].as_str().unwrap_or_default().as_bytes())?;
-    if result["timed_out"] == true {
-        eprintln!("tartarus: timed out; the command was killed");
+    body["stream"] = json!(true);
+    // Server-Sent Events: `stdout`/`stderr` carry a JSON string each; `exit` ends the stream.
+    let reader = client.post_stream(&format!("/v1/sandboxes/{}/exec", encode(&args.id)), body)?;
+    let mut event = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(reader)) {
+        let line = line?;
+        if let Some(name) = line.strip_prefix("event:") {
+            event = name.trim().to_string();
+            continue;
+        }
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let data: Value = serde_json::from_str(data.trim())?;
+        match event.as_str() {
+            "stdout" => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(data.as_str().unwrap_or_default().as_bytes())?;
+                out.flush()?;
+            }
+            "stderr" => std::io::stderr().write_all(data.as_str().unwrap_or_default().as_bytes())?,
+            "exit" => {
+                if data["timed_out"] == true {
+                    eprintln!("tartarus: timed out; the command was killed");
+                }
+                return Ok(data["exit_code"].as_i64().unwrap_or(125).clamp(0, 255) as u8);
+            }
+            _ => {}
+        }
     }
-    Ok(result["exit_code"].as_i64().unwrap_or(125).clamp(0, 255) as u8)
+    anyhow::bail!("the server closed the exec stream before the command ended")
 }
 
 pub fn logs(id: String, follow: bool) -> anyhow::Result<u8> {
