@@ -440,7 +440,9 @@ fn bad_input_gets_the_right_status_and_a_clear_message() {
 #[test]
 fn a_killed_server_reconciles_on_restart() {
     let dir = DataDir::new();
-    let server = Server::start(dir.path());
+    let parent = common::cgroup_parent("reconcile");
+    let env = [("TARTARUS_CGROUP_PARENT", parent.as_str())];
+    let server = Server::start_with_env(dir.path(), &env);
     let key = server.admin.clone();
     let survivor = create(&server, &key, json!({}))["id"]
         .as_str()
@@ -486,7 +488,12 @@ fn a_killed_server_reconciles_on_restart() {
     let mut poll = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
     rustix::event::poll(&mut poll, None).unwrap();
 
-    let server = Server::start(dir.path());
+    let server = Server::start_with_env(dir.path(), &env);
+    assert_eq!(
+        common::leftover_cgroups(&parent).len(),
+        1,
+        "only the survivor's cgroup may remain"
+    );
     let get = |id: &str| {
         call(
             "GET",
@@ -513,6 +520,12 @@ fn a_killed_server_reconciles_on_restart() {
         None,
     );
     assert_eq!((status, gone["status"].as_str()), (200, Some("killed")));
+    assert!(
+        common::leftover_cgroups(&parent).is_empty(),
+        "{:?}",
+        common::leftover_cgroups(&parent)
+    );
+    common::remove_cgroup_parent(&parent);
 }
 
 #[test]

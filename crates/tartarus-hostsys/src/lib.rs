@@ -438,11 +438,24 @@ pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// True when `pid` names a live process (signal 0 probe; EPERM still means it exists).
+/// True when `pid` names a live process: it exists (signal 0 probe; EPERM still means it exists) and is
+/// not a zombie that has exited but not been reaped yet.
 pub fn process_exists(pid: i32) -> bool {
     // SAFETY: kill with signal 0 performs only the existence and permission check.
     let ret = unsafe { libc::kill(pid, 0) };
-    ret == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = ret == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    // /proc/PID/stat: "pid (comm) S ..."; comm may contain spaces and parentheses, so split at the last ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// The filesystem magic of the filesystem holding `path` (`statfs.f_type`).
@@ -505,4 +518,23 @@ fn unshare_namespace(flag: libc::c_int) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exited_but_unreaped_child_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id() as i32;
+        let raw = Pid::from_raw(pid).expect("pid");
+        let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()).expect("pidfd");
+        // Wait for the exit without reaping: the child is a zombie now.
+        let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+        rustix::event::poll(&mut fds, None).expect("poll");
+        assert!(!process_exists(pid), "a zombie must count as gone");
+        child.wait().expect("reap");
+        assert!(process_exists(std::process::id() as i32));
+    }
 }

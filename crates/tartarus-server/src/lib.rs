@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub shim_exe: PathBuf,
     /// Prepared sandboxes kept ready for requests that fit the defaults.
     pub warm_pool: usize,
+    /// The process runtime's settings (where sandbox cgroups live), to collect what dead shims left.
+    pub runtime: tartarus_runtime::process::ProcessRuntimeConfig,
 }
 
 #[derive(Clone)]
@@ -172,6 +174,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .map_err(|e| ServerError::Reconcile(e.message))?;
     if adopted + ended > 0 {
         tracing::info!(adopted, ended, "reconciled sandboxes from a previous run");
+    }
+    // Cgroups of sandboxes whose shim died (it had no chance to remove them).
+    let collected = tartarus_runtime::process::ProcessRuntime::new(config.runtime.clone()).collect_garbage();
+    if !collected.is_empty() {
+        tracing::info!(count = collected.len(), "removed cgroups left by shims that died");
     }
     manager.refill();
     let listener = tokio::net::TcpListener::bind(config.listen)

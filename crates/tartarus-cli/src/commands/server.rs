@@ -37,6 +37,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         shim_exe: std::env::current_exe()?,
         warm_pool: args.warm_pool,
+        runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(tartarus_server::serve(config))?;
