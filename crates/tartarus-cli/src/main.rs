@@ -8,71 +8,9 @@
 // (arguments come from glibc's init_array hook); a stack overflow is a plain SIGSEGV.
 #![no_main]
 
-mod client;
-mod commands;
-mod terminal;
-
-use clap::{CommandFactory, Parser, Subcommand};
-
-/// Exit code for a failure of Tartarus itself (as opposed to the sandboxed command's own exit code).
-pub const EXIT_TARTARUS_ERROR: u8 = 125;
-
-#[derive(Parser)]
-#[command(
-    name = "tartarus",
-    version,
-    about = "Run untrusted code in isolated sandboxes",
-    propagate_version = true
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-#[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
-enum Command {
-    /// Run a command in a new sandbox and exit with its exit code
-    Run(commands::run::RunArgs),
-    /// Remove cgroups left behind by a crashed `tartarus run`
-    Gc,
-    /// Serve the REST API over long-lived sandboxes
-    Server(commands::server::ServerArgs),
-    /// Set or show where the server is and which key to use
-    Config(commands::remote::ConfigArgs),
-    /// Create a sandbox on the server and print its id
-    Create(commands::remote::CreateArgs),
-    /// List sandboxes on the server
-    Ps(commands::remote::PsArgs),
-    /// Show one sandbox as JSON
-    Inspect { id: String },
-    /// Run a command in a sandbox on the server; exits with its exit code
-    Exec(commands::remote::ExecArgs),
-    /// Print a sandbox's main output (--follow streams it)
-    Logs {
-        id: String,
-        #[arg(long, short = 'f')]
-        follow: bool,
-    },
-    /// Copy a file between the host and a sandbox (SANDBOX_ID:/path on one side)
-    Cp { src: String, dst: String },
-    /// Kill a sandbox on the server and remove it
-    Kill { id: String },
-    /// Freeze every process of a sandbox on the server
-    Pause { id: String },
-    /// Thaw a paused sandbox on the server
-    Resume { id: String },
-    /// Manage API keys of the server (tenants and roles)
-    Apikey(commands::apikey::ApiKeyArgs),
-    /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
-    #[command(hide = true)]
-    Shim(commands::shim::ShimArgs),
-    /// Print a shell completion script
-    Completions {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-}
+use clap::{CommandFactory, Parser};
+use tartarus_cli::cli::{Cli, Command};
+use tartarus_cli::{commands, EXIT_TARTARUS_ERROR};
 
 #[no_mangle]
 extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
@@ -90,23 +28,14 @@ fn real_main() -> libc::c_int {
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Gc => commands::gc::run(),
-        Command::Apikey(args) => commands::apikey::run(args),
-        Command::Server(args) => commands::server::run(args),
-        Command::Config(args) => commands::remote::config(args),
-        Command::Create(args) => commands::remote::create(args),
-        Command::Ps(args) => commands::remote::ps(args),
-        Command::Inspect { id } => commands::remote::inspect(id),
-        Command::Exec(args) => commands::remote::exec(args),
-        Command::Logs { id, follow } => commands::remote::logs(id, follow),
-        Command::Cp { src, dst } => commands::remote::cp(src, dst),
-        Command::Kill { id } => commands::remote::kill(id),
-        Command::Pause { id } => commands::remote::set_paused(id, true),
-        Command::Resume { id } => commands::remote::set_paused(id, false),
         Command::Shim(args) => commands::shim::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());
             Ok(0)
         }
+        // The control plane and its clients live in a sibling binary, so that this one, which starts for
+        // every sandbox, stays lean.
+        _ => exec_control_binary(),
     };
     match result {
         Ok(code) => code as libc::c_int,
@@ -116,18 +45,6 @@ fn real_main() -> libc::c_int {
             EXIT_TARTARUS_ERROR as libc::c_int
         }
     }
-}
-
-/// Prints `tartarus: <error>: <cause>: <cause>` on one line.
-pub fn print_error(e: &(dyn std::error::Error + 'static)) {
-    let mut line = format!("tartarus: {e}");
-    let mut source = e.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    eprintln!("{line}");
 }
 
 /// Help and version go to stdout with success; usage errors become one line with a pointer to --help.
@@ -154,4 +71,18 @@ fn usage_error(e: clap::Error) -> u8 {
         .unwrap_or_default();
     eprintln!("tartarus: {first}{tip} (see 'tartarus --help')");
     EXIT_TARTARUS_ERROR
+}
+
+/// Replaces this process with `tartarus-control` (next to this binary), passing the same arguments.
+fn exec_control_binary() -> anyhow::Result<u8> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let server = exe.with_file_name("tartarus-control");
+    let error = std::process::Command::new(&server)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::bail!(
+        "cannot run {}: {error}; it is built with tartarus (cargo build --release) and must sit next to it",
+        server.display()
+    )
 }

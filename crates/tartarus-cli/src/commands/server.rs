@@ -35,7 +35,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
     let config = ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
-        shim_exe: std::env::current_exe()?,
+        // The shim is part of the lean `tartarus` binary, next to this one.
+        shim_exe: std::env::current_exe()?.with_file_name("tartarus"),
         warm_pool: args.warm_pool,
         runtime: super::run::runtime_config(),
     };

@@ -1,0 +1,107 @@
+//! The `tartarus` command line: commands as a library, shared by the `tartarus` binary (run, shim, gc,
+//! client commands: kept lean, since it starts for every sandbox) and `tartarus-server` (the HTTP server
+//! and key management, with their heavier dependencies).
+
+pub mod client;
+pub mod commands;
+pub mod terminal;
+
+/// The command line, shared by both binaries so they parse exactly the same arguments.
+pub mod cli {
+    use clap::{Parser, Subcommand};
+
+    use crate::commands;
+
+    #[derive(Parser)]
+    #[command(
+        name = "tartarus",
+        version,
+        about = "Run untrusted code in isolated sandboxes",
+        propagate_version = true
+    )]
+    pub struct Cli {
+        #[command(subcommand)]
+        pub command: Command,
+    }
+
+    #[derive(Subcommand)]
+    #[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
+    pub enum Command {
+        /// Run a command in a new sandbox and exit with its exit code
+        Run(commands::run::RunArgs),
+        /// Remove cgroups left behind by a crashed `tartarus run`
+        Gc,
+        /// Serve the REST API over long-lived sandboxes
+        Server(commands::server::ServerArgs),
+        /// Set or show where the server is and which key to use
+        Config(commands::remote::ConfigArgs),
+        /// Create a sandbox on the server and print its id
+        Create(commands::remote::CreateArgs),
+        /// List sandboxes on the server
+        Ps(commands::remote::PsArgs),
+        /// Show one sandbox as JSON
+        Inspect { id: String },
+        /// Run a command in a sandbox on the server; exits with its exit code
+        Exec(commands::remote::ExecArgs),
+        /// Print a sandbox's main output (--follow streams it)
+        Logs {
+            id: String,
+            #[arg(long, short = 'f')]
+            follow: bool,
+        },
+        /// Copy a file between the host and a sandbox (SANDBOX_ID:/path on one side)
+        Cp { src: String, dst: String },
+        /// Kill a sandbox on the server and remove it
+        Kill { id: String },
+        /// Freeze every process of a sandbox on the server
+        Pause { id: String },
+        /// Thaw a paused sandbox on the server
+        Resume { id: String },
+        /// Manage API keys of the server (tenants and roles)
+        Apikey(commands::apikey::ApiKeyArgs),
+        /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
+        #[command(hide = true)]
+        Shim(commands::shim::ShimArgs),
+        /// Print a shell completion script
+        Completions {
+            #[arg(value_enum)]
+            shell: clap_complete::Shell,
+        },
+    }
+
+    /// Runs a control-plane or client command (everything but run, gc, shim and completions).
+    pub fn run_control(command: Command) -> anyhow::Result<u8> {
+        match command {
+            Command::Server(args) => commands::server::run(args),
+            Command::Apikey(args) => commands::apikey::run(args),
+            Command::Config(args) => commands::remote::config(args),
+            Command::Create(args) => commands::remote::create(args),
+            Command::Ps(args) => commands::remote::ps(args),
+            Command::Inspect { id } => commands::remote::inspect(id),
+            Command::Exec(args) => commands::remote::exec(args),
+            Command::Logs { id, follow } => commands::remote::logs(id, follow),
+            Command::Cp { src, dst } => commands::remote::cp(src, dst),
+            Command::Kill { id } => commands::remote::kill(id),
+            Command::Pause { id } => commands::remote::set_paused(id, true),
+            Command::Resume { id } => commands::remote::set_paused(id, false),
+            Command::Run(_) | Command::Gc | Command::Shim(_) | Command::Completions { .. } => {
+                anyhow::bail!("this command belongs to the tartarus binary")
+            }
+        }
+    }
+}
+
+/// Exit code for a failure of Tartarus itself (as opposed to the sandboxed command's own exit code).
+pub const EXIT_TARTARUS_ERROR: u8 = 125;
+
+/// Prints `tartarus: <error>: <cause>: <cause>` on one line.
+pub fn print_error(e: &(dyn std::error::Error + 'static)) {
+    let mut line = format!("tartarus: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    eprintln!("{line}");
+}
