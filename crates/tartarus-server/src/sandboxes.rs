@@ -332,32 +332,17 @@ impl Manager {
         }
     }
 
-    /// Sends one request to the sandbox's shim and returns its reply.
-    pub async fn request(&self, record: &SandboxRecord, request: Value) -> Result<Value, ApiError> {
-        let socket = Self::socket(Path::new(&record.dir));
+    /// Connects to the sandbox's shim, sends `request`, and returns its first reply line with the
+    /// connection (reader for further lines, writer kept open).
+    async fn open(
+        &self,
+        record: &SandboxRecord,
+        request: &Value,
+    ) -> Result<(String, ShimConnection), ApiError> {
         let gone = || ApiError::conflict(format!("sandbox {} is not running", record.id));
-        let stream = UnixStream::connect(&socket).await.map_err(|_| gone())?;
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{request}\n").as_bytes())
+        let stream = UnixStream::connect(Self::socket(Path::new(&record.dir)))
             .await
             .map_err(|_| gone())?;
-        let mut line = String::new();
-        BufReader::new(read)
-            .read_line(&mut line)
-            .await
-            .map_err(|_| gone())?;
-        if line.is_empty() {
-            return Err(gone());
-        }
-        serde_json::from_str(&line).map_err(|e| ApiError::internal(format!("shim reply: {e}")))
-    }
-
-    /// Starts a streaming exec; returns the shim's reply lines after `{"started":true}`.
-    pub async fn exec_stream(&self, record: &SandboxRecord, request: Value) -> Result<ExecStream, ApiError> {
-        let socket = Self::socket(Path::new(&record.dir));
-        let gone = || ApiError::conflict(format!("sandbox {} is not running", record.id));
-        let stream = UnixStream::connect(&socket).await.map_err(|_| gone())?;
         let (read, mut write) = stream.into_split();
         write
             .write_all(format!("{request}\n").as_bytes())
@@ -365,6 +350,18 @@ impl Manager {
             .map_err(|_| gone())?;
         let mut lines = BufReader::new(read).lines();
         let first = lines.next_line().await.map_err(|_| gone())?.ok_or_else(gone)?;
+        Ok((first, ShimConnection { lines, write }))
+    }
+
+    /// Sends one request to the sandbox's shim and returns its reply.
+    pub async fn request(&self, record: &SandboxRecord, request: Value) -> Result<Value, ApiError> {
+        let (line, _) = self.open(record, &request).await?;
+        serde_json::from_str(&line).map_err(|e| ApiError::internal(format!("shim reply: {e}")))
+    }
+
+    /// Starts a streaming exec; returns the shim's reply lines after `{"started":true}`.
+    pub async fn exec_stream(&self, record: &SandboxRecord, request: Value) -> Result<ExecStream, ApiError> {
+        let (first, connection) = self.open(record, &request).await?;
         let reply: Value =
             serde_json::from_str(&first).map_err(|e| ApiError::internal(format!("shim reply: {e}")))?;
         if let Some(error) = reply.get("error") {
@@ -375,7 +372,10 @@ impl Manager {
                 "unexpected shim reply to a streaming exec: {reply}"
             )));
         }
-        Ok(ExecStream { lines, _write: write })
+        Ok(ExecStream {
+            lines: connection.lines,
+            _write: connection.write,
+        })
     }
 
     /// Pauses (freezes) or resumes a running sandbox.
@@ -549,6 +549,12 @@ fn exec_error(error: &Value) -> ApiError {
         Some("invalid_request") => ApiError::invalid(message),
         _ => ApiError::internal(message),
     }
+}
+
+/// An open connection to a shim.
+struct ShimConnection {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
 }
 
 /// The shim's output lines of a streaming exec. Dropping it closes the connection, which makes the shim
