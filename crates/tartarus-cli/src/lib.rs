@@ -57,6 +57,8 @@ pub mod cli {
         Pause { id: String },
         /// Thaw a paused sandbox on the server
         Resume { id: String },
+        /// Show the audit trail of the server (newest first)
+        Audit(commands::remote::AuditArgs),
         /// Manage API keys of the server (tenants and roles)
         Apikey(commands::apikey::ApiKeyArgs),
         /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
@@ -84,6 +86,7 @@ pub mod cli {
             Command::Kill { id } => commands::remote::kill(id),
             Command::Pause { id } => commands::remote::set_paused(id, true),
             Command::Resume { id } => commands::remote::set_paused(id, false),
+            Command::Audit(args) => commands::remote::audit(args),
             Command::Run(_) | Command::Gc | Command::Shim(_) | Command::Completions { .. } => {
                 anyhow::bail!("this command belongs to the tartarus binary")
             }

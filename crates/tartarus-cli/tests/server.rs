@@ -1105,3 +1105,66 @@ fn exec_streams_server_sent_events() {
         (422, Some("command_not_found"))
     );
 }
+
+#[test]
+fn the_audit_trail_records_mutations_per_tenant() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let a = new_key(dir.path(), "team-a", "user");
+    let b = new_key(dir.path(), "team-b", "user");
+    let id = create(&server, &a, json!({}))["id"].as_str().unwrap().to_string();
+    exec(&server, &a, &id, json!({"cmd": ["true"]}));
+    call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}", server.base),
+        Some(&a),
+        None,
+    );
+    create(&server, &b, json!({}));
+
+    let (status, trail) = call("GET", &format!("{}/v1/audit", server.base), Some(&a), None);
+    assert_eq!(status, 200);
+    let actions: Vec<&str> = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["sandbox.delete", "sandbox.exec", "sandbox.create"],
+        "newest first, own tenant only"
+    );
+    assert!(trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["tenant"] == "team-a" && r["target"] == id.as_str()));
+    let (status, _) = call(
+        "GET",
+        &format!("{}/v1/audit?tenant=team-b", server.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(status, 403, "a tenant cannot read another tenant's trail");
+    let (_, all) = call(
+        "GET",
+        &format!("{}/v1/audit", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(all.as_array().unwrap().len(), 4);
+    let (_, only_b) = call(
+        "GET",
+        &format!("{}/v1/audit?tenant=team-b", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(only_b.as_array().unwrap().len(), 1);
+    let out = cli(&server, &a, &["audit"], b"");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("AGO") && text.contains("sandbox.exec") && !text.contains("team-b"),
+        "{text}"
+    );
+}

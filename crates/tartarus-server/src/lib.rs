@@ -60,7 +60,7 @@ pub struct AppState {
 #[openapi(
     info(title = "Tartarus API", version = "1"),
     paths(create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox, wait_sandbox, healthz,
-          files::put_file, files::get_file, logs_sandbox, pause_sandbox, resume_sandbox),
+          files::put_file, files::get_file, logs_sandbox, pause_sandbox, resume_sandbox, list_audit),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry)),
     modifiers(&BearerAuth)
 )]
@@ -140,6 +140,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
         .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(logs_sandbox))
+        .route("/v1/audit", get(list_audit))
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(
@@ -607,6 +608,37 @@ async fn resume_sandbox(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
     set_paused(state, caller, id, false).await
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Admins only: one tenant's records (others always see their own tenant's).
+    tenant: Option<String>,
+    /// Only records at or after this time (milliseconds since the Unix epoch).
+    since_ms: Option<i64>,
+}
+
+/// The audit trail, newest first: every mutating call with its tenant, key, target and outcome.
+#[utoipa::path(get, path = "/v1/audit", params(AuditQuery), security(("api_key" = [])),
+    responses((status = 200, description = "audit records, newest first"), (status = 401, body = ErrorBody)))]
+async fn list_audit(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<tartarus_store::AuditRecord>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let tenant = match (caller.scope(), query.tenant.as_deref()) {
+        (None, wanted) => wanted,
+        (Some(own), None) => Some(own),
+        (Some(own), Some(wanted)) if own == wanted => Some(own),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::forbidden(
+                "only admin keys may read another tenant's audit trail",
+            ))
+        }
+    };
+    Ok(Json(state.store.audit(tenant, query.since_ms).await?))
 }
 
 /// Prometheus text format. Unauthenticated, like /healthz: serve it on an address scrapers can reach.

@@ -190,6 +190,55 @@ pub fn kill(id: String) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// One tenant's records (admin keys only; others see their own tenant)
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only records newer than this, e.g. 1h or 30m
+    #[arg(long, value_parser = |s: &str| parse_duration(s).map_err(|e| e.to_string()))]
+    since: Option<Duration>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints the audit trail, newest first.
+pub fn audit(args: AuditArgs) -> anyhow::Result<u8> {
+    let mut query = Vec::new();
+    if let Some(t) = &args.tenant {
+        query.push(format!("tenant={}", encode(t)));
+    }
+    if let Some(d) = args.since {
+        query.push(format!("since_ms={}", now_ms() - d.as_millis() as i64));
+    }
+    let path = format!(
+        "/v1/audit{}{}",
+        if query.is_empty() { "" } else { "?" },
+        query.join("&")
+    );
+    let records = Client::from_env()?.json("GET", &path, None)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<10} {:<12} {:<22} {:<20} {:<16} OUTCOME",
+        "AGO", "TENANT", "KEY", "ACTION", "TARGET"
+    );
+    for r in records.as_array().into_iter().flatten() {
+        println!(
+            "{:<10} {:<12} {:<22} {:<20} {:<16} {}",
+            duration_text(now_ms() - r["at_ms"].as_i64().unwrap_or(0)),
+            r["tenant"].as_str().unwrap_or_default(),
+            r["key_id"].as_str().unwrap_or("-"),
+            r["action"].as_str().unwrap_or_default(),
+            r["target"].as_str().unwrap_or("-"),
+            r["outcome"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(0)
+}
+
 pub fn set_paused(id: String, paused: bool) -> anyhow::Result<u8> {
     let op = if paused { "pause" } else { "resume" };
     let record = Client::from_env()?.json("POST", &format!("/v1/sandboxes/{}/{op}", encode(&id)), None)?;
