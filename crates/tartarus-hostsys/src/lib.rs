@@ -438,6 +438,13 @@ pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// `bytes` random bytes from the kernel, as lower-case hex (ids, key secrets).
+pub fn random_hex(bytes: usize) -> io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    random_bytes(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// True when `pid` names a live process: it exists (signal 0 probe; EPERM still means it exists) and is
 /// not a zombie that has exited but not been reaped yet.
 pub fn process_exists(pid: i32) -> bool {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use tartarus_runtime::SandboxSpec;
-use tartarus_store::{Finish, SandboxRecord, SandboxStatus, Store};
+use tartarus_store::{now_ms, Finish, SandboxRecord, SandboxStatus, Store};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -91,19 +91,8 @@ fn new_record(
 }
 
 fn random_id() -> Result<String, ApiError> {
-    let mut bytes = [0u8; 6];
-    tartarus_hostsys::random_bytes(&mut bytes).map_err(|e| ApiError::internal(format!("randomness: {e}")))?;
-    Ok(format!(
-        "sb_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    let hex = tartarus_hostsys::random_hex(6).map_err(|e| ApiError::internal(format!("randomness: {e}")))?;
+    Ok(format!("sb_{hex}"))
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {

@@ -110,7 +110,8 @@ pub enum StoreError {
 /// Prefix of every key secret, so leaked keys are easy to recognise and scan for.
 pub const KEY_PREFIX: &str = "tk_";
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch: the time unit of every stored timestamp.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -118,10 +119,7 @@ fn now_ms() -> i64 {
 }
 
 fn random_hex(bytes: usize) -> Result<String, StoreError> {
-    let mut buf = vec![0u8; bytes];
-    tartarus_hostsys::random_bytes(&mut buf)
-        .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    tartarus_hostsys::random_hex(bytes).map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))
 }
 
 fn hash_secret(secret: &str) -> Vec<u8> {

@@ -7,6 +7,8 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 use tartarus_runtime::units::{parse_duration, parse_size};
 
+use tartarus_store::now_ms;
+
 use crate::client::{encode, Client, Config};
 
 #[derive(Args, Debug)]
@@ -127,13 +129,6 @@ fn duration_text(ms: i64) -> String {
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 pub fn ps(args: PsArgs) -> anyhow::Result<u8> {

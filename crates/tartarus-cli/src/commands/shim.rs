@@ -102,18 +102,6 @@ fn error_json(code: &str, message: impl std::fmt::Display) -> Value {
     json!({"error": {"code": code, "message": message.to_string()}})
 }
 
-/// An error and its causes on one line.
-fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
-}
-
 /// Writes one JSON line; false if the client is gone.
 fn send(stream: &mut UnixStream, value: &Value) -> bool {
     writeln!(stream, "{value}").is_ok()
@@ -371,11 +359,11 @@ impl Shim {
             }
             Ok(ShimRequest::Pause) => match self.sandbox.pause() {
                 Ok(()) => json!({"ok": true}),
-                Err(e) => error_json("unavailable", error_line(&e)),
+                Err(e) => error_json("unavailable", crate::error_chain(&e)),
             },
             Ok(ShimRequest::Resume) => match self.sandbox.resume() {
                 Ok(()) => json!({"ok": true}),
-                Err(e) => error_json("unavailable", error_line(&e)),
+                Err(e) => error_json("unavailable", crate::error_chain(&e)),
             },
             Ok(ShimRequest::Exec { .. }) if self.sandbox.is_paused() => {
                 error_json("paused", "the sandbox is paused; resume it first")

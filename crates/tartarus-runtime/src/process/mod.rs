@@ -134,10 +134,7 @@ fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
 }
 
 fn new_sandbox_id() -> Result<String, PrepareError> {
-    let mut bytes = [0u8; 6];
-    tartarus_hostsys::random_bytes(&mut bytes)
-        .map_err(host_err("reading random bytes for the sandbox id"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    tartarus_hostsys::random_hex(6).map_err(host_err("reading random bytes for the sandbox id"))
 }
 
 fn to_cstring(text: impl Into<Vec<u8>>) -> Result<CString, PrepareError> {
