@@ -14,4 +14,6 @@ pub use sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
 };
-pub use spec::{BindMount, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec, SpecError};
+pub use spec::{
+    BindMount, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec, SandboxUser, SpecError,
+};

@@ -12,6 +12,18 @@ pub enum RootSpec {
     HostSystem,
     /// A directory on the host used as the read-only root (an overlay keeps it untouched).
     Directory(PathBuf),
+    /// Unpacked image layers on the host, bottom layer first, stacked read-only under an overlay whose
+    /// upper layer lives in the sandbox's scratch tmpfs: the root is writable and every write vanishes
+    /// with the sandbox. Each directory is used as an overlayfs lower layer (whiteouts as 0:0 devices,
+    /// opaque directories marked with `user.overlay.opaque`).
+    Layers(Vec<PathBuf>),
+}
+
+/// Who the command runs as inside the sandbox (ids of the sandbox's user namespace, below 65536).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxUser {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl Default for SandboxSpec {
@@ -98,12 +110,17 @@ pub struct SandboxSpec {
     /// Keep init running after setup to serve exec requests ([`crate::process::ProcessSandbox::exec`]); the
     /// command is then optional and, if given, ends the sandbox when it exits.
     pub service: bool,
+    /// The command's user; [`SANDBOX_UID`] when `None`. Only honoured when the supervisor is root (a
+    /// rootless sandbox maps just one id, the sandbox user).
+    pub user: Option<SandboxUser>,
 }
 
 /// The uid and gid the command runs as inside the sandbox.
 pub const SANDBOX_UID: u32 = 1000;
 /// Home directory of the sandbox user.
 pub const SANDBOX_HOME: &str = "/home/sandbox";
+/// Most image layers one root may stack (overlayfs takes up to 500; the mount options must fit a page).
+pub const MAX_LAYERS: usize = 128;
 /// `PATH` given to the command when the caller sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -126,6 +143,10 @@ pub enum SpecError {
     Pids,
     #[error("scratch size must be between 1 MiB and 1 TiB")]
     Scratch,
+    #[error("user {0}:{1} is out of range: sandbox ids are below 65536")]
+    User(u32, u32),
+    #[error("an image root needs between 1 and {MAX_LAYERS} layers, not {0}")]
+    Layers(usize),
     #[error("hostname '{0}' is not a valid host name (1-63 letters, digits or '-')")]
     Hostname(String),
 }
@@ -147,6 +168,7 @@ impl SandboxSpec {
             scratch_bytes: 256 << 20,
             hostname: "sandbox".to_string(),
             service: false,
+            user: None,
         }
     }
 
@@ -170,6 +192,16 @@ impl SandboxSpec {
         }
         if let Some(dir) = &self.workdir {
             check_sandbox_path("--workdir", dir)?;
+        }
+        if let Some(user) = self.user {
+            if user.uid >= 65536 || user.gid >= 65536 {
+                return Err(SpecError::User(user.uid, user.gid));
+            }
+        }
+        if let RootSpec::Layers(layers) = &self.root {
+            if layers.is_empty() || layers.len() > MAX_LAYERS {
+                return Err(SpecError::Layers(layers.len()));
+            }
         }
         for mount in &self.mounts {
             check_sandbox_path("mount target", &mount.target)?;

@@ -21,7 +21,7 @@ use super::protocol::{Report, STATUS_LEN};
 use super::rootfs::{self, Context, RootInputs, SetupError, SetupResult};
 use super::seccomp::CompiledFilters;
 use crate::sandbox::StdioFds;
-use crate::spec::{NetworkMode, ProcessLimits, SpecError, DEFAULT_PATH, SANDBOX_HOME, SANDBOX_UID};
+use crate::spec::{NetworkMode, ProcessLimits, SandboxUser, SpecError, DEFAULT_PATH, SANDBOX_HOME};
 
 /// How uids are mapped into the sandbox's user namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +100,8 @@ pub struct ChildPlan<'a> {
     /// Init's end of the control socket of a service sandbox.
     pub control: Option<RawFd>,
     pub ids: IdMode,
+    /// Who the command runs as (ids inside the sandbox).
+    pub user: SandboxUser,
     pub root: &'a RootInputs,
     pub hostname: &'a str,
     pub network: NetworkMode,
@@ -422,9 +424,9 @@ fn drop_privileges(plan: &ChildPlan<'_>, target: &Target<'_>) -> SetupResult<()>
     if let IdMode::Privileged { .. } = plan.ids {
         // Forked before init dropped them, this process may still hold the supervisor's groups.
         rustix::thread::set_thread_groups(&[]).stage(|| "clearing supplementary groups".into())?;
-        let id = rustix::process::Gid::from_raw(SANDBOX_UID);
+        let id = rustix::process::Gid::from_raw(plan.user.gid);
         rustix::thread::set_thread_res_gid(id, id, id).stage(|| "switching to the sandbox group".into())?;
-        let id = rustix::process::Uid::from_raw(SANDBOX_UID);
+        let id = rustix::process::Uid::from_raw(plan.user.uid);
         rustix::thread::set_thread_res_uid(id, id, id).stage(|| "switching to the sandbox user".into())?;
     }
     let none = CapabilitySets {

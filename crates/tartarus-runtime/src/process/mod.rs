@@ -18,7 +18,7 @@ mod service;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
@@ -37,7 +37,9 @@ use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
 };
-use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
+use crate::spec::{
+    normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SandboxUser, SANDBOX_HOME, SANDBOX_UID,
+};
 
 /// First host id of the range the sandbox's ids map to when the supervisor is root: sandbox root is host
 /// uid 100000000, the sandbox user host uid 100001000. Nothing on the host is owned by these ids.
@@ -149,25 +151,6 @@ impl ProcessSandbox {
             m.target = normalize_sandbox_path(&m.target);
         }
         let id = new_sandbox_id()?;
-        let root = root_inputs(&spec)?;
-        let exec = match spec.command.is_empty() {
-            true => None,
-            false => Some(ExecPlan::build(&spec.command, &spec.env, &spec.hostname)?),
-        };
-        let filters = CompiledFilters::build().map_err(|e| PrepareError::Seccomp(e.to_string()))?;
-        let workdir = spec
-            .workdir
-            .as_deref()
-            .map(normalize_sandbox_path)
-            .unwrap_or_else(|| SANDBOX_HOME.into());
-        let workdir = to_cstring(workdir.into_os_string().into_encoded_bytes())?;
-        let mut writable_dirs: Vec<PathBuf> = vec!["/tmp".into(), SANDBOX_HOME.into(), "/dev/shm".into()];
-        writable_dirs.extend(
-            spec.mounts
-                .iter()
-                .filter(|m| m.writable)
-                .map(|m| m.target.clone()),
-        );
         let euid = rustix::process::geteuid().as_raw();
         let ids = if euid == 0 {
             IdMode::Privileged {
@@ -179,6 +162,29 @@ impl ProcessSandbox {
                 gid: rustix::process::getegid().as_raw(),
             }
         };
+        let root = root_inputs(&spec, ids)?;
+        let exec = match spec.command.is_empty() {
+            true => None,
+            false => Some(ExecPlan::build(&spec.command, &spec.env, &spec.hostname)?),
+        };
+        let filters = CompiledFilters::build().map_err(|e| PrepareError::Seccomp(e.to_string()))?;
+        let workdir = spec
+            .workdir
+            .as_deref()
+            .map(normalize_sandbox_path)
+            .unwrap_or_else(|| SANDBOX_HOME.into());
+        let workdir = to_cstring(workdir.into_os_string().into_encoded_bytes())?;
+        let mut writable_dirs: Vec<PathBuf> = match spec.root {
+            // The whole root is an ephemeral overlay upper in scratch.
+            RootSpec::Layers(_) => vec!["/".into()],
+            _ => vec!["/tmp".into(), SANDBOX_HOME.into(), "/dev/shm".into()],
+        };
+        writable_dirs.extend(
+            spec.mounts
+                .iter()
+                .filter(|m| m.writable)
+                .map(|m| m.target.clone()),
+        );
         let cgroup_fs: Box<dyn CgroupFs> = Box::new(HostCgroupFs);
         // Service sandboxes can be paused, which needs a freezer cgroup (root only: rootless hosts rarely
         // delegate one; pause then reports why it is unavailable).
@@ -261,6 +267,7 @@ impl ProcessSandbox {
             supervisor_fds: &supervisor_fds,
             control: control.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
             ids: self.ids,
+            user: command_user(&self.spec, self.ids),
             root: &self.root,
             hostname: &self.spec.hostname,
             network: self.spec.network,
@@ -631,7 +638,19 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn root_inputs(spec: &SandboxSpec) -> Result<RootInputs, PrepareError> {
+/// The command's user: the spec's, when ids beyond the sandbox user are mapped.
+fn command_user(spec: &SandboxSpec, ids: IdMode) -> SandboxUser {
+    let sandbox_user = SandboxUser {
+        uid: SANDBOX_UID,
+        gid: SANDBOX_UID,
+    };
+    match ids {
+        IdMode::Privileged { .. } => spec.user.unwrap_or(sandbox_user),
+        IdMode::Unprivileged { .. } => sandbox_user,
+    }
+}
+
+fn root_inputs(spec: &SandboxSpec, ids: IdMode) -> Result<RootInputs, PrepareError> {
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
         let source_err = |source: io::Error| PrepareError::MountSource {
@@ -652,28 +671,41 @@ fn root_inputs(spec: &SandboxSpec) -> Result<RootInputs, PrepareError> {
         NetworkMode::None => b"# this sandbox has no network\n".to_vec(),
         NetworkMode::HostLoopback => std::fs::read("/etc/resolv.conf").unwrap_or_default(),
     };
-    let (rootfs, host_entries, shared_etc, etc_files) = match &spec.root {
+    let canonical_dir = |path: &PathBuf| -> Result<PathBuf, PrepareError> {
+        let rootfs_err = |source: io::Error| PrepareError::Rootfs {
+            path: path.display().to_string(),
+            source,
+        };
+        let canonical = std::fs::canonicalize(path).map_err(rootfs_err)?;
+        if !std::fs::metadata(&canonical).map_err(rootfs_err)?.is_dir() {
+            return Err(rootfs_err(io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
+        Ok(canonical)
+    };
+    let (lowers, host_entries, shared_etc, etc_files) = match &spec.root {
         RootSpec::HostSystem => (
-            None,
+            Vec::new(),
             rootfs::host_entries(),
             rootfs::SHARED_ETC.to_vec(),
             rootfs::generated_etc(&spec.hostname, &resolv),
         ),
-        RootSpec::Directory(path) => {
-            let rootfs_err = |source: io::Error| PrepareError::Rootfs {
-                path: path.display().to_string(),
-                source,
-            };
-            let canonical = std::fs::canonicalize(path).map_err(rootfs_err)?;
-            if !std::fs::metadata(&canonical).map_err(rootfs_err)?.is_dir() {
-                return Err(rootfs_err(io::Error::from_raw_os_error(libc::ENOTDIR)));
-            }
-            (Some(canonical), Vec::new(), Vec::new(), Vec::new())
+        RootSpec::Directory(path) => (vec![canonical_dir(path)?], Vec::new(), Vec::new(), Vec::new()),
+        RootSpec::Layers(layers) => {
+            let top_first = layers.iter().rev().map(canonical_dir).collect::<Result<_, _>>()?;
+            (top_first, Vec::new(), Vec::new(), Vec::new())
         }
     };
     Ok(RootInputs {
         root: spec.root.clone(),
-        rootfs,
+        lowers,
+        writable_root: matches!(spec.root, RootSpec::Layers(_)),
+        home_owner: command_user(spec, ids).uid,
+        create_workdir: spec.workdir.as_deref().map(|w| {
+            normalize_sandbox_path(w)
+                .strip_prefix("/")
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        }),
         host_entries,
         shared_etc,
         etc_files,

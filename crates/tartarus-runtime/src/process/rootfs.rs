@@ -60,8 +60,16 @@ pub enum HostEntry {
 /// What the root needs, computed by the supervisor before the fork.
 pub struct RootInputs {
     pub root: RootSpec,
-    /// Canonical host path of `--rootfs`, checked by the supervisor.
-    pub rootfs: Option<PathBuf>,
+    /// Canonical host paths of the overlay's lower directories, top first (`--rootfs` or image layers),
+    /// checked by the supervisor; empty for the host-system root.
+    pub lowers: Vec<PathBuf>,
+    /// Leave the root writable (into the overlay's upper layer in scratch) instead of sealing it read-only.
+    pub writable_root: bool,
+    /// Owner of the home directory (the command's user).
+    pub home_owner: u32,
+    /// Created if missing (relative to the new root) when the root is writable: an image's working
+    /// directory, which Docker creates too.
+    pub create_workdir: Option<PathBuf>,
     pub host_entries: Vec<HostEntry>,
     /// Host files and directories from `/etc` shared read-only (none are secrets).
     pub shared_etc: Vec<&'static str>,
@@ -176,45 +184,45 @@ pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
         user_trees.push(tree);
     }
 
-    // 2. The root mount itself: the scratch tmpfs, or an overlay whose upper layer lives in it. A rootfs is
-    //    opened before /tmp is shadowed and reached through its descriptor.
-    let lower = match &inputs.rootfs {
-        Some(path) => Some(
-            rustix::fs::open(
-                path,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .stage(|| format!("opening rootfs {}", path.display()))?,
-        ),
-        None => None,
-    };
+    // 2. The root mount itself: the scratch tmpfs, or an overlay whose upper layer lives in it. The lower
+    //    directories (a rootfs or image layers) are opened before /tmp is shadowed and reached through
+    //    their descriptors.
+    let mut lowers = Vec::with_capacity(inputs.lowers.len());
+    for path in &inputs.lowers {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .stage(|| format!("opening root layer {}", path.display()))?;
+        lowers.push(fd);
+    }
     mount_fs(
         "tmpfs",
         STAGE,
         "tmpfs",
         &format!("mode=0755,size={}", inputs.scratch_bytes),
     )?;
-    let root_path = match (&inputs.root, lower) {
-        (RootSpec::HostSystem, _) => STAGE.to_string(),
-        (RootSpec::Directory(path), lower) => {
-            let lower = lower.ok_or_else(|| SetupError {
-                stage: "rootfs path missing".into(),
-                source: io::ErrorKind::InvalidInput.into(),
-            })?;
-            let lowerdir = format!("/proc/self/fd/{}", lower.as_raw_fd());
-            for dir in ["upper", "work", "root"] {
-                rustix::fs::mkdir(format!("{STAGE}/{dir}"), Mode::from_raw_mode(0o755))
-                    .stage(|| format!("creating overlay {dir} directory"))?;
-            }
-            let options =
-                format!("lowerdir={lowerdir},upperdir={STAGE}/upper,workdir={STAGE}/work,userxattr");
-            mount_fs("overlay", &format!("{STAGE}/root"), "overlay", &options).map_err(|e| SetupError {
-                stage: format!("overlay over rootfs {}", path.display()),
-                ..e
-            })?;
-            format!("{STAGE}/root")
+    let root_path = if lowers.is_empty() {
+        STAGE.to_string()
+    } else {
+        let lowerdir: Vec<String> = lowers
+            .iter()
+            .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .collect();
+        for dir in ["upper", "work", "root"] {
+            rustix::fs::mkdir(format!("{STAGE}/{dir}"), Mode::from_raw_mode(0o755))
+                .stage(|| format!("creating overlay {dir} directory"))?;
         }
+        let options = format!(
+            "lowerdir={},upperdir={STAGE}/upper,workdir={STAGE}/work,userxattr",
+            lowerdir.join(":")
+        );
+        mount_fs("overlay", &format!("{STAGE}/root"), "overlay", &options).map_err(|e| SetupError {
+            stage: format!("overlay over {}", root_description(&inputs.root)),
+            ..e
+        })?;
+        format!("{STAGE}/root")
     };
     let root = rustix::fs::open(
         &root_path,
@@ -285,8 +293,8 @@ pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
     ] {
         let dir = ensure_dir_with_mode(&root, path, mode)?;
         if path == home {
-            let id = Some(rustix::process::Uid::from_raw(SANDBOX_UID));
-            let gid = Some(rustix::process::Gid::from_raw(SANDBOX_UID));
+            let id = Some(rustix::process::Uid::from_raw(inputs.home_owner));
+            let gid = Some(rustix::process::Gid::from_raw(inputs.home_owner));
             rustix::fs::chownat(&dir, "", id, gid, rustix::fs::AtFlags::EMPTY_PATH)
                 .stage(|| format!("giving {SANDBOX_HOME} to the sandbox user"))?;
         }
@@ -307,6 +315,12 @@ pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
         attach(tree, &point, &m.target.display().to_string())?;
     }
 
+    if let Some(dir) = inputs.create_workdir.as_deref().filter(|_| inputs.writable_root) {
+        if !dir.as_os_str().is_empty() {
+            ensure_dir(&root, dir)?;
+        }
+    }
+
     // 6. Seal the root read-only and switch to it.
     let root_top = rustix::fs::open(
         &root_path,
@@ -314,15 +328,23 @@ pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
         Mode::empty(),
     )
     .stage(|| "reopening the new root".into())?;
-    tartarus_hostsys::set_mount_attributes(
-        root_top.as_fd(),
-        mount_attr::RDONLY | mount_attr::NOSUID | mount_attr::NODEV,
-        false,
-    )
-    .stage(|| "making the root read-only".into())?;
+    let mut seal = mount_attr::NOSUID | mount_attr::NODEV;
+    if !inputs.writable_root {
+        seal |= mount_attr::RDONLY;
+    }
+    tartarus_hostsys::set_mount_attributes(root_top.as_fd(), seal, false)
+        .stage(|| "making the root read-only".into())?;
     rustix::process::fchdir(&root_top).stage(|| "entering the new root".into())?;
     rustix::process::pivot_root(".", ".").stage(|| "pivot_root".into())?;
     Ok(())
+}
+
+fn root_description(root: &RootSpec) -> String {
+    match root {
+        RootSpec::HostSystem => "the host system".into(),
+        RootSpec::Directory(path) => format!("rootfs {}", path.display()),
+        RootSpec::Layers(layers) => format!("{} image layers", layers.len()),
+    }
 }
 
 /// Detaches the host's root, which `pivot_root(".", ".")` left mounted on top of the new root (and is the
