@@ -61,6 +61,12 @@ pub mod cli {
         Audit(commands::remote::AuditArgs),
         /// Manage API keys of the server (tenants and roles)
         Apikey(commands::apikey::ApiKeyArgs),
+        /// Manage templates on the server (an image plus defaults and a warm-up)
+        Template(commands::template::TemplateArgs),
+        /// Write a starting file locally: `init template --name NAME --from IMAGE`
+        Init(commands::template::InitArgs),
+        /// Pull and manage OCI images in the local store
+        Image(commands::image::ImageArgs),
         /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
         #[command(hide = true)]
         Shim(commands::shim::ShimArgs),
@@ -87,6 +93,9 @@ pub mod cli {
             Command::Pause { id } => commands::remote::set_paused(id, true),
             Command::Resume { id } => commands::remote::set_paused(id, false),
             Command::Audit(args) => commands::remote::audit(args),
+            Command::Template(args) => commands::template::run(args),
+            Command::Init(args) => commands::template::init(args),
+            Command::Image(args) => commands::image::run(args),
             Command::Run(_) | Command::Gc | Command::Shim(_) | Command::Completions { .. } => {
                 anyhow::bail!("this command belongs to the tartarus binary")
             }

@@ -21,6 +21,9 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
 }
 
 fn real_main() -> libc::c_int {
+    if commands::zygote::invoked_as_python() {
+        return commands::zygote::main();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e) as libc::c_int,

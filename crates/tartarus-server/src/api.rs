@@ -19,8 +19,11 @@ pub struct Resources {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
-    /// Templates arrive with images (issue 4); must be absent for now.
+    /// A template id (`GET /v1/templates`): its image, defaults, resource caps and warm pool.
     pub template: Option<String>,
+    /// An OCI image reference, pulled when not in the server's store; its layers are the sandbox's
+    /// (writable, ephemeral) root, its Env, WorkingDir and User the defaults.
+    pub image: Option<String>,
     /// Host directory to use as the read-only root (admin keys only).
     pub rootfs: Option<String>,
     /// Main command; the sandbox ends when it exits. Without it the sandbox lives until deleted or timed out.

@@ -10,8 +10,10 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod files;
+pub mod images;
 pub mod metrics;
 pub mod sandboxes;
+pub mod templates;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,12 +49,15 @@ pub struct ServerConfig {
     pub warm_pool: usize,
     /// The process runtime's settings (where sandbox cgroups live), to collect what dead shims left.
     pub runtime: tartarus_runtime::process::ProcessRuntimeConfig,
+    /// Registries on loopback (HOST:PORT) pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
     pub manager: Arc<Manager>,
+    pub images: images::Images,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -60,8 +65,11 @@ pub struct AppState {
 #[openapi(
     info(title = "Tartarus API", version = "1"),
     paths(create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox, wait_sandbox, healthz,
-          files::put_file, files::get_file, logs_sandbox, pause_sandbox, resume_sandbox, list_audit),
-    components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry)),
+          files::put_file, files::get_file, logs_sandbox, pause_sandbox, resume_sandbox, list_audit,
+          templates::create_template, templates::list_templates, templates::get_template,
+          templates::delete_template),
+    components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
+                       templates::CreateTemplate, templates::TemplateView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -99,6 +107,8 @@ pub enum ServerError {
     Reconcile(String),
     #[error("server error")]
     Serve(#[source] std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Creates the data directory, the state store and (on first start) the admin key file.
@@ -141,6 +151,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(logs_sandbox))
         .route("/v1/audit", get(list_audit))
+        .route(
+            "/v1/templates",
+            post(templates::create_template).get(templates::list_templates),
+        )
+        .route(
+            "/v1/templates/{id}",
+            get(templates::get_template).delete(templates::delete_template),
+        )
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(
@@ -181,7 +199,30 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     if !collected.is_empty() {
         tracing::info!(count = collected.len(), "removed cgroups left by shims that died");
     }
-    manager.refill();
+    for registry in &config.insecure_registries {
+        if !tartarus_image::pull::is_loopback(registry) {
+            return Err(ServerError::Config(format!(
+                "--insecure-registry {registry}: plain HTTP is allowed only for a registry on loopback"
+            )));
+        }
+    }
+    let image_store = tartarus_image::runspec::open_store(&config.data_dir)
+        .map_err(|e| ServerError::Config(format!("opening the image store: {e}")))?;
+    let images = images::Images {
+        store: image_store,
+        insecure_registries: Arc::new(config.insecure_registries.iter().cloned().collect()),
+    };
+    manager.refill(sandboxes::DEFAULT_POOL);
+    for record in store
+        .list_templates(None)
+        .await
+        .map_err(|e| ServerError::Config(e.to_string()))?
+    {
+        match serde_json::from_str::<tartarus_image::template::Template>(&record.definition) {
+            Ok(template) => images::start_template_pool(&manager, &images, template),
+            Err(e) => tracing::error!(template = %record.id, "stored template is unreadable: {e}"),
+        }
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -194,6 +235,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let app = router(AppState {
         store,
         manager,
+        images,
         metrics: metrics::install(),
     });
     axum::serve(listener, app)
@@ -250,9 +292,14 @@ pub(crate) async fn audit(
 
 /// Translates and validates a create request into a runtime spec.
 fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<SandboxSpec, ApiError> {
-    if body.template.is_some() {
+    let roots = [
+        body.template.is_some(),
+        body.image.is_some(),
+        body.rootfs.is_some(),
+    ];
+    if roots.iter().filter(|r| **r).count() > 1 {
         return Err(ApiError::invalid(
-            "templates are not available yet; omit 'template'",
+            "give at most one of 'template', 'image' and 'rootfs'",
         ));
     }
     let mut spec = SandboxSpec::new(body.cmd.clone().unwrap_or_default());
@@ -314,10 +361,41 @@ async fn create_sandbox(
 ) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
-    let spec = spec_from(&body, &caller)?;
+    let mut spec = spec_from(&body, &caller)?;
+    let mut pool_key = None;
+    if let Some(id) = &body.template {
+        let record = state
+            .store
+            .get_template(id, caller.scope())
+            .await?
+            .ok_or_else(|| ApiError::invalid(format!("unknown template '{id}' (see GET /v1/templates)")))?;
+        let template: tartarus_image::template::Template = serde_json::from_str(&record.definition)
+            .map_err(|e| ApiError::internal(format!("stored template '{id}': {e}")))?;
+        let image = state.images.ensure(&template.base_image).await?;
+        let plain = images::apply_template(
+            &mut spec,
+            &template,
+            &state.images,
+            &image,
+            state.manager.shim_exe(),
+        )?;
+        if plain {
+            pool_key = Some(template.id.clone());
+        }
+    } else if let Some(reference) = &body.image {
+        let image = state.images.ensure(reference).await?;
+        images::root_on_image(&mut spec, &state.images, &image)?;
+    }
+    spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     let result = state
         .manager
-        .create(&caller.tenant, spec, body.labels.clone())
+        .create(
+            &caller.tenant,
+            spec,
+            body.labels.clone(),
+            body.template.as_deref(),
+            pool_key.as_deref(),
+        )
         .await;
     let outcome = if result.is_ok() { "ok" } else { "failed" };
     audit(

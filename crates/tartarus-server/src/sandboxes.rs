@@ -31,10 +31,27 @@ pub struct Manager {
     node: String,
     /// Per live sandbox: becomes true once its outcome is recorded.
     done: Mutex<HashMap<String, watch::Receiver<bool>>>,
-    /// Prepared, unclaimed sandboxes (not in the store until claimed).
-    pool: Mutex<Vec<Pooled>>,
-    pool_size: usize,
-    refilling: std::sync::atomic::AtomicBool,
+    /// Warm pools by key ([`DEFAULT_POOL`] or a template id): prepared, unclaimed sandboxes (not in the
+    /// store until claimed).
+    pools: Mutex<HashMap<String, Pool>>,
+}
+
+/// The key of the pool of plain sandboxes (template pools are keyed by template id).
+pub const DEFAULT_POOL: &str = "";
+
+/// What a warm pool holds and how many.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub spec: SandboxSpec,
+    pub size: usize,
+    /// An exec that must succeed before a started sandbox counts as warm (the zygote's readiness probe).
+    pub warm_probe: Option<Vec<String>>,
+}
+
+struct Pool {
+    spec: PoolSpec,
+    ready: Vec<Pooled>,
+    refilling: bool,
 }
 
 /// A prepared sandbox waiting in the warm pool.
@@ -101,16 +118,80 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
 
 impl Manager {
     pub fn new(store: Store, data_dir: PathBuf, shim_exe: PathBuf, pool_size: usize) -> Arc<Self> {
+        let default_pool = Pool {
+            spec: PoolSpec {
+                spec: pool_spec(),
+                size: pool_size,
+                warm_probe: None,
+            },
+            ready: Vec::new(),
+            refilling: false,
+        };
         Arc::new(Manager {
             store,
             data_dir,
             shim_exe,
             node: crate::metrics::node_name(),
             done: Mutex::new(HashMap::new()),
-            pool: Mutex::new(Vec::new()),
-            pool_size,
-            refilling: std::sync::atomic::AtomicBool::new(false),
+            pools: Mutex::new(HashMap::from([(DEFAULT_POOL.to_string(), default_pool)])),
         })
+    }
+
+    /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python shim).
+    pub fn shim_exe(&self) -> &Path {
+        &self.shim_exe
+    }
+
+    /// Sets up (or replaces) a warm pool and starts filling it. Sandboxes of a replaced pool whose spec
+    /// changed are killed: they would not match new requests.
+    pub fn register_pool(self: &Arc<Self>, key: &str, spec: PoolSpec) {
+        let stale = {
+            let Ok(mut pools) = self.pools.lock() else {
+                return;
+            };
+            match pools.get_mut(key) {
+                Some(pool) if pool.spec.spec == spec.spec && pool.spec.warm_probe == spec.warm_probe => {
+                    pool.spec.size = spec.size;
+                    Vec::new()
+                }
+                Some(pool) => {
+                    pool.spec = spec;
+                    std::mem::take(&mut pool.ready)
+                }
+                None => {
+                    pools.insert(
+                        key.to_string(),
+                        Pool {
+                            spec,
+                            ready: Vec::new(),
+                            refilling: false,
+                        },
+                    );
+                    Vec::new()
+                }
+            }
+        };
+        for mut pooled in stale {
+            let _ = pooled.child.start_kill();
+        }
+        self.refill(key);
+    }
+
+    /// Drops a pool and kills its unclaimed sandboxes.
+    pub fn remove_pool(&self, key: &str) {
+        let removed = self.pools.lock().ok().and_then(|mut pools| pools.remove(key));
+        for mut pooled in removed.map(|p| p.ready).unwrap_or_default() {
+            let _ = pooled.child.start_kill();
+        }
+    }
+
+    /// How many warm sandboxes a pool holds now.
+    pub fn pool_ready(&self, key: &str) -> usize {
+        self.pools
+            .lock()
+            .ok()
+            .and_then(|pools| pools.get(key).map(|p| p.ready.len()))
+            .unwrap_or(0)
     }
 
     fn socket(dir: &Path) -> PathBuf {
@@ -183,15 +264,24 @@ impl Manager {
         tenant: &str,
         spec: SandboxSpec,
         labels: std::collections::BTreeMap<String, String>,
+        template: Option<&str>,
+        pool_key: Option<&str>,
     ) -> Result<SandboxRecord, ApiError> {
         let started = std::time::Instant::now();
-        let pooled = if poolable(&spec) { self.take_pooled() } else { None };
+        let pool_key = match pool_key {
+            Some(key) => Some(key),
+            None if template.is_none() && poolable(&spec) => Some(DEFAULT_POOL),
+            None => None,
+        };
+        let pooled = pool_key.and_then(|key| self.take_pooled(key));
+        let template_label = template.unwrap_or("none").to_string();
         // A sandbox started for this request has its record already; a pooled one gets it now.
         let (id, dir, mut child, pid, inserted) = match pooled {
             Some(p) => (p.id, p.dir, p.child, p.pid, false),
             None => {
                 let (id, dir, spec_json) = self.prepare_dir(&spec).await?;
-                let record = new_record(&id, tenant, &dir, spec_json, labels.clone());
+                let mut record = new_record(&id, tenant, &dir, spec_json, labels.clone());
+                record.template = template.map(str::to_string);
                 self.store.insert_sandbox(&record).await?;
                 match self.start_shim(&dir).await {
                     Ok((child, pid)) => (id, dir, child, pid, true),
@@ -202,7 +292,7 @@ impl Manager {
                             reason: &message,
                         };
                         self.store.finish_sandbox(&id, &finish).await?;
-                        metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => "failed")
+                        metrics::counter!(crate::metrics::TOTAL, "template" => template_label, "status" => "failed")
                             .increment(1);
                         let _ = tokio::fs::remove_dir_all(&dir).await;
                         return Err(match status {
@@ -226,25 +316,29 @@ impl Manager {
             serde_json::to_string(&spec).unwrap_or_default(),
             labels,
         );
+        record.template = template.map(str::to_string);
         if !inserted {
             self.store.insert_sandbox(&record).await?;
         }
         self.store.mark_running(&id, pid).await?;
-        metrics::histogram!(crate::metrics::LAUNCH_DURATION, "template" => "none", "node" => self.node.clone())
+        metrics::histogram!(crate::metrics::LAUNCH_DURATION, "template" => template_label, "node" => self.node.clone())
             .record(started.elapsed().as_secs_f64());
         self.watch(id.clone(), dir, async move {
             let _ = child.wait().await;
         })?;
-        self.refill();
+        if let Some(key) = pool_key {
+            self.refill(key);
+        }
         record.status = SandboxStatus::Running;
         record.shim_pid = Some(pid);
         Ok(record)
     }
 
-    /// A live prepared sandbox from the pool, if any.
-    fn take_pooled(&self) -> Option<Pooled> {
-        let mut pool = self.pool.lock().ok()?;
-        while let Some(mut p) = pool.pop() {
+    /// A live prepared sandbox from the pool `key`, if any.
+    fn take_pooled(&self, key: &str) -> Option<Pooled> {
+        let mut pools = self.pools.lock().ok()?;
+        let pool = pools.get_mut(key)?;
+        while let Some(mut p) = pool.ready.pop() {
             if matches!(p.child.try_wait(), Ok(None)) {
                 return Some(p);
             }
@@ -252,39 +346,100 @@ impl Manager {
         None
     }
 
-    /// Tops the warm pool up to its size in the background (one filler at a time).
-    pub fn refill(self: &Arc<Self>) {
-        if self.pool_size == 0 || self.refilling.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            return;
-        }
+    /// Tops the warm pool `key` up to its size in the background (one filler per pool at a time).
+    pub fn refill(self: &Arc<Self>, key: &str) {
+        let spec = {
+            let Ok(mut pools) = self.pools.lock() else {
+                return;
+            };
+            let Some(pool) = pools.get_mut(key) else {
+                return;
+            };
+            if pool.spec.size == 0 || pool.refilling {
+                return;
+            }
+            pool.refilling = true;
+            pool.spec.clone()
+        };
         let manager = Arc::clone(self);
+        let key = key.to_string();
         tokio::spawn(async move {
             loop {
-                let have = manager.pool.lock().map(|p| p.len()).unwrap_or(usize::MAX);
-                if have >= manager.pool_size {
+                let have = manager
+                    .pools
+                    .lock()
+                    .ok()
+                    .and_then(|p| p.get(&key).map(|p| p.ready.len()))
+                    .unwrap_or(usize::MAX);
+                if have >= spec.size {
                     break;
                 }
-                let spec = pool_spec();
-                let Ok((id, dir, _)) = manager.prepare_dir(&spec).await else {
+                let Ok((id, dir, _)) = manager.prepare_dir(&spec.spec).await else {
                     break;
                 };
-                match manager.start_shim(&dir).await {
-                    Ok((child, pid)) => {
-                        if let Ok(mut pool) = manager.pool.lock() {
-                            pool.push(Pooled { id, dir, child, pid });
-                        }
-                    }
+                let (mut child, pid) = match manager.start_shim(&dir).await {
+                    Ok(started) => started,
                     Err((_, message)) => {
-                        tracing::error!("warm pool: a sandbox did not start: {message}");
+                        tracing::error!(pool = %key, "warm pool: a sandbox did not start: {message}");
+                        let _ = tokio::fs::remove_dir_all(&dir).await;
+                        break;
+                    }
+                };
+                if let Some(probe) = &spec.warm_probe {
+                    if let Err(message) = manager.probe(&id, &dir, &spec.spec, probe).await {
+                        tracing::error!(pool = %key, "warm pool: a sandbox did not warm up: {message}");
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
                         let _ = tokio::fs::remove_dir_all(&dir).await;
                         break;
                     }
                 }
+                let mut stale = None;
+                if let Ok(mut pools) = manager.pools.lock() {
+                    match pools.get_mut(&key) {
+                        // The pool was replaced or removed meanwhile: this sandbox fits no request.
+                        Some(pool) if pool.spec.spec == spec.spec => {
+                            pool.ready.push(Pooled { id, dir, child, pid })
+                        }
+                        _ => stale = Some(child),
+                    }
+                }
+                if let Some(mut child) = stale {
+                    let _ = child.start_kill();
+                    break;
+                }
             }
-            manager
-                .refilling
-                .store(false, std::sync::atomic::Ordering::Release);
+            if let Ok(mut pools) = manager.pools.lock() {
+                if let Some(pool) = pools.get_mut(&key) {
+                    pool.refilling = false;
+                }
+            }
         });
+    }
+
+    /// Runs a pool's readiness probe in a just-started sandbox.
+    async fn probe(
+        &self,
+        id: &str,
+        dir: &Path,
+        spec: &SandboxSpec,
+        command: &[String],
+    ) -> Result<(), String> {
+        let record = new_record(id, "", dir, String::new(), Default::default());
+        let request = json!({
+            "op": "exec",
+            "command": command,
+            "env": spec.env,
+            "workdir": null,
+            "stdin": null,
+            "timeout_ms": 600_000,
+            "stream": false,
+        });
+        let result = self.exec(&record, request).await.map_err(|e| e.message)?;
+        match result.exit_code {
+            0 => Ok(()),
+            code => Err(format!("probe exited with {code}: {}", result.stderr.trim())),
+        }
     }
 
     /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).

@@ -674,3 +674,188 @@ mod sandbox_tests {
         assert_eq!(store.live_count("a").await.unwrap(), 0);
     }
 }
+
+/// A template as stored. The store keeps its definition as JSON text; the server validates and reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TemplateRecord {
+    pub id: String,
+    /// The tenant that owns it; `None` for a template every tenant sees.
+    pub tenant: Option<String>,
+    /// The template's canonical JSON.
+    pub definition: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// What [`Store::put_template`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplatePut {
+    Created,
+    Replaced,
+    /// Nothing: the id belongs to another owner.
+    Taken,
+}
+
+fn template_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, StoreError> {
+    Ok(TemplateRecord {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        definition: row.try_get("definition")?,
+        created_ms: row.try_get("created_ms")?,
+        updated_ms: row.try_get("updated_ms")?,
+    })
+}
+
+impl Store {
+    /// Inserts a template, or replaces the definition of the one with this id if `tenant` owns it (`None`:
+    /// a shared one), keeping when it was created. Both steps are single statements, so a concurrent
+    /// caller cannot take over another tenant's template.
+    pub async fn put_template(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+        definition: &str,
+    ) -> Result<TemplatePut, StoreError> {
+        if let Some(t) = tenant.filter(|t| !valid_tenant(t)) {
+            return Err(StoreError::Invalid(format!(
+                "invalid tenant '{t}': use 1-63 lower-case letters, digits, '-' or '_'"
+            )));
+        }
+        if serde_json::from_str::<serde_json::Value>(definition).is_err() {
+            return Err(StoreError::Invalid(format!(
+                "the definition of template '{id}' is not JSON"
+            )));
+        }
+        let now = now_ms();
+        let inserted = sqlx::query(
+            "INSERT INTO templates (id, tenant, definition, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(definition)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() > 0 {
+            return Ok(TemplatePut::Created);
+        }
+        let updated =
+            sqlx::query("UPDATE templates SET definition = ?, updated_ms = ? WHERE id = ? AND tenant IS ?")
+                .bind(definition)
+                .bind(now)
+                .bind(id)
+                .bind(tenant)
+                .execute(&self.pool)
+                .await?;
+        Ok(match updated.rows_affected() {
+            0 => TemplatePut::Taken,
+            _ => TemplatePut::Replaced,
+        })
+    }
+
+    /// One template; with `tenant`, only if that tenant sees it (its own or a shared one).
+    pub async fn get_template(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+    ) -> Result<Option<TemplateRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, tenant, definition, created_ms, updated_ms FROM templates \
+             WHERE id = ?1 AND (?2 IS NULL OR tenant IS NULL OR tenant = ?2)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| template_from_row(&r)).transpose()
+    }
+
+    /// Templates by id; with `tenant`, those that tenant sees (its own and shared ones).
+    pub async fn list_templates(&self, tenant: Option<&str>) -> Result<Vec<TemplateRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant, definition, created_ms, updated_ms FROM templates \
+             WHERE ?1 IS NULL OR tenant IS NULL OR tenant = ?1 ORDER BY id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(template_from_row).collect()
+    }
+
+    /// Deletes a template; returns whether it existed.
+    pub async fn delete_template(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM templates WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn test_templates_are_put_replaced_listed_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let put = |id: &'static str, tenant: Option<&'static str>, definition: &'static str| {
+            let store = store.clone();
+            async move { store.put_template(id, tenant, definition).await.unwrap() }
+        };
+        assert_eq!(put("py", None, r#"{"id":"py"}"#).await, TemplatePut::Created);
+        assert_eq!(
+            put("r", Some("team-a"), r#"{"id":"r"}"#).await,
+            TemplatePut::Created
+        );
+        let first = store.get_template("py", None).await.unwrap().unwrap();
+        assert_eq!(
+            put("py", None, r#"{"id":"py","v":2}"#).await,
+            TemplatePut::Replaced
+        );
+        assert_eq!(
+            put("py", Some("team-a"), r#"{"id":"py","v":3}"#).await,
+            TemplatePut::Taken,
+            "a tenant cannot take over a shared template"
+        );
+        assert_eq!(put("r", None, "{}").await, TemplatePut::Taken);
+        assert_eq!(put("r", Some("team-b"), "{}").await, TemplatePut::Taken);
+        let replaced = store.get_template("py", None).await.unwrap().unwrap();
+        assert_eq!(replaced.definition, r#"{"id":"py","v":2}"#);
+        assert_eq!(replaced.created_ms, first.created_ms);
+        assert!(replaced.updated_ms >= first.updated_ms);
+        let ids = |list: Vec<TemplateRecord>| list.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.list_templates(None).await.unwrap()), ["py", "r"]);
+        assert_eq!(
+            ids(store.list_templates(Some("team-a")).await.unwrap()),
+            ["py", "r"]
+        );
+        assert_eq!(
+            ids(store.list_templates(Some("team-b")).await.unwrap()),
+            ["py"],
+            "another tenant's template is hidden"
+        );
+        assert!(store.get_template("r", Some("team-b")).await.unwrap().is_none());
+        assert!(store.get_template("py", Some("team-b")).await.unwrap().is_some());
+        assert!(store.delete_template("r").await.unwrap());
+        assert!(!store.delete_template("r").await.unwrap());
+        assert!(store.get_template("r", None).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn test_put_template_refuses_bad_tenants_and_non_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        assert!(matches!(
+            store.put_template("a", Some("Team A"), "{}").await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.put_template("a", None, "id: a").await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(store.list_templates(None).await.unwrap().is_empty());
+    }
+}

@@ -1,6 +1,9 @@
 pub mod apikey;
 pub mod gc;
+pub mod image;
 pub mod remote;
 pub mod run;
 pub mod server;
 pub mod shim;
+pub mod template;
+pub mod zygote;

@@ -62,6 +62,12 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// Start from a template (its image, defaults and warm pool; see `tartarus template ls`)
+    #[arg(long, conflicts_with = "image")]
+    template: Option<String>,
+    /// Start from an OCI image (pulled by the server if needed)
+    #[arg(long)]
+    image: Option<String>,
     /// Memory limit, e.g. 512M
     #[arg(long, value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
     memory: Option<u64>,
@@ -102,6 +108,12 @@ pub fn create(args: CreateArgs) -> anyhow::Result<u8> {
     }
     if !args.cmd.is_empty() {
         body["cmd"] = json!(args.cmd);
+    }
+    if let Some(template) = args.template {
+        body["template"] = json!(template);
+    }
+    if let Some(image) = args.image {
+        body["image"] = json!(image);
     }
     let record = client.json("POST", "/v1/sandboxes", Some(body))?;
     match args.json {

@@ -24,8 +24,15 @@ use crate::{print_error, EXIT_TARTARUS_ERROR};
 #[command(after_help = "Example: tartarus run --memory 256M --timeout 30s -- python3 -c \"print('hi')\"")]
 pub struct RunArgs {
     /// Directory to use as the read-only root (default: the host's /usr with a generated /etc)
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
     rootfs: Option<PathBuf>,
+    /// Run on an OCI image (pulled first if it is not in the local store): its layers are the root (writable,
+    /// changes vanish at exit), its Env, WorkingDir, User and Entrypoint/Cmd are the defaults
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// Pull over plain HTTP when the image is missing (only for a registry on loopback)
+    #[arg(long, requires = "image")]
+    insecure_registry: bool,
     /// Memory limit, e.g. 256M or 1G
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     memory: Option<u64>,
@@ -62,8 +69,8 @@ pub struct RunArgs {
     /// Write the JSON result record to this file instead of stderr
     #[arg(long, value_name = "FILE")]
     result_file: Option<PathBuf>,
-    /// The command and its arguments
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (optional with --image: the image's Cmd)
+    #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -170,11 +177,18 @@ const FORWARDED_SIGNALS: [i32; 5] = [
 ];
 
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let spec = spec_from(&args);
+    let mut spec = spec_from(&args);
     let report = Reporter {
         json: args.json,
         result_file: args.result_file.clone(),
     };
+    if let Some(reference) = &args.image {
+        if let Err(e) = apply_image(&mut spec, reference, args.insecure_registry) {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("tartarus: {}", chain.join(": "));
+            return Ok(EXIT_TARTARUS_ERROR);
+        }
+    }
     let runtime = ProcessRuntime::new(runtime_config());
     let mut sandbox = match runtime.prepare(spec) {
         Ok(s) => s,
@@ -280,6 +294,36 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     explain(&outcome, &args);
     report.success(&id, &outcome, code);
     Ok(code.clamp(0, 255) as u8)
+}
+
+/// Roots `spec` on the image, pulling it first (through `tartarus-control image pull`, which holds the
+/// registry client, so this binary stays small and fast to start) when it is not in the local store.
+fn apply_image(spec: &mut SandboxSpec, reference: &str, insecure: bool) -> anyhow::Result<()> {
+    let data_dir = super::apikey::default_data_dir();
+    let store = tartarus_image::runspec::open_store(&data_dir)?;
+    let record = match store.find(reference)? {
+        Some(record) => record,
+        None => {
+            let control = std::env::current_exe()?.with_file_name("tartarus-control");
+            let mut pull = std::process::Command::new(&control);
+            pull.args(["image", "pull"]);
+            if insecure {
+                pull.arg("--insecure");
+            }
+            // Progress goes to stderr: stdout belongs to the sandboxed command.
+            let status = pull
+                .arg(reference)
+                .stdout(std::io::stderr())
+                .status()
+                .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", control.display()))?;
+            if !status.success() {
+                anyhow::bail!("pulling {reference} failed");
+            }
+            store.get(reference)?
+        }
+    };
+    tartarus_image::runspec::apply_image(spec, &store, &record, true)?;
+    Ok(())
 }
 
 /// Copies what is available from `from` to `to`; false at EOF or error.

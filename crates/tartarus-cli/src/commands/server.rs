@@ -19,6 +19,9 @@ pub struct ServerArgs {
     /// Prepared sandboxes kept ready, so a create without limits, timeout or main command starts at once
     #[arg(long, default_value_t = 0, value_name = "N")]
     warm_pool: usize,
+    /// A registry on loopback (HOST:PORT) to pull images from over plain HTTP (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -38,6 +41,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         // The shim is part of the lean `tartarus` binary, next to this one.
         shim_exe: std::env::current_exe()?.with_file_name("tartarus"),
         warm_pool: args.warm_pool,
+        insecure_registries: args.insecure_registries,
         runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

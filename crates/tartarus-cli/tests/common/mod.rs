@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests that drive the real `tartarus` binary.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod registry;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;

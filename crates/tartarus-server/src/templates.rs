@@ -1,0 +1,245 @@
+//! Templates over the API: `POST /v1/templates`, `GET /v1/templates`, `GET`/`DELETE /v1/templates/{id}`.
+//!
+//! Every definition goes through [`tartarus_image::template::parse_template`], so the API refuses exactly
+//! what `tartarus template create` would (422 with `file:line:column: message`), and the store keeps the
+//! canonical JSON. A template created with an admin key is shared: every tenant sees it and only admins may
+//! change it. One created with a user key belongs to that tenant. Ids are global, so a tenant cannot
+//! shadow a shared template or another tenant's. Viewers may only read.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tartarus_image::template::{parse_template, Template};
+use tartarus_store::{Role, TemplatePut, TemplateRecord};
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::error::{json_rejection, ApiError, ErrorBody};
+use crate::{audit, AppState};
+
+/// `POST /v1/templates`: either `{"yaml": "<template YAML>", "source": "python-ds.yaml"}` (`source` only
+/// names the text in error messages), or the template itself as a JSON object (`{"id": …, "name": …}`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    /// The template as YAML (or JSON) text, as `tartarus template create -f FILE` sends it.
+    pub yaml: String,
+    /// A name for the text in error messages (default `template`).
+    pub source: Option<String>,
+}
+
+/// A template as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateView {
+    pub id: String,
+    /// The owning tenant; `null` for a shared template (created by an admin) that every tenant sees.
+    pub tenant: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// The validated definition, with every default filled in (see templates/README.md for the keys).
+    #[schema(value_type = Object)]
+    pub template: Value,
+}
+
+fn view(record: &TemplateRecord) -> Result<TemplateView, ApiError> {
+    let template = serde_json::from_str(&record.definition)
+        .map_err(|e| ApiError::internal(format!("stored template '{}' is not JSON: {e}", record.id)))?;
+    Ok(TemplateView {
+        id: record.id.clone(),
+        tenant: record.tenant.clone(),
+        created_ms: record.created_ms,
+        updated_ms: record.updated_ms,
+        template,
+    })
+}
+
+/// The template in a create body: YAML text under `yaml`, or the template as a JSON object.
+fn template_from(body: Value) -> Result<Template, ApiError> {
+    let is_text = body.as_object().is_some_and(|o| o.contains_key("yaml"));
+    let (text, source) = match is_text {
+        true => {
+            let request: CreateTemplate = serde_json::from_value(body)
+                .map_err(|e| ApiError::invalid(format!("invalid request: {e}")))?;
+            let source = request.source.unwrap_or_else(|| "template".to_string());
+            (request.yaml, source)
+        }
+        false if body.is_object() => {
+            // Pretty, so that errors point at a line of their own.
+            let text = serde_json::to_string_pretty(&body).map_err(|e| ApiError::internal(e.to_string()))?;
+            (text, "template.json".to_string())
+        }
+        false => {
+            return Err(ApiError::invalid(
+                "the body must be {\"yaml\": \"...\"} or the template as a JSON object",
+            ))
+        }
+    };
+    parse_template(&text, &source).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// Create a template, or replace one the caller owns (admins: any). 201 when new, 200 when replaced.
+#[utoipa::path(post, path = "/v1/templates", request_body = CreateTemplate, security(("api_key" = [])),
+    responses((status = 201, body = TemplateView), (status = 200, body = TemplateView),
+               (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
+    caller.require_mutate()?;
+    let Json(body) = body.map_err(json_rejection)?;
+    let template = template_from(body)?;
+    let id = template.id.clone();
+    // Admins keep the owner of what they replace, and what they create is shared; users write their own.
+    // The store refuses (`Taken`) to replace a template of another owner, atomically.
+    let existing = state.store.get_template(&id, None).await?;
+    let owner = match (&existing, caller.role) {
+        (Some(record), Role::Admin) => record.tenant.clone(),
+        (None, Role::Admin) => None,
+        (_, _) => Some(caller.tenant.clone()),
+    };
+    let result = state
+        .store
+        .put_template(&id, owner.as_deref(), &template.to_json())
+        .await;
+    let (action, outcome) = match &result {
+        Ok(TemplatePut::Created) => ("template.create", "ok"),
+        Ok(TemplatePut::Replaced) => ("template.replace", "ok"),
+        Ok(TemplatePut::Taken) => ("template.replace", "denied"),
+        Err(_) => ("template.create", "failed"),
+    };
+    audit(&state, &caller, action, Some(&id), outcome).await;
+    let status = match result? {
+        TemplatePut::Created | TemplatePut::Replaced => {
+            // The warm pool follows the definition (pulling its image in the background).
+            crate::images::start_template_pool(&state.manager, &state.images, template.clone());
+            if matches!(state.store.get_template(&id, None).await?, Some(r) if r.created_ms == r.updated_ms) {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            }
+        }
+        TemplatePut::Taken => {
+            let shared = state
+                .store
+                .get_template(&id, None)
+                .await?
+                .is_some_and(|r| r.tenant.is_none());
+            return Err(match shared {
+                true => ApiError::forbidden(format!(
+                    "template '{id}' is shared; only admin keys may replace it"
+                )),
+                false => ApiError::conflict(format!("template id '{id}' is taken; choose another id")),
+            });
+        }
+    };
+    let record = state
+        .store
+        .get_template(&id, None)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("template '{id}' was deleted meanwhile")))?;
+    Ok((status, Json(view(&record)?)))
+}
+
+/// List the templates the caller sees (shared ones and its tenant's; all for admins), by id.
+#[utoipa::path(get, path = "/v1/templates", security(("api_key" = [])),
+    responses((status = 200, body = [TemplateView]), (status = 401, body = ErrorBody)))]
+pub async fn list_templates(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<TemplateView>>, ApiError> {
+    let records = state.store.list_templates(caller.scope()).await?;
+    Ok(Json(records.iter().map(view).collect::<Result<_, _>>()?))
+}
+
+async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<TemplateRecord, ApiError> {
+    // Another tenant's template is reported exactly like a missing one.
+    state
+        .store
+        .get_template(id, caller.scope())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no template '{id}'")))
+}
+
+/// Get one template.
+#[utoipa::path(get, path = "/v1/templates/{id}", security(("api_key" = [])),
+    responses((status = 200, body = TemplateView), (status = 404, body = ErrorBody)))]
+pub async fn get_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TemplateView>, ApiError> {
+    Ok(Json(view(&find(&state, &caller, &id).await?)?))
+}
+
+/// Delete a template (shared ones: admins only); returns what was deleted. Sandboxes made from it live on.
+#[utoipa::path(delete, path = "/v1/templates/{id}", security(("api_key" = [])),
+    responses((status = 200, body = TemplateView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn delete_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TemplateView>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    caller.require_mutate()?;
+    if record.tenant.is_none() && caller.role != Role::Admin {
+        return Err(ApiError::forbidden(format!(
+            "template '{id}' is shared; only admin keys may delete it"
+        )));
+    }
+    let result = state.store.delete_template(&id).await;
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    audit(&state, &caller, "template.delete", Some(&id), outcome).await;
+    if !result? {
+        return Err(ApiError::not_found(format!("no template '{id}'")));
+    }
+    state.manager.remove_pool(&id);
+    Ok(Json(view(&record)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn test_template_from_accepts_yaml_text_and_json_objects() {
+        let yaml = json!({"yaml": "id: a\nname: A\nbase_image: alpine\n", "source": "a.yaml"});
+        assert_eq!(template_from(yaml).unwrap().id, "a");
+        let object = json!({"id": "b", "name": "B", "base_image": "alpine"});
+        assert_eq!(template_from(object).unwrap().id, "b");
+    }
+
+    #[test]
+    fn test_template_from_reports_line_column_and_source() {
+        let e = template_from(
+            json!({"yaml": "id: a\nname: A\nbase_image: x\nresorces: {}\n", "source": "a.yaml"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            e.message.starts_with("a.yaml:4:1: unknown field `resorces`"),
+            "{}",
+            e.message
+        );
+        let e = template_from(json!({"id": "a", "name": "A", "base_image": "x", "pool": {"size": 99}}))
+            .unwrap_err();
+        assert!(e.message.starts_with("template.json:"), "{}", e.message);
+        assert!(e.message.contains("pool.size"), "{}", e.message);
+        for bad in [
+            json!([1]),
+            json!("id: a"),
+            json!({"yaml": 3}),
+            json!({"yaml": "x", "extra": 1}),
+        ] {
+            assert_eq!(
+                template_from(bad).unwrap_err().status,
+                StatusCode::UNPROCESSABLE_ENTITY
+            );
+        }
+    }
+}
