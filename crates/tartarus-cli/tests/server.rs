@@ -3,121 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::bin;
+use common::server::{call, cli, create, exec, new_key, DataDir, Server};
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    base: String,
-    admin: String,
-}
-
-impl Server {
-    /// Starts a server on a free loopback port over `data_dir` and waits until it listens.
-    fn start(data_dir: &Path) -> Server {
-        Self::start_with_env(data_dir, &[])
-    }
-
-    fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Server {
-        Self::start_with(data_dir, env, &[])
-    }
-
-    fn start_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
-        let mut child = Command::new(bin())
-            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("server did not start: {line:?}"));
-        let admin = std::fs::read_to_string(data_dir.join("admin.key"))
-            .unwrap()
-            .trim()
-            .to_string();
-        Server {
-            child,
-            base: format!("http://{addr}"),
-            admin,
-        }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Kills every sandbox under `data_dir` through its shim (shims outlive servers by design), so tests
-/// leave nothing running. A shim answers `kill` once its sandbox is gone.
-fn kill_all_sandboxes(data_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(data_dir.join("sandboxes")) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if let Ok(mut stream) = UnixStream::connect(entry.path().join("shim.sock")) {
-            let _ = writeln!(stream, "{}", json!({"op": "kill"}));
-            let _ = BufReader::new(stream).read_line(&mut String::new());
-        }
-    }
-}
-
-/// A temporary data directory whose sandboxes are all killed when it goes away.
-struct DataDir(tempfile::TempDir);
-
-impl DataDir {
-    fn new() -> DataDir {
-        DataDir(tempfile::tempdir().unwrap())
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        kill_all_sandboxes(self.0.path());
-    }
-}
-
-/// Sends a request; returns the status and the JSON body.
-fn call(method: &str, url: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
-    let mut request = ureq::request(method, url);
-    if let Some(key) = key {
-        request = request.set("Authorization", &format!("Bearer {key}"));
-    }
-    let response = match body {
-        Some(body) => request.send_json(body),
-        None => request.call(),
-    };
-    match response {
-        Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
-}
 
 fn raw(server: &Server, path: &str, body: &str) -> (u16, Value) {
     let response = ureq::post(&format!("{}{path}", server.base))
@@ -129,44 +22,6 @@ fn raw(server: &Server, path: &str, body: &str) -> (u16, Value) {
         Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
         Err(e) => panic!("{e}"),
     }
-}
-
-fn new_key(data_dir: &Path, tenant: &str, role: &str) -> String {
-    let out = Command::new(bin())
-        .args([
-            "apikey",
-            "create",
-            "--tenant",
-            tenant,
-            "--role",
-            role,
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn create(server: &Server, key: &str, body: Value) -> Value {
-    let (status, record) = call(
-        "POST",
-        &format!("{}/v1/sandboxes", server.base),
-        Some(key),
-        Some(body),
-    );
-    assert_eq!(status, 201, "{record}");
-    record
-}
-
-fn exec(server: &Server, key: &str, id: &str, body: Value) -> (u16, Value) {
-    call(
-        "POST",
-        &format!("{}/v1/sandboxes/{id}/exec", server.base),
-        Some(key),
-        Some(body),
-    )
 }
 
 #[test]
@@ -701,23 +556,6 @@ fn get_bytes_at(server: &Server, key: &str, path: &str) -> (u16, Vec<u8>) {
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).unwrap();
     (status, bytes)
-}
-
-/// Runs a client command against `server` with `key` (config isolated in a temp dir).
-fn cli(server: &Server, key: &str, args: &[&str], stdin: &[u8]) -> std::process::Output {
-    let config = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin())
-        .args(args)
-        .env("TARTARUS_HOST", &server.base)
-        .env("TARTARUS_API_KEY", key)
-        .env("XDG_CONFIG_HOME", config.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin).unwrap();
-    child.wait_with_output().unwrap()
 }
 
 #[test]

@@ -97,6 +97,14 @@ pub enum StoreError {
         #[source]
         source: UnpackError,
     },
+    #[error(
+        "sandboxes cannot reach the image layers: {} has mode {mode:o}, without search permission for \
+         others (sandbox ids are unprivileged on the host); run `chmod o+x {}` or use a data directory \
+         outside it",
+        path.display(),
+        path.display()
+    )]
+    NotTraversable { path: PathBuf, mode: u32 },
     #[error("record {}", path.display())]
     Record {
         path: PathBuf,
@@ -184,10 +192,24 @@ pub struct ImageStore {
 impl ImageStore {
     /// Opens (creating) the store under `data_dir/images` and removes staging entries of dead processes.
     pub fn open(data_dir: &Path, id_shift: Option<u32>) -> Result<ImageStore, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
         let root = data_dir.join("images");
-        for dir in ["refs", "layers/sha256", "locks", "tmp"] {
+        // Sandboxes reach layers as unprivileged host ids: the path to them is traversable (o+x) but not
+        // listable; the rest is private.
+        for (dir, mode) in [
+            ("", 0o711),
+            ("layers", 0o711),
+            ("layers/sha256", 0o711),
+            ("refs", 0o700),
+            ("locks", 0o700),
+            ("tmp", 0o700),
+        ] {
             let path = root.join(dir);
-            fs::create_dir_all(&path).map_err(io_err("creating", &path))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(&path)
+                .map_err(io_err("creating", &path))?;
         }
         let store = ImageStore { root, id_shift };
         store.remove_stale_staging();
@@ -255,9 +277,32 @@ impl ImageStore {
         Ok(record)
     }
 
-    /// Host directories of the image's layers, bottom first.
+    /// Host directories of the image's layers, bottom first. With a root supervisor the sandbox opens
+    /// them as an unprivileged host id, so every directory above them must be traversable by others.
     pub fn layer_dirs(&self, record: &ImageRecord) -> Result<Vec<PathBuf>, StoreError> {
+        if self.id_shift.is_some() {
+            self.check_traversable()?;
+        }
         record.layers.iter().map(|d| self.layer_dir(d)).collect()
+    }
+
+    fn check_traversable(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        let layers = self.root.join("layers/sha256");
+        let absolute = fs::canonicalize(&layers).map_err(io_err("resolving", &layers))?;
+        for dir in absolute.ancestors() {
+            let mode = fs::metadata(dir)
+                .map_err(io_err("reading", dir))?
+                .permissions()
+                .mode();
+            if mode & 0o001 == 0 {
+                return Err(StoreError::NotTraversable {
+                    path: dir.to_path_buf(),
+                    mode: mode & 0o7777,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Every pulled image, by reference.
@@ -531,7 +576,8 @@ mod tests {
             normalize_reference("127.0.0.1:5000/a/b:1").unwrap(),
             "127.0.0.1:5000/a/b:1"
         );
-        assert!(normalize_reference("UPPER/case:x").is_err());
+        assert!(normalize_reference("library/UPPER:x").is_err());
+        assert!(normalize_reference("has space").is_err());
     }
 
     #[test]
@@ -592,6 +638,31 @@ mod tests {
         let report = store.prune().unwrap();
         assert_eq!(report.layers, 1);
         assert!(!store.layer_dir(&digest).unwrap().exists());
+    }
+
+    #[test]
+    fn layers_behind_a_private_directory_are_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let outer = tempfile::tempdir().unwrap();
+        let private = outer.path().join("private");
+        fs::create_dir(&private).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+        let record = ImageRecord {
+            reference: "x".into(),
+            digest: String::new(),
+            config: RunConfig::default(),
+            layers: vec![format!("sha256:{}", "d".repeat(64))],
+            size: 0,
+            pulled_ms: 0,
+        };
+        let store = ImageStore::open(&private.join("data"), Some(100_000_000)).unwrap();
+        let err = store.layer_dirs(&record).unwrap_err().to_string();
+        assert!(err.contains("chmod o+x") && err.contains("private"), "{err}");
+        // Rootless sandboxes map the caller's own id: nothing to check.
+        let own = ImageStore::open(&private.join("data"), None).unwrap();
+        assert_eq!(own.layer_dirs(&record).unwrap().len(), 1);
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o711)).unwrap();
+        assert!(store.layer_dirs(&record).is_ok());
     }
 
     struct FailingReader;

@@ -156,10 +156,13 @@ pub fn template_pool(
         ..SandboxSpec::default()
     };
     apply_template(&mut spec, template, images, image, shim_exe)?;
-    let warm_probe = template
-        .warmup()
-        .filter(|(language, _)| *language == WarmupLanguage::Python)
-        .map(|_| vec![format!("{SHIM_DIR}/python3"), ZYGOTE_WAIT.to_string()]);
+    // A python warm-up runs in the zygote: wait until it is warm. A shell warm-up runs once in each pooled
+    // sandbox before it is handed out (the operator's script: it loads libraries into the page cache and
+    // prepares files).
+    let warm_probe = template.warmup().map(|(language, script)| match language {
+        WarmupLanguage::Python => vec![format!("{SHIM_DIR}/python3"), ZYGOTE_WAIT.to_string()],
+        WarmupLanguage::Shell => vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()],
+    });
     Ok(PoolSpec {
         spec,
         size: template.pool.size as usize,

@@ -118,12 +118,26 @@ pub async fn open_state(data_dir: &std::path::Path) -> Result<Store, ServerError
         path: data_dir.display().to_string(),
         source,
     };
+    // Traversable (not listable) by others: sandboxes reach image layers below it as unprivileged host
+    // ids. What is private inside is private by its own mode.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(data_dir)
+        .map_err(dir_err)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(data_dir)
+        .create(data_dir.join("sandboxes"))
         .map_err(dir_err)?;
     let store = Store::open(data_dir).await?;
+    for name in ["state.db", "state.db-wal", "state.db-shm"] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = data_dir.join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(dir_err)?;
+        }
+    }
     let key_path = data_dir.join("admin.key");
     if !key_path.exists() {
         let (key, secret) = store.create_key("admin", Role::Admin).await?;
@@ -506,11 +520,16 @@ async fn exec_sandbox(
     // The sandbox's own env first (pooled sandboxes start without one), then the request's.
     let base: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
     let env: Vec<(String, String)> = base.env.into_iter().chain(body.env.clone()).collect();
+    // The sandbox's working directory (an image's or template's) unless the request names one.
+    let workdir = body
+        .cwd
+        .clone()
+        .or_else(|| base.workdir.map(|w| w.display().to_string()));
     let request = json!({
         "op": "exec",
         "command": body.cmd,
         "env": env,
-        "workdir": body.cwd,
+        "workdir": workdir,
         "stdin": body.stdin,
         "timeout_ms": body.timeout_s.map(|t| (t * 1000.0) as u64),
         "stream": body.stream,

@@ -43,9 +43,11 @@ pub struct TemplateView {
     /// The validated definition, with every default filled in (see templates/README.md for the keys).
     #[schema(value_type = Object)]
     pub template: Value,
+    /// Warm sandboxes ready in this server's pool for the template now (the pool refills in the background).
+    pub warm: usize,
 }
 
-fn view(record: &TemplateRecord) -> Result<TemplateView, ApiError> {
+fn view(state: &AppState, record: &TemplateRecord) -> Result<TemplateView, ApiError> {
     let template = serde_json::from_str(&record.definition)
         .map_err(|e| ApiError::internal(format!("stored template '{}' is not JSON: {e}", record.id)))?;
     Ok(TemplateView {
@@ -54,6 +56,7 @@ fn view(record: &TemplateRecord) -> Result<TemplateView, ApiError> {
         created_ms: record.created_ms,
         updated_ms: record.updated_ms,
         template,
+        warm: state.manager.pool_ready(&record.id),
     })
 }
 
@@ -142,7 +145,7 @@ pub async fn create_template(
         .get_template(&id, None)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("template '{id}' was deleted meanwhile")))?;
-    Ok((status, Json(view(&record)?)))
+    Ok((status, Json(view(&state, &record)?)))
 }
 
 /// List the templates the caller sees (shared ones and its tenant's; all for admins), by id.
@@ -153,7 +156,12 @@ pub async fn list_templates(
     caller: Caller,
 ) -> Result<Json<Vec<TemplateView>>, ApiError> {
     let records = state.store.list_templates(caller.scope()).await?;
-    Ok(Json(records.iter().map(view).collect::<Result<_, _>>()?))
+    Ok(Json(
+        records
+            .iter()
+            .map(|r| view(&state, r))
+            .collect::<Result<_, _>>()?,
+    ))
 }
 
 async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<TemplateRecord, ApiError> {
@@ -173,7 +181,7 @@ pub async fn get_template(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TemplateView>, ApiError> {
-    Ok(Json(view(&find(&state, &caller, &id).await?)?))
+    Ok(Json(view(&state, &find(&state, &caller, &id).await?)?))
 }
 
 /// Delete a template (shared ones: admins only); returns what was deleted. Sandboxes made from it live on.
@@ -198,7 +206,7 @@ pub async fn delete_template(
         return Err(ApiError::not_found(format!("no template '{id}'")));
     }
     state.manager.remove_pool(&id);
-    Ok(Json(view(&record)?))
+    Ok(Json(view(&state, &record)?))
 }
 
 #[cfg(test)]

@@ -19,7 +19,14 @@ SOCKET = os.environ.pop("TARTARUS_ZYGOTE_SOCKET")
 WARMUP = os.environ.pop("TARTARUS_WARMUP", "")
 
 if WARMUP:
-    exec(compile(WARMUP, "<template warm-up>", "exec"), {"__name__": "__tartarus_warmup__"})
+    try:
+        exec(compile(WARMUP, "<template warm-up>", "exec"), {"__name__": "__tartarus_warmup__"})
+    except BaseException:
+        # A broken warm-up must not take the sandbox down: programs then import what they need themselves.
+        import traceback
+
+        print("tartarus zygote: the template's warm-up failed; serving without it", file=sys.stderr)
+        traceback.print_exc()
 
 # Imported before forking, so programs do not pay for them.
 import builtins  # noqa: E402

@@ -86,7 +86,9 @@ fn run_in_zygote(args: &[OsString]) -> Option<i32> {
         b"-c" | b"-m" => args.len() >= 2,
         _ => !first.starts_with(b"-"),
     };
-    if !supported {
+    // Descriptors beyond stdio (a multiprocessing pipe, a subprocess's pass_fds) would not reach a
+    // forked program: such a start runs the real interpreter, which inherits them.
+    if !supported || inherits_extra_descriptors() {
         return None;
     }
     let socket = std::env::var_os(SOCKET_ENV)?;
@@ -126,6 +128,14 @@ fn run_in_zygote(args: &[OsString]) -> Option<i32> {
         _ => 1,
     };
     Some(code)
+}
+
+fn inherits_extra_descriptors() -> bool {
+    match std::fs::read_dir("/proc/self/fd") {
+        // The listing's own descriptor is the one expected beyond 0, 1 and 2.
+        Ok(entries) => entries.count() > 4,
+        Err(_) => true,
+    }
 }
 
 fn connect(path: &Path) -> std::io::Result<OwnedFd> {

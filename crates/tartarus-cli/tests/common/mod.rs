@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod registry;
+pub mod server;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
