@@ -106,17 +106,7 @@ pub mod cli {
 /// Exit code for a failure of Tartarus itself (as opposed to the sandboxed command's own exit code).
 pub const EXIT_TARTARUS_ERROR: u8 = 125;
 
-/// An error and all its causes on one line: `error: cause: cause`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
+pub use tartarus_runtime::error_chain;
 
 /// Prints `tartarus: <error>: <cause>: <cause>` on one line.
 pub fn print_error(e: &(dyn std::error::Error + 'static)) {

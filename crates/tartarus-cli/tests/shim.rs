@@ -23,24 +23,19 @@ impl Shim {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("shim.sock");
         std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
-        let mut child = Command::new(bin())
-            .arg("shim")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--spec")
-            .arg(dir.path().join("spec.json"))
-            .arg("--result")
-            .arg(dir.path().join("result.json"))
-            .arg("--log")
-            .arg(dir.path().join("main.log"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = common::spawn_first_line(
+            Command::new(bin())
+                .arg("shim")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--spec")
+                .arg(dir.path().join("spec.json"))
+                .arg("--result")
+                .arg(dir.path().join("result.json"))
+                .arg("--log")
+                .arg(dir.path().join("main.log"))
+                .stderr(Stdio::inherit()),
+        );
         assert!(line.starts_with("ready "), "shim did not start: {line:?}");
         Shim { child, dir, socket }
     }

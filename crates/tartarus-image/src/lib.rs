@@ -2,6 +2,7 @@
 //! safe unpacking of layer tarballs into overlay-ready directories, and template definitions.
 
 pub mod pull;
+pub mod reference;
 pub mod runspec;
 pub mod store;
 pub mod template;

@@ -360,16 +360,7 @@ fn describe_registry_error(e: &oci_client::errors::OciDistributionError, with_cr
             }
         }
         other => {
-            // Each level's text, skipping causes the level above already quoted.
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                let part = s.to_string();
-                if !text.contains(&part) {
-                    text.push_str(&format!(": {part}"));
-                }
-                source = s.source();
-            }
+            let mut text = tartarus_runtime::error_chain(other);
             if text.contains("InvalidContentType") || text.contains("corrupt message") {
                 text.push_str(" (is it a plain-HTTP registry? use --insecure for one on loopback)");
             }

@@ -123,20 +123,19 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
 
 /// The canonical form of an image reference (`busybox` → `docker.io/library/busybox:latest`).
 pub fn normalize_reference(reference: &str) -> Result<String, StoreError> {
-    let parsed: oci_client::Reference = reference.parse().map_err(|e| StoreError::Reference {
+    Ok(parse_reference(reference)?.to_string())
+}
+
+fn parse_reference(reference: &str) -> Result<crate::reference::ImageReference, StoreError> {
+    crate::reference::ImageReference::parse(reference).map_err(|e| StoreError::Reference {
         reference: reference.to_string(),
-        message: format!("{e}"),
-    })?;
-    Ok(parsed.whole())
+        message: e.0,
+    })
 }
 
 /// The registry host (and port) a reference pulls from, e.g. `docker.io` or `127.0.0.1:5000`.
 pub fn registry_of(reference: &str) -> Result<String, StoreError> {
-    let parsed: oci_client::Reference = reference.parse().map_err(|e| StoreError::Reference {
-        reference: reference.to_string(),
-        message: format!("{e}"),
-    })?;
-    Ok(parsed.resolve_registry().to_string())
+    Ok(parse_reference(reference)?.registry)
 }
 
 /// The hex part of a `sha256:` digest, checked.

@@ -381,34 +381,10 @@ fn check_image(image: &str) -> Result<(), Violation> {
     Ok(())
 }
 
-/// A duration of `<number><unit>` parts (`ms`, `s`, `m`, `h`), or a bare number of seconds; more than zero.
-/// The same grammar as the command line's `--timeout`.
+/// A duration as the command line's `--timeout` takes it (`30s`, `1m30s`, `250ms`, a bare number of
+/// seconds); `None` when malformed or zero.
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let t = text.trim();
-    if let Ok(secs) = t.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).ok().filter(|d| !d.is_zero());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let (number, tail) = rest.split_at(digits);
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
-        let (unit, next) = tail.split_at(unit_len);
-        let value: f64 = number.parse().ok()?;
-        let scale = match unit {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total = total.checked_add(Duration::try_from_secs_f64(value * scale).ok()?)?;
-        rest = next;
-    }
-    Some(total).filter(|d| !d.is_zero())
+    tartarus_runtime::units::parse_duration(text).ok()
 }
 
 /// Where a key (a path of nested mapping keys) is written: 1-based line and column of its first match,

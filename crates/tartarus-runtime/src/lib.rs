@@ -17,3 +17,19 @@ pub use sandbox::{
 pub use spec::{
     BindMount, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec, SandboxUser, SpecError,
 };
+
+/// An error and all its causes on one line: `error: cause: cause` (skipping a cause whose text the line
+/// already holds, as some libraries repeat their source in their own message).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

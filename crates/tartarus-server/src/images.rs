@@ -44,19 +44,8 @@ impl Images {
         };
         pull::pull(&self.store, reference, &options, Arc::new(NoProgress))
             .await
-            .map_err(|e| ApiError::invalid(format!("pulling image: {}", error_chain(&e))))
+            .map_err(|e| ApiError::invalid(format!("pulling image: {}", tartarus_runtime::error_chain(&e))))
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }
 
 /// Roots `spec` on an image: layers, environment under the spec's, working directory and user. The

@@ -103,6 +103,16 @@ pub fn spawn_until_ready(
     (child, out)
 }
 
+/// Spawns `command` with stdout piped and returns it with the first line it prints (a readiness line).
+pub fn spawn_first_line(command: &mut Command) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the first line");
+    (child, line)
+}
+
 /// A copy of the binary that any user can execute (for rootless tests: the build tree may be private).
 pub fn world_executable_bin() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -28,19 +28,14 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
-        let mut child = Command::new(bin())
-            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = super::spawn_first_line(
+            Command::new(bin())
+                .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(data_dir)
+                .args(args)
+                .envs(env.iter().copied())
+                .stderr(Stdio::piped()),
+        );
         let addr = line
             .trim()
             .strip_prefix("listening on ")
