@@ -15,6 +15,7 @@ pub mod cli {
     #[derive(Parser)]
     #[command(
         name = "tartarus",
+        bin_name = "tartarus",
         version,
         about = "Run untrusted code in isolated sandboxes",
         propagate_version = true
@@ -22,6 +23,30 @@ pub mod cli {
     pub struct Cli {
         #[command(subcommand)]
         pub command: Command,
+    }
+
+    /// What the lean `tartarus` binary parses itself: the commands that start sandboxes. Everything else
+    /// (help, version, completions, the control plane and clients) is handed to `tartarus-control`
+    /// before any parsing, so the start-up every sandbox pays builds no argument tree for commands it
+    /// does not run.
+    #[derive(Parser)]
+    #[command(name = "tartarus", version)]
+    pub struct LeanCli {
+        #[command(subcommand)]
+        pub command: LeanCommand,
+    }
+
+    #[derive(Subcommand)]
+    #[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
+    pub enum LeanCommand {
+        Run(commands::run::RunArgs),
+        Gc,
+        Shim(commands::shim::ShimArgs),
+    }
+
+    /// Whether the lean binary handles this first argument itself.
+    pub fn is_lean_command(first: &std::ffi::OsStr) -> bool {
+        first == "run" || first == "gc" || first == "shim"
     }
 
     #[derive(Subcommand)]
@@ -77,7 +102,7 @@ pub mod cli {
         },
     }
 
-    /// Runs a control-plane or client command (everything but run, gc, shim and completions).
+    /// Runs a control-plane or client command (everything but run, gc and shim).
     pub fn run_control(command: Command) -> anyhow::Result<u8> {
         match command {
             Command::Server(args) => commands::server::run(args),
@@ -96,7 +121,12 @@ pub mod cli {
             Command::Template(args) => commands::template::run(args),
             Command::Init(args) => commands::template::init(args),
             Command::Image(args) => commands::image::run(args),
-            Command::Run(_) | Command::Gc | Command::Shim(_) | Command::Completions { .. } => {
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());
+                Ok(0)
+            }
+            Command::Run(_) | Command::Gc | Command::Shim(_) => {
                 anyhow::bail!("this command belongs to the tartarus binary")
             }
         }

@@ -8,8 +8,8 @@
 // (arguments come from glibc's init_array hook); a stack overflow is a plain SIGSEGV.
 #![no_main]
 
-use clap::{CommandFactory, Parser};
-use tartarus_cli::cli::{Cli, Command};
+use clap::Parser;
+use tartarus_cli::cli::{is_lean_command, LeanCli, LeanCommand};
 use tartarus_cli::{commands, EXIT_TARTARUS_ERROR};
 
 #[no_mangle]
@@ -24,22 +24,24 @@ fn real_main() -> libc::c_int {
     if commands::zygote::invoked_as_python() {
         return commands::zygote::main();
     }
-    let cli = match Cli::try_parse() {
+    let lean = std::env::args_os()
+        .nth(1)
+        .is_some_and(|first| is_lean_command(&first));
+    if !lean {
+        return report(exec_control_binary());
+    }
+    let cli = match LeanCli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e) as libc::c_int,
     };
-    let result = match cli.command {
-        Command::Run(args) => commands::run::run(args),
-        Command::Gc => commands::gc::run(),
-        Command::Shim(args) => commands::shim::run(args),
-        Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());
-            Ok(0)
-        }
-        // The control plane and its clients live in a sibling binary, so that this one, which starts for
-        // every sandbox, stays lean.
-        _ => exec_control_binary(),
-    };
+    report(match cli.command {
+        LeanCommand::Run(args) => commands::run::run(args),
+        LeanCommand::Gc => commands::gc::run(),
+        LeanCommand::Shim(args) => commands::shim::run(args),
+    })
+}
+
+fn report(result: anyhow::Result<u8>) -> libc::c_int {
     match result {
         Ok(code) => code as libc::c_int,
         Err(e) => {
@@ -50,7 +52,6 @@ fn real_main() -> libc::c_int {
     }
 }
 
-/// Help and version go to stdout with success; usage errors become one line with a pointer to --help.
 fn usage_error(e: clap::Error) -> u8 {
     use clap::error::ErrorKind;
     match e.kind() {

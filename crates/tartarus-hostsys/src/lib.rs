@@ -206,6 +206,13 @@ pub fn ignore_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
+/// Restores SIGPIPE's default action, so a command whose output pipe closes (`| head`) ends quietly, as
+/// command-line tools do, instead of failing writes with EPIPE (Rust's runtime ignores SIGPIPE).
+pub fn default_sigpipe() {
+    // SAFETY: installing SIG_DFL for SIGPIPE is always valid.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 /// Blocks `signals` for the calling thread (they can then be read from a [`signal_fd`]).
 pub fn block_signals(signals: &[i32]) -> io::Result<()> {
     set_signal_mask(signals, libc::SIG_BLOCK)

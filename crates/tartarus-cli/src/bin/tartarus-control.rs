@@ -7,6 +7,8 @@ use tartarus_cli::cli::{run_control, Cli};
 use tartarus_cli::EXIT_TARTARUS_ERROR;
 
 fn main() -> std::process::ExitCode {
+    // Client commands end quietly when their reader goes (`| head`); the server ignores SIGPIPE itself.
+    tartarus_hostsys::default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
