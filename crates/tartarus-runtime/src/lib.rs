@@ -15,8 +15,10 @@ pub use sandbox::{
     StdioFds, Termination,
 };
 pub use spec::{
-    BindMount, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec, SandboxUser, SpecError,
+    BindMount, EgressContract, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec,
+    SandboxUser, SpecError,
 };
+pub use tartarus_network::NetworkError;
 
 /// An error and all its causes on one line: `error: cause: cause` (skipping a cause whose text the line
 /// already holds, as some libraries repeat their source in their own message).

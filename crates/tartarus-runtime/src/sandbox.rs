@@ -163,6 +163,8 @@ pub enum PrepareError {
     },
     #[error("seccomp filter could not be built: {0}")]
     Seccomp(String),
+    #[error(transparent)]
+    Network(#[from] tartarus_network::NetworkError),
     #[error("{what}")]
     Host {
         what: &'static str,
@@ -234,4 +236,6 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("removing the sandbox's network failed")]
+    Network(#[source] tartarus_network::NetworkError),
 }

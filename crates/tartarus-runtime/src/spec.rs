@@ -4,6 +4,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+pub use tartarus_network::{ContractError, EgressContract};
 
 /// Where the sandbox's root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +44,7 @@ pub struct BindMount {
 }
 
 /// Network exposure of a sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NetworkMode {
     /// A private network namespace with only its own loopback interface.
@@ -52,6 +53,9 @@ pub enum NetworkMode {
     /// Shares the host's network namespace: host services on 127.0.0.1 are reachable (and so is every
     /// other interface). For trusted tools that must talk to a local service.
     HostLoopback,
+    /// Its own network namespace with `eth0` behind the host's NAT, filtered by the contract (root only;
+    /// see docs/network.md).
+    Egress(EgressContract),
 }
 
 /// Resource limits enforced through cgroups. `None` means "not requested".
@@ -113,6 +117,12 @@ pub struct SandboxSpec {
     /// The command's user; [`SANDBOX_UID`] when `None`. Only honoured when the supervisor is root (a
     /// rootless sandbox maps just one id, the sandbox user).
     pub user: Option<SandboxUser>,
+    /// Syscalls denied on top of the built-in list (a policy's additions, e.g. for quarantine); names from
+    /// [`crate::process::DENIED_SYSCALLS`] or [`crate::process::EXTRA_DENIABLE_SYSCALLS`].
+    pub denied_syscalls: Vec<String>,
+    /// Where Landlock lets the sandbox write (besides `:rw` mounts and devices), replacing the defaults
+    /// (`/tmp`, home and `/dev/shm`, or the whole root of an image) when non-empty: a policy's narrower set.
+    pub writable_paths: Vec<PathBuf>,
 }
 
 /// The uid and gid the command runs as inside the sandbox.
@@ -149,6 +159,8 @@ pub enum SpecError {
     Layers(usize),
     #[error("hostname '{0}' is not a valid host name (1-63 letters, digits or '-')")]
     Hostname(String),
+    #[error(transparent)]
+    Network(#[from] ContractError),
 }
 
 impl SandboxSpec {
@@ -169,6 +181,8 @@ impl SandboxSpec {
             hostname: "sandbox".to_string(),
             service: false,
             user: None,
+            denied_syscalls: Vec::new(),
+            writable_paths: Vec::new(),
         }
     }
 
@@ -192,6 +206,9 @@ impl SandboxSpec {
         }
         if let Some(dir) = &self.workdir {
             check_sandbox_path("--workdir", dir)?;
+        }
+        for path in &self.writable_paths {
+            check_sandbox_path("writable path", path)?;
         }
         if let Some(user) = self.user {
             if user.uid >= 65536 || user.gid >= 65536 {
@@ -236,6 +253,9 @@ impl SandboxSpec {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !host_ok {
             return Err(SpecError::Hostname(self.hostname.clone()));
+        }
+        if let NetworkMode::Egress(contract) = &self.network {
+            contract.validate()?;
         }
         Ok(())
     }
@@ -330,6 +350,40 @@ mod tests {
         let mut s = spec();
         s.env.push(("A=B".into(), "c".into()));
         assert_eq!(s.validate(), Err(SpecError::EnvName("A=B".into())));
+    }
+
+    #[test]
+    fn egress_cidrs_are_validated() {
+        let mut s = spec();
+        s.network = NetworkMode::Egress(EgressContract {
+            allowed_cidrs: vec!["203.0.113.0/24".into(), "2001:db8::/32".into()],
+            ..EgressContract::default()
+        });
+        assert_eq!(s.validate(), Ok(()));
+        for bad in ["203.0.113.1/24", "300.0.0.0/8", "2001:db8::1/32", "10.0.0.0/33"] {
+            let mut s = spec();
+            s.network = NetworkMode::Egress(EgressContract {
+                denied_cidrs: vec![bad.into()],
+                ..EgressContract::default()
+            });
+            let err = s.validate().expect_err(bad).to_string();
+            assert!(err.starts_with(&format!("denied CIDR: '{bad}' ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn egress_round_trips_through_json() {
+        let mut s = spec();
+        s.network = NetworkMode::Egress(EgressContract {
+            allowed_ports: vec![443],
+            dns: true,
+            ..EgressContract::default()
+        });
+        let text = serde_json::to_string(&s).expect("serialize");
+        assert!(text.contains(r#""network":{"egress":{"#), "{text}");
+        assert_eq!(serde_json::from_str::<SandboxSpec>(&text).expect("parse"), s);
+        let none: SandboxSpec = serde_json::from_str(r#"{"command":["x"],"network":"none"}"#).expect("none");
+        assert_eq!(none.network, NetworkMode::None);
     }
 
     #[test]

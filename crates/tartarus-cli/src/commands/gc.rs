@@ -10,6 +10,9 @@ pub fn run() -> anyhow::Result<u8> {
     for path in &removed {
         println!("removed {}", path.display());
     }
-    eprintln!("tartarus: gc removed {} leftover cgroup(s)", removed.len());
+    eprintln!(
+        "tartarus: gc removed {} leftover(s) (cgroups, sandbox networks)",
+        removed.len()
+    );
     Ok(0)
 }

@@ -13,8 +13,8 @@ use serde::Serialize;
 use tartarus_runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use tartarus_runtime::units::{parse_duration, parse_size};
 use tartarus_runtime::{
-    BindMount, ExitReason, KillReason, NetworkMode, Outcome, ResourceLimits, RootSpec, Runtime, SandboxSpec,
-    StdioFds, Termination,
+    BindMount, EgressContract, ExitReason, KillReason, NetworkMode, Outcome, ResourceLimits, RootSpec,
+    Sandbox, SandboxSpec, StdioFds, Termination,
 };
 
 use crate::terminal::{Pty, RawMode};
@@ -54,9 +54,28 @@ pub struct RunArgs {
     /// Make a host path visible: HOST:SANDBOX[:ro|rw] (read-only unless :rw)
     #[arg(long = "mount", short = 'm', value_name = "HOST:SANDBOX[:ro|rw]", value_parser = parse_mount_arg)]
     mounts: Vec<BindMount>,
-    /// Network: none (own loopback only) or host-loopback (share the host's network stack)
+    /// Network: none (own loopback only), host-loopback (share the host's network stack) or egress (own
+    /// address behind the host's NAT, filtered by the flags below; root only; see docs/network.md)
     #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_network_arg)]
     network: NetworkMode,
+    /// With --network egress: only these networks are reachable (repeatable), e.g. 203.0.113.0/24
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    allow_cidrs: Vec<String>,
+    /// With --network egress: never reachable, even inside an allowed network (repeatable)
+    #[arg(long = "deny-cidr", value_name = "CIDR")]
+    deny_cidrs: Vec<String>,
+    /// With --network egress: only these TCP/UDP ports are reachable (repeatable; default all)
+    #[arg(long = "allow-port", value_name = "PORT")]
+    allow_ports: Vec<u16>,
+    /// With --network egress: allow private and link-local ranges (metadata addresses stay blocked)
+    #[arg(long)]
+    allow_private: bool,
+    /// With --network egress: allow DNS to the host's resolvers and list them in /etc/resolv.conf
+    #[arg(long)]
+    dns: bool,
+    /// With --network egress: cap bandwidth per direction, in KiB/s
+    #[arg(long, value_name = "KBPS")]
+    rate_limit: Option<u32>,
     /// Size cap of each writable scratch area (/tmp, home, /dev/shm)
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
     scratch_size: u64,
@@ -112,7 +131,10 @@ fn parse_network_arg(s: &str) -> Result<NetworkMode, String> {
     match s {
         "none" => Ok(NetworkMode::None),
         "host-loopback" => Ok(NetworkMode::HostLoopback),
-        _ => Err(format!("'{s}' is not a network mode: use none or host-loopback")),
+        "egress" => Ok(NetworkMode::Egress(EgressContract::default())),
+        _ => Err(format!(
+            "'{s}' is not a network mode: use none, host-loopback or egress"
+        )),
     }
 }
 
@@ -137,8 +159,41 @@ struct ResultRecord<'a> {
     wall_ms: f64,
     cpu_ms: f64,
     peak_memory_bytes: u64,
+    /// Packets the egress contract dropped (egress runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blocked_packets: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+/// The network the flags ask for; egress flags without `--network egress` are an error rather than
+/// silently ignored.
+fn network_from(args: &RunArgs) -> Result<NetworkMode, String> {
+    let egress_flag = [
+        (!args.allow_cidrs.is_empty(), "--allow-cidr"),
+        (!args.deny_cidrs.is_empty(), "--deny-cidr"),
+        (!args.allow_ports.is_empty(), "--allow-port"),
+        (args.allow_private, "--allow-private"),
+        (args.dns, "--dns"),
+        (args.rate_limit.is_some(), "--rate-limit"),
+    ]
+    .into_iter()
+    .find_map(|(given, flag)| given.then_some(flag));
+    match &args.network {
+        NetworkMode::Egress(_) => Ok(NetworkMode::Egress(EgressContract {
+            allowed_cidrs: args.allow_cidrs.clone(),
+            denied_cidrs: args.deny_cidrs.clone(),
+            deny_private: !args.allow_private,
+            deny_metadata: true,
+            allowed_ports: args.allow_ports.clone(),
+            dns: args.dns,
+            rate_limit_kbps: args.rate_limit.unwrap_or(0),
+        })),
+        other => match egress_flag {
+            Some(flag) => Err(format!("{flag} needs --network egress")),
+            None => Ok(other.clone()),
+        },
+    }
 }
 
 fn spec_from(args: &RunArgs) -> SandboxSpec {
@@ -151,7 +206,7 @@ fn spec_from(args: &RunArgs) -> SandboxSpec {
         .map(RootSpec::Directory)
         .unwrap_or(RootSpec::HostSystem);
     spec.mounts = args.mounts.clone();
-    spec.network = args.network;
+    spec.network = args.network.clone();
     spec.limits = ResourceLimits {
         memory_bytes: args.memory,
         cpus: args.cpus,
@@ -182,6 +237,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         json: args.json,
         result_file: args.result_file.clone(),
     };
+    match network_from(&args) {
+        Ok(network) => spec.network = network,
+        Err(message) => {
+            eprintln!("tartarus: {message}");
+            return Ok(EXIT_TARTARUS_ERROR);
+        }
+    }
     if let Some(reference) = &args.image {
         if let Err(e) = apply_image(&mut spec, reference, args.insecure_registry) {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
@@ -190,7 +252,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
     }
     let runtime = ProcessRuntime::new(runtime_config());
-    let mut sandbox = match runtime.prepare(spec) {
+    let mut sandbox = match runtime.prepare_sandbox(spec) {
         Ok(s) => s,
         Err(e) => return Ok(report.failure("", &e, EXIT_TARTARUS_ERROR as i32)),
     };
@@ -284,6 +346,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     }
     drop(_raw);
     let id = sandbox.id().to_string();
+    let blocked_packets = sandbox.blocked_packets();
     if let Err(e) = sandbox.cleanup() {
         print_error(&e);
     }
@@ -292,7 +355,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         _ => outcome.termination.exit_code(),
     };
     explain(&outcome, &args);
-    report.success(&id, &outcome, code);
+    report.success(&id, &outcome, code, blocked_packets);
     Ok(code.clamp(0, 255) as u8)
 }
 
@@ -377,7 +440,7 @@ impl Reporter {
         }
     }
 
-    fn success(&self, id: &str, outcome: &Outcome, exit_code: i32) {
+    fn success(&self, id: &str, outcome: &Outcome, exit_code: i32, blocked_packets: Option<u64>) {
         let signal = match outcome.termination {
             Termination::Signaled(s) => Some(s),
             Termination::Exited(_) => None,
@@ -390,6 +453,7 @@ impl Reporter {
             wall_ms: outcome.wall.as_secs_f64() * 1000.0,
             cpu_ms: outcome.cpu.as_secs_f64() * 1000.0,
             peak_memory_bytes: outcome.peak_memory_bytes,
+            blocked_packets,
             error: None,
         });
     }
@@ -404,6 +468,7 @@ impl Reporter {
             wall_ms: 0.0,
             cpu_ms: 0.0,
             peak_memory_bytes: 0,
+            blocked_packets: None,
             error: Some(error.to_string()),
         });
         exit_code as u8

@@ -426,6 +426,33 @@ impl SandboxCgroups {
             .unwrap_or(0)
     }
 
+    /// How many times a fork or clone in the sandbox failed at its pids limit (`pids.events`, v1 and v2).
+    pub fn pids_limit_hits(&self, fs: &dyn CgroupFs) -> u64 {
+        let Some(dir) = self.dir_with(Controller::Pids) else {
+            return 0;
+        };
+        fs.read(&dir.path.join("pids.events"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("max ").and_then(|v| v.trim().parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Lowers (or raises) the CPU quota to `cpus` cores; `false` when the sandbox has no CPU cgroup.
+    pub fn set_cpu_quota(&self, fs: &dyn CgroupFs, cpus: f64) -> io::Result<bool> {
+        let Some(dir) = self.dir_with(Controller::Cpu) else {
+            return Ok(false);
+        };
+        let quota = ((cpus * CPU_PERIOD_US as f64) as u64).max(1000);
+        match dir.version {
+            CgroupVersion::V2 => fs.write(&dir.path.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?,
+            CgroupVersion::V1 => fs.write(&dir.path.join("cpu.cfs_quota_us"), &quota.to_string())?,
+        }
+        Ok(true)
+    }
+
     /// Peak memory use of the sandbox, when the memory controller tracks it.
     pub fn peak_memory(&self, fs: &dyn CgroupFs) -> Option<u64> {
         let dir = self.dir_with(Controller::Memory)?;
@@ -766,6 +793,34 @@ mod tests {
                 .unwrap(),
             "FROZEN"
         );
+    }
+
+    #[test]
+    fn pids_limit_hits_and_cpu_throttling_use_the_sandboxes_cgroups() {
+        let fs = FakeCgroupFs::default()
+            .file("/sys/fs/cgroup/pids/t/x/pids.events", "max 7\n")
+            .file("/sys/fs/cgroup/cpu/t/x/cpu.cfs_quota_us", "100000");
+        let cgroups = SandboxCgroups {
+            dirs: vec![
+                CgroupDir {
+                    version: CgroupVersion::V1,
+                    path: "/sys/fs/cgroup/pids/t/x".into(),
+                    controllers: vec![Controller::Pids],
+                },
+                CgroupDir {
+                    version: CgroupVersion::V1,
+                    path: "/sys/fs/cgroup/cpu/t/x".into(),
+                    controllers: vec![Controller::Cpu],
+                },
+            ],
+        };
+        assert_eq!(cgroups.pids_limit_hits(&fs), 7);
+        assert!(cgroups.set_cpu_quota(&fs, 0.25).unwrap());
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/cpu/t/x/cpu.cfs_quota_us").unwrap(),
+            "25000"
+        );
+        assert!(!SandboxCgroups::default().set_cpu_quota(&fs, 1.0).unwrap());
     }
 
     #[test]

@@ -104,7 +104,8 @@ pub struct ChildPlan<'a> {
     pub user: SandboxUser,
     pub root: &'a RootInputs,
     pub hostname: &'a str,
-    pub network: NetworkMode,
+    /// Egress sandboxes are cloned inside their prepared namespace; `None` creates a fresh one.
+    pub network: &'a NetworkMode,
     /// The main command; `None` for a service sandbox started without one.
     pub exec: Option<&'a ExecPlan>,
     pub filters: &'a CompiledFilters,
@@ -288,7 +289,7 @@ pub(super) fn build_root(plan: &ChildPlan<'_>) -> SetupResult<()> {
 
 /// The command's process before exec: its own network namespace, then wait for init's root.
 fn command_process(plan: &ChildPlan<'_>, ready: OwnedFd) -> i32 {
-    if plan.network == NetworkMode::None {
+    if *plan.network == NetworkMode::None {
         let netns = tartarus_hostsys::unshare_network_namespace()
             .stage(|| "creating the network namespace".into())
             .and_then(|()| tartarus_hostsys::set_loopback_up().stage(|| "bringing up loopback".into()));

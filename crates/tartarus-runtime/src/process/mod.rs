@@ -5,7 +5,9 @@
 //! command's status) → the command. Init has a parent-death signal, and the pid namespace dies with it, so
 //! killing init — or the supervisor — kills the whole tree. Nothing is written to the host's disk: the root
 //! and scratch areas are tmpfs mounts inside the sandbox's own mount namespace, gone with it. Cgroups (only
-//! when limits are requested) are removed by `cleanup`, or by `gc` after a supervisor crash.
+//! when limits are requested) are removed by `cleanup`, or by `gc` after a supervisor crash. So is the
+//! network of an egress sandbox (`tartarus-network`): its namespace is created in `prepare`, and `start`
+//! clones the sandbox inside it.
 
 mod cgroup;
 mod child;
@@ -17,12 +19,15 @@ mod service;
 
 use std::ffi::CString;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
+use rustix::thread::LinkNameSpaceType;
+use tartarus_network::{NetworkConfig, NetworkError, SandboxNetwork};
 
 use self::cgroup::SandboxCgroups;
 pub use self::cgroup::{CgroupFs, CgroupLayout, HostCgroupFs};
@@ -30,7 +35,7 @@ use self::child::{ChildPlan, ExecPlan, IdMode};
 use self::protocol::{read_report, Report, STATUS_LEN};
 use self::rootfs::{PreparedMount, RootInputs};
 use self::seccomp::CompiledFilters;
-pub use self::seccomp::DENIED_SYSCALLS;
+pub use self::seccomp::{deniable_syscall, DENIED_SYSCALLS, EXTRA_DENIABLE_SYSCALLS};
 use self::service::ExecClient;
 pub use self::service::{ExecError, ExecRequest};
 use crate::sandbox::{
@@ -45,6 +50,13 @@ use crate::spec::{
 /// uid 100000000, the sandbox user host uid 100001000. Nothing on the host is owned by these ids.
 pub const PRIVILEGED_HOST_ID_BASE: u32 = 100_000_000;
 const MAPPED_RANGE: u32 = 65_536;
+
+/// Counters of a sandbox hitting its cgroup limits (see [`ProcessSandbox::limit_hits`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LimitHits {
+    pub oom_kills: u64,
+    pub pids_limit_hits: u64,
+}
 
 /// Settings of the process runtime that are not per-sandbox.
 #[derive(Debug, Clone)]
@@ -75,10 +87,14 @@ impl ProcessRuntime {
         }
     }
 
-    /// Removes cgroups left behind by supervisors that died (e.g. `kill -9` of `tartarus run`).
+    /// Removes cgroups, and egress networks in this network namespace, left behind by supervisors that
+    /// died (e.g. `kill -9` of `tartarus run`).
     pub fn collect_garbage(&self) -> Vec<PathBuf> {
         let layout = CgroupLayout::detect(self.cgroup_fs.as_ref());
-        cgroup::collect_garbage(self.cgroup_fs.as_ref(), &layout, &self.config.cgroup_parent)
+        let mut removed =
+            cgroup::collect_garbage(self.cgroup_fs.as_ref(), &layout, &self.config.cgroup_parent);
+        removed.extend(tartarus_network::collect_garbage());
+        removed
     }
 }
 
@@ -118,6 +134,8 @@ pub struct ProcessSandbox {
     outcome: Option<Outcome>,
     exec_client: Option<ExecClient>,
     paused: bool,
+    /// The namespace, veth and rules of an egress sandbox.
+    network: Option<SandboxNetwork>,
 }
 
 /// Handles of a started sandbox.
@@ -162,12 +180,34 @@ impl ProcessSandbox {
                 gid: rustix::process::getegid().as_raw(),
             }
         };
-        let root = root_inputs(&spec, ids)?;
+        // Egress needs the host's root: refuse before creating anything.
+        if matches!(spec.network, NetworkMode::Egress(_)) && euid != 0 {
+            return Err(NetworkError::NeedsRoot.into());
+        }
+        let network_config = match spec.network {
+            NetworkMode::Egress(_) => Some(NetworkConfig::from_env()?),
+            _ => None,
+        };
+        let resolvers = match &spec.network {
+            NetworkMode::Egress(c) if c.dns => tartarus_network::host_resolvers(),
+            _ => Vec::new(),
+        };
+        let root = root_inputs(&spec, ids, &resolvers)?;
         let exec = match spec.command.is_empty() {
             true => None,
             false => Some(ExecPlan::build(&spec.command, &spec.env, &spec.hostname)?),
         };
-        let filters = CompiledFilters::build().map_err(|e| PrepareError::Seccomp(e.to_string()))?;
+        let extra: Vec<i64> = spec
+            .denied_syscalls
+            .iter()
+            .map(|name| {
+                seccomp::deniable_syscall(name).ok_or_else(|| {
+                    PrepareError::Seccomp(format!("unknown syscall '{name}' in denied_syscalls"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let filters =
+            CompiledFilters::build_with(&extra).map_err(|e| PrepareError::Seccomp(e.to_string()))?;
         let workdir = spec
             .workdir
             .as_deref()
@@ -175,6 +215,8 @@ impl ProcessSandbox {
             .unwrap_or_else(|| SANDBOX_HOME.into());
         let workdir = to_cstring(workdir.into_os_string().into_encoded_bytes())?;
         let mut writable_dirs: Vec<PathBuf> = match spec.root {
+            // A policy's narrower set (quarantine: /tmp only).
+            _ if !spec.writable_paths.is_empty() => spec.writable_paths.clone(),
             // The whole root is an ephemeral overlay upper in scratch.
             RootSpec::Layers(_) => vec!["/".into()],
             _ => vec!["/tmp".into(), SANDBOX_HOME.into(), "/dev/shm".into()],
@@ -189,7 +231,7 @@ impl ProcessSandbox {
         // Service sandboxes can be paused, which needs a freezer cgroup (root only: rootless hosts rarely
         // delegate one; pause then reports why it is unavailable).
         let freezable = spec.service && euid == 0;
-        let cgroups = if spec.limits.any() || freezable {
+        let mut cgroups = if spec.limits.any() || freezable {
             let layout = CgroupLayout::detect(cgroup_fs.as_ref());
             cgroup::collect_garbage(cgroup_fs.as_ref(), &layout, &runtime.config.cgroup_parent);
             let name = cgroup::cgroup_name(std::process::id(), &id);
@@ -203,6 +245,20 @@ impl ProcessSandbox {
             )?
         } else {
             SandboxCgroups::default()
+        };
+        // Last, so nothing after it can fail and leave the network behind.
+        let network = match (&spec.network, &network_config) {
+            (NetworkMode::Egress(contract), Some(config)) => {
+                tartarus_network::collect_garbage();
+                match SandboxNetwork::create(&id, contract, config, &resolvers) {
+                    Ok(network) => Some(network),
+                    Err(e) => {
+                        let _ = cgroups.remove(cgroup_fs.as_ref());
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => None,
         };
         Ok(ProcessSandbox {
             id,
@@ -221,6 +277,7 @@ impl ProcessSandbox {
             outcome: None,
             exec_client: None,
             paused: false,
+            network,
         })
     }
 
@@ -270,7 +327,7 @@ impl ProcessSandbox {
             user: command_user(&self.spec, self.ids),
             root: &self.root,
             hostname: &self.spec.hostname,
-            network: self.spec.network,
+            network: &self.spec.network,
             exec: self.exec.as_ref(),
             filters: &self.filters,
             stdio,
@@ -283,13 +340,29 @@ impl ProcessSandbox {
             base_env: &self.spec.env,
         };
         let started = Instant::now();
+        // An egress sandbox is cloned inside its prepared network namespace: this (single) thread enters
+        // it just for the clone and returns to its own at once.
+        let home_netns = match self.network.as_ref().and_then(SandboxNetwork::netns) {
+            Some(netns) => {
+                Some(enter_netns(netns).map_err(host("entering the sandbox's network namespace"))?)
+            }
+            None => None,
+        };
         // SAFETY: ensure_single_threaded() checked the precondition; the child runs `child::run`, which
         // never returns.
-        let (pid, pidfd) = match unsafe { tartarus_hostsys::clone_process(namespaces) } {
+        let forked = match unsafe { tartarus_hostsys::clone_process(namespaces) } {
             Ok(tartarus_hostsys::Forked::Child) => child::run(&plan),
-            Ok(tartarus_hostsys::Forked::Parent { pid, pidfd }) => (pid, pidfd),
-            Err(e) => return Err(StartError::Namespaces(e)),
+            Ok(tartarus_hostsys::Forked::Parent { pid, pidfd }) => Ok((pid, pidfd)),
+            Err(e) => Err(e),
         };
+        if let Some(home) = &home_netns {
+            rustix::thread::move_into_link_name_space(home.as_fd(), Some(LinkNameSpaceType::Network))
+                .map_err(|e| StartError::Host {
+                    what: "returning to the supervisor's network namespace",
+                    source: e.into(),
+                })?;
+        }
+        let (pid, pidfd) = forked.map_err(StartError::Namespaces)?;
         drop((sync_read, start_write, status_write));
         self.exec_client = control.map(|(ours, theirs)| {
             drop(theirs);
@@ -472,6 +545,39 @@ impl ProcessSandbox {
         self.paused
     }
 
+    /// Packets the egress contract dropped so far; `None` without egress (or once cleaned up).
+    pub fn blocked_packets(&self) -> Option<u64> {
+        let network = self.network.as_ref()?;
+        network.blocked_packets().ok()
+    }
+
+    /// Signs that the sandbox pushed against its limits so far: OOM kills inside it and forks refused at its
+    /// pids limit.
+    pub fn limit_hits(&self) -> LimitHits {
+        LimitHits {
+            oom_kills: self.cgroups.oom_kills(self.cgroup_fs.as_ref()),
+            pids_limit_hits: self.cgroups.pids_limit_hits(self.cgroup_fs.as_ref()),
+        }
+    }
+
+    /// Throttles the sandbox to `cpus` cores through its CPU cgroup; false when it has none.
+    pub fn throttle_cpu(&self, cpus: f64) -> Result<bool, RuntimeError> {
+        self.cgroups
+            .set_cpu_quota(self.cgroup_fs.as_ref(), cpus)
+            .map_err(|source| RuntimeError::Host {
+                what: "throttling the CPU quota",
+                source,
+            })
+    }
+
+    /// Cuts an egress sandbox's network off (quarantine); false when it has none to cut.
+    pub fn isolate_network(&self) -> Result<bool, RuntimeError> {
+        match &self.network {
+            Some(network) => network.isolate().map(|()| true).map_err(RuntimeError::Network),
+            None => Ok(false),
+        }
+    }
+
     /// Readable when an exec reply (such as an exit) is pending; then call [`ProcessSandbox::wait_exec`]
     /// with a zero timeout.
     pub fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -571,12 +677,16 @@ impl Sandbox for ProcessSandbox {
         }
         self.running = None;
         let failures = self.cgroups.remove(self.cgroup_fs.as_ref());
+        let network = self.network.as_mut().map(SandboxNetwork::remove);
         self.state = SandboxState::CleanedUp;
         if let Some((path, source)) = failures.into_iter().next() {
             return Err(RuntimeError::Cleanup {
                 path: path.display().to_string(),
                 source,
             });
+        }
+        if let Some(Err(e)) = network {
+            return Err(RuntimeError::Network(e));
         }
         Ok(())
     }
@@ -586,6 +696,17 @@ impl Drop for ProcessSandbox {
     fn drop(&mut self) {
         let _ = self.cleanup();
     }
+}
+
+/// Moves this thread into `netns`; returns its previous network namespace, to return to.
+fn enter_netns(netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let home = rustix::fs::open(
+        "/proc/thread-self/ns/net",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::thread::move_into_link_name_space(netns, Some(LinkNameSpaceType::Network))?;
+    Ok(home)
 }
 
 fn ensure_single_threaded() -> io::Result<()> {
@@ -650,7 +771,7 @@ fn command_user(spec: &SandboxSpec, ids: IdMode) -> SandboxUser {
     }
 }
 
-fn root_inputs(spec: &SandboxSpec, ids: IdMode) -> Result<RootInputs, PrepareError> {
+fn root_inputs(spec: &SandboxSpec, ids: IdMode, resolvers: &[IpAddr]) -> Result<RootInputs, PrepareError> {
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
         let source_err = |source: io::Error| PrepareError::MountSource {
@@ -667,9 +788,10 @@ fn root_inputs(spec: &SandboxSpec, ids: IdMode) -> Result<RootInputs, PrepareErr
             writable: m.writable,
         });
     }
-    let resolv: Vec<u8> = match spec.network {
+    let resolv: Vec<u8> = match &spec.network {
         NetworkMode::None => b"# this sandbox has no network\n".to_vec(),
         NetworkMode::HostLoopback => std::fs::read("/etc/resolv.conf").unwrap_or_default(),
+        NetworkMode::Egress(contract) => tartarus_network::resolv_conf(contract, resolvers).into_bytes(),
     };
     let canonical_dir = |path: &PathBuf| -> Result<PathBuf, PrepareError> {
         let rootfs_err = |source: io::Error| PrepareError::Rootfs {

@@ -80,9 +80,66 @@ const TIOCSTI: u64 = 0x5412;
 const TIOCLINUX: u64 = 0x541C;
 
 /// Builds the main filter program.
-pub fn build_filter() -> Result<BpfProgram, seccompiler::BackendError> {
+/// Syscalls a policy may deny on top of [`DENIED_SYSCALLS`] (by name; x86_64 numbers). Denying them breaks
+/// programs that need them, which is the point: a quarantined sandbox gets no sockets to the outside, no
+/// cross-process memory access, no file-mode changes.
+pub const EXTRA_DENIABLE_SYSCALLS: &[(&str, i64)] = &[
+    ("socket", libc::SYS_socket),
+    ("connect", libc::SYS_connect),
+    ("bind", libc::SYS_bind),
+    ("listen", libc::SYS_listen),
+    ("accept", libc::SYS_accept),
+    ("accept4", libc::SYS_accept4),
+    ("sendto", libc::SYS_sendto),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendmsg", libc::SYS_sendmsg),
+    ("recvmsg", libc::SYS_recvmsg),
+    ("sendmmsg", libc::SYS_sendmmsg),
+    ("recvmmsg", libc::SYS_recvmmsg),
+    ("socketpair", libc::SYS_socketpair),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("personality", libc::SYS_personality),
+    ("mincore", libc::SYS_mincore),
+    ("chmod", libc::SYS_chmod),
+    ("fchmod", libc::SYS_fchmod),
+    ("fchmodat", libc::SYS_fchmodat),
+    ("chown", libc::SYS_chown),
+    ("fchown", libc::SYS_fchown),
+    ("lchown", libc::SYS_lchown),
+    ("fchownat", libc::SYS_fchownat),
+    ("link", libc::SYS_link),
+    ("linkat", libc::SYS_linkat),
+    ("symlink", libc::SYS_symlink),
+    ("symlinkat", libc::SYS_symlinkat),
+    ("mknod", libc::SYS_mknod),
+    ("mknodat", libc::SYS_mknodat),
+    ("kill", libc::SYS_kill),
+    ("tkill", libc::SYS_tkill),
+    ("memfd_create", libc::SYS_memfd_create),
+    ("mprotect", libc::SYS_mprotect),
+    ("inotify_init1", libc::SYS_inotify_init1),
+    ("fanotify_init", libc::SYS_fanotify_init),
+    ("sched_setaffinity", libc::SYS_sched_setaffinity),
+    ("setpriority", libc::SYS_setpriority),
+];
+
+/// The number of a syscall that may be denied by name: the base list's or an extra one.
+pub fn deniable_syscall(name: &str) -> Option<i64> {
+    DENIED_SYSCALLS
+        .iter()
+        .chain(EXTRA_DENIABLE_SYSCALLS)
+        .find(|(n, _)| *n == name)
+        .map(|&(_, nr)| nr)
+}
+
+/// The deny-list filter plus `extra` syscall numbers.
+pub fn build_filter_with(extra: &[i64]) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(_, nr) in DENIED_SYSCALLS {
+        rules.insert(nr, Vec::new());
+    }
+    for &nr in extra {
         rules.insert(nr, Vec::new());
     }
     // New user namespaces (the door to every other namespace type) via clone or unshare.
@@ -153,9 +210,10 @@ pub struct CompiledFilters {
 }
 
 impl CompiledFilters {
-    pub fn build() -> Result<Self, seccompiler::BackendError> {
+    /// The program with `extra` syscall numbers denied too (a policy's additions).
+    pub fn build_with(extra: &[i64]) -> Result<Self, seccompiler::BackendError> {
         let mut program = build_abi_prefix();
-        program.extend(build_filter()?);
+        program.extend(build_filter_with(extra)?);
         Ok(CompiledFilters { program })
     }
 
@@ -170,8 +228,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn extra_denials_extend_the_program_by_name() {
+        let base = build_filter_with(&[]).unwrap().len();
+        let connect = deniable_syscall("connect").unwrap();
+        assert!(build_filter_with(&[connect]).unwrap().len() > base);
+        assert_eq!(deniable_syscall("ptrace"), Some(libc::SYS_ptrace));
+        assert_eq!(deniable_syscall("no_such_call"), None);
+    }
+
+    #[test]
     fn filter_compiles_and_covers_the_issue_list() {
-        let prog = build_filter().expect("filter compiles");
+        let prog = build_filter_with(&[]).expect("filter compiles");
         assert!(prog.len() > DENIED_SYSCALLS.len());
         for name in [
             "init_module",
@@ -199,7 +266,7 @@ mod tests {
 
     #[test]
     fn abi_prefix_jumps_land_inside_the_program() {
-        let prog = CompiledFilters::build().unwrap().program;
+        let prog = CompiledFilters::build_with(&[]).unwrap().program;
         for (i, insn) in prog.iter().enumerate() {
             if insn.code & libc::BPF_JMP as u16 != 0 && insn.code & 0x07 == libc::BPF_JMP as u16 {
                 assert!(i + 1 + (insn.jt as usize) < prog.len());

@@ -201,7 +201,7 @@ fn setup(plan: &ChildPlan<'_>, sync: BorrowedFd<'_>) -> SetupResult<()> {
     tartarus_hostsys::unshare_cgroup_namespace().stage(|| "creating the cgroup namespace".into())?;
     rustix::process::umask(rustix::fs::Mode::empty());
     let _ = tartarus_hostsys::set_not_dumpable();
-    if plan.network == NetworkMode::None {
+    if *plan.network == NetworkMode::None {
         tartarus_hostsys::unshare_network_namespace().stage(|| "creating the network namespace".into())?;
         tartarus_hostsys::set_loopback_up().stage(|| "bringing up loopback".into())?;
     }
