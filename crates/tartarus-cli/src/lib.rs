@@ -82,6 +82,8 @@ pub mod cli {
         Pause { id: String },
         /// Thaw a paused sandbox on the server
         Resume { id: String },
+        /// Quarantine a sandbox on the server: cut its network off and freeze it for inspection
+        Quarantine { id: String },
         /// Show the audit trail of the server (newest first)
         Audit(commands::remote::AuditArgs),
         /// Manage API keys of the server (tenants and roles)
@@ -92,6 +94,10 @@ pub mod cli {
         Init(commands::template::InitArgs),
         /// Pull and manage OCI images in the local store
         Image(commands::image::ImageArgs),
+        /// Apply, inspect, and roll back the server's policies
+        Policy(commands::policy::PolicyArgs),
+        /// Show the server's event stream (enforcement, admission rejections, dead letters)
+        Events(commands::policy::EventsArgs),
         /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
         #[command(hide = true)]
         Shim(commands::shim::ShimArgs),
@@ -117,10 +123,13 @@ pub mod cli {
             Command::Kill { id } => commands::remote::kill(id),
             Command::Pause { id } => commands::remote::set_paused(id, true),
             Command::Resume { id } => commands::remote::set_paused(id, false),
+            Command::Quarantine { id } => commands::remote::quarantine(id),
             Command::Audit(args) => commands::remote::audit(args),
             Command::Template(args) => commands::template::run(args),
             Command::Init(args) => commands::template::init(args),
             Command::Image(args) => commands::image::run(args),
+            Command::Policy(args) => commands::policy::run(args),
+            Command::Events(args) => commands::policy::events(args),
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());

@@ -6,7 +6,6 @@
 //! ([`Template::to_json`]) and shows it back as JSON or YAML ([`Template::to_yaml`]).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -123,27 +122,7 @@ pub struct PoolConfig {
 }
 
 /// A template that cannot be used: where (`file:line:column` when known) and why, naming the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TemplateError {
-    /// The file (or other source) the text came from.
-    pub file: String,
-    /// 1-based line and column, when known.
-    pub location: Option<(usize, usize)>,
-    /// Dotted path of the offending key (`resources.max_cpu`), when the error is about one.
-    pub key: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for TemplateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.location {
-            Some((line, column)) => write!(f, "{}:{line}:{column}: {}", self.file, self.message),
-            None => write!(f, "{}: {}", self.file, self.message),
-        }
-    }
-}
-
-impl std::error::Error for TemplateError {}
+pub type TemplateError = tartarus_document::DocumentError;
 
 /// A broken rule: the key it is about and what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,35 +151,9 @@ pub fn parse_template(text: &str, source: &str) -> Result<Template, TemplateErro
     Ok(template)
 }
 
-/// A YAML or shape error: serde_yaml_ng's message without its own ` at line L column C`, which moves
-/// to the front as `file:L:C:`.
+/// A YAML or shape error, its position moved to the front as `file:L:C:`.
 fn syntax_error(e: &serde_yaml_ng::Error, source: &str) -> TemplateError {
-    let text = e.to_string();
-    let location = e.location().map(|l| (l.line(), l.column()));
-    let message = match location {
-        Some((line, column)) => text.replacen(&format!(" at line {line} column {column}"), "", 1),
-        None => text,
-    };
-    // serde_yaml_ng prefixes the path of a nested value (`resources: unknown field `x``); the field of an
-    // unknown, missing or duplicate field error is named in backquotes.
-    let path = message
-        .split_once(": ")
-        .map(|(path, _)| path)
-        .filter(|p| !p.contains(' '));
-    let field = message
-        .split_once("field `")
-        .and_then(|(_, rest)| rest.split_once('`'))
-        .map(|(field, _)| field);
-    let key = match (path, field) {
-        (Some(path), Some(field)) => Some(format!("{path}.{field}")),
-        (path, field) => path.or(field).map(str::to_string),
-    };
-    TemplateError {
-        file: source.to_string(),
-        location,
-        key,
-        message,
-    }
+    TemplateError::from_yaml(e, source)
 }
 
 impl Template {
@@ -397,56 +350,16 @@ fn locate_key(text: &str, path: &[String]) -> Option<(usize, usize)> {
     for (depth, key) in path.iter().enumerate() {
         // A top-level key of block YAML starts its line; try that first.
         let at = if depth == 0 {
-            find_key(text, key, from, true).or_else(|| find_key(text, key, from, false))
+            tartarus_document::find_key(text, key, from, true)
+                .or_else(|| tartarus_document::find_key(text, key, from, false))
         } else {
-            find_key(text, key, from, false)
+            tartarus_document::find_key(text, key, from, false)
         };
         let Some(at) = at else { break };
         found = Some(at);
         from = at + key.len();
     }
-    found.map(|at| line_column(text, at))
-}
-
-/// The byte offset (of the opening quote, if quoted) of `key` used as a mapping key at or after `from`.
-fn find_key(text: &str, key: &str, from: usize, line_start: bool) -> Option<usize> {
-    if key.is_empty() {
-        return None;
-    }
-    let mut search = from;
-    while let Some(rel) = text.get(search..)?.find(key) {
-        let at = search + rel;
-        search = at + key.len();
-        let before = &text[..at];
-        let after = &text[at + key.len()..];
-        let (start, after) = match before.chars().next_back() {
-            Some(q @ ('"' | '\'')) => match after.strip_prefix(q) {
-                Some(after) => (at - 1, after),
-                None => continue,
-            },
-            _ => (at, after),
-        };
-        if !after.trim_start_matches([' ', '\t']).starts_with(':') {
-            continue;
-        }
-        let line = &text[text[..start].rfind('\n').map_or(0, |n| n + 1)..start];
-        let boundary = match line.chars().next_back() {
-            None => true,
-            Some(c) => !line_start && (c.is_whitespace() || c == '{' || c == ','),
-        };
-        let in_comment = line.starts_with('#') || line.contains(" #") || line.contains("\t#");
-        if boundary && !in_comment {
-            return Some(start);
-        }
-    }
-    None
-}
-
-fn line_column(text: &str, at: usize) -> (usize, usize) {
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
+    found.map(|at| tartarus_document::line_column(text, at))
 }
 
 /// A commented template for `tartarus init template --name NAME --from IMAGE`: valid as written, with the

@@ -21,6 +21,9 @@ pub struct Resources {
 pub struct CreateSandbox {
     /// A template id (`GET /v1/templates`): its image, defaults, resource caps and warm pool.
     pub template: Option<String>,
+    /// A resource class: ember (1 CPU, 512 MiB), flame (2, 2 GiB), blaze (4, 8 GiB), inferno (8, 32 GiB, GPU)
+    /// or quarantine (1, 512 MiB, no network, stricter seccomp). Policies may restrict which are allowed.
+    pub class: Option<String>,
     /// An OCI image reference, pulled when not in the server's store; its layers are the sandbox's
     /// (writable, ephemeral) root, its Env, WorkingDir and User the defaults.
     pub image: Option<String>,

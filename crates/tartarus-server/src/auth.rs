@@ -17,6 +17,19 @@ pub struct Caller {
 
 impl Caller {
     /// The tenant whose objects this caller may see: all for admins.
+    /// The tenant a listing is limited to when the caller asks for `wanted`: admins get what they ask for
+    /// (all tenants by default); others only their own, and asking for another tenant is refused.
+    pub fn scope_for<'a>(&'a self, wanted: Option<&'a str>, what: &str) -> Result<Option<&'a str>, ApiError> {
+        match (self.scope(), wanted) {
+            (None, wanted) => Ok(wanted),
+            (Some(own), None) => Ok(Some(own)),
+            (Some(own), Some(wanted)) if own == wanted => Ok(Some(own)),
+            (Some(_), Some(_)) => Err(ApiError::forbidden(format!(
+                "only admin keys may read another tenant's {what}"
+            ))),
+        }
+    }
+
     pub fn scope(&self) -> Option<&str> {
         match self.role {
             Role::Admin => None,

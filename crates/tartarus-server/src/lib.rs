@@ -12,6 +12,7 @@ pub mod error;
 pub mod files;
 pub mod images;
 pub mod metrics;
+pub mod policies;
 pub mod sandboxes;
 pub mod templates;
 
@@ -51,6 +52,13 @@ pub struct ServerConfig {
     pub runtime: tartarus_runtime::process::ProcessRuntimeConfig,
     /// Registries on loopback (HOST:PORT) pulled from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// How long events are kept.
+    pub event_retention: Duration,
+    /// How often egress sandboxes' blocked-packet counters are checked against their policy.
+    pub enforcement_interval: Duration,
+    /// A classification hook: a program given every create request (JSON on stdin) that answers
+    /// `allow`, `quarantine` or `reject REASON` on stdout.
+    pub classifier: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -58,6 +66,8 @@ pub struct AppState {
     pub store: Store,
     pub manager: Arc<Manager>,
     pub images: images::Images,
+    pub policies: policies::Policies,
+    pub classifier: Option<Arc<PathBuf>>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -67,9 +77,12 @@ pub struct AppState {
     paths(create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox, wait_sandbox, healthz,
           files::put_file, files::get_file, logs_sandbox, pause_sandbox, resume_sandbox, list_audit,
           templates::create_template, templates::list_templates, templates::get_template,
-          templates::delete_template),
+          templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy,
+          policies::delete_policy, policies::policy_history, policies::rollback_policy, policies::list_events,
+          policies::quarantine_sandbox),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
-                       templates::CreateTemplate, templates::TemplateView)),
+                       templates::CreateTemplate, templates::TemplateView,
+                       policies::ApplyPolicy, policies::PolicyView, policies::Rollback)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -109,6 +122,22 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
     #[error("{0}")]
     Config(String),
+}
+
+/// Drops events older than `retention`, hourly.
+fn spawn_event_retention(store: Store, retention: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let before = tartarus_store::now_ms() - retention.as_millis() as i64;
+            match store.prune_events(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "expired events removed"),
+                Err(e) => tracing::error!("expiring events failed: {e}"),
+            }
+        }
+    });
 }
 
 /// Creates the data directory, the state store and (on first start) the admin key file.
@@ -165,6 +194,21 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(logs_sandbox))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/events", get(policies::list_events))
+        .route(
+            "/v1/sandboxes/{id}/quarantine",
+            post(policies::quarantine_sandbox),
+        )
+        .route(
+            "/v1/policies",
+            post(policies::apply_policy).get(policies::list_policies),
+        )
+        .route(
+            "/v1/policies/{id}",
+            get(policies::get_policy).delete(policies::delete_policy),
+        )
+        .route("/v1/policies/{id}/history", get(policies::policy_history))
+        .route("/v1/policies/{id}/rollback", post(policies::rollback_policy))
         .route(
             "/v1/templates",
             post(templates::create_template).get(templates::list_templates),
@@ -246,12 +290,20 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(ServerError::Serve)?;
     println!("listening on {addr}");
     tracing::info!("listening on {addr}, data in {}", config.data_dir.display());
-    let app = router(AppState {
+    let policies = policies::Policies::load(&store)
+        .await
+        .map_err(ServerError::Config)?;
+    spawn_event_retention(store.clone(), config.event_retention);
+    let state = AppState {
         store,
         manager,
         images,
+        policies,
+        classifier: config.classifier.clone().map(Arc::new),
         metrics: metrics::install(),
-    });
+    };
+    policies::spawn_enforcement(state.clone(), config.enforcement_interval);
+    let app = router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -354,9 +406,12 @@ fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<SandboxSpec, ApiEr
     spec.network = match body.network.as_deref() {
         None | Some("none") => NetworkMode::None,
         Some("host-loopback") => NetworkMode::HostLoopback,
+        // The contract comes from the policy in force (admission); without one, the safe default:
+        // private ranges and metadata denied, no DNS.
+        Some("egress") => NetworkMode::Egress(tartarus_runtime::EgressContract::default()),
         Some(other) => {
             return Err(ApiError::invalid(format!(
-                "unknown network '{other}': use none or host-loopback"
+                "unknown network '{other}': use none, egress or host-loopback"
             )))
         }
     };
@@ -399,6 +454,25 @@ async fn create_sandbox(
     } else if let Some(reference) = &body.image {
         let image = state.images.ensure(reference).await?;
         images::root_on_image(&mut spec, &state.images, &image)?;
+    }
+    // The classification hook may send the request to quarantine, or refuse it.
+    let classified = policies::classify(&state, &caller, &body).await?;
+    let facts = policies::CreateFacts {
+        template: body.template.as_deref(),
+        class: classified.as_deref().or(body.class.as_deref()),
+        rootfs: body.rootfs.is_some(),
+    };
+    if let Some(class) = body.class.as_deref() {
+        if tartarus_policy::resource_class(class).is_none() {
+            return Err(ApiError::invalid(format!(
+                "unknown resource class '{class}': use ember, flame, blaze, inferno or quarantine"
+            )));
+        }
+    }
+    let decision = policies::admit(&state, &caller, &mut spec, &facts).await?;
+    if decision.is_some() && pool_key.is_some() {
+        // A pooled sandbox was started before the policy's constraints: only a fresh one carries them.
+        pool_key = None;
     }
     spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     let result = state
@@ -725,16 +799,7 @@ async fn list_audit(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<tartarus_store::AuditRecord>>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let tenant = match (caller.scope(), query.tenant.as_deref()) {
-        (None, wanted) => wanted,
-        (Some(own), None) => Some(own),
-        (Some(own), Some(wanted)) if own == wanted => Some(own),
-        (Some(_), Some(_)) => {
-            return Err(ApiError::forbidden(
-                "only admin keys may read another tenant's audit trail",
-            ))
-        }
-    };
+    let tenant = caller.scope_for(query.tenant.as_deref(), "audit trail")?;
     Ok(Json(state.store.audit(tenant, query.since_ms).await?))
 }
 

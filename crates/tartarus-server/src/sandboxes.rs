@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use tartarus_runtime::SandboxSpec;
-use tartarus_store::{now_ms, Finish, SandboxRecord, SandboxStatus, Store};
+use tartarus_store::{now_ms, Finish, NewEvent, SandboxRecord, SandboxStatus, Store};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -73,14 +73,13 @@ fn pool_spec() -> SandboxSpec {
 /// Whether a pooled sandbox satisfies `spec`: the sandbox's env is applied by the server to every exec,
 /// so only what is fixed at start must match the pool's defaults.
 fn poolable(spec: &SandboxSpec) -> bool {
-    let pooled = pool_spec();
-    spec.command.is_empty()
-        && spec.root == pooled.root
-        && spec.mounts.is_empty()
-        && spec.network == pooled.network
-        && !spec.limits.any()
-        && spec.timeout.is_none()
-        && spec.workdir.is_none()
+    // Everything but the environment must be the pool's: any other field (limits, seccomp additions, a
+    // root, a user) is fixed when the sandbox starts.
+    let without_env = SandboxSpec {
+        env: Vec::new(),
+        ..spec.clone()
+    };
+    without_env == pool_spec()
 }
 
 fn new_record(
@@ -292,6 +291,19 @@ impl Manager {
                             reason: &message,
                         };
                         self.store.finish_sandbox(&id, &finish).await?;
+                        // A dead letter: what was asked for and why it did not start, for operators.
+                        let details = serde_json::to_string(&spec).unwrap_or_default();
+                        let dead_letter = NewEvent {
+                            category: "dead_letter",
+                            kind: "start.failed",
+                            sandbox: Some(&id),
+                            tenant: Some(tenant),
+                            message: &format!("sandbox {id} did not start: {message}"),
+                            details: Some(&details),
+                        };
+                        if let Err(e) = self.store.record_event(&dead_letter).await {
+                            tracing::error!(sandbox = %id, "recording a dead letter failed: {e}");
+                        }
                         metrics::counter!(crate::metrics::TOTAL, "template" => template_label, "status" => "failed")
                             .increment(1);
                         let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -469,6 +481,40 @@ impl Manager {
             .increment(1);
         if let Err(e) = self.store.finish_sandbox(id, &finish).await {
             tracing::error!(sandbox = id, "recording the outcome failed: {e}");
+        }
+        let enforced = match outcome.2.as_str() {
+            "timeout" => Some((
+                "enforcement",
+                "timeout.kill",
+                "reached its timeout; the whole sandbox was killed",
+            )),
+            "oom" => Some((
+                "enforcement",
+                "resources.oom",
+                "ran out of memory; the kernel killed it",
+            )),
+            _ if matches!(outcome.0, SandboxStatus::Lost) => Some(("lifecycle", "sandbox.lost", missing)),
+            _ => None,
+        };
+        if let Some((category, kind, message)) = enforced {
+            let tenant = self
+                .store
+                .sandbox(id, None)
+                .await
+                .ok()
+                .flatten()
+                .map(|r| r.tenant);
+            let event = NewEvent {
+                category,
+                kind,
+                sandbox: Some(id),
+                tenant: tenant.as_deref(),
+                message: &format!("sandbox {id} {message}"),
+                details: None,
+            };
+            if let Err(e) = self.store.record_event(&event).await {
+                tracing::error!(sandbox = id, "recording an event failed: {e}");
+            }
         }
         let _ = tokio::fs::remove_file(Self::socket(dir)).await;
         if let Ok(mut done) = self.done.lock() {

@@ -5,6 +5,10 @@
 //! Place in the data flow: the server authenticates every request through [`Store::authenticate`] and
 //! records mutating calls with [`Store::record_audit`]; `tartarus apikey` manages keys directly.
 
+mod policies;
+
+pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
+
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};

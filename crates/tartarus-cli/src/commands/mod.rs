@@ -1,6 +1,7 @@
 pub mod apikey;
 pub mod gc;
 pub mod image;
+pub mod policy;
 pub mod remote;
 pub mod run;
 pub mod server;

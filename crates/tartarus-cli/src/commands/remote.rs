@@ -68,6 +68,9 @@ pub struct CreateArgs {
     /// Start from an OCI image (pulled by the server if needed)
     #[arg(long)]
     image: Option<String>,
+    /// Resource class: ember, flame, blaze, inferno or quarantine
+    #[arg(long)]
+    class: Option<String>,
     /// Memory limit, e.g. 512M
     #[arg(long, value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
     memory: Option<u64>,
@@ -114,6 +117,9 @@ pub fn create(args: CreateArgs) -> anyhow::Result<u8> {
     }
     if let Some(image) = args.image {
         body["image"] = json!(image);
+    }
+    if let Some(class) = args.class {
+        body["class"] = json!(class);
     }
     let record = client.json("POST", "/v1/sandboxes", Some(body))?;
     match args.json {
@@ -243,6 +249,12 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<u8> {
             r["outcome"].as_str().unwrap_or_default(),
         );
     }
+    Ok(0)
+}
+
+pub fn quarantine(id: String) -> anyhow::Result<u8> {
+    Client::from_env()?.json("POST", &format!("/v1/sandboxes/{}/quarantine", encode(&id)), None)?;
+    eprintln!("tartarus: {id} quarantined: network cut off, processes frozen");
     Ok(0)
 }
 

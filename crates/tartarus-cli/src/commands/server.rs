@@ -22,6 +22,18 @@ pub struct ServerArgs {
     /// A registry on loopback (HOST:PORT) to pull images from over plain HTTP (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// How long the event stream keeps events (GET /v1/events), e.g. 30d is 720h
+    #[arg(long, default_value = "720h", value_name = "DURATION",
+          value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
+    event_retention: std::time::Duration,
+    /// How often egress sandboxes' blocked-packet counters are checked (network violations)
+    #[arg(long, default_value = "1s", value_name = "DURATION",
+          value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
+    enforcement_interval: std::time::Duration,
+    /// Classification hook: a program given each create request as JSON on stdin that prints allow,
+    /// quarantine or "reject REASON" (failures refuse the request)
+    #[arg(long, value_name = "PROGRAM")]
+    classifier: Option<PathBuf>,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -42,6 +54,9 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         shim_exe: std::env::current_exe()?.with_file_name("tartarus"),
         warm_pool: args.warm_pool,
         insecure_registries: args.insecure_registries,
+        event_retention: args.event_retention,
+        enforcement_interval: args.enforcement_interval,
+        classifier: args.classifier,
         runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -11,7 +11,10 @@
 //! - The same with `"stream":true` → `{"started":true}`, then one line per chunk of output as it is
 //!   written (`{"stream":"stdout","data":"..."}`, UTF-8 kept whole across chunks), then
 //!   `{"exit_code":..,"signal":..,"wall_ms":..,"timed_out":..}`. Closing the connection kills the command.
-//! - `{"op":"status"}` → `{"id":"...","state":"running"|"paused"}`; `{"op":"pause"}`, `{"op":"resume"}`.
+//! - `{"op":"status"}` → `{"id":"...","state":"running"|"paused","blocked_packets":N|null}`;
+//!   `{"op":"pause"}`, `{"op":"resume"}`; `{"op":"isolate"}` (quarantine: egress cut off, then frozen);
+//!   `{"op":"throttle","cpus":0.25}` (lower the CPU quota). Status also carries `limit_hits`
+//!   (`oom_kills`, `pids_limit_hits`).
 //! - `{"op":"kill"}` → the sandbox is killed and cleaned up, then `{"ok":true}`, and the shim exits.
 //!
 //! When the sandbox ends on its own (main command exit, timeout) the shim writes the result record to
@@ -82,6 +85,12 @@ enum ShimRequest {
     Status,
     Pause,
     Resume,
+    /// Quarantine: cut an egress network off, then freeze every process (kept for inspection).
+    Isolate,
+    /// Lower the CPU quota to `cpus` cores (enforcement of a resource violation).
+    Throttle {
+        cpus: f64,
+    },
     Kill,
 }
 
@@ -121,6 +130,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
     };
     let null = std::fs::File::open("/dev/null")?;
     let runtime = ProcessRuntime::new(runtime_config());
+    let lifetime = spec.timeout;
     let mut sandbox = runtime.prepare_sandbox(spec)?;
     let stdio = StdioFds {
         stdin: null.as_raw_fd(),
@@ -148,6 +158,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
         requests: Vec::new(),
         execs: Vec::new(),
         kill_requester: None,
+        deadline: lifetime.map(|t| Instant::now() + t),
     };
     let outcome = shim.serve(&listener, &signals)?;
     let mut sandbox = shim.sandbox;
@@ -214,6 +225,8 @@ struct Shim {
     requests: Vec<Pending>,
     execs: Vec<RunningExec>,
     kill_requester: Option<UnixStream>,
+    /// When the sandbox's lifetime (`timeout`) ends; it is then killed with reason `timeout`.
+    deadline: Option<Instant>,
 }
 
 enum Slot {
@@ -263,7 +276,12 @@ impl Shim {
                 }
             }
             let now = Instant::now();
-            let next_deadline = self.execs.iter().filter_map(|e| e.deadline).min();
+            let next_deadline = self
+                .execs
+                .iter()
+                .filter_map(|e| e.deadline)
+                .chain(self.deadline)
+                .min();
             let timeout = next_deadline.map(|d| {
                 let left = d.saturating_duration_since(now);
                 rustix::time::Timespec {
@@ -277,6 +295,12 @@ impl Shim {
             }
             let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
             drop(fds);
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                // The whole sandbox reached its lifetime: kill the tree; its exit is reported below, with
+                // reason `timeout`.
+                self.deadline = None;
+                self.sandbox.kill(KillReason::Timeout)?;
+            }
             if ready[1] {
                 if let Some(outcome) = self.sandbox.try_wait()? {
                     return Ok(Some(outcome));
@@ -355,10 +379,34 @@ impl Shim {
                 return Ok(true);
             }
             Ok(ShimRequest::Status) => {
-                json!({"id": self.sandbox.id(), "state": if self.sandbox.is_paused() { "paused" } else { "running" }})
+                json!({
+                    "id": self.sandbox.id(),
+                    "state": if self.sandbox.is_paused() { "paused" } else { "running" },
+                    "blocked_packets": self.sandbox.blocked_packets(),
+                    "limit_hits": self.sandbox.limit_hits(),
+                })
             }
             Ok(ShimRequest::Pause) => match self.sandbox.pause() {
                 Ok(()) => json!({"ok": true}),
+                Err(e) => error_json("unavailable", crate::error_chain(&e)),
+            },
+            Ok(ShimRequest::Isolate) => {
+                let isolated = self.sandbox.isolate_network();
+                let paused = match self.sandbox.is_paused() {
+                    true => Ok(()),
+                    false => self.sandbox.pause(),
+                };
+                match (isolated, paused) {
+                    (Ok(cut), Ok(())) => json!({"ok": true, "network_cut": cut}),
+                    (Err(e), _) => error_json("unavailable", crate::error_chain(&e)),
+                    (_, Err(e)) => error_json("unavailable", crate::error_chain(&e)),
+                }
+            }
+            Ok(ShimRequest::Throttle { cpus }) if !(cpus.is_finite() && cpus > 0.0) => {
+                error_json("invalid_request", "cpus must be a positive number")
+            }
+            Ok(ShimRequest::Throttle { cpus }) => match self.sandbox.throttle_cpu(cpus) {
+                Ok(throttled) => json!({"ok": true, "throttled": throttled}),
                 Err(e) => error_json("unavailable", crate::error_chain(&e)),
             },
             Ok(ShimRequest::Resume) => match self.sandbox.resume() {

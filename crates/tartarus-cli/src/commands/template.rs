@@ -1,7 +1,7 @@
 //! `tartarus template create | ls | inspect | rm`: templates on the server (clients of `/v1/templates`), and
 //! `tartarus init template`, which writes a commented starting template locally, without a server.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -56,18 +56,7 @@ pub fn run(args: TemplateArgs) -> anyhow::Result<u8> {
 
 /// The server validates (and names `source` in its errors), so the CLI refuses exactly what the API does.
 fn create(file: PathBuf) -> anyhow::Result<u8> {
-    let (text, source) = if file.as_os_str() == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("reading the template from standard input")?;
-        (text, "<stdin>".to_string())
-    } else {
-        let text =
-            std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let name = file.file_name().unwrap_or(file.as_os_str());
-        (text, name.to_string_lossy().into_owned())
-    };
+    let (text, source) = super::policy::read_source(&file, "template")?;
     let body = json!({"yaml": text, "source": source});
     let record = Client::from_env()?.json("POST", "/v1/templates", Some(body))?;
     let id = record["id"].as_str().unwrap_or_default();

@@ -167,3 +167,25 @@ pub fn cli(server: &Server, key: &str, args: &[&str], stdin: &[u8]) -> std::proc
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin).unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// Polls sandbox `id` until `done` holds for its record (for what the server does in the background, such
+/// as enforcement); panics after 30 s with the last record.
+pub fn wait_for(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, record) = call(
+            "GET",
+            &format!("{}/v1/sandboxes/{id}", server.base),
+            Some(&server.admin),
+            None,
+        );
+        if done(&record) {
+            return record;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox {id} never got there: {record}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
