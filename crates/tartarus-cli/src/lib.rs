@@ -54,7 +54,7 @@ pub mod cli {
     pub enum Command {
         /// Run a command in a new sandbox and exit with its exit code
         Run(commands::run::RunArgs),
-        /// Remove cgroups left behind by a crashed `tartarus run`
+        /// Remove cgroups and sandbox networks left behind by a crashed `tartarus run`
         Gc,
         /// Serve the REST API over long-lived sandboxes
         Server(commands::server::ServerArgs),
@@ -94,6 +94,8 @@ pub mod cli {
         Init(commands::template::InitArgs),
         /// Pull and manage OCI images in the local store
         Image(commands::image::ImageArgs),
+        /// Check the verifiable-effects format against its golden vectors
+        Conformance(commands::conformance::ConformanceArgs),
         /// Apply, inspect, and roll back the server's policies
         Policy(commands::policy::PolicyArgs),
         /// Show the server's event stream (enforcement, admission rejections, dead letters)
@@ -128,6 +130,7 @@ pub mod cli {
             Command::Template(args) => commands::template::run(args),
             Command::Init(args) => commands::template::init(args),
             Command::Image(args) => commands::image::run(args),
+            Command::Conformance(args) => commands::conformance::run(args),
             Command::Policy(args) => commands::policy::run(args),
             Command::Events(args) => commands::policy::events(args),
             Command::Completions { shell } => {

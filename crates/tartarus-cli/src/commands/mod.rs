@@ -1,4 +1,5 @@
 pub mod apikey;
+pub mod conformance;
 pub mod gc;
 pub mod image;
 pub mod policy;
