@@ -6,15 +6,16 @@
 //! value, not about one of several spellings of it. A [`Keyring`] signs with its current Ed25519 key and
 //! verifies with every key it has held; [`verify`] reads a payload only after its signature holds.
 //!
-//! Place in the data flow: pure library below the server and the CLI. Receipts, the ledger, the blob
-//! store, episodes and datasets (the rest of issue 5) are built from these pieces; this crate does not
-//! know about sandboxes. It does no I/O except in [`Keyring::load_or_create`] / [`Keyring::rotate`]
-//! (the key directory) and [`run_conformance`] (reading vectors).
+//! Place in the data flow: a library below the server and the CLI. Receipts, the ledger, episodes and
+//! datasets (the rest of issue 5) are built from these pieces; this crate does not know about sandboxes.
+//! It does I/O only in [`Keyring::load_or_create`] / [`Keyring::rotate`] (the key directory),
+//! [`run_conformance`] (reading vectors) and [`BlobStore`] (the blob directory).
 //!
 //! | module | role |
 //! | --- | --- |
 //! | [`canonical`] | deterministic DAG-CBOR without floats; the strict decoder |
 //! | [`cid`] | [`Cid`]: CIDv1, dag-cbor or raw, BLAKE3-256; base32 lower text |
+//! | [`blobs`] | [`BlobStore`]: content-addressed blobs on disk, verified reads, range proofs, quotas, gc |
 //! | [`keyring`] | [`Keyring`], [`PublicKeys`], key ids, the key directory |
 //! | [`envelope`] | [`Envelope`], [`sign`], [`verify`], the signing input |
 //! | [`conformance`] | [`run_conformance`] over the golden vectors in `conformance/v1` |
@@ -38,6 +39,7 @@
 //!   small-order keys, secrets zeroized on drop. Version 2 rather than the new 3.0 for its long record.
 //!   New keys come from the operating system via `getrandom`, with no `rand` stack.
 
+pub mod blobs;
 pub mod canonical;
 pub mod cid;
 pub mod conformance;
@@ -45,6 +47,7 @@ pub mod envelope;
 mod error;
 pub mod keyring;
 
+pub use crate::blobs::{verify_range, BlobError, BlobStore, GcReport, PutResult, Quota, RangeRead};
 pub use crate::canonical::{decode, encode};
 pub use crate::cid::{Cid, Codec};
 pub use crate::conformance::{run_conformance, ConformanceFailure, ConformanceReport};
