@@ -145,6 +145,14 @@ impl Client {
     }
 }
 
+/// `path` with `name=value` pairs (values already encoded) as its query string, if there are any.
+pub fn with_query(path: &str, query: &[String]) -> String {
+    match query.is_empty() {
+        true => path.to_string(),
+        false => format!("{path}?{}", query.join("&")),
+    }
+}
+
 /// Percent-encodes a query value.
 pub fn encode(value: &str) -> String {
     value

@@ -140,7 +140,8 @@ fn violation(key: &[&str], message: impl Into<String>) -> Violation {
 
 /// Parses and validates a template written in YAML or JSON; `source` names the text in errors (a file name).
 pub fn parse_template(text: &str, source: &str) -> Result<Template, TemplateError> {
-    let mut template: Template = serde_yaml_ng::from_str(text).map_err(|e| syntax_error(&e, source))?;
+    let mut template: Template =
+        serde_yaml_ng::from_str(text).map_err(|e| TemplateError::from_yaml(&e, source))?;
     template.check().map_err(|v| TemplateError {
         file: source.to_string(),
         location: locate_key(text, &v.key),
@@ -149,11 +150,6 @@ pub fn parse_template(text: &str, source: &str) -> Result<Template, TemplateErro
     })?;
     template.normalize();
     Ok(template)
-}
-
-/// A YAML or shape error, its position moved to the front as `file:L:C:`.
-fn syntax_error(e: &serde_yaml_ng::Error, source: &str) -> TemplateError {
-    TemplateError::from_yaml(e, source)
 }
 
 impl Template {

@@ -246,7 +246,7 @@ pub type PolicyError = tartarus_document::DocumentError;
 
 /// Parses and validates a policy written in YAML or JSON; `source` names the text in errors (a file name).
 pub fn parse_policy(text: &str, source: &str) -> Result<Policy, PolicyError> {
-    let policy: Policy = serde_yaml_ng::from_str(text).map_err(|e| syntax_error(&e, source))?;
+    let policy: Policy = serde_yaml_ng::from_str(text).map_err(|e| PolicyError::from_yaml(&e, source))?;
     policy.check().map_err(|v| PolicyError {
         file: source.to_string(),
         location: locate(text, &v.path),
@@ -254,12 +254,6 @@ pub fn parse_policy(text: &str, source: &str) -> Result<Policy, PolicyError> {
         message: v.message,
     })?;
     Ok(policy)
-}
-
-/// A YAML, shape or per-value error, its position moved to the front as `source:L:C:`. The message keeps
-/// serde_yaml_ng's path of the value (`network.allowed_cidrs[1]: ...`), which also becomes the key.
-fn syntax_error(e: &serde_yaml_ng::Error, source: &str) -> PolicyError {
-    PolicyError::from_yaml(e, source)
 }
 
 impl Policy {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tartarus_image::pull::{self, NoProgress, PullOptions};
 use tartarus_image::runspec::apply_image;
-use tartarus_image::store::{ImageRecord, ImageStore};
+use tartarus_image::store::{ImageRecord, ImageStore, StoreError};
 use tartarus_image::template::{Template, WarmupLanguage};
 use tartarus_runtime::{BindMount, SandboxSpec};
 
@@ -32,10 +32,11 @@ impl Images {
     /// The image, pulled first when it is not in the store.
     pub async fn ensure(&self, reference: &str) -> Result<ImageRecord, ApiError> {
         let invalid = |e: &dyn std::fmt::Display| ApiError::invalid(e.to_string());
-        if let Some(record) = self.store.find(reference).map_err(|e| invalid(&e))? {
-            if self.store.get(reference).is_ok() {
-                return Ok(record);
-            }
+        // Present with every layer: done. Missing (or a layer pruned meanwhile): pull.
+        match self.store.get(reference) {
+            Ok(record) => return Ok(record),
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(invalid(&e)),
         }
         let registry = tartarus_image::store::registry_of(reference).map_err(|e| invalid(&e))?;
         let options = PullOptions {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tartarus_runtime::units::parse_duration;
 use tartarus_store::now_ms;
 
-use crate::client::{encode, Client};
+use crate::client::{encode, with_query, Client};
 
 #[derive(Args, Debug)]
 pub struct PolicyArgs {
@@ -149,12 +149,7 @@ fn print_revision(p: &Value) {
 }
 
 fn ago(at_ms: i64) -> String {
-    let s = (now_ms() - at_ms).max(0) / 1000;
-    match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m ago", s / 60),
-        _ => format!("{}h ago", s / 3600),
-    }
+    format!("{} ago", super::remote::duration_text(now_ms() - at_ms))
 }
 
 #[derive(Args, Debug)]
@@ -189,11 +184,7 @@ pub fn events(args: EventsArgs) -> anyhow::Result<u8> {
     if let Some(d) = args.since {
         query.push(format!("since_ms={}", now_ms() - d.as_millis() as i64));
     }
-    let path = format!(
-        "/v1/events{}{}",
-        if query.is_empty() { "" } else { "?" },
-        query.join("&")
-    );
+    let path = with_query("/v1/events", &query);
     let events = Client::from_env()?.json("GET", &path, None)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&events)?);

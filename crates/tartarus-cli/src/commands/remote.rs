@@ -9,7 +9,7 @@ use tartarus_runtime::units::{parse_duration, parse_size};
 
 use tartarus_store::now_ms;
 
-use crate::client::{encode, Client, Config};
+use crate::client::{encode, with_query, Client, Config};
 
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
@@ -140,7 +140,7 @@ pub struct PsArgs {
     json: bool,
 }
 
-fn duration_text(ms: i64) -> String {
+pub(crate) fn duration_text(ms: i64) -> String {
     let s = ms.max(0) / 1000;
     match s {
         0..=59 => format!("{s}s"),
@@ -158,11 +158,7 @@ pub fn ps(args: PsArgs) -> anyhow::Result<u8> {
     if let Some(l) = &args.label {
         query.push(format!("label={}", encode(l)));
     }
-    let path = format!(
-        "/v1/sandboxes{}{}",
-        if query.is_empty() { "" } else { "?" },
-        query.join("&")
-    );
+    let path = with_query("/v1/sandboxes", &query);
     let list = client.json("GET", &path, None)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&list)?);
@@ -224,11 +220,7 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<u8> {
     if let Some(d) = args.since {
         query.push(format!("since_ms={}", now_ms() - d.as_millis() as i64));
     }
-    let path = format!(
-        "/v1/audit{}{}",
-        if query.is_empty() { "" } else { "?" },
-        query.join("&")
-    );
+    let path = with_query("/v1/audit", &query);
     let records = Client::from_env()?.json("GET", &path, None)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&records)?);
