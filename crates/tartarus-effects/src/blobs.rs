@@ -469,6 +469,15 @@ impl BlobStore {
         Ok(refs.blobs.values().fold(0, |a, b| a.saturating_add(*b)))
     }
 
+    /// The size of a blob the tenant references, or `None` when it references no blob with this id (whether
+    /// or not another tenant stored it: a tenant reads only what it holds).
+    pub fn referenced_size(&self, tenant: &str, cid: &Cid) -> Result<Option<u64>, BlobError> {
+        check_tenant(tenant)?;
+        let _guard = self.lock();
+        let refs = read_refs(&self.refs_path(tenant))?;
+        Ok(refs.blobs.get(&cid.to_string()).copied())
+    }
+
     /// Drops the tenant's reference to the blob; returns whether it had one. The blob stays until [`Self::gc`].
     pub fn release(&self, tenant: &str, cid: &Cid) -> Result<bool, BlobError> {
         check_tenant(tenant)?;

@@ -1,6 +1,7 @@
 //! The one error type of the crate, with a stable machine-readable [`EffectsError::kind`] that the
 //! conformance vectors name.
 
+use std::io;
 use std::path::PathBuf;
 
 /// Why an object could not be encoded, decoded, identified, signed or verified.
@@ -93,6 +94,65 @@ pub enum EffectsError {
         /// What is wrong.
         reason: String,
     },
+    /// Bytes whose hash is not the id a signed object (or a CAR section) names for them.
+    #[error("{what} bytes do not match their id: expected {expected}, got {actual}")]
+    HashMismatch {
+        /// Which bytes (`request`, `response`, `block` …).
+        what: &'static str,
+        /// The id the signed object names.
+        expected: String,
+        /// The id of the bytes given.
+        actual: String,
+    },
+    /// A well-encoded, correctly signed object that breaks its type's rules.
+    #[error("invalid {what}: {reason}")]
+    InvalidObject {
+        /// The object's type (`receipt`, `episode` …).
+        what: &'static str,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// A CAR file that is not well-formed CARv1 with effects-v1 blocks (effects-v1 §11.1).
+    #[error("invalid CAR at byte {offset}: {reason}")]
+    InvalidCar {
+        /// Offset in the file of the header or section at fault.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A well-formed CAR that is not a valid episode bundle: roots, missing or unreferenced blocks, the key
+    /// block (effects-v1 §11.2).
+    #[error("invalid episode bundle: {reason}")]
+    InvalidBundle {
+        /// What is wrong.
+        reason: String,
+    },
+    /// An object of an episode bundle that failed its check; [`EffectsError::kind`] is the kind of the cause.
+    #[error("in {object}")]
+    InBundle {
+        /// Which object (`episode`, `receipt 2 (bafy…)` …).
+        object: String,
+        /// Why it failed.
+        #[source]
+        source: Box<EffectsError>,
+    },
+    /// A dataset query that does not parse or breaks a rule; `path` names the node (`filter.and[1].gt`).
+    #[error("query {path}: {reason}")]
+    InvalidQuery {
+        /// Where in the query, dotted, with list indices.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading or writing a stream (a CAR file) failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// What the operating system said.
+        #[source]
+        source: io::Error,
+    },
     /// A conformance vector that cannot be read or does not describe a check.
     #[error("conformance vector {path}: {reason}")]
     Vector {
@@ -104,7 +164,8 @@ pub enum EffectsError {
 }
 
 impl EffectsError {
-    /// A stable code for the kind of error, as named by the conformance vectors' `error` field.
+    /// A stable code for the kind of error, as named by the conformance vectors' `error` field. An
+    /// [`EffectsError::InBundle`] has the kind of its cause.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Encode(_) => "encode",
@@ -124,6 +185,13 @@ impl EffectsError {
             Self::KeyStore { .. } => "key_store",
             Self::InsecureKeyFile { .. } => "insecure_key_file",
             Self::InvalidKeyStore { .. } => "invalid_key_store",
+            Self::HashMismatch { .. } => "hash_mismatch",
+            Self::InvalidObject { .. } => "invalid_object",
+            Self::InvalidCar { .. } => "invalid_car",
+            Self::InvalidBundle { .. } => "invalid_bundle",
+            Self::InBundle { source, .. } => source.kind(),
+            Self::InvalidQuery { .. } => "invalid_query",
+            Self::Io { .. } => "io",
             Self::Vector { .. } => "vector",
         }
     }

@@ -31,6 +31,12 @@ fn test_conformance_v1_vectors_all_pass() {
         "cid/",
         "envelope/",
         "envelope-reject/",
+        "receipt/",
+        "receipt-reject/",
+        "dataset/",
+        "dataset-reject/",
+        "episode-car/",
+        "episode-car-reject/",
     ] {
         assert!(
             report.passed.iter().any(|name| name.starts_with(kind)),
