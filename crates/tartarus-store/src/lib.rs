@@ -5,8 +5,13 @@
 //! Place in the data flow: the server authenticates every request through [`Store::authenticate`] and
 //! records mutating calls with [`Store::record_audit`]; `tartarus apikey` manages keys directly.
 
+mod effects;
 mod policies;
 
+pub use effects::{
+    Claim, ClaimRequest, DatasetRecord, EpisodeRecord, EvaluatorKey, LedgerCommit, LedgerEntry,
+    ReceiptRecord, SignalRecord, ToolRecord, TraceRow,
+};
 pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
 
 use std::path::Path;
