@@ -140,6 +140,34 @@ impl Client {
         Self::finish(self.request("PUT", path).send_bytes(bytes)).map(|_| ())
     }
 
+    /// PUTs a stream (sent chunked: any size) and returns the JSON answer.
+    pub fn put_reader(&self, path: &str, reader: impl Read) -> anyhow::Result<Value> {
+        let request = self
+            .request("PUT", path)
+            .set("Content-Type", "application/octet-stream");
+        Ok(Self::finish(request.send(reader))?
+            .into_json()
+            .unwrap_or(Value::Null))
+    }
+
+    /// POSTs bytes of a content type and returns the JSON answer.
+    pub fn post_bytes(&self, path: &str, content_type: &str, bytes: &[u8]) -> anyhow::Result<Value> {
+        let request = self.request("POST", path).set("Content-Type", content_type);
+        Ok(Self::finish(request.send_bytes(bytes))?
+            .into_json()
+            .unwrap_or(Value::Null))
+    }
+
+    /// GETs a body as a reader, asking for a media type.
+    pub fn get_accepting(&self, path: &str, accept: &str) -> anyhow::Result<Box<dyn Read + Send + Sync>> {
+        Ok(Self::finish(self.request("GET", path).set("Accept", accept).call())?.into_reader())
+    }
+
+    /// GETs a public path (no key needed) as text.
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        Ok(Self::finish(self.agent.get(&format!("{}{path}", self.base)).call())?.into_string()?)
+    }
+
     pub fn get_reader(&self, path: &str) -> anyhow::Result<Box<dyn Read + Send + Sync>> {
         Ok(Self::finish(self.request("GET", path).call())?.into_reader())
     }

@@ -96,6 +96,22 @@ pub mod cli {
         Image(commands::image::ImageArgs),
         /// Check the verifiable-effects format against its golden vectors
         Conformance(commands::conformance::ConformanceArgs),
+        /// Store, fetch and verify content-addressed blobs on the server
+        Blob(commands::effects::BlobArgs),
+        /// Declare the tools sandboxes may call through the gateway
+        Tool(commands::effects::ToolArgs),
+        /// List, show and verify signed receipts of tool calls
+        Receipts(commands::effects::ReceiptsArgs),
+        /// List, export and verify episodes (the signed record of one sandbox run)
+        Episode(commands::effects::EpisodeArgs),
+        /// Sign and send evaluator feedback on an episode
+        Signal(commands::effects::SignalArgs),
+        /// Register the keys evaluators sign signals with
+        Evaluator(commands::effects::EvaluatorArgs),
+        /// Build deterministic datasets from episodes
+        Dataset(commands::effects::DatasetArgs),
+        /// Show or rotate the server's signing keys
+        Keys(commands::effects::KeysArgs),
         /// Apply, inspect, and roll back the server's policies
         Policy(commands::policy::PolicyArgs),
         /// Show the server's event stream (enforcement, admission rejections, dead letters)
@@ -132,6 +148,14 @@ pub mod cli {
             Command::Image(args) => commands::image::run(args),
             Command::Conformance(args) => commands::conformance::run(args),
             Command::Policy(args) => commands::policy::run(args),
+            Command::Blob(args) => commands::effects::blob(args),
+            Command::Tool(args) => commands::effects::tool(args),
+            Command::Receipts(args) => commands::effects::receipts(args),
+            Command::Episode(args) => commands::effects::episode(args),
+            Command::Signal(args) => commands::effects::signal(args),
+            Command::Evaluator(args) => commands::effects::evaluator(args),
+            Command::Dataset(args) => commands::effects::dataset(args),
+            Command::Keys(args) => commands::effects::keys(args),
             Command::Events(args) => commands::policy::events(args),
             Command::Completions { shell } => {
                 use clap::CommandFactory;

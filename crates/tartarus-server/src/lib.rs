@@ -8,11 +8,15 @@
 
 pub mod api;
 pub mod auth;
+pub mod blobs;
+pub mod effects;
 pub mod error;
 pub mod files;
+pub mod gateway;
 pub mod images;
 pub mod metrics;
 pub mod policies;
+pub mod records;
 pub mod sandboxes;
 pub mod templates;
 
@@ -59,6 +63,10 @@ pub struct ServerConfig {
     /// A classification hook: a program given every create request (JSON on stdin) that answers
     /// `allow`, `quarantine` or `reject REASON` on stdout.
     pub classifier: Option<PathBuf>,
+    /// Bytes of blobs each tenant may hold.
+    pub blob_quota: u64,
+    /// More environment-variable name patterns whose values are redacted from traces.
+    pub secret_env: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -69,6 +77,7 @@ pub struct AppState {
     pub policies: policies::Policies,
     pub classifier: Option<Arc<PathBuf>>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub effects: effects::Effects,
 }
 
 #[derive(OpenApi)]
@@ -79,10 +88,16 @@ pub struct AppState {
           templates::create_template, templates::list_templates, templates::get_template,
           templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy,
           policies::delete_policy, policies::policy_history, policies::rollback_policy, policies::list_events,
-          policies::quarantine_sandbox),
+          policies::quarantine_sandbox, blobs::put_blob, blobs::get_blob, blobs::delete_blob, blobs::gc_blobs,
+          gateway::put_tool, gateway::list_tools, gateway::delete_tool, records::list_receipts,
+          records::get_receipt, records::list_episodes, records::get_episode, records::export_episode,
+          records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
+          records::build_dataset, records::list_datasets),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
-                       policies::ApplyPolicy, policies::PolicyView, policies::Rollback)),
+                       policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
+                       blobs::GcView, gateway::ToolDefinition, records::ReceiptView, records::EpisodeView,
+                       records::AddEvaluator, records::SignalView, records::DatasetView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -217,6 +232,34 @@ pub fn router(state: AppState) -> Router {
             "/v1/templates/{id}",
             get(templates::get_template).delete(templates::delete_template),
         )
+        .route(
+            "/v1/blobs",
+            axum::routing::put(blobs::put_blob).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/blobs/gc", post(blobs::gc_blobs))
+        .route("/v1/blobs/{cid}", get(blobs::get_blob).delete(blobs::delete_blob))
+        .route("/v1/tools", post(gateway::put_tool).get(gateway::list_tools))
+        .route("/v1/tools/{name}", axum::routing::delete(gateway::delete_tool))
+        .route("/v1/receipts", get(records::list_receipts))
+        .route("/v1/receipts/{id}", get(records::get_receipt))
+        .route("/v1/keys", get(records::public_keys))
+        .route("/v1/keys/rotate", post(records::rotate_key))
+        .route("/v1/episodes", get(records::list_episodes))
+        .route("/v1/episodes/{id}", get(records::get_episode))
+        .route("/v1/episodes/{id}/export", get(records::export_episode))
+        .route(
+            "/v1/episodes/{id}/signals",
+            post(records::add_signal).get(records::list_signals),
+        )
+        .route(
+            "/v1/evaluators",
+            post(records::add_evaluator).get(records::list_evaluators),
+        )
+        .route(
+            "/v1/datasets",
+            post(records::build_dataset).get(records::list_datasets),
+        )
+        .route("/v1/sandboxes/{id}/trace", get(records::sandbox_trace))
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(
@@ -245,6 +288,20 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         config.shim_exe.clone(),
         config.warm_pool,
     );
+    let effects = effects::Effects::open(
+        store.clone(),
+        &config.data_dir,
+        config.blob_quota,
+        config.secret_env.clone(),
+    )
+    .map_err(ServerError::Config)?;
+    gateway::refresh_redactor(&effects)
+        .await
+        .map_err(|e| ServerError::Config(e.message))?;
+    manager.set_lifecycle(Arc::new(effects::EffectsHooks {
+        effects: effects.clone(),
+        manager: Arc::downgrade(&manager),
+    }));
     let (adopted, ended) = manager
         .reconcile()
         .await
@@ -301,6 +358,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         policies,
         classifier: config.classifier.clone().map(Arc::new),
         metrics: metrics::install(),
+        effects,
     };
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
     let app = router(state);
@@ -610,6 +668,8 @@ async fn exec_sandbox(
     });
     if body.stream {
         let result = state.manager.exec_stream(&record, request).await;
+        let error = result.as_ref().err().map(|e| e.message.as_str());
+        trace_exec(&state, &record, (&body.cmd, &env), error, None).await;
         audit(
             &state,
             &caller,
@@ -621,6 +681,8 @@ async fn exec_sandbox(
         return Ok(sse_exec(result?).into_response());
     }
     let result = state.manager.exec(&record, request).await;
+    let error = result.as_ref().err().map(|e| e.message.as_str());
+    trace_exec(&state, &record, (&body.cmd, &env), error, result.as_ref().ok()).await;
     audit(
         &state,
         &caller,
@@ -630,6 +692,63 @@ async fn exec_sandbox(
     )
     .await;
     Ok(Json(result?).into_response())
+}
+
+/// The `exec` trace record: the command (secrets redacted), and its outcome with the output kept as
+/// blobs; a streamed exec's output is not kept.
+async fn trace_exec(
+    state: &AppState,
+    record: &SandboxRecord,
+    (cmd, env): (&[String], &[(String, String)]),
+    error: Option<&str>,
+    result: Option<&ExecResult>,
+) {
+    use ipld_core::ipld::Ipld;
+    let redactor = state.effects.redactor(env, &[]);
+    let mut attrs = std::collections::BTreeMap::new();
+    attrs.insert(
+        "cmd".to_string(),
+        Ipld::List(cmd.iter().map(|a| redactor.text(a)).collect()),
+    );
+    if let Some(error) = error {
+        attrs.insert("error".to_string(), redactor.text(error));
+    }
+    match result {
+        Some(result) => {
+            attrs.insert("exit_code".to_string(), Ipld::Integer(result.exit_code.into()));
+            attrs.insert(
+                "wall_ms".to_string(),
+                Ipld::Integer((result.wall_ms.max(0.0) as u64).into()),
+            );
+            attrs.insert("timed_out".to_string(), Ipld::Bool(result.timed_out));
+            for (name, output) in [("stdout", &result.stdout), ("stderr", &result.stderr)] {
+                if output.is_empty() {
+                    continue;
+                }
+                let value = if redactor.contains_secret(output.as_bytes()) {
+                    redactor.text(output)
+                } else {
+                    match state
+                        .effects
+                        .put_blob(&record.tenant, output.as_bytes().to_vec())
+                        .await
+                    {
+                        Some(cid) => effects::link(&cid),
+                        None => continue,
+                    }
+                };
+                attrs.insert(name.to_string(), value);
+            }
+        }
+        None if error.is_none() => {
+            attrs.insert("stream".to_string(), Ipld::Bool(true));
+        }
+        None => {}
+    }
+    state
+        .effects
+        .trace(&record.id, &record.tenant, "exec", attrs)
+        .await;
 }
 
 /// Wait (up to `timeout_s`, default 60, at most 3600) until a sandbox has ended; returns its record.

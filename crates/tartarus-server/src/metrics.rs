@@ -13,6 +13,10 @@ pub const LAUNCH_DURATION: &str = "tartarus_sandbox_launch_duration_seconds";
 pub const ACTIVE: &str = "tartarus_sandbox_active_count";
 /// Sandboxes by final status (and failed starts).
 pub const TOTAL: &str = "tartarus_sandbox_total";
+/// Tool invocations through the gateway, by tool and receipt status (ok, failed, error).
+pub const TOOL_CALLS: &str = "tartarus_tool_calls_total";
+/// Tool calls answered from the idempotency ledger (replays) or refused as divergent, by tool and outcome.
+pub const LEDGER_OUTCOMES: &str = "tartarus_ledger_outcomes_total";
 /// API request latency.
 pub const REQUEST_DURATION: &str = "tartarus_http_request_duration_seconds";
 

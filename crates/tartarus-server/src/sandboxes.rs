@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 use tartarus_runtime::SandboxSpec;
 use tartarus_store::{now_ms, Finish, NewEvent, SandboxRecord, SandboxStatus, Store};
@@ -34,7 +35,22 @@ pub struct Manager {
     /// Warm pools by key ([`DEFAULT_POOL`] or a template id): prepared, unclaimed sandboxes (not in the
     /// store until claimed).
     pools: Mutex<HashMap<String, Pool>>,
+    /// Told when a sandbox is handed to a tenant (created or re-adopted) and when it has ended.
+    lifecycle: std::sync::OnceLock<Arc<dyn Lifecycle>>,
 }
+
+/// What else happens when a sandbox starts belonging to a tenant and when its outcome is recorded: the
+/// tool gateway and the trace (crate::effects).
+pub trait Lifecycle: Send + Sync {
+    /// A sandbox is running for `record.tenant` (just created, or re-adopted after a restart). Awaited
+    /// before the create returns.
+    fn started<'a>(&'a self, record: &'a SandboxRecord, adopted: bool) -> BoxFuture<'a, ()>;
+    /// A sandbox's outcome is recorded. Awaited before waiters learn that the sandbox ended.
+    fn ended<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
+}
+
+/// Where a sandbox sees the tool gateway's socket directory.
+pub const GATEWAY_MOUNT: &str = "/run/tartarus";
 
 /// The key of the pool of plain sandboxes (template pools are keyed by template id).
 pub const DEFAULT_POOL: &str = "";
@@ -133,7 +149,19 @@ impl Manager {
             node: crate::metrics::node_name(),
             done: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::from([(DEFAULT_POOL.to_string(), default_pool)])),
+            lifecycle: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the lifecycle hooks (once, before sandboxes are created or reconciled).
+    pub fn set_lifecycle(&self, hooks: Arc<dyn Lifecycle>) {
+        let _ = self.lifecycle.set(hooks);
+    }
+
+    /// The host directory mounted at [`GATEWAY_MOUNT`] in sandbox `id`: the gateway binds its socket here
+    /// once the sandbox belongs to a tenant.
+    pub fn gateway_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("gateway").join(id)
     }
 
     /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python shim).
@@ -242,15 +270,34 @@ impl Manager {
         Err((status, message.to_string()))
     }
 
-    /// Creates `DIR/sandboxes/<new id>/spec.json`.
+    /// Creates `DIR/sandboxes/<new id>/spec.json` and the sandbox's gateway directory, which the spec
+    /// mounts read-only at [`GATEWAY_MOUNT`]. Returns the spec as requested (without that mount).
     async fn prepare_dir(&self, spec: &SandboxSpec) -> Result<(String, PathBuf, String), ApiError> {
+        use std::os::unix::fs::PermissionsExt;
         let id = random_id()?;
         let dir = self.data_dir.join("sandboxes").join(&id);
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(io_err("creating the sandbox directory"))?;
+        // Traversable by the sandbox's unprivileged ids (which open it as a mount source), not listable.
+        let gateway = self.gateway_dir(&id);
+        tokio::fs::create_dir_all(&gateway)
+            .await
+            .map_err(io_err("creating the gateway directory"))?;
+        for path in [gateway.parent().unwrap_or(&gateway), &gateway] {
+            tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
+                .await
+                .map_err(io_err("creating the gateway directory"))?;
+        }
         let spec_json = serde_json::to_string(spec).map_err(|e| ApiError::internal(e.to_string()))?;
-        tokio::fs::write(dir.join("spec.json"), &spec_json)
+        let mut started = spec.clone();
+        started.mounts.push(tartarus_runtime::BindMount {
+            source: gateway,
+            target: PathBuf::from(GATEWAY_MOUNT),
+            writable: false,
+        });
+        let started_json = serde_json::to_string(&started).map_err(|e| ApiError::internal(e.to_string()))?;
+        tokio::fs::write(dir.join("spec.json"), &started_json)
             .await
             .map_err(io_err("writing the spec"))?;
         Ok((id, dir, spec_json))
@@ -307,6 +354,7 @@ impl Manager {
                         metrics::counter!(crate::metrics::TOTAL, "template" => template_label, "status" => "failed")
                             .increment(1);
                         let _ = tokio::fs::remove_dir_all(&dir).await;
+                        let _ = tokio::fs::remove_dir_all(self.gateway_dir(&id)).await;
                         return Err(match status {
                             Some(127) => {
                                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
@@ -343,6 +391,9 @@ impl Manager {
         }
         record.status = SandboxStatus::Running;
         record.shim_pid = Some(pid);
+        if let Some(hooks) = self.lifecycle.get() {
+            hooks.started(&record, false).await;
+        }
         Ok(record)
     }
 
@@ -394,6 +445,7 @@ impl Manager {
                     Err((_, message)) => {
                         tracing::error!(pool = %key, "warm pool: a sandbox did not start: {message}");
                         let _ = tokio::fs::remove_dir_all(&dir).await;
+                        let _ = tokio::fs::remove_dir_all(manager.gateway_dir(&id)).await;
                         break;
                     }
                 };
@@ -403,6 +455,7 @@ impl Manager {
                         let _ = child.start_kill();
                         let _ = child.wait().await;
                         let _ = tokio::fs::remove_dir_all(&dir).await;
+                        let _ = tokio::fs::remove_dir_all(manager.gateway_dir(&id)).await;
                         break;
                     }
                 }
@@ -517,6 +570,10 @@ impl Manager {
             }
         }
         let _ = tokio::fs::remove_file(Self::socket(dir)).await;
+        if let Some(hooks) = self.lifecycle.get() {
+            hooks.ended(id).await;
+        }
+        let _ = tokio::fs::remove_dir_all(self.gateway_dir(id)).await;
         if let Ok(mut done) = self.done.lock() {
             done.remove(id);
         }
@@ -647,6 +704,9 @@ impl Manager {
                 }
                 match (alive, pidfd) {
                     (true, Some(pidfd)) => {
+                        if let Some(hooks) = self.lifecycle.get() {
+                            hooks.started(&record, true).await;
+                        }
                         self.watch_adopted(record.id.clone(), dir, pidfd)?;
                         adopted += 1;
                     }
@@ -690,6 +750,7 @@ impl Manager {
                 }
             }
             let _ = tokio::fs::remove_dir_all(&dir).await;
+            let _ = tokio::fs::remove_dir_all(self.gateway_dir(&id)).await;
         }
         Ok(())
     }

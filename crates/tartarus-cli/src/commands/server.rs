@@ -34,6 +34,14 @@ pub struct ServerArgs {
     /// quarantine or "reject REASON" (failures refuse the request)
     #[arg(long, value_name = "PROGRAM")]
     classifier: Option<PathBuf>,
+    /// Bytes of blobs (PUT /v1/blobs, tool-call bodies, exec output kept for episodes) each tenant may hold
+    #[arg(long, default_value = "10G", value_name = "SIZE",
+          value_parser = |s: &str| tartarus_runtime::units::parse_size(s).map_err(|e| e.to_string()))]
+    blob_quota: u64,
+    /// An environment-variable name pattern (`*` wildcard, any case) whose values are secret: replaced by
+    /// their hash in traces and episodes (repeatable; common ones such as *TOKEN* are built in)
+    #[arg(long = "secret-env", value_name = "PATTERN")]
+    secret_env: Vec<String>,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -57,6 +65,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         event_retention: args.event_retention,
         enforcement_interval: args.enforcement_interval,
         classifier: args.classifier,
+        blob_quota: args.blob_quota,
+        secret_env: args.secret_env,
         runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -1,0 +1,320 @@
+//! Verifiable effects in the server: the signing keys, the blob store, trace records of every sandbox run,
+//! exec and tool call, and the episode each run is sealed into when it ends.
+//!
+//! Place in the data flow: the sandbox manager calls [`EffectsHooks`] when a sandbox starts belonging to
+//! a tenant (the tool gateway opens, a `sandbox.start` record is written) and when its outcome is recorded
+//! (`sandbox.end`, then the episode: every trace record, receipt and blob of the run, signed by the
+//! server's current key). Exec handlers and the gateway append their own records through [`Effects::trace`].
+//! Values that look secret are replaced by their hash before they are written ([`Redactor`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use futures_util::future::BoxFuture;
+use ipld_core::ipld::Ipld;
+use tartarus_effects::episode::{Episode, Redactor, TraceRecord, EPISODE_FORMAT};
+use tartarus_effects::{BlobStore, Cid, Keyring, Quota};
+use tartarus_runtime::SandboxSpec;
+use tartarus_store::{EpisodeRecord, SandboxRecord, Store};
+
+use crate::error::ApiError;
+use crate::gateway::Gateways;
+
+/// The server's effects state, shared by handlers.
+#[derive(Clone)]
+pub struct Effects {
+    pub store: Store,
+    /// The server's signing keys (`DATA_DIR/keys`): receipts and episodes.
+    pub keyring: Arc<RwLock<Keyring>>,
+    pub keys_dir: Arc<Path>,
+    pub blobs: Arc<BlobStore>,
+    /// Secret literals of every sandbox: the declared tools' header values (credentials).
+    pub tool_secrets: Arc<RwLock<Vec<String>>>,
+    /// Environment-variable name patterns whose values are secret.
+    pub secret_names: Arc<[String]>,
+    pub gateways: Gateways,
+}
+
+impl Effects {
+    /// Opens the key directory and the blob store under the data directory.
+    pub fn open(
+        store: Store,
+        data_dir: &Path,
+        blob_quota: u64,
+        secret_names: Vec<String>,
+    ) -> Result<Self, String> {
+        let keys_dir = data_dir.join("keys");
+        let keyring = Keyring::load_or_create(&keys_dir).map_err(|e| format!("signing keys: {e}"))?;
+        let blobs = BlobStore::open(data_dir.join("blobs"), Quota::bytes_per_tenant(blob_quota))
+            .map_err(|e| format!("blob store: {e}"))?;
+        let mut names = Redactor::default_name_patterns();
+        names.extend(secret_names);
+        Ok(Effects {
+            gateways: Gateways::new(),
+            store,
+            keyring: Arc::new(RwLock::new(keyring)),
+            keys_dir: keys_dir.into(),
+            blobs: Arc::new(blobs),
+            tool_secrets: Arc::new(RwLock::new(Vec::new())),
+            secret_names: names.into(),
+        })
+    }
+
+    /// The redactor for one sandbox's records: the tools' credentials, and the values of its environment
+    /// variables (and `extra_env`, an exec's) whose names look secret, are replaced by their hash wherever
+    /// they appear.
+    pub fn redactor(&self, spec_env: &[(String, String)], extra_env: &[(String, String)]) -> Redactor {
+        let by_name = Redactor::new(Vec::new(), self.secret_names.to_vec());
+        let mut secrets = match self.tool_secrets.read() {
+            Ok(s) => s.clone(),
+            Err(e) => e.into_inner().clone(),
+        };
+        secrets.extend(
+            spec_env
+                .iter()
+                .chain(extra_env)
+                .filter(|(name, _)| by_name.is_secret_name(name))
+                .map(|(_, value)| value.clone()),
+        );
+        Redactor::new(secrets, self.secret_names.to_vec())
+    }
+
+    /// The redactor for a sandbox's record (its environment as created).
+    pub fn redactor_for(&self, record: &SandboxRecord) -> Redactor {
+        let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
+        self.redactor(&spec.env, &[])
+    }
+
+    /// Signs with the current key.
+    pub fn with_keyring<T>(&self, f: impl FnOnce(&Keyring) -> T) -> T {
+        match self.keyring.read() {
+            Ok(keyring) => f(&keyring),
+            Err(e) => f(&e.into_inner()),
+        }
+    }
+
+    /// Appends a trace record to `sandbox`'s run. Failures are logged, never fatal to the call traced.
+    pub async fn trace(&self, sandbox: &str, tenant: &str, kind: &str, attrs: BTreeMap<String, Ipld>) {
+        let at = tartarus_store::now_ms();
+        let owned = (sandbox.to_string(), kind.to_string());
+        let result = self
+            .store
+            .append_trace(sandbox, tenant, kind, at, move |seq| {
+                TraceRecord::new(seq as u64, at as u64, &owned.1, &owned.0, attrs.clone())
+                    .and_then(|record| record.to_bytes())
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(sandbox, kind, "writing a trace record failed: {e}");
+        }
+    }
+
+    /// Stores `bytes` as the tenant's blob; `None` (logged) when it cannot, e.g. over the tenant's quota.
+    pub async fn put_blob(&self, tenant: &str, bytes: Vec<u8>) -> Option<Cid> {
+        let blobs = Arc::clone(&self.blobs);
+        let tenant = tenant.to_string();
+        let result = tokio::task::spawn_blocking(move || blobs.put(&tenant, bytes.as_slice())).await;
+        match result {
+            Ok(Ok(put)) => Some(put.cid),
+            Ok(Err(e)) => {
+                tracing::warn!("keeping a trace blob failed: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::error!("keeping a trace blob failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// The `sandbox.start` record.
+    async fn record_start(&self, record: &SandboxRecord) {
+        let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
+        let redactor = self.redactor(&spec.env, &[]);
+        let mut attrs = BTreeMap::new();
+        attrs.insert("tenant".to_string(), Ipld::String(record.tenant.clone()));
+        if let Some(template) = &record.template {
+            attrs.insert("template".to_string(), Ipld::String(template.clone()));
+        }
+        let argv = spec.command.iter().map(|a| redactor.text(a)).collect();
+        attrs.insert("cmd".to_string(), Ipld::List(argv));
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), redactor.env(k, v)))
+            .collect();
+        attrs.insert("env".to_string(), Ipld::Map(env));
+        let labels = record
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Ipld::String(v.clone())))
+            .collect();
+        attrs.insert("labels".to_string(), Ipld::Map(labels));
+        self.trace(&record.id, &record.tenant, "sandbox.start", attrs)
+            .await;
+    }
+
+    /// Writes `sandbox.end` and seals the run into a signed episode.
+    pub async fn seal(&self, id: &str) -> Result<Option<EpisodeRecord>, ApiError> {
+        let Some(record) = self.store.sandbox(id, None).await? else {
+            return Ok(None);
+        };
+        if self.store.episode(id, None).await?.is_some() {
+            return Ok(None);
+        }
+        let mut attrs = BTreeMap::new();
+        attrs.insert(
+            "status".to_string(),
+            Ipld::String(record.status.as_str().to_string()),
+        );
+        if let Some(code) = record.exit_code {
+            attrs.insert("exit_code".to_string(), Ipld::Integer(code.into()));
+        }
+        if let Some(reason) = &record.reason {
+            attrs.insert("reason".to_string(), self.redactor_for(&record).text(reason));
+        }
+        self.trace(id, &record.tenant, "sandbox.end", attrs).await;
+
+        let rows = self.store.trace(id).await?;
+        let receipts = self.store.receipts(None, Some(id)).await?;
+        let mut blobs = std::collections::BTreeSet::new();
+        let mut trace = Vec::with_capacity(rows.len());
+        let mut tool_calls: BTreeMap<String, i64> = BTreeMap::new();
+        for row in &rows {
+            trace.push(Cid::of_encoded(&row.record).map_err(|e| ApiError::internal(e.to_string()))?);
+            let decoded: TraceRecord =
+                tartarus_effects::decode(&row.record).map_err(|e| ApiError::internal(e.to_string()))?;
+            for value in decoded.attrs.values() {
+                collect_blob_links(value, &mut blobs);
+            }
+            if decoded.kind == "tool_call" {
+                if let Some(Ipld::String(tool)) = decoded.attrs.get("tool") {
+                    *tool_calls.entry(tool.clone()).or_default() += 1;
+                }
+            }
+        }
+        let mut receipt_ids = Vec::with_capacity(receipts.len());
+        for receipt in &receipts {
+            receipt_ids
+                .push(Cid::of_encoded(&receipt.envelope).map_err(|e| ApiError::internal(e.to_string()))?);
+        }
+        let started_at = record.created_ms.max(0) as u64;
+        let finished_at = record.finished_ms.unwrap_or_else(tartarus_store::now_ms).max(0) as u64;
+        let episode = Episode {
+            format: EPISODE_FORMAT.to_string(),
+            sandbox: record.id.clone(),
+            tenant: record.tenant.clone(),
+            template: record.template.clone(),
+            started_at,
+            finished_at: finished_at.max(started_at),
+            outcome: record
+                .reason
+                .clone()
+                .unwrap_or_else(|| record.status.as_str().to_string()),
+            exit_code: record.exit_code,
+            trace,
+            receipts: receipt_ids,
+            blobs: blobs.into_iter().collect(),
+        };
+        let envelope = self
+            .with_keyring(|keyring| tartarus_effects::sign(keyring, &episode))
+            .and_then(|e| e.encode())
+            .map_err(|e| ApiError::internal(format!("signing the episode: {e}")))?;
+        let episode_id = Cid::of_encoded(&envelope).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut facts = serde_json::json!({
+            "episode": episode_id.to_string(),
+            "sandbox": record.id,
+            "tenant": record.tenant,
+            "outcome": episode.outcome,
+            "status": record.status.as_str(),
+            "started_at": episode.started_at,
+            "finished_at": episode.finished_at,
+            "duration_ms": episode.finished_at - episode.started_at,
+            "tool_calls": tool_calls.values().sum::<i64>(),
+        });
+        if let Some(map) = facts.as_object_mut() {
+            if let Some(template) = &record.template {
+                map.insert("template".into(), template.clone().into());
+            }
+            if let Some(code) = record.exit_code {
+                map.insert("exit_code".into(), code.into());
+            }
+            for (tool, n) in &tool_calls {
+                map.insert(format!("tool.{tool}"), (*n).into());
+            }
+            for (k, v) in &record.labels {
+                map.insert(format!("label.{k}"), v.clone().into());
+            }
+        }
+        let sealed = EpisodeRecord {
+            id: episode_id.to_string(),
+            sandbox: record.id.clone(),
+            tenant: record.tenant.clone(),
+            created_ms: tartarus_store::now_ms(),
+            envelope,
+            facts: facts.to_string(),
+        };
+        self.store.insert_episode(&sealed).await?;
+        Ok(Some(sealed))
+    }
+}
+
+/// Raw CIDs (blobs) linked anywhere in a trace value.
+fn collect_blob_links(value: &Ipld, into: &mut std::collections::BTreeSet<Cid>) {
+    match value {
+        Ipld::Link(link) => {
+            if let Ok(cid) = Cid::from_bytes(&link.to_bytes()) {
+                if cid.codec() == tartarus_effects::Codec::Raw {
+                    into.insert(cid);
+                }
+            }
+        }
+        Ipld::List(items) => items.iter().for_each(|v| collect_blob_links(v, into)),
+        // A redacted value's hash names a secret, not a stored blob.
+        Ipld::Map(map) if tartarus_effects::episode::redacted_cid(value).is_none() => {
+            map.values().for_each(|v| collect_blob_links(v, into));
+        }
+        _ => {}
+    }
+}
+
+/// A link to `cid` inside a trace record.
+pub fn link(cid: &Cid) -> Ipld {
+    match ipld_core::cid::Cid::try_from(cid.to_bytes().as_slice()) {
+        Ok(c) => Ipld::Link(c),
+        Err(_) => Ipld::String(cid.to_string()),
+    }
+}
+
+/// The manager's lifecycle hooks: the gateway and the trace.
+pub struct EffectsHooks {
+    pub effects: Effects,
+    pub manager: std::sync::Weak<crate::sandboxes::Manager>,
+}
+
+impl crate::sandboxes::Lifecycle for EffectsHooks {
+    fn started<'a>(&'a self, record: &'a SandboxRecord, adopted: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(manager) = self.manager.upgrade() {
+                let dir = manager.gateway_dir(&record.id);
+                if let Err(e) = self.effects.gateways.open(&self.effects, record, &dir) {
+                    tracing::error!(sandbox = %record.id, "the tool gateway did not open: {e}");
+                }
+            }
+            if !adopted {
+                self.effects.record_start(record).await;
+            }
+        })
+    }
+
+    fn ended<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.effects.gateways.close(id);
+            if let Err(e) = self.effects.seal(id).await {
+                tracing::error!(sandbox = %id, "sealing the episode failed: {}", e.message);
+            }
+        })
+    }
+}
