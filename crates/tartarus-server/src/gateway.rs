@@ -278,6 +278,19 @@ async fn call_tool(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // A call, once started, finishes even if the caller hangs up: the tool may already have acted, and
+    // its receipt and ledger entry must be written either way.
+    tokio::spawn(call_tool_to_end(context, name, headers, body))
+        .await
+        .map_err(|e| ApiError::internal(format!("tool call: {e}")))?
+}
+
+async fn call_tool_to_end(
+    context: Arc<Context>,
+    name: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let effects = &context.effects;
     let tool = tool_definition(&effects.store, &name)
         .await?
