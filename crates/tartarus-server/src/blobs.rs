@@ -63,7 +63,11 @@ pub async fn put_blob(
 ) -> Result<(StatusCode, Json<BlobPut>), ApiError> {
     caller.require_mutate()?;
     let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    // Large reads: each read of the bridge blocks on the runtime once.
+    let reader = std::io::BufReader::with_capacity(
+        1 << 20,
+        tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream)),
+    );
     let blobs = Arc::clone(&state.effects.blobs);
     let tenant = caller.tenant.clone();
     let put = tokio::task::spawn_blocking(move || {
