@@ -4,6 +4,7 @@
 //! their fields). Golden bytes, ids and signatures are fixed: a change to the encoder, the CID format or
 //! the signing input fails the run, and such a change needs a new format version.
 
+use crate::envelope::Signed;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -125,6 +125,30 @@ pub fn verify<T: DeserializeOwned + Serialize>(
     canonical::decode(&envelope.payload)
 }
 
+/// An object exchanged as a signed envelope (receipts, episodes, signals): it obeys rules beyond its
+/// types, checked before it is signed and after its signature is verified.
+pub trait Signed: Serialize + DeserializeOwned + Sized {
+    /// The object's name in errors.
+    const WHAT: &'static str;
+
+    /// The rules beyond the types.
+    fn check(&self) -> Result<(), EffectsError>;
+
+    /// Checks the object and signs it with the keyring's current key.
+    fn sign(&self, keyring: &Keyring) -> Result<Envelope, EffectsError> {
+        self.check()?;
+        sign(keyring, self)
+    }
+
+    /// Reads an envelope's bytes: canonical, signed by a key in `keys`, a valid object of this type.
+    fn verify(keys: &impl VerifyingKeys, envelope_bytes: &[u8]) -> Result<(Envelope, Self), EffectsError> {
+        let envelope = Envelope::decode(envelope_bytes)?;
+        let object: Self = verify(keys, &envelope)?;
+        object.check()?;
+        Ok((envelope, object))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,8 +26,9 @@ use zeroize::Zeroizing;
 
 use crate::car::{read_car, CarWriter};
 use crate::cid::{Cid, Codec};
+use crate::envelope::Signed;
 use crate::envelope::{self, Envelope};
-use crate::keyring::{Keyring, PublicKeys, VerifyingKeys, PUBLIC_KEYS_FORMAT};
+use crate::keyring::{PublicKeys, PublicKeysDocument, VerifyingKeys};
 use crate::receipt::Receipt;
 use crate::{canonical, EffectsError};
 
@@ -200,22 +201,13 @@ impl Episode {
         }
         Ok(())
     }
+}
 
-    /// Checks the episode and signs it with the keyring's current key (the server's).
-    pub fn sign(&self, keyring: &Keyring) -> Result<Envelope, EffectsError> {
-        self.check()?;
-        envelope::sign(keyring, self)
-    }
+impl Signed for Episode {
+    const WHAT: &'static str = "episode";
 
-    /// Reads an episode envelope's bytes: canonical, signed by a key in `keys`, a valid v1 episode.
-    pub fn verify(
-        keys: &impl VerifyingKeys,
-        envelope_bytes: &[u8],
-    ) -> Result<(Envelope, Self), EffectsError> {
-        let envelope = Envelope::decode(envelope_bytes)?;
-        let episode: Self = envelope::verify(keys, &envelope)?;
-        episode.check()?;
-        Ok((envelope, episode))
+    fn check(&self) -> Result<(), EffectsError> {
+        Episode::check(self)
     }
 }
 
@@ -276,22 +268,13 @@ impl Signal {
         }
         Ok(())
     }
+}
 
-    /// Checks the signal and signs it with the evaluator's keyring.
-    pub fn sign(&self, keyring: &Keyring) -> Result<Envelope, EffectsError> {
-        self.check()?;
-        envelope::sign(keyring, self)
-    }
+impl Signed for Signal {
+    const WHAT: &'static str = "signal";
 
-    /// Reads a signal envelope's bytes: canonical, signed by a key in `keys`, a valid v1 signal.
-    pub fn verify(
-        keys: &impl VerifyingKeys,
-        envelope_bytes: &[u8],
-    ) -> Result<(Envelope, Self), EffectsError> {
-        let envelope = Envelope::decode(envelope_bytes)?;
-        let signal: Self = envelope::verify(keys, &envelope)?;
-        signal.check()?;
-        Ok((envelope, signal))
+    fn check(&self) -> Result<(), EffectsError> {
+        Signal::check(self)
     }
 }
 
@@ -461,52 +444,15 @@ struct EpisodeKeysDocument {
     evaluators: BTreeMap<String, PublicKeysDocument>,
 }
 
-/// The public-keys export of effects-v1 §5.4, embedded; parsed and checked by [`PublicKeys::from_json`].
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublicKeysDocument {
-    format: String,
-    current: Option<String>,
-    keys: Vec<PublicKeyEntry>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublicKeyEntry {
-    kid: String,
-    algorithm: String,
-    public_key: String,
-}
-
-impl PublicKeysDocument {
-    fn of(keys: &PublicKeys) -> Self {
-        Self {
-            format: PUBLIC_KEYS_FORMAT.to_string(),
-            current: keys.current().map(String::from),
-            keys: keys
-                .kids()
-                .filter_map(|kid| {
-                    keys.verifying_key(kid).map(|key| PublicKeyEntry {
-                        kid: kid.to_string(),
-                        algorithm: "ed25519".to_string(),
-                        public_key: hex::encode(key.as_bytes()),
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    fn parse(&self, whose: &str) -> Result<PublicKeys, EffectsError> {
-        let text =
-            serde_json::to_string(self).unwrap_or_else(|_| unreachable!("strings and lists serialise"));
-        PublicKeys::from_json(&text, Path::new(whose)).map_err(|e| match e {
-            EffectsError::InvalidKeyStore { reason, .. } => EffectsError::InvalidObject {
-                what: "episode keys",
-                reason: format!("{whose}: {reason}"),
-            },
-            other => other,
-        })
-    }
+/// Checks one embedded public-keys document, naming whose keys it holds in errors.
+fn parse_keys(document: PublicKeysDocument, whose: &str) -> Result<PublicKeys, EffectsError> {
+    PublicKeys::from_document(document, Path::new(whose)).map_err(|e| match e {
+        EffectsError::InvalidKeyStore { reason, .. } => EffectsError::InvalidObject {
+            what: "episode keys",
+            reason: format!("{whose}: {reason}"),
+        },
+        other => other,
+    })
 }
 
 impl EpisodeKeys {
@@ -515,11 +461,11 @@ impl EpisodeKeys {
     pub fn to_json(&self) -> String {
         let document = EpisodeKeysDocument {
             format: EPISODE_KEYS_FORMAT.to_string(),
-            server: PublicKeysDocument::of(&self.server),
+            server: self.server.document(),
             evaluators: self
                 .evaluators
                 .iter()
-                .map(|(name, keys)| (name.clone(), PublicKeysDocument::of(keys)))
+                .map(|(name, keys)| (name.clone(), keys.document()))
                 .collect(),
         };
         let mut json = serde_json::to_string_pretty(&document)
@@ -542,11 +488,14 @@ impl EpisodeKeys {
                 document.format
             )));
         }
-        let server = document.server.parse("server")?;
+        let server = parse_keys(document.server, "server")?;
         let evaluators = document
             .evaluators
-            .iter()
-            .map(|(name, keys)| Ok((name.clone(), keys.parse(&format!("evaluator {name:?}"))?)))
+            .into_iter()
+            .map(|(name, keys)| {
+                let parsed = parse_keys(keys, &format!("evaluator {name:?}"))?;
+                Ok((name, parsed))
+            })
             .collect::<Result<_, EffectsError>>()?;
         Ok(Self { server, evaluators })
     }

@@ -53,10 +53,10 @@ pub struct PublicKeys {
     current: Option<String>,
 }
 
-/// The JSON form of [`PublicKeys`].
+/// The JSON form of [`PublicKeys`] (also embedded in other documents, e.g. an episode's keys).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublicKeysDocument {
+pub(crate) struct PublicKeysDocument {
     format: String,
     current: Option<String>,
     keys: Vec<PublicKeyEntry>,
@@ -106,7 +106,15 @@ impl PublicKeys {
     /// The JSON export: `{"format": "tartarus-effects/v1/public-keys", "current": kid or null,
     /// "keys": [{"kid", "algorithm": "ed25519", "public_key": hex}]}`, keys sorted by id.
     pub fn to_json(&self) -> String {
-        let document = PublicKeysDocument {
+        let mut json = serde_json::to_string_pretty(&self.document())
+            .unwrap_or_else(|_| unreachable!("strings and lists always serialise"));
+        json.push('\n');
+        json
+    }
+
+    /// The export as a serde value.
+    pub(crate) fn document(&self) -> PublicKeysDocument {
+        PublicKeysDocument {
             format: PUBLIC_KEYS_FORMAT.into(),
             current: self.current.clone(),
             keys: self
@@ -118,21 +126,25 @@ impl PublicKeys {
                     public_key: hex::encode(key.as_bytes()),
                 })
                 .collect(),
-        };
-        let mut json = serde_json::to_string_pretty(&document)
-            .unwrap_or_else(|_| unreachable!("strings and lists always serialise"));
-        json.push('\n');
-        json
+        }
     }
 
     /// Parses the JSON export, checking every key id against its key. `source` names the text in errors.
     pub fn from_json(text: &str, source: &Path) -> Result<Self, EffectsError> {
+        let document: PublicKeysDocument =
+            serde_json::from_str(text).map_err(|e| EffectsError::InvalidKeyStore {
+                path: source.to_path_buf(),
+                reason: format!("not a public-keys document: {e}"),
+            })?;
+        Self::from_document(document, source)
+    }
+
+    /// Checks a parsed export: its format, and every key id against its key.
+    pub(crate) fn from_document(document: PublicKeysDocument, source: &Path) -> Result<Self, EffectsError> {
         let invalid = |reason: String| EffectsError::InvalidKeyStore {
             path: source.to_path_buf(),
             reason,
         };
-        let document: PublicKeysDocument =
-            serde_json::from_str(text).map_err(|e| invalid(format!("not a public-keys document: {e}")))?;
         if document.format != PUBLIC_KEYS_FORMAT {
             return Err(invalid(format!(
                 "format {:?} is not {PUBLIC_KEYS_FORMAT:?}",

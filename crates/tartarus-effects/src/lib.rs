@@ -66,7 +66,7 @@ pub use crate::car::{read_car, Car, CarReader, CarWriter};
 pub use crate::cid::{Cid, Codec};
 pub use crate::conformance::{run_conformance, ConformanceFailure, ConformanceReport};
 pub use crate::dataset::{build_manifest, DatasetQuery, EpisodeFacts, FactValue, Filter, Manifest, Sample};
-pub use crate::envelope::{sign, signing_input, verify, Envelope};
+pub use crate::envelope::{sign, signing_input, verify, Envelope, Signed};
 pub use crate::episode::{
     redacted_cid, verify_episode_car, write_episode_car, Episode, EpisodeBundle, EpisodeKeys, Redactor,
     Signal, TraceRecord, VerifiedEpisode,

@@ -8,8 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cid::{Cid, Codec};
-use crate::envelope::{self, Envelope};
-use crate::keyring::{Keyring, VerifyingKeys};
+use crate::envelope::Signed;
 use crate::EffectsError;
 
 /// The `format` of every v1 receipt.
@@ -52,23 +51,6 @@ pub struct Receipt {
 }
 
 impl Receipt {
-    /// Signs the receipt with the keyring's current key.
-    pub fn sign(&self, keyring: &Keyring) -> Result<Envelope, EffectsError> {
-        self.check_shape()?;
-        envelope::sign(keyring, self)
-    }
-
-    /// Reads a receipt envelope's bytes: canonical, signed by a key in `keys`, a well-formed v1 receipt.
-    pub fn verify(
-        keys: &impl VerifyingKeys,
-        envelope_bytes: &[u8],
-    ) -> Result<(Envelope, Receipt), EffectsError> {
-        let envelope = Envelope::decode(envelope_bytes)?;
-        let receipt: Receipt = envelope::verify(keys, &envelope)?;
-        receipt.check_shape()?;
-        Ok((envelope, receipt))
-    }
-
     /// Checks that `request` / `response` (when given) are the bytes the receipt names.
     pub fn check_bytes(&self, request: Option<&[u8]>, response: Option<&[u8]>) -> Result<(), EffectsError> {
         if let Some(bytes) = request {
@@ -105,7 +87,7 @@ impl Receipt {
     }
 
     /// The rules a receipt obeys beyond its types.
-    fn check_shape(&self) -> Result<(), EffectsError> {
+    pub fn check(&self) -> Result<(), EffectsError> {
         let bad = |reason: String| {
             Err(EffectsError::InvalidObject {
                 what: "receipt",
@@ -140,9 +122,19 @@ impl Receipt {
     }
 }
 
+impl Signed for Receipt {
+    const WHAT: &'static str = "receipt";
+
+    fn check(&self) -> Result<(), EffectsError> {
+        Receipt::check(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope;
+    use crate::keyring::Keyring;
 
     fn receipt() -> Receipt {
         Receipt {

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::collections::BTreeMap;
+use tartarus_effects::Signed;
 
 use ipld_core::ipld::Ipld;
 use tartarus_effects::car::{read_car, CarWriter};

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use tartarus_effects::Signed;
 
 use futures_util::future::BoxFuture;
 use ipld_core::ipld::Ipld;
@@ -219,7 +220,7 @@ impl Effects {
             blobs: blobs.into_iter().collect(),
         };
         let envelope = self
-            .with_keyring(|keyring| tartarus_effects::sign(keyring, &episode))
+            .with_keyring(|keyring| episode.sign(keyring))
             .and_then(|e| e.encode())
             .map_err(|e| ApiError::internal(format!("signing the episode: {e}")))?;
         let episode_id = Cid::of_encoded(&envelope).map_err(|e| ApiError::internal(e.to_string()))?;

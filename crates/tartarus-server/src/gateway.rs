@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tartarus_effects::Signed;
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};

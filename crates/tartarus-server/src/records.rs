@@ -2,6 +2,7 @@
 //! export as CAR), evaluators and their signals, and datasets.
 
 use std::collections::BTreeMap;
+use tartarus_effects::Signed;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -242,10 +243,9 @@ pub async fn export_episode(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let episode = find_episode(&state, &caller, &id).await?;
-    let envelope = Envelope::decode(&episode.envelope).map_err(internal)?;
-    let payload: tartarus_effects::episode::Episode = state
+    let (_, payload) = state
         .effects
-        .with_keyring(|keys| tartarus_effects::verify(keys, &envelope))
+        .with_keyring(|keys| tartarus_effects::episode::Episode::verify(keys, &episode.envelope))
         .map_err(|e| internal(format!("stored episode does not verify: {e}")))?;
     let records: Vec<Vec<u8>> = state
         .store
@@ -445,8 +445,7 @@ pub async fn add_signal(
             ))
         })?;
     let keys = evaluator_keys(&state, &owner.name).await?;
-    let signal: Signal = tartarus_effects::verify(&keys, &envelope).map_err(|e| refused(&e))?;
-    signal.check().map_err(|e| refused(&e))?;
+    let (_, signal) = Signal::verify(&keys, &body).map_err(|e| refused(&e))?;
     if signal.evaluator != owner.name {
         return Err(refused(&format!(
             "signed by evaluator '{}' but names evaluator '{}'",

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use tartarus_effects::Signed;
 
 use anyhow::{bail, Context};
 use base64::Engine;
@@ -622,8 +623,7 @@ pub fn signal(args: SignalArgs) -> anyhow::Result<u8> {
                 comment,
                 at: tartarus_store::now_ms().max(0) as u64,
             };
-            signal.check()?;
-            let envelope = tartarus_effects::sign(&keyring, &signal)?.encode()?;
+            let envelope = signal.sign(&keyring)?.encode()?;
             let stored = client.post_bytes(
                 &format!("/v1/episodes/{id}/signals"),
                 "application/cbor",
