@@ -67,6 +67,10 @@ pub struct ServerConfig {
     pub blob_quota: u64,
     /// More environment-variable name patterns whose values are redacted from traces.
     pub secret_env: Vec<String>,
+    /// The state database (`postgres://…`); `None` for SQLite in the data directory.
+    pub database: Option<String>,
+    /// How long to keep retrying a database that is not reachable at start.
+    pub database_wait: Duration,
 }
 
 #[derive(Clone)]
@@ -157,6 +161,16 @@ fn spawn_event_retention(store: Store, retention: Duration) {
 
 /// Creates the data directory, the state store and (on first start) the admin key file.
 pub async fn open_state(data_dir: &std::path::Path) -> Result<Store, ServerError> {
+    open_state_on(data_dir, None, Duration::ZERO).await
+}
+
+/// [`open_state`] with the state in `database` (PostgreSQL) when given, retried for up to `wait` while
+/// the database cannot be reached.
+pub async fn open_state_on(
+    data_dir: &std::path::Path,
+    database: Option<&str>,
+    wait: Duration,
+) -> Result<Store, ServerError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir_err = |source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -174,7 +188,20 @@ pub async fn open_state(data_dir: &std::path::Path) -> Result<Store, ServerError
         .mode(0o700)
         .create(data_dir.join("sandboxes"))
         .map_err(dir_err)?;
-    let store = Store::open(data_dir).await?;
+    let store = match database {
+        None => Store::open(data_dir).await?,
+        Some(url) => {
+            let shown = tartarus_store::redact_url(url);
+            Store::connect_with_retry(url, wait, |e, delay| {
+                tracing::warn!(
+                    "database {shown} not reachable ({}); retrying in {:.1} s",
+                    tartarus_runtime::error_chain(e),
+                    delay.as_secs_f64()
+                )
+            })
+            .await?
+        }
+    };
     for name in ["state.db", "state.db-wal", "state.db-shm"] {
         use std::os::unix::fs::PermissionsExt;
         let path = data_dir.join(name);
@@ -281,7 +308,7 @@ pub fn router(state: AppState) -> Router {
 
 /// Runs the server until SIGINT/SIGTERM. Prints `listening on ADDR` once it accepts connections.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
-    let store = open_state(&config.data_dir).await?;
+    let store = open_state_on(&config.data_dir, config.database.as_deref(), config.database_wait).await?;
     let manager = Manager::new(
         store.clone(),
         config.data_dir.clone(),

@@ -148,7 +148,7 @@ pub struct DatasetRecord {
 const LEDGER_COLUMNS: &str = "tenant, key, tool, request_hash, state, epoch, holder, lease_expires_ms, \
     response_code, response_type, response_body, receipt, divergences";
 
-fn ledger_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LedgerEntry, StoreError> {
+fn ledger_from_row(row: &sqlx::any::AnyRow) -> Result<LedgerEntry, StoreError> {
     Ok(LedgerEntry {
         tenant: row.try_get("tenant")?,
         key: row.try_get("key")?,
@@ -166,7 +166,7 @@ fn ledger_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LedgerEntry, StoreEr
     })
 }
 
-fn receipt_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ReceiptRecord, StoreError> {
+fn receipt_from_row(row: &sqlx::any::AnyRow) -> Result<ReceiptRecord, StoreError> {
     Ok(ReceiptRecord {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
@@ -179,7 +179,7 @@ fn receipt_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ReceiptRecord, Stor
     })
 }
 
-fn episode_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<EpisodeRecord, StoreError> {
+fn episode_from_row(row: &sqlx::any::AnyRow) -> Result<EpisodeRecord, StoreError> {
     Ok(EpisodeRecord {
         id: row.try_get("id")?,
         sandbox: row.try_get("sandbox")?,
@@ -190,7 +190,7 @@ fn episode_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<EpisodeRecord, Stor
     })
 }
 
-fn signal_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SignalRecord, StoreError> {
+fn signal_from_row(row: &sqlx::any::AnyRow) -> Result<SignalRecord, StoreError> {
     Ok(SignalRecord {
         id: row.try_get("id")?,
         episode: row.try_get("episode")?,
@@ -208,7 +208,7 @@ impl Store {
     /// Declares or replaces a tool.
     pub async fn put_tool(&self, name: &str, definition: &str) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO tools (name, definition, created_ms) VALUES (?, ?, ?) \
+            "INSERT INTO tools (name, definition, created_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, created_ms = excluded.created_ms",
         )
         .bind(name)
@@ -220,7 +220,7 @@ impl Store {
     }
 
     pub async fn tool(&self, name: &str) -> Result<Option<ToolRecord>, StoreError> {
-        let row = sqlx::query("SELECT name, definition, created_ms FROM tools WHERE name = ?")
+        let row = sqlx::query("SELECT name, definition, created_ms FROM tools WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -250,7 +250,7 @@ impl Store {
     }
 
     pub async fn delete_tool(&self, name: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM tools WHERE name = ?")
+        let done = sqlx::query("DELETE FROM tools WHERE name = $1")
             .bind(name)
             .execute(&self.pool)
             .await?;
@@ -264,7 +264,7 @@ impl Store {
         for _ in 0..8 {
             let inserted = sqlx::query(
                 "INSERT INTO ledger (tenant, key, tool, request_hash, state, epoch, holder, lease_expires_ms, \
-                 created_ms) VALUES (?, ?, ?, ?, 'registered', 1, ?, ?, ?) ON CONFLICT (tenant, key) DO NOTHING",
+                 created_ms) VALUES ($1, $2, $3, $4, 'registered', 1, $5, $6, $7) ON CONFLICT (tenant, key) DO NOTHING",
             )
             .bind(claim.tenant)
             .bind(claim.key)
@@ -282,7 +282,7 @@ impl Store {
                 continue; // aborted meanwhile: register again
             };
             if entry.tool != claim.tool || entry.request_hash != claim.request_hash {
-                sqlx::query("UPDATE ledger SET divergences = divergences + 1 WHERE tenant = ? AND key = ?")
+                sqlx::query("UPDATE ledger SET divergences = divergences + 1 WHERE tenant = $1 AND key = $2")
                     .bind(claim.tenant)
                     .bind(claim.key)
                     .execute(&self.pool)
@@ -299,8 +299,8 @@ impl Store {
                 return Ok(Claim::Busy(entry));
             }
             let taken = sqlx::query(
-                "UPDATE ledger SET epoch = epoch + 1, holder = ?, lease_expires_ms = ? \
-                 WHERE tenant = ? AND key = ? AND state = 'registered' AND epoch = ? AND lease_expires_ms <= ?",
+                "UPDATE ledger SET epoch = epoch + 1, holder = $1, lease_expires_ms = $2 \
+                 WHERE tenant = $3 AND key = $4 AND state = 'registered' AND epoch = $5 AND lease_expires_ms <= $6",
             )
             .bind(claim.holder)
             .bind(expires)
@@ -332,8 +332,8 @@ impl Store {
         commit: &LedgerCommit<'_>,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE ledger SET state = 'committed', committed_ms = ?, response_code = ?, response_type = ?, \
-             response_body = ?, receipt = ? WHERE tenant = ? AND key = ? AND epoch = ? AND state = 'registered'",
+            "UPDATE ledger SET state = 'committed', committed_ms = $1, response_code = $2, response_type = $3, \
+             response_body = $4, receipt = $5 WHERE tenant = $6 AND key = $7 AND epoch = $8 AND state = 'registered'",
         )
         .bind(commit.now_ms)
         .bind(commit.response_code)
@@ -352,7 +352,7 @@ impl Store {
     /// when the caller no longer holds it.
     pub async fn ledger_abort(&self, tenant: &str, key: &str, epoch: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "DELETE FROM ledger WHERE tenant = ? AND key = ? AND epoch = ? AND state = 'registered'",
+            "DELETE FROM ledger WHERE tenant = $1 AND key = $2 AND epoch = $3 AND state = 'registered'",
         )
         .bind(tenant)
         .bind(key)
@@ -364,7 +364,7 @@ impl Store {
 
     pub async fn ledger_entry(&self, tenant: &str, key: &str) -> Result<Option<LedgerEntry>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE tenant = ? AND key = ?"
+            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE tenant = $1 AND key = $2"
         ))
         .bind(tenant)
         .bind(key)
@@ -376,7 +376,7 @@ impl Store {
     pub async fn insert_receipt(&self, receipt: &ReceiptRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO receipts (id, tenant, sandbox, tool, status, idempotency_key, created_ms, envelope) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&receipt.id)
         .bind(&receipt.tenant)
@@ -394,7 +394,7 @@ impl Store {
     pub async fn receipt(&self, id: &str, tenant: Option<&str>) -> Result<Option<ReceiptRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, tenant, sandbox, tool, status, idempotency_key, created_ms, envelope FROM receipts \
-             WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)",
+             WHERE id = $1 AND ($2 IS NULL OR tenant = $2)",
         )
         .bind(id)
         .bind(tenant)
@@ -411,7 +411,7 @@ impl Store {
     ) -> Result<Vec<ReceiptRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, tenant, sandbox, tool, status, idempotency_key, created_ms, envelope FROM receipts \
-             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR sandbox = ?2) ORDER BY created_ms, rowid",
+             WHERE ($1 IS NULL OR tenant = $1) AND ($2 IS NULL OR sandbox = $2) ORDER BY created_ms, rowid",
         )
         .bind(tenant)
         .bind(sandbox)
@@ -431,16 +431,27 @@ impl Store {
         build: impl Fn(i64) -> Result<Vec<u8>, String>,
     ) -> Result<i64, StoreError> {
         // One writer at a time: the next number is read and used inside one immediate transaction.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // SQLite: take the write lock at BEGIN. PostgreSQL: a transaction-scoped advisory lock per sandbox.
+        let mut tx = match self.backend {
+            crate::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            crate::Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(sandbox)
+                    .execute(&mut *tx)
+                    .await?;
+                tx
+            }
+        };
         let seq: i64 =
-            sqlx::query("SELECT COALESCE(MAX(seq) + 1, 0) AS next FROM trace_records WHERE sandbox = ?")
+            sqlx::query("SELECT COALESCE(MAX(seq) + 1, 0) AS next FROM trace_records WHERE sandbox = $1")
                 .bind(sandbox)
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get("next")?;
         let record = build(seq).map_err(StoreError::Invalid)?;
         sqlx::query(
-            "INSERT INTO trace_records (sandbox, seq, tenant, kind, at_ms, record) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO trace_records (sandbox, seq, tenant, kind, at_ms, record) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(sandbox)
         .bind(seq)
@@ -457,7 +468,7 @@ impl Store {
     /// A sandbox's trace records in order.
     pub async fn trace(&self, sandbox: &str) -> Result<Vec<TraceRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT sandbox, seq, kind, at_ms, record FROM trace_records WHERE sandbox = ? ORDER BY seq",
+            "SELECT sandbox, seq, kind, at_ms, record FROM trace_records WHERE sandbox = $1 ORDER BY seq",
         )
         .bind(sandbox)
         .fetch_all(&self.pool)
@@ -478,7 +489,7 @@ impl Store {
     /// Seals an episode; a second one for the same sandbox is ignored (false).
     pub async fn insert_episode(&self, episode: &EpisodeRecord) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "INSERT INTO episodes (id, sandbox, tenant, created_ms, envelope, facts) VALUES (?, ?, ?, ?, ?, ?) \
+            "INSERT INTO episodes (id, sandbox, tenant, created_ms, envelope, facts) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT DO NOTHING",
         )
         .bind(&episode.id)
@@ -500,7 +511,7 @@ impl Store {
     ) -> Result<Option<EpisodeRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, sandbox, tenant, created_ms, envelope, facts FROM episodes \
-             WHERE (id = ?1 OR sandbox = ?1) AND (?2 IS NULL OR tenant = ?2)",
+             WHERE (id = $1 OR sandbox = $1) AND ($2 IS NULL OR tenant = $2)",
         )
         .bind(id_or_sandbox)
         .bind(tenant)
@@ -513,7 +524,7 @@ impl Store {
     pub async fn episodes(&self, tenant: Option<&str>) -> Result<Vec<EpisodeRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, sandbox, tenant, created_ms, envelope, facts FROM episodes \
-             WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_ms, id",
+             WHERE ($1 IS NULL OR tenant = $1) ORDER BY created_ms, id",
         )
         .bind(tenant)
         .fetch_all(&self.pool)
@@ -523,7 +534,7 @@ impl Store {
 
     pub async fn add_evaluator_key(&self, key: &EvaluatorKey) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO evaluators (name, kid, public_key, created_ms) VALUES (?, ?, ?, ?) \
+            "INSERT INTO evaluators (name, kid, public_key, created_ms) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name, kid) DO NOTHING",
         )
         .bind(&key.name)
@@ -538,7 +549,7 @@ impl Store {
     /// Evaluator keys, all or one evaluator's.
     pub async fn evaluator_keys(&self, name: Option<&str>) -> Result<Vec<EvaluatorKey>, StoreError> {
         let rows = sqlx::query(
-            "SELECT name, kid, public_key, created_ms FROM evaluators WHERE (?1 IS NULL OR name = ?1) \
+            "SELECT name, kid, public_key, created_ms FROM evaluators WHERE ($1 IS NULL OR name = $1) \
              ORDER BY name, kid",
         )
         .bind(name)
@@ -557,7 +568,7 @@ impl Store {
     }
 
     pub async fn delete_evaluator(&self, name: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM evaluators WHERE name = ?")
+        let done = sqlx::query("DELETE FROM evaluators WHERE name = $1")
             .bind(name)
             .execute(&self.pool)
             .await?;
@@ -568,7 +579,7 @@ impl Store {
     pub async fn insert_signal(&self, signal: &SignalRecord) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "INSERT INTO signals (id, episode, tenant, evaluator, name, score, label, at_ms, envelope) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&signal.id)
         .bind(&signal.episode)
@@ -592,7 +603,7 @@ impl Store {
     ) -> Result<Vec<SignalRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, episode, tenant, evaluator, name, score, label, at_ms, envelope FROM signals \
-             WHERE (?1 IS NULL OR episode = ?1) AND (?2 IS NULL OR tenant = ?2) ORDER BY at_ms, id",
+             WHERE ($1 IS NULL OR episode = $1) AND ($2 IS NULL OR tenant = $2) ORDER BY at_ms, id",
         )
         .bind(episode)
         .bind(tenant)
@@ -603,7 +614,7 @@ impl Store {
 
     pub async fn insert_dataset(&self, dataset: &DatasetRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO datasets (id, tenant, query, episodes, created_ms) VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO datasets (id, tenant, query, episodes, created_ms) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (tenant, id) DO NOTHING",
         )
         .bind(&dataset.id)
@@ -618,7 +629,7 @@ impl Store {
 
     pub async fn datasets(&self, tenant: Option<&str>) -> Result<Vec<DatasetRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant, query, episodes, created_ms FROM datasets WHERE (?1 IS NULL OR tenant = ?1) \
+            "SELECT id, tenant, query, episodes, created_ms FROM datasets WHERE ($1 IS NULL OR tenant = $1) \
              ORDER BY created_ms, id",
         )
         .bind(tenant)
@@ -666,127 +677,132 @@ mod tests {
 
     #[tokio::test]
     async fn register_commit_replay_and_divergence() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        assert_eq!(
-            store.ledger_claim(&claim("a", "h1", 0)).await.unwrap(),
-            Claim::Acquired { epoch: 1 }
-        );
-        // A duplicate while the first runs waits.
-        assert!(matches!(
-            store.ledger_claim(&claim("b", "h1", 10)).await.unwrap(),
-            Claim::Busy(_)
-        ));
-        assert!(store
-            .ledger_commit("team-a", "order-7", 1, &commit(b"ok", 20))
-            .await
-            .unwrap());
-        match store.ledger_claim(&claim("b", "h1", 30)).await.unwrap() {
-            Claim::Replay(entry) => {
-                assert_eq!(entry.response_body.as_deref(), Some(&b"ok"[..]));
-                assert_eq!(entry.receipt.as_deref(), Some("bafyr4i-receipt"));
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            assert_eq!(
+                store.ledger_claim(&claim("a", "h1", 0)).await.unwrap(),
+                Claim::Acquired { epoch: 1 }
+            );
+            // A duplicate while the first runs waits.
+            assert!(matches!(
+                store.ledger_claim(&claim("b", "h1", 10)).await.unwrap(),
+                Claim::Busy(_)
+            ));
+            assert!(store
+                .ledger_commit("team-a", "order-7", 1, &commit(b"ok", 20))
+                .await
+                .unwrap());
+            match store.ledger_claim(&claim("b", "h1", 30)).await.unwrap() {
+                Claim::Replay(entry) => {
+                    assert_eq!(entry.response_body.as_deref(), Some(&b"ok"[..]));
+                    assert_eq!(entry.receipt.as_deref(), Some("bafyr4i-receipt"));
+                }
+                other => panic!("expected a replay, got {other:?}"),
             }
-            other => panic!("expected a replay, got {other:?}"),
+            // Same key, other body: divergence, counted, and the stored answer is untouched.
+            match store.ledger_claim(&claim("c", "h2", 40)).await.unwrap() {
+                Claim::Divergent(entry) => assert_eq!(entry.divergences, 1),
+                other => panic!("expected a divergence, got {other:?}"),
+            }
+            let entry = store.ledger_entry("team-a", "order-7").await.unwrap().unwrap();
+            assert!(entry.committed);
+            assert_eq!(entry.request_hash, "h1");
+            // A second commit changes nothing.
+            assert!(!store
+                .ledger_commit("team-a", "order-7", 1, &commit(b"other", 50))
+                .await
+                .unwrap());
         }
-        // Same key, other body: divergence, counted, and the stored answer is untouched.
-        match store.ledger_claim(&claim("c", "h2", 40)).await.unwrap() {
-            Claim::Divergent(entry) => assert_eq!(entry.divergences, 1),
-            other => panic!("expected a divergence, got {other:?}"),
-        }
-        let entry = store.ledger_entry("team-a", "order-7").await.unwrap().unwrap();
-        assert!(entry.committed);
-        assert_eq!(entry.request_hash, "h1");
-        // A second commit changes nothing.
-        assert!(!store
-            .ledger_commit("team-a", "order-7", 1, &commit(b"other", 50))
-            .await
-            .unwrap());
     }
 
     #[tokio::test]
     async fn expired_lease_is_taken_over_and_the_old_holder_is_fenced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        assert_eq!(
-            store.ledger_claim(&claim("a", "h1", 0)).await.unwrap(),
-            Claim::Acquired { epoch: 1 }
-        );
-        // Lease 1 s: at 1.5 s a retry takes it over with epoch 2.
-        assert_eq!(
-            store.ledger_claim(&claim("b", "h1", 1_500)).await.unwrap(),
-            Claim::Acquired { epoch: 2 }
-        );
-        // The old holder's late commit and abort are rejected.
-        assert!(!store
-            .ledger_commit("team-a", "order-7", 1, &commit(b"late", 1_600))
-            .await
-            .unwrap());
-        assert!(!store.ledger_abort("team-a", "order-7", 1).await.unwrap());
-        assert!(store
-            .ledger_commit("team-a", "order-7", 2, &commit(b"new", 1_700))
-            .await
-            .unwrap());
-        let entry = store.ledger_entry("team-a", "order-7").await.unwrap().unwrap();
-        assert_eq!(entry.response_body.as_deref(), Some(&b"new"[..]));
-        assert_eq!(entry.holder, "b");
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            assert_eq!(
+                store.ledger_claim(&claim("a", "h1", 0)).await.unwrap(),
+                Claim::Acquired { epoch: 1 }
+            );
+            // Lease 1 s: at 1.5 s a retry takes it over with epoch 2.
+            assert_eq!(
+                store.ledger_claim(&claim("b", "h1", 1_500)).await.unwrap(),
+                Claim::Acquired { epoch: 2 }
+            );
+            // The old holder's late commit and abort are rejected.
+            assert!(!store
+                .ledger_commit("team-a", "order-7", 1, &commit(b"late", 1_600))
+                .await
+                .unwrap());
+            assert!(!store.ledger_abort("team-a", "order-7", 1).await.unwrap());
+            assert!(store
+                .ledger_commit("team-a", "order-7", 2, &commit(b"new", 1_700))
+                .await
+                .unwrap());
+            let entry = store.ledger_entry("team-a", "order-7").await.unwrap().unwrap();
+            assert_eq!(entry.response_body.as_deref(), Some(&b"new"[..]));
+            assert_eq!(entry.holder, "b");
+        }
     }
 
     #[tokio::test]
     async fn abort_lets_a_retry_run_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        store.ledger_claim(&claim("a", "h1", 0)).await.unwrap();
-        assert!(store.ledger_abort("team-a", "order-7", 1).await.unwrap());
-        assert_eq!(
-            store.ledger_claim(&claim("b", "h1", 10)).await.unwrap(),
-            Claim::Acquired { epoch: 1 }
-        );
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            store.ledger_claim(&claim("a", "h1", 0)).await.unwrap();
+            assert!(store.ledger_abort("team-a", "order-7", 1).await.unwrap());
+            assert_eq!(
+                store.ledger_claim(&claim("b", "h1", 10)).await.unwrap(),
+                Claim::Acquired { epoch: 1 }
+            );
+        }
     }
 
     #[tokio::test]
     async fn concurrent_claims_have_one_winner() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        let mut tasks = Vec::new();
-        for i in 0..16 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                let holder = format!("h{i}");
-                store.ledger_claim(&claim(&holder, "h1", 0)).await.unwrap()
-            }));
-        }
-        let mut acquired = 0;
-        for task in tasks {
-            match task.await.unwrap() {
-                Claim::Acquired { .. } => acquired += 1,
-                Claim::Busy(_) => {}
-                other => panic!("unexpected {other:?}"),
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let mut tasks = Vec::new();
+            for i in 0..16 {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    let holder = format!("h{i}");
+                    store.ledger_claim(&claim(&holder, "h1", 0)).await.unwrap()
+                }));
             }
+            let mut acquired = 0;
+            for task in tasks {
+                match task.await.unwrap() {
+                    Claim::Acquired { .. } => acquired += 1,
+                    Claim::Busy(_) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(acquired, 1);
         }
-        assert_eq!(acquired, 1);
     }
 
     #[tokio::test]
     async fn trace_numbers_are_dense_under_concurrency() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..10 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .append_trace("sb_1", "team-a", "exec", 5, |seq| Ok(seq.to_le_bytes().to_vec()))
-                    .await
-                    .unwrap()
-            }));
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let mut tasks = Vec::new();
+            for _ in 0..10 {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .append_trace("sb_1", "team-a", "exec", 5, |seq| Ok(seq.to_le_bytes().to_vec()))
+                        .await
+                        .unwrap()
+                }));
+            }
+            let mut seqs: Vec<i64> = Vec::new();
+            for task in tasks {
+                seqs.push(task.await.unwrap());
+            }
+            seqs.sort();
+            assert_eq!(seqs, (0..10).collect::<Vec<_>>());
+            let rows = store.trace("sb_1").await.unwrap();
+            assert!(rows.iter().all(|r| r.record == r.seq.to_le_bytes()));
         }
-        let mut seqs: Vec<i64> = Vec::new();
-        for task in tasks {
-            seqs.push(task.await.unwrap());
-        }
-        seqs.sort();
-        assert_eq!(seqs, (0..10).collect::<Vec<_>>());
-        let rows = store.trace("sb_1").await.unwrap();
-        assert!(rows.iter().all(|r| r.record == r.seq.to_le_bytes()));
     }
 }

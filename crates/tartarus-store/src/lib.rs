@@ -1,28 +1,33 @@
-//! Persistent state of the control plane: API keys (hashed) with their tenant and role, and the audit log.
-//! Embedded SQLite in the data directory today; the same interface over PostgreSQL comes with cluster
-//! mode. Schema changes are numbered migrations under `migrations/`, applied on open.
+//! Persistent state of the control plane: API keys (hashed) with their tenant and role, sandboxes,
+//! templates, policies, events, the audit log and the verifiable-effects records. Embedded SQLite in the
+//! data directory by default; PostgreSQL (`Store::connect("postgres://…")`) for many machines, with the
+//! same queries and semantics. Schema changes are numbered migrations under `migrations/sqlite` and
+//! `migrations/postgres` (the same numbers), applied on open.
 //!
 //! Place in the data flow: the server authenticates every request through [`Store::authenticate`] and
 //! records mutating calls with [`Store::record_audit`]; `tartarus apikey` manages keys directly.
 
 mod effects;
 mod policies;
+mod queue;
+#[cfg(test)]
+mod testing;
 
 pub use effects::{
     Claim, ClaimRequest, DatasetRecord, EpisodeRecord, EvaluatorKey, LedgerCommit, LedgerEntry,
     ReceiptRecord, SignalRecord, ToolRecord, TraceRow,
 };
 pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
+pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem};
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::Row;
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+use sqlx::{Executor, Row};
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,6 +103,19 @@ pub struct NewAudit<'a> {
     pub detail: Option<&'a str>,
 }
 
+impl StoreError {
+    /// Whether the database server could not be reached (worth retrying), as opposed to refusing us.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Open { source, .. } => matches!(
+                source,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the state database at {path}")]
@@ -127,6 +145,20 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A database URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 fn random_hex(bytes: usize) -> Result<String, StoreError> {
     tartarus_hostsys::random_hex(bytes).map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))
 }
@@ -143,32 +175,126 @@ fn valid_tenant(tenant: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-/// The state store.
+/// The database engine that holds the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite in the data directory: one machine.
+    Sqlite,
+    /// A PostgreSQL server: many control-plane replicas and nodes.
+    Postgres,
+}
+
+/// The state store: the same queries and semantics over SQLite and PostgreSQL (through sqlx's `Any`
+/// driver: every query is written once, with `$N` parameters, which both engines read). Schema changes are
+/// numbered migrations with the same numbers for both engines, in `migrations/sqlite` and
+/// `migrations/postgres`.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Percent-encodes what a `sqlite://` URL's path may not hold as is.
+fn sqlite_url(path: &Path) -> String {
+    let mut url = String::from("sqlite://");
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'%' | b'?' | b'#' | b' ' | 0x80..=0xff => url.push_str(&format!("%{b:02X}")),
+            _ => url.push(*b as char),
+        }
+    }
+    url.push_str("?mode=rwc");
+    url
 }
 
 impl Store {
     /// Opens (creating if needed) `DIR/state.db` and applies pending migrations.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let path = data_dir.join("state.db");
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        Self::connect_url(&sqlite_url(&path), &path.display().to_string()).await
+    }
+
+    /// Connects to `url` — `postgres://…` (PostgreSQL) or `sqlite://PATH` — and applies pending migrations.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Self::connect_url(url, &redact_url(url)).await
+    }
+
+    async fn connect_url(url: &str, shown: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Invalid(format!(
+                "database URL {shown}: use postgres://USER@HOST:PORT/DB or sqlite://PATH"
+            )));
+        };
+        let open_err = |source| StoreError::Open {
+            path: shown.to_string(),
+            source,
+        };
+        if backend == Backend::Postgres {
+            // One attempt first, so an unreachable server is reported at once (the pool would keep
+            // retrying for its whole acquire timeout).
+            use sqlx::Connection;
+            let probe = sqlx::AnyConnection::connect(url).await.map_err(open_err)?;
+            let _ = probe.close().await;
+        }
+        let options = AnyPoolOptions::new().after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    // WAL: readers never wait for the writer; NORMAL sync is durable across crashes of the
+                    // process (not of the machine) at a fraction of FULL's fsyncs.
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        });
+        let pool = match backend {
+            Backend::Sqlite => options.max_connections(4),
+            Backend::Postgres => options.max_connections(16),
+        }
+        .connect(url)
+        .await
+        .map_err(open_err)?;
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
+        Ok(Store { pool, backend })
+    }
+
+    /// [`Store::connect`], retrying a database that is not reachable (yet) with exponential backoff
+    /// (0.5 s doubling to 10 s) for up to `wait`; each failure is reported once through `on_retry` with the
+    /// delay before the next attempt. Errors other than an unreachable server fail at once.
+    pub async fn connect_with_retry(
+        url: &str,
+        wait: std::time::Duration,
+        mut on_retry: impl FnMut(&StoreError, std::time::Duration),
+    ) -> Result<Store, StoreError> {
+        let started = std::time::Instant::now();
+        let mut delay = std::time::Duration::from_millis(500);
+        loop {
+            match Self::connect(url).await {
+                Ok(store) => return Ok(store),
+                Err(e) if e.is_unreachable() && started.elapsed() + delay <= wait => {
+                    on_retry(&e, delay);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The engine behind this store.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Creates a key; returns it and its secret, which is shown once and never stored.
@@ -181,14 +307,16 @@ impl Store {
         let id = format!("key_{}", random_hex(8)?);
         let secret = format!("{KEY_PREFIX}{}", random_hex(32)?);
         let created_ms = now_ms();
-        sqlx::query("INSERT INTO api_keys (id, tenant, role, key_hash, created_ms) VALUES (?, ?, ?, ?, ?)")
-            .bind(&id)
-            .bind(tenant)
-            .bind(role.as_str())
-            .bind(hash_secret(&secret))
-            .bind(created_ms)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, role, key_hash, created_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(tenant)
+        .bind(role.as_str())
+        .bind(hash_secret(&secret))
+        .bind(created_ms)
+        .execute(&self.pool)
+        .await?;
         let key = ApiKey {
             id,
             tenant: tenant.to_string(),
@@ -205,7 +333,7 @@ impl Store {
             return Ok(None);
         }
         let row = sqlx::query(
-            "SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys WHERE key_hash = ? AND revoked_ms IS NULL",
+            "SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys WHERE key_hash = $1 AND revoked_ms IS NULL",
         )
         .bind(hash_secret(secret))
         .fetch_optional(&self.pool)
@@ -226,12 +354,12 @@ impl Store {
     /// Revokes a key (idempotent for an already revoked key).
     pub async fn revoke_key(&self, id: &str) -> Result<ApiKey, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL")
+        sqlx::query("UPDATE api_keys SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL")
             .bind(now_ms())
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        let row = sqlx::query("SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys WHERE id = ?")
+        let row = sqlx::query("SELECT id, tenant, role, created_ms, revoked_ms FROM api_keys WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
@@ -242,7 +370,7 @@ impl Store {
 
     pub async fn record_audit(&self, record: &NewAudit<'_>) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO audit (at_ms, tenant, key_id, action, target, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit (at_ms, tenant, key_id, action, target, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(now_ms())
         .bind(record.tenant)
@@ -264,7 +392,7 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, at_ms, tenant, key_id, action, target, outcome, detail FROM audit \
-             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR at_ms >= ?2) ORDER BY id DESC",
+             WHERE ($1 IS NULL OR tenant = $1) AND ($2 IS NULL OR at_ms >= $2) ORDER BY id DESC",
         )
         .bind(tenant)
         .bind(since_ms)
@@ -286,7 +414,7 @@ impl Store {
     }
 }
 
-fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, StoreError> {
+fn key_from_row(row: &sqlx::any::AnyRow) -> Result<ApiKey, StoreError> {
     let role: String = row.try_get("role")?;
     Ok(ApiKey {
         id: row.try_get("id")?,
@@ -301,30 +429,28 @@ fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, StoreError> {
 mod tests {
     use super::*;
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        (dir, store)
-    }
-
     #[tokio::test]
     async fn created_keys_authenticate_until_revoked() {
-        let (_dir, store) = store().await;
-        let (key, secret) = store.create_key("team-a", Role::User).await.unwrap();
-        assert!(secret.starts_with(KEY_PREFIX) && secret.len() == KEY_PREFIX.len() + 64);
-        assert_eq!(store.authenticate(&secret).await.unwrap(), Some(key.clone()));
-        assert_eq!(store.authenticate("tk_wrong").await.unwrap(), None);
-        assert_eq!(store.authenticate("not-even-a-key").await.unwrap(), None);
-        let revoked = store.revoke_key(&key.id).await.unwrap();
-        assert!(revoked.revoked_ms.is_some());
-        assert_eq!(store.authenticate(&secret).await.unwrap(), None);
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let (key, secret) = store.create_key("team-a", Role::User).await.unwrap();
+            assert!(secret.starts_with(KEY_PREFIX) && secret.len() == KEY_PREFIX.len() + 64);
+            assert_eq!(store.authenticate(&secret).await.unwrap(), Some(key.clone()));
+            assert_eq!(store.authenticate("tk_wrong").await.unwrap(), None);
+            assert_eq!(store.authenticate("not-even-a-key").await.unwrap(), None);
+            let revoked = store.revoke_key(&key.id).await.unwrap();
+            assert!(revoked.revoked_ms.is_some());
+            assert_eq!(store.authenticate(&secret).await.unwrap(), None);
+        }
     }
 
     #[tokio::test]
     async fn secrets_are_not_stored() {
-        let (dir, store) = store().await;
-        let (_key, secret) = store.create_key("team-a", Role::Admin).await.unwrap();
-        drop(store);
+        // SQLite: not in the database files (PostgreSQL: not in any column, below).
+        let test_store = crate::testing::TestStore::sqlite().await;
+        let dir = test_store.dir.as_ref().unwrap();
+        let (_key, secret) = test_store.store.create_key("team-a", Role::Admin).await.unwrap();
+        test_store.store.pool.close().await;
         for name in ["state.db", "state.db-wal"] {
             if let Ok(bytes) = std::fs::read(dir.path().join(name)) {
                 let text = String::from_utf8_lossy(&bytes);
@@ -338,71 +464,88 @@ mod tests {
 
     #[tokio::test]
     async fn keys_are_listed_and_unknown_ids_rejected() {
-        let (_dir, store) = store().await;
-        store.create_key("a", Role::Admin).await.unwrap();
-        store.create_key("b", Role::Viewer).await.unwrap();
-        let keys = store.list_keys().await.unwrap();
-        assert_eq!(
-            keys.iter()
-                .map(|k| (k.tenant.as_str(), k.role))
-                .collect::<Vec<_>>(),
-            [("a", Role::Admin), ("b", Role::Viewer)]
-        );
-        assert!(matches!(
-            store.revoke_key("key_nope").await,
-            Err(StoreError::UnknownKey(_))
-        ));
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            store.create_key("a", Role::Admin).await.unwrap();
+            store.create_key("b", Role::Viewer).await.unwrap();
+            let keys = store.list_keys().await.unwrap();
+            assert_eq!(
+                keys.iter()
+                    .map(|k| (k.tenant.as_str(), k.role))
+                    .collect::<Vec<_>>(),
+                [("a", Role::Admin), ("b", Role::Viewer)]
+            );
+            assert!(matches!(
+                store.revoke_key("key_nope").await,
+                Err(StoreError::UnknownKey(_))
+            ));
+        }
     }
 
     #[tokio::test]
     async fn bad_tenants_and_roles_are_rejected() {
-        let (_dir, store) = store().await;
-        for tenant in ["", "Team A", "x/y", &"a".repeat(64)] {
-            assert!(
-                matches!(
-                    store.create_key(tenant, Role::User).await,
-                    Err(StoreError::Invalid(_))
-                ),
-                "{tenant}"
-            );
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            for tenant in ["", "Team A", "x/y", &"a".repeat(64)] {
+                assert!(
+                    matches!(
+                        store.create_key(tenant, Role::User).await,
+                        Err(StoreError::Invalid(_))
+                    ),
+                    "{tenant}"
+                );
+            }
+            assert!("root"
+                .parse::<Role>()
+                .unwrap_err()
+                .to_string()
+                .contains("admin, user or viewer"));
+            assert!(!Role::Viewer.can_mutate() && Role::User.can_mutate());
         }
-        assert!("root"
-            .parse::<Role>()
-            .unwrap_err()
-            .to_string()
-            .contains("admin, user or viewer"));
-        assert!(!Role::Viewer.can_mutate() && Role::User.can_mutate());
     }
 
     #[tokio::test]
     async fn reopening_keeps_data_and_migrations_are_idempotent() {
-        let (dir, store) = store().await;
-        let (_key, secret) = store.create_key("a", Role::User).await.unwrap();
-        drop(store);
-        let store = Store::open(dir.path()).await.unwrap();
-        assert!(store.authenticate(&secret).await.unwrap().is_some());
+        for test_store in crate::testing::stores().await {
+            let (_key, secret) = test_store.store.create_key("a", Role::User).await.unwrap();
+            let store = test_store.reopen().await;
+            assert!(store.authenticate(&secret).await.unwrap().is_some());
+            // Only hashes are stored, whatever the engine.
+            let rows = sqlx::query("SELECT id, tenant, role, key_hash FROM api_keys")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            for row in rows {
+                let hash: Vec<u8> = row.get("key_hash");
+                assert_ne!(hash, secret.as_bytes());
+                let tenant: String = row.get("tenant");
+                assert!(!tenant.contains(&secret[KEY_PREFIX.len()..]));
+            }
+        }
     }
 
     #[tokio::test]
     async fn audit_is_filtered_by_tenant_and_time() {
-        let (_dir, store) = store().await;
-        let record = |tenant| NewAudit {
-            tenant,
-            action: "sandbox.create",
-            outcome: "ok",
-            ..NewAudit::default()
-        };
-        store.record_audit(&record("a")).await.unwrap();
-        store.record_audit(&record("b")).await.unwrap();
-        assert_eq!(store.audit(None, None).await.unwrap().len(), 2);
-        let only_a = store.audit(Some("a"), None).await.unwrap();
-        assert_eq!(only_a.len(), 1);
-        assert_eq!(only_a[0].action, "sandbox.create");
-        assert!(store
-            .audit(None, Some(now_ms() + 60_000))
-            .await
-            .unwrap()
-            .is_empty());
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let record = |tenant| NewAudit {
+                tenant,
+                action: "sandbox.create",
+                outcome: "ok",
+                ..NewAudit::default()
+            };
+            store.record_audit(&record("a")).await.unwrap();
+            store.record_audit(&record("b")).await.unwrap();
+            assert_eq!(store.audit(None, None).await.unwrap().len(), 2);
+            let only_a = store.audit(Some("a"), None).await.unwrap();
+            assert_eq!(only_a.len(), 1);
+            assert_eq!(only_a[0].action, "sandbox.create");
+            assert!(store
+                .audit(None, Some(now_ms() + 60_000))
+                .await
+                .unwrap()
+                .is_empty());
+        }
     }
 }
 
@@ -485,7 +628,7 @@ pub struct Finish<'a> {
 const SANDBOX_COLUMNS: &str =
     "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused";
 
-fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, StoreError> {
+fn sandbox_from_row(row: &sqlx::any::AnyRow) -> Result<SandboxRecord, StoreError> {
     let status: String = row.try_get("status")?;
     let labels: String = row.try_get("labels")?;
     Ok(SandboxRecord {
@@ -512,7 +655,7 @@ impl Store {
         let labels = serde_json::to_string(&record.labels).map_err(|e| StoreError::Invalid(e.to_string()))?;
         sqlx::query(
             "INSERT INTO sandboxes (id, tenant, status, template, spec, labels, created_ms, dir) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&record.id)
         .bind(&record.tenant)
@@ -530,7 +673,7 @@ impl Store {
     /// Marks a starting sandbox running under the shim `shim_pid`.
     pub async fn mark_running(&self, id: &str, shim_pid: i64) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE sandboxes SET status = 'running', shim_pid = ? WHERE id = ? AND status = 'starting'",
+            "UPDATE sandboxes SET status = 'running', shim_pid = $1 WHERE id = $2 AND status = 'starting'",
         )
         .bind(shim_pid)
         .bind(id)
@@ -541,7 +684,7 @@ impl Store {
 
     /// Sets or clears the paused flag of a running sandbox.
     pub async fn set_paused(&self, id: &str, paused: bool) -> Result<(), StoreError> {
-        sqlx::query("UPDATE sandboxes SET paused = ? WHERE id = ? AND status = 'running'")
+        sqlx::query("UPDATE sandboxes SET paused = $1 WHERE id = $2 AND status = 'running'")
             .bind(paused as i64)
             .bind(id)
             .execute(&self.pool)
@@ -552,8 +695,8 @@ impl Store {
     /// Records how a live sandbox ended; a sandbox that already ended keeps its first outcome.
     pub async fn finish_sandbox(&self, id: &str, finish: &Finish<'_>) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE sandboxes SET status = ?, exit_code = ?, reason = ?, finished_ms = ? \
-             WHERE id = ? AND status IN ('starting', 'running')",
+            "UPDATE sandboxes SET status = $1, exit_code = $2, reason = $3, finished_ms = $4 \
+             WHERE id = $5 AND status IN ('starting', 'running')",
         )
         .bind(finish.status.as_str())
         .bind(finish.exit_code)
@@ -568,7 +711,7 @@ impl Store {
     /// One sandbox; with `tenant`, only if it belongs to that tenant.
     pub async fn sandbox(&self, id: &str, tenant: Option<&str>) -> Result<Option<SandboxRecord>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)"
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = $1 AND ($2 IS NULL OR tenant = $2)"
         ))
         .bind(id)
         .bind(tenant)
@@ -584,8 +727,8 @@ impl Store {
         status: Option<SandboxStatus>,
     ) -> Result<Vec<SandboxRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE (?1 IS NULL OR tenant = ?1) \
-             AND (?2 IS NULL OR status = ?2) ORDER BY created_ms DESC, id"
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE ($1 IS NULL OR tenant = $1) \
+             AND ($2 IS NULL OR status = $2) ORDER BY created_ms DESC, id"
         ))
         .bind(tenant)
         .bind(status.map(|s| s.as_str()))
@@ -605,7 +748,7 @@ impl Store {
     /// Live sandboxes of a tenant (for quotas).
     pub async fn live_count(&self, tenant: &str) -> Result<i64, StoreError> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM sandboxes WHERE tenant = ? AND status IN ('starting', 'running')",
+            "SELECT COUNT(*) AS n FROM sandboxes WHERE tenant = $1 AND status IN ('starting', 'running')",
         )
         .bind(tenant)
         .fetch_one(&self.pool)
@@ -638,49 +781,50 @@ mod sandbox_tests {
 
     #[tokio::test]
     async fn sandbox_lifecycle_and_tenant_scoping() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        store.insert_sandbox(&record("sb_1", "a")).await.unwrap();
-        store.insert_sandbox(&record("sb_2", "b")).await.unwrap();
-        store.mark_running("sb_1", 42).await.unwrap();
-        let got = store.sandbox("sb_1", Some("a")).await.unwrap().unwrap();
-        assert_eq!(
-            (got.status, got.shim_pid, got.labels["team"].as_str()),
-            (SandboxStatus::Running, Some(42), "x")
-        );
-        assert!(
-            store.sandbox("sb_1", Some("b")).await.unwrap().is_none(),
-            "other tenants must not see it"
-        );
-        assert_eq!(store.sandboxes(Some("a"), None).await.unwrap().len(), 1);
-        assert_eq!(
-            store
-                .sandboxes(None, Some(SandboxStatus::Running))
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        assert_eq!(store.live_count("a").await.unwrap(), 1);
-        let finish = Finish {
-            status: SandboxStatus::Exited,
-            exit_code: Some(3),
-            reason: "exited",
-        };
-        store.finish_sandbox("sb_1", &finish).await.unwrap();
-        let lost = Finish {
-            status: SandboxStatus::Lost,
-            exit_code: None,
-            reason: "late",
-        };
-        store.finish_sandbox("sb_1", &lost).await.unwrap();
-        let got = store.sandbox("sb_1", None).await.unwrap().unwrap();
-        assert_eq!(
-            (got.status, got.exit_code),
-            (SandboxStatus::Exited, Some(3)),
-            "first outcome wins"
-        );
-        assert_eq!(store.live_count("a").await.unwrap(), 0);
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            store.insert_sandbox(&record("sb_1", "a")).await.unwrap();
+            store.insert_sandbox(&record("sb_2", "b")).await.unwrap();
+            store.mark_running("sb_1", 42).await.unwrap();
+            let got = store.sandbox("sb_1", Some("a")).await.unwrap().unwrap();
+            assert_eq!(
+                (got.status, got.shim_pid, got.labels["team"].as_str()),
+                (SandboxStatus::Running, Some(42), "x")
+            );
+            assert!(
+                store.sandbox("sb_1", Some("b")).await.unwrap().is_none(),
+                "other tenants must not see it"
+            );
+            assert_eq!(store.sandboxes(Some("a"), None).await.unwrap().len(), 1);
+            assert_eq!(
+                store
+                    .sandboxes(None, Some(SandboxStatus::Running))
+                    .await
+                    .unwrap()
+                    .len(),
+                1
+            );
+            assert_eq!(store.live_count("a").await.unwrap(), 1);
+            let finish = Finish {
+                status: SandboxStatus::Exited,
+                exit_code: Some(3),
+                reason: "exited",
+            };
+            store.finish_sandbox("sb_1", &finish).await.unwrap();
+            let lost = Finish {
+                status: SandboxStatus::Lost,
+                exit_code: None,
+                reason: "late",
+            };
+            store.finish_sandbox("sb_1", &lost).await.unwrap();
+            let got = store.sandbox("sb_1", None).await.unwrap().unwrap();
+            assert_eq!(
+                (got.status, got.exit_code),
+                (SandboxStatus::Exited, Some(3)),
+                "first outcome wins"
+            );
+            assert_eq!(store.live_count("a").await.unwrap(), 0);
+        }
     }
 }
 
@@ -705,7 +849,7 @@ pub enum TemplatePut {
     Taken,
 }
 
-fn template_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, StoreError> {
+fn template_from_row(row: &sqlx::any::AnyRow) -> Result<TemplateRecord, StoreError> {
     Ok(TemplateRecord {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
@@ -737,7 +881,7 @@ impl Store {
         }
         let now = now_ms();
         let inserted = sqlx::query(
-            "INSERT INTO templates (id, tenant, definition, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?4) \
+            "INSERT INTO templates (id, tenant, definition, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $4) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(id)
@@ -749,14 +893,15 @@ impl Store {
         if inserted.rows_affected() > 0 {
             return Ok(TemplatePut::Created);
         }
-        let updated =
-            sqlx::query("UPDATE templates SET definition = ?, updated_ms = ? WHERE id = ? AND tenant IS ?")
-                .bind(definition)
-                .bind(now)
-                .bind(id)
-                .bind(tenant)
-                .execute(&self.pool)
-                .await?;
+        let updated = sqlx::query(
+            "UPDATE templates SET definition = $1, updated_ms = $2 WHERE id = $3 AND tenant IS NOT DISTINCT FROM $4",
+        )
+        .bind(definition)
+        .bind(now)
+        .bind(id)
+        .bind(tenant)
+        .execute(&self.pool)
+        .await?;
         Ok(match updated.rows_affected() {
             0 => TemplatePut::Taken,
             _ => TemplatePut::Replaced,
@@ -771,7 +916,7 @@ impl Store {
     ) -> Result<Option<TemplateRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, tenant, definition, created_ms, updated_ms FROM templates \
-             WHERE id = ?1 AND (?2 IS NULL OR tenant IS NULL OR tenant = ?2)",
+             WHERE id = $1 AND ($2 IS NULL OR tenant IS NULL OR tenant = $2)",
         )
         .bind(id)
         .bind(tenant)
@@ -784,7 +929,7 @@ impl Store {
     pub async fn list_templates(&self, tenant: Option<&str>) -> Result<Vec<TemplateRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, tenant, definition, created_ms, updated_ms FROM templates \
-             WHERE ?1 IS NULL OR tenant IS NULL OR tenant = ?1 ORDER BY id",
+             WHERE $1 IS NULL OR tenant IS NULL OR tenant = $1 ORDER BY id",
         )
         .bind(tenant)
         .fetch_all(&self.pool)
@@ -794,7 +939,7 @@ impl Store {
 
     /// Deletes a template; returns whether it existed.
     pub async fn delete_template(&self, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM templates WHERE id = ?")
+        let done = sqlx::query("DELETE FROM templates WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -808,63 +953,65 @@ mod template_tests {
 
     #[tokio::test]
     async fn test_templates_are_put_replaced_listed_and_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        let put = |id: &'static str, tenant: Option<&'static str>, definition: &'static str| {
-            let store = store.clone();
-            async move { store.put_template(id, tenant, definition).await.unwrap() }
-        };
-        assert_eq!(put("py", None, r#"{"id":"py"}"#).await, TemplatePut::Created);
-        assert_eq!(
-            put("r", Some("team-a"), r#"{"id":"r"}"#).await,
-            TemplatePut::Created
-        );
-        let first = store.get_template("py", None).await.unwrap().unwrap();
-        assert_eq!(
-            put("py", None, r#"{"id":"py","v":2}"#).await,
-            TemplatePut::Replaced
-        );
-        assert_eq!(
-            put("py", Some("team-a"), r#"{"id":"py","v":3}"#).await,
-            TemplatePut::Taken,
-            "a tenant cannot take over a shared template"
-        );
-        assert_eq!(put("r", None, "{}").await, TemplatePut::Taken);
-        assert_eq!(put("r", Some("team-b"), "{}").await, TemplatePut::Taken);
-        let replaced = store.get_template("py", None).await.unwrap().unwrap();
-        assert_eq!(replaced.definition, r#"{"id":"py","v":2}"#);
-        assert_eq!(replaced.created_ms, first.created_ms);
-        assert!(replaced.updated_ms >= first.updated_ms);
-        let ids = |list: Vec<TemplateRecord>| list.into_iter().map(|t| t.id).collect::<Vec<_>>();
-        assert_eq!(ids(store.list_templates(None).await.unwrap()), ["py", "r"]);
-        assert_eq!(
-            ids(store.list_templates(Some("team-a")).await.unwrap()),
-            ["py", "r"]
-        );
-        assert_eq!(
-            ids(store.list_templates(Some("team-b")).await.unwrap()),
-            ["py"],
-            "another tenant's template is hidden"
-        );
-        assert!(store.get_template("r", Some("team-b")).await.unwrap().is_none());
-        assert!(store.get_template("py", Some("team-b")).await.unwrap().is_some());
-        assert!(store.delete_template("r").await.unwrap());
-        assert!(!store.delete_template("r").await.unwrap());
-        assert!(store.get_template("r", None).await.unwrap().is_none());
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let put = |id: &'static str, tenant: Option<&'static str>, definition: &'static str| {
+                let store = store.clone();
+                async move { store.put_template(id, tenant, definition).await.unwrap() }
+            };
+            assert_eq!(put("py", None, r#"{"id":"py"}"#).await, TemplatePut::Created);
+            assert_eq!(
+                put("r", Some("team-a"), r#"{"id":"r"}"#).await,
+                TemplatePut::Created
+            );
+            let first = store.get_template("py", None).await.unwrap().unwrap();
+            assert_eq!(
+                put("py", None, r#"{"id":"py","v":2}"#).await,
+                TemplatePut::Replaced
+            );
+            assert_eq!(
+                put("py", Some("team-a"), r#"{"id":"py","v":3}"#).await,
+                TemplatePut::Taken,
+                "a tenant cannot take over a shared template"
+            );
+            assert_eq!(put("r", None, "{}").await, TemplatePut::Taken);
+            assert_eq!(put("r", Some("team-b"), "{}").await, TemplatePut::Taken);
+            let replaced = store.get_template("py", None).await.unwrap().unwrap();
+            assert_eq!(replaced.definition, r#"{"id":"py","v":2}"#);
+            assert_eq!(replaced.created_ms, first.created_ms);
+            assert!(replaced.updated_ms >= first.updated_ms);
+            let ids = |list: Vec<TemplateRecord>| list.into_iter().map(|t| t.id).collect::<Vec<_>>();
+            assert_eq!(ids(store.list_templates(None).await.unwrap()), ["py", "r"]);
+            assert_eq!(
+                ids(store.list_templates(Some("team-a")).await.unwrap()),
+                ["py", "r"]
+            );
+            assert_eq!(
+                ids(store.list_templates(Some("team-b")).await.unwrap()),
+                ["py"],
+                "another tenant's template is hidden"
+            );
+            assert!(store.get_template("r", Some("team-b")).await.unwrap().is_none());
+            assert!(store.get_template("py", Some("team-b")).await.unwrap().is_some());
+            assert!(store.delete_template("r").await.unwrap());
+            assert!(!store.delete_template("r").await.unwrap());
+            assert!(store.get_template("r", None).await.unwrap().is_none());
+        }
     }
 
     #[tokio::test]
     async fn test_put_template_refuses_bad_tenants_and_non_json() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        assert!(matches!(
-            store.put_template("a", Some("Team A"), "{}").await,
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            store.put_template("a", None, "id: a").await,
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(store.list_templates(None).await.unwrap().is_empty());
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            assert!(matches!(
+                store.put_template("a", Some("Team A"), "{}").await,
+                Err(StoreError::Invalid(_))
+            ));
+            assert!(matches!(
+                store.put_template("a", None, "id: a").await,
+                Err(StoreError::Invalid(_))
+            ));
+            assert!(store.list_templates(None).await.unwrap().is_empty());
+        }
     }
 }

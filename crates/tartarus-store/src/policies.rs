@@ -57,7 +57,7 @@ pub struct EventQuery<'a> {
     pub limit: Option<i64>,
 }
 
-fn revision_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyRevision, StoreError> {
+fn revision_from_row(row: &sqlx::any::AnyRow) -> Result<PolicyRevision, StoreError> {
     Ok(PolicyRevision {
         id: row.try_get("id")?,
         revision: row.try_get("revision")?,
@@ -85,7 +85,7 @@ impl Store {
         // One statement: the next revision is computed and inserted atomically.
         let row = sqlx::query(&format!(
             "INSERT INTO policies (id, revision, document, source, created_ms, author, rollback_of) \
-             SELECT ?1, COALESCE(MAX(revision), 0) + 1, ?2, ?3, ?4, ?5, ?6 FROM policies WHERE id = ?1 \
+             SELECT $1, COALESCE(MAX(revision), 0) + 1, $2, $3, $4, $5, $6 FROM policies WHERE id = $1 \
              RETURNING {REVISION_COLUMNS}"
         ))
         .bind(id)
@@ -102,7 +102,7 @@ impl Store {
     /// Every revision of a policy, oldest first (empty when it never existed).
     pub async fn policy_history(&self, id: &str) -> Result<Vec<PolicyRevision>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {REVISION_COLUMNS} FROM policies WHERE id = ?1 ORDER BY revision"
+            "SELECT {REVISION_COLUMNS} FROM policies WHERE id = $1 ORDER BY revision"
         ))
         .bind(id)
         .fetch_all(&self.pool)
@@ -113,7 +113,7 @@ impl Store {
     /// The revision of a policy in force (its latest, unless that is a removal).
     pub async fn current_policy(&self, id: &str) -> Result<Option<PolicyRevision>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {REVISION_COLUMNS} FROM policies WHERE id = ?1 ORDER BY revision DESC LIMIT 1"
+            "SELECT {REVISION_COLUMNS} FROM policies WHERE id = $1 ORDER BY revision DESC LIMIT 1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
@@ -165,7 +165,7 @@ impl Store {
     pub async fn record_event(&self, event: &NewEvent<'_>) -> Result<i64, StoreError> {
         let row = sqlx::query(
             "INSERT INTO events (at_ms, category, kind, sandbox, tenant, message, details) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
         )
         .bind(now_ms())
         .bind(event.category)
@@ -183,9 +183,9 @@ impl Store {
     pub async fn events(&self, query: &EventQuery<'_>) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at_ms, category, kind, sandbox, tenant, message, details FROM events \
-             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR sandbox = ?2) \
-             AND (?3 IS NULL OR category = ?3) AND (?4 IS NULL OR at_ms >= ?4) \
-             ORDER BY seq DESC LIMIT ?5",
+             WHERE ($1 IS NULL OR tenant = $1) AND ($2 IS NULL OR sandbox = $2) \
+             AND ($3 IS NULL OR category = $3) AND ($4 IS NULL OR at_ms >= $4) \
+             ORDER BY seq DESC LIMIT $5",
         )
         .bind(query.tenant)
         .bind(query.sandbox)
@@ -212,7 +212,7 @@ impl Store {
 
     /// Removes events older than `before_ms` (retention); returns how many.
     pub async fn prune_events(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM events WHERE at_ms < ?")
+        let done = sqlx::query("DELETE FROM events WHERE at_ms < $1")
             .bind(before_ms)
             .execute(&self.pool)
             .await?;
@@ -224,97 +224,95 @@ impl Store {
 mod tests {
     use super::*;
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
-        (dir, store)
-    }
-
     #[tokio::test]
     async fn policies_keep_every_revision_and_roll_back() {
-        let (_dir, store) = store().await;
-        let one = store
-            .put_policy("prod", r#"{"v":1}"#, "v: 1", "admin", None)
-            .await
-            .unwrap();
-        let two = store
-            .put_policy("prod", r#"{"v":2}"#, "v: 2", "admin", None)
-            .await
-            .unwrap();
-        assert_eq!((one.revision, two.revision), (1, 2));
-        assert_eq!(
-            store.current_policy("prod").await.unwrap().unwrap().document,
-            r#"{"v":2}"#
-        );
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let one = store
+                .put_policy("prod", r#"{"v":1}"#, "v: 1", "admin", None)
+                .await
+                .unwrap();
+            let two = store
+                .put_policy("prod", r#"{"v":2}"#, "v: 2", "admin", None)
+                .await
+                .unwrap();
+            assert_eq!((one.revision, two.revision), (1, 2));
+            assert_eq!(
+                store.current_policy("prod").await.unwrap().unwrap().document,
+                r#"{"v":2}"#
+            );
 
-        let three = store.rollback_policy("prod", 1, "ops").await.unwrap();
-        assert_eq!((three.revision, three.rollback_of), (3, Some(1)));
-        assert_eq!(three.document, r#"{"v":1}"#);
-        assert_eq!(store.policy_history("prod").await.unwrap().len(), 3);
+            let three = store.rollback_policy("prod", 1, "ops").await.unwrap();
+            assert_eq!((three.revision, three.rollback_of), (3, Some(1)));
+            assert_eq!(three.document, r#"{"v":1}"#);
+            assert_eq!(store.policy_history("prod").await.unwrap().len(), 3);
 
-        let err = store
-            .rollback_policy("prod", 9, "ops")
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no revision 9") && err.contains("1, 2, 3"), "{err}");
-        assert!(store.rollback_policy("nope", 1, "ops").await.is_err());
-        // A failed rollback changes nothing.
-        assert_eq!(store.current_policy("prod").await.unwrap().unwrap().revision, 3);
+            let err = store
+                .rollback_policy("prod", 9, "ops")
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("no revision 9") && err.contains("1, 2, 3"), "{err}");
+            assert!(store.rollback_policy("nope", 1, "ops").await.is_err());
+            // A failed rollback changes nothing.
+            assert_eq!(store.current_policy("prod").await.unwrap().unwrap().revision, 3);
 
-        // A removal takes it out of force; its history stays.
-        store.put_policy("prod", "", "", "admin", None).await.unwrap();
-        assert!(store.current_policy("prod").await.unwrap().is_none());
-        assert!(store.current_policies().await.unwrap().is_empty());
-        assert_eq!(store.rollback_policy("prod", 2, "ops").await.unwrap().revision, 5);
-        assert_eq!(store.current_policies().await.unwrap().len(), 1);
+            // A removal takes it out of force; its history stays.
+            store.put_policy("prod", "", "", "admin", None).await.unwrap();
+            assert!(store.current_policy("prod").await.unwrap().is_none());
+            assert!(store.current_policies().await.unwrap().is_empty());
+            assert_eq!(store.rollback_policy("prod", 2, "ops").await.unwrap().revision, 5);
+            assert_eq!(store.current_policies().await.unwrap().len(), 1);
+        }
     }
 
     #[tokio::test]
     async fn events_filter_and_expire() {
-        let (_dir, store) = store().await;
-        for (kind, tenant) in [
-            ("timeout.kill", "a"),
-            ("start.failed", "b"),
-            ("network.quarantine", "a"),
-        ] {
-            let category = if kind == "start.failed" {
-                "dead_letter"
-            } else {
-                "enforcement"
-            };
-            store
-                .record_event(&NewEvent {
-                    category,
-                    kind,
-                    sandbox: Some("sb_1"),
-                    tenant: Some(tenant),
-                    message: "m",
-                    details: None,
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            for (kind, tenant) in [
+                ("timeout.kill", "a"),
+                ("start.failed", "b"),
+                ("network.quarantine", "a"),
+            ] {
+                let category = if kind == "start.failed" {
+                    "dead_letter"
+                } else {
+                    "enforcement"
+                };
+                store
+                    .record_event(&NewEvent {
+                        category,
+                        kind,
+                        sandbox: Some("sb_1"),
+                        tenant: Some(tenant),
+                        message: "m",
+                        details: None,
+                    })
+                    .await
+                    .unwrap();
+            }
+            let a = store
+                .events(&EventQuery {
+                    tenant: Some("a"),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
+            assert_eq!(
+                a.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+                ["network.quarantine", "timeout.kill"]
+            );
+            let dead = store
+                .events(&EventQuery {
+                    category: Some("dead_letter"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(dead.len(), 1);
+            assert_eq!(store.prune_events(now_ms() + 1).await.unwrap(), 3);
+            assert!(store.events(&EventQuery::default()).await.unwrap().is_empty());
         }
-        let a = store
-            .events(&EventQuery {
-                tenant: Some("a"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            a.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
-            ["network.quarantine", "timeout.kill"]
-        );
-        let dead = store
-            .events(&EventQuery {
-                category: Some("dead_letter"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(store.prune_events(now_ms() + 1).await.unwrap(), 3);
-        assert!(store.events(&EventQuery::default()).await.unwrap().is_empty());
     }
 }

@@ -11,6 +11,9 @@ pub struct ApiKeyArgs {
     /// ~/.local/share/tartarus otherwise)
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// The server's PostgreSQL database, when it uses one (as `tartarus server --database`)
+    #[arg(long, global = true, env = "TARTARUS_DATABASE_URL", value_name = "URL")]
+    database: Option<String>,
     #[command(subcommand)]
     command: ApiKeyCommand,
 }
@@ -57,7 +60,10 @@ pub fn run(args: ApiKeyArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let store = Store::open(&dir).await?;
+        let store = match &args.database {
+            Some(url) => Store::connect(url).await?,
+            None => Store::open(&dir).await?,
+        };
         match args.command {
             ApiKeyCommand::Create { tenant, role } => {
                 let role: Role = role.parse()?;

@@ -42,6 +42,17 @@ pub struct ServerArgs {
     /// their hash in traces and episodes (repeatable; common ones such as *TOKEN* are built in)
     #[arg(long = "secret-env", value_name = "PATTERN")]
     secret_env: Vec<String>,
+    /// Keep the state in PostgreSQL instead of SQLite in the data directory (many machines)
+    #[arg(
+        long,
+        env = "TARTARUS_DATABASE_URL",
+        value_name = "postgres://USER@HOST:PORT/DB"
+    )]
+    database: Option<String>,
+    /// How long to keep retrying the database at start while it cannot be reached
+    #[arg(long, default_value = "60s", value_name = "DURATION",
+          value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
+    database_wait: std::time::Duration,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -67,6 +78,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         classifier: args.classifier,
         blob_quota: args.blob_quota,
         secret_env: args.secret_env,
+        database: args.database,
+        database_wait: args.database_wait,
         runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
