@@ -110,6 +110,8 @@ pub mod cli {
         Evaluator(commands::effects::EvaluatorArgs),
         /// Build deterministic datasets from episodes
         Dataset(commands::effects::DatasetArgs),
+        /// Run a node agent (`--control URL --token T`), or manage nodes (`token create`, `ls`)
+        Node(commands::node::NodeArgs),
         /// Show or rotate the server's signing keys
         Keys(commands::effects::KeysArgs),
         /// Apply, inspect, and roll back the server's policies
@@ -156,6 +158,7 @@ pub mod cli {
             Command::Evaluator(args) => commands::effects::evaluator(args),
             Command::Dataset(args) => commands::effects::dataset(args),
             Command::Keys(args) => commands::effects::keys(args),
+            Command::Node(args) => commands::node::run_node(args),
             Command::Events(args) => commands::policy::events(args),
             Command::Completions { shell } => {
                 use clap::CommandFactory;

@@ -9,12 +9,14 @@
 pub mod api;
 pub mod auth;
 pub mod blobs;
+pub mod cluster;
 pub mod effects;
 pub mod error;
 pub mod files;
 pub mod gateway;
 pub mod images;
 pub mod metrics;
+pub mod node_agent;
 pub mod policies;
 pub mod records;
 pub mod sandboxes;
@@ -71,6 +73,8 @@ pub struct ServerConfig {
     pub database: Option<String>,
     /// How long to keep retrying a database that is not reachable at start.
     pub database_wait: Duration,
+    /// A node whose last heartbeat is older than this is marked unreachable.
+    pub node_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -82,6 +86,9 @@ pub struct AppState {
     pub classifier: Option<Arc<PathBuf>>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub effects: effects::Effects,
+    pub cluster: Arc<cluster::ClusterConfig>,
+    /// Whether this replica leads the background loops now.
+    pub leading: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(OpenApi)]
@@ -96,12 +103,15 @@ pub struct AppState {
           gateway::put_tool, gateway::list_tools, gateway::delete_tool, records::list_receipts,
           records::get_receipt, records::list_episodes, records::get_episode, records::export_episode,
           records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
-          records::build_dataset, records::list_datasets),
+          records::build_dataset, records::list_datasets, cluster::register, cluster::heartbeat,
+          cluster::list_nodes, cluster::create_token, cluster::cluster_status),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
                        blobs::GcView, gateway::ToolDefinition, records::ReceiptView, records::EpisodeView,
-                       records::AddEvaluator, records::SignalView, records::DatasetView)),
+                       records::AddEvaluator, records::SignalView, records::DatasetView,
+                       cluster::NodeReport, cluster::Heartbeat, cluster::Registration, cluster::NodeView,
+                       cluster::CreateNodeToken)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -287,6 +297,11 @@ pub fn router(state: AppState) -> Router {
             post(records::build_dataset).get(records::list_datasets),
         )
         .route("/v1/sandboxes/{id}/trace", get(records::sandbox_trace))
+        .route("/v1/nodes", get(cluster::list_nodes))
+        .route("/v1/nodes/tokens", post(cluster::create_token))
+        .route("/v1/nodes/register", post(cluster::register))
+        .route("/v1/nodes/{id}/heartbeat", post(cluster::heartbeat))
+        .route("/v1/cluster", get(cluster::cluster_status))
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(
@@ -378,6 +393,13 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .await
         .map_err(ServerError::Config)?;
     spawn_event_retention(store.clone(), config.event_retention);
+    let (leading_tx, leading) = tokio::sync::watch::channel(false);
+    let replica = format!(
+        "{}:{}:{}",
+        metrics::node_name(),
+        std::process::id(),
+        tartarus_hostsys::random_hex(3).unwrap_or_default()
+    );
     let state = AppState {
         store,
         manager,
@@ -386,7 +408,13 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         classifier: config.classifier.clone().map(Arc::new),
         metrics: metrics::install(),
         effects,
+        cluster: Arc::new(cluster::ClusterConfig {
+            node_timeout: config.node_timeout,
+            replica,
+        }),
+        leading,
     };
+    cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
     let app = router(state);
     axum::serve(listener, app)

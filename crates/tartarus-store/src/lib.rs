@@ -8,6 +8,7 @@
 //! records mutating calls with [`Store::record_audit`]; `tartarus apikey` manages keys directly.
 
 mod effects;
+mod nodes;
 mod policies;
 mod queue;
 #[cfg(test)]
@@ -17,6 +18,7 @@ pub use effects::{
     Claim, ClaimRequest, DatasetRecord, EpisodeRecord, EvaluatorKey, LedgerCommit, LedgerEntry,
     ReceiptRecord, SignalRecord, ToolRecord, TraceRow,
 };
+pub use nodes::{Leadership, NodeRecord, NodeRegistration, Registered, NODE_TOKEN_PREFIX};
 pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
 pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem};
 

@@ -3,6 +3,7 @@ pub mod conformance;
 pub mod effects;
 pub mod gc;
 pub mod image;
+pub mod node;
 pub mod policy;
 pub mod remote;
 pub mod run;

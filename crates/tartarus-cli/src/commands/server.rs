@@ -53,6 +53,10 @@ pub struct ServerArgs {
     #[arg(long, default_value = "60s", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
     database_wait: std::time::Duration,
+    /// A node agent that sends no heartbeat for this long is marked unreachable
+    #[arg(long, default_value = "10s", value_name = "DURATION",
+          value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
+    node_timeout: std::time::Duration,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -80,6 +84,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         secret_env: args.secret_env,
         database: args.database,
         database_wait: args.database_wait,
+        node_timeout: args.node_timeout,
         runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

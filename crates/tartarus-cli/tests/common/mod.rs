@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests that drive the real `tartarus` binary.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod postgres;
 pub mod registry;
 pub mod server;
 

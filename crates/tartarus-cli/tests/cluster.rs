@@ -1,0 +1,254 @@
+//! Cluster mode against real processes and a real PostgreSQL: node agents register with per-node tokens,
+//! report capacity and heartbeats, are marked unreachable when killed; bad tokens, nonsense capacity and
+//! duplicate ids are refused; two server replicas on one database elect one leader and hand over when it
+//! is killed.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::postgres::Database;
+use common::server::{call, cli, DataDir, Server};
+use serde_json::{json, Value};
+
+fn start_server(dir: &DataDir, db: &Database) -> Server {
+    Server::start_with(dir.path(), &[], &["--database", &db.url, "--node-timeout", "1s"])
+}
+
+fn token(server: &Server, id: &str) -> String {
+    let out = cli(server, &server.admin, &["node", "token", "create", id], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Starts an agent and returns it with its listen address (it prints `listening on ADDR` first).
+fn agent(server: &Server, id: &str, token: &str, extra: &[&str]) -> (Child, String) {
+    let (child, line) = common::spawn_first_line(
+        Command::new(common::bin())
+            .args(["node", "--control", &server.base, "--token", token, "--id", id])
+            .args(["--listen", "127.0.0.1:0", "--cpus", "2", "--memory", "1G"])
+            .args(extra)
+            .stderr(Stdio::piped()),
+    );
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("agent: {line:?}"));
+    (child, addr.to_string())
+}
+
+/// Polls until `done` holds for node `id` as the API lists it; panics after 15 s with the last view.
+fn wait_node(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, nodes) = call(
+            "GET",
+            &format!("{}/v1/nodes", server.base),
+            Some(&server.admin),
+            None,
+        );
+        let node = nodes
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == id).cloned())
+            .unwrap_or(Value::Null);
+        if done(&node) {
+            return node;
+        }
+        assert!(Instant::now() < deadline, "node {id} never got there: {node}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(mut child: Child) -> (Option<i32>, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            return (status.code(), stderr);
+        }
+        assert!(Instant::now() < deadline, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn agents_register_report_and_become_unreachable_when_killed() {
+    let db = Database::new();
+    let dir = DataDir::new();
+    let server = start_server(&dir, &db);
+    let secret = token(&server, "worker-1");
+    let (mut child, addr) = agent(
+        &server,
+        "worker-1",
+        &secret,
+        &["--labels", "zone=eu", "--taint", "gpu=true:NoSchedule"],
+    );
+    let node = wait_node(&server, "worker-1", |n| n["state"] == "ready");
+    assert_eq!(node["capacity"]["cpu_millis"], 2000, "{node}");
+    assert_eq!(node["capacity"]["memory_bytes"], 1u64 << 30);
+    assert_eq!(node["labels"]["zone"], "eu");
+    assert_eq!(node["taints"][0]["key"], "gpu");
+    assert_eq!(node["address"], addr.as_str());
+    let health: Value = ureq::get(&format!("http://{addr}/healthz"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(health["node"], "worker-1");
+    // Heartbeats keep it ready past the timeout.
+    let first = node["last_heartbeat_ms"].as_i64().unwrap();
+    wait_node(&server, "worker-1", |n| {
+        n["last_heartbeat_ms"].as_i64().unwrap_or(0) > first + 1000 && n["state"] == "ready"
+    });
+    // Killed: no heartbeats, unreachable after the 1 s timeout, with an event.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_node(&server, "worker-1", |n| n["state"] == "unreachable");
+    let (_, events) = call(
+        "GET",
+        &format!("{}/v1/events?category=cluster", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "node.unreachable"),
+        "{events}"
+    );
+    // A new agent for the id takes it over (a new epoch).
+    let (child, _) = agent(&server, "worker-1", &secret, &[]);
+    let node = wait_node(&server, "worker-1", |n| n["state"] == "ready");
+    assert_eq!(node["epoch"], 2);
+    let mut child = child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = cli(&server, &server.admin, &["node", "ls"], b"");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("worker-1"));
+}
+
+#[test]
+fn bad_tokens_nonsense_capacity_and_duplicate_ids_are_refused() {
+    let db = Database::new();
+    let dir = DataDir::new();
+    let server = start_server(&dir, &db);
+    // An unknown token: the agent stops with the reason; the attempt is audited.
+    let (child, _) = agent(&server, "w1", "tn_0000", &[]);
+    let (code, stderr) = finish(child);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("unknown node token"), "{stderr}");
+    let (_, audit) = call(
+        "GET",
+        &format!("{}/v1/audit", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "node.auth" && a["outcome"].as_str().unwrap().starts_with("denied")),
+        "{audit}"
+    );
+    // Another node's token.
+    let secret = token(&server, "w1");
+    let (child, _) = agent(&server, "w2", &secret, &[]);
+    let (_, stderr) = finish(child);
+    assert!(stderr.contains("belongs to node 'w1'"), "{stderr}");
+    // Nonsense capacity and usage, sent by hand.
+    let register = |body: Value| {
+        let response = ureq::post(&format!("{}/v1/nodes/register", server.base))
+            .set("Authorization", &format!("Bearer {secret}"))
+            .send_json(body);
+        match response {
+            Ok(r) => (r.status(), r.into_json::<Value>().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let report = |capacity: Value, usage: Value| json!({"id": "w1", "instance": "x", "address": "127.0.0.1:1", "capacity": capacity, "usage": usage});
+    let zero = json!({"cpu_millis": 0, "memory_bytes": 1 << 30, "gpus": 0});
+    let huge = json!({"cpu_millis": 1u64 << 62, "memory_bytes": 1 << 30, "gpus": 0});
+    let fine = json!({"cpu_millis": 1000, "memory_bytes": 1 << 30, "gpus": 0});
+    let over = json!({"cpu_millis": 2000, "memory_bytes": 0, "gpus": 0});
+    for (capacity, usage) in [(zero, json!({})), (huge, json!({})), (fine.clone(), over)] {
+        let (status, body) = register(report(capacity, usage));
+        assert_eq!(status, 422, "{body}");
+    }
+    assert!(wait_node_absent(&server, "w1"), "a refused node was stored");
+    // Two agents for one id: the second is refused while the first runs.
+    let (mut first, _) = agent(&server, "w1", &secret, &[]);
+    wait_node(&server, "w1", |n| n["state"] == "ready");
+    let (second, _) = agent(&server, "w1", &secret, &[]);
+    let (code, stderr) = finish(second);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("held by another running agent"), "{stderr}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Tokens need a key.
+    let (status, _) = call(
+        "POST",
+        &format!("{}/v1/nodes/tokens", server.base),
+        None,
+        Some(json!({"id": "w9"})),
+    );
+    assert_eq!(status, 401);
+}
+
+fn wait_node_absent(server: &Server, id: &str) -> bool {
+    let (_, nodes) = call(
+        "GET",
+        &format!("{}/v1/nodes", server.base),
+        Some(&server.admin),
+        None,
+    );
+    !nodes.as_array().unwrap().iter().any(|n| n["id"] == id)
+}
+
+#[test]
+fn replicas_elect_one_leader_and_hand_over_when_it_dies() {
+    let db = Database::new();
+    let (dir_a, dir_b) = (DataDir::new(), DataDir::new());
+    let a = start_server(&dir_a, &db);
+    let b = start_server(&dir_b, &db);
+    let status =
+        |server: &Server, key: &str| call("GET", &format!("{}/v1/cluster", server.base), Some(key), None).1;
+    // Both replicas serve the same API; exactly one leads.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (leader, follower, leader_key, follower_key) = loop {
+        let (sa, sb) = (status(&a, &a.admin), status(&b, &a.admin));
+        assert_eq!(sa["backend"], "postgres");
+        match (sa["leader"] == true, sb["leader"] == true) {
+            (true, false) => break (a, b, dir_a, dir_b),
+            (false, true) => break (b, a, dir_b, dir_a),
+            (true, true) => panic!("two leaders: {sa} {sb}"),
+            (false, false) => {
+                assert!(Instant::now() < deadline, "no leader: {sa} {sb}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let admin = leader.admin.clone();
+    let term = status(&follower, &admin)["term"].as_i64().unwrap();
+    // A key created through one replica works on the other: one database.
+    let (code, _) = call("GET", &format!("{}/v1/nodes", follower.base), Some(&admin), None);
+    assert_eq!(code, 200);
+    leader.kill9();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(&follower, &admin);
+        if s["leader"] == true {
+            assert!(s["term"].as_i64().unwrap() > term, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the follower never took over: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop((leader_key, follower_key));
+}

@@ -1,0 +1,429 @@
+//! Cluster mode, control-plane side: node join tokens, registration and heartbeats from node agents
+//! (authenticated by per-node tokens), the node list, and the background loops that run on one leader
+//! among the server replicas sharing a database (the heartbeat reaper today).
+//!
+//! Node ↔ control traffic: the agent sends `Authorization: Bearer tn_…`, a token bound to one node id
+//! (`POST /v1/nodes/tokens`, admin). Refusals are audited. The design leaves room for mTLS: the token
+//! check is one extractor ([`NodeCaller`]) that a client-certificate check can replace.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tartarus_scheduler::{Node, Resources, Taint};
+use tartarus_store::{NewAudit, NewEvent, NodeRegistration, Registered, Role};
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::error::{json_rejection, ApiError};
+use crate::AppState;
+
+/// The leadership name of the control plane's background loops.
+pub const LOOPS: &str = "control-loops";
+
+/// Cluster settings of a server replica.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// A node whose last heartbeat is older than this is marked unreachable.
+    pub node_timeout: Duration,
+    /// This replica's name in leader terms.
+    pub replica: String,
+}
+
+/// What an agent reports when it registers.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeReport {
+    pub id: String,
+    /// The agent process (random per start): one agent holds a node id at a time.
+    pub instance: String,
+    /// Where the agent listens (HOST:PORT).
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub taints: Vec<Taint>,
+    #[schema(value_type = Object)]
+    pub capacity: Resources,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub usage: Resources,
+}
+
+/// A heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub instance: String,
+    pub epoch: i64,
+    #[schema(value_type = Object)]
+    pub usage: Resources,
+}
+
+/// The answer to a registration.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Registration {
+    pub epoch: i64,
+    /// How often to send heartbeats.
+    pub heartbeat_ms: u64,
+}
+
+/// The most a node may claim: beyond this a report is nonsense, not a big machine.
+const MAX_CPU_MILLIS: u64 = 100_000 * 1000;
+const MAX_MEMORY_BYTES: u64 = 1 << 50;
+const MAX_GPUS: u32 = 1024;
+
+impl NodeReport {
+    /// Refuses ids, capacities and usages that make no sense, saying which.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut node = Node::new(&self.id, self.capacity).map_err(|e| e.to_string())?;
+        node.labels = self.labels.clone();
+        node.taints = self.taints.clone();
+        node.validate().map_err(|e| e.to_string())?;
+        let c = &self.capacity;
+        if c.cpu_millis > MAX_CPU_MILLIS || c.memory_bytes > MAX_MEMORY_BYTES || c.gpus > MAX_GPUS {
+            return Err(format!(
+                "capacity {c} is beyond any machine (at most {} cores, 1 PiB, {MAX_GPUS} GPUs)",
+                MAX_CPU_MILLIS / 1000
+            ));
+        }
+        check_usage(&self.usage, c)?;
+        if self.instance.is_empty() || self.instance.len() > 128 {
+            return Err("instance must be 1-128 characters".to_string());
+        }
+        if self.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!("address '{}' is not HOST:PORT", self.address));
+        }
+        Ok(())
+    }
+}
+
+fn check_usage(usage: &Resources, capacity: &Resources) -> Result<(), String> {
+    if !usage.fits_in(*capacity) {
+        return Err(format!("usage {usage} exceeds capacity {capacity}"));
+    }
+    Ok(())
+}
+
+/// A node agent, authenticated by its join token.
+pub struct NodeCaller {
+    pub node_id: String,
+}
+
+impl FromRequestParts<AppState> for NodeCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or_default();
+        match state.store.node_for_token(token).await? {
+            Some(node_id) => Ok(NodeCaller { node_id }),
+            None => {
+                audit_node(state, "?", "node.auth", "denied: unknown node token").await;
+                Err(ApiError::unauthorized(
+                    "unknown node token: create one with `tartarus node token create ID` and pass it as --token",
+                ))
+            }
+        }
+    }
+}
+
+async fn audit_node(state: &AppState, node: &str, action: &str, outcome: &str) {
+    let record = NewAudit {
+        tenant: "cluster",
+        key_id: None,
+        action,
+        target: Some(node),
+        outcome,
+        detail: None,
+    };
+    if let Err(e) = state.store.record_audit(&record).await {
+        tracing::error!("audit write failed: {e}");
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, ApiError> {
+    serde_json::to_string(value).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Register a node agent (node token).
+#[utoipa::path(post, path = "/v1/nodes/register", request_body = NodeReport,
+    responses((status = 200, body = Registration), (status = 401), (status = 403), (status = 409), (status = 422)))]
+pub async fn register(
+    State(state): State<AppState>,
+    node: NodeCaller,
+    body: Result<Json<NodeReport>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Registration>, ApiError> {
+    let Json(report) = body.map_err(json_rejection)?;
+    if report.id != node.node_id {
+        audit_node(
+            &state,
+            &report.id,
+            "node.register",
+            "denied: token of another node",
+        )
+        .await;
+        return Err(ApiError::forbidden(format!(
+            "this token belongs to node '{}', not '{}'",
+            node.node_id, report.id
+        )));
+    }
+    if let Err(reason) = report.validate() {
+        audit_node(&state, &report.id, "node.register", "refused: invalid report").await;
+        return Err(ApiError::invalid(format!("node '{}': {reason}", report.id)));
+    }
+    let config = &state.cluster;
+    let registration = NodeRegistration {
+        id: &report.id,
+        instance: &report.instance,
+        address: &report.address,
+        labels: &to_json(&report.labels)?,
+        taints: &to_json(&report.taints)?,
+        capacity: &to_json(&report.capacity)?,
+        usage: &to_json(&report.usage)?,
+        now_ms: tartarus_store::now_ms(),
+        stale_after_ms: config.node_timeout.as_millis() as i64,
+    };
+    match state.store.register_node(&registration).await? {
+        Registered::Accepted { epoch } => {
+            audit_node(&state, &report.id, "node.register", "ok").await;
+            event(
+                &state,
+                "node.registered",
+                &report.id,
+                &format!("node {} registered (epoch {epoch})", report.id),
+            )
+            .await;
+            Ok(Json(Registration {
+                epoch,
+                heartbeat_ms: (config.node_timeout / 4).as_millis().max(50) as u64,
+            }))
+        }
+        Registered::Duplicate {
+            instance,
+            last_heartbeat_ms,
+        } => {
+            audit_node(&state, &report.id, "node.register", "refused: duplicate id").await;
+            Err(ApiError::conflict(format!(
+                "node id '{}' is held by another running agent (instance {instance}, last heartbeat {} ms ago); \
+                 stop it or give this node another id",
+                report.id,
+                tartarus_store::now_ms() - last_heartbeat_ms
+            )))
+        }
+    }
+}
+
+/// A node agent's heartbeat (node token).
+#[utoipa::path(post, path = "/v1/nodes/{id}/heartbeat", request_body = Heartbeat,
+    responses((status = 204), (status = 401), (status = 409, description = "superseded: register again")))]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    node: NodeCaller,
+    Path(id): Path<String>,
+    body: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(beat) = body.map_err(json_rejection)?;
+    if id != node.node_id {
+        audit_node(&state, &id, "node.heartbeat", "denied: token of another node").await;
+        return Err(ApiError::forbidden(format!(
+            "this token belongs to node '{}'",
+            node.node_id
+        )));
+    }
+    let record = state
+        .store
+        .node(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("node '{id}' is not registered")))?;
+    let capacity: Resources =
+        serde_json::from_str(&record.capacity).map_err(|e| ApiError::internal(e.to_string()))?;
+    check_usage(&beat.usage, &capacity)
+        .map_err(|reason| ApiError::invalid(format!("node '{id}': {reason}")))?;
+    let fresh = state
+        .store
+        .node_heartbeat(
+            &id,
+            &beat.instance,
+            beat.epoch,
+            &to_json(&beat.usage)?,
+            tartarus_store::now_ms(),
+        )
+        .await?;
+    if !fresh {
+        return Err(ApiError::conflict(format!(
+            "node '{id}' was registered again by another agent (or this one was superseded): register again"
+        )));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A node as the API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    pub id: String,
+    pub state: String,
+    pub address: String,
+    #[schema(value_type = Object)]
+    pub labels: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub taints: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub capacity: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub usage: serde_json::Value,
+    pub epoch: i64,
+    pub last_heartbeat_ms: i64,
+}
+
+/// Registered nodes.
+#[utoipa::path(get, path = "/v1/nodes", security(("api_key" = [])), responses((status = 200, body = [NodeView])))]
+pub async fn list_nodes(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
+    let parse = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+    Ok(Json(
+        state
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|n| NodeView {
+                labels: parse(&n.labels),
+                taints: parse(&n.taints),
+                capacity: parse(&n.capacity),
+                usage: parse(&n.usage),
+                id: n.id,
+                state: n.state,
+                address: n.address,
+                epoch: n.epoch,
+                last_heartbeat_ms: n.last_heartbeat_ms,
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNodeToken {
+    pub id: String,
+}
+
+/// Create (or replace) a node's join token. Admin only; the token is shown once.
+#[utoipa::path(post, path = "/v1/nodes/tokens", request_body = CreateNodeToken, security(("api_key" = [])),
+    responses((status = 201), (status = 403), (status = 422)))]
+pub async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<CreateNodeToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if caller.role != Role::Admin {
+        return Err(ApiError::forbidden("only admin keys may create node tokens"));
+    }
+    let Json(body) = body.map_err(json_rejection)?;
+    Node::new(&body.id, Resources::new(1, 1, 0)).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let token = state.store.create_node_token(&body.id).await?;
+    crate::audit(&state, &caller, "node.token", Some(&body.id), "ok").await;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"id": body.id, "token": token})),
+    ))
+}
+
+/// Which replica leads the background loops.
+#[utoipa::path(get, path = "/v1/cluster", security(("api_key" = [])), responses((status = 200)))]
+pub async fn cluster_status(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let leader = state.store.leader(LOOPS).await?;
+    let (holder, term, since) = leader
+        .map(|(h, t, s)| (Some(h), Some(t), Some(s)))
+        .unwrap_or_default();
+    Ok(Json(serde_json::json!({
+        "replica": state.cluster.replica,
+        "leader": holder.as_deref() == Some(state.cluster.replica.as_str()) && *state.leading.borrow(),
+        "leader_replica": holder,
+        "term": term,
+        "since_ms": since,
+        "backend": match state.store.backend() {
+            tartarus_store::Backend::Sqlite => "sqlite",
+            tartarus_store::Backend::Postgres => "postgres",
+        },
+    })))
+}
+
+async fn event(state: &AppState, kind: &str, node: &str, message: &str) {
+    let event = NewEvent {
+        category: "cluster",
+        kind,
+        sandbox: None,
+        tenant: None,
+        message,
+        details: Some(&serde_json::json!({"node": node}).to_string()),
+    };
+    if let Err(e) = state.store.record_event(&event).await {
+        tracing::error!("recording a cluster event failed: {e}");
+    }
+}
+
+/// Runs the background loops while this replica leads: competes for leadership every tick, and as leader
+/// marks nodes that missed their heartbeats unreachable. `leading` tells the API what this replica is.
+pub fn spawn_loops(state: AppState, leading: Arc<tokio::sync::watch::Sender<bool>>) {
+    tokio::spawn(async move {
+        let tick = (state.cluster.node_timeout / 4).max(Duration::from_millis(50));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leadership = None;
+        loop {
+            interval.tick().await;
+            if leadership.is_none() {
+                match state.store.try_lead(LOOPS, &state.cluster.replica).await {
+                    Ok(Some(held)) => {
+                        tracing::info!(term = held.term, "this replica now leads the background loops");
+                        leadership = Some(held);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("leader election: {e}"),
+                }
+            }
+            let Some(held) = leadership.as_mut() else {
+                leading.send_replace(false);
+                continue;
+            };
+            if !held.check().await {
+                tracing::warn!("lost the database connection that held leadership; stepping down");
+                leadership = None;
+                leading.send_replace(false);
+                continue;
+            }
+            leading.send_replace(true);
+            let before = tartarus_store::now_ms() - state.cluster.node_timeout.as_millis() as i64;
+            match state.store.mark_unreachable(before).await {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::warn!(node = %id, "node missed its heartbeats: unreachable");
+                        let message = format!(
+                            "node {id} sent no heartbeat for {} s: marked unreachable, no new work goes to it",
+                            state.cluster.node_timeout.as_secs_f64()
+                        );
+                        event(&state, "node.unreachable", &id, &message).await;
+                    }
+                }
+                Err(e) => tracing::error!("reaping nodes: {e}"),
+            }
+        }
+    });
+}

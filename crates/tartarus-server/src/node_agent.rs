@@ -1,0 +1,222 @@
+//! `tartarus node`: the agent on a worker machine. It registers with the control plane (a per-node
+//! token), reports the machine's capacity (CPUs, memory, GPUs), labels and taints, and sends heartbeats
+//! with its usage; the control plane marks the node unreachable when they stop.
+//!
+//! It listens on `--listen` (`GET /healthz`, and where the control plane will reach it). Running the
+//! sandboxes the scheduler assigns to it is the next step of cluster mode; today a node only registers
+//! and reports.
+//!
+//! Failures: a control plane that cannot be reached is retried with backoff (one log line per attempt);
+//! a refusal (bad token, nonsense capacity, a duplicate node id) ends the agent with the reason.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::{Json, Router};
+use tartarus_scheduler::{Resources, Taint};
+
+use crate::cluster::{Heartbeat, NodeReport, Registration};
+
+/// Settings of `tartarus node`.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The control plane's base URL (`http://HOST:PORT`).
+    pub control: String,
+    pub token: String,
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+    pub listen: SocketAddr,
+    /// Overrides what the machine reports (tests, or reserving part of a machine).
+    pub capacity: Option<Resources>,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the control plane refused this node: {0}")]
+    Refused(String),
+    #[error("reading this machine's capacity: {0}")]
+    Capacity(String),
+}
+
+/// This machine: CPUs (available parallelism), memory (MemTotal), GPUs (`/dev/nvidiaN`).
+pub fn machine_capacity() -> Result<Resources, AgentError> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .map_err(|e| AgentError::Capacity(e.to_string()))?;
+    let memory =
+        meminfo("MemTotal").ok_or_else(|| AgentError::Capacity("no MemTotal in /proc/meminfo".into()))?;
+    let gpus = std::fs::read_dir("/dev")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.strip_prefix("nvidia")
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .count() as u32
+        })
+        .unwrap_or(0);
+    Ok(Resources::new(cpus * 1000, memory, gpus))
+}
+
+/// What this machine uses now, within `capacity`: memory not available, and the 1-minute load as CPU.
+pub fn machine_usage(capacity: &Resources) -> Resources {
+    let memory = match (meminfo("MemTotal"), meminfo("MemAvailable")) {
+        (Some(total), Some(available)) => total.saturating_sub(available),
+        _ => 0,
+    };
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    Resources::new(
+        ((load * 1000.0) as u64).min(capacity.cpu_millis),
+        memory.min(capacity.memory_bytes),
+        0,
+    )
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
+    let kib: u64 = line[key.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs the agent until it is refused (or the process is stopped).
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(|source| AgentError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let id = config.id.clone();
+    tokio::spawn(async move {
+        let app = Router::new().route(
+            "/healthz",
+            get(move || {
+                let id = id.clone();
+                async move { Json(serde_json::json!({"status": "ok", "node": id})) }
+            }),
+        );
+        let _ = axum::serve(listener, app).await;
+    });
+    println!("listening on {address}");
+    let capacity = match config.capacity {
+        Some(c) => c,
+        None => machine_capacity()?,
+    };
+    let instance = tartarus_hostsys::random_hex(8).unwrap_or_else(|_| std::process::id().to_string());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| AgentError::Refused(e.to_string()))?;
+    let base = config.control.trim_end_matches('/').to_string();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let report = NodeReport {
+            id: config.id.clone(),
+            instance: instance.clone(),
+            address: address.to_string(),
+            labels: config.labels.clone(),
+            taints: config.taints.clone(),
+            capacity,
+            usage: machine_usage(&capacity),
+        };
+        let registered = http
+            .post(format!("{base}/v1/nodes/register"))
+            .bearer_auth(&config.token)
+            .json(&report)
+            .send()
+            .await;
+        let registration: Registration = match registered {
+            Ok(response) if response.status().is_success() => match response.json().await {
+                Ok(r) => r,
+                Err(e) => return Err(AgentError::Refused(format!("unreadable answer: {e}"))),
+            },
+            Ok(response) => {
+                let status = response.status();
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                let message = body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("no reason given")
+                    .to_string();
+                return Err(AgentError::Refused(format!("{message} (HTTP {status})")));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "control plane {base} not reachable ({}); retrying in {:.1} s",
+                    tartarus_runtime::error_chain(&e),
+                    backoff.as_secs_f64()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(500);
+        tracing::info!(node = %config.id, epoch = registration.epoch, "registered");
+        let every = Duration::from_millis(registration.heartbeat_ms.max(50));
+        let mut interval = tokio::time::interval(every);
+        loop {
+            interval.tick().await;
+            let beat = Heartbeat {
+                instance: instance.clone(),
+                epoch: registration.epoch,
+                usage: machine_usage(&capacity),
+            };
+            let sent = http
+                .post(format!("{base}/v1/nodes/{}/heartbeat", config.id))
+                .bearer_auth(&config.token)
+                .json(&beat)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => {}
+                // Superseded, or the control plane forgot us: register again.
+                Ok(r)
+                    if r.status() == reqwest::StatusCode::CONFLICT
+                        || r.status() == reqwest::StatusCode::NOT_FOUND =>
+                {
+                    tracing::warn!("heartbeat refused ({}); registering again", r.status());
+                    break;
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    let message = body["error"]["message"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .to_string();
+                    return Err(AgentError::Refused(format!(
+                        "heartbeat: {message} (HTTP {status})"
+                    )));
+                }
+                Err(e) => tracing::warn!("heartbeat not delivered: {}", tartarus_runtime::error_chain(&e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Cluster mode in the store: node join tokens, node registrations and heartbeats, and leadership of the
+//! control plane's background loops.
+//!
+//! A node id is claimed by one agent process (`instance`) at a time. A registration while another live
+//! instance holds the id is refused; one after that instance went quiet takes the id over and raises the
+//! node's `epoch`, so heartbeats from the superseded instance no longer count.
+//!
+//! Leadership ([`Store::try_lead`]): on PostgreSQL a session advisory lock held on a connection of its own
+//! (the lock goes when the connection does: a killed leader hands over as soon as the database notices);
+//! on SQLite the one server that owns the data directory always leads. Each acquisition starts a new term
+//! (a fencing token) recorded in `leader_terms`.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::{hash_secret, random_hex, Backend, Store, StoreError};
+
+/// The prefix of node join tokens (API keys use another).
+pub const NODE_TOKEN_PREFIX: &str = "tn_";
+
+/// A node as its agent last reported it. JSON fields are the server's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub instance: String,
+    pub epoch: i64,
+    pub address: String,
+    /// JSON object.
+    pub labels: String,
+    /// JSON array.
+    pub taints: String,
+    /// JSON resources.
+    pub capacity: String,
+    /// JSON resources.
+    pub usage: String,
+    /// `ready`, `unreachable` or `draining`.
+    pub state: String,
+    pub registered_ms: i64,
+    pub last_heartbeat_ms: i64,
+}
+
+/// A registration as an agent sends it (validated by the server).
+#[derive(Debug, Clone)]
+pub struct NodeRegistration<'a> {
+    pub id: &'a str,
+    pub instance: &'a str,
+    pub address: &'a str,
+    pub labels: &'a str,
+    pub taints: &'a str,
+    pub capacity: &'a str,
+    pub usage: &'a str,
+    pub now_ms: i64,
+    /// Another instance that has not sent a heartbeat for this long has lost the id.
+    pub stale_after_ms: i64,
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// The agent holds the id with this epoch.
+    Accepted { epoch: i64 },
+    /// Another live agent holds the id.
+    Duplicate {
+        instance: String,
+        last_heartbeat_ms: i64,
+    },
+}
+
+/// A held leadership: dropping it releases the lock (on PostgreSQL by closing its connection).
+pub struct Leadership {
+    pub term: i64,
+    connection: Option<sqlx::AnyConnection>,
+}
+
+impl Leadership {
+    /// Gives the leadership up now (closing its connection releases the lock).
+    pub async fn release(mut self) {
+        if let Some(conn) = self.connection.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+
+    /// Whether the leadership still holds: on PostgreSQL, whether its connection (and so its lock) is alive.
+    pub async fn check(&mut self) -> bool {
+        match self.connection.as_mut() {
+            None => true,
+            Some(conn) => sqlx::Connection::ping(conn).await.is_ok(),
+        }
+    }
+}
+
+const NODE_COLUMNS: &str =
+    "id, instance, epoch, address, labels, taints, capacity, usage, state, registered_ms, \
+    last_heartbeat_ms";
+
+fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        id: row.try_get("id")?,
+        instance: row.try_get("instance")?,
+        epoch: row.try_get("epoch")?,
+        address: row.try_get("address")?,
+        labels: row.try_get("labels")?,
+        taints: row.try_get("taints")?,
+        capacity: row.try_get("capacity")?,
+        usage: row.try_get("usage")?,
+        state: row.try_get("state")?,
+        registered_ms: row.try_get("registered_ms")?,
+        last_heartbeat_ms: row.try_get("last_heartbeat_ms")?,
+    })
+}
+
+impl Store {
+    /// Creates (or replaces) node `node_id`'s join token; returns the secret, shown once.
+    pub async fn create_node_token(&self, node_id: &str) -> Result<String, StoreError> {
+        let secret = format!("{NODE_TOKEN_PREFIX}{}", random_hex(32)?);
+        sqlx::query(
+            "INSERT INTO node_tokens (node_id, token_hash, created_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_ms = excluded.created_ms",
+        )
+        .bind(node_id)
+        .bind(hash_secret(&secret))
+        .bind(crate::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(secret)
+    }
+
+    /// The node id a join token belongs to.
+    pub async fn node_for_token(&self, secret: &str) -> Result<Option<String>, StoreError> {
+        if !secret.starts_with(NODE_TOKEN_PREFIX) {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT node_id FROM node_tokens WHERE token_hash = $1")
+            .bind(hash_secret(secret))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("node_id")).transpose()?)
+    }
+
+    /// Registers an agent for a node id (see the module docs for who wins).
+    pub async fn register_node(&self, r: &NodeRegistration<'_>) -> Result<Registered, StoreError> {
+        for _ in 0..4 {
+            let inserted = sqlx::query(&format!(
+                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8) \
+                 ON CONFLICT (id) DO NOTHING"
+            ))
+            .bind(r.id)
+            .bind(r.instance)
+            .bind(r.address)
+            .bind(r.labels)
+            .bind(r.taints)
+            .bind(r.capacity)
+            .bind(r.usage)
+            .bind(r.now_ms)
+            .execute(&self.pool)
+            .await?;
+            if inserted.rows_affected() == 1 {
+                return Ok(Registered::Accepted { epoch: 1 });
+            }
+            // Taken over when it is this instance again, or the holder went quiet or unreachable.
+            let updated = sqlx::query(&format!(
+                "UPDATE nodes SET instance = $2, epoch = epoch + 1, address = $3, labels = $4, taints = $5, \
+                 capacity = $6, usage = $7, state = 'ready', registered_ms = $8, last_heartbeat_ms = $8 \
+                 WHERE id = $1 AND (instance = $2 OR state = 'unreachable' OR last_heartbeat_ms < $9) \
+                 RETURNING {NODE_COLUMNS}"
+            ))
+            .bind(r.id)
+            .bind(r.instance)
+            .bind(r.address)
+            .bind(r.labels)
+            .bind(r.taints)
+            .bind(r.capacity)
+            .bind(r.usage)
+            .bind(r.now_ms)
+            .bind(r.now_ms - r.stale_after_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = updated {
+                return Ok(Registered::Accepted {
+                    epoch: row.try_get("epoch")?,
+                });
+            }
+            if let Some(holder) = self.node(r.id).await? {
+                return Ok(Registered::Duplicate {
+                    instance: holder.instance,
+                    last_heartbeat_ms: holder.last_heartbeat_ms,
+                });
+            }
+        }
+        Err(StoreError::Invalid(format!(
+            "node '{}' is contended; retry",
+            r.id
+        )))
+    }
+
+    /// Records a heartbeat; false when this instance and epoch no longer hold the node (re-register).
+    pub async fn node_heartbeat(
+        &self,
+        id: &str,
+        instance: &str,
+        epoch: i64,
+        usage: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE nodes SET usage = $1, last_heartbeat_ms = $2, \
+             state = CASE WHEN state = 'draining' THEN 'draining' ELSE 'ready' END \
+             WHERE id = $3 AND instance = $4 AND epoch = $5",
+        )
+        .bind(usage)
+        .bind(now_ms)
+        .bind(id)
+        .bind(instance)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(node_from_row).transpose()
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    /// Marks ready nodes whose last heartbeat is older than `before_ms` unreachable; returns their ids.
+    pub async fn mark_unreachable(&self, before_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE nodes SET state = 'unreachable' WHERE state <> 'unreachable' AND last_heartbeat_ms < $1 \
+             RETURNING id",
+        )
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ids = rows
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<Vec<String>, _>>()?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Tries to become the leader of `name`'s background loops; `None` while another holds it.
+    pub async fn try_lead(&self, name: &str, holder: &str) -> Result<Option<Leadership>, StoreError> {
+        let connection = match self.backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                // A connection of its own, detached from the pool: closing it (or the process dying)
+                // releases the lock.
+                let mut conn = self.pool.acquire().await?.detach();
+                let got: bool = sqlx::query("SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS got")
+                    .bind(format!("tartarus-leader:{name}"))
+                    .fetch_one(&mut conn)
+                    .await?
+                    .try_get("got")?;
+                if !got {
+                    let _ = sqlx::Connection::close(conn).await;
+                    return Ok(None);
+                }
+                Some(conn)
+            }
+        };
+        let term: i64 = sqlx::query(
+            "INSERT INTO leader_terms (name, term, holder, since_ms) VALUES ($1, 1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET term = leader_terms.term + 1, holder = excluded.holder, \
+             since_ms = excluded.since_ms RETURNING term",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(crate::now_ms())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("term")?;
+        Ok(Some(Leadership { term, connection }))
+    }
+
+    /// The current leader of `name` as recorded: (holder, term, since).
+    pub async fn leader(&self, name: &str) -> Result<Option<(String, i64, i64)>, StoreError> {
+        let row = sqlx::query("SELECT holder, term, since_ms FROM leader_terms WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("holder")?, r.try_get("term")?, r.try_get("since_ms")?)))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration<'a>(id: &'a str, instance: &'a str, now_ms: i64) -> NodeRegistration<'a> {
+        NodeRegistration {
+            id,
+            instance,
+            address: "10.0.0.1:7071",
+            labels: "{}",
+            taints: "[]",
+            capacity: r#"{"cpu_millis":2000,"memory_bytes":1073741824,"gpus":0}"#,
+            usage: r#"{"cpu_millis":0,"memory_bytes":0,"gpus":0}"#,
+            now_ms,
+            stale_after_ms: 1_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_registration_heartbeats_and_reaping() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let token = store.create_node_token("n1").await.unwrap();
+            assert_eq!(store.node_for_token(&token).await.unwrap().as_deref(), Some("n1"));
+            assert_eq!(store.node_for_token("tn_wrong").await.unwrap(), None);
+            assert_eq!(
+                store.register_node(&registration("n1", "a", 0)).await.unwrap(),
+                Registered::Accepted { epoch: 1 }
+            );
+            // Another agent claiming the live id is refused.
+            assert!(matches!(
+                store.register_node(&registration("n1", "b", 500)).await.unwrap(),
+                Registered::Duplicate { .. }
+            ));
+            assert!(store.node_heartbeat("n1", "a", 1, "{}", 800).await.unwrap());
+            // Quiet for longer than the timeout: unreachable, and then another agent may take the id.
+            assert_eq!(store.mark_unreachable(1_500).await.unwrap(), ["n1"]);
+            assert_eq!(store.node("n1").await.unwrap().unwrap().state, "unreachable");
+            assert_eq!(
+                store
+                    .register_node(&registration("n1", "b", 2_000))
+                    .await
+                    .unwrap(),
+                Registered::Accepted { epoch: 2 }
+            );
+            // The superseded agent's heartbeats no longer count.
+            assert!(!store.node_heartbeat("n1", "a", 1, "{}", 2_100).await.unwrap());
+            assert!(store.node_heartbeat("n1", "b", 2, "{}", 2_100).await.unwrap());
+            assert_eq!(store.nodes().await.unwrap().len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn one_leader_at_a_time_and_terms_increase() {
+        let test_store = crate::testing::TestStore::postgres().await;
+        let store = test_store.store.clone();
+        let first = store
+            .try_lead("loops", "replica-1")
+            .await
+            .unwrap()
+            .expect("first leads");
+        assert!(store.try_lead("loops", "replica-2").await.unwrap().is_none());
+        assert_eq!(store.leader("loops").await.unwrap().unwrap().0, "replica-1");
+        first.release().await; // the connection closes: the lock goes with it
+        let mut second = store
+            .try_lead("loops", "replica-2")
+            .await
+            .unwrap()
+            .expect("the second replica takes over");
+        assert!(second.check().await);
+        let (holder, term, _) = store.leader("loops").await.unwrap().unwrap();
+        assert_eq!((holder.as_str(), term), ("replica-2", 2));
+    }
+}
