@@ -188,8 +188,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 epoch: registration.epoch,
                 usage: machine_usage(&capacity),
             };
+            // A heartbeat stuck on a dead connection must not outlive the next ones.
             let sent = http
                 .post(format!("{base}/v1/nodes/{}/heartbeat", config.id))
+                .timeout((every * 3).clamp(Duration::from_secs(1), Duration::from_secs(10)))
                 .bearer_auth(&config.token)
                 .json(&beat)
                 .send()

@@ -1,0 +1,275 @@
+//! Node agents on their own network: each agent runs in a network namespace of its own with its own
+//! address, linked by a veth to a bridge in an outer test namespace where the control plane listens. A
+//! node whose link is cut (`ip link set down`) becomes unreachable while the others stay ready, and
+//! comes back when the link does.
+//!
+//! Safety: everything lives in namespaces this test creates (`tt-cl-<random>` and its nodes), linked to
+//! nothing real, with test addresses; nothing is sent from or changed in the host's own namespace. The
+//! namespaces are removed on drop, also when the test panics. The control plane keeps its state in SQLite
+//! here (the PostgreSQL server listens on the host's loopback, which the test namespaces cannot reach);
+//! the same cluster code runs on PostgreSQL in `tests/cluster.rs`.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::bin;
+use serde_json::{json, Value};
+
+const CONTROL: &str = "10.98.0.1";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2) is required");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The outer namespace with a bridge, and one namespace per node; all removed on drop.
+struct Lab {
+    outer: String,
+    nodes: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let outer = format!("tt-cl-{}", tartarus_hostsys::random_hex(4).unwrap());
+        ip(&["netns", "add", &outer]);
+        let lab = Lab {
+            outer,
+            nodes: Vec::new(),
+            children: Vec::new(),
+        };
+        ip(&["-n", &lab.outer, "link", "set", "dev", "lo", "up"]);
+        ip(&["-n", &lab.outer, "link", "add", "br0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &lab.outer,
+            "addr",
+            "add",
+            &format!("{CONTROL}/24"),
+            "dev",
+            "br0",
+        ]);
+        ip(&["-n", &lab.outer, "link", "set", "br0", "up"]);
+        lab
+    }
+
+    /// A node namespace at 10.98.0.(10 + n) on the bridge; returns its namespace name.
+    fn node(&mut self) -> (String, String) {
+        let n = self.nodes.len() + 1;
+        let name = format!("{}-n{n}", self.outer);
+        ip(&["netns", "add", &name]);
+        self.nodes.push(name.clone());
+        let port = format!("p{n}");
+        ip(&[
+            "-n",
+            &self.outer,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &name,
+        ]);
+        ip(&["-n", &self.outer, "link", "set", &port, "master", "br0"]);
+        ip(&["-n", &self.outer, "link", "set", &port, "up"]);
+        let addr = format!("10.98.0.{}", 10 + n);
+        ip(&["-n", &name, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip(&["-n", &name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        (name, addr)
+    }
+
+    /// Spawns `tartarus ARGS` inside namespace `ns`; returns the first line it prints.
+    fn spawn(&mut self, ns: &str, args: &[&str]) -> String {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, bin()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        self.children.push(child);
+        line
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for name in self.nodes.iter().chain(std::iter::once(&self.outer)) {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+/// An HTTP request from inside namespace `ns` (python's http.client: the test process itself stays in
+/// the host's namespace and sends nothing).
+fn request(ns: &str, method: &str, url: &str, key: &str, body: Option<Value>) -> Value {
+    let script = r#"
+import http.client, json, sys, urllib.parse
+method, url, key, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+u = urllib.parse.urlsplit(url)
+c = http.client.HTTPConnection(u.netloc, timeout=5)
+c.request(method, u.path, body=body or None, headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+r = c.getresponse()
+print(json.dumps({"status": r.status, "body": json.loads(r.read() or b"null")}))
+"#;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "python3", "-c", script, method, url, key, &body,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn node_states(lab: &Lab, base: &str, key: &str) -> Vec<(String, String)> {
+    let nodes = request(&lab.outer, "GET", &format!("{base}/v1/nodes"), key, None);
+    nodes["body"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap().to_string(),
+                n["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_states(lab: &Lab, base: &str, key: &str, want: &[(&str, &str)]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let states = node_states(lab, base, key);
+        let have: Vec<(&str, &str)> = states.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        if have == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes never reached {want:?}: {have:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
+    let data = common::server::DataDir::new();
+    let mut lab = Lab::new();
+    let outer = lab.outer.clone();
+    let line = lab.spawn(
+        &outer,
+        &[
+            "server",
+            "--listen",
+            &format!("{CONTROL}:7070"),
+            "--node-timeout",
+            "1s",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    assert!(line.starts_with("listening on"), "{line:?}");
+    let base = format!("http://{CONTROL}:7070");
+    let admin = std::fs::read_to_string(data.path().join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut nodes = Vec::new();
+    for id in ["node-1", "node-2"] {
+        let token = request(
+            &outer,
+            "POST",
+            &format!("{base}/v1/nodes/tokens"),
+            &admin,
+            Some(json!({"id": id})),
+        );
+        assert_eq!(token["status"], 201, "{token}");
+        let (ns, addr) = lab.node();
+        let line = lab.spawn(
+            &ns,
+            &[
+                "node",
+                "--control",
+                &base,
+                "--id",
+                id,
+                "--token",
+                token["body"]["token"].as_str().unwrap(),
+                "--listen",
+                &format!("{addr}:7071"),
+                "--cpus",
+                "1",
+                "--memory",
+                "512M",
+            ],
+        );
+        assert_eq!(line.trim(), format!("listening on {addr}:7071"));
+        nodes.push((ns, addr));
+    }
+    wait_states(&lab, &base, &admin, &[("node-1", "ready"), ("node-2", "ready")]);
+    let listed = request(&outer, "GET", &format!("{base}/v1/nodes"), &admin, None);
+    let addresses: Vec<&str> = listed["body"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        addresses,
+        [format!("{}:7071", nodes[0].1), format!("{}:7071", nodes[1].1)]
+    );
+    // Cut node-2 off: it misses its heartbeats and becomes unreachable; node-1 stays ready.
+    ip(&["-n", &nodes[1].0, "link", "set", "eth0", "down"]);
+    wait_states(
+        &lab,
+        &base,
+        &admin,
+        &[("node-1", "ready"), ("node-2", "unreachable")],
+    );
+    // Its link back: the same agent's heartbeats count again.
+    ip(&["-n", &nodes[1].0, "link", "set", "eth0", "up"]);
+    wait_states(&lab, &base, &admin, &[("node-1", "ready"), ("node-2", "ready")]);
+    let events = request(
+        &outer,
+        "GET",
+        &format!("{base}/v1/events?category=cluster"),
+        &admin,
+        None,
+    );
+    let unreachable: Vec<&Value> = events["body"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "node.unreachable")
+        .collect();
+    assert_eq!(unreachable.len(), 1, "{events}");
+    assert!(unreachable[0]["message"].as_str().unwrap().contains("node-2"));
+}
