@@ -1,7 +1,8 @@
 //! Node agents on their own network: each agent runs in a network namespace of its own with its own
-//! address, linked by a veth to a bridge in an outer test namespace where the control plane listens. A
-//! node whose link is cut (`ip link set down`) becomes unreachable while the others stay ready, and
-//! comes back when the link does.
+//! address, linked by a veth to a bridge in an outer test namespace where the control plane listens.
+//! Sandboxes are placed on nodes by the scheduler and run there; a node whose link is cut
+//! (`ip link set down`) becomes unreachable, its sandbox is lost (not started again elsewhere), new work
+//! goes to the other node, and the node comes back when the link does.
 //!
 //! Safety: everything lives in namespaces this test creates (`tt-cl-<random>` and its nodes), linked to
 //! nothing real, with test addresses; nothing is sent from or changed in the host's own namespace. The
@@ -95,10 +96,12 @@ impl Lab {
         (name, addr)
     }
 
-    /// Spawns `tartarus ARGS` inside namespace `ns`; returns the first line it prints.
+    /// Spawns `tartarus ARGS` in namespace `ns`'s network (with `nsenter`, not `ip netns exec`, which
+    /// would remount `/sys` and hide the cgroup tree the node's sandboxes need); returns its first line.
     fn spawn(&mut self, ns: &str, args: &[&str]) -> String {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, bin()])
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(bin())
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -203,7 +206,8 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
         .trim()
         .to_string();
     let mut nodes = Vec::new();
-    for id in ["node-1", "node-2"] {
+    let node_dirs = [common::server::DataDir::new(), common::server::DataDir::new()];
+    for (n, id) in ["node-1", "node-2"].into_iter().enumerate() {
         let token = request(
             &outer,
             "POST",
@@ -229,6 +233,10 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
                 "1",
                 "--memory",
                 "512M",
+                "--labels",
+                &format!("zone={}", ["a", "b"][n]),
+                "--data-dir",
+                node_dirs[n].path().to_str().unwrap(),
             ],
         );
         assert_eq!(line.trim(), format!("listening on {addr}:7071"));
@@ -246,7 +254,50 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
         addresses,
         [format!("{}:7071", nodes[0].1), format!("{}:7071", nodes[1].1)]
     );
-    // Cut node-2 off: it misses its heartbeats and becomes unreachable; node-1 stays ready.
+    // A sandbox for zone b runs on node-2, placed by the scheduler, explained, and usable through the
+    // control plane.
+    let post =
+        |path: &str, body: Value| request(&outer, "POST", &format!("{base}{path}"), &admin, Some(body));
+    let created = post(
+        "/v1/sandboxes",
+        json!({"node_selector": {"zone": "b"}, "labels": {"app": "web"}}),
+    );
+    assert_eq!(created["status"], 201, "{created}");
+    let sandbox = created["body"].clone();
+    assert_eq!(sandbox["node"], "node-2", "{sandbox}");
+    assert!(
+        sandbox["placement"].as_str().unwrap().starts_with("node-2:"),
+        "{sandbox}"
+    );
+    let id = sandbox["id"].as_str().unwrap().to_string();
+    let out = post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": ["sh", "-c", "echo from the node"]}),
+    );
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(out["body"]["stdout"], "from the node\n");
+    let on_disk = |n: usize| {
+        std::fs::read_dir(node_dirs[n].path().join("sandboxes"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (on_disk(0), on_disk(1)),
+        (0, 1),
+        "the sandbox runs on node-2's machine only"
+    );
+    // What no node could ever hold fails at once, saying why.
+    let huge = post("/v1/sandboxes", json!({"resources": {"memory_mb": 65536}}));
+    assert_eq!(huge["status"], 422, "{huge}");
+    assert!(
+        huge["body"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no node could ever"),
+        "{huge}"
+    );
+    // Cut node-2 off: it misses its heartbeats and becomes unreachable; node-1 stays ready; the sandbox
+    // on node-2 is lost (not started again anywhere), and new work goes to node-1.
     ip(&["-n", &nodes[1].0, "link", "set", "eth0", "down"]);
     wait_states(
         &lab,
@@ -254,9 +305,33 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
         &admin,
         &[("node-1", "ready"), ("node-2", "unreachable")],
     );
+    let record = request(&outer, "GET", &format!("{base}/v1/sandboxes/{id}"), &admin, None);
+    assert_eq!(record["body"]["status"], "lost", "{record}");
+    assert!(
+        record["body"]["reason"].as_str().unwrap().contains("node-2"),
+        "{record}"
+    );
+    let next = post("/v1/sandboxes", json!({}));
+    assert_eq!(next["status"], 201, "{next}");
+    assert_eq!(next["body"]["node"], "node-1", "{next}");
+    let zone_b = post("/v1/sandboxes", json!({"node_selector": {"zone": "b"}}));
+    assert_eq!(
+        zone_b["status"], 503,
+        "only an unreachable node fits: wait, do not fail: {zone_b}"
+    );
     // Its link back: the same agent's heartbeats count again.
     ip(&["-n", &nodes[1].0, "link", "set", "eth0", "up"]);
     wait_states(&lab, &base, &admin, &[("node-1", "ready"), ("node-2", "ready")]);
+    let next_id = next["body"]["id"].as_str().unwrap();
+    let deleted = request(
+        &outer,
+        "DELETE",
+        &format!("{base}/v1/sandboxes/{next_id}"),
+        &admin,
+        None,
+    );
+    assert_eq!(deleted["status"], 200, "{deleted}");
+    assert_eq!(deleted["body"]["status"], "killed", "{deleted}");
     let events = request(
         &outer,
         "GET",

@@ -43,6 +43,9 @@ pub struct CreateSandbox {
     pub network: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Cluster mode: node labels the sandbox's node must have.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
 }
 
 /// A sandbox as the API shows it.
@@ -60,10 +63,16 @@ pub struct SandboxView {
     pub exit_code: Option<i64>,
     /// Why it ended: exited, timeout, oom, killed, or a reason for lost/failed.
     pub reason: Option<String>,
+    /// Cluster mode: the node that runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Cluster mode: why the scheduler put it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     pub cmd: Vec<String>,

@@ -54,6 +54,9 @@ pub struct NodeReport {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub usage: Resources,
+    /// The key the control plane uses to call this node's agent (its local admin key).
+    #[serde(default)]
+    pub api_key: String,
 }
 
 /// A heartbeat.
@@ -192,6 +195,7 @@ pub async fn register(
         taints: &to_json(&report.taints)?,
         capacity: &to_json(&report.capacity)?,
         usage: &to_json(&report.usage)?,
+        api_key: &report.api_key,
         now_ms: tartarus_store::now_ms(),
         stale_after_ms: config.node_timeout.as_millis() as i64,
     };
@@ -420,10 +424,299 @@ pub fn spawn_loops(state: AppState, leading: Arc<tokio::sync::watch::Sender<bool
                             state.cluster.node_timeout.as_secs_f64()
                         );
                         event(&state, "node.unreachable", &id, &message).await;
+                        lose_sandboxes_of(&state, &id).await;
                     }
                 }
                 Err(e) => tracing::error!("reaping nodes: {e}"),
             }
         }
     });
+}
+
+// ---- Sandboxes on nodes ----
+
+/// What the control plane sends a node's server: a sandbox already admitted and compiled.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSandbox {
+    pub tenant: String,
+    pub spec: tartarus_runtime::SandboxSpec,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub template: Option<String>,
+}
+
+/// Node side: start a sandbox the control plane placed here (admin key: the control plane's).
+pub async fn create_node_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<NodeSandbox>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<crate::api::SandboxView>), ApiError> {
+    if caller.role != Role::Admin {
+        return Err(ApiError::forbidden(
+            "only the control plane (an admin key) places sandboxes on a node",
+        ));
+    }
+    let Json(body) = body.map_err(json_rejection)?;
+    let mut spec = body.spec;
+    if !matches!(spec.root, tartarus_runtime::RootSpec::HostSystem) {
+        return Err(ApiError::invalid(
+            "a placed sandbox runs on the node's host root; images are not placed on nodes yet",
+        ));
+    }
+    spec.service = true;
+    spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+    let record = state
+        .manager
+        .create(&body.tenant, spec, body.labels, body.template.as_deref(), None)
+        .await?;
+    crate::audit(&state, &caller, "sandbox.create", Some(&record.id), "ok").await;
+    Ok((StatusCode::CREATED, Json(crate::view(&record))))
+}
+
+/// What the scheduler should assume a sandbox without limits takes.
+const DEFAULT_REQUEST: Resources = Resources::new(100, 128 << 20, 0);
+
+fn requested(spec: &tartarus_runtime::SandboxSpec) -> Resources {
+    Resources::new(
+        spec.limits
+            .cpus
+            .map(|c| (c * 1000.0).ceil() as u64)
+            .unwrap_or(DEFAULT_REQUEST.cpu_millis),
+        spec.limits.memory_bytes.unwrap_or(DEFAULT_REQUEST.memory_bytes),
+        0,
+    )
+}
+
+/// Places a (host-root) sandbox on a ready node when the cluster has any: the scheduler picks the node
+/// among what live sandboxes leave free, the node's server starts it, and the control plane records
+/// where and why. `Ok(None)` when there are no nodes: the sandbox runs on this machine.
+pub async fn place_on_node(
+    state: &AppState,
+    tenant: &str,
+    spec: &tartarus_runtime::SandboxSpec,
+    labels: &BTreeMap<String, String>,
+    class: Option<&str>,
+    selector: &BTreeMap<String, String>,
+) -> Result<Option<tartarus_store::SandboxRecord>, ApiError> {
+    let _serial = state.placement.lock().await;
+    let records: Vec<_> = state
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| !n.api_key.is_empty())
+        .collect();
+    if records.is_empty() {
+        if !selector.is_empty() {
+            return Err(ApiError::invalid(
+                "node_selector given, but no node is registered",
+            ));
+        }
+        return Ok(None);
+    }
+    let live = state
+        .store
+        .sandboxes(None, Some(tartarus_store::SandboxStatus::Running))
+        .await?;
+    let mut nodes = Vec::with_capacity(records.len());
+    for record in &records {
+        let capacity: Resources =
+            serde_json::from_str(&record.capacity).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut node = Node::new(&record.id, capacity).map_err(|e| ApiError::internal(e.to_string()))?;
+        node.labels = serde_json::from_str(&record.labels).unwrap_or_default();
+        node.taints = serde_json::from_str(&record.taints).unwrap_or_default();
+        node.state = match record.state.as_str() {
+            "ready" => tartarus_scheduler::NodeState::Ready,
+            "draining" => tartarus_scheduler::NodeState::Draining,
+            _ => tartarus_scheduler::NodeState::Unreachable,
+        };
+        for sandbox in live
+            .iter()
+            .filter(|s| s.node.as_deref() == Some(record.id.as_str()))
+        {
+            let spec: tartarus_runtime::SandboxSpec = serde_json::from_str(&sandbox.spec).unwrap_or_default();
+            let sum = node.allocated.saturating_add(requested(&spec));
+            // What a node reports is what it has: never account more than that.
+            node.allocated = Resources::new(
+                sum.cpu_millis.min(capacity.cpu_millis),
+                sum.memory_bytes.min(capacity.memory_bytes),
+                sum.gpus.min(capacity.gpus),
+            );
+        }
+        nodes.push(node);
+    }
+    let id = format!(
+        "sb_{}",
+        tartarus_hostsys::random_hex(6).map_err(|e| ApiError::internal(e.to_string()))?
+    );
+    let mut request = tartarus_scheduler::Request::new(&id, requested(spec));
+    request.class = class.map(str::to_string);
+    request.selector = selector.clone();
+    let placement = tartarus_scheduler::place(&request, &nodes, tartarus_scheduler::Strategy::LeastLoaded)
+        .map_err(|e| {
+            if e.never_fits {
+                ApiError::invalid(format!("no node could ever run this sandbox: {}", e.message))
+            } else {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_capacity",
+                    format!(
+                        "no node has room for this sandbox now ({}); retry later",
+                        e.message
+                    ),
+                )
+            }
+        })?;
+    let node = records
+        .iter()
+        .find(|n| n.id == placement.node)
+        .ok_or_else(|| ApiError::internal("the scheduler chose an unknown node"))?;
+    let body = NodeSandbox {
+        tenant: tenant.to_string(),
+        spec: spec.clone(),
+        labels: labels.clone(),
+        template: None,
+    };
+    let (status, remote) = node_call(
+        state,
+        node,
+        reqwest::Method::POST,
+        "/v1/node/sandboxes",
+        Some(serde_json::to_value(&body).unwrap_or_default()),
+    )
+    .await?;
+    if status != 201 {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "node_failed",
+            format!(
+                "node {} did not start the sandbox: {}",
+                node.id,
+                remote["error"]["message"].as_str().unwrap_or("no reason")
+            ),
+        ));
+    }
+    let remote_id = remote["id"].as_str().unwrap_or_default().to_string();
+    let record = tartarus_store::SandboxRecord {
+        id,
+        tenant: tenant.to_string(),
+        status: tartarus_store::SandboxStatus::Running,
+        template: None,
+        spec: serde_json::to_string(spec).unwrap_or_default(),
+        labels: labels.clone(),
+        created_ms: tartarus_store::now_ms(),
+        finished_ms: None,
+        exit_code: None,
+        reason: None,
+        shim_pid: None,
+        dir: String::new(),
+        paused: false,
+        node: Some(node.id.clone()),
+        remote_id: Some(remote_id),
+        placement: Some(placement.explanation.clone()),
+    };
+    state.store.insert_sandbox(&record).await?;
+    state.store.mark_running(&record.id, 0).await?;
+    Ok(Some(record))
+}
+
+/// Calls a node's server with the key it registered; (status, JSON body).
+pub async fn node_call(
+    state: &AppState,
+    node: &tartarus_store::NodeRecord,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value), ApiError> {
+    let mut request = state
+        .http
+        .request(method, format!("http://{}{path}", node.address))
+        .bearer_auth(&node.api_key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!(
+                "node {} at {} did not answer: {}",
+                node.id,
+                node.address,
+                tartarus_runtime::error_chain(&e)
+            ),
+        )
+    })?;
+    let status = response.status().as_u16();
+    let value = response.json().await.unwrap_or(serde_json::Value::Null);
+    Ok((status, value))
+}
+
+/// The node record of a sandbox placed on a node.
+pub async fn node_of(
+    state: &AppState,
+    record: &tartarus_store::SandboxRecord,
+) -> Result<Option<tartarus_store::NodeRecord>, ApiError> {
+    match &record.node {
+        None => Ok(None),
+        Some(id) => Ok(Some(state.store.node(id).await?.ok_or_else(|| {
+            ApiError::internal(format!(
+                "sandbox {} is on node {id}, which is not registered",
+                record.id
+            ))
+        })?)),
+    }
+}
+
+/// Records the outcome a node reports for one of its sandboxes, when it has ended there.
+pub async fn sync_from_node(
+    state: &AppState,
+    record: &tartarus_store::SandboxRecord,
+    remote: &serde_json::Value,
+) -> Result<(), ApiError> {
+    let status = remote["status"].as_str().unwrap_or("running");
+    if matches!(status, "running" | "starting" | "paused") || !record.status.is_live() {
+        return Ok(());
+    }
+    let finish = tartarus_store::Finish {
+        status: status.parse().unwrap_or(tartarus_store::SandboxStatus::Lost),
+        exit_code: remote["exit_code"].as_i64(),
+        reason: remote["reason"].as_str().unwrap_or(status),
+    };
+    state.store.finish_sandbox(&record.id, &finish).await?;
+    Ok(())
+}
+
+/// A node became unreachable: its live sandboxes are lost (they may still run there, cut off; nothing
+/// starts them again elsewhere, so nothing runs twice).
+async fn lose_sandboxes_of(state: &AppState, node: &str) {
+    let Ok(live) = state
+        .store
+        .sandboxes(None, Some(tartarus_store::SandboxStatus::Running))
+        .await
+    else {
+        return;
+    };
+    for record in live.into_iter().filter(|r| r.node.as_deref() == Some(node)) {
+        let reason = format!("node {node} became unreachable");
+        let finish = tartarus_store::Finish {
+            status: tartarus_store::SandboxStatus::Lost,
+            exit_code: None,
+            reason: &reason,
+        };
+        if let Err(e) = state.store.finish_sandbox(&record.id, &finish).await {
+            tracing::error!(sandbox = %record.id, "marking a sandbox lost failed: {e}");
+            continue;
+        }
+        let event = NewEvent {
+            category: "lifecycle",
+            kind: "sandbox.lost",
+            sandbox: Some(&record.id),
+            tenant: Some(&record.tenant),
+            message: &format!("sandbox {} lost: {reason}", record.id),
+            details: None,
+        };
+        let _ = state.store.record_event(&event).await;
+    }
 }

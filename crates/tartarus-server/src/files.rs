@@ -79,6 +79,7 @@ async fn run(
 ) -> Result<Value, ApiError> {
     check_path(path)?;
     let record = find(state, caller, id).await?;
+    crate::local_only(&record, "the files API")?;
     if !record.status.is_live() {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}",

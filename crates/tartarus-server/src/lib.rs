@@ -89,6 +89,10 @@ pub struct AppState {
     pub cluster: Arc<cluster::ClusterConfig>,
     /// Whether this replica leads the background loops now.
     pub leading: tokio::sync::watch::Receiver<bool>,
+    /// Serialises placements on cluster nodes within this replica (capacity is read, then reserved).
+    pub placement: Arc<tokio::sync::Mutex<()>>,
+    /// For calls to node agents.
+    pub http: reqwest::Client,
 }
 
 #[derive(OpenApi)]
@@ -302,6 +306,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes/register", post(cluster::register))
         .route("/v1/nodes/{id}/heartbeat", post(cluster::heartbeat))
         .route("/v1/cluster", get(cluster::cluster_status))
+        .route("/v1/node/sandboxes", post(cluster::create_node_sandbox))
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(
@@ -323,6 +328,17 @@ pub fn router(state: AppState) -> Router {
 
 /// Runs the server until SIGINT/SIGTERM. Prints `listening on ADDR` once it accepts connections.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    serve_on(config, listener).await
+}
+
+/// [`serve`] on a listener the caller bound (the node agent serves its machine this way).
+pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -> Result<(), ServerError> {
     let store = open_state_on(&config.data_dir, config.database.as_deref(), config.database_wait).await?;
     let manager = Manager::new(
         store.clone(),
@@ -380,12 +396,6 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             Err(e) => tracing::error!(template = %record.id, "stored template is unreadable: {e}"),
         }
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
     let addr = listener.local_addr().map_err(ServerError::Serve)?;
     println!("listening on {addr}");
     tracing::info!("listening on {addr}, data in {}", config.data_dir.display());
@@ -413,6 +423,12 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             replica,
         }),
         leading,
+        placement: Arc::new(tokio::sync::Mutex::new(())),
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| ServerError::Config(e.to_string()))?,
     };
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
@@ -432,7 +448,7 @@ async fn shutdown_signal() {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
 }
 
-fn view(record: &SandboxRecord) -> SandboxView {
+pub(crate) fn view(record: &SandboxRecord) -> SandboxView {
     SandboxView {
         id: record.id.clone(),
         tenant: record.tenant.clone(),
@@ -446,6 +462,8 @@ fn view(record: &SandboxRecord) -> SandboxView {
         finished_ms: record.finished_ms,
         exit_code: record.exit_code,
         reason: record.reason.clone(),
+        node: record.node.clone(),
+        placement: record.placement.clone(),
     }
 }
 
@@ -588,6 +606,39 @@ async fn create_sandbox(
         pool_key = None;
     }
     spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+    // Cluster mode: a sandbox on the host root goes to a node when there are nodes (images and templates
+    // still run on this machine).
+    if body.template.is_none() && body.image.is_none() && body.rootfs.is_none() {
+        let class = classified.as_deref().or(body.class.as_deref());
+        let placed = cluster::place_on_node(
+            &state,
+            &caller.tenant,
+            &spec,
+            &body.labels,
+            class,
+            &body.node_selector,
+        )
+        .await;
+        let outcome = match &placed {
+            Ok(Some(_)) => Some("ok"),
+            Ok(None) => None,
+            Err(_) => Some("failed"),
+        };
+        if let Some(outcome) = outcome {
+            let id = placed
+                .as_ref()
+                .ok()
+                .and_then(|r| r.as_ref().map(|r| r.id.clone()));
+            audit(&state, &caller, "sandbox.create", id.as_deref(), outcome).await;
+        }
+        if let Some(record) = placed? {
+            return Ok((StatusCode::CREATED, Json(view(&record))));
+        }
+    } else if !body.node_selector.is_empty() {
+        return Err(ApiError::invalid(
+            "node_selector applies to sandboxes on the host root; templates and images run on the control plane",
+        ));
+    }
     let result = state
         .manager
         .create(
@@ -658,7 +709,63 @@ async fn get_sandbox(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    if record.status.is_live() {
+        if let (Some(node), Some(remote)) = (cluster::node_of(&state, &record).await?, &record.remote_id) {
+            // Best effort: a node that does not answer leaves the record as it is.
+            if let Ok((200, theirs)) = cluster::node_call(
+                &state,
+                &node,
+                reqwest::Method::GET,
+                &format!("/v1/sandboxes/{remote}"),
+                None,
+            )
+            .await
+            {
+                cluster::sync_from_node(&state, &record, &theirs).await?;
+            }
+        }
+    }
     Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Forwards a request for a sandbox on a node, records an ending it reports, and answers with what the
+/// node answered.
+async fn on_node(
+    state: &AppState,
+    record: &SandboxRecord,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    let node = cluster::node_of(state, record)
+        .await?
+        .ok_or_else(|| ApiError::internal("not a node sandbox"))?;
+    let remote = record.remote_id.as_deref().unwrap_or_default();
+    let (status, answer) = cluster::node_call(
+        state,
+        &node,
+        method,
+        &format!("/v1/sandboxes/{remote}{path}"),
+        body,
+    )
+    .await?;
+    Ok((
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+        answer,
+    ))
+}
+
+/// Refuses what sandboxes on cluster nodes cannot do yet.
+pub(crate) fn local_only(record: &SandboxRecord, what: &str) -> Result<(), ApiError> {
+    match &record.node {
+        Some(node) => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_on_nodes",
+            format!("{what} is not available yet for sandboxes on cluster nodes (this one runs on {node})"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Kill a sandbox and remove its resources; returns its final record.
@@ -672,7 +779,19 @@ async fn delete_sandbox(
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     if record.status.is_live() {
-        state.manager.kill(&record).await?;
+        if record.node.is_some() {
+            let (status, theirs) = on_node(&state, &record, reqwest::Method::DELETE, "", None).await?;
+            if !status.is_success() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "node_failed",
+                    format!("node: {theirs}"),
+                ));
+            }
+            cluster::sync_from_node(&state, &record, &theirs).await?;
+        } else {
+            state.manager.kill(&record).await?;
+        }
     }
     audit(&state, &caller, "sandbox.delete", Some(&id), "ok").await;
     Ok(Json(view(&find(&state, &caller, &id).await?)))
@@ -703,6 +822,20 @@ async fn exec_sandbox(
             "sandbox {id} is {}",
             record.status.as_str()
         )));
+    }
+    if record.node.is_some() {
+        if body.stream {
+            local_only(&record, "a streaming exec")?;
+        }
+        let forwarded = serde_json::to_value(&body).map_err(|e| ApiError::internal(e.to_string()))?;
+        let result = on_node(&state, &record, reqwest::Method::POST, "/exec", Some(forwarded)).await;
+        let outcome = match &result {
+            Ok((status, _)) if status.is_success() => "ok",
+            _ => "failed",
+        };
+        audit(&state, &caller, "sandbox.exec", Some(&id), outcome).await;
+        let (status, answer) = result?;
+        return Ok((status, Json(answer)).into_response());
     }
     // The sandbox's own env first (pooled sandboxes start without one), then the request's.
     let base: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
@@ -818,7 +951,13 @@ async fn wait_sandbox(
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let record = find(&state, &caller, &id).await?;
     let limit = Duration::from_secs(query.timeout_s.unwrap_or(60).min(3600));
-    if record.status.is_live() {
+    if record.status.is_live() && record.node.is_some() {
+        let path = format!("/wait?timeout_s={}", limit.as_secs());
+        let (status, theirs) = on_node(&state, &record, reqwest::Method::POST, &path, None).await?;
+        if status.is_success() {
+            cluster::sync_from_node(&state, &record, &theirs).await?;
+        }
+    } else if record.status.is_live() {
         state.manager.wait(&id, limit).await;
     }
     Ok(Json(view(&find(&state, &caller, &id).await?)))
@@ -844,6 +983,7 @@ async fn logs_sandbox(
     use tokio::io::AsyncReadExt;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let record = find(&state, &caller, &id).await?;
+    local_only(&record, "logs")?;
     let path = std::path::Path::new(&record.dir).join("main.log");
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => Some(f),
@@ -913,6 +1053,7 @@ async fn set_paused(
 ) -> Result<Json<SandboxView>, ApiError> {
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
+    local_only(&record, "pause and resume")?;
     if record.status != SandboxStatus::Running {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}",

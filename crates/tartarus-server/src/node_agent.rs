@@ -2,9 +2,9 @@
 //! token), reports the machine's capacity (CPUs, memory, GPUs), labels and taints, and sends heartbeats
 //! with its usage; the control plane marks the node unreachable when they stop.
 //!
-//! It listens on `--listen` (`GET /healthz`, and where the control plane will reach it). Running the
-//! sandboxes the scheduler assigns to it is the next step of cluster mode; today a node only registers
-//! and reports.
+//! On `--listen` it serves this machine's own Tartarus server (its data directory, SQLite, shims): the
+//! control plane starts the sandboxes it places here through `POST /v1/node/sandboxes` and reaches them
+//! with the node's local admin key, which the agent sends when it registers.
 //!
 //! Failures: a control plane that cannot be reached is retried with backoff (one log line per attempt);
 //! a refusal (bad token, nonsense capacity, a duplicate node id) ends the agent with the reason.
@@ -13,8 +13,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::routing::get;
-use axum::{Json, Router};
 use tartarus_scheduler::{Resources, Taint};
 
 use crate::cluster::{Heartbeat, NodeReport, Registration};
@@ -31,6 +29,8 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Overrides what the machine reports (tests, or reserving part of a machine).
     pub capacity: Option<Resources>,
+    /// This machine's server (data directory, runtime settings); its `listen` is not used.
+    pub server: crate::ServerConfig,
 }
 
 /// Why the agent stopped.
@@ -113,18 +113,27 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         addr: config.listen,
         source,
     })?;
-    let id = config.id.clone();
+    // This machine's server: its state (and the admin key the control plane will use) first.
+    crate::open_state(&config.server.data_dir).await.map_err(|e| {
+        AgentError::Refused(format!(
+            "this node's data directory: {}",
+            tartarus_runtime::error_chain(&e)
+        ))
+    })?;
+    let api_key = std::fs::read_to_string(config.server.data_dir.join("admin.key"))
+        .map_err(|e| AgentError::Refused(format!("reading this node's admin key: {e}")))?
+        .trim()
+        .to_string();
+    let server = config.server.clone();
     tokio::spawn(async move {
-        let app = Router::new().route(
-            "/healthz",
-            get(move || {
-                let id = id.clone();
-                async move { Json(serde_json::json!({"status": "ok", "node": id})) }
-            }),
-        );
-        let _ = axum::serve(listener, app).await;
+        if let Err(e) = crate::serve_on(server, listener).await {
+            tracing::error!(
+                "this node's server stopped: {}",
+                tartarus_runtime::error_chain(&e)
+            );
+            std::process::exit(1);
+        }
     });
-    println!("listening on {address}");
     let capacity = match config.capacity {
         Some(c) => c,
         None => machine_capacity()?,
@@ -145,6 +154,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             taints: config.taints.clone(),
             capacity,
             usage: machine_usage(&capacity),
+            api_key: api_key.clone(),
         };
         let registered = http
             .post(format!("{base}/v1/nodes/register"))

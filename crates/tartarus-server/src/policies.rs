@@ -469,7 +469,8 @@ pub fn spawn_enforcement(state: AppState, every: std::time::Duration) {
                 continue;
             };
             seen.retain(|id, _| live.iter().any(|r| &r.id == id));
-            for record in live.iter().filter(|r| !r.paused) {
+            // Sandboxes on cluster nodes are enforced by their node's server.
+            for record in live.iter().filter(|r| !r.paused && r.node.is_none()) {
                 let Ok(status) = state.manager.request(record, json!({"op": "status"})).await else {
                     continue;
                 };
@@ -639,6 +640,7 @@ pub async fn quarantine_sandbox(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_mutate()?;
     let record = crate::find(&state, &caller, &id).await?;
+    crate::local_only(&record, "quarantine")?;
     if record.status != SandboxStatus::Running {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}",

@@ -119,6 +119,9 @@ fn new_record(
         shim_pid: None,
         dir: dir.display().to_string(),
         paused: false,
+        node: None,
+        remote_id: None,
+        placement: None,
     }
 }
 
@@ -682,7 +685,14 @@ impl Manager {
     pub async fn reconcile(self: &Arc<Self>) -> Result<(usize, usize), ApiError> {
         let (mut adopted, mut ended) = (0, 0);
         for status in [SandboxStatus::Starting, SandboxStatus::Running] {
-            for record in self.store.sandboxes(None, Some(status)).await? {
+            // Sandboxes on cluster nodes are their node's to re-adopt.
+            for record in self
+                .store
+                .sandboxes(None, Some(status))
+                .await?
+                .into_iter()
+                .filter(|r| r.node.is_none())
+            {
                 let dir = PathBuf::from(&record.dir);
                 let pidfd = record
                     .shim_pid

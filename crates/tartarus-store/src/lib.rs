@@ -617,6 +617,12 @@ pub struct SandboxRecord {
     pub dir: String,
     /// Frozen by the cgroup freezer (status stays `running`).
     pub paused: bool,
+    /// Cluster mode: the node that runs it (`None`: this server's machine).
+    pub node: Option<String>,
+    /// Its id on that node.
+    pub remote_id: Option<String>,
+    /// Why it was placed there (the scheduler's explanation).
+    pub placement: Option<String>,
 }
 
 /// How a sandbox ended.
@@ -628,7 +634,8 @@ pub struct Finish<'a> {
 }
 
 const SANDBOX_COLUMNS: &str =
-    "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused";
+    "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused, \
+     node, remote_id, placement";
 
 fn sandbox_from_row(row: &sqlx::any::AnyRow) -> Result<SandboxRecord, StoreError> {
     let status: String = row.try_get("status")?;
@@ -648,6 +655,9 @@ fn sandbox_from_row(row: &sqlx::any::AnyRow) -> Result<SandboxRecord, StoreError
         shim_pid: row.try_get("shim_pid")?,
         dir: row.try_get("dir")?,
         paused: row.try_get::<i64, _>("paused")? != 0,
+        node: row.try_get("node")?,
+        remote_id: row.try_get("remote_id")?,
+        placement: row.try_get("placement")?,
     })
 }
 
@@ -656,8 +666,8 @@ impl Store {
     pub async fn insert_sandbox(&self, record: &SandboxRecord) -> Result<(), StoreError> {
         let labels = serde_json::to_string(&record.labels).map_err(|e| StoreError::Invalid(e.to_string()))?;
         sqlx::query(
-            "INSERT INTO sandboxes (id, tenant, status, template, spec, labels, created_ms, dir) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO sandboxes (id, tenant, status, template, spec, labels, created_ms, dir, node, remote_id, \
+             placement) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&record.id)
         .bind(&record.tenant)
@@ -667,6 +677,9 @@ impl Store {
         .bind(labels)
         .bind(record.created_ms)
         .bind(&record.dir)
+        .bind(&record.node)
+        .bind(&record.remote_id)
+        .bind(&record.placement)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -778,6 +791,9 @@ mod sandbox_tests {
             shim_pid: None,
             dir: format!("/tmp/{id}"),
             paused: false,
+            node: None,
+            remote_id: None,
+            placement: None,
         }
     }
 

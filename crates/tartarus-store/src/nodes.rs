@@ -37,6 +37,9 @@ pub struct NodeRecord {
     pub state: String,
     pub registered_ms: i64,
     pub last_heartbeat_ms: i64,
+    /// The key the control plane uses to call the node's agent (never shown).
+    #[serde(skip)]
+    pub api_key: String,
 }
 
 /// A registration as an agent sends it (validated by the server).
@@ -49,6 +52,8 @@ pub struct NodeRegistration<'a> {
     pub taints: &'a str,
     pub capacity: &'a str,
     pub usage: &'a str,
+    /// The key the control plane will use to call the agent.
+    pub api_key: &'a str,
     pub now_ms: i64,
     /// Another instance that has not sent a heartbeat for this long has lost the id.
     pub stale_after_ms: i64,
@@ -91,7 +96,7 @@ impl Leadership {
 
 const NODE_COLUMNS: &str =
     "id, instance, epoch, address, labels, taints, capacity, usage, state, registered_ms, \
-    last_heartbeat_ms";
+    last_heartbeat_ms, api_key";
 
 fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
     Ok(NodeRecord {
@@ -106,6 +111,7 @@ fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
         state: row.try_get("state")?,
         registered_ms: row.try_get("registered_ms")?,
         last_heartbeat_ms: row.try_get("last_heartbeat_ms")?,
+        api_key: row.try_get("api_key")?,
     })
 }
 
@@ -141,7 +147,7 @@ impl Store {
     pub async fn register_node(&self, r: &NodeRegistration<'_>) -> Result<Registered, StoreError> {
         for _ in 0..4 {
             let inserted = sqlx::query(&format!(
-                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8) \
+                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8, $9) \
                  ON CONFLICT (id) DO NOTHING"
             ))
             .bind(r.id)
@@ -152,6 +158,7 @@ impl Store {
             .bind(r.capacity)
             .bind(r.usage)
             .bind(r.now_ms)
+            .bind(r.api_key)
             .execute(&self.pool)
             .await?;
             if inserted.rows_affected() == 1 {
@@ -160,7 +167,7 @@ impl Store {
             // Taken over when it is this instance again, or the holder went quiet or unreachable.
             let updated = sqlx::query(&format!(
                 "UPDATE nodes SET instance = $2, epoch = epoch + 1, address = $3, labels = $4, taints = $5, \
-                 capacity = $6, usage = $7, state = 'ready', registered_ms = $8, last_heartbeat_ms = $8 \
+                 capacity = $6, usage = $7, state = 'ready', registered_ms = $8, last_heartbeat_ms = $8, api_key = $10 \
                  WHERE id = $1 AND (instance = $2 OR state = 'unreachable' OR last_heartbeat_ms < $9) \
                  RETURNING {NODE_COLUMNS}"
             ))
@@ -173,6 +180,7 @@ impl Store {
             .bind(r.usage)
             .bind(r.now_ms)
             .bind(r.now_ms - r.stale_after_ms)
+            .bind(r.api_key)
             .fetch_optional(&self.pool)
             .await?;
             if let Some(row) = updated {
@@ -307,6 +315,7 @@ mod tests {
             taints: "[]",
             capacity: r#"{"cpu_millis":2000,"memory_bytes":1073741824,"gpus":0}"#,
             usage: r#"{"cpu_millis":0,"memory_bytes":0,"gpus":0}"#,
+            api_key: "tk_node",
             now_ms,
             stale_after_ms: 1_000,
         }

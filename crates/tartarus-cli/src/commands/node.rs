@@ -49,6 +49,9 @@ struct AgentArgs {
     /// Report this many CPUs instead of the machine's
     #[arg(long, value_name = "N")]
     cpus: Option<f64>,
+    /// This node's own state (sandboxes, SQLite) (default: DATA_DIR/node, see `apikey --help`)
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
     /// Report this much memory instead of the machine's (e.g. 8G)
     #[arg(long, value_name = "SIZE", value_parser = |s: &str| tartarus_runtime::units::parse_size(s).map_err(|e| e.to_string()))]
     memory: Option<u64>,
@@ -173,6 +176,24 @@ fn agent(args: AgentArgs) -> anyhow::Result<u8> {
             ))
         }
     };
+    let server = tartarus_server::ServerConfig {
+        listen: args.listen,
+        data_dir: args
+            .data_dir
+            .unwrap_or_else(|| super::apikey::default_data_dir().join("node")),
+        shim_exe: std::env::current_exe()?.with_file_name("tartarus"),
+        warm_pool: 0,
+        runtime: super::run::runtime_config(),
+        insecure_registries: Vec::new(),
+        event_retention: std::time::Duration::from_secs(720 * 3600),
+        enforcement_interval: std::time::Duration::from_secs(1),
+        classifier: None,
+        blob_quota: 10 << 30,
+        secret_env: Vec::new(),
+        database: None,
+        database_wait: std::time::Duration::ZERO,
+        node_timeout: std::time::Duration::from_secs(10),
+    };
     let config = AgentConfig {
         control,
         token,
@@ -181,6 +202,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<u8> {
         taints,
         listen: args.listen,
         capacity,
+        server,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(config))?;
