@@ -23,12 +23,23 @@ fn token(server: &Server, id: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Starts an agent and returns it with its listen address (it prints `listening on ADDR` first).
-fn agent(server: &Server, id: &str, token: &str, extra: &[&str]) -> (Child, String) {
+/// Starts an agent and returns it with its listen address and data directory (it prints `listening on ADDR` first).
+fn agent(server: &Server, id: &str, token: &str, extra: &[&str]) -> (Child, String, DataDir) {
+    // The node's own state (its server, sandboxes), removed with the returned guard.
+    let dir = DataDir::new();
     let (child, line) = common::spawn_first_line(
         Command::new(common::bin())
             .args(["node", "--control", &server.base, "--token", token, "--id", id])
-            .args(["--listen", "127.0.0.1:0", "--cpus", "2", "--memory", "1G"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--cpus",
+                "2",
+                "--memory",
+                "1G",
+                "--data-dir",
+            ])
+            .arg(dir.path())
             .args(extra)
             .stderr(Stdio::piped()),
     );
@@ -36,7 +47,7 @@ fn agent(server: &Server, id: &str, token: &str, extra: &[&str]) -> (Child, Stri
         .trim()
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("agent: {line:?}"));
-    (child, addr.to_string())
+    (child, addr.to_string(), dir)
 }
 
 /// Polls until `done` holds for node `id` as the API lists it; panics after 15 s with the last view.
@@ -80,7 +91,7 @@ fn agents_register_report_and_become_unreachable_when_killed() {
     let dir = DataDir::new();
     let server = start_server(&dir, &db);
     let secret = token(&server, "worker-1");
-    let (mut child, addr) = agent(
+    let (mut child, addr, _node_dir) = agent(
         &server,
         "worker-1",
         &secret,
@@ -97,7 +108,7 @@ fn agents_register_report_and_become_unreachable_when_killed() {
         .unwrap()
         .into_json()
         .unwrap();
-    assert_eq!(health["node"], "worker-1");
+    assert_eq!(health["status"], "ok", "the node's own server answers");
     // Heartbeats keep it ready past the timeout.
     let first = node["last_heartbeat_ms"].as_i64().unwrap();
     wait_node(&server, "worker-1", |n| {
@@ -122,7 +133,7 @@ fn agents_register_report_and_become_unreachable_when_killed() {
         "{events}"
     );
     // A new agent for the id takes it over (a new epoch).
-    let (child, _) = agent(&server, "worker-1", &secret, &[]);
+    let (child, _, _node_dir2) = agent(&server, "worker-1", &secret, &[]);
     let node = wait_node(&server, "worker-1", |n| n["state"] == "ready");
     assert_eq!(node["epoch"], 2);
     let mut child = child;
@@ -138,7 +149,7 @@ fn bad_tokens_nonsense_capacity_and_duplicate_ids_are_refused() {
     let dir = DataDir::new();
     let server = start_server(&dir, &db);
     // An unknown token: the agent stops with the reason; the attempt is audited.
-    let (child, _) = agent(&server, "w1", "tn_0000", &[]);
+    let (child, _, _d1) = agent(&server, "w1", "tn_0000", &[]);
     let (code, stderr) = finish(child);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("unknown node token"), "{stderr}");
@@ -158,7 +169,7 @@ fn bad_tokens_nonsense_capacity_and_duplicate_ids_are_refused() {
     );
     // Another node's token.
     let secret = token(&server, "w1");
-    let (child, _) = agent(&server, "w2", &secret, &[]);
+    let (child, _, _d2) = agent(&server, "w2", &secret, &[]);
     let (_, stderr) = finish(child);
     assert!(stderr.contains("belongs to node 'w1'"), "{stderr}");
     // Nonsense capacity and usage, sent by hand.
@@ -183,9 +194,9 @@ fn bad_tokens_nonsense_capacity_and_duplicate_ids_are_refused() {
     }
     assert!(wait_node_absent(&server, "w1"), "a refused node was stored");
     // Two agents for one id: the second is refused while the first runs.
-    let (mut first, _) = agent(&server, "w1", &secret, &[]);
+    let (mut first, _, _d3) = agent(&server, "w1", &secret, &[]);
     wait_node(&server, "w1", |n| n["state"] == "ready");
-    let (second, _) = agent(&server, "w1", &secret, &[]);
+    let (second, _, _d4) = agent(&server, "w1", &secret, &[]);
     let (code, stderr) = finish(second);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("held by another running agent"), "{stderr}");

@@ -134,15 +134,28 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             std::process::exit(1);
         }
     });
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| AgentError::Refused(e.to_string()))?;
+    // Register only once this machine's server answers: the control plane may place work at once.
+    let started = std::time::Instant::now();
+    while !http
+        .get(format!("http://{address}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(AgentError::Refused("this node's own server did not start".to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let capacity = match config.capacity {
         Some(c) => c,
         None => machine_capacity()?,
     };
     let instance = tartarus_hostsys::random_hex(8).unwrap_or_else(|_| std::process::id().to_string());
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| AgentError::Refused(e.to_string()))?;
     let base = config.control.trim_end_matches('/').to_string();
     let mut backoff = Duration::from_millis(500);
     loop {
