@@ -263,3 +263,126 @@ fn replicas_elect_one_leader_and_hand_over_when_it_dies() {
     }
     drop((leader_key, follower_key));
 }
+
+#[test]
+fn requests_wait_in_the_queue_until_a_node_has_room_and_a_full_queue_answers_429() {
+    let db = Database::new();
+    let dir = DataDir::new();
+    let server = Server::start_with(
+        dir.path(),
+        &[],
+        &[
+            "--database",
+            &db.url,
+            "--node-timeout",
+            "1s",
+            "--queue-depth",
+            "1",
+        ],
+    );
+    let secret = token(&server, "solo");
+    let (mut child, _, _node_dir) = agent(&server, "solo", &secret, &[]);
+    wait_node(&server, "solo", |n| n["state"] == "ready");
+    let create = |body: Value| {
+        call(
+            "POST",
+            &format!("{}/v1/sandboxes", server.base),
+            Some(&server.admin),
+            Some(body),
+        )
+    };
+    // The node has 2 CPUs: two 1-CPU sandboxes fit, the third waits.
+    let one_cpu = json!({"resources": {"cpus": 1.0}});
+    let (status, first) = create(one_cpu.clone());
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["node"], "solo");
+    let (status, second) = create(one_cpu.clone());
+    assert_eq!(status, 201, "{second}");
+    let (status, queued) = create(json!({"resources": {"cpus": 1.0}, "lane": "swift"}));
+    assert_eq!(status, 202, "{queued}");
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(queued["lane"], "swift");
+    assert!(
+        queued["reason"].as_str().unwrap().contains("capacity"),
+        "{queued}"
+    );
+    let id = queued["id"].as_str().unwrap().to_string();
+    let (_, item) = call(
+        "GET",
+        &format!("{}/v1/queue/{id}", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert!(item["state"] == "ready" || item["state"] == "leased", "{item}");
+    // The queue holds one: the next create is refused with Retry-After.
+    let refused = ureq::post(&format!("{}/v1/sandboxes", server.base))
+        .set("Authorization", &format!("Bearer {}", server.admin))
+        .send_json(one_cpu.clone());
+    match refused {
+        Err(ureq::Error::Status(429, response)) => {
+            assert_eq!(response.header("retry-after"), Some("5"));
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // Room again: the leader's dispatcher places the queued request, under the id it was given.
+    let first_id = first["id"].as_str().unwrap();
+    let (status, _) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{first_id}", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, item) = call(
+            "GET",
+            &format!("{}/v1/queue/{id}", server.base),
+            Some(&server.admin),
+            None,
+        );
+        if item["state"] == "done" {
+            assert_eq!(item["sandbox"], id.as_str());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dispatched: {item}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, placed) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{id}", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(status, 200, "{placed}");
+    assert_eq!(placed["status"], "running");
+    assert_eq!(placed["node"], "solo");
+    let (status, out) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/exec", server.base),
+        Some(&server.admin),
+        Some(json!({"cmd": ["echo", "dispatched"]})),
+    );
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["stdout"], "dispatched\n");
+    let metrics = ureq::get(&format!("{}/metrics", server.base))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(metrics.contains("tartarus_queue_depth"), "no queue metrics");
+    assert!(
+        metrics.contains("tartarus_queue_wait_duration_seconds"),
+        "no queue metrics"
+    );
+    for sandbox in [second["id"].as_str().unwrap(), id.as_str()] {
+        call(
+            "DELETE",
+            &format!("{}/v1/sandboxes/{sandbox}", server.base),
+            Some(&server.admin),
+            None,
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -316,12 +316,32 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
     assert_eq!(next["body"]["node"], "node-1", "{next}");
     let zone_b = post("/v1/sandboxes", json!({"node_selector": {"zone": "b"}}));
     assert_eq!(
-        zone_b["status"], 503,
-        "only an unreachable node fits: wait, do not fail: {zone_b}"
+        zone_b["status"], 202,
+        "only an unreachable node fits: it waits, it does not fail: {zone_b}"
     );
+    let waiting = zone_b["body"]["id"].as_str().unwrap().to_string();
     // Its link back: the same agent's heartbeats count again.
     ip(&["-n", &nodes[1].0, "link", "set", "eth0", "up"]);
     wait_states(&lab, &base, &admin, &[("node-1", "ready"), ("node-2", "ready")]);
+    // Back: the waiting request is dispatched to node-2, under the id it was given.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let item = request(&outer, "GET", &format!("{base}/v1/queue/{waiting}"), &admin, None);
+        if item["body"]["state"] == "done" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dispatched: {item}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let placed = request(
+        &outer,
+        "GET",
+        &format!("{base}/v1/sandboxes/{waiting}"),
+        &admin,
+        None,
+    );
+    assert_eq!(placed["body"]["node"], "node-2", "{placed}");
+    assert_eq!(placed["body"]["status"], "running", "{placed}");
     let next_id = next["body"]["id"].as_str().unwrap();
     let deleted = request(
         &outer,

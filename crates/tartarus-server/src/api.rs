@@ -46,6 +46,10 @@ pub struct CreateSandbox {
     /// Cluster mode: node labels the sandbox's node must have.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// Cluster mode: the queue lane while no node has room: swift, main (default) or deep.
+    pub lane: Option<String>,
+    /// Cluster mode: priority within the lane (higher first; default 0).
+    pub priority: Option<i64>,
 }
 
 /// A sandbox as the API shows it.

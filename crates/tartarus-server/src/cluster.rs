@@ -31,6 +31,8 @@ pub const LOOPS: &str = "control-loops";
 pub struct ClusterConfig {
     /// A node whose last heartbeat is older than this is marked unreachable.
     pub node_timeout: Duration,
+    /// Requests waiting in the queue beyond which creates are refused (429).
+    pub queue_depth: i64,
     /// This replica's name in leader terms.
     pub replica: String,
 }
@@ -429,6 +431,7 @@ pub fn spawn_loops(state: AppState, leading: Arc<tokio::sync::watch::Sender<bool
                 }
                 Err(e) => tracing::error!("reaping nodes: {e}"),
             }
+            dispatch(&state).await;
         }
     });
 }
@@ -474,6 +477,144 @@ pub async fn create_node_sandbox(
     Ok((StatusCode::CREATED, Json(crate::view(&record))))
 }
 
+/// A sandbox to place: admitted and compiled; also the payload of a queued request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wanted {
+    /// Set for a queued request: its queue id becomes the sandbox's id.
+    pub id: Option<String>,
+    pub tenant: String,
+    pub spec: tartarus_runtime::SandboxSpec,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub class: Option<String>,
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// A new sandbox id (the same form as the manager's).
+pub fn new_sandbox_id() -> Result<String, ApiError> {
+    let hex = tartarus_hostsys::random_hex(6).map_err(|e| ApiError::internal(format!("randomness: {e}")))?;
+    Ok(format!("sb_{hex}"))
+}
+
+/// Queue lanes' depth and wait metrics.
+pub const QUEUE_DEPTH: &str = "tartarus_queue_depth";
+pub const QUEUE_WAIT: &str = "tartarus_queue_wait_duration_seconds";
+
+/// Puts a request no node has room for now in the queue. `Ok(None)` when the queue is full (429).
+pub async fn enqueue(
+    state: &AppState,
+    want: &Wanted,
+    lane: tartarus_store::Lane,
+    priority: i64,
+    reason: &str,
+) -> Result<Option<String>, ApiError> {
+    let id = new_sandbox_id()?;
+    let payload = Wanted {
+        id: Some(id.clone()),
+        ..want.clone()
+    };
+    let payload = serde_json::to_string(&payload).map_err(|e| ApiError::internal(e.to_string()))?;
+    let item = tartarus_store::NewQueueItem {
+        id: &id,
+        lane,
+        priority,
+        tenant: &want.tenant,
+        payload: &payload,
+        max_attempts: 30,
+        reason: Some(reason),
+    };
+    match state
+        .store
+        .enqueue(&item, tartarus_store::now_ms(), state.cluster.queue_depth)
+        .await?
+    {
+        tartarus_store::Enqueue::Queued => Ok(Some(id)),
+        tartarus_store::Enqueue::Full { .. } => Ok(None),
+    }
+}
+
+/// On the leader: places queued requests whose time has come, one tick's worth.
+async fn dispatch(state: &AppState) {
+    let worker = state.cluster.replica.clone();
+    for _ in 0..32 {
+        let now = tartarus_store::now_ms();
+        let item = match state.store.dequeue(&worker, now, 60_000).await {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!("dequeue: {e}");
+                break;
+            }
+        };
+        let want: Wanted = match serde_json::from_str(&item.payload) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = state
+                    .store
+                    .reject(&item.id, &worker, &format!("unreadable request: {e}"), false, now)
+                    .await;
+                continue;
+            }
+        };
+        let lane = item.lane.as_str();
+        match place_on_node(state, &want).await {
+            Ok(Some(record)) => {
+                let waited = (tartarus_store::now_ms() - item.enqueued_ms).max(0) as f64 / 1000.0;
+                metrics::histogram!(QUEUE_WAIT, "lane" => lane).record(waited);
+                if let Err(e) = state
+                    .store
+                    .ack_with(&item.id, &worker, Some(&record.id), tartarus_store::now_ms())
+                    .await
+                {
+                    tracing::error!(item = %item.id, "ack: {e}");
+                }
+                event(
+                    state,
+                    "queue.placed",
+                    record.node.as_deref().unwrap_or("-"),
+                    &format!(
+                        "queued sandbox {} placed after {waited:.1} s: {}",
+                        record.id,
+                        record.placement.as_deref().unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+            Ok(None) => {
+                let _ = state
+                    .store
+                    .reject(&item.id, &worker, "no node is registered", true, now)
+                    .await;
+            }
+            Err(e) if e.code == "no_capacity" || e.code == "node_unreachable" || e.code == "node_failed" => {
+                let _ = state.store.reject(&item.id, &worker, &e.message, true, now).await;
+            }
+            Err(e) => {
+                let _ = state
+                    .store
+                    .reject(&item.id, &worker, &e.message, false, now)
+                    .await;
+                let event = NewEvent {
+                    category: "dead_letter",
+                    kind: "queue.dead",
+                    sandbox: Some(&item.id),
+                    tenant: Some(&item.tenant),
+                    message: &format!("queued sandbox {} cannot be placed: {}", item.id, e.message),
+                    details: Some(&item.payload),
+                };
+                let _ = state.store.record_event(&event).await;
+            }
+        }
+    }
+    for lane in tartarus_store::Lane::ALL {
+        if let Ok(depth) = state.store.queue_depth(Some(lane)).await {
+            metrics::gauge!(QUEUE_DEPTH, "lane" => lane.as_str()).set(depth as f64);
+        }
+    }
+}
+
 /// What the scheduler should assume a sandbox without limits takes.
 const DEFAULT_REQUEST: Resources = Resources::new(100, 128 << 20, 0);
 
@@ -493,13 +634,25 @@ fn requested(spec: &tartarus_runtime::SandboxSpec) -> Resources {
 /// where and why. `Ok(None)` when there are no nodes: the sandbox runs on this machine.
 pub async fn place_on_node(
     state: &AppState,
-    tenant: &str,
-    spec: &tartarus_runtime::SandboxSpec,
-    labels: &BTreeMap<String, String>,
-    class: Option<&str>,
-    selector: &BTreeMap<String, String>,
+    want: &Wanted,
 ) -> Result<Option<tartarus_store::SandboxRecord>, ApiError> {
+    let Wanted {
+        id: wanted_id,
+        tenant,
+        spec,
+        labels,
+        class,
+        node_selector: selector,
+        ..
+    } = want;
+    let (tenant, class) = (tenant.as_str(), class.as_deref());
     let _serial = state.placement.lock().await;
+    // A queued request delivered again after its dispatcher died: already placed.
+    if let Some(id) = wanted_id {
+        if let Some(existing) = state.store.sandbox(id, None).await? {
+            return Ok(Some(existing));
+        }
+    }
     let records: Vec<_> = state
         .store
         .nodes()
@@ -546,10 +699,10 @@ pub async fn place_on_node(
         }
         nodes.push(node);
     }
-    let id = format!(
-        "sb_{}",
-        tartarus_hostsys::random_hex(6).map_err(|e| ApiError::internal(e.to_string()))?
-    );
+    let id = match wanted_id {
+        Some(id) => id.clone(),
+        None => new_sandbox_id()?,
+    };
     let mut request = tartarus_scheduler::Request::new(&id, requested(spec));
     request.class = class.map(str::to_string);
     request.selector = selector.clone();
@@ -719,4 +872,61 @@ async fn lose_sandboxes_of(state: &AppState, node: &str) {
         };
         let _ = state.store.record_event(&event).await;
     }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct QueueQuery {
+    /// Admins only: one tenant's items.
+    tenant: Option<String>,
+}
+
+/// Requests waiting for a node (in dequeue order) and dead letters, with the depth of each lane.
+#[utoipa::path(get, path = "/v1/queue", params(QueueQuery), security(("api_key" = [])), responses((status = 200)))]
+pub async fn list_queue(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<axum::extract::Query<QueueQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let tenant = caller.scope_for(query.tenant.as_deref(), "queue")?;
+    let mut depth = serde_json::Map::new();
+    for lane in tartarus_store::Lane::ALL {
+        depth.insert(
+            lane.as_str().into(),
+            state.store.queue_depth(Some(lane)).await?.into(),
+        );
+    }
+    let hide = |mut item: tartarus_store::QueueItem| {
+        item.payload = String::new();
+        item
+    };
+    let waiting: Vec<_> = state.store.queued(tenant).await?.into_iter().map(hide).collect();
+    let dead: Vec<_> = state
+        .store
+        .dead_letters(tenant)
+        .await?
+        .into_iter()
+        .map(hide)
+        .collect();
+    Ok(Json(
+        serde_json::json!({"depth": depth, "waiting": waiting, "dead_letters": dead}),
+    ))
+}
+
+/// One queued request: waiting (with why), placed (with its sandbox) or dead.
+#[utoipa::path(get, path = "/v1/queue/{id}", security(("api_key" = [])), responses((status = 200), (status = 404)))]
+pub async fn get_queued(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<tartarus_store::QueueItem>, ApiError> {
+    let mut item = state
+        .store
+        .queue_item(&id)
+        .await?
+        .filter(|i| caller.scope().is_none_or(|t| t == i.tenant))
+        .ok_or_else(|| ApiError::not_found(format!("no queued request '{id}'")))?;
+    item.payload = String::new();
+    Ok(Json(item))
 }

@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub database_wait: Duration,
     /// A node whose last heartbeat is older than this is marked unreachable.
     pub node_timeout: Duration,
+    /// Requests waiting for a node beyond which creates are refused with 429.
+    pub queue_depth: i64,
 }
 
 #[derive(Clone)]
@@ -108,7 +110,8 @@ pub struct AppState {
           records::get_receipt, records::list_episodes, records::get_episode, records::export_episode,
           records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
           records::build_dataset, records::list_datasets, cluster::register, cluster::heartbeat,
-          cluster::list_nodes, cluster::create_token, cluster::cluster_status),
+          cluster::list_nodes, cluster::create_token, cluster::cluster_status,
+          cluster::list_queue, cluster::get_queued),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
@@ -307,6 +310,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes/{id}/heartbeat", post(cluster::heartbeat))
         .route("/v1/cluster", get(cluster::cluster_status))
         .route("/v1/node/sandboxes", post(cluster::create_node_sandbox))
+        .route("/v1/queue", get(cluster::list_queue))
+        .route("/v1/queue/{id}", get(cluster::get_queued))
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(
@@ -420,6 +425,7 @@ pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -
         effects,
         cluster: Arc::new(cluster::ClusterConfig {
             node_timeout: config.node_timeout,
+            queue_depth: config.queue_depth,
             replica,
         }),
         leading,
@@ -558,7 +564,8 @@ async fn create_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     body: Result<Json<CreateSandbox>, JsonRejection>,
-) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
     let mut spec = spec_from(&body, &caller)?;
@@ -609,30 +616,57 @@ async fn create_sandbox(
     // Cluster mode: a sandbox on the host root goes to a node when there are nodes (images and templates
     // still run on this machine).
     if body.template.is_none() && body.image.is_none() && body.rootfs.is_none() {
-        let class = classified.as_deref().or(body.class.as_deref());
-        let placed = cluster::place_on_node(
-            &state,
-            &caller.tenant,
-            &spec,
-            &body.labels,
-            class,
-            &body.node_selector,
-        )
-        .await;
-        let outcome = match &placed {
-            Ok(Some(_)) => Some("ok"),
-            Ok(None) => None,
-            Err(_) => Some("failed"),
+        let lane: tartarus_store::Lane = body
+            .lane
+            .as_deref()
+            .unwrap_or("main")
+            .parse()
+            .map_err(|e: tartarus_store::StoreError| ApiError::invalid(e.to_string()))?;
+        let want = cluster::Wanted {
+            id: None,
+            tenant: caller.tenant.clone(),
+            spec: spec.clone(),
+            labels: body.labels.clone(),
+            class: classified.clone().or(body.class.clone()),
+            node_selector: body.node_selector.clone(),
         };
-        if let Some(outcome) = outcome {
-            let id = placed
-                .as_ref()
-                .ok()
-                .and_then(|r| r.as_ref().map(|r| r.id.clone()));
-            audit(&state, &caller, "sandbox.create", id.as_deref(), outcome).await;
-        }
-        if let Some(record) = placed? {
-            return Ok((StatusCode::CREATED, Json(view(&record))));
+        match cluster::place_on_node(&state, &want).await {
+            Ok(Some(record)) => {
+                audit(&state, &caller, "sandbox.create", Some(&record.id), "ok").await;
+                return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
+            }
+            Ok(None) => {}
+            // No node has room now: wait in the queue (or 429 when it is full).
+            Err(e) if e.code == "no_capacity" => {
+                let priority = body.priority.unwrap_or(0);
+                let Some(id) = cluster::enqueue(&state, &want, lane, priority, &e.message).await? else {
+                    audit(&state, &caller, "sandbox.create", None, "refused: queue full").await;
+                    let mut response = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "queue_full",
+                        format!(
+                            "no node has room and {} requests already wait; retry later",
+                            state.cluster.queue_depth
+                        ),
+                    )
+                    .into_response();
+                    response.headers_mut().insert(
+                        axum::http::header::RETRY_AFTER,
+                        axum::http::HeaderValue::from_static("5"),
+                    );
+                    return Ok(response);
+                };
+                audit(&state, &caller, "sandbox.create", Some(&id), "queued").await;
+                let answer = json!({
+                    "id": id, "status": "queued", "lane": lane.as_str(), "reason": e.message,
+                    "queue": format!("/v1/queue/{id}"),
+                });
+                return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
+            }
+            Err(e) => {
+                audit(&state, &caller, "sandbox.create", None, "failed").await;
+                return Err(e);
+            }
         }
     } else if !body.node_selector.is_empty() {
         return Err(ApiError::invalid(
@@ -658,7 +692,7 @@ async fn create_sandbox(
         outcome,
     )
     .await;
-    Ok((StatusCode::CREATED, Json(view(&result?))))
+    Ok((StatusCode::CREATED, Json(view(&result?))).into_response())
 }
 
 /// List sandboxes of the caller's tenant (all tenants for admins).

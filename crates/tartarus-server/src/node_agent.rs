@@ -147,7 +147,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .is_ok_and(|r| r.status().is_success())
     {
         if started.elapsed() > Duration::from_secs(60) {
-            return Err(AgentError::Refused("this node's own server did not start".to_string()));
+            return Err(AgentError::Refused(
+                "this node's own server did not start".to_string(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -104,10 +104,12 @@ pub struct QueueItem {
     pub reason: Option<String>,
     pub last_error: Option<String>,
     pub finished_ms: Option<i64>,
+    /// The sandbox it became, once dispatched.
+    pub sandbox: Option<String>,
 }
 
 const COLUMNS: &str = "id, lane, priority, tenant, payload, state, attempts, max_attempts, enqueued_ms, \
-    not_before_ms, leased_by, lease_expires_ms, reason, last_error, finished_ms";
+    not_before_ms, leased_by, lease_expires_ms, reason, last_error, finished_ms, sandbox";
 
 fn item_from_row(row: &sqlx::any::AnyRow) -> Result<QueueItem, StoreError> {
     let lane: String = row.try_get("lane")?;
@@ -127,6 +129,7 @@ fn item_from_row(row: &sqlx::any::AnyRow) -> Result<QueueItem, StoreError> {
         reason: row.try_get("reason")?,
         last_error: row.try_get("last_error")?,
         finished_ms: row.try_get("finished_ms")?,
+        sandbox: row.try_get("sandbox")?,
     })
 }
 
@@ -231,13 +234,25 @@ impl Store {
 
     /// The item was placed: done. False when `worker` no longer holds its lease (it was delivered again).
     pub async fn ack(&self, id: &str, worker: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.ack_with(id, worker, None, now_ms).await
+    }
+
+    /// [`Store::ack`], recording the sandbox the item became.
+    pub async fn ack_with(
+        &self,
+        id: &str,
+        worker: &str,
+        sandbox: Option<&str>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE queue SET state = 'done', finished_ms = $1, reason = NULL \
+            "UPDATE queue SET state = 'done', finished_ms = $1, reason = NULL, sandbox = $4 \
              WHERE id = $2 AND state = 'leased' AND leased_by = $3",
         )
         .bind(now_ms)
         .bind(id)
         .bind(worker)
+        .bind(sandbox)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -300,6 +315,18 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(item_from_row).transpose()
+    }
+
+    /// Items waiting (ready or leased), in dequeue order, of one tenant or all.
+    pub async fn queued(&self, tenant: Option<&str>) -> Result<Vec<QueueItem>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM queue WHERE state IN ('ready', 'leased') AND ($1 IS NULL OR tenant = $1) \
+             ORDER BY lane_rank, priority DESC, enqueued_ms, id"
+        ))
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(item_from_row).collect()
     }
 
     /// Dead letters, oldest first, of one tenant or all.

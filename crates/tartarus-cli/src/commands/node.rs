@@ -193,6 +193,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<u8> {
         database: None,
         database_wait: std::time::Duration::ZERO,
         node_timeout: std::time::Duration::from_secs(10),
+        queue_depth: 1000,
     };
     let config = AgentConfig {
         control,

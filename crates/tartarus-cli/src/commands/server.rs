@@ -57,6 +57,9 @@ pub struct ServerArgs {
     #[arg(long, default_value = "10s", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
     node_timeout: std::time::Duration,
+    /// Cluster mode: how many requests may wait for a node before creates get 429
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    queue_depth: i64,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -85,6 +88,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         database: args.database,
         database_wait: args.database_wait,
         node_timeout: args.node_timeout,
+        queue_depth: args.queue_depth,
         runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
