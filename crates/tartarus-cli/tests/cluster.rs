@@ -386,3 +386,91 @@ fn requests_wait_in_the_queue_until_a_node_has_room_and_a_full_queue_answers_429
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn placement_follows_taints_affinity_spreading_and_quarantine() {
+    let db = Database::new();
+    let dir = DataDir::new();
+    let server = start_server(&dir, &db);
+    let mut agents = Vec::new();
+    for (id, extra) in [
+        (
+            "gpu",
+            &["--taint", "gpu=true:NoSchedule", "--labels", "disk=ssd"][..],
+        ),
+        ("plain-1", &["--labels", "disk=hdd"][..]),
+        ("plain-2", &["--labels", "disk=hdd"][..]),
+        ("jail", &["--quarantine"][..]),
+    ] {
+        let secret = token(&server, id);
+        agents.push(agent(&server, id, &secret, extra));
+        wait_node(&server, id, |n| n["state"] == "ready");
+    }
+    let create = |body: Value| {
+        let (status, record) = call(
+            "POST",
+            &format!("{}/v1/sandboxes", server.base),
+            Some(&server.admin),
+            Some(body),
+        );
+        assert_eq!(status, 201, "{record}");
+        record
+    };
+    // Spread by the app label: two replicas of one app on two nodes; never on the tainted or quarantine node.
+    let web = json!({"labels": {"app": "web"}, "spread_by": "app"});
+    let (a, b) = (create(web.clone()), create(web));
+    let placed = [a["node"].as_str().unwrap(), b["node"].as_str().unwrap()];
+    assert!(placed.iter().all(|n| n.starts_with("plain-")), "{placed:?}");
+    assert_ne!(placed[0], placed[1], "the replicas were not spread");
+    // Preferring SSD and tolerating the GPU taint: the GPU node.
+    let gpu = create(json!({
+        "tolerations": [{"key": "gpu", "value": "true"}],
+        "node_affinity": [{"key": "disk", "value": "ssd", "weight": 100}],
+    }));
+    assert_eq!(gpu["node"], "gpu", "{gpu}");
+    assert!(gpu["placement"].as_str().unwrap().starts_with("gpu:"), "{gpu}");
+    // The quarantine class runs only on the quarantine node.
+    let jailed = create(json!({"class": "quarantine"}));
+    assert_eq!(jailed["node"], "jail", "{jailed}");
+    // tartarus inspect shows where and why.
+    let out = cli(
+        &server,
+        &server.admin,
+        &["inspect", gpu["id"].as_str().unwrap()],
+        b"",
+    );
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["node"], "gpu");
+    assert!(
+        shown["placement"].as_str().unwrap().contains("scored lower")
+            || shown["placement"].as_str().unwrap().contains("fail"),
+        "{shown}"
+    );
+    // Spreading by a label the sandbox does not have is refused, saying so.
+    let (status, error) = call(
+        "POST",
+        &format!("{}/v1/sandboxes", server.base),
+        Some(&server.admin),
+        Some(json!({"spread_by": "app"})),
+    );
+    assert_eq!(status, 422, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no label 'app'"),
+        "{error}"
+    );
+    for record in [&a, &b, &gpu, &jailed] {
+        call(
+            "DELETE",
+            &format!("{}/v1/sandboxes/{}", server.base, record["id"].as_str().unwrap()),
+            Some(&server.admin),
+            None,
+        );
+    }
+    for (mut child, _, _dir) in agents {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -46,6 +46,21 @@ pub struct CreateSandbox {
     /// Cluster mode: node labels the sandbox's node must have.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// Cluster mode: node taints this sandbox tolerates: `[{"key": "gpu", "value": "true"}]` (no value:
+    /// any value).
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub tolerations: Vec<tartarus_scheduler::Toleration>,
+    /// Cluster mode: node labels preferred, with weights 1-100: `[{"key": "disk", "value": "ssd", "weight": 50}]`.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub node_affinity: Vec<tartarus_scheduler::LabelTerm>,
+    /// Cluster mode: node labels avoided, with weights.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub node_anti_affinity: Vec<tartarus_scheduler::LabelTerm>,
+    /// Cluster mode: spread the sandboxes that share this label's value (e.g. `app`) over nodes.
+    pub spread_by: Option<String>,
     /// Cluster mode: the queue lane while no node has room: swift, main (default) or deep.
     pub lane: Option<String>,
     /// Cluster mode: priority within the lane (higher first; default 0).

@@ -33,6 +33,8 @@ pub struct ClusterConfig {
     pub node_timeout: Duration,
     /// Requests waiting in the queue beyond which creates are refused (429).
     pub queue_depth: i64,
+    /// How the scheduler scores nodes.
+    pub strategy: tartarus_scheduler::Strategy,
     /// This replica's name in leader terms.
     pub replica: String,
 }
@@ -59,6 +61,13 @@ pub struct NodeReport {
     /// The key the control plane uses to call this node's agent (its local admin key).
     #[serde(default)]
     pub api_key: String,
+    /// Resource classes this node is dedicated to (empty: it takes any request without a dedicated pool).
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub pools: std::collections::BTreeSet<String>,
+    /// A quarantine node: it takes only quarantined work, and quarantined work goes only to such nodes.
+    #[serde(default)]
+    pub quarantine: bool,
 }
 
 /// A heartbeat.
@@ -90,6 +99,8 @@ impl NodeReport {
         let mut node = Node::new(&self.id, self.capacity).map_err(|e| e.to_string())?;
         node.labels = self.labels.clone();
         node.taints = self.taints.clone();
+        node.pools = self.pools.clone();
+        node.quarantine = self.quarantine;
         node.validate().map_err(|e| e.to_string())?;
         let c = &self.capacity;
         if c.cpu_millis > MAX_CPU_MILLIS || c.memory_bytes > MAX_MEMORY_BYTES || c.gpus > MAX_GPUS {
@@ -198,6 +209,8 @@ pub async fn register(
         capacity: &to_json(&report.capacity)?,
         usage: &to_json(&report.usage)?,
         api_key: &report.api_key,
+        pools: &to_json(&report.pools)?,
+        quarantine: report.quarantine,
         now_ms: tartarus_store::now_ms(),
         stale_after_ms: config.node_timeout.as_millis() as i64,
     };
@@ -490,6 +503,14 @@ pub struct Wanted {
     pub class: Option<String>,
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tolerations: Vec<tartarus_scheduler::Toleration>,
+    #[serde(default)]
+    pub node_affinity: Vec<tartarus_scheduler::LabelTerm>,
+    #[serde(default)]
+    pub node_anti_affinity: Vec<tartarus_scheduler::LabelTerm>,
+    /// Spread sandboxes that share this label's value over nodes.
+    pub spread_by: Option<String>,
 }
 
 /// A new sandbox id (the same form as the manager's).
@@ -643,8 +664,21 @@ pub async fn place_on_node(
         labels,
         class,
         node_selector: selector,
-        ..
+        tolerations,
+        node_affinity,
+        node_anti_affinity,
+        spread_by,
     } = want;
+    // The group this sandbox spreads with: its own value of the `spread_by` label.
+    let group = match spread_by {
+        None => None,
+        Some(key) => Some(format!(
+            "{key}={}",
+            labels.get(key).ok_or_else(|| ApiError::invalid(format!(
+                "spread_by '{key}': the sandbox has no label '{key}' to spread by"
+            )))?
+        )),
+    };
     let (tenant, class) = (tenant.as_str(), class.as_deref());
     let _serial = state.placement.lock().await;
     // A queued request delivered again after its dispatcher died: already placed.
@@ -684,10 +718,21 @@ pub async fn place_on_node(
             "draining" => tartarus_scheduler::NodeState::Draining,
             _ => tartarus_scheduler::NodeState::Unreachable,
         };
+        node.pools = serde_json::from_str(&record.pools).unwrap_or_default();
+        node.quarantine = record.quarantine;
         for sandbox in live
             .iter()
             .filter(|s| s.node.as_deref() == Some(record.id.as_str()))
         {
+            if let (Some(group), Some(key)) = (&group, spread_by) {
+                if sandbox
+                    .labels
+                    .get(key)
+                    .is_some_and(|v| format!("{key}={v}") == *group)
+                {
+                    *node.groups.entry(group.clone()).or_default() += 1;
+                }
+            }
             let spec: tartarus_runtime::SandboxSpec = serde_json::from_str(&sandbox.spec).unwrap_or_default();
             let sum = node.allocated.saturating_add(requested(&spec));
             // What a node reports is what it has: never account more than that.
@@ -706,21 +751,28 @@ pub async fn place_on_node(
     let mut request = tartarus_scheduler::Request::new(&id, requested(spec));
     request.class = class.map(str::to_string);
     request.selector = selector.clone();
-    let placement = tartarus_scheduler::place(&request, &nodes, tartarus_scheduler::Strategy::LeastLoaded)
-        .map_err(|e| {
-            if e.never_fits {
-                ApiError::invalid(format!("no node could ever run this sandbox: {}", e.message))
-            } else {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no_capacity",
-                    format!(
-                        "no node has room for this sandbox now ({}); retry later",
-                        e.message
-                    ),
-                )
-            }
-        })?;
+    request.tolerations = tolerations.clone();
+    request.affinity = node_affinity.clone();
+    request.anti_affinity = node_anti_affinity.clone();
+    request.spread = group.is_some();
+    request.group = group;
+    request
+        .validate()
+        .map_err(|e| ApiError::invalid(format!("placement: {e}")))?;
+    let placement = tartarus_scheduler::place(&request, &nodes, state.cluster.strategy).map_err(|e| {
+        if e.never_fits {
+            ApiError::invalid(format!("no node could ever run this sandbox: {}", e.message))
+        } else {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                format!(
+                    "no node has room for this sandbox now ({}); retry later",
+                    e.message
+                ),
+            )
+        }
+    })?;
     let node = records
         .iter()
         .find(|n| n.id == placement.node)

@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub node_timeout: Duration,
     /// Requests waiting for a node beyond which creates are refused with 429.
     pub queue_depth: i64,
+    /// How the scheduler scores nodes.
+    pub placement: tartarus_scheduler::Strategy,
 }
 
 #[derive(Clone)]
@@ -426,6 +428,7 @@ pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -
         cluster: Arc::new(cluster::ClusterConfig {
             node_timeout: config.node_timeout,
             queue_depth: config.queue_depth,
+            strategy: config.placement,
             replica,
         }),
         leading,
@@ -629,6 +632,10 @@ async fn create_sandbox(
             labels: body.labels.clone(),
             class: classified.clone().or(body.class.clone()),
             node_selector: body.node_selector.clone(),
+            tolerations: body.tolerations.clone(),
+            node_affinity: body.node_affinity.clone(),
+            node_anti_affinity: body.node_anti_affinity.clone(),
+            spread_by: body.spread_by.clone(),
         };
         match cluster::place_on_node(&state, &want).await {
             Ok(Some(record)) => {

@@ -29,6 +29,10 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Overrides what the machine reports (tests, or reserving part of a machine).
     pub capacity: Option<Resources>,
+    /// Resource classes this node is dedicated to (empty: any).
+    pub pools: std::collections::BTreeSet<String>,
+    /// A quarantine node.
+    pub quarantine: bool,
     /// This machine's server (data directory, runtime settings); its `listen` is not used.
     pub server: crate::ServerConfig,
 }
@@ -170,6 +174,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             capacity,
             usage: machine_usage(&capacity),
             api_key: api_key.clone(),
+            pools: config.pools.clone(),
+            quarantine: config.quarantine,
         };
         let registered = http
             .post(format!("{base}/v1/nodes/register"))

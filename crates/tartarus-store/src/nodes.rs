@@ -40,6 +40,10 @@ pub struct NodeRecord {
     /// The key the control plane uses to call the node's agent (never shown).
     #[serde(skip)]
     pub api_key: String,
+    /// JSON array of the resource classes it is dedicated to (empty: any).
+    pub pools: String,
+    /// Takes only quarantined work.
+    pub quarantine: bool,
 }
 
 /// A registration as an agent sends it (validated by the server).
@@ -54,6 +58,9 @@ pub struct NodeRegistration<'a> {
     pub usage: &'a str,
     /// The key the control plane will use to call the agent.
     pub api_key: &'a str,
+    /// JSON array of resource classes.
+    pub pools: &'a str,
+    pub quarantine: bool,
     pub now_ms: i64,
     /// Another instance that has not sent a heartbeat for this long has lost the id.
     pub stale_after_ms: i64,
@@ -96,7 +103,7 @@ impl Leadership {
 
 const NODE_COLUMNS: &str =
     "id, instance, epoch, address, labels, taints, capacity, usage, state, registered_ms, \
-    last_heartbeat_ms, api_key";
+    last_heartbeat_ms, api_key, pools, quarantine";
 
 fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
     Ok(NodeRecord {
@@ -112,6 +119,8 @@ fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
         registered_ms: row.try_get("registered_ms")?,
         last_heartbeat_ms: row.try_get("last_heartbeat_ms")?,
         api_key: row.try_get("api_key")?,
+        pools: row.try_get("pools")?,
+        quarantine: row.try_get::<i64, _>("quarantine")? != 0,
     })
 }
 
@@ -147,7 +156,7 @@ impl Store {
     pub async fn register_node(&self, r: &NodeRegistration<'_>) -> Result<Registered, StoreError> {
         for _ in 0..4 {
             let inserted = sqlx::query(&format!(
-                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8, $9) \
+                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8, $9, $10, $11) \
                  ON CONFLICT (id) DO NOTHING"
             ))
             .bind(r.id)
@@ -159,6 +168,8 @@ impl Store {
             .bind(r.usage)
             .bind(r.now_ms)
             .bind(r.api_key)
+            .bind(r.pools)
+            .bind(i64::from(r.quarantine))
             .execute(&self.pool)
             .await?;
             if inserted.rows_affected() == 1 {
@@ -167,7 +178,8 @@ impl Store {
             // Taken over when it is this instance again, or the holder went quiet or unreachable.
             let updated = sqlx::query(&format!(
                 "UPDATE nodes SET instance = $2, epoch = epoch + 1, address = $3, labels = $4, taints = $5, \
-                 capacity = $6, usage = $7, state = 'ready', registered_ms = $8, last_heartbeat_ms = $8, api_key = $10 \
+                 capacity = $6, usage = $7, state = 'ready', registered_ms = $8, last_heartbeat_ms = $8, api_key = $10, \
+                 pools = $11, quarantine = $12 \
                  WHERE id = $1 AND (instance = $2 OR state = 'unreachable' OR last_heartbeat_ms < $9) \
                  RETURNING {NODE_COLUMNS}"
             ))
@@ -181,6 +193,8 @@ impl Store {
             .bind(r.now_ms)
             .bind(r.now_ms - r.stale_after_ms)
             .bind(r.api_key)
+            .bind(r.pools)
+            .bind(i64::from(r.quarantine))
             .fetch_optional(&self.pool)
             .await?;
             if let Some(row) = updated {
@@ -316,6 +330,8 @@ mod tests {
             capacity: r#"{"cpu_millis":2000,"memory_bytes":1073741824,"gpus":0}"#,
             usage: r#"{"cpu_millis":0,"memory_bytes":0,"gpus":0}"#,
             api_key: "tk_node",
+            pools: "[]",
+            quarantine: false,
             now_ms,
             stale_after_ms: 1_000,
         }

@@ -49,6 +49,12 @@ struct AgentArgs {
     /// Report this many CPUs instead of the machine's
     #[arg(long, value_name = "N")]
     cpus: Option<f64>,
+    /// Dedicate this node to a resource class (repeatable: ember, flame, blaze, inferno)
+    #[arg(long = "pool", value_name = "CLASS")]
+    pools: Vec<String>,
+    /// Make this a quarantine node: it takes only quarantined sandboxes
+    #[arg(long)]
+    quarantine: bool,
     /// This node's own state (sandboxes, SQLite) (default: DATA_DIR/node, see `apikey --help`)
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
@@ -194,6 +200,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<u8> {
         database_wait: std::time::Duration::ZERO,
         node_timeout: std::time::Duration::from_secs(10),
         queue_depth: 1000,
+        placement: tartarus_scheduler::Strategy::LeastLoaded,
     };
     let config = AgentConfig {
         control,
@@ -203,6 +210,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<u8> {
         taints,
         listen: args.listen,
         capacity,
+        pools: args.pools.iter().cloned().collect(),
+        quarantine: args.quarantine,
         server,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -60,6 +60,9 @@ pub struct ServerArgs {
     /// Cluster mode: how many requests may wait for a node before creates get 429
     #[arg(long, default_value_t = 1000, value_name = "N")]
     queue_depth: i64,
+    /// Cluster mode: how nodes are scored: least-loaded (spread load) or bin-pack (fill nodes)
+    #[arg(long, default_value = "least-loaded", value_name = "STRATEGY")]
+    placement: tartarus_scheduler::Strategy,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
@@ -89,6 +92,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         database_wait: args.database_wait,
         node_timeout: args.node_timeout,
         queue_depth: args.queue_depth,
+        placement: args.placement,
         runtime: super::run::runtime_config(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

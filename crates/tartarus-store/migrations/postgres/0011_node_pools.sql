@@ -1,0 +1,3 @@
+-- Nodes dedicated to resource classes, and quarantine nodes.
+ALTER TABLE nodes ADD COLUMN pools TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE nodes ADD COLUMN quarantine BIGINT NOT NULL DEFAULT 0;
