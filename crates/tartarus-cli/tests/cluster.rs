@@ -202,6 +202,13 @@ fn bad_tokens_nonsense_capacity_and_duplicate_ids_are_refused() {
     assert!(stderr.contains("held by another running agent"), "{stderr}");
     first.kill().unwrap();
     first.wait().unwrap();
+    // Removed: gone from the list, and its token no longer works.
+    let out = cli(&server, &server.admin, &["node", "rm", "w1"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_node_absent(&server, "w1"));
+    let (again, _, _d5) = agent(&server, "w1", &secret, &[]);
+    let (_, stderr) = finish(again);
+    assert!(stderr.contains("unknown node token"), "{stderr}");
     // Tokens need a key.
     let (status, _) = call(
         "POST",

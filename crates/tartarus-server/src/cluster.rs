@@ -334,6 +334,25 @@ pub async fn list_nodes(
     ))
 }
 
+/// Remove a node and its join token (its agent is refused from then on). Admin only. Its sandboxes still
+/// running are marked lost.
+#[utoipa::path(delete, path = "/v1/nodes/{id}", security(("api_key" = [])), responses((status = 204), (status = 404)))]
+pub async fn delete_node(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if caller.role != Role::Admin {
+        return Err(ApiError::forbidden("only admin keys may remove nodes"));
+    }
+    if !state.store.delete_node(&id).await? {
+        return Err(ApiError::not_found(format!("no node '{id}'")));
+    }
+    lose_sandboxes_of(&state, &id).await;
+    crate::audit(&state, &caller, "node.delete", Some(&id), "ok").await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateNodeToken {

@@ -113,7 +113,7 @@ pub struct AppState {
           records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
           records::build_dataset, records::list_datasets, cluster::register, cluster::heartbeat,
           cluster::list_nodes, cluster::create_token, cluster::cluster_status,
-          cluster::list_queue, cluster::get_queued),
+          cluster::list_queue, cluster::get_queued, cluster::delete_node),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
@@ -308,6 +308,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/trace", get(records::sandbox_trace))
         .route("/v1/nodes", get(cluster::list_nodes))
         .route("/v1/nodes/tokens", post(cluster::create_token))
+        .route("/v1/nodes/{id}", axum::routing::delete(cluster::delete_node))
         .route("/v1/nodes/register", post(cluster::register))
         .route("/v1/nodes/{id}/heartbeat", post(cluster::heartbeat))
         .route("/v1/cluster", get(cluster::cluster_status))

@@ -254,6 +254,19 @@ impl Store {
         rows.iter().map(node_from_row).collect()
     }
 
+    /// Removes a node and its join token (its agent can no longer register); false when unknown.
+    pub async fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
+        let token = sqlx::query("DELETE FROM node_tokens WHERE node_id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        let node = sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(token.rows_affected() + node.rows_affected() > 0)
+    }
+
     /// Marks ready nodes whose last heartbeat is older than `before_ms` unreachable; returns their ids.
     pub async fn mark_unreachable(&self, before_ms: i64) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
@@ -368,6 +381,11 @@ mod tests {
             assert!(!store.node_heartbeat("n1", "a", 1, "{}", 2_100).await.unwrap());
             assert!(store.node_heartbeat("n1", "b", 2, "{}", 2_100).await.unwrap());
             assert_eq!(store.nodes().await.unwrap().len(), 1);
+            // Removed: gone, and its token with it.
+            assert!(store.delete_node("n1").await.unwrap());
+            assert!(store.nodes().await.unwrap().is_empty());
+            assert_eq!(store.node_for_token(&token).await.unwrap(), None);
+            assert!(!store.delete_node("n1").await.unwrap());
         }
     }
 

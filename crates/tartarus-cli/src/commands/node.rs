@@ -70,6 +70,8 @@ enum NodeCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Remove a node and its token (admin); its sandboxes still running are marked lost
+    Rm { id: String },
     /// List registered nodes
     Ls {
         #[arg(long)]
@@ -106,6 +108,15 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<u8> {
             let created = Client::from_env()?.json("POST", "/v1/nodes/tokens", Some(json!({"id": id})))?;
             println!("{}", created["token"].as_str().unwrap_or_default());
             eprintln!("start the agent with: tartarus node --control URL --id {id} --token TOKEN");
+            Ok(0)
+        }
+        Some(NodeCommand::Rm { id }) => {
+            Client::from_env()?.json(
+                "DELETE",
+                &format!("/v1/nodes/{}", crate::client::encode(&id)),
+                None,
+            )?;
+            eprintln!("node {id} removed");
             Ok(0)
         }
         Some(NodeCommand::Ls { json }) => {
