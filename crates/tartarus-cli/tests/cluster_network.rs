@@ -276,6 +276,43 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
     );
     assert_eq!(out["status"], 200, "{out}");
     assert_eq!(out["body"]["stdout"], "from the node\n");
+    // The CLI works on it as on a local sandbox: a streamed exec with its exit code, files both ways.
+    let cli = |args: &[&str]| {
+        let config = tempfile::tempdir().unwrap();
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{outer}"))
+            .arg(bin())
+            .args(args)
+            .env("TARTARUS_HOST", &base)
+            .env("TARTARUS_API_KEY", &admin)
+            .env("XDG_CONFIG_HOME", config.path())
+            .output()
+            .unwrap()
+    };
+    let streamed = cli(&["exec", &id, "--", "sh", "-c", "echo streamed; exit 3"]);
+    assert_eq!(
+        streamed.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&streamed.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&streamed.stdout), "streamed\n");
+    let work = tempfile::tempdir().unwrap();
+    let local = work.path().join("in.txt");
+    std::fs::write(&local, b"to the node and back").unwrap();
+    let out = cli(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp/file.txt")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let back = work.path().join("back.txt");
+    let out = cli(&["cp", &format!("{id}:/tmp/file.txt"), back.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&back).unwrap(), b"to the node and back");
+    // Paused on its node: execs wait for a resume.
+    let paused = post(&format!("/v1/sandboxes/{id}/pause"), json!(null));
+    assert_eq!(paused["body"]["status"], "paused", "{paused}");
+    let refused = post(&format!("/v1/sandboxes/{id}/exec"), json!({"cmd": ["true"]}));
+    assert_eq!(refused["status"], 409, "{refused}");
+    let resumed = post(&format!("/v1/sandboxes/{id}/resume"), json!(null));
+    assert_eq!(resumed["body"]["status"], "running", "{resumed}");
     let on_disk = |n: usize| {
         std::fs::read_dir(node_dirs[n].path().join("sandboxes"))
             .map(|d| d.count())

@@ -1001,3 +1001,54 @@ pub async fn get_queued(
     item.payload = String::new();
     Ok(Json(item))
 }
+
+/// Forwards a request for a sandbox on a node as it is, and streams the node's answer back (status,
+/// content type and body): streaming exec (Server-Sent Events), logs (also followed), files, pause,
+/// resume and quarantine.
+pub async fn forward(
+    state: &AppState,
+    record: &tartarus_store::SandboxRecord,
+    method: reqwest::Method,
+    suffix: &str,
+    content_type: Option<&str>,
+    body: axum::body::Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let node = node_of(state, record)
+        .await?
+        .ok_or_else(|| ApiError::internal("not a node sandbox"))?;
+    let remote = record.remote_id.as_deref().unwrap_or_default();
+    let mut request = state
+        .stream_http
+        .request(
+            method,
+            format!("http://{}/v1/sandboxes/{remote}{suffix}", node.address),
+        )
+        .bearer_auth(&node.api_key)
+        .body(body);
+    if let Some(content_type) = content_type {
+        request = request.header(reqwest::header::CONTENT_TYPE, content_type);
+    }
+    let response = request.send().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!(
+                "node {} at {} did not answer: {}",
+                node.id,
+                node.address,
+                tartarus_runtime::error_chain(&e)
+            ),
+        )
+    })?;
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = response.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+    let body = axum::body::Body::from_stream(response.bytes_stream());
+    let mut answer = (status, body).into_response();
+    if let Some(value) = content_type.and_then(|v| axum::http::HeaderValue::from_bytes(v.as_bytes()).ok()) {
+        answer
+            .headers_mut()
+            .insert(axum::http::header::CONTENT_TYPE, value);
+    }
+    Ok(answer)
+}

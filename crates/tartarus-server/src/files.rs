@@ -79,7 +79,6 @@ async fn run(
 ) -> Result<Value, ApiError> {
     check_path(path)?;
     let record = find(state, caller, id).await?;
-    crate::local_only(&record, "the files API")?;
     if !record.status.is_live() {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}",
@@ -129,10 +128,19 @@ pub async fn put_file(
     Path(id): Path<String>,
     Query(query): Query<FileQuery>,
     body: Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require_mutate()?;
     if query.list.is_some() {
         return Err(ApiError::invalid("'list' applies to GET only"));
+    }
+    if let Some(answer) = on_node(&state, &caller, &id, reqwest::Method::PUT, &query, body.clone()).await? {
+        let outcome = if answer.status().is_success() {
+            "ok"
+        } else {
+            "failed"
+        };
+        audit(&state, &caller, "sandbox.file.write", Some(&id), outcome).await;
+        return Ok(answer);
     }
     let result = run(&state, &caller, &id, WRITE, &query.path, Some(&body)).await;
     audit(
@@ -143,7 +151,44 @@ pub async fn put_file(
         if result.is_ok() { "ok" } else { "failed" },
     )
     .await;
-    result.map(|_| StatusCode::NO_CONTENT)
+    result.map(|_| StatusCode::NO_CONTENT.into_response())
+}
+
+/// For a sandbox on a cluster node: the same request forwarded to the node (checked here first).
+async fn on_node(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    method: reqwest::Method,
+    query: &FileQuery,
+    body: Bytes,
+) -> Result<Option<Response>, ApiError> {
+    let record = find(state, caller, id).await?;
+    if record.node.is_none() {
+        return Ok(None);
+    }
+    check_path(&query.path)?;
+    let mut suffix = format!("/files?path={}", percent_encode(&query.path));
+    if let Some(list) = query.list {
+        suffix.push_str(&format!("&list={list}"));
+    }
+    let content_type = (method == reqwest::Method::PUT).then_some("application/octet-stream");
+    crate::cluster::forward(state, &record, method, &suffix, content_type, body)
+        .await
+        .map(Some)
+}
+
+/// Percent-encodes a query value.
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Read a file, or list a directory with `list=1`.
@@ -156,6 +201,9 @@ pub async fn get_file(
     Path(id): Path<String>,
     Query(query): Query<FileQuery>,
 ) -> Result<Response, ApiError> {
+    if let Some(answer) = on_node(&state, &caller, &id, reqwest::Method::GET, &query, Bytes::new()).await? {
+        return Ok(answer);
+    }
     let listing = query.list.is_some_and(|l| l != 0);
     let reply = run(
         &state,

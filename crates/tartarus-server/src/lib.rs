@@ -97,6 +97,8 @@ pub struct AppState {
     pub placement: Arc<tokio::sync::Mutex<()>>,
     /// For calls to node agents.
     pub http: reqwest::Client,
+    /// For streams forwarded from node agents (no overall time limit).
+    pub stream_http: reqwest::Client,
 }
 
 #[derive(OpenApi)]
@@ -437,6 +439,11 @@ pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -
         http: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| ServerError::Config(e.to_string()))?,
+        stream_http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?,
     };
@@ -867,7 +874,23 @@ async fn exec_sandbox(
     }
     if record.node.is_some() {
         if body.stream {
-            local_only(&record, "a streaming exec")?;
+            let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::internal(e.to_string()))?;
+            let answer = cluster::forward(
+                &state,
+                &record,
+                reqwest::Method::POST,
+                "/exec",
+                Some("application/json"),
+                bytes.into(),
+            )
+            .await;
+            let outcome = if answer.as_ref().is_ok_and(|r| r.status().is_success()) {
+                "ok"
+            } else {
+                "failed"
+            };
+            audit(&state, &caller, "sandbox.exec", Some(&id), outcome).await;
+            return answer;
         }
         let forwarded = serde_json::to_value(&body).map_err(|e| ApiError::internal(e.to_string()))?;
         let result = on_node(&state, &record, reqwest::Method::POST, "/exec", Some(forwarded)).await;
@@ -1025,7 +1048,18 @@ async fn logs_sandbox(
     use tokio::io::AsyncReadExt;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let record = find(&state, &caller, &id).await?;
-    local_only(&record, "logs")?;
+    if record.node.is_some() {
+        let suffix = format!("/logs?follow={}", query.follow.unwrap_or(false));
+        return cluster::forward(
+            &state,
+            &record,
+            reqwest::Method::GET,
+            &suffix,
+            None,
+            Default::default(),
+        )
+        .await;
+    }
     let path = std::path::Path::new(&record.dir).join("main.log");
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => Some(f),
@@ -1095,14 +1129,32 @@ async fn set_paused(
 ) -> Result<Json<SandboxView>, ApiError> {
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
-    local_only(&record, "pause and resume")?;
     if record.status != SandboxStatus::Running {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}",
             record.status.as_str()
         )));
     }
-    let result = state.manager.set_paused(&record, paused).await;
+    let result = match record.node.is_some() {
+        // On a node: its server freezes it; this record keeps the flag for views.
+        true => {
+            let suffix = if paused { "/pause" } else { "/resume" };
+            let (status, theirs) = on_node(&state, &record, reqwest::Method::POST, suffix, None).await?;
+            if status.is_success() {
+                state.store.set_paused(&id, paused).await.map_err(ApiError::from)
+            } else {
+                Err(ApiError::new(
+                    status,
+                    "node_refused",
+                    theirs["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the node refused")
+                        .to_string(),
+                ))
+            }
+        }
+        false => state.manager.set_paused(&record, paused).await,
+    };
     let action = if paused { "sandbox.pause" } else { "sandbox.resume" };
     audit(
         &state,

@@ -640,7 +640,7 @@ pub async fn quarantine_sandbox(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_mutate()?;
     let record = crate::find(&state, &caller, &id).await?;
-    crate::local_only(&record, "quarantine")?;
+    crate::local_only(&record, "operator quarantine")?;
     if record.status != SandboxStatus::Running {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}",
