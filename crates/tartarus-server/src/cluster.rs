@@ -845,6 +845,20 @@ pub async fn place_on_node(
     Ok(Some(record))
 }
 
+/// A node that did not answer a call.
+fn node_unreachable(node: &tartarus_store::NodeRecord, e: &reqwest::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "node_unreachable",
+        format!(
+            "node {} at {} did not answer: {}",
+            node.id,
+            node.address,
+            tartarus_runtime::error_chain(e)
+        ),
+    )
+}
+
 /// Calls a node's server with the key it registered; (status, JSON body).
 pub async fn node_call(
     state: &AppState,
@@ -860,18 +874,7 @@ pub async fn node_call(
     if let Some(body) = body {
         request = request.json(&body);
     }
-    let response = request.send().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "node_unreachable",
-            format!(
-                "node {} at {} did not answer: {}",
-                node.id,
-                node.address,
-                tartarus_runtime::error_chain(&e)
-            ),
-        )
-    })?;
+    let response = request.send().await.map_err(|e| node_unreachable(node, &e))?;
     let status = response.status().as_u16();
     let value = response.json().await.unwrap_or(serde_json::Value::Null);
     Ok((status, value))
@@ -1009,7 +1012,7 @@ pub async fn forward(
     state: &AppState,
     record: &tartarus_store::SandboxRecord,
     method: reqwest::Method,
-    suffix: &str,
+    (suffix, query): (&str, &[(&str, &str)]),
     content_type: Option<&str>,
     body: axum::body::Bytes,
 ) -> Result<axum::response::Response, ApiError> {
@@ -1024,23 +1027,13 @@ pub async fn forward(
             method,
             format!("http://{}/v1/sandboxes/{remote}{suffix}", node.address),
         )
+        .query(query)
         .bearer_auth(&node.api_key)
         .body(body);
     if let Some(content_type) = content_type {
         request = request.header(reqwest::header::CONTENT_TYPE, content_type);
     }
-    let response = request.send().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "node_unreachable",
-            format!(
-                "node {} at {} did not answer: {}",
-                node.id,
-                node.address,
-                tartarus_runtime::error_chain(&e)
-            ),
-        )
-    })?;
+    let response = request.send().await.map_err(|e| node_unreachable(&node, &e))?;
     let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = response.headers().get(reqwest::header::CONTENT_TYPE).cloned();
     let body = axum::body::Body::from_stream(response.bytes_stream());

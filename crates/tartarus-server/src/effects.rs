@@ -28,7 +28,6 @@ pub struct Effects {
     pub store: Store,
     /// The server's signing keys (`DATA_DIR/keys`): receipts and episodes.
     pub keyring: Arc<RwLock<Keyring>>,
-    pub keys_dir: Arc<Path>,
     pub blobs: Arc<BlobStore>,
     /// Secret literals of every sandbox: the declared tools' header values (credentials).
     pub tool_secrets: Arc<RwLock<Vec<String>>>,
@@ -45,8 +44,8 @@ impl Effects {
         blob_quota: u64,
         secret_names: Vec<String>,
     ) -> Result<Self, String> {
-        let keys_dir = data_dir.join("keys");
-        let keyring = Keyring::load_or_create(&keys_dir).map_err(|e| format!("signing keys: {e}"))?;
+        let keyring =
+            Keyring::load_or_create(&data_dir.join("keys")).map_err(|e| format!("signing keys: {e}"))?;
         let blobs = BlobStore::open(data_dir.join("blobs"), Quota::bytes_per_tenant(blob_quota))
             .map_err(|e| format!("blob store: {e}"))?;
         let mut names = Redactor::default_name_patterns();
@@ -55,7 +54,6 @@ impl Effects {
             gateways: Gateways::new(),
             store,
             keyring: Arc::new(RwLock::new(keyring)),
-            keys_dir: keys_dir.into(),
             blobs: Arc::new(blobs),
             tool_secrets: Arc::new(RwLock::new(Vec::new())),
             secret_names: names.into(),

@@ -168,27 +168,15 @@ async fn on_node(
         return Ok(None);
     }
     check_path(&query.path)?;
-    let mut suffix = format!("/files?path={}", percent_encode(&query.path));
-    if let Some(list) = query.list {
-        suffix.push_str(&format!("&list={list}"));
+    let list = query.list.map(|l| l.to_string());
+    let mut params = vec![("path", query.path.as_str())];
+    if let Some(list) = &list {
+        params.push(("list", list));
     }
     let content_type = (method == reqwest::Method::PUT).then_some("application/octet-stream");
-    crate::cluster::forward(state, &record, method, &suffix, content_type, body)
+    crate::cluster::forward(state, &record, method, ("/files", &params), content_type, body)
         .await
         .map(Some)
-}
-
-/// Percent-encodes a query value.
-fn percent_encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Read a file, or list a directory with `list=1`.

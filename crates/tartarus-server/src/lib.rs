@@ -192,7 +192,7 @@ pub async fn open_state_on(
     database: Option<&str>,
     wait: Duration,
 ) -> Result<Store, ServerError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let dir_err = |source| ServerError::DataDir {
         path: data_dir.display().to_string(),
         source,
@@ -208,6 +208,10 @@ pub async fn open_state_on(
         .recursive(true)
         .mode(0o700)
         .create(data_dir.join("sandboxes"))
+        .map_err(dir_err)?;
+    // Sandboxes' gateway sockets: traversable by their unprivileged ids, not listable.
+    std::fs::create_dir_all(data_dir.join("gateway")).map_err(dir_err)?;
+    std::fs::set_permissions(data_dir.join("gateway"), std::fs::Permissions::from_mode(0o711))
         .map_err(dir_err)?;
     let store = match database {
         None => Store::open(data_dir).await?,
@@ -879,7 +883,7 @@ async fn exec_sandbox(
                 &state,
                 &record,
                 reqwest::Method::POST,
-                "/exec",
+                ("/exec", &[]),
                 Some("application/json"),
                 bytes.into(),
             )
@@ -1049,12 +1053,16 @@ async fn logs_sandbox(
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let record = find(&state, &caller, &id).await?;
     if record.node.is_some() {
-        let suffix = format!("/logs?follow={}", query.follow.unwrap_or(false));
+        let follow = if query.follow.unwrap_or(false) {
+            "true"
+        } else {
+            "false"
+        };
         return cluster::forward(
             &state,
             &record,
             reqwest::Method::GET,
-            &suffix,
+            ("/logs", &[("follow", follow)]),
             None,
             Default::default(),
         )

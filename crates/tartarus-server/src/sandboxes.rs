@@ -282,16 +282,15 @@ impl Manager {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(io_err("creating the sandbox directory"))?;
-        // Traversable by the sandbox's unprivileged ids (which open it as a mount source), not listable.
+        // Traversable by the sandbox's unprivileged ids (which open it as a mount source), not listable;
+        // its parent is made so once, by `open_state`.
         let gateway = self.gateway_dir(&id);
-        tokio::fs::create_dir_all(&gateway)
+        tokio::fs::create_dir(&gateway)
             .await
             .map_err(io_err("creating the gateway directory"))?;
-        for path in [gateway.parent().unwrap_or(&gateway), &gateway] {
-            tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
-                .await
-                .map_err(io_err("creating the gateway directory"))?;
-        }
+        tokio::fs::set_permissions(&gateway, std::fs::Permissions::from_mode(0o711))
+            .await
+            .map_err(io_err("creating the gateway directory"))?;
         let spec_json = serde_json::to_string(spec).map_err(|e| ApiError::internal(e.to_string()))?;
         let mut started = spec.clone();
         started.mounts.push(tartarus_runtime::BindMount {

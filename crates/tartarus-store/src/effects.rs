@@ -148,6 +148,14 @@ pub struct DatasetRecord {
 const LEDGER_COLUMNS: &str = "tenant, key, tool, request_hash, state, epoch, holder, lease_expires_ms, \
     response_code, response_type, response_body, receipt, divergences";
 
+fn tool_from_row(row: &sqlx::any::AnyRow) -> Result<ToolRecord, StoreError> {
+    Ok(ToolRecord {
+        name: row.try_get("name")?,
+        definition: row.try_get("definition")?,
+        created_ms: row.try_get("created_ms")?,
+    })
+}
+
 fn ledger_from_row(row: &sqlx::any::AnyRow) -> Result<LedgerEntry, StoreError> {
     Ok(LedgerEntry {
         tenant: row.try_get("tenant")?,
@@ -224,29 +232,14 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| {
-            Ok(ToolRecord {
-                name: r.try_get("name")?,
-                definition: r.try_get("definition")?,
-                created_ms: r.try_get("created_ms")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(tool_from_row).transpose()
     }
 
     pub async fn tools(&self) -> Result<Vec<ToolRecord>, StoreError> {
         let rows = sqlx::query("SELECT name, definition, created_ms FROM tools ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ToolRecord {
-                    name: r.try_get("name")?,
-                    definition: r.try_get("definition")?,
-                    created_ms: r.try_get("created_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(tool_from_row).collect()
     }
 
     pub async fn delete_tool(&self, name: &str) -> Result<bool, StoreError> {

@@ -134,12 +134,29 @@ fn item_from_row(row: &sqlx::any::AnyRow) -> Result<QueueItem, StoreError> {
 }
 
 /// The delay before the next delivery after the `attempts`-th was rejected: 1 s, doubling, at most 5 min
-/// (the same table as the `CASE` in [`Store::reject`]).
+/// ([`Store::reject`] writes its SQL from this).
 pub fn retry_backoff_ms(attempts: i64) -> i64 {
     1_000i64
         .saturating_mul(1 << (attempts - 1).clamp(0, 9))
         .min(300_000)
 }
+
+/// [`Store::reject`]'s statement, its backoff table written out from [`retry_backoff_ms`] (the two engines
+/// share no power function on integers).
+static REJECT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let steps: String = (1..=9)
+        .map(|attempts| format!("WHEN {attempts} THEN {} ", retry_backoff_ms(attempts)))
+        .collect();
+    format!(
+        "UPDATE queue SET \
+           state = CASE WHEN $1 = 1 AND attempts < max_attempts THEN 'ready' ELSE 'dead' END, \
+           not_before_ms = $2 + CASE attempts {steps}ELSE {} END, \
+           finished_ms = CASE WHEN $1 = 1 AND attempts < max_attempts THEN NULL ELSE $2 END, \
+           last_error = $3, reason = $3, leased_by = NULL, lease_expires_ms = NULL \
+         WHERE id = $4 AND state = 'leased' AND leased_by = $5",
+        retry_backoff_ms(10)
+    )
+});
 
 /// The condition of a deliverable item at `$1` (now): ready and due, or leased with an expired lease.
 const DELIVERABLE: &str =
@@ -268,23 +285,14 @@ impl Store {
         retry: bool,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE queue SET \
-               state = CASE WHEN $1 = 1 AND attempts < max_attempts THEN 'ready' ELSE 'dead' END, \
-               not_before_ms = $2 + CASE attempts WHEN 1 THEN 1000 WHEN 2 THEN 2000 WHEN 3 THEN 4000 \
-                 WHEN 4 THEN 8000 WHEN 5 THEN 16000 WHEN 6 THEN 32000 WHEN 7 THEN 64000 WHEN 8 THEN 128000 \
-                 WHEN 9 THEN 256000 ELSE 300000 END, \
-               finished_ms = CASE WHEN $1 = 1 AND attempts < max_attempts THEN NULL ELSE $2 END, \
-               last_error = $3, reason = $3, leased_by = NULL, lease_expires_ms = NULL \
-             WHERE id = $4 AND state = 'leased' AND leased_by = $5",
-        )
-        .bind(i64::from(retry))
-        .bind(now_ms)
-        .bind(error)
-        .bind(id)
-        .bind(worker)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(&REJECT_SQL)
+            .bind(i64::from(retry))
+            .bind(now_ms)
+            .bind(error)
+            .bind(id)
+            .bind(worker)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 

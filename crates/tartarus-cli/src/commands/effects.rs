@@ -92,76 +92,72 @@ pub fn blob(args: BlobArgs) -> anyhow::Result<u8> {
             eprintln!("ok: {} is {expected}", file.display());
             Ok(0)
         }
-        command => {
+        BlobCommand::Put { file } => {
             let client = Client::from_env()?;
-            match command {
-                BlobCommand::Put { file } => {
-                    let answer = if file.as_os_str() == "-" {
-                        client.put_reader("/v1/blobs", std::io::stdin())?
-                    } else {
-                        let f = std::fs::File::open(&file)
-                            .with_context(|| format!("cannot open {}", file.display()))?;
-                        client.put_reader("/v1/blobs", f)?
-                    };
-                    println!("{}", answer["cid"].as_str().unwrap_or_default());
-                    let dedup = if answer["stored"] == false {
-                        " (already stored)"
-                    } else {
-                        ""
-                    };
-                    eprintln!("{} bytes{dedup}", answer["size"]);
-                    Ok(0)
-                }
-                BlobCommand::Get { cid, output, range } => {
-                    let id = parse_cid(&cid)?;
-                    match range {
-                        None => {
-                            // Verified again here, as it arrives: a server (or disk) that changed a byte is caught.
-                            let mut reader = client.get_reader(&format!("/v1/blobs/{id}"))?;
-                            let mut bytes = Vec::new();
-                            reader.read_to_end(&mut bytes).context("reading the blob")?;
-                            let actual = Cid::of_bytes(&bytes);
-                            if actual != id {
-                                bail!("the server sent bytes whose id is {actual}, not {id}: refusing them");
-                            }
-                            write_output(output.as_deref(), &bytes)?;
-                        }
-                        Some(range) => {
-                            let (start, end) = range
-                                .split_once('-')
-                                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
-                                .filter(|(a, b)| a <= b)
-                                .ok_or_else(|| {
-                                    anyhow::anyhow!("--range must be A-B with A <= B (byte offsets)")
-                                })?;
-                            let len = end - start + 1;
-                            let path = with_query(
-                                &format!("/v1/blobs/{id}"),
-                                &[format!("offset={start}"), format!("len={len}")],
-                            );
-                            let mut proof = Vec::new();
-                            client.get_reader(&path)?.read_to_end(&mut proof)?;
-                            let data = verify_range(&id, start, len, &proof)
-                                .map_err(|e| anyhow::anyhow!("the range proof does not verify: {e}"))?;
-                            write_output(output.as_deref(), &data)?;
-                        }
+            let answer = if file.as_os_str() == "-" {
+                client.put_reader("/v1/blobs", std::io::stdin())?
+            } else {
+                let f =
+                    std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+                client.put_reader("/v1/blobs", f)?
+            };
+            println!("{}", answer["cid"].as_str().unwrap_or_default());
+            let dedup = if answer["stored"] == false {
+                " (already stored)"
+            } else {
+                ""
+            };
+            eprintln!("{} bytes{dedup}", answer["size"]);
+            Ok(0)
+        }
+        BlobCommand::Get { cid, output, range } => {
+            let client = Client::from_env()?;
+            let id = parse_cid(&cid)?;
+            match range {
+                None => {
+                    // Verified again here, as it arrives: a server (or disk) that changed a byte is caught.
+                    let mut reader = client.get_reader(&format!("/v1/blobs/{id}"))?;
+                    let mut bytes = Vec::new();
+                    reader.read_to_end(&mut bytes).context("reading the blob")?;
+                    let actual = Cid::of_bytes(&bytes);
+                    if actual != id {
+                        bail!("the server sent bytes whose id is {actual}, not {id}: refusing them");
                     }
-                    Ok(0)
+                    write_output(output.as_deref(), &bytes)?;
                 }
-                BlobCommand::Rm { cid } => {
-                    client.json("DELETE", &format!("/v1/blobs/{}", parse_cid(&cid)?), None)?;
-                    Ok(0)
-                }
-                BlobCommand::Gc => {
-                    let report = client.json("POST", "/v1/blobs/gc", None)?;
-                    println!(
-                        "{} blobs removed, {} bytes freed",
-                        report["blobs_removed"], report["bytes_freed"]
+                Some(range) => {
+                    let (start, end) = range
+                        .split_once('-')
+                        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+                        .filter(|(a, b)| a <= b)
+                        .ok_or_else(|| anyhow::anyhow!("--range must be A-B with A <= B (byte offsets)"))?;
+                    let len = end - start + 1;
+                    let path = with_query(
+                        &format!("/v1/blobs/{id}"),
+                        &[format!("offset={start}"), format!("len={len}")],
                     );
-                    Ok(0)
+                    let mut proof = Vec::new();
+                    client.get_reader(&path)?.read_to_end(&mut proof)?;
+                    let data = verify_range(&id, start, len, &proof)
+                        .map_err(|e| anyhow::anyhow!("the range proof does not verify: {e}"))?;
+                    write_output(output.as_deref(), &data)?;
                 }
-                BlobCommand::Verify { .. } => unreachable!("handled above"),
             }
+            Ok(0)
+        }
+        BlobCommand::Rm { cid } => {
+            let client = Client::from_env()?;
+            client.json("DELETE", &format!("/v1/blobs/{}", parse_cid(&cid)?), None)?;
+            Ok(0)
+        }
+        BlobCommand::Gc => {
+            let client = Client::from_env()?;
+            let report = client.json("POST", "/v1/blobs/gc", None)?;
+            println!(
+                "{} blobs removed, {} bytes freed",
+                report["blobs_removed"], report["bytes_freed"]
+            );
+            Ok(0)
         }
     }
 }
@@ -331,50 +327,46 @@ pub fn receipts(args: ReceiptsArgs) -> anyhow::Result<u8> {
                 }
             }
         }
-        command => {
+        ReceiptsCommand::Ls { sandbox, json } => {
             let client = Client::from_env()?;
-            match command {
-                ReceiptsCommand::Ls { sandbox, json } => {
-                    let query: Vec<String> =
-                        sandbox.iter().map(|s| format!("sandbox={}", encode(s))).collect();
-                    let list = client.json("GET", &with_query("/v1/receipts", &query), None)?;
-                    if json {
-                        print_json(&list);
-                        return Ok(0);
-                    }
-                    println!(
-                        "{:<60} {:<16} {:<16} {:<7} {:<5} KEY",
-                        "ID", "SANDBOX", "TOOL", "STATUS", "CODE"
-                    );
-                    for r in list.as_array().into_iter().flatten() {
-                        println!(
-                            "{:<60} {:<16} {:<16} {:<7} {:<5} {}",
-                            r["id"].as_str().unwrap_or_default(),
-                            r["sandbox"].as_str().unwrap_or_default(),
-                            r["tool"].as_str().unwrap_or_default(),
-                            r["status"].as_str().unwrap_or_default(),
-                            r["code"]
-                                .as_i64()
-                                .map(|c| c.to_string())
-                                .unwrap_or_else(|| "-".into()),
-                            r["idempotency_key"].as_str().unwrap_or("-"),
-                        );
-                    }
+            let query: Vec<String> = sandbox.iter().map(|s| format!("sandbox={}", encode(s))).collect();
+            let list = client.json("GET", &with_query("/v1/receipts", &query), None)?;
+            if json {
+                print_json(&list);
+                return Ok(0);
+            }
+            println!(
+                "{:<60} {:<16} {:<16} {:<7} {:<5} KEY",
+                "ID", "SANDBOX", "TOOL", "STATUS", "CODE"
+            );
+            for r in list.as_array().into_iter().flatten() {
+                println!(
+                    "{:<60} {:<16} {:<16} {:<7} {:<5} {}",
+                    r["id"].as_str().unwrap_or_default(),
+                    r["sandbox"].as_str().unwrap_or_default(),
+                    r["tool"].as_str().unwrap_or_default(),
+                    r["status"].as_str().unwrap_or_default(),
+                    r["code"]
+                        .as_i64()
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    r["idempotency_key"].as_str().unwrap_or("-"),
+                );
+            }
+            Ok(0)
+        }
+        ReceiptsCommand::Show { id, output } => {
+            let client = Client::from_env()?;
+            let view = client.json("GET", &format!("/v1/receipts/{}", encode(&id)), None)?;
+            match output {
+                Some(path) => {
+                    let envelope = base64::engine::general_purpose::STANDARD
+                        .decode(view["envelope"].as_str().unwrap_or_default())
+                        .context("the server sent an unreadable envelope")?;
+                    write_output(Some(&path), &envelope)?;
+                    eprintln!("wrote the signed receipt to {}", path.display());
                 }
-                ReceiptsCommand::Show { id, output } => {
-                    let view = client.json("GET", &format!("/v1/receipts/{}", encode(&id)), None)?;
-                    match output {
-                        Some(path) => {
-                            let envelope = base64::engine::general_purpose::STANDARD
-                                .decode(view["envelope"].as_str().unwrap_or_default())
-                                .context("the server sent an unreadable envelope")?;
-                            write_output(Some(&path), &envelope)?;
-                            eprintln!("wrote the signed receipt to {}", path.display());
-                        }
-                        None => print_json(&view),
-                    }
-                }
-                ReceiptsCommand::Verify { .. } => unreachable!("handled above"),
+                None => print_json(&view),
             }
             Ok(0)
         }
@@ -504,41 +496,39 @@ pub fn episode(args: EpisodeArgs) -> anyhow::Result<u8> {
                 }
             }
         }
-        command => {
+        EpisodeCommand::Ls { json } => {
             let client = Client::from_env()?;
-            match command {
-                EpisodeCommand::Ls { json } => {
-                    let list = client.json("GET", "/v1/episodes", None)?;
-                    if json {
-                        print_json(&list);
-                        return Ok(0);
-                    }
-                    println!("{:<60} {:<16} {:<10} OUTCOME", "ID", "SANDBOX", "TENANT");
-                    for e in list.as_array().into_iter().flatten() {
-                        println!(
-                            "{:<60} {:<16} {:<10} {}",
-                            e["id"].as_str().unwrap_or_default(),
-                            e["sandbox"].as_str().unwrap_or_default(),
-                            e["tenant"].as_str().unwrap_or_default(),
-                            e["facts"]["outcome"].as_str().unwrap_or_default()
-                        );
-                    }
-                }
-                EpisodeCommand::Show { id } => {
-                    let mut view = client.json("GET", &format!("/v1/episodes/{}", encode(&id)), None)?;
-                    let signals =
-                        client.json("GET", &format!("/v1/episodes/{}/signals", encode(&id)), None)?;
-                    view["signals"] = signals;
-                    print_json(&view);
-                }
-                EpisodeCommand::Export { id, output } => {
-                    let mut reader = client.get_reader(&format!("/v1/episodes/{}/export", encode(&id)))?;
-                    let mut bytes = Vec::new();
-                    reader.read_to_end(&mut bytes)?;
-                    write_output(output.as_deref(), &bytes)?;
-                }
-                EpisodeCommand::Verify { .. } => unreachable!("handled above"),
+            let list = client.json("GET", "/v1/episodes", None)?;
+            if json {
+                print_json(&list);
+                return Ok(0);
             }
+            println!("{:<60} {:<16} {:<10} OUTCOME", "ID", "SANDBOX", "TENANT");
+            for e in list.as_array().into_iter().flatten() {
+                println!(
+                    "{:<60} {:<16} {:<10} {}",
+                    e["id"].as_str().unwrap_or_default(),
+                    e["sandbox"].as_str().unwrap_or_default(),
+                    e["tenant"].as_str().unwrap_or_default(),
+                    e["facts"]["outcome"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
+        EpisodeCommand::Show { id } => {
+            let client = Client::from_env()?;
+            let mut view = client.json("GET", &format!("/v1/episodes/{}", encode(&id)), None)?;
+            let signals = client.json("GET", &format!("/v1/episodes/{}/signals", encode(&id)), None)?;
+            view["signals"] = signals;
+            print_json(&view);
+            Ok(0)
+        }
+        EpisodeCommand::Export { id, output } => {
+            let client = Client::from_env()?;
+            let mut reader = client.get_reader(&format!("/v1/episodes/{}/export", encode(&id)))?;
+            let mut bytes = Vec::new();
+            reader.read_to_end(&mut bytes)?;
+            write_output(output.as_deref(), &bytes)?;
             Ok(0)
         }
     }

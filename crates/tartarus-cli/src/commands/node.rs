@@ -149,14 +149,7 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<u8> {
 }
 
 fn agent(args: AgentArgs) -> anyhow::Result<u8> {
-    tartarus_hostsys::ignore_sigpipe();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TARTARUS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    super::server::init_daemon();
     let control = args
         .control
         .ok_or_else(|| anyhow!("give the control plane: --control http://HOST:PORT"))?;
@@ -193,26 +186,10 @@ fn agent(args: AgentArgs) -> anyhow::Result<u8> {
             ))
         }
     };
-    let server = tartarus_server::ServerConfig {
-        listen: args.listen,
-        data_dir: args
-            .data_dir
-            .unwrap_or_else(|| super::apikey::default_data_dir().join("node")),
-        shim_exe: std::env::current_exe()?.with_file_name("tartarus"),
-        warm_pool: 0,
-        runtime: super::run::runtime_config(),
-        insecure_registries: Vec::new(),
-        event_retention: std::time::Duration::from_secs(720 * 3600),
-        enforcement_interval: std::time::Duration::from_secs(1),
-        classifier: None,
-        blob_quota: 10 << 30,
-        secret_env: Vec::new(),
-        database: None,
-        database_wait: std::time::Duration::ZERO,
-        node_timeout: std::time::Duration::from_secs(10),
-        queue_depth: 1000,
-        placement: tartarus_scheduler::Strategy::LeastLoaded,
-    };
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| super::apikey::default_data_dir().join("node"));
+    let server = super::server::default_config(args.listen, data_dir)?;
     let config = AgentConfig {
         control,
         token,

@@ -65,8 +65,9 @@ pub struct ServerArgs {
     placement: tartarus_scheduler::Strategy,
 }
 
-pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
-    // Clients and shims that go away must never kill the server.
+/// Start-up of a long-running daemon (the server, a node agent): peers that go away must never kill it
+/// (SIGPIPE ignored), and logs go to stderr at `TARTARUS_LOG` (default info).
+pub fn init_daemon() {
     tartarus_hostsys::ignore_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -76,7 +77,23 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = ServerConfig {
+}
+
+/// The server's settings with every flag at its default, listening on `listen` over `data_dir` with its
+/// state in SQLite there (a node agent's own server).
+pub fn default_config(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<ServerConfig> {
+    use clap::{Args as _, FromArgMatches as _};
+    let matches = ServerArgs::augment_args(clap::Command::new("server")).try_get_matches_from(["server"])?;
+    let mut args = ServerArgs::from_arg_matches(&matches)?;
+    args.listen = listen;
+    args.data_dir = Some(data_dir);
+    // Not from the environment either: a node keeps its own state.
+    args.database = None;
+    config(args)
+}
+
+fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
+    Ok(ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         // The shim is part of the lean `tartarus` binary, next to this one.
@@ -94,7 +111,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
         queue_depth: args.queue_depth,
         placement: args.placement,
         runtime: super::run::runtime_config(),
-    };
+    })
+}
+
+pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
+    init_daemon();
+    let config = config(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(tartarus_server::serve(config))?;
     Ok(0)
