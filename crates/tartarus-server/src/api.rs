@@ -129,3 +129,17 @@ pub struct ListQuery {
     /// `key=value`: only sandboxes with this label.
     pub label: Option<String>,
 }
+
+impl From<tartarus_shim::protocol::ExecOutput> for ExecResult {
+    fn from(output: tartarus_shim::protocol::ExecOutput) -> Self {
+        ExecResult {
+            exit_code: output.exit.exit_code,
+            signal: output.exit.signal,
+            stdout: output.stdout,
+            stderr: output.stderr,
+            wall_ms: output.exit.wall_ms,
+            timed_out: output.exit.timed_out,
+            truncated: output.truncated,
+        }
+    }
+}

@@ -16,7 +16,6 @@ use futures_util::future::BoxFuture;
 use ipld_core::ipld::Ipld;
 use tartarus_effects::episode::{Episode, Redactor, TraceRecord, EPISODE_FORMAT};
 use tartarus_effects::{BlobStore, Cid, Keyring, Quota};
-use tartarus_runtime::SandboxSpec;
 use tartarus_store::{EpisodeRecord, SandboxRecord, Store};
 
 use crate::error::ApiError;
@@ -81,8 +80,12 @@ impl Effects {
 
     /// The redactor for a sandbox's record (its environment as created).
     pub fn redactor_for(&self, record: &SandboxRecord) -> Redactor {
-        let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
-        self.redactor(&spec.env, &[])
+        // Without a readable spec the sandbox's own secrets are unknown; tool credentials and the secret
+        // name patterns still apply (and `record_start` writes no command or environment at all).
+        let env = crate::sandboxes::stored_spec(record)
+            .map(|spec| spec.env)
+            .unwrap_or_default();
+        self.redactor(&env, &[])
     }
 
     /// Signs with the current key.
@@ -130,21 +133,28 @@ impl Effects {
 
     /// The `sandbox.start` record.
     async fn record_start(&self, record: &SandboxRecord) {
-        let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
-        let redactor = self.redactor(&spec.env, &[]);
         let mut attrs = BTreeMap::new();
         attrs.insert("tenant".to_string(), Ipld::String(record.tenant.clone()));
         if let Some(template) = &record.template {
             attrs.insert("template".to_string(), Ipld::String(template.clone()));
         }
-        let argv = spec.command.iter().map(|a| redactor.text(a)).collect();
-        attrs.insert("cmd".to_string(), Ipld::List(argv));
-        let env = spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), redactor.env(k, v)))
-            .collect();
-        attrs.insert("env".to_string(), Ipld::Map(env));
+        // No trace without redaction: an unreadable spec leaves its command and environment out.
+        match crate::sandboxes::stored_spec(record) {
+            Ok(spec) => {
+                let redactor = self.redactor(&spec.env, &[]);
+                let argv = spec.command.iter().map(|a| redactor.text(a)).collect();
+                attrs.insert("cmd".to_string(), Ipld::List(argv));
+                let env = spec
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), redactor.env(k, v)))
+                    .collect();
+                attrs.insert("env".to_string(), Ipld::Map(env));
+            }
+            Err(_) => {
+                attrs.insert("spec".to_string(), Ipld::String("unreadable".to_string()));
+            }
+        }
         let labels = record
             .labels
             .iter()

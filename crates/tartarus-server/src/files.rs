@@ -1,39 +1,26 @@
 //! Files in a sandbox: `PUT`/`GET /v1/sandboxes/{id}/files?path=/abs/path` and `?list=1` for a directory.
 //!
-//! Transfers run as fixed shell scripts *inside* the sandbox (the path is an argument, never part of the
-//! script), as the sandbox user, under every wall an exec has: a path cannot reach outside the sandbox's
-//! root whatever symlinks it holds. `..` is refused up front; symlinks and device files are refused as
-//! targets, so a read cannot stream `/dev/zero` and a write cannot be redirected.
+//! The shim performs each transfer *inside* the sandbox, as the sandbox user, under every wall an exec has
+//! (no shell needed in the image). A path cannot reach outside the sandbox's root, `..` is refused up front,
+//! and a symlink anywhere in the path, or a target that is not a regular file (a device, a FIFO), is
+//! refused, so a read cannot stream `/dev/zero` and a write cannot be redirected.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use tartarus_shim::protocol::MAX_FILE_BYTES;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
+use crate::sandboxes::call_error;
 use crate::{audit, find, AppState};
 
-/// Largest file moved in one request (the shim caps captured output at the same size).
-pub const MAX_FILE: usize = 4 << 20;
-
-const WRITE: &str = r#"p=$1
-if [ -L "$p" ] || { [ -e "$p" ] && [ ! -f "$p" ]; }; then echo "not a regular file: $p" >&2; exit 3; fi
-d=${p%/*}; [ -d "${d:-/}" ] || { echo "no such directory: ${d:-/}" >&2; exit 4; }
-cat > "$p""#;
-const READ: &str = r#"p=$1
-if [ -L "$p" ] || { [ -e "$p" ] && [ ! -f "$p" ]; }; then echo "not a regular file: $p" >&2; exit 3; fi
-[ -e "$p" ] || { echo "no such file: $p" >&2; exit 4; }
-exec cat -- "$p""#;
-const LIST: &str = r#"p=$1
-[ -d "$p" ] && [ ! -L "$p" ] || { echo "no such directory: $p" >&2; exit 4; }
-exec find "$p" -mindepth 1 -maxdepth 1 -printf '%y\t%s\t%f\n'"#;
+/// Largest file moved in one request.
+pub const MAX_FILE: usize = MAX_FILE_BYTES;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -68,15 +55,13 @@ fn check_path(path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Runs one of the scripts on `path`; maps its refusals to API errors.
-async fn run(
+/// The local sandbox `id` that a file operation may use.
+async fn live_local(
     state: &AppState,
     caller: &Caller,
     id: &str,
-    script: &str,
     path: &str,
-    stdin: Option<&[u8]>,
-) -> Result<Value, ApiError> {
+) -> Result<tartarus_store::SandboxRecord, ApiError> {
     check_path(path)?;
     let record = find(state, caller, id).await?;
     if !record.status.is_live() {
@@ -85,37 +70,12 @@ async fn run(
             record.status.as_str()
         )));
     }
-    let mut request = json!({
-        "op": "exec", "command": ["/bin/sh", "-c", script, "sh", path], "binary_output": true, "timeout_ms": 60_000,
-    });
-    if let Some(bytes) = stdin {
-        request["stdin_base64"] = Value::String(BASE64.encode(bytes));
+    if record.paused {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id} is paused; resume it first"
+        )));
     }
-    let reply = state.manager.request(&record, request).await?;
-    if let Some(error) = reply.get("error") {
-        return Err(ApiError::internal(
-            error["message"]
-                .as_str()
-                .unwrap_or("file transfer failed")
-                .to_string(),
-        ));
-    }
-    let message = reply["stderr"].as_str().unwrap_or_default().trim().to_string();
-    match reply["exit_code"].as_i64() {
-        Some(0) if reply["truncated"] == true => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "files over 4 MiB cannot be read yet",
-        )),
-        Some(0) => Ok(reply),
-        Some(3) => Err(ApiError::invalid(message)),
-        Some(4) => Err(ApiError::not_found(message)),
-        _ => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("the sandbox refused: {message}"),
-        )),
-    }
+    Ok(record)
 }
 
 /// Write a file (the request body) inside a sandbox.
@@ -142,7 +102,22 @@ pub async fn put_file(
         audit(&state, &caller, "sandbox.file.write", Some(&id), outcome).await;
         return Ok(answer);
     }
-    let result = run(&state, &caller, &id, WRITE, &query.path, Some(&body)).await;
+    if body.len() > MAX_FILE {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "files over 4 MiB cannot be written yet",
+        ));
+    }
+    let result = match live_local(&state, &caller, &id, &query.path).await {
+        Ok(record) => state
+            .manager
+            .shim(&record)
+            .write_file(&query.path, body.to_vec())
+            .await
+            .map_err(|e| call_error(&id, e)),
+        Err(e) => Err(e),
+    };
     audit(
         &state,
         &caller,
@@ -193,37 +168,24 @@ pub async fn get_file(
         return Ok(answer);
     }
     let listing = query.list.is_some_and(|l| l != 0);
-    let reply = run(
-        &state,
-        &caller,
-        &id,
-        if listing { LIST } else { READ },
-        &query.path,
-        None,
-    )
-    .await?;
-    let bytes = BASE64
-        .decode(reply["stdout_base64"].as_str().unwrap_or_default())
-        .map_err(|e| ApiError::internal(format!("shim output: {e}")))?;
+    let record = live_local(&state, &caller, &id, &query.path).await?;
+    let shim = state.manager.shim(&record);
     if !listing {
+        let bytes = shim
+            .read_file(&query.path)
+            .await
+            .map_err(|e| call_error(&id, e))?;
         return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response());
     }
-    let entries: Vec<DirEntry> = String::from_utf8_lossy(&bytes)
-        .lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(3, '\t');
-            let kind = match parts.next()? {
-                "f" => "file",
-                "d" => "dir",
-                "l" => "symlink",
-                _ => "other",
-            };
-            let size = parts.next()?.parse().ok()?;
-            Some(DirEntry {
-                name: parts.next()?.to_string(),
-                kind,
-                size,
-            })
+    let entries: Vec<DirEntry> = shim
+        .list_dir(&query.path)
+        .await
+        .map_err(|e| call_error(&id, e))?
+        .into_iter()
+        .map(|entry| DirEntry {
+            name: entry.name,
+            kind: entry.kind.as_str(),
+            size: entry.size,
         })
         .collect();
     Ok(Json(entries).into_response())

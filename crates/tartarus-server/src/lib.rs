@@ -907,22 +907,21 @@ async fn exec_sandbox(
         return Ok((status, Json(answer)).into_response());
     }
     // The sandbox's own env first (pooled sandboxes start without one), then the request's.
-    let base: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
+    let base = sandboxes::stored_spec(&record)?;
     let env: Vec<(String, String)> = base.env.into_iter().chain(body.env.clone()).collect();
     // The sandbox's working directory (an image's or template's) unless the request names one.
     let workdir = body
         .cwd
         .clone()
         .or_else(|| base.workdir.map(|w| w.display().to_string()));
-    let request = json!({
-        "op": "exec",
-        "command": body.cmd,
-        "env": env,
-        "workdir": workdir,
-        "stdin": body.stdin,
-        "timeout_ms": body.timeout_s.map(|t| (t * 1000.0) as u64),
-        "stream": body.stream,
-    });
+    let request = tartarus_shim::protocol::ExecRequest {
+        command: body.cmd.clone(),
+        env: env.clone(),
+        workdir,
+        stdin: body.stdin.clone().unwrap_or_default().into_bytes(),
+        timeout_ms: body.timeout_s.map(|t| (t * 1000.0) as u64),
+        stream: body.stream,
+    };
     if body.stream {
         let result = state.manager.exec_stream(&record, request).await;
         let error = result.as_ref().err().map(|e| e.message.as_str());
@@ -937,7 +936,7 @@ async fn exec_sandbox(
         .await;
         return Ok(sse_exec(result?).into_response());
     }
-    let result = state.manager.exec(&record, request).await;
+    let result = state.manager.exec(&record, request).await.map(ExecResult::from);
     let error = result.as_ref().err().map(|e| e.message.as_str());
     trace_exec(&state, &record, (&body.cmd, &env), error, result.as_ref().ok()).await;
     audit(
@@ -1231,23 +1230,37 @@ async fn metrics_text(State(state): State<AppState>) -> Result<String, ApiError>
     Ok(handle.render())
 }
 
-/// Turns the shim's lines into Server-Sent Events: `stdout`/`stderr` with a JSON string, then `exit`.
-fn sse_exec(stream: sandboxes::ExecStream) -> impl axum::response::IntoResponse {
+/// Turns the shim's stream events into Server-Sent Events: `stdout`/`stderr` with a JSON string, then
+/// `exit` with `{exit_code, signal, wall_ms, timed_out}`.
+fn sse_exec(events: sandboxes::ExecEvents) -> impl axum::response::IntoResponse {
     use axum::response::sse::{Event, Sse};
-    let events = futures_util::stream::unfold(Some(stream), |state| async move {
-        let mut stream = state?;
-        let line = stream.lines.next_line().await.ok()??;
-        let value: serde_json::Value = serde_json::from_str(&line).ok()?;
-        let event = match value.get("stream").and_then(|s| s.as_str()) {
-            Some(name) => Event::default().event(name).data(value["data"].to_string()),
-            None => {
-                return Some((
-                    Ok::<_, std::convert::Infallible>(Event::default().event("exit").data(value.to_string())),
-                    None,
-                ))
-            }
-        };
-        Some((Ok(event), Some(stream)))
+    use tartarus_shim::protocol::StreamEvent;
+    let events = futures_util::stream::unfold(Some(events), |state| async move {
+        let mut events = state?;
+        loop {
+            let event = match events.next().await? {
+                Ok(StreamEvent::Output { stream, data }) => {
+                    let data = serde_json::Value::String(data).to_string();
+                    Event::default().event(stream.as_str()).data(data)
+                }
+                Ok(StreamEvent::Exit(exit)) => {
+                    let data = serde_json::to_string(&exit).unwrap_or_default();
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(Event::default().event("exit").data(data)),
+                        None,
+                    ));
+                }
+                Ok(StreamEvent::Started) => continue,
+                Err(e) => {
+                    tracing::error!(
+                        "a streaming exec's event is unreadable: {}",
+                        tartarus_runtime::error_chain(&e)
+                    );
+                    return None;
+                }
+            };
+            return Some((Ok(event), Some(events)));
+        }
     });
     Sse::new(events)
 }

@@ -20,6 +20,7 @@ use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::error::{json_rejection, ApiError, ErrorBody};
+use crate::sandboxes::CallError;
 use crate::{audit, AppState};
 
 /// The policies in force, loaded from the store at start and replaced on every change.
@@ -441,16 +442,32 @@ async fn usage(state: &AppState, tenant: &str, template: Option<&str>) -> Result
     let mut usage = Usage::default();
     for status in [SandboxStatus::Starting, SandboxStatus::Running] {
         for record in state.store.sandboxes(Some(tenant), Some(status)).await? {
-            let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
             usage.sandboxes += 1;
-            usage.cpu_cores += spec.limits.cpus.unwrap_or(0.0);
-            usage.memory_mb += spec.limits.memory_bytes.map(|b| b >> 20).unwrap_or(0);
+            // A record whose spec cannot be read counts as the largest class: a quota never under-counts.
+            let (cpus, memory_mb) = match crate::sandboxes::stored_spec(&record) {
+                Ok(spec) => (
+                    spec.limits.cpus.unwrap_or(0.0),
+                    spec.limits.memory_bytes.map(|b| b >> 20).unwrap_or(0),
+                ),
+                Err(_) => largest_class(),
+            };
+            usage.cpu_cores += cpus;
+            usage.memory_mb += memory_mb;
             if template.is_some() && record.template.as_deref() == template {
                 usage.template_instances += 1;
             }
         }
     }
     Ok(usage)
+}
+
+/// The CPUs and memory of the largest resource class.
+fn largest_class() -> (f64, u64) {
+    tartarus_policy::RESOURCE_CLASSES
+        .iter()
+        .fold((0.0, 0), |(cpus, memory), c| {
+            (cpus.max(c.cpus), memory.max(c.memory_mb))
+        })
 }
 
 /// The enforcement loop: for every running sandbox, watches its blocked-packet counter (egress) and its
@@ -469,25 +486,42 @@ pub fn spawn_enforcement(state: AppState, every: std::time::Duration) {
                 continue;
             };
             seen.retain(|id, _| live.iter().any(|r| &r.id == id));
-            // Sandboxes on cluster nodes are enforced by their node's server.
-            for record in live.iter().filter(|r| !r.paused && r.node.is_none()) {
-                let Ok(status) = state.manager.request(record, json!({"op": "status"})).await else {
-                    continue;
-                };
-                let blocked = status["blocked_packets"].as_u64().unwrap_or(0);
-                let hits = status["limit_hits"]["oom_kills"].as_u64().unwrap_or(0)
-                    + status["limit_hits"]["pids_limit_hits"].as_u64().unwrap_or(0);
-                let (blocked_before, hits_before) =
-                    seen.insert(record.id.clone(), (blocked, hits)).unwrap_or((0, 0));
-                if blocked > blocked_before {
-                    enforce_network(&state, record, blocked - blocked_before).await;
-                } else if hits > hits_before {
-                    enforce_resources(&state, record, hits - hits_before).await;
+            // Sandboxes on cluster nodes are enforced by their node's server. Every shim is asked at once,
+            // each call with its own deadline, so one shim that does not answer delays nobody else.
+            let local: Vec<_> = live.iter().filter(|r| !r.paused && r.node.is_none()).collect();
+            for chunk in local.chunks(ENFORCEMENT_CONCURRENCY) {
+                let statuses = futures_util::future::join_all(
+                    chunk
+                        .iter()
+                        .map(|record| async { (*record, state.manager.shim(record).status().await) }),
+                )
+                .await;
+                for (record, status) in statuses {
+                    let status = match status {
+                        Ok(status) => status,
+                        Err(CallError::NotRunning) => continue,
+                        Err(e) => {
+                            tracing::warn!(sandbox = %record.id, tenant = %record.tenant, "enforcement: {}", tartarus_runtime::error_chain(&e));
+                            continue;
+                        }
+                    };
+                    let blocked = status.blocked_packets.unwrap_or(0);
+                    let hits = status.limit_hits.total();
+                    let (blocked_before, hits_before) =
+                        seen.insert(record.id.clone(), (blocked, hits)).unwrap_or((0, 0));
+                    if blocked > blocked_before {
+                        enforce_network(&state, record, blocked - blocked_before).await;
+                    } else if hits > hits_before {
+                        enforce_resources(&state, record, hits - hits_before).await;
+                    }
                 }
             }
         }
     });
 }
+
+/// Shims the enforcement loop asks at once.
+const ENFORCEMENT_CONCURRENCY: usize = 64;
 
 async fn enforce_resources(state: &AppState, record: &tartarus_store::SandboxRecord, new_hits: u64) {
     use tartarus_policy::ResourceViolationAction as Action;
@@ -505,10 +539,13 @@ async fn enforce_resources(state: &AppState, record: &tartarus_store::SandboxRec
     let (kind, message) = match action {
         None => ("resources.violation", format!("sandbox {id} {what}")),
         Some(Action::Throttle) => {
-            let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
-            let cpus = (spec.limits.cpus.unwrap_or(1.0) / 4.0).max(0.05);
-            match state.manager.request(record, json!({"op": "throttle", "cpus": cpus})).await {
-                Ok(reply) if reply["throttled"] == true => (
+            // A spec that cannot be read throttles from one core, as one without a CPU limit does.
+            let cpu_limit = crate::sandboxes::stored_spec(record)
+                .ok()
+                .and_then(|spec| spec.limits.cpus);
+            let cpus = (cpu_limit.unwrap_or(1.0) / 4.0).max(0.05);
+            match state.manager.shim(record).throttle(cpus).await {
+                Ok(reply) if reply.throttled => (
                     "resources.throttle",
                     format!("sandbox {id} {what}; CPU quota lowered to {cpus} core(s) (on_resource_violation: throttle)"),
                 ),
@@ -516,7 +553,10 @@ async fn enforce_resources(state: &AppState, record: &tartarus_store::SandboxRec
                     "resources.violation",
                     format!("sandbox {id} {what}; it has no CPU limit to throttle (give it resources.cpus)"),
                 ),
-                Err(e) => ("resources.throttle_failed", format!("sandbox {id} {what}; throttling failed: {}", e.message)),
+                Err(e) => (
+                    "resources.throttle_failed",
+                    format!("sandbox {id} {what}; throttling failed: {}", tartarus_runtime::error_chain(&e)),
+                ),
             }
         }
         Some(Action::Kill) => match state.manager.kill(record).await {
@@ -614,18 +654,12 @@ async fn enforce_network(state: &AppState, record: &tartarus_store::SandboxRecor
 /// Quarantines a running sandbox: its egress network is cut off and every process frozen, kept for an
 /// operator to inspect (`resume` thaws it; the network stays cut).
 pub async fn quarantine(state: &AppState, record: &tartarus_store::SandboxRecord) -> Result<(), ApiError> {
-    let reply = state.manager.request(record, json!({"op": "isolate"})).await?;
-    if let Some(error) = reply.get("error") {
-        let message = error["message"]
-            .as_str()
-            .unwrap_or("quarantine failed")
-            .to_string();
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            message,
-        ));
-    }
+    state
+        .manager
+        .shim(record)
+        .isolate()
+        .await
+        .map_err(|e| crate::sandboxes::call_error(&record.id, e))?;
     state.store.set_paused(&record.id, true).await?;
     Ok(())
 }

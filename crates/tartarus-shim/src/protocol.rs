@@ -518,7 +518,11 @@ mod tests {
             let line = encode(&RequestLine::new(request.clone()));
             let back: RequestLine = decode(&line).unwrap();
             assert_eq!(back.request, request);
-            assert!(line.starts_with(b"{\"v\":1,"), "{}", String::from_utf8_lossy(&line));
+            assert!(
+                line.starts_with(b"{\"v\":1,"),
+                "{}",
+                String::from_utf8_lossy(&line)
+            );
         }
     }
 
@@ -529,7 +533,10 @@ mod tests {
         let err = encode(&ReplyLine::<Done>::error(ErrorCode::Paused, "resume it first"));
         let reply: ReplyLine<Done> = decode(&err).unwrap();
         match reply.into_result() {
-            Err(ReplyError::Shim(e)) => assert_eq!((e.code, e.message.as_str()), (ErrorCode::Paused, "resume it first")),
+            Err(ReplyError::Shim(e)) => assert_eq!(
+                (e.code, e.message.as_str()),
+                (ErrorCode::Paused, "resume it first")
+            ),
             other => panic!("{other:?}"),
         }
     }
@@ -561,7 +568,10 @@ mod tests {
         let exit: StreamLine =
             decode(br#"{"v":1,"event":"exit","exit_code":3,"signal":null,"wall_ms":1.5,"timed_out":false}"#)
                 .unwrap();
-        assert!(matches!(exit.event, StreamEvent::Exit(ExecExit { exit_code: 3, .. })));
+        assert!(matches!(
+            exit.event,
+            StreamEvent::Exit(ExecExit { exit_code: 3, .. })
+        ));
         let failed = Handshake {
             v: VERSION,
             state: HandshakeState::Failed(StartFailure {

@@ -5,29 +5,25 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures_util::future::BoxFuture;
-use serde_json::{json, Value};
 use tartarus_runtime::SandboxSpec;
+use tartarus_shim::protocol::{EndReason, ErrorCode, ExecRequest, RunState, StartFailureKind};
 use tartarus_store::{now_ms, Finish, NewEvent, SandboxRecord, SandboxStatus, Store};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::sync::watch;
 
-use crate::api::ExecResult;
+pub use self::shim_client::{CallError, ExecEvents, SandboxDir, ShimClient, ShimLauncher};
 use crate::error::ApiError;
 
-/// How long a shim may take to report `ready`.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+mod shim_client;
 
 pub struct Manager {
     store: Store,
     data_dir: PathBuf,
-    shim_exe: PathBuf,
+    launcher: ShimLauncher,
     /// The `node` metrics label.
     node: String,
     /// Per live sandbox: becomes true once its outcome is recorded.
@@ -148,7 +144,7 @@ impl Manager {
         Arc::new(Manager {
             store,
             data_dir,
-            shim_exe,
+            launcher: ShimLauncher::new(shim_exe),
             node: crate::metrics::node_name(),
             done: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::from([(DEFAULT_POOL.to_string(), default_pool)])),
@@ -169,7 +165,7 @@ impl Manager {
 
     /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python shim).
     pub fn shim_exe(&self) -> &Path {
-        &self.shim_exe
+        self.launcher.exe()
     }
 
     /// Sets up (or replaces) a warm pool and starts filling it. Sandboxes of a replaced pool whose spec
@@ -222,55 +218,6 @@ impl Manager {
             .ok()
             .and_then(|pools| pools.get(key).map(|p| p.ready.len()))
             .unwrap_or(0)
-    }
-
-    fn socket(dir: &Path) -> PathBuf {
-        dir.join("shim.sock")
-    }
-
-    /// Starts a shim for the spec in `dir` and waits for `ready`; on failure returns the shim's exit code
-    /// and its last log line.
-    async fn start_shim(&self, dir: &Path) -> Result<(tokio::process::Child, i64), (Option<i32>, String)> {
-        let fail = |e: std::io::Error| (None, format!("starting the shim: {e}"));
-        let shim_log = std::fs::File::create(dir.join("shim.log")).map_err(fail)?;
-        let mut child = tokio::process::Command::new(&self.shim_exe)
-            .arg("shim")
-            .arg("--socket")
-            .arg(Self::socket(dir))
-            .arg("--spec")
-            .arg(dir.join("spec.json"))
-            .arg("--result")
-            .arg(dir.join("result.json"))
-            .arg("--log")
-            .arg(dir.join("main.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(shim_log)
-            // Its own process group: a Ctrl-C to the server must not reach sandboxes.
-            .process_group(0)
-            .spawn()
-            .map_err(fail)?;
-        let pid = child.id().unwrap_or(0) as i64;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or((None, "shim has no stdout".to_string()))?;
-        let mut line = String::new();
-        let ready = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
-        if matches!(ready, Ok(Ok(n)) if n > 0 && line.starts_with("ready ")) {
-            return Ok((child, pid));
-        }
-        let _ = child.start_kill();
-        let status = child.wait().await.ok().and_then(|s| s.code());
-        let log = tokio::fs::read_to_string(dir.join("shim.log"))
-            .await
-            .unwrap_or_default();
-        let message = log
-            .lines()
-            .last()
-            .unwrap_or("the sandbox did not start")
-            .trim_start_matches("tartarus: ");
-        Err((status, message.to_string()))
     }
 
     /// Creates `DIR/sandboxes/<new id>/spec.json` and the sandbox's gateway directory, which the spec
@@ -331,53 +278,40 @@ impl Manager {
                 let mut record = new_record(&id, tenant, &dir, spec_json, labels.clone());
                 record.template = template.map(str::to_string);
                 self.store.insert_sandbox(&record).await?;
-                match self.start_shim(&dir).await {
-                    Ok((child, pid)) => (id, dir, child, pid, true),
-                    Err((status, message)) => {
+                match self.launcher.launch(&SandboxDir::new(&dir)).await {
+                    Ok(shim) => (id, dir, shim.child, shim.pid, true),
+                    Err(e) => {
+                        let message = tartarus_runtime::error_chain(&e);
                         let finish = Finish {
                             status: SandboxStatus::Failed,
-                            exit_code: status.map(i64::from),
+                            exit_code: e.exit_code().map(i64::from),
                             reason: &message,
                         };
                         self.store.finish_sandbox(&id, &finish).await?;
                         // A dead letter: what was asked for and why it did not start, for operators.
-                        let details = serde_json::to_string(&spec).unwrap_or_default();
+                        let details = serde_json::to_string(&spec).ok();
                         let dead_letter = NewEvent {
                             category: "dead_letter",
                             kind: "start.failed",
                             sandbox: Some(&id),
                             tenant: Some(tenant),
                             message: &format!("sandbox {id} did not start: {message}"),
-                            details: Some(&details),
+                            details: details.as_deref(),
                         };
                         if let Err(e) = self.store.record_event(&dead_letter).await {
-                            tracing::error!(sandbox = %id, "recording a dead letter failed: {e}");
+                            tracing::error!(sandbox = %id, "recording a dead letter failed: {}", tartarus_runtime::error_chain(&e));
                         }
                         metrics::counter!(crate::metrics::TOTAL, "template" => template_label, "status" => "failed")
                             .increment(1);
                         let _ = tokio::fs::remove_dir_all(&dir).await;
                         let _ = tokio::fs::remove_dir_all(self.gateway_dir(&id)).await;
-                        return Err(match status {
-                            Some(127) => {
-                                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
-                            }
-                            Some(126) => {
-                                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message)
-                            }
-                            Some(125) => ApiError::invalid(message),
-                            _ => ApiError::internal(format!("sandbox did not start: {message}")),
-                        });
+                        return Err(start_error(&id, &e, message));
                     }
                 }
             }
         };
-        let mut record = new_record(
-            &id,
-            tenant,
-            &dir,
-            serde_json::to_string(&spec).unwrap_or_default(),
-            labels,
-        );
+        let spec_json = serde_json::to_string(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut record = new_record(&id, tenant, &dir, spec_json, labels);
         record.template = template.map(str::to_string);
         if !inserted {
             self.store.insert_sandbox(&record).await?;
@@ -442,17 +376,17 @@ impl Manager {
                 let Ok((id, dir, _)) = manager.prepare_dir(&spec.spec).await else {
                     break;
                 };
-                let (mut child, pid) = match manager.start_shim(&dir).await {
-                    Ok(started) => started,
-                    Err((_, message)) => {
-                        tracing::error!(pool = %key, "warm pool: a sandbox did not start: {message}");
+                let (mut child, pid) = match manager.launcher.launch(&SandboxDir::new(&dir)).await {
+                    Ok(shim) => (shim.child, shim.pid),
+                    Err(e) => {
+                        tracing::error!(pool = %key, "warm pool: a sandbox did not start: {}", tartarus_runtime::error_chain(&e));
                         let _ = tokio::fs::remove_dir_all(&dir).await;
                         let _ = tokio::fs::remove_dir_all(manager.gateway_dir(&id)).await;
                         break;
                     }
                 };
                 if let Some(probe) = &spec.warm_probe {
-                    if let Err(message) = manager.probe(&id, &dir, &spec.spec, probe).await {
+                    if let Err(message) = manager.probe(&dir, &spec.spec, probe).await {
                         tracing::error!(pool = %key, "warm pool: a sandbox did not warm up: {message}");
                         let _ = child.start_kill();
                         let _ = child.wait().await;
@@ -485,25 +419,19 @@ impl Manager {
     }
 
     /// Runs a pool's readiness probe in a just-started sandbox.
-    async fn probe(
-        &self,
-        id: &str,
-        dir: &Path,
-        spec: &SandboxSpec,
-        command: &[String],
-    ) -> Result<(), String> {
-        let record = new_record(id, "", dir, String::new(), Default::default());
-        let request = json!({
-            "op": "exec",
-            "command": command,
-            "env": spec.env,
-            "workdir": null,
-            "stdin": null,
-            "timeout_ms": 600_000,
-            "stream": false,
-        });
-        let result = self.exec(&record, request).await.map_err(|e| e.message)?;
-        match result.exit_code {
+    async fn probe(&self, dir: &Path, spec: &SandboxSpec, command: &[String]) -> Result<(), String> {
+        let request = ExecRequest {
+            command: command.to_vec(),
+            env: spec.env.clone(),
+            timeout_ms: Some(600_000),
+            ..ExecRequest::default()
+        };
+        let client = ShimClient::new(&SandboxDir::new(dir));
+        let result = client
+            .exec(request)
+            .await
+            .map_err(|e| tartarus_runtime::error_chain(&e))?;
+        match result.exit.exit_code {
             0 => Ok(()),
             code => Err(format!("probe exited with {code}: {}", result.stderr.trim())),
         }
@@ -511,21 +439,25 @@ impl Manager {
 
     /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).
     async fn finalize(&self, id: &str, dir: &Path, missing: &str) {
-        let result: Option<Value> = tokio::fs::read_to_string(dir.join("result.json"))
-            .await
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok());
-        let outcome = match &result {
-            Some(r) => {
-                let reason = r["reason"].as_str().unwrap_or("exited");
-                let status = if reason == "exited" {
-                    SandboxStatus::Exited
-                } else {
-                    SandboxStatus::Killed
+        let sandbox_dir = SandboxDir::new(dir);
+        let outcome = match sandbox_dir.read_result().await {
+            Ok(Some(r)) => {
+                let status = match r.reason {
+                    EndReason::Exited => SandboxStatus::Exited,
+                    _ => SandboxStatus::Killed,
                 };
-                (status, r["exit_code"].as_i64(), reason.to_string())
+                (
+                    status,
+                    Some(i64::from(r.exit_code)),
+                    r.reason.as_str().to_string(),
+                )
             }
-            None => (SandboxStatus::Lost, None, missing.to_string()),
+            Ok(None) => (SandboxStatus::Lost, None, missing.to_string()),
+            Err(e) => {
+                let cause = tartarus_runtime::error_chain(&e);
+                tracing::error!(sandbox = id, "{cause}");
+                (SandboxStatus::Lost, None, format!("{missing}: {cause}"))
+            }
         };
         let finish = Finish {
             status: outcome.0,
@@ -535,7 +467,11 @@ impl Manager {
         metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => outcome.0.as_str())
             .increment(1);
         if let Err(e) = self.store.finish_sandbox(id, &finish).await {
-            tracing::error!(sandbox = id, "recording the outcome failed: {e}");
+            tracing::error!(
+                sandbox = id,
+                "recording the outcome failed: {}",
+                tartarus_runtime::error_chain(&e)
+            );
         }
         let enforced = match outcome.2.as_str() {
             "timeout" => Some((
@@ -571,7 +507,7 @@ impl Manager {
                 tracing::error!(sandbox = id, "recording an event failed: {e}");
             }
         }
-        let _ = tokio::fs::remove_file(Self::socket(dir)).await;
+        let _ = tokio::fs::remove_file(sandbox_dir.socket()).await;
         if let Some(hooks) = self.lifecycle.get() {
             hooks.ended(id).await;
         }
@@ -581,75 +517,44 @@ impl Manager {
         }
     }
 
-    /// Connects to the sandbox's shim, sends `request`, and returns its first reply line with the
-    /// connection (reader for further lines, writer kept open).
-    async fn open(
+    /// The client of a local sandbox's shim.
+    pub fn shim(&self, record: &SandboxRecord) -> ShimClient {
+        ShimClient::new(&SandboxDir::new(&record.dir))
+    }
+
+    /// Starts a streaming exec; returns its events after `started`.
+    pub async fn exec_stream(
         &self,
         record: &SandboxRecord,
-        request: &Value,
-    ) -> Result<(String, ShimConnection), ApiError> {
-        let gone = || ApiError::conflict(format!("sandbox {} is not running", record.id));
-        let stream = UnixStream::connect(Self::socket(Path::new(&record.dir)))
+        request: ExecRequest,
+    ) -> Result<ExecEvents, ApiError> {
+        self.shim(record)
+            .exec_stream(request)
             .await
-            .map_err(|_| gone())?;
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{request}\n").as_bytes())
-            .await
-            .map_err(|_| gone())?;
-        let mut lines = BufReader::new(read).lines();
-        let first = lines.next_line().await.map_err(|_| gone())?.ok_or_else(gone)?;
-        Ok((first, ShimConnection { lines, write }))
-    }
-
-    /// Sends one request to the sandbox's shim and returns its reply.
-    pub async fn request(&self, record: &SandboxRecord, request: Value) -> Result<Value, ApiError> {
-        let (line, _) = self.open(record, &request).await?;
-        serde_json::from_str(&line).map_err(|e| ApiError::internal(format!("shim reply: {e}")))
-    }
-
-    /// Starts a streaming exec; returns the shim's reply lines after `{"started":true}`.
-    pub async fn exec_stream(&self, record: &SandboxRecord, request: Value) -> Result<ExecStream, ApiError> {
-        let (first, connection) = self.open(record, &request).await?;
-        let reply: Value =
-            serde_json::from_str(&first).map_err(|e| ApiError::internal(format!("shim reply: {e}")))?;
-        if let Some(error) = reply.get("error") {
-            return Err(exec_error(error));
-        }
-        if reply["started"] != true {
-            return Err(ApiError::internal(format!(
-                "unexpected shim reply to a streaming exec: {reply}"
-            )));
-        }
-        Ok(ExecStream {
-            lines: connection.lines,
-            _write: connection.write,
-        })
+            .map_err(|e| call_error(&record.id, e))
     }
 
     /// Pauses (freezes) or resumes a running sandbox.
     pub async fn set_paused(&self, record: &SandboxRecord, paused: bool) -> Result<(), ApiError> {
-        let reply = self
-            .request(record, json!({"op": if paused { "pause" } else { "resume" }}))
-            .await?;
-        if let Some(error) = reply.get("error") {
-            let message = error["message"].as_str().unwrap_or("pause failed").to_string();
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                message,
-            ));
-        }
+        let shim = self.shim(record);
+        let result = match paused {
+            true => shim.pause().await,
+            false => shim.resume().await,
+        };
+        result.map_err(|e| call_error(&record.id, e))?;
         self.store.set_paused(&record.id, paused).await?;
         Ok(())
     }
 
-    pub async fn exec(&self, record: &SandboxRecord, request: Value) -> Result<ExecResult, ApiError> {
-        let reply = self.request(record, request).await?;
-        if let Some(error) = reply.get("error") {
-            return Err(exec_error(error));
-        }
-        serde_json::from_value(reply).map_err(|e| ApiError::internal(format!("shim exec reply: {e}")))
+    pub async fn exec(
+        &self,
+        record: &SandboxRecord,
+        request: ExecRequest,
+    ) -> Result<tartarus_shim::protocol::ExecOutput, ApiError> {
+        self.shim(record)
+            .exec(request)
+            .await
+            .map_err(|e| call_error(&record.id, e))
     }
 
     /// Resolves to true once a live sandbox's outcome is recorded (`None` when it is not live).
@@ -673,7 +578,10 @@ impl Manager {
             .map_err(|_| ApiError::internal("lock poisoned"))?
             .get(&record.id)
             .cloned();
-        self.request(record, json!({"op": "kill"})).await?;
+        self.shim(record)
+            .kill()
+            .await
+            .map_err(|e| call_error(&record.id, e))?;
         if let Some(mut rx) = waiter {
             let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|done| *done)).await;
         }
@@ -700,15 +608,19 @@ impl Manager {
                         rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
                     });
                 let state = match (&pidfd, status) {
-                    (Some(_), SandboxStatus::Running) => {
-                        self.request(&record, json!({"op": "status"})).await.ok()
-                    }
+                    (Some(_), SandboxStatus::Running) => match self.shim(&record).status().await {
+                        Ok(status) => Some(status),
+                        Err(e) => {
+                            tracing::warn!(sandbox = %record.id, "the shim does not answer: {}", tartarus_runtime::error_chain(&e));
+                            None
+                        }
+                    },
                     _ => None,
                 };
                 let alive = state.is_some();
                 if let Some(state) = &state {
                     self.store
-                        .set_paused(&record.id, state["state"] == "paused")
+                        .set_paused(&record.id, state.state == RunState::Paused)
                         .await?;
                 }
                 match (alive, pidfd) {
@@ -747,15 +659,11 @@ impl Manager {
                 continue;
             }
             let dir = entry.path();
-            if let Ok(stream) = UnixStream::connect(Self::socket(&dir)).await {
-                let (read, mut write) = stream.into_split();
-                if write.write_all(b"{\"op\":\"kill\"}\n").await.is_ok() {
-                    let mut line = String::new();
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        BufReader::new(read).read_line(&mut line),
-                    )
-                    .await;
+            // A shim that is gone already is what we want; any other failure is logged.
+            match ShimClient::new(&SandboxDir::new(&dir)).kill().await {
+                Ok(()) | Err(CallError::NotRunning) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, "killing an orphaned pooled sandbox: {}", tartarus_runtime::error_chain(&e))
                 }
             }
             let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -797,29 +705,68 @@ impl Manager {
     }
 }
 
-/// Maps a shim's exec error to the API's.
-fn exec_error(error: &Value) -> ApiError {
-    let message = error["message"].as_str().unwrap_or("exec failed").to_string();
-    match error["code"].as_str() {
-        Some("paused") => ApiError::conflict(message),
-        Some("command_not_found") => {
+/// A sandbox that did not start, as the API answers it: the request's fault (its spec or command) is 422,
+/// the host's is 503 with the cause.
+fn start_error(id: &str, e: &shim_client::LaunchError, message: String) -> ApiError {
+    match e.is_spec_fault() {
+        Some(StartFailureKind::CommandNotFound) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
         }
-        Some("not_executable") => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message),
-        Some("invalid_request") => ApiError::invalid(message),
-        _ => ApiError::internal(message),
+        Some(StartFailureKind::NotExecutable) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message)
+        }
+        Some(_) => ApiError::invalid(message),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("sandbox {id} did not start: {message}"),
+        ),
     }
 }
 
-/// An open connection to a shim.
-struct ShimConnection {
-    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    write: tokio::net::unix::OwnedWriteHalf,
+/// A failed shim call, as the API answers it.
+pub fn call_error(id: &str, e: CallError) -> ApiError {
+    let message = tartarus_runtime::error_chain(&e);
+    let Some(code) = e.code() else {
+        return match e {
+            CallError::NotRunning => ApiError::conflict(format!("sandbox {id} is not running")),
+            CallError::Timeout { .. } => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "shim_timeout",
+                format!("sandbox {id}: {message}"),
+            ),
+            _ => ApiError::internal(format!("sandbox {id}: {message}")),
+        };
+    };
+    match code {
+        ErrorCode::Paused => ApiError::conflict(message),
+        ErrorCode::CommandNotFound => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "command_not_found", message)
+        }
+        ErrorCode::NotExecutable => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_executable", message)
+        }
+        ErrorCode::InvalidRequest | ErrorCode::WrongType => ApiError::invalid(message),
+        ErrorCode::NotFound => ApiError::not_found(message),
+        ErrorCode::Forbidden => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the sandbox refused: {message}"),
+        ),
+        ErrorCode::TooLarge => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message),
+        ErrorCode::Unsupported | ErrorCode::Unavailable => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+        ErrorCode::ExecFailed => ApiError::internal(format!("sandbox {id}: {message}")),
+    }
 }
 
-/// The shim's output lines of a streaming exec. Dropping it closes the connection, which makes the shim
-/// kill the command; the write half is kept because shutting it down early would look like that too.
-pub struct ExecStream {
-    pub lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    _write: tokio::net::unix::OwnedWriteHalf,
+/// The spec a sandbox record holds. An unreadable one is an error, logged here with its cause, so each
+/// caller can fail safe (count it at the maximum, redact everything, leave it out) instead of reading
+/// defaults.
+pub fn stored_spec(record: &SandboxRecord) -> Result<SandboxSpec, ApiError> {
+    serde_json::from_str(&record.spec).map_err(|e| {
+        tracing::error!(sandbox = %record.id, tenant = %record.tenant, "the stored spec is unreadable: {e}");
+        ApiError::internal(format!("the stored spec of sandbox {} is unreadable", record.id))
+    })
 }

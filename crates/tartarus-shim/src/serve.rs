@@ -1,0 +1,849 @@
+//! The shim process: the single-threaded supervisor of one service sandbox.
+//!
+//! The server starts one shim per sandbox (as containerd does), so the server itself can be
+//! multi-threaded and can restart without taking sandboxes down. The shim owns the sandbox and serves any
+//! number of connections at once on a unix socket with the [`crate::protocol`] contract. It never blocks on
+//! a client: every socket is non-blocking, each connection has a bounded outgoing buffer, and a streaming
+//! exec whose client does not read is no longer read from either (its command blocks on its own pipe,
+//! nothing else waits).
+//!
+//! When the sandbox ends on its own (main command exit, timeout) or is killed, the shim writes the
+//! [`ResultRecord`] and exits.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use tartarus_runtime::{KillReason, Outcome, SandboxSpec, Termination};
+
+use crate::lane::{self, Lane, LaneError};
+use crate::protocol::{
+    self, DirListing, Done, EndReason, ErrorCode, ExecExit, ExecOutput, FileData, Handshake, HandshakeState,
+    Isolated, OutputStream, ReplyLine, Request, RequestLine, ResultRecord, RunState, StartFailure,
+    StartFailureKind, Status, StreamEvent, StreamLine, Throttled, MAX_EXEC_OUTPUT_BYTES, MAX_REQUEST_BYTES,
+    VERSION,
+};
+
+/// Bytes queued for one client before the shim stops reading the output that feeds it.
+const MAX_CLIENT_BUFFER: usize = 1 << 20;
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send its request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Where the shim's inputs and outputs are.
+#[derive(Debug, Clone)]
+pub struct ShimPaths {
+    /// Unix socket to serve requests on (created, mode 0600).
+    pub socket: PathBuf,
+    /// The sandbox spec as JSON.
+    pub spec: PathBuf,
+    /// Where to write the result record when the sandbox ends.
+    pub result: Option<PathBuf>,
+    /// File that receives the main command's stdout and stderr.
+    pub log: Option<PathBuf>,
+}
+
+/// The shim could not run (after the handshake: before it, failures are reported in the handshake).
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Lane(#[from] LaneError),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> ShimError {
+    move |source| ShimError::Io { what, source }
+}
+
+/// Writes the handshake line on stdout.
+fn handshake(state: HandshakeState) {
+    let mut out = std::io::stdout();
+    let _ = out.write_all(&protocol::encode(&Handshake { v: VERSION, state }));
+    let _ = out.flush();
+}
+
+/// Runs the shim until the sandbox ends. Returns the process exit code: 0 after a sandbox that ran, the
+/// shell's code for one that could not start (127 not found, 126 not executable, 125 otherwise).
+pub fn run(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<u8, ShimError> {
+    // A command that exits without reading its stdin, or a client that leaves, must not kill the shim
+    // (and with it the sandbox).
+    tartarus_hostsys::ignore_sigpipe();
+    let sandbox = match start(paths, runtime) {
+        Ok(sandbox) => sandbox,
+        Err(failure) => {
+            let code = failure.exit_code as u8;
+            handshake(HandshakeState::Failed(failure));
+            return Ok(code);
+        }
+    };
+    let listener = match listen(&paths.socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            handshake(HandshakeState::Failed(StartFailure {
+                kind: StartFailureKind::Host,
+                exit_code: 125,
+                message: format!("binding the shim socket: {e}"),
+            }));
+            return Ok(125);
+        }
+    };
+    tartarus_hostsys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+        .map_err(io_err("blocking signals"))?;
+    let signals = tartarus_hostsys::signal_fd(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+        .map_err(io_err("creating the signalfd"))?;
+    handshake(HandshakeState::Ready {
+        id: sandbox.id().to_string(),
+    });
+
+    let deadline = sandbox.lifetime().map(|t| Instant::now() + t);
+    let mut shim = Shim {
+        sandbox,
+        requests: Vec::new(),
+        execs: Vec::new(),
+        flushing: Vec::new(),
+        kill_requester: None,
+        deadline,
+    };
+    let outcome = shim.serve(&listener, &signals)?;
+    let Shim {
+        mut sandbox,
+        kill_requester,
+        ..
+    } = shim;
+    let outcome = match outcome {
+        Some(o) => o,
+        None => sandbox.wait()?,
+    };
+    let _ = std::fs::remove_file(&paths.socket);
+    if let Some(path) = &paths.result {
+        write_result(path, sandbox.id(), &outcome).map_err(io_err("writing the result record"))?;
+    }
+    sandbox.cleanup()?;
+    // A kill is answered only now, so the requester knows everything is gone.
+    if let Some(mut stream) = kill_requester {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.write_all(&protocol::encode(&ReplyLine::ok(Done {})));
+    }
+    Ok(0)
+}
+
+/// Reads the spec and starts the sandbox, or says why it could not.
+fn start(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<Box<dyn Lane>, StartFailure> {
+    let spec_failure = |message: String| StartFailure {
+        kind: StartFailureKind::Spec,
+        exit_code: 125,
+        message,
+    };
+    let text = std::fs::read_to_string(&paths.spec)
+        .map_err(|e| spec_failure(format!("reading the sandbox spec {}: {e}", paths.spec.display())))?;
+    let mut spec: SandboxSpec = serde_json::from_str(&text)
+        .map_err(|e| spec_failure(format!("invalid sandbox spec {}: {e}", paths.spec.display())))?;
+    spec.service = true;
+    let host = |what: &str, e: std::io::Error| StartFailure {
+        kind: StartFailureKind::Host,
+        exit_code: 125,
+        message: format!("{what}: {e}"),
+    };
+    let log = match &paths.log {
+        Some(path) => std::fs::OpenOptions::new().create(true).append(true).open(path),
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
+    }
+    .map_err(|e| host("opening the sandbox log", e))?;
+    let null = std::fs::File::open("/dev/null").map_err(|e| host("opening /dev/null", e))?;
+    runtime.start(spec, [null.as_fd(), log.as_fd(), log.as_fd()])
+}
+
+fn listen(socket: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    listener.set_nonblocking(true)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn write_result(path: &Path, id: &str, outcome: &Outcome) -> std::io::Result<()> {
+    let signal = match outcome.termination {
+        Termination::Signaled(s) => Some(s),
+        Termination::Exited(_) => None,
+    };
+    let record = ResultRecord {
+        v: VERSION,
+        id: id.to_string(),
+        exit_code: outcome.termination.exit_code(),
+        signal,
+        reason: match outcome.reason {
+            tartarus_runtime::ExitReason::Exited => EndReason::Exited,
+            tartarus_runtime::ExitReason::Timeout => EndReason::Timeout,
+            tartarus_runtime::ExitReason::Oom => EndReason::Oom,
+            tartarus_runtime::ExitReason::Killed => EndReason::Killed,
+        },
+        wall_ms: outcome.wall.as_secs_f64() * 1000.0,
+        cpu_ms: outcome.cpu.as_secs_f64() * 1000.0,
+        peak_memory_bytes: outcome.peak_memory_bytes,
+    };
+    // Written whole then renamed: a reader never sees half a record.
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, protocol::encode(&record))?;
+    std::fs::rename(&partial, path)
+}
+
+/// A client connection with its outgoing bytes.
+struct Client {
+    stream: UnixStream,
+    out: Vec<u8>,
+    /// The peer closed or a write failed: nothing more is sent.
+    gone: bool,
+}
+
+impl Client {
+    fn new(stream: UnixStream) -> Self {
+        Client {
+            stream,
+            out: Vec::new(),
+            gone: false,
+        }
+    }
+
+    fn queue(&mut self, message: &impl serde::Serialize) {
+        if !self.gone {
+            self.out.extend_from_slice(&protocol::encode(message));
+            self.flush();
+        }
+    }
+
+    /// Writes what the socket takes now.
+    fn flush(&mut self) {
+        while !self.out.is_empty() && !self.gone {
+            match self.stream.write(&self.out) {
+                Ok(0) => self.gone = true,
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => self.gone = true,
+            }
+        }
+    }
+
+    fn backlogged(&self) -> bool {
+        self.out.len() >= MAX_CLIENT_BUFFER
+    }
+}
+
+/// A connection whose request line is still arriving.
+struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+    deadline: Instant,
+}
+
+/// One output pipe of a running exec.
+struct Output {
+    pipe: Option<OwnedFd>,
+    stream: OutputStream,
+    kept: Vec<u8>,
+    /// Streaming: an incomplete UTF-8 sequence held back for the next chunk.
+    carry: Vec<u8>,
+}
+
+/// What a running exec answers when it ends.
+enum Purpose {
+    Buffered,
+    Streaming,
+    File(lane::FileOpKind),
+}
+
+/// A running exec (or file operation) and the connection waiting for it.
+struct RunningExec {
+    id: u64,
+    client: Client,
+    purpose: Purpose,
+    stdin: Option<OwnedFd>,
+    input: Vec<u8>,
+    outputs: [Output; 2],
+    started: Instant,
+    deadline: Option<Instant>,
+    timed_out: bool,
+    truncated: bool,
+    /// A kill was sent (timeout or client gone).
+    killed: bool,
+}
+
+struct Shim {
+    sandbox: Box<dyn Lane>,
+    requests: Vec<Pending>,
+    execs: Vec<RunningExec>,
+    /// Answered connections still sending their reply.
+    flushing: Vec<Client>,
+    kill_requester: Option<UnixStream>,
+    /// When the sandbox's lifetime (`timeout`) ends; it is then killed with reason `timeout`.
+    deadline: Option<Instant>,
+}
+
+enum Slot {
+    Request(usize),
+    Output(usize, usize),
+    Input(usize),
+    ExecClient(usize),
+    Flushing(usize),
+}
+
+fn poll_timeout(deadline: Option<Instant>) -> Option<rustix::time::Timespec> {
+    deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        }
+    })
+}
+
+impl Shim {
+    /// The event loop; returns the sandbox's outcome if it ended on its own, `None` when killed.
+    fn serve(&mut self, listener: &UnixListener, signals: &OwnedFd) -> Result<Option<Outcome>, ShimError> {
+        loop {
+            let mut fds = Vec::with_capacity(8 + self.requests.len() + 3 * self.execs.len());
+            let mut slots = Vec::new();
+            fds.push(PollFd::new(signals, PollFlags::IN));
+            let accepting = self.requests.len() + self.execs.len() + self.flushing.len() < MAX_CONNECTIONS;
+            let listener_at = accepting.then(|| {
+                fds.push(PollFd::new(listener, PollFlags::IN));
+                fds.len() - 1
+            });
+            let event_fd = self.sandbox.event_fd();
+            let event_at = event_fd.as_ref().map(|fd| {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+                fds.len() - 1
+            });
+            // Readable when an exec reply (such as an exit) is pending: `finish_execs` collects it.
+            let exec_events = self.sandbox.exec_event_fd();
+            if let Some(fd) = &exec_events {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+            }
+            let fixed = fds.len();
+            for (i, pending) in self.requests.iter().enumerate() {
+                fds.push(PollFd::new(&pending.stream, PollFlags::IN));
+                slots.push(Slot::Request(i));
+            }
+            for (i, exec) in self.execs.iter().enumerate() {
+                // A client that is not reading gets no more output: the command waits on its pipe.
+                if !exec.client.backlogged() {
+                    for (j, output) in exec.outputs.iter().enumerate() {
+                        if let Some(pipe) = &output.pipe {
+                            fds.push(PollFd::new(pipe, PollFlags::IN));
+                            slots.push(Slot::Output(i, j));
+                        }
+                    }
+                }
+                if let Some(stdin) = &exec.stdin {
+                    fds.push(PollFd::new(stdin, PollFlags::OUT));
+                    slots.push(Slot::Input(i));
+                }
+                // Writable when bytes wait; otherwise readable tells of a peer that hung up.
+                let flags = match exec.client.out.is_empty() {
+                    true => PollFlags::IN,
+                    false => PollFlags::OUT,
+                };
+                if !exec.client.gone {
+                    fds.push(PollFd::new(&exec.client.stream, flags));
+                    slots.push(Slot::ExecClient(i));
+                }
+            }
+            for (i, client) in self.flushing.iter().enumerate() {
+                fds.push(PollFd::new(&client.stream, PollFlags::OUT));
+                slots.push(Slot::Flushing(i));
+            }
+            let next_deadline = self
+                .execs
+                .iter()
+                .filter_map(|e| e.deadline)
+                .chain(self.requests.iter().map(|p| p.deadline))
+                .chain(self.deadline)
+                .min();
+            match rustix::event::poll(&mut fds, poll_timeout(next_deadline).as_ref()) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(io_err("polling")(e.into())),
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            drop((fds, event_fd, exec_events));
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                // The whole sandbox reached its lifetime: kill the tree; its exit is reported below, with
+                // reason `timeout`.
+                self.deadline = None;
+                self.sandbox.kill(KillReason::Timeout)?;
+            }
+            if event_at.is_some_and(|at| ready[at]) {
+                if let Some(outcome) = self.sandbox.try_wait()? {
+                    return Ok(Some(outcome));
+                }
+            }
+            if ready[0] {
+                self.sandbox.kill(KillReason::Requested)?;
+                return Ok(None);
+            }
+            // Work on what is ready; removals happen afterwards, newest index first.
+            let mut readable_requests = Vec::new();
+            for (slot, is_ready) in slots.iter().zip(&ready[fixed..]) {
+                if !is_ready {
+                    continue;
+                }
+                match *slot {
+                    Slot::Request(i) => readable_requests.push(i),
+                    Slot::Output(i, j) => self.drain_output(i, j),
+                    Slot::Input(i) => self.feed_input(i),
+                    Slot::ExecClient(i) => self.service_exec_client(i),
+                    Slot::Flushing(i) => self.flushing[i].flush(),
+                }
+            }
+            self.flushing.retain(|c| !c.out.is_empty() && !c.gone);
+            for i in readable_requests.into_iter().rev() {
+                if self.read_request(i)? {
+                    self.sandbox.kill(KillReason::Requested)?;
+                    return Ok(None);
+                }
+            }
+            self.expire_requests();
+            if listener_at.is_some_and(|at| ready[at]) {
+                self.accept(listener);
+            }
+            self.enforce_deadlines()?;
+            self.finish_execs()?;
+        }
+    }
+
+    fn accept(&mut self, listener: &UnixListener) {
+        let room =
+            MAX_CONNECTIONS.saturating_sub(self.requests.len() + self.execs.len() + self.flushing.len());
+        for _ in 0..room {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            if stream.set_nonblocking(true).is_ok() {
+                self.requests.push(Pending {
+                    stream,
+                    line: Vec::new(),
+                    deadline: Instant::now() + REQUEST_DEADLINE,
+                });
+            }
+        }
+    }
+
+    /// Drops connections that did not send a whole request line in time.
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        self.requests.retain(|p| p.deadline > now);
+    }
+
+    /// Sends a one-line answer and closes the connection once it is written.
+    fn answer<T: serde::Serialize>(&mut self, stream: UnixStream, reply: &ReplyLine<T>) {
+        let mut client = Client::new(stream);
+        client.queue(reply);
+        if !client.out.is_empty() && !client.gone {
+            self.flushing.push(client);
+        }
+    }
+
+    /// Reads what a pending connection sent; handles its request once the line is complete. True when
+    /// the request was `kill`.
+    fn read_request(&mut self, i: usize) -> Result<bool, ShimError> {
+        let mut chunk = [0u8; 16 * 1024];
+        let pending = &mut self.requests[i];
+        let complete = loop {
+            match pending.stream.read(&mut chunk) {
+                Ok(0) => break true, // the client finished writing (or left)
+                Ok(n) => {
+                    pending.line.extend_from_slice(&chunk[..n]);
+                    if pending.line.contains(&b'\n') || pending.line.len() > MAX_REQUEST_BYTES {
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+                Err(_) => break true,
+            }
+        };
+        if !complete {
+            return Ok(false);
+        }
+        let Pending { stream, line, .. } = self.requests.swap_remove(i);
+        let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+        let request = match protocol::decode::<RequestLine>(&line[..end]) {
+            Ok(line) => line.request,
+            Err(e) => {
+                self.answer(
+                    stream,
+                    &ReplyLine::<Done>::error(ErrorCode::InvalidRequest, e.to_string()),
+                );
+                return Ok(false);
+            }
+        };
+        self.handle(stream, request)
+    }
+
+    fn handle(&mut self, stream: UnixStream, request: Request) -> Result<bool, ShimError> {
+        let lane_reply = |r: Result<(), LaneError>| match r {
+            Ok(()) => ReplyLine::ok(Done {}),
+            Err(e) => ReplyLine::error(e.code(), e.to_string()),
+        };
+        match request {
+            Request::Kill => {
+                self.kill_requester = Some(stream);
+                return Ok(true);
+            }
+            Request::Status => {
+                let usage = self.sandbox.usage();
+                let status = Status {
+                    id: self.sandbox.id().to_string(),
+                    state: match self.sandbox.is_paused() {
+                        true => RunState::Paused,
+                        false => RunState::Running,
+                    },
+                    blocked_packets: usage.blocked_packets,
+                    limit_hits: usage.limit_hits,
+                };
+                self.answer(stream, &ReplyLine::ok(status));
+            }
+            Request::Pause => {
+                let reply = lane_reply(self.sandbox.pause());
+                self.answer(stream, &reply);
+            }
+            Request::Resume => {
+                let reply = lane_reply(self.sandbox.resume());
+                self.answer(stream, &reply);
+            }
+            Request::Isolate => {
+                let isolated = self.sandbox.isolate_network();
+                let paused = match self.sandbox.is_paused() {
+                    true => Ok(()),
+                    false => self.sandbox.pause(),
+                };
+                let reply = match (isolated, paused) {
+                    (Ok(network_cut), Ok(())) => ReplyLine::ok(Isolated { network_cut }),
+                    (Err(e), _) | (_, Err(e)) => ReplyLine::error(e.code(), e.to_string()),
+                };
+                self.answer(stream, &reply);
+            }
+            Request::Throttle { cpus } if !(cpus.is_finite() && cpus > 0.0) => {
+                let reply = ReplyLine::<Throttled>::error(
+                    ErrorCode::InvalidRequest,
+                    "cpus must be a positive number",
+                );
+                self.answer(stream, &reply);
+            }
+            Request::Throttle { cpus } => {
+                let reply = match self.sandbox.throttle_cpu(cpus) {
+                    Ok(throttled) => ReplyLine::ok(Throttled { throttled }),
+                    Err(e) => ReplyLine::error(e.code(), e.to_string()),
+                };
+                self.answer(stream, &reply);
+            }
+            Request::Exec(_)
+            | Request::ReadFile { .. }
+            | Request::WriteFile { .. }
+            | Request::ListDir { .. }
+                if self.sandbox.is_paused() =>
+            {
+                self.answer(
+                    stream,
+                    &ReplyLine::<Done>::error(ErrorCode::Paused, "the sandbox is paused; resume it first"),
+                );
+            }
+            Request::Exec(exec) => {
+                let purpose = match exec.stream {
+                    true => Purpose::Streaming,
+                    false => Purpose::Buffered,
+                };
+                let timeout = exec.timeout_ms.map(Duration::from_millis);
+                let started = self.start(
+                    lane::Work::Exec(&exec.command, &exec.env, exec.workdir.as_deref()),
+                    exec.stdin,
+                );
+                self.attach(stream, purpose, timeout, started);
+            }
+            Request::ReadFile { path } => {
+                let started = self.start(lane::Work::File(lane::FileOpKind::Read, &path), Vec::new());
+                self.attach(stream, Purpose::File(lane::FileOpKind::Read), None, started);
+            }
+            Request::WriteFile { path, data } => {
+                let started = self.start(lane::Work::File(lane::FileOpKind::Write, &path), data);
+                self.attach(stream, Purpose::File(lane::FileOpKind::Write), None, started);
+            }
+            Request::ListDir { path } => {
+                let started = self.start(lane::Work::File(lane::FileOpKind::List, &path), Vec::new());
+                self.attach(stream, Purpose::File(lane::FileOpKind::List), None, started);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Starts work in the sandbox with fresh pipes; returns its id and the shim's ends.
+    fn start(&mut self, work: lane::Work<'_>, input: Vec<u8>) -> Result<Started, LaneError> {
+        let pipe = || {
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| LaneError::channel(e.into()))
+        };
+        let (stdin_read, stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let started = Instant::now();
+        let id = self.sandbox.start_work(
+            work,
+            [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()],
+        )?;
+        drop((stdin_read, stdout_write, stderr_write));
+        for fd in [&stdin_write, &stdout_read, &stderr_read] {
+            rustix::io::ioctl_fionbio(fd, true).map_err(|e| LaneError::channel(e.into()))?;
+        }
+        let stdin = (!input.is_empty()).then_some(stdin_write);
+        Ok(Started {
+            id,
+            stdin,
+            stdout: stdout_read,
+            stderr: stderr_read,
+            input,
+            at: started,
+        })
+    }
+
+    fn attach(
+        &mut self,
+        stream: UnixStream,
+        purpose: Purpose,
+        timeout: Option<Duration>,
+        started: Result<Started, LaneError>,
+    ) {
+        let started = match started {
+            Ok(started) => started,
+            Err(e) => {
+                self.answer(stream, &ReplyLine::<Done>::error(e.code(), e.to_string()));
+                return;
+            }
+        };
+        let mut client = Client::new(stream);
+        if matches!(purpose, Purpose::Streaming) {
+            client.queue(&StreamLine::new(StreamEvent::Started));
+        }
+        let output = |pipe, stream| Output {
+            pipe: Some(pipe),
+            stream,
+            kept: Vec::new(),
+            carry: Vec::new(),
+        };
+        self.execs.push(RunningExec {
+            id: started.id,
+            client,
+            purpose,
+            stdin: started.stdin,
+            input: started.input,
+            outputs: [
+                output(started.stdout, OutputStream::Stdout),
+                output(started.stderr, OutputStream::Stderr),
+            ],
+            started: started.at,
+            deadline: timeout.map(|t| started.at + t),
+            timed_out: false,
+            truncated: false,
+            killed: false,
+        });
+    }
+
+    /// Reads what one output pipe has; streams it or keeps it.
+    fn drain_output(&mut self, i: usize, j: usize) {
+        let exec = &mut self.execs[i];
+        let mut chunk = [0u8; 64 * 1024];
+        let cap = exec.output_cap();
+        loop {
+            if matches!(exec.purpose, Purpose::Streaming) && exec.client.backlogged() {
+                return;
+            }
+            let Some(pipe) = exec.outputs[j].pipe.as_ref() else {
+                return;
+            };
+            match rustix::io::read(pipe, &mut chunk) {
+                Ok(0) => {
+                    exec.outputs[j].pipe = None;
+                    if matches!(exec.purpose, Purpose::Streaming) {
+                        exec.stream_chunk(j, &[], true);
+                    }
+                    return;
+                }
+                Ok(n) => {
+                    if matches!(exec.purpose, Purpose::Streaming) {
+                        exec.stream_chunk(j, &chunk[..n], false);
+                    } else {
+                        let kept = &mut exec.outputs[j].kept;
+                        let room = cap.saturating_sub(kept.len());
+                        kept.extend_from_slice(&chunk[..n.min(room)]);
+                        exec.truncated |= n > room;
+                    }
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn feed_input(&mut self, i: usize) {
+        let exec = &mut self.execs[i];
+        let Some(stdin) = &exec.stdin else { return };
+        match rustix::io::write(stdin, &exec.input) {
+            Ok(n) => {
+                exec.input.drain(..n);
+            }
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => exec.input.clear(),
+        }
+        if exec.input.is_empty() {
+            exec.stdin = None; // EOF for the command
+        }
+    }
+
+    /// Flushes an exec's client, or notices that it hung up.
+    fn service_exec_client(&mut self, i: usize) {
+        let client = &mut self.execs[i].client;
+        if !client.out.is_empty() {
+            client.flush();
+            return;
+        }
+        let mut probe = [0u8; 512];
+        match client.stream.read(&mut probe) {
+            Ok(0) => client.gone = true,
+            Ok(_) => {} // nothing more is expected from the client; ignore it
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => client.gone = true,
+        }
+    }
+
+    fn enforce_deadlines(&mut self) -> Result<(), ShimError> {
+        let now = Instant::now();
+        for i in 0..self.execs.len() {
+            let exec = &mut self.execs[i];
+            let expired = exec.deadline.is_some_and(|d| now >= d);
+            if (expired || exec.client.gone) && !exec.killed {
+                exec.timed_out = expired;
+                exec.killed = true;
+                exec.deadline = None;
+                let id = exec.id;
+                self.sandbox.kill_work(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers every exec that has exited.
+    fn finish_execs(&mut self) -> Result<(), ShimError> {
+        let mut i = 0;
+        while i < self.execs.len() {
+            let id = self.execs[i].id;
+            let Some(termination) = self.sandbox.try_wait_work(id)? else {
+                i += 1;
+                continue;
+            };
+            // What the command wrote before exiting; background children holding the pipes are not waited for.
+            self.drain_output(i, 0);
+            self.drain_output(i, 1);
+            let mut exec = self.execs.swap_remove(i);
+            let signal = match termination {
+                Termination::Signaled(s) => Some(s),
+                Termination::Exited(_) => None,
+            };
+            let exit = ExecExit {
+                exit_code: termination.exit_code(),
+                signal,
+                wall_ms: exec.started.elapsed().as_secs_f64() * 1000.0,
+                timed_out: exec.timed_out,
+            };
+            let [out, err] = &mut exec.outputs;
+            match &exec.purpose {
+                Purpose::Streaming => {
+                    for j in 0..2 {
+                        exec.stream_chunk(j, &[], true);
+                    }
+                    exec.client.queue(&StreamLine::new(StreamEvent::Exit(exit)));
+                }
+                Purpose::Buffered => {
+                    let reply = ReplyLine::ok(ExecOutput {
+                        exit,
+                        stdout: String::from_utf8_lossy(&out.kept).into_owned(),
+                        stderr: String::from_utf8_lossy(&err.kept).into_owned(),
+                        truncated: exec.truncated,
+                    });
+                    exec.client.queue(&reply);
+                }
+                Purpose::File(kind) => {
+                    let stdout = std::mem::take(&mut out.kept);
+                    let stderr = String::from_utf8_lossy(&err.kept).into_owned();
+                    match lane::file_outcome(*kind, termination, stdout, &stderr) {
+                        Ok(lane::FileReply::Data(data)) => {
+                            exec.client.queue(&ReplyLine::ok(FileData { data }))
+                        }
+                        Ok(lane::FileReply::Listing(entries)) => {
+                            exec.client.queue(&ReplyLine::ok(DirListing { entries }))
+                        }
+                        Ok(lane::FileReply::Written) => exec.client.queue(&ReplyLine::ok(Done {})),
+                        Err(e) => exec.client.queue(&ReplyLine::<Done>::error(e.code, e.message)),
+                    }
+                }
+            }
+            if !exec.client.out.is_empty() && !exec.client.gone {
+                self.flushing.push(exec.client);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A started piece of work: its id and the shim's ends of its pipes (stdin only when there is input).
+struct Started {
+    id: u64,
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    input: Vec<u8>,
+    at: Instant,
+}
+
+impl RunningExec {
+    /// Bytes kept per output stream.
+    fn output_cap(&self) -> usize {
+        match self.purpose {
+            // One more than a file may have, so an oversized file is told from a full one.
+            Purpose::File(_) => protocol::MAX_FILE_BYTES + 1,
+            _ => MAX_EXEC_OUTPUT_BYTES,
+        }
+    }
+
+    /// Queues one chunk of output `j` as text, holding back an incomplete UTF-8 sequence at the end
+    /// (unless `last`).
+    fn stream_chunk(&mut self, j: usize, bytes: &[u8], last: bool) {
+        let output = &mut self.outputs[j];
+        let mut data = std::mem::take(&mut output.carry);
+        data.extend_from_slice(bytes);
+        if !last {
+            if let Err(e) = std::str::from_utf8(&data) {
+                if e.error_len().is_none() {
+                    output.carry = data.split_off(e.valid_up_to());
+                }
+            }
+        }
+        if data.is_empty() || self.client.gone {
+            return;
+        }
+        let event = StreamEvent::Output {
+            stream: output.stream,
+            data: String::from_utf8_lossy(&data).into_owned(),
+        };
+        self.client.queue(&StreamLine::new(event));
+    }
+}
