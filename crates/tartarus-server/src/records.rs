@@ -556,7 +556,7 @@ pub async fn build_dataset(
     let put = tokio::task::spawn_blocking(move || blobs.put(&tenant, bytes.as_slice()))
         .await
         .map_err(internal)?
-        .map_err(crate::blobs::blob_error)?;
+        .map_err(crate::routes::blobs::blob_error)?;
     let view = DatasetView {
         id: put.cid.to_string(),
         episodes: manifest.episodes.len() as u64,

@@ -18,7 +18,10 @@ use tokio::sync::watch;
 pub use self::shim_client::{CallError, ExecEvents, SandboxDir, ShimClient, ShimLauncher};
 use crate::error::ApiError;
 
+mod request;
 mod shim_client;
+
+pub(crate) use self::request::spec_from;
 
 pub struct Manager {
     store: Store,
@@ -246,7 +249,7 @@ impl Manager {
             writable: false,
         });
         let started_json = serde_json::to_string(&started).map_err(|e| ApiError::internal(e.to_string()))?;
-        tokio::fs::write(dir.join("spec.json"), &started_json)
+        tokio::fs::write(SandboxDir::new(&dir).spec(), &started_json)
             .await
             .map_err(io_err("writing the spec"))?;
         Ok((id, dir, spec_json))

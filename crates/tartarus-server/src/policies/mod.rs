@@ -1,0 +1,58 @@
+//! Policies in force (versioned in the store; see `routes::policies` for the API), admission of every
+//! create against them ([`admission`]), the enforcement loop ([`enforcement`]), the classification hook
+//! ([`classifier`]) and the event stream.
+
+pub mod admission;
+pub mod classifier;
+pub mod enforcement;
+
+pub use admission::{admit, AdmissionFacts};
+pub use classifier::classify;
+pub use enforcement::{quarantine, spawn_enforcement};
+
+use std::sync::{Arc, RwLock};
+
+use tartarus_policy::Policy;
+use tartarus_store::NewEvent;
+
+use crate::AppState;
+
+/// The policies in force, loaded from the store at start and replaced on every change.
+#[derive(Clone, Default)]
+pub struct Policies(Arc<RwLock<Vec<Policy>>>);
+
+impl Policies {
+    pub async fn load(store: &tartarus_store::Store) -> Result<Policies, String> {
+        let policies = Policies::default();
+        policies.reload(store).await?;
+        Ok(policies)
+    }
+
+    pub(crate) async fn reload(&self, store: &tartarus_store::Store) -> Result<(), String> {
+        let mut loaded = Vec::new();
+        for revision in store.current_policies().await.map_err(|e| e.to_string())? {
+            let policy: Policy = serde_json::from_str(&revision.document).map_err(|e| {
+                format!(
+                    "stored policy '{}' revision {}: {e}",
+                    revision.id, revision.revision
+                )
+            })?;
+            loaded.push(policy);
+        }
+        if let Ok(mut current) = self.0.write() {
+            *current = loaded;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<Policy> {
+        self.0.read().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+/// Records an event; failures are logged, never fatal.
+pub async fn event(state: &AppState, event: NewEvent<'_>) {
+    if let Err(e) = state.store.record_event(&event).await {
+        tracing::error!("event write failed: {e}");
+    }
+}

@@ -1,0 +1,373 @@
+//! `/v1/sandboxes`: create, list, get, delete, wait, pause and resume.
+
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::json;
+use tartarus_store::{SandboxRecord, SandboxStatus};
+
+use crate::api::{CreateSandbox, ListQuery, SandboxView};
+use crate::auth::Caller;
+use crate::error::{json_rejection, ApiError, ErrorBody};
+use crate::sandboxes::spec_from;
+use crate::{audit, cluster, find, images, policies, view, AppState};
+
+/// Create a sandbox.
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, security(("api_key" = [])),
+    responses((status = 201, body = SandboxView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+               (status = 422, body = ErrorBody)))]
+pub(crate) async fn create_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<CreateSandbox>, JsonRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    caller.require_mutate()?;
+    let Json(body) = body.map_err(json_rejection)?;
+    let mut spec = spec_from(&body, &caller)?;
+    let mut pool_key = None;
+    if let Some(id) = &body.template {
+        let record = state
+            .store
+            .get_template(id, caller.scope())
+            .await?
+            .ok_or_else(|| ApiError::invalid(format!("unknown template '{id}' (see GET /v1/templates)")))?;
+        let template: tartarus_image::template::Template = serde_json::from_str(&record.definition)
+            .map_err(|e| ApiError::internal(format!("stored template '{id}': {e}")))?;
+        let image = state.images.ensure(&template.base_image).await?;
+        let plain = images::apply_template(
+            &mut spec,
+            &template,
+            &state.images,
+            &image,
+            state.manager.shim_exe(),
+        )?;
+        if plain {
+            pool_key = Some(template.id.clone());
+        }
+    } else if let Some(reference) = &body.image {
+        let image = state.images.ensure(reference).await?;
+        images::root_on_image(&mut spec, &state.images, &image)?;
+    }
+    // The classification hook may send the request to quarantine, or refuse it.
+    let classified = policies::classify(&state, &caller, &body).await?;
+    let facts = policies::AdmissionFacts {
+        template: body.template.as_deref(),
+        class: classified.as_deref().or(body.class.as_deref()),
+        rootfs: body.rootfs.is_some(),
+    };
+    if let Some(class) = body.class.as_deref() {
+        if tartarus_policy::resource_class(class).is_none() {
+            return Err(ApiError::invalid(format!(
+                "unknown resource class '{class}': use ember, flame, blaze, inferno or quarantine"
+            )));
+        }
+    }
+    let decision = policies::admit(&state, &caller, &mut spec, &facts).await?;
+    if decision.is_some() && pool_key.is_some() {
+        // A pooled sandbox was started before the policy's constraints: only a fresh one carries them.
+        pool_key = None;
+    }
+    spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+    // Cluster mode: a sandbox on the host root goes to a node when there are nodes (images and templates
+    // still run on this machine).
+    if body.template.is_none() && body.image.is_none() && body.rootfs.is_none() {
+        let lane: tartarus_store::Lane = body
+            .lane
+            .as_deref()
+            .unwrap_or("main")
+            .parse()
+            .map_err(|e: tartarus_store::StoreError| ApiError::invalid(e.to_string()))?;
+        let want = cluster::Wanted {
+            id: None,
+            tenant: caller.tenant.clone(),
+            spec: spec.clone(),
+            labels: body.labels.clone(),
+            class: classified.clone().or(body.class.clone()),
+            node_selector: body.node_selector.clone(),
+            tolerations: body.tolerations.clone(),
+            node_affinity: body.node_affinity.clone(),
+            node_anti_affinity: body.node_anti_affinity.clone(),
+            spread_by: body.spread_by.clone(),
+        };
+        match cluster::place_on_node(&state, &want).await {
+            Ok(Some(record)) => {
+                audit(&state, &caller, "sandbox.create", Some(&record.id), "ok").await;
+                return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
+            }
+            Ok(None) => {}
+            // No node has room now: wait in the queue (or 429 when it is full).
+            Err(e) if e.code == "no_capacity" => {
+                let priority = body.priority.unwrap_or(0);
+                let Some(id) = cluster::enqueue(&state, &want, lane, priority, &e.message).await? else {
+                    audit(&state, &caller, "sandbox.create", None, "refused: queue full").await;
+                    let mut response = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "queue_full",
+                        format!(
+                            "no node has room and {} requests already wait; retry later",
+                            state.cluster.queue_depth
+                        ),
+                    )
+                    .into_response();
+                    response.headers_mut().insert(
+                        axum::http::header::RETRY_AFTER,
+                        axum::http::HeaderValue::from_static("5"),
+                    );
+                    return Ok(response);
+                };
+                audit(&state, &caller, "sandbox.create", Some(&id), "queued").await;
+                let answer = json!({
+                    "id": id, "status": "queued", "lane": lane.as_str(), "reason": e.message,
+                    "queue": format!("/v1/queue/{id}"),
+                });
+                return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
+            }
+            Err(e) => {
+                audit(&state, &caller, "sandbox.create", None, "failed").await;
+                return Err(e);
+            }
+        }
+    } else if !body.node_selector.is_empty() {
+        return Err(ApiError::invalid(
+            "node_selector applies to sandboxes on the host root; templates and images run on the control plane",
+        ));
+    }
+    let result = state
+        .manager
+        .create(
+            &caller.tenant,
+            spec,
+            body.labels.clone(),
+            body.template.as_deref(),
+            pool_key.as_deref(),
+        )
+        .await;
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    audit(
+        &state,
+        &caller,
+        "sandbox.create",
+        result.as_ref().ok().map(|r| r.id.as_str()),
+        outcome,
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(view(&result?))).into_response())
+}
+
+/// List sandboxes of the caller's tenant (all tenants for admins).
+#[utoipa::path(get, path = "/v1/sandboxes", params(ListQuery), security(("api_key" = [])),
+    responses((status = 200, body = [SandboxView]), (status = 401, body = ErrorBody)))]
+pub(crate) async fn list_sandboxes(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<SandboxView>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let status: Option<SandboxStatus> = query
+        .status
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("{e}")))?;
+    let label = match &query.label {
+        Some(l) => Some(
+            l.split_once('=')
+                .ok_or_else(|| ApiError::invalid("label filter must be key=value"))?,
+        ),
+        None => None,
+    };
+    let records = state.store.sandboxes(caller.scope(), status).await?;
+    let views = records
+        .iter()
+        .filter(|r| label.is_none_or(|(k, v)| r.labels.get(k).is_some_and(|have| have == v)))
+        .map(view)
+        .collect();
+    Ok(Json(views))
+}
+
+/// Get one sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    if record.status.is_live() {
+        if let (Some(node), Some(remote)) = (cluster::node_of(&state, &record).await?, &record.remote_id) {
+            // Best effort: a node that does not answer leaves the record as it is.
+            if let Ok((200, theirs)) = cluster::node_call(
+                &state,
+                &node,
+                reqwest::Method::GET,
+                &format!("/v1/sandboxes/{remote}"),
+                None,
+            )
+            .await
+            {
+                cluster::sync_from_node(&state, &record, &theirs).await?;
+            }
+        }
+    }
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Forwards a request for a sandbox on a node, records an ending it reports, and answers with what the
+/// node answered.
+pub(crate) async fn on_node(
+    state: &AppState,
+    record: &SandboxRecord,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    let node = cluster::node_of(state, record)
+        .await?
+        .ok_or_else(|| ApiError::internal("not a node sandbox"))?;
+    let remote = record.remote_id.as_deref().unwrap_or_default();
+    let (status, answer) = cluster::node_call(
+        state,
+        &node,
+        method,
+        &format!("/v1/sandboxes/{remote}{path}"),
+        body,
+    )
+    .await?;
+    Ok((
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+        answer,
+    ))
+}
+
+/// Kill a sandbox and remove its resources; returns its final record.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn delete_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    caller.require_mutate()?;
+    if record.status.is_live() {
+        if record.node.is_some() {
+            let (status, theirs) = on_node(&state, &record, reqwest::Method::DELETE, "", None).await?;
+            if !status.is_success() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "node_failed",
+                    format!("node: {theirs}"),
+                ));
+            }
+            cluster::sync_from_node(&state, &record, &theirs).await?;
+        } else {
+            state.manager.kill(&record).await?;
+        }
+    }
+    audit(&state, &caller, "sandbox.delete", Some(&id), "ok").await;
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Wait (up to `timeout_s`, default 60, at most 3600) until a sandbox has ended; returns its record.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/wait", params(WaitQuery), security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)))]
+pub(crate) async fn wait_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let record = find(&state, &caller, &id).await?;
+    let limit = Duration::from_secs(query.timeout_s.unwrap_or(60).min(3600));
+    if record.status.is_live() && record.node.is_some() {
+        let path = format!("/wait?timeout_s={}", limit.as_secs());
+        let (status, theirs) = on_node(&state, &record, reqwest::Method::POST, &path, None).await?;
+        if status.is_success() {
+            cluster::sync_from_node(&state, &record, &theirs).await?;
+        }
+    } else if record.status.is_live() {
+        state.manager.wait(&id, limit).await;
+    }
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WaitQuery {
+    pub timeout_s: Option<u64>,
+}
+
+pub(crate) async fn set_paused(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    paused: bool,
+) -> Result<Json<SandboxView>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    caller.require_mutate()?;
+    if record.status != SandboxStatus::Running {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id} is {}",
+            record.status.as_str()
+        )));
+    }
+    let result = match record.node.is_some() {
+        // On a node: its server freezes it; this record keeps the flag for views.
+        true => {
+            let suffix = if paused { "/pause" } else { "/resume" };
+            let (status, theirs) = on_node(&state, &record, reqwest::Method::POST, suffix, None).await?;
+            if status.is_success() {
+                state.store.set_paused(&id, paused).await.map_err(ApiError::from)
+            } else {
+                Err(ApiError::new(
+                    status,
+                    "node_refused",
+                    theirs["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the node refused")
+                        .to_string(),
+                ))
+            }
+        }
+        false => state.manager.set_paused(&record, paused).await,
+    };
+    let action = if paused { "sandbox.pause" } else { "sandbox.resume" };
+    audit(
+        &state,
+        &caller,
+        action,
+        Some(&id),
+        if result.is_ok() { "ok" } else { "failed" },
+    )
+    .await;
+    result?;
+    Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Freeze every process of a running sandbox (cgroup freezer); execs get 409 until it is resumed.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn pause_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    set_paused(state, caller, id, true).await
+}
+
+/// Thaw a paused sandbox.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn resume_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    set_paused(state, caller, id, false).await
+}

@@ -1,0 +1,73 @@
+//! A create request (`POST /v1/sandboxes`) translated and validated into a runtime spec.
+
+use std::time::Duration;
+
+use tartarus_runtime::{NetworkMode, ResourceLimits, RootSpec, SandboxSpec};
+use tartarus_store::Role;
+
+use crate::api::CreateSandbox;
+use crate::auth::Caller;
+use crate::error::ApiError;
+
+/// Translates and validates a create request into a runtime spec.
+pub(crate) fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<SandboxSpec, ApiError> {
+    let roots = [
+        body.template.is_some(),
+        body.image.is_some(),
+        body.rootfs.is_some(),
+    ];
+    if roots.iter().filter(|r| **r).count() > 1 {
+        return Err(ApiError::invalid(
+            "give at most one of 'template', 'image' and 'rootfs'",
+        ));
+    }
+    let mut spec = SandboxSpec::new(body.cmd.clone().unwrap_or_default());
+    spec.service = true;
+    if let Some(rootfs) = &body.rootfs {
+        if caller.role != Role::Admin {
+            return Err(ApiError::forbidden(
+                "only admin keys may choose a host directory as rootfs",
+            ));
+        }
+        spec.root = RootSpec::Directory(rootfs.into());
+    }
+    spec.env = body.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    spec.workdir = body.cwd.as_ref().map(Into::into);
+    let r = &body.resources;
+    if r.cpus.is_some_and(|c| !(c > 0.0 && c <= 64.0)) {
+        return Err(ApiError::invalid("resources.cpus must be in (0, 64]"));
+    }
+    if r.memory_mb.is_some_and(|m| !(4..=1 << 20).contains(&m)) {
+        return Err(ApiError::invalid(
+            "resources.memory_mb must be between 4 and 1048576",
+        ));
+    }
+    if r.pids.is_some_and(|p| !(2..=1_000_000).contains(&p)) {
+        return Err(ApiError::invalid("resources.pids must be between 2 and 1000000"));
+    }
+    spec.limits = ResourceLimits {
+        memory_bytes: r.memory_mb.map(|m| m << 20),
+        cpus: r.cpus,
+        pids: r.pids,
+    };
+    if let Some(t) = body.timeout_s {
+        if !(1..=7 * 86_400).contains(&t) {
+            return Err(ApiError::invalid("timeout_s must be between 1 and 604800"));
+        }
+        spec.timeout = Some(Duration::from_secs(t));
+    }
+    spec.network = match body.network.as_deref() {
+        None | Some("none") => NetworkMode::None,
+        Some("host-loopback") => NetworkMode::HostLoopback,
+        // The contract comes from the policy in force (admission); without one, the safe default:
+        // private ranges and metadata denied, no DNS.
+        Some("egress") => NetworkMode::Egress(tartarus_runtime::EgressContract::default()),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "unknown network '{other}': use none, egress or host-loopback"
+            )))
+        }
+    };
+    spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(spec)
+}
