@@ -7,7 +7,7 @@ use tartarus_policy::{AdmissionRequest, Decision, NetworkRequest, Usage};
 use tartarus_runtime::{NetworkMode, SandboxSpec};
 use tartarus_store::{NewAudit, NewEvent, SandboxStatus};
 
-use super::*;
+use super::event;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::AppState;

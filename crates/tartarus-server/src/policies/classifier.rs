@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use serde_json::json;
 use tartarus_store::NewEvent;
 
-use super::*;
+use super::event;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::{audit, AppState};

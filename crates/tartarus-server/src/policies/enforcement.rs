@@ -4,7 +4,7 @@
 use serde_json::json;
 use tartarus_store::{NewEvent, SandboxStatus};
 
-use super::*;
+use super::event;
 use crate::error::ApiError;
 use crate::sandboxes::CallError;
 use crate::AppState;

@@ -3,7 +3,6 @@
 //! records the outcome the shim leaves in `result.json`.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,15 +10,20 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use futures_util::future::BoxFuture;
 use tartarus_runtime::SandboxSpec;
-use tartarus_shim::protocol::{EndReason, ErrorCode, ExecRequest, RunState, StartFailureKind};
+use tartarus_shim::protocol::{EndReason, ErrorCode, ExecRequest, StartFailureKind};
 use tartarus_store::{now_ms, Finish, NewEvent, SandboxRecord, SandboxStatus, Store};
 use tokio::sync::watch;
 
 pub use self::shim_client::{CallError, ExecEvents, SandboxDir, ShimClient, ShimLauncher};
 use crate::error::ApiError;
 
+mod pools;
+mod reconcile;
 mod request;
 mod shim_client;
+
+pub use self::pools::PoolSpec;
+use self::pools::{pool_spec, poolable, Pool};
 
 pub(crate) use self::request::spec_from;
 
@@ -53,49 +57,6 @@ pub const GATEWAY_MOUNT: &str = "/run/tartarus";
 
 /// The key of the pool of plain sandboxes (template pools are keyed by template id).
 pub const DEFAULT_POOL: &str = "";
-
-/// What a warm pool holds and how many.
-#[derive(Debug, Clone)]
-pub struct PoolSpec {
-    pub spec: SandboxSpec,
-    pub size: usize,
-    /// An exec that must succeed before a started sandbox counts as warm (the zygote's readiness probe).
-    pub warm_probe: Option<Vec<String>>,
-}
-
-struct Pool {
-    spec: PoolSpec,
-    ready: Vec<Pooled>,
-    refilling: bool,
-}
-
-/// A prepared sandbox waiting in the warm pool.
-struct Pooled {
-    id: String,
-    dir: PathBuf,
-    child: tokio::process::Child,
-    pid: i64,
-}
-
-/// The spec of a pooled sandbox: the defaults of a service sandbox.
-fn pool_spec() -> SandboxSpec {
-    SandboxSpec {
-        service: true,
-        ..SandboxSpec::default()
-    }
-}
-
-/// Whether a pooled sandbox satisfies `spec`: the sandbox's env is applied by the server to every exec,
-/// so only what is fixed at start must match the pool's defaults.
-fn poolable(spec: &SandboxSpec) -> bool {
-    // Everything but the environment must be the pool's: any other field (limits, seccomp additions, a
-    // root, a user) is fixed when the sandbox starts.
-    let without_env = SandboxSpec {
-        env: Vec::new(),
-        ..spec.clone()
-    };
-    without_env == pool_spec()
-}
 
 fn new_record(
     id: &str,
@@ -169,58 +130,6 @@ impl Manager {
     /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python shim).
     pub fn shim_exe(&self) -> &Path {
         self.launcher.exe()
-    }
-
-    /// Sets up (or replaces) a warm pool and starts filling it. Sandboxes of a replaced pool whose spec
-    /// changed are killed: they would not match new requests.
-    pub fn register_pool(self: &Arc<Self>, key: &str, spec: PoolSpec) {
-        let stale = {
-            let Ok(mut pools) = self.pools.lock() else {
-                return;
-            };
-            match pools.get_mut(key) {
-                Some(pool) if pool.spec.spec == spec.spec && pool.spec.warm_probe == spec.warm_probe => {
-                    pool.spec.size = spec.size;
-                    Vec::new()
-                }
-                Some(pool) => {
-                    pool.spec = spec;
-                    std::mem::take(&mut pool.ready)
-                }
-                None => {
-                    pools.insert(
-                        key.to_string(),
-                        Pool {
-                            spec,
-                            ready: Vec::new(),
-                            refilling: false,
-                        },
-                    );
-                    Vec::new()
-                }
-            }
-        };
-        for mut pooled in stale {
-            let _ = pooled.child.start_kill();
-        }
-        self.refill(key);
-    }
-
-    /// Drops a pool and kills its unclaimed sandboxes.
-    pub fn remove_pool(&self, key: &str) {
-        let removed = self.pools.lock().ok().and_then(|mut pools| pools.remove(key));
-        for mut pooled in removed.map(|p| p.ready).unwrap_or_default() {
-            let _ = pooled.child.start_kill();
-        }
-    }
-
-    /// How many warm sandboxes a pool holds now.
-    pub fn pool_ready(&self, key: &str) -> usize {
-        self.pools
-            .lock()
-            .ok()
-            .and_then(|pools| pools.get(key).map(|p| p.ready.len()))
-            .unwrap_or(0)
     }
 
     /// Creates `DIR/sandboxes/<new id>/spec.json` and the sandbox's gateway directory, which the spec
@@ -334,110 +243,6 @@ impl Manager {
             hooks.started(&record, false).await;
         }
         Ok(record)
-    }
-
-    /// A live prepared sandbox from the pool `key`, if any.
-    fn take_pooled(&self, key: &str) -> Option<Pooled> {
-        let mut pools = self.pools.lock().ok()?;
-        let pool = pools.get_mut(key)?;
-        while let Some(mut p) = pool.ready.pop() {
-            if matches!(p.child.try_wait(), Ok(None)) {
-                return Some(p);
-            }
-        }
-        None
-    }
-
-    /// Tops the warm pool `key` up to its size in the background (one filler per pool at a time).
-    pub fn refill(self: &Arc<Self>, key: &str) {
-        let spec = {
-            let Ok(mut pools) = self.pools.lock() else {
-                return;
-            };
-            let Some(pool) = pools.get_mut(key) else {
-                return;
-            };
-            if pool.spec.size == 0 || pool.refilling {
-                return;
-            }
-            pool.refilling = true;
-            pool.spec.clone()
-        };
-        let manager = Arc::clone(self);
-        let key = key.to_string();
-        tokio::spawn(async move {
-            loop {
-                let have = manager
-                    .pools
-                    .lock()
-                    .ok()
-                    .and_then(|p| p.get(&key).map(|p| p.ready.len()))
-                    .unwrap_or(usize::MAX);
-                if have >= spec.size {
-                    break;
-                }
-                let Ok((id, dir, _)) = manager.prepare_dir(&spec.spec).await else {
-                    break;
-                };
-                let (mut child, pid) = match manager.launcher.launch(&SandboxDir::new(&dir)).await {
-                    Ok(shim) => (shim.child, shim.pid),
-                    Err(e) => {
-                        tracing::error!(pool = %key, "warm pool: a sandbox did not start: {}", tartarus_runtime::error_chain(&e));
-                        let _ = tokio::fs::remove_dir_all(&dir).await;
-                        let _ = tokio::fs::remove_dir_all(manager.gateway_dir(&id)).await;
-                        break;
-                    }
-                };
-                if let Some(probe) = &spec.warm_probe {
-                    if let Err(message) = manager.probe(&dir, &spec.spec, probe).await {
-                        tracing::error!(pool = %key, "warm pool: a sandbox did not warm up: {message}");
-                        let _ = child.start_kill();
-                        let _ = child.wait().await;
-                        let _ = tokio::fs::remove_dir_all(&dir).await;
-                        let _ = tokio::fs::remove_dir_all(manager.gateway_dir(&id)).await;
-                        break;
-                    }
-                }
-                let mut stale = None;
-                if let Ok(mut pools) = manager.pools.lock() {
-                    match pools.get_mut(&key) {
-                        // The pool was replaced or removed meanwhile: this sandbox fits no request.
-                        Some(pool) if pool.spec.spec == spec.spec => {
-                            pool.ready.push(Pooled { id, dir, child, pid })
-                        }
-                        _ => stale = Some(child),
-                    }
-                }
-                if let Some(mut child) = stale {
-                    let _ = child.start_kill();
-                    break;
-                }
-            }
-            if let Ok(mut pools) = manager.pools.lock() {
-                if let Some(pool) = pools.get_mut(&key) {
-                    pool.refilling = false;
-                }
-            }
-        });
-    }
-
-    /// Runs a pool's readiness probe in a just-started sandbox.
-    async fn probe(&self, dir: &Path, spec: &SandboxSpec, command: &[String]) -> Result<(), String> {
-        let request = ExecRequest {
-            command: command.to_vec(),
-            env: spec.env.clone(),
-            timeout_ms: Some(600_000),
-            ..ExecRequest::default()
-        };
-        let client = ShimClient::new(&SandboxDir::new(dir));
-        let result = client
-            .exec(request)
-            .await
-            .map_err(|e| tartarus_runtime::error_chain(&e))?;
-        match result.exit.exit_code {
-            0 => Ok(()),
-            code => Err(format!("probe exited with {code}: {}", result.stderr.trim())),
-        }
     }
 
     /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).
@@ -591,100 +396,6 @@ impl Manager {
         Ok(())
     }
 
-    /// After a restart: re-adopt sandboxes whose shim still runs, record the others' outcomes.
-    pub async fn reconcile(self: &Arc<Self>) -> Result<(usize, usize), ApiError> {
-        let (mut adopted, mut ended) = (0, 0);
-        for status in [SandboxStatus::Starting, SandboxStatus::Running] {
-            // Sandboxes on cluster nodes are their node's to re-adopt.
-            for record in self
-                .store
-                .sandboxes(None, Some(status))
-                .await?
-                .into_iter()
-                .filter(|r| r.node.is_none())
-            {
-                let dir = PathBuf::from(&record.dir);
-                let pidfd = record
-                    .shim_pid
-                    .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
-                    .and_then(|pid| {
-                        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-                    });
-                let state = match (&pidfd, status) {
-                    (Some(_), SandboxStatus::Running) => match self.shim(&record).status().await {
-                        Ok(status) => Some(status),
-                        Err(e) => {
-                            tracing::warn!(sandbox = %record.id, "the shim does not answer: {}", tartarus_runtime::error_chain(&e));
-                            None
-                        }
-                    },
-                    _ => None,
-                };
-                let alive = state.is_some();
-                if let Some(state) = &state {
-                    self.store
-                        .set_paused(&record.id, state.state == RunState::Paused)
-                        .await?;
-                }
-                match (alive, pidfd) {
-                    (true, Some(pidfd)) => {
-                        if let Some(hooks) = self.lifecycle.get() {
-                            hooks.started(&record, true).await;
-                        }
-                        self.watch_adopted(record.id.clone(), dir, pidfd)?;
-                        adopted += 1;
-                    }
-                    _ => {
-                        self.finalize(
-                            &record.id,
-                            &dir,
-                            "the server restarted and the sandbox's shim was gone",
-                        )
-                        .await;
-                        ended += 1;
-                    }
-                }
-            }
-        }
-        self.remove_orphans().await?;
-        Ok((adopted, ended))
-    }
-
-    /// Kills pooled sandboxes a previous run prepared but never handed out (they have no record), and
-    /// removes their directories.
-    async fn remove_orphans(&self) -> Result<(), ApiError> {
-        let Ok(mut entries) = tokio::fs::read_dir(self.data_dir.join("sandboxes")).await else {
-            return Ok(());
-        };
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let id = entry.file_name().to_string_lossy().into_owned();
-            if self.store.sandbox(&id, None).await?.is_some() {
-                continue;
-            }
-            let dir = entry.path();
-            // A shim that is gone already is what we want; any other failure is logged.
-            match ShimClient::new(&SandboxDir::new(&dir)).kill().await {
-                Ok(()) | Err(CallError::NotRunning) => {}
-                Err(e) => {
-                    tracing::warn!(sandbox = %id, "killing an orphaned pooled sandbox: {}", tartarus_runtime::error_chain(&e))
-                }
-            }
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            let _ = tokio::fs::remove_dir_all(self.gateway_dir(&id)).await;
-        }
-        Ok(())
-    }
-
-    fn watch_adopted(self: &Arc<Self>, id: String, dir: PathBuf, pidfd: OwnedFd) -> Result<(), ApiError> {
-        // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the
-        // same pidfd for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns it.
-        let fd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
-            .map_err(|e| ApiError::internal(format!("watching the shim: {e}")))?;
-        self.watch(id, dir, async move {
-            let _ = fd.readable().await;
-        })
-    }
-
     /// Records the sandbox's outcome once `exited` (its shim's exit) completes, and lets `wait`/`kill`
     /// callers know.
     fn watch(
@@ -772,4 +483,69 @@ pub fn stored_spec(record: &SandboxRecord) -> Result<SandboxSpec, ApiError> {
         tracing::error!(sandbox = %record.id, tenant = %record.tenant, "the stored spec is unreadable: {e}");
         ApiError::internal(format!("the stored spec of sandbox {} is unreadable", record.id))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tartarus_shim::protocol::ShimError;
+
+    use super::*;
+
+    fn refused(code: ErrorCode) -> CallError {
+        CallError::Refused(ShimError {
+            code,
+            message: "m".into(),
+        })
+    }
+
+    #[test]
+    fn shim_refusals_map_to_client_errors_and_host_failures_to_5xx() {
+        let cases = [
+            (refused(ErrorCode::Paused), StatusCode::CONFLICT),
+            (
+                refused(ErrorCode::CommandNotFound),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                refused(ErrorCode::NotExecutable),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                refused(ErrorCode::InvalidRequest),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (refused(ErrorCode::WrongType), StatusCode::UNPROCESSABLE_ENTITY),
+            (refused(ErrorCode::NotFound), StatusCode::NOT_FOUND),
+            (refused(ErrorCode::Forbidden), StatusCode::FORBIDDEN),
+            (refused(ErrorCode::TooLarge), StatusCode::PAYLOAD_TOO_LARGE),
+            (refused(ErrorCode::Unsupported), StatusCode::SERVICE_UNAVAILABLE),
+            (refused(ErrorCode::Unavailable), StatusCode::SERVICE_UNAVAILABLE),
+            (CallError::NotRunning, StatusCode::CONFLICT),
+            (
+                CallError::Timeout {
+                    op: "status",
+                    deadline: Duration::from_secs(1),
+                },
+                StatusCode::GATEWAY_TIMEOUT,
+            ),
+        ];
+        for (error, status) in cases {
+            let shown = format!("{error:?}");
+            assert_eq!(call_error("sb_1", error).status, status, "{shown}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_stored_spec_is_an_error_not_a_default() {
+        let mut record = new_record(
+            "sb_1",
+            "alpha",
+            Path::new("/x"),
+            "{\"cmd\":".into(),
+            Default::default(),
+        );
+        assert!(stored_spec(&record).is_err());
+        record.spec = serde_json::to_string(&SandboxSpec::default()).unwrap();
+        assert!(stored_spec(&record).is_ok());
+    }
 }

@@ -71,3 +71,139 @@ pub(crate) fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<Sandbox
     spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok(spec)
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    use super::*;
+    use crate::api::Resources;
+
+    fn caller(role: Role) -> Caller {
+        Caller {
+            key_id: "k".into(),
+            tenant: "alpha".into(),
+            role,
+        }
+    }
+
+    fn refused(body: CreateSandbox, role: Role) -> (StatusCode, String) {
+        let e = spec_from(&body, &caller(role)).unwrap_err();
+        (e.status, e.message)
+    }
+
+    #[test]
+    fn a_plain_request_is_a_service_sandbox_with_its_env_and_limits() {
+        let body = CreateSandbox {
+            cmd: Some(vec!["sleep".into(), "1".into()]),
+            env: [("K".to_string(), "V".to_string())].into(),
+            cwd: Some("/tmp".into()),
+            resources: Resources {
+                cpus: Some(0.5),
+                memory_mb: Some(256),
+                pids: Some(64),
+            },
+            timeout_s: Some(30),
+            network: Some("egress".into()),
+            ..CreateSandbox::default()
+        };
+        let spec = spec_from(&body, &caller(Role::User)).unwrap();
+        assert!(spec.service);
+        assert_eq!(spec.command, ["sleep", "1"]);
+        assert_eq!(spec.env, [("K".to_string(), "V".to_string())]);
+        assert_eq!(spec.limits.memory_bytes, Some(256 << 20));
+        assert_eq!(spec.limits.pids, Some(64));
+        assert_eq!(spec.timeout, Some(Duration::from_secs(30)));
+        assert!(matches!(spec.network, NetworkMode::Egress(_)));
+    }
+
+    #[test]
+    fn bounds_are_refused_with_the_field_named() {
+        let with = |resources: Resources| CreateSandbox {
+            resources,
+            ..CreateSandbox::default()
+        };
+        let cases = [
+            (
+                with(Resources {
+                    cpus: Some(0.0),
+                    ..Resources::default()
+                }),
+                "resources.cpus",
+            ),
+            (
+                with(Resources {
+                    cpus: Some(f64::NAN),
+                    ..Resources::default()
+                }),
+                "resources.cpus",
+            ),
+            (
+                with(Resources {
+                    cpus: Some(65.0),
+                    ..Resources::default()
+                }),
+                "resources.cpus",
+            ),
+            (
+                with(Resources {
+                    memory_mb: Some(3),
+                    ..Resources::default()
+                }),
+                "resources.memory_mb",
+            ),
+            (
+                with(Resources {
+                    pids: Some(1),
+                    ..Resources::default()
+                }),
+                "resources.pids",
+            ),
+            (
+                CreateSandbox {
+                    timeout_s: Some(0),
+                    ..CreateSandbox::default()
+                },
+                "timeout_s",
+            ),
+            (
+                CreateSandbox {
+                    timeout_s: Some(7 * 86_400 + 1),
+                    ..CreateSandbox::default()
+                },
+                "timeout_s",
+            ),
+            (
+                CreateSandbox {
+                    network: Some("bridge".into()),
+                    ..CreateSandbox::default()
+                },
+                "unknown network",
+            ),
+            (
+                CreateSandbox {
+                    image: Some("a".into()),
+                    rootfs: Some("/".into()),
+                    ..CreateSandbox::default()
+                },
+                "at most one",
+            ),
+        ];
+        for (body, named) in cases {
+            let (status, message) = refused(body, Role::Admin);
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{message}");
+            assert!(message.contains(named), "{message} should name {named}");
+        }
+    }
+
+    #[test]
+    fn only_admins_choose_a_host_root() {
+        let body = CreateSandbox {
+            rootfs: Some("/srv/root".into()),
+            ..CreateSandbox::default()
+        };
+        assert_eq!(refused(body.clone(), Role::User).0, StatusCode::FORBIDDEN);
+        let spec = spec_from(&body, &caller(Role::Admin)).unwrap();
+        assert_eq!(spec.root, RootSpec::Directory("/srv/root".into()));
+    }
+}
