@@ -6,6 +6,18 @@
 //! [`find_key`] finds a mapping key (block `key:`, flow `{key: …}` or quoted JSON `"key":`), skipping
 //! comments; [`line_column`] turns an offset into 1-based line and column.
 
+/// Whether `id` is a valid document id (a template's or a policy's): 1-63 lower-case letters, digits and
+/// `-`, not starting with `-`.
+pub fn valid_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0] != b'-'
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// A document that cannot be used: where (`file:line:column` when known) and why, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DocumentError {

@@ -289,16 +289,7 @@ impl TemplateResources {
     }
 }
 
-/// Whether `id` is a valid template id.
-pub fn valid_id(id: &str) -> bool {
-    let bytes = id.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes[0] != b'-'
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
+pub use tartarus_document::valid_id;
 
 fn check_id(id: &str) -> Result<(), Violation> {
     match valid_id(id) {

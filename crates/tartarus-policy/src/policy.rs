@@ -565,16 +565,7 @@ fn check_tenants(tenants: &[String], key: &str, path: Vec<Seg>) -> Result<(), Vi
     Ok(())
 }
 
-/// Whether `id` is a valid policy or template id.
-pub fn valid_id(id: &str) -> bool {
-    let bytes = id.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes[0] != b'-'
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
+pub use tartarus_document::valid_id;
 
 /// A broken rule: the key it is about, how to find it in the text, and what to change.
 #[derive(Debug)]

@@ -109,7 +109,12 @@ impl Effects {
             })
             .await;
         if let Err(e) = result {
-            tracing::error!(sandbox, kind, "writing a trace record failed: {e}");
+            tracing::error!(
+                sandbox,
+                kind,
+                "writing a trace record failed: {}",
+                tartarus_runtime::error_chain(&e)
+            );
         }
     }
 
@@ -121,11 +126,17 @@ impl Effects {
         match result {
             Ok(Ok(put)) => Some(put.cid),
             Ok(Err(e)) => {
-                tracing::warn!("keeping a trace blob failed: {e}");
+                tracing::warn!(
+                    "keeping a trace blob failed: {}",
+                    tartarus_runtime::error_chain(&e)
+                );
                 None
             }
             Err(e) => {
-                tracing::error!("keeping a trace blob failed: {e}");
+                tracing::error!(
+                    "keeping a trace blob failed: {}",
+                    tartarus_runtime::error_chain(&e)
+                );
                 None
             }
         }
@@ -309,7 +320,7 @@ impl crate::sandboxes::Lifecycle for EffectsHooks {
             if let Some(manager) = self.manager.upgrade() {
                 let dir = manager.gateway_dir(&record.id);
                 if let Err(e) = self.effects.gateways.open(&self.effects, record, &dir) {
-                    tracing::error!(sandbox = %record.id, "the tool gateway did not open: {e}");
+                    tracing::error!(sandbox = %record.id, "the tool gateway did not open: {}", tartarus_runtime::error_chain(&e));
                 }
             }
             if !adopted {

@@ -18,6 +18,10 @@ pub struct ErrorDetail {
     /// command_not_found, not_executable, unavailable, internal.
     pub code: &'static str,
     pub message: String,
+    /// For `internal` errors: the id under which the server logged the cause. The body never carries
+    /// database or host internals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -57,13 +61,25 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(code = self.code, "{}", self.message);
-        }
+        let (message, correlation_id) = match self.status {
+            // The cause (a database error, a host path) goes to the log under an id the client can quote.
+            StatusCode::INTERNAL_SERVER_ERROR => {
+                let id = tartarus_hostsys::random_hex(6).unwrap_or_else(|_| "unknown".to_string());
+                tracing::error!(correlation_id = %id, code = self.code, "{}", self.message);
+                let shown = format!("internal error; the server log has the cause under correlation id {id}");
+                (shown, Some(id))
+            }
+            status if status.is_server_error() => {
+                tracing::error!(code = self.code, "{}", self.message);
+                (self.message, None)
+            }
+            _ => (self.message, None),
+        };
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code,
-                message: self.message,
+                message,
+                correlation_id,
             },
         };
         (self.status, Json(body)).into_response()
@@ -72,14 +88,7 @@ impl IntoResponse for ApiError {
 
 impl From<tartarus_store::StoreError> for ApiError {
     fn from(e: tartarus_store::StoreError) -> Self {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        ApiError::internal(message)
+        ApiError::internal(tartarus_runtime::error_chain(&e))
     }
 }
 

@@ -83,7 +83,7 @@ fn spawn_event_retention(store: Store, retention: Duration) {
             match store.prune_events(before).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "expired events removed"),
-                Err(e) => tracing::error!("expiring events failed: {e}"),
+                Err(e) => tracing::error!("expiring events failed: {}", tartarus_runtime::error_chain(&e)),
             }
         }
     });
@@ -225,7 +225,9 @@ pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -
     {
         match serde_json::from_str::<tartarus_image::template::Template>(&record.definition) {
             Ok(template) => images::start_template_pool(&manager, &images, template),
-            Err(e) => tracing::error!(template = %record.id, "stored template is unreadable: {e}"),
+            Err(e) => {
+                tracing::error!(template = %record.id, "stored template is unreadable: {}", tartarus_runtime::error_chain(&e))
+            }
         }
     }
     let addr = listener.local_addr().map_err(ServerError::Serve)?;

@@ -68,7 +68,7 @@ pub(crate) async fn audit(
         detail: None,
     };
     if let Err(e) = state.store.record_audit(&record).await {
-        tracing::error!("audit write failed: {e}");
+        tracing::error!("audit write failed: {}", tartarus_runtime::error_chain(&e));
     }
 }
 

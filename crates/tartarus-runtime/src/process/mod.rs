@@ -153,7 +153,9 @@ fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
     move |source| PrepareError::Host { what, source }
 }
 
-fn new_sandbox_id() -> Result<String, PrepareError> {
+/// The id of one sandbox instance: names its host resources (cgroups, network namespace, veth), so it is
+/// short enough for interface names. It is not the API's sandbox id (`sb_…`), which the server makes.
+fn new_instance_id() -> Result<String, PrepareError> {
     tartarus_hostsys::random_hex(6).map_err(host_err("reading random bytes for the sandbox id"))
 }
 
@@ -168,7 +170,7 @@ impl ProcessSandbox {
         for m in &mut spec.mounts {
             m.target = normalize_sandbox_path(&m.target);
         }
-        let id = new_sandbox_id()?;
+        let id = new_instance_id()?;
         let euid = rustix::process::geteuid().as_raw();
         let ids = if euid == 0 {
             IdMode::Privileged {

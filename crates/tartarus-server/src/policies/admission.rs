@@ -85,7 +85,7 @@ pub async fn admit(
         detail: Some(&detail),
     };
     if let Err(e) = state.store.record_audit(&record).await {
-        tracing::error!("audit write failed: {e}");
+        tracing::error!("audit write failed: {}", tartarus_runtime::error_chain(&e));
     }
     if let Some(rejection) = &decision.rejection {
         let message = format!("{} judge: {}", rejection.judge, rejection.reason);

@@ -163,7 +163,7 @@ pub async fn get_blob(
     let (writer, reader) = tokio::io::duplex(256 * 1024);
     tokio::task::spawn_blocking(move || {
         if let Err(e) = blobs.get(&cid, tokio_util::io::SyncIoBridge::new(writer)) {
-            tracing::error!("serving blob {cid}: {e}");
+            tracing::error!("serving blob {cid}: {}", tartarus_runtime::error_chain(&e));
         }
     });
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(reader));

@@ -85,7 +85,9 @@ fn new_record(
     }
 }
 
-fn random_id() -> Result<String, ApiError> {
+/// A new sandbox id as the API shows it: `sb_` and 48 random bits in hex. (The runtime names the host
+/// resources of one instance with its own shorter id, which fits interface-name limits.)
+pub fn new_sandbox_id() -> Result<String, ApiError> {
     let hex = tartarus_hostsys::random_hex(6).map_err(|e| ApiError::internal(format!("randomness: {e}")))?;
     Ok(format!("sb_{hex}"))
 }
@@ -136,7 +138,7 @@ impl Manager {
     /// mounts read-only at [`GATEWAY_MOUNT`]. Returns the spec as requested (without that mount).
     async fn prepare_dir(&self, spec: &SandboxSpec) -> Result<(String, PathBuf, String), ApiError> {
         use std::os::unix::fs::PermissionsExt;
-        let id = random_id()?;
+        let id = new_sandbox_id()?;
         let dir = self.data_dir.join("sandboxes").join(&id);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -312,7 +314,11 @@ impl Manager {
                 details: None,
             };
             if let Err(e) = self.store.record_event(&event).await {
-                tracing::error!(sandbox = id, "recording an event failed: {e}");
+                tracing::error!(
+                    sandbox = id,
+                    "recording an event failed: {}",
+                    tartarus_runtime::error_chain(&e)
+                );
             }
         }
         let _ = tokio::fs::remove_file(sandbox_dir.socket()).await;
@@ -480,7 +486,7 @@ pub fn call_error(id: &str, e: CallError) -> ApiError {
 /// defaults.
 pub fn stored_spec(record: &SandboxRecord) -> Result<SandboxSpec, ApiError> {
     serde_json::from_str(&record.spec).map_err(|e| {
-        tracing::error!(sandbox = %record.id, tenant = %record.tenant, "the stored spec is unreadable: {e}");
+        tracing::error!(sandbox = %record.id, tenant = %record.tenant, "the stored spec is unreadable: {}", tartarus_runtime::error_chain(&e));
         ApiError::internal(format!("the stored spec of sandbox {} is unreadable", record.id))
     })
 }
