@@ -34,7 +34,7 @@ use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tartarus_runtime::process::{ExecError, ExecRequest, ProcessRuntime, ProcessSandbox};
-use tartarus_runtime::{KillReason, Sandbox, SandboxSpec, StdioFds, Termination};
+use tartarus_runtime::{ExecId, KillReason, Sandbox, SandboxSpec, ServiceSandbox, StdioFds, Termination};
 
 use super::run::runtime_config;
 
@@ -133,9 +133,9 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
     let lifetime = spec.timeout;
     let mut sandbox = runtime.prepare_sandbox(spec)?;
     let stdio = StdioFds {
-        stdin: null.as_raw_fd(),
-        stdout: log.as_raw_fd(),
-        stderr: log.as_raw_fd(),
+        stdin: null.as_fd(),
+        stdout: log.as_fd(),
+        stderr: log.as_fd(),
     };
     if let Err(e) = sandbox.start(stdio) {
         // Exit with the shell's code for the failure (127 not found, 126 not executable, 125 otherwise).
@@ -204,7 +204,7 @@ struct Output {
 
 /// A running exec and the connection waiting for it.
 struct RunningExec {
-    id: u64,
+    id: ExecId,
     client: UnixStream,
     streaming: bool,
     binary_output: bool,
@@ -382,8 +382,8 @@ impl Shim {
                 json!({
                     "id": self.sandbox.id(),
                     "state": if self.sandbox.is_paused() { "paused" } else { "running" },
-                    "blocked_packets": self.sandbox.blocked_packets(),
-                    "limit_hits": self.sandbox.limit_hits(),
+                    "blocked_packets": self.sandbox.usage().blocked_packets,
+                    "limit_hits": self.sandbox.usage().limit_hits,
                 })
             }
             Ok(ShimRequest::Pause) => match self.sandbox.pause() {
@@ -487,7 +487,7 @@ impl Shim {
         &mut self,
         request: &ExecRequest,
         input: Vec<u8>,
-    ) -> Result<(u64, Option<OwnedFd>, OwnedFd, OwnedFd, Vec<u8>, Instant), ExecError> {
+    ) -> Result<(ExecId, Option<OwnedFd>, OwnedFd, OwnedFd, Vec<u8>, Instant), ExecError> {
         let pipe = || {
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                 .map_err(|e| ExecError::Channel(e.into()))
@@ -496,10 +496,12 @@ impl Shim {
         let (stdout_read, stdout_write) = pipe()?;
         let (stderr_read, stderr_write) = pipe()?;
         let started = Instant::now();
-        let id = self.sandbox.exec(
-            request,
-            [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()],
-        )?;
+        let stdio = StdioFds {
+            stdin: stdin_read.as_fd(),
+            stdout: stdout_write.as_fd(),
+            stderr: stderr_write.as_fd(),
+        };
+        let id = self.sandbox.exec(request, stdio)?;
         drop((stdin_read, stdout_write, stderr_write));
         for fd in [&stdin_write, &stdout_read, &stderr_read] {
             rustix::io::ioctl_fionbio(fd, true).map_err(|e| ExecError::Channel(e.into()))?;

@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 
@@ -109,7 +109,7 @@ pub struct ChildPlan<'a> {
     /// The main command; `None` for a service sandbox started without one.
     pub exec: Option<&'a ExecPlan>,
     pub filters: &'a CompiledFilters,
-    pub stdio: StdioFds,
+    pub stdio: StdioFds<'a>,
     pub tty: bool,
     pub workdir: &'a CStr,
     pub writable_dirs: &'a [PathBuf],
@@ -326,7 +326,7 @@ pub(super) fn read_byte(ready: &OwnedFd) -> bool {
 pub(super) struct Target<'a> {
     pub exec: &'a ExecPlan,
     pub workdir: &'a CStr,
-    pub stdio: StdioFds,
+    pub stdio: StdioFds<'a>,
     pub tty: bool,
     /// Where a failure to start is reported (close-on-exec, so a successful exec closes it).
     pub report_fd: RawFd,
@@ -440,17 +440,13 @@ fn drop_privileges(plan: &ChildPlan<'_>, target: &Target<'_>) -> SetupResult<()>
 }
 
 /// Puts the caller's chosen descriptors on 0, 1 and 2 (via high copies, so any overlap is safe).
-fn attach_stdio(stdio: StdioFds) -> SetupResult<()> {
-    let sources = [stdio.stdin, stdio.stdout, stdio.stderr];
+fn attach_stdio(stdio: StdioFds<'_>) -> SetupResult<()> {
     let mut copies = Vec::with_capacity(3);
-    for fd in sources {
-        // SAFETY: the caller guarantees these descriptors are open (StdioFds contract).
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    for fd in stdio.as_array() {
         copies.push(rustix::io::fcntl_dupfd_cloexec(fd, 10).stage(|| "duplicating stdio".into())?);
     }
     for (target, copy) in copies.iter().enumerate() {
-        tartarus_hostsys::dup_onto(rustix::fd::AsRawFd::as_raw_fd(&copy.as_fd()), target as RawFd)
-            .stage(|| "attaching stdio".into())?;
+        tartarus_hostsys::dup_onto(copy.as_raw_fd(), target as RawFd).stage(|| "attaching stdio".into())?;
     }
     Ok(())
 }

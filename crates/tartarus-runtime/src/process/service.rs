@@ -26,22 +26,11 @@ use super::child::{self, ChildPlan, ExecPlan, Target};
 use super::protocol::{read_report, Report, STATUS_LEN};
 use super::rootfs::{self, Context, SetupError, SetupResult};
 use crate::sandbox::{StdioFds, Termination};
+use crate::service::{ExecError, ExecId, ExecRequest};
 use crate::spec::{NetworkMode, SANDBOX_HOME};
 
 /// Largest control message (the JSON of one request).
 const MAX_MESSAGE: usize = 256 * 1024;
-
-/// A command to run inside a running service sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecRequest {
-    pub command: Vec<String>,
-    /// Added to (and overriding) the sandbox's default environment.
-    #[serde(default)]
-    pub env: Vec<(String, String)>,
-    /// Absolute working directory inside the sandbox; the sandbox user's home when `None`.
-    #[serde(default)]
-    pub workdir: Option<String>,
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -65,31 +54,6 @@ enum Reply {
         id: u64,
         status: i32,
     },
-}
-
-/// An exec request that did not run to completion.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error("this sandbox was not started as a service sandbox")]
-    NotService,
-    #[error("the sandbox is not running")]
-    NotRunning,
-    #[error("invalid exec request: {0}")]
-    Invalid(String),
-    #[error("{message}")]
-    Start { exit_code: i32, message: String },
-    #[error("sandbox control channel failed")]
-    Channel(#[source] io::Error),
-}
-
-impl ExecError {
-    /// The exit code a shell would report: 127 not found, 126 not executable, 125 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            ExecError::Start { exit_code, .. } => *exit_code,
-            _ => 125,
-        }
-    }
 }
 
 fn send(fd: BorrowedFd<'_>, message: &impl Serialize, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
@@ -313,9 +277,9 @@ fn start_exec(plan: &ChildPlan<'_>, request: &ExecRequest, fds: Vec<OwnedFd>) ->
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| (125, format!("creating a report pipe: {e}")))?;
     let stdio = StdioFds {
-        stdin: stdin.as_raw_fd(),
-        stdout: stdout.as_raw_fd(),
-        stderr: stderr.as_raw_fd(),
+        stdin: stdin.as_fd(),
+        stdout: stdout.as_fd(),
+        stderr: stderr.as_fd(),
     };
     let target = Target {
         exec: &exec,
@@ -366,11 +330,7 @@ impl ExecClient {
     }
 
     /// Starts `request` with the given stdio; returns its id once it has exec'd.
-    pub(super) fn start(
-        &mut self,
-        request: &ExecRequest,
-        stdio: [BorrowedFd<'_>; 3],
-    ) -> Result<u64, ExecError> {
+    pub(super) fn start(&mut self, request: &ExecRequest, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
         if request.command.is_empty() {
             return Err(ExecError::Invalid("the command is empty".into()));
         }
@@ -391,12 +351,12 @@ impl ExecClient {
                 id,
                 request: request.clone(),
             },
-            &stdio,
+            &stdio.as_array(),
         )
         .map_err(ExecError::Channel)?;
         loop {
             match self.next_reply(None)? {
-                Some(Reply::Started { id: got }) if got == id => return Ok(id),
+                Some(Reply::Started { id: got }) if got == id => return Ok(ExecId::from_raw(id)),
                 Some(Reply::Failed {
                     id: got,
                     exit_code,
@@ -411,9 +371,10 @@ impl ExecClient {
     /// Waits up to `timeout` for exec `id` to end; `None` on timeout.
     pub(super) fn wait(
         &mut self,
-        id: u64,
+        id: ExecId,
         timeout: Option<Duration>,
     ) -> Result<Option<Termination>, ExecError> {
+        let id = id.as_raw();
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
             if let Some(raw) = self.finished.remove(&id) {
@@ -431,8 +392,9 @@ impl ExecClient {
     }
 
     /// Kills exec `id` and everything in its process group.
-    pub(super) fn kill(&mut self, id: u64) -> Result<(), ExecError> {
-        send(self.socket.as_fd(), &Request::Kill { id }, &[]).map_err(ExecError::Channel)
+    pub(super) fn kill(&mut self, id: ExecId) -> Result<(), ExecError> {
+        let request = Request::Kill { id: id.as_raw() };
+        send(self.socket.as_fd(), &request, &[]).map_err(ExecError::Channel)
     }
 
     /// Reads one reply (recording exits); `None` at EOF or when `timeout` passes first.
