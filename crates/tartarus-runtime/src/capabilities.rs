@@ -2,7 +2,7 @@
 //!
 //! Place in the data flow: a caller picks a lane, asks [`crate::Runtime::supports`] (which `prepare` also
 //! does) and gets either `Ok` or one line naming the first knob the lane cannot honour. The service
-//! operations (pause, throttling, cutting the network) are declared here too, so a caller
+//! operations (pause, file operations, throttling, cutting the network) are declared here too, so a caller
 //! can answer "unsupported" before trying; the spec never asks for them.
 
 use crate::spec::{NetworkMode, ProcessLimits, RootSpec, SandboxSpec};
@@ -38,6 +38,8 @@ pub struct LaneCapabilities {
     pub custom_user: bool,
     /// Freezing and thawing every process of a service sandbox.
     pub pause: bool,
+    /// Reading, writing and listing files inside a service sandbox.
+    pub file_ops: bool,
     /// Lowering a running sandbox's CPU quota.
     pub cpu_throttle: bool,
     /// Cutting a running sandbox's egress network off.
@@ -62,6 +64,7 @@ impl LaneCapabilities {
         landlock_paths: true,
         custom_user: true,
         pause: true,
+        file_ops: true,
         cpu_throttle: true,
         network_isolation: true,
     };

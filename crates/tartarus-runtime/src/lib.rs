@@ -4,13 +4,16 @@
 //!
 //! Place in the data flow: the CLI (`tartarus run`) turns user input into a `SandboxSpec`, picks a runtime,
 //! and drives `prepare → start → wait → cleanup`; a shim does the same with
-//! [`Runtime::prepare_service`] and then serves execs and controls through [`ServiceSandbox`]. This crate never prints and never exits; every failure is a typed error that says
+//! [`Runtime::prepare_service`] and then serves execs, file operations and controls through
+//! [`ServiceSandbox`]. This crate never prints and never exits; every failure is a typed error that says
 //! what to change.
 //!
 //! Modules: [`sandbox`] the lifecycle traits and types; [`capabilities`] what a lane can honour;
-//! [`service`] the service-sandbox seam; [`spec`] the validated input; [`process`] the Linux process lane; [`testing`] a scriptable fake of the seam.
+//! [`service`] the service-sandbox seam; [`files`] file operations and their encoding; [`spec`] the
+//! validated input; [`process`] the Linux process lane; [`testing`] a scriptable fake of the seam.
 
 pub mod capabilities;
+pub mod files;
 pub mod process;
 pub mod sandbox;
 pub mod service;
@@ -19,6 +22,7 @@ pub mod testing;
 pub mod units;
 
 pub use capabilities::{LaneCapabilities, Unsupported};
+pub use files::{DirEntry, EntryKind, FileErrorKind, FileOp, FileOpError, MAX_FILE_BYTES};
 pub use sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,

@@ -26,8 +26,8 @@ pub trait Runtime {
     /// Validates `spec` against this host and reserves what the sandbox needs (cgroups, descriptors for the
     /// root), without starting anything.
     fn prepare(&self, spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError>;
-    /// [`Runtime::prepare`] for a long-lived sandbox that serves execs and controls (`spec.service` is set
-    /// whatever the caller gave).
+    /// [`Runtime::prepare`] for a long-lived sandbox that serves execs, file operations and controls
+    /// (`spec.service` is set whatever the caller gave).
     fn prepare_service(&self, spec: SandboxSpec) -> Result<Box<dyn ServiceSandbox>, PrepareError>;
 }
 
@@ -50,7 +50,7 @@ pub trait Sandbox {
     fn cleanup(&mut self) -> Result<(), RuntimeError>;
 }
 
-/// Standard descriptors handed to a command (the main one or an exec). The sandbox gets
+/// Standard descriptors handed to a command (the main one, an exec, a file operation). The sandbox gets
 /// its own copies; the caller's stay open at least until the call that takes them returns.
 #[derive(Debug, Clone, Copy)]
 pub struct StdioFds<'a> {

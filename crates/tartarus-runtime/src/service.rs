@@ -2,9 +2,10 @@
 //!
 //! Place in the data flow: the shim owns one `Box<dyn ServiceSandbox>` from
 //! [`crate::Runtime::prepare_service`], starts it, and drives it from a single-threaded event loop: it polls
-//! [`crate::Sandbox::event_fd`] (the sandbox ended) and [`ServiceSandbox::exec_event_fd`] (an exec ended;
-//! then [`ServiceSandbox::wait_exec`] with a zero timeout), and moves stdio through the pipes it passed in.
-//! Nothing here blocks except `wait_exec` with a timeout, and `exec` until the process has started.
+//! [`crate::Sandbox::event_fd`] (the sandbox ended) and [`ServiceSandbox::exec_event_fd`] (an exec or file
+//! operation ended; then [`ServiceSandbox::wait_exec`] with a zero timeout), and moves stdio through the
+//! pipes it passed in. Execs and file operations share ids and that one way of ending. Nothing here blocks
+//! except `wait_exec` with a timeout, and `exec`/`start_file_op` until the process has started.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -12,9 +13,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::FileOp;
 use crate::sandbox::{Sandbox, SandboxState, StdioFds, Termination};
 
-/// A sandbox that stays up and serves execs and controls.
+/// A sandbox that stays up and serves execs, file operations and controls.
 ///
 /// Preconditions common to every method: the sandbox was started ([`Sandbox::start`]) and has not ended;
 /// otherwise execs fail with [`ExecError::NotRunning`] and controls with [`ServiceError::State`].
@@ -22,7 +24,11 @@ pub trait ServiceSandbox: Sandbox {
     /// Runs `request` with the given stdio (the sandbox keeps its own copies); returns once the command has
     /// been executed, or why it could not be ([`ExecError::exit_code`]: 127 not found, 126 not executable).
     fn exec(&mut self, request: &ExecRequest, stdio: StdioFds<'_>) -> Result<ExecId, ExecError>;
-    /// Readable when an exec may have ended; then call [`ServiceSandbox::wait_exec`] with
+    /// Starts a file operation under the same walls as an exec, moving data through `stdio` (see
+    /// [`crate::files`]); its end is observed with [`ServiceSandbox::wait_exec`] and decoded with
+    /// [`crate::files::decode_outcome`]. A malformed path is refused here, with [`ExecError::Invalid`].
+    fn start_file_op(&mut self, op: &FileOp, stdio: StdioFds<'_>) -> Result<ExecId, ExecError>;
+    /// Readable when an exec or file operation may have ended; then call [`ServiceSandbox::wait_exec`] with
     /// a zero timeout. `None` before the start, and for a sandbox not prepared as a service sandbox.
     fn exec_event_fd(&self) -> Option<BorrowedFd<'_>>;
     /// Waits up to `timeout` (forever with `None`) for exec `id` to end; `Ok(None)` when it has not.
@@ -42,7 +48,7 @@ pub trait ServiceSandbox: Sandbox {
     fn isolate_network(&mut self) -> Result<bool, ServiceError>;
 }
 
-/// One exec of a service sandbox; unique for the sandbox's life.
+/// One exec or file operation of a service sandbox; unique for the sandbox's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ExecId(u64);
@@ -75,7 +81,7 @@ pub struct ExecRequest {
     pub workdir: Option<String>,
 }
 
-/// An exec that did not start, or whose channel failed.
+/// An exec or file operation that did not start, or whose channel failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("this sandbox was not started as a service sandbox")]

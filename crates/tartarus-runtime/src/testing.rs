@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rustix::event::EventfdFlags;
 
+use crate::files::{self, FileOp};
 use crate::sandbox::{
     ExitReason, KillReason, Outcome, RuntimeError, Sandbox, SandboxState, StartError, StdioFds, Termination,
 };
@@ -19,6 +20,7 @@ use crate::service::{ExecError, ExecId, ExecRequest, ServiceError, ServiceSandbo
 pub enum FakeCall {
     Start,
     Exec(ExecRequest),
+    FileOp(FileOp),
     KillExec(ExecId),
     Pause,
     Resume,
@@ -40,7 +42,7 @@ pub enum PauseBehaviour {
 
 /// A scriptable, recording [`ServiceSandbox`] with real event descriptors (eventfds): the sandbox's
 /// becomes readable when the test ends the sandbox ([`Self::finish`], or a `kill`), the exec one while an
-/// exec ended by the test ([`Self::finish_exec`], or a `kill_exec`) has not been
+/// exec or file operation ended by the test ([`Self::finish_exec`], or a `kill_exec`) has not been
 /// collected with `wait_exec`. Nothing blocks: `wait_exec` on a running exec answers `None` at once.
 pub struct FakeServiceSandbox {
     id: String,
@@ -103,7 +105,7 @@ impl FakeServiceSandbox {
         &self.calls
     }
 
-    /// Execs started and not ended, oldest first.
+    /// Execs and file operations started and not ended, oldest first.
     pub fn running_execs(&self) -> Vec<ExecId> {
         self.running.keys().copied().collect()
     }
@@ -128,7 +130,7 @@ impl FakeServiceSandbox {
         true
     }
 
-    /// The next exec fails to start with `error`.
+    /// The next exec or file operation fails to start with `error`.
     pub fn fail_next_exec(&mut self, error: ExecError) {
         self.next_exec_error = Some(error);
     }
@@ -269,6 +271,12 @@ impl ServiceSandbox for FakeServiceSandbox {
         self.start_process(stdio)
     }
 
+    fn start_file_op(&mut self, op: &FileOp, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+        self.calls.push(FakeCall::FileOp(op.clone()));
+        files::check_path(op.path()).map_err(|e| ExecError::Invalid(e.message))?;
+        self.start_process(stdio)
+    }
+
     fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {
         (self.state != SandboxState::Prepared).then(|| self.exec_event.as_fd())
     }
@@ -404,21 +412,16 @@ mod tests {
     #[test]
     fn kill_exec_ends_it_as_sigkill() {
         let mut fake = started();
-        let request = ExecRequest {
-            command: vec!["sleep".into(), "1000".into()],
-            env: Vec::new(),
-            workdir: None,
+        let op = FileOp::Read {
+            path: "/etc/hostname".into(),
         };
-        let id = fake.exec(&request, StdioFds::inherit()).expect("exec");
+        let id = fake.start_file_op(&op, StdioFds::inherit()).expect("file op");
         fake.kill_exec(id).expect("kill");
         assert_eq!(
             fake.wait_exec(id, None).expect("wait"),
             Some(Termination::Signaled(libc::SIGKILL))
         );
-        assert_eq!(
-            fake.calls()[1..],
-            [FakeCall::Exec(request), FakeCall::KillExec(id)]
-        );
+        assert_eq!(fake.calls()[1..], [FakeCall::FileOp(op), FakeCall::KillExec(id)]);
     }
 
     #[test]
@@ -453,6 +456,13 @@ mod tests {
                 .map_err(|e| e.exit_code()),
             Err(127)
         );
+        let dotdot = FileOp::List {
+            path: "/tmp/../etc".into(),
+        };
+        assert!(matches!(
+            fake.start_file_op(&dotdot, StdioFds::inherit()),
+            Err(ExecError::Invalid(_))
+        ));
     }
 
     #[test]

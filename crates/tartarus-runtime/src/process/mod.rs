@@ -11,6 +11,7 @@
 
 mod cgroup;
 mod child;
+mod file_ops;
 mod landlock;
 mod protocol;
 mod rootfs;
@@ -38,6 +39,7 @@ use self::seccomp::CompiledFilters;
 pub use self::seccomp::{deniable_syscall, DENIED_SYSCALLS, EXTRA_DENIABLE_SYSCALLS};
 use self::service::ExecClient;
 use crate::capabilities::LaneCapabilities;
+use crate::files::FileOp;
 use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
@@ -508,6 +510,10 @@ impl ProcessSandbox {
 impl ServiceSandbox for ProcessSandbox {
     fn exec(&mut self, request: &ExecRequest, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
         self.exec_client()?.start(request, stdio)
+    }
+
+    fn start_file_op(&mut self, op: &FileOp, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+        self.exec_client()?.start_file_op(op, stdio)
     }
 
     fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {
