@@ -36,11 +36,17 @@ impl Shim {
                 .arg(dir.path().join("main.log"))
                 .stderr(Stdio::inherit()),
         );
-        assert!(line.starts_with("ready "), "shim did not start: {line:?}");
+        let handshake: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        assert!(
+            handshake["v"] == 1 && handshake["ready"]["id"].is_string(),
+            "shim did not start: {line:?}"
+        );
         Shim { child, dir, socket }
     }
 
-    fn request(&self, request: Value) -> Value {
+    /// Sends one request (contract version 1) and returns the whole reply line.
+    fn request(&self, mut request: Value) -> Value {
+        request["v"] = json!(1);
         let mut stream = UnixStream::connect(&self.socket).unwrap();
         writeln!(stream, "{request}").unwrap();
         let mut line = String::new();
@@ -48,8 +54,9 @@ impl Shim {
         serde_json::from_str(&line).unwrap()
     }
 
+    /// A buffered exec's output (the reply's `ok`).
     fn exec(&self, command: &[&str]) -> Value {
-        self.request(json!({"op": "exec", "command": command}))
+        ok(self.request(json!({"op": "exec", "command": command})))
     }
 
     /// Waits for the shim to exit and returns its result record.
@@ -60,10 +67,22 @@ impl Shim {
     }
 }
 
+/// The `ok` body of a reply; fails the test on an error reply.
+fn ok(reply: Value) -> Value {
+    assert_eq!(reply["v"], 1, "{reply}");
+    assert!(reply.get("ok").is_some(), "expected a success: {reply}");
+    reply["ok"].clone()
+}
+
+fn b64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
 #[test]
 fn exec_runs_commands_in_one_persistent_sandbox() {
     let mut shim = Shim::start(json!({"service": true}));
-    assert_eq!(shim.request(json!({"op": "status"}))["state"], "running");
+    assert_eq!(ok(shim.request(json!({"op": "status"})))["state"], "running");
     let r = shim.exec(&["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!(
         (
@@ -75,11 +94,11 @@ fn exec_runs_commands_in_one_persistent_sandbox() {
     );
     shim.exec(&["/bin/sh", "-c", "echo kept > /tmp/state"]);
     assert_eq!(shim.exec(&["cat", "/tmp/state"])["stdout"], "kept\n");
-    let r = shim.request(json!({"op": "exec", "command": ["cat"], "stdin": "from stdin"}));
+    let r = ok(shim.request(json!({"op": "exec", "command": ["cat"], "stdin": b64("from stdin")})));
     assert_eq!(r["stdout"], "from stdin");
-    let r = shim.request(json!({"op": "exec", "command": ["sh", "-c", "echo $GREETING; pwd"], "env": [["GREETING", "hi"]], "workdir": "/tmp"}));
+    let r = ok(shim.request(json!({"op": "exec", "command": ["sh", "-c", "echo $GREETING; pwd"], "env": [["GREETING", "hi"]], "workdir": "/tmp"})));
     assert_eq!(r["stdout"], "hi\n/tmp\n");
-    assert_eq!(shim.request(json!({"op": "kill"}))["ok"], true);
+    assert_eq!(shim.request(json!({"op": "kill"}))["ok"], json!({}));
     assert_eq!(shim.finish()["reason"], "killed");
 }
 
@@ -115,10 +134,13 @@ fn exec_processes_are_as_confined_as_a_main_command() {
 fn exec_errors_and_timeouts_are_reported() {
     let mut shim = Shim::start(json!({"service": true}));
     assert_eq!(
-        shim.exec(&["no-such-command"])["error"]["code"],
+        shim.request(json!({"op": "exec", "command": ["no-such-command"]}))["error"]["code"],
         "command_not_found"
     );
-    assert_eq!(shim.exec(&["/etc/passwd"])["error"]["code"], "not_executable");
+    assert_eq!(
+        shim.request(json!({"op": "exec", "command": ["/etc/passwd"]}))["error"]["code"],
+        "not_executable"
+    );
     assert_eq!(
         shim.request(json!({"op": "exec", "command": []}))["error"]["code"],
         "invalid_request"
@@ -131,8 +153,8 @@ fn exec_errors_and_timeouts_are_reported() {
         shim.request(json!({"op": "frobnicate"}))["error"]["code"],
         "invalid_request"
     );
-    let r = shim
-        .request(json!({"op": "exec", "command": ["sh", "-c", "sleep 30 & sleep 30"], "timeout_ms": 200}));
+    let r = ok(shim
+        .request(json!({"op": "exec", "command": ["sh", "-c", "sleep 30 & sleep 30"], "timeout_ms": 200})));
     assert_eq!(
         (r["timed_out"].as_bool(), r["exit_code"].as_i64()),
         (Some(true), Some(137))
@@ -167,11 +189,12 @@ fn invalid_spec_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("unknown field `memory`"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The handshake says why, structured: the server never scrapes a log for it.
+    let handshake: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(handshake["failed"]["kind"], "spec", "{handshake}");
+    assert_eq!(handshake["failed"]["exit_code"], 125);
+    let message = handshake["failed"]["message"].as_str().unwrap();
+    assert!(message.contains("unknown field `memory`"), "{message}");
 }
 
 #[test]
@@ -179,7 +202,7 @@ fn a_command_that_ignores_its_stdin_does_not_take_the_shim_down() {
     let mut shim = Shim::start(json!({"service": true}));
     // 1 MiB of stdin to a command that exits at once: the shim's writes hit a closed pipe.
     let input = "x".repeat(1 << 20);
-    let r = shim.request(json!({"op": "exec", "command": ["true"], "stdin": input}));
+    let r = ok(shim.request(json!({"op": "exec", "command": ["true"], "stdin": b64(&input)})));
     assert_eq!(r["exit_code"], 0, "{r}");
     assert_eq!(shim.exec(&["echo", "still here"])["stdout"], "still here\n");
     shim.request(json!({"op": "kill"}));
@@ -194,15 +217,15 @@ fn streaming_exec_sends_output_as_it_comes_while_other_requests_are_served() {
     writeln!(
         stream,
         "{}",
-        json!({"op": "exec", "command": ["sh", "-c", script], "stream": true})
+        json!({"v": 1, "op": "exec", "command": ["sh", "-c", script], "stream": true})
     )
     .unwrap();
     let mut lines = BufReader::new(stream).lines();
     let mut next = || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
-    assert_eq!(next(), json!({"started": true}));
+    assert_eq!(next(), json!({"v": 1, "event": "started"}));
     assert_eq!(
         next(),
-        json!({"stream": "stdout", "data": "first\n"}),
+        json!({"v": 1, "event": "output", "stream": "stdout", "data": "first\n"}),
         "output must arrive while the command runs"
     );
     // A second request is served while the first exec is still running, and releases it.
@@ -210,17 +233,17 @@ fn streaming_exec_sends_output_as_it_comes_while_other_requests_are_served() {
     let mut seen = Vec::new();
     let last = loop {
         let line = next();
-        if line.get("exit_code").is_some() {
+        if line["event"] == "exit" {
             break line;
         }
         seen.push(line);
     };
     assert!(
-        seen.contains(&json!({"stream": "stdout", "data": "hé "})),
+        seen.contains(&json!({"v": 1, "event": "output", "stream": "stdout", "data": "hé "})),
         "{seen:?}"
     );
     assert!(
-        seen.contains(&json!({"stream": "stderr", "data": "second\n"})),
+        seen.contains(&json!({"v": 1, "event": "output", "stream": "stderr", "data": "second\n"})),
         "{seen:?}"
     );
     assert_eq!(
@@ -238,13 +261,45 @@ fn kill_is_served_while_a_long_exec_runs() {
     writeln!(
         long,
         "{}",
-        json!({"op": "exec", "command": ["sleep", "600"], "stream": true})
+        json!({"v": 1, "op": "exec", "command": ["sleep", "600"], "stream": true})
     )
     .unwrap();
     let mut reader = BufReader::new(long.try_clone().unwrap());
     let mut started = String::new();
     reader.read_line(&mut started).unwrap();
     assert!(started.contains("started"), "{started}");
-    assert_eq!(shim.request(json!({"op": "kill"}))["ok"], true);
+    assert_eq!(shim.request(json!({"op": "kill"}))["ok"], json!({}));
     assert_eq!(shim.finish()["reason"], "killed");
+}
+
+#[test]
+fn a_streaming_client_that_never_reads_stalls_nothing_else() {
+    let mut shim = Shim::start(json!({"service": true}));
+    // An exec that writes without end, to a client that never reads a byte.
+    let mut hog = UnixStream::connect(&shim.socket).unwrap();
+    writeln!(
+        hog,
+        "{}",
+        json!({"v": 1, "op": "exec", "command": ["sh", "-c", "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"], "stream": true})
+    )
+    .unwrap();
+    // Enough time for the socket buffers to fill many times over is not waited for: the shim must answer
+    // every other request whatever state the hog's buffers are in, so ask repeatedly.
+    for _ in 0..50 {
+        assert_eq!(ok(shim.request(json!({"op": "status"})))["state"], "running");
+        assert_eq!(shim.exec(&["echo", "served"])["stdout"], "served\n");
+    }
+    // The hog's buffered output is bounded: the shim stops reading its pipe instead of growing.
+    let rss_kib = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(
+        rss_kib(shim.child.id()) < 64 * 1024,
+        "the shim buffers without bound"
+    );
+    assert_eq!(shim.request(json!({"op": "kill"}))["ok"], json!({}));
+    assert_eq!(shim.finish()["reason"], "killed");
+    drop(hog);
 }

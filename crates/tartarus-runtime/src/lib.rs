@@ -1,18 +1,34 @@
 //! Sandboxes for untrusted code: the [`Runtime`] trait, the validated [`SandboxSpec`] every backend
-//! receives, and the Linux process-isolation backend ([`process::ProcessRuntime`]).
+//! receives, the [`ServiceSandbox`] seam a shim drives, and the Linux process-isolation backend
+//! ([`process::ProcessRuntime`]).
 //!
-//! Place in the data flow: the CLI (`tartarus run`) and later the server turn user input into a
-//! `SandboxSpec`, pick a runtime, and drive `prepare → start → wait → cleanup`. This crate never prints and
-//! never exits; every failure is a typed error that says what to change.
+//! Place in the data flow: the CLI (`tartarus run`) turns user input into a `SandboxSpec`, picks a runtime,
+//! and drives `prepare → start → wait → cleanup`; a shim does the same with
+//! [`Runtime::prepare_service`] and then serves execs, file operations and controls through
+//! [`ServiceSandbox`]. This crate never prints and never exits; every failure is a typed error that says
+//! what to change.
+//!
+//! Modules: [`sandbox`] the lifecycle traits and types; [`capabilities`] what a lane can honour;
+//! [`service`] the service-sandbox seam; [`files`] file operations and their encoding; [`spec`] the
+//! validated input; [`process`] the Linux process lane; [`testing`] a scriptable fake of the seam.
 
+pub mod capabilities;
+pub mod files;
 pub mod process;
 pub mod sandbox;
+pub mod service;
 pub mod spec;
+pub mod testing;
 pub mod units;
 
+pub use capabilities::{LaneCapabilities, Unsupported};
+pub use files::{DirEntry, EntryKind, FileErrorKind, FileOp, FileOpError, MAX_FILE_BYTES};
 pub use sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
+};
+pub use service::{
+    ExecError, ExecId, ExecRequest, LimitHits, ServiceError, ServiceErrorKind, ServiceSandbox, Usage,
 };
 pub use spec::{
     BindMount, EgressContract, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec,

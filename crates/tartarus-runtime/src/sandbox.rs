@@ -4,18 +4,31 @@
 //! call [`Sandbox::try_wait`]) → [`Sandbox::kill`] at any point → [`Sandbox::cleanup`]. `cleanup` is
 //! idempotent and also runs on drop, so no exit path leaks host resources.
 
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
+use crate::capabilities::{LaneCapabilities, Unsupported};
+use crate::service::ServiceSandbox;
 use crate::spec::{SandboxSpec, SpecError};
 
 /// An isolation backend (process sandbox today; gVisor, microVM and Wasm later).
 pub trait Runtime {
     /// Short stable name, e.g. `process`.
     fn name(&self) -> &'static str;
+    /// What this lane can honour. Conditions of the host (root for egress, a freezer for pause) are not
+    /// part of it: they are reported when the operation is asked for.
+    fn capabilities(&self) -> LaneCapabilities;
+    /// Refuses a spec that asks for a knob this lane cannot honour, naming the knob and the lane.
+    /// [`Runtime::prepare`] and [`Runtime::prepare_service`] check it too.
+    fn supports(&self, spec: &SandboxSpec) -> Result<(), Unsupported> {
+        self.capabilities().check(self.name(), spec)
+    }
     /// Validates `spec` against this host and reserves what the sandbox needs (cgroups, descriptors for the
     /// root), without starting anything.
     fn prepare(&self, spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError>;
+    /// [`Runtime::prepare`] for a long-lived sandbox that serves execs, file operations and controls
+    /// (`spec.service` is set whatever the caller gave).
+    fn prepare_service(&self, spec: SandboxSpec) -> Result<Box<dyn ServiceSandbox>, PrepareError>;
 }
 
 /// One sandbox of some runtime.
@@ -24,7 +37,7 @@ pub trait Sandbox {
     fn state(&self) -> SandboxState;
     /// Starts the command with the given standard descriptors. Returns once the command has been
     /// executed, or with the reason it could not be.
-    fn start(&mut self, stdio: StdioFds) -> Result<(), StartError>;
+    fn start(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError>;
     /// A descriptor that becomes readable when the sandbox may have finished; then call [`Sandbox::try_wait`].
     fn event_fd(&self) -> Option<BorrowedFd<'_>>;
     /// Collects the outcome if the sandbox has finished, without blocking.
@@ -37,29 +50,39 @@ pub trait Sandbox {
     fn cleanup(&mut self) -> Result<(), RuntimeError>;
 }
 
-/// Standard descriptors handed to the command. They must stay open until `start` returns.
+/// Standard descriptors handed to a command (the main one, an exec, a file operation). The sandbox gets
+/// its own copies; the caller's stay open at least until the call that takes them returns.
 #[derive(Debug, Clone, Copy)]
-pub struct StdioFds {
-    pub stdin: RawFd,
-    pub stdout: RawFd,
-    pub stderr: RawFd,
+pub struct StdioFds<'a> {
+    pub stdin: BorrowedFd<'a>,
+    pub stdout: BorrowedFd<'a>,
+    pub stderr: BorrowedFd<'a>,
 }
 
-impl StdioFds {
+impl StdioFds<'static> {
     /// The caller's own descriptors 0, 1 and 2, passed through untouched (no copying, no buffering).
-    pub const INHERIT: StdioFds = StdioFds {
-        stdin: 0,
-        stdout: 1,
-        stderr: 2,
-    };
+    pub fn inherit() -> Self {
+        StdioFds {
+            stdin: rustix::stdio::stdin(),
+            stdout: rustix::stdio::stdout(),
+            stderr: rustix::stdio::stderr(),
+        }
+    }
+}
 
+impl<'a> StdioFds<'a> {
     /// All three on one terminal (the slave side of a pty).
-    pub fn terminal(fd: RawFd) -> Self {
+    pub fn terminal(fd: BorrowedFd<'a>) -> Self {
         StdioFds {
             stdin: fd,
             stdout: fd,
             stderr: fd,
         }
+    }
+
+    /// In descriptor order, as they are passed on.
+    pub fn as_array(&self) -> [BorrowedFd<'a>; 3] {
+        [self.stdin, self.stdout, self.stderr]
     }
 }
 
@@ -141,6 +164,8 @@ pub struct Outcome {
 pub enum PrepareError {
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
     #[error("rootfs '{path}' is not a usable directory")]
     Rootfs {
         path: String,

@@ -111,7 +111,7 @@ pub struct SandboxSpec {
     /// Size cap of each writable tmpfs (`/tmp`, home, `/dev/shm`).
     pub scratch_bytes: u64,
     pub hostname: String,
-    /// Keep init running after setup to serve exec requests ([`crate::process::ProcessSandbox::exec`]); the
+    /// Keep init running after setup to serve exec requests ([`crate::ServiceSandbox::exec`]); the
     /// command is then optional and, if given, ends the sandbox when it exits.
     pub service: bool,
     /// The command's user; [`SANDBOX_UID`] when `None`. Only honoured when the supervisor is root (a

@@ -18,9 +18,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
-use tartarus_runtime::{KillReason, Outcome, SandboxSpec, Termination};
+use tartarus_runtime::{
+    ExecId, ExecRequest, FileOp, KillReason, Outcome, Runtime, SandboxSpec, ServiceSandbox, StdioFds,
+    Termination,
+};
 
-use crate::lane::{self, Lane, LaneError};
+use crate::lane::{self, FileOpKind, LaneError};
 use crate::protocol::{
     self, DirListing, Done, EndReason, ErrorCode, ExecExit, ExecOutput, FileData, Handshake, HandshakeState,
     Isolated, OutputStream, ReplyLine, Request, RequestLine, ResultRecord, RunState, StartFailure,
@@ -74,12 +77,12 @@ fn handshake(state: HandshakeState) {
 
 /// Runs the shim until the sandbox ends. Returns the process exit code: 0 after a sandbox that ran, the
 /// shell's code for one that could not start (127 not found, 126 not executable, 125 otherwise).
-pub fn run(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<u8, ShimError> {
+pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
     // A command that exits without reading its stdin, or a client that leaves, must not kill the shim
     // (and with it the sandbox).
     tartarus_hostsys::ignore_sigpipe();
-    let sandbox = match start(paths, runtime) {
-        Ok(sandbox) => sandbox,
+    let (sandbox, lifetime) = match start(paths, runtime) {
+        Ok(started) => started,
         Err(failure) => {
             let code = failure.exit_code as u8;
             handshake(HandshakeState::Failed(failure));
@@ -105,7 +108,7 @@ pub fn run(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<u8, Shi
         id: sandbox.id().to_string(),
     });
 
-    let deadline = sandbox.lifetime().map(|t| Instant::now() + t);
+    let deadline = lifetime.map(|t| Instant::now() + t);
     let mut shim = Shim {
         sandbox,
         requests: Vec::new(),
@@ -122,13 +125,13 @@ pub fn run(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<u8, Shi
     } = shim;
     let outcome = match outcome {
         Some(o) => o,
-        None => sandbox.wait()?,
+        None => sandbox.wait().map_err(LaneError::from)?,
     };
     let _ = std::fs::remove_file(&paths.socket);
     if let Some(path) = &paths.result {
         write_result(path, sandbox.id(), &outcome).map_err(io_err("writing the result record"))?;
     }
-    sandbox.cleanup()?;
+    sandbox.cleanup().map_err(LaneError::from)?;
     // A kill is answered only now, so the requester knows everything is gone.
     if let Some(mut stream) = kill_requester {
         let _ = stream.set_nonblocking(false);
@@ -138,8 +141,11 @@ pub fn run(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<u8, Shi
     Ok(0)
 }
 
-/// Reads the spec and starts the sandbox, or says why it could not.
-fn start(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<Box<dyn Lane>, StartFailure> {
+/// Reads the spec and starts the sandbox, or says why it could not; returns it with its lifetime limit.
+fn start(
+    paths: &ShimPaths,
+    runtime: &dyn Runtime,
+) -> Result<(Box<dyn ServiceSandbox>, Option<Duration>), StartFailure> {
     let spec_failure = |message: String| StartFailure {
         kind: StartFailureKind::Spec,
         exit_code: 125,
@@ -161,7 +167,9 @@ fn start(paths: &ShimPaths, runtime: &dyn lane::LaneRuntime) -> Result<Box<dyn L
     }
     .map_err(|e| host("opening the sandbox log", e))?;
     let null = std::fs::File::open("/dev/null").map_err(|e| host("opening /dev/null", e))?;
-    runtime.start(spec, [null.as_fd(), log.as_fd(), log.as_fd()])
+    let lifetime = spec.timeout;
+    let sandbox = lane::start(runtime, spec, [null.as_fd(), log.as_fd(), log.as_fd()])?;
+    Ok((sandbox, lifetime))
 }
 
 fn listen(socket: &Path) -> std::io::Result<UnixListener> {
@@ -262,12 +270,12 @@ struct Output {
 enum Purpose {
     Buffered,
     Streaming,
-    File(lane::FileOpKind),
+    File(FileOpKind),
 }
 
 /// A running exec (or file operation) and the connection waiting for it.
 struct RunningExec {
-    id: u64,
+    id: ExecId,
     client: Client,
     purpose: Purpose,
     stdin: Option<OwnedFd>,
@@ -282,7 +290,7 @@ struct RunningExec {
 }
 
 struct Shim {
-    sandbox: Box<dyn Lane>,
+    sandbox: Box<dyn ServiceSandbox>,
     requests: Vec<Pending>,
     execs: Vec<RunningExec>,
     /// Answered connections still sending their reply.
@@ -382,15 +390,17 @@ impl Shim {
                 // The whole sandbox reached its lifetime: kill the tree; its exit is reported below, with
                 // reason `timeout`.
                 self.deadline = None;
-                self.sandbox.kill(KillReason::Timeout)?;
+                self.sandbox.kill(KillReason::Timeout).map_err(LaneError::from)?;
             }
             if event_at.is_some_and(|at| ready[at]) {
-                if let Some(outcome) = self.sandbox.try_wait()? {
+                if let Some(outcome) = self.sandbox.try_wait().map_err(LaneError::from)? {
                     return Ok(Some(outcome));
                 }
             }
             if ready[0] {
-                self.sandbox.kill(KillReason::Requested)?;
+                self.sandbox
+                    .kill(KillReason::Requested)
+                    .map_err(LaneError::from)?;
                 return Ok(None);
             }
             // Work on what is ready; removals happen afterwards, newest index first.
@@ -410,7 +420,9 @@ impl Shim {
             self.flushing.retain(|c| !c.out.is_empty() && !c.gone);
             for i in readable_requests.into_iter().rev() {
                 if self.read_request(i)? {
-                    self.sandbox.kill(KillReason::Requested)?;
+                    self.sandbox
+                        .kill(KillReason::Requested)
+                        .map_err(LaneError::from)?;
                     return Ok(None);
                 }
             }
@@ -492,7 +504,7 @@ impl Shim {
     }
 
     fn handle(&mut self, stream: UnixStream, request: Request) -> Result<bool, ShimError> {
-        let lane_reply = |r: Result<(), LaneError>| match r {
+        let lane_reply = |r: Result<(), tartarus_runtime::ServiceError>| match r.map_err(LaneError::from) {
             Ok(()) => ReplyLine::ok(Done {}),
             Err(e) => ReplyLine::error(e.code(), e.to_string()),
         };
@@ -510,7 +522,10 @@ impl Shim {
                         false => RunState::Running,
                     },
                     blocked_packets: usage.blocked_packets,
-                    limit_hits: usage.limit_hits,
+                    limit_hits: protocol::LimitHits {
+                        oom_kills: usage.limit_hits.oom_kills,
+                        pids_limit_hits: usage.limit_hits.pids_limit_hits,
+                    },
                 };
                 self.answer(stream, &ReplyLine::ok(status));
             }
@@ -523,10 +538,10 @@ impl Shim {
                 self.answer(stream, &reply);
             }
             Request::Isolate => {
-                let isolated = self.sandbox.isolate_network();
+                let isolated = self.sandbox.isolate_network().map_err(LaneError::from);
                 let paused = match self.sandbox.is_paused() {
                     true => Ok(()),
-                    false => self.sandbox.pause(),
+                    false => self.sandbox.pause().map_err(LaneError::from),
                 };
                 let reply = match (isolated, paused) {
                     (Ok(network_cut), Ok(())) => ReplyLine::ok(Isolated { network_cut }),
@@ -542,7 +557,7 @@ impl Shim {
                 self.answer(stream, &reply);
             }
             Request::Throttle { cpus } => {
-                let reply = match self.sandbox.throttle_cpu(cpus) {
+                let reply = match self.sandbox.throttle_cpu(cpus).map_err(LaneError::from) {
                     Ok(throttled) => ReplyLine::ok(Throttled { throttled }),
                     Err(e) => ReplyLine::error(e.code(), e.to_string()),
                 };
@@ -565,30 +580,32 @@ impl Shim {
                     false => Purpose::Buffered,
                 };
                 let timeout = exec.timeout_ms.map(Duration::from_millis);
-                let started = self.start(
-                    lane::Work::Exec(&exec.command, &exec.env, exec.workdir.as_deref()),
-                    exec.stdin,
-                );
+                let request = ExecRequest {
+                    command: exec.command,
+                    env: exec.env,
+                    workdir: exec.workdir,
+                };
+                let started = self.start(Work::Exec(&request), exec.stdin);
                 self.attach(stream, purpose, timeout, started);
             }
             Request::ReadFile { path } => {
-                let started = self.start(lane::Work::File(lane::FileOpKind::Read, &path), Vec::new());
-                self.attach(stream, Purpose::File(lane::FileOpKind::Read), None, started);
+                let started = self.start(Work::File(&FileOp::Read { path }), Vec::new());
+                self.attach(stream, Purpose::File(FileOpKind::Read), None, started);
             }
             Request::WriteFile { path, data } => {
-                let started = self.start(lane::Work::File(lane::FileOpKind::Write, &path), data);
-                self.attach(stream, Purpose::File(lane::FileOpKind::Write), None, started);
+                let started = self.start(Work::File(&FileOp::Write { path }), data);
+                self.attach(stream, Purpose::File(FileOpKind::Write), None, started);
             }
             Request::ListDir { path } => {
-                let started = self.start(lane::Work::File(lane::FileOpKind::List, &path), Vec::new());
-                self.attach(stream, Purpose::File(lane::FileOpKind::List), None, started);
+                let started = self.start(Work::File(&FileOp::List { path }), Vec::new());
+                self.attach(stream, Purpose::File(FileOpKind::List), None, started);
             }
         }
         Ok(false)
     }
 
     /// Starts work in the sandbox with fresh pipes; returns its id and the shim's ends.
-    fn start(&mut self, work: lane::Work<'_>, input: Vec<u8>) -> Result<Started, LaneError> {
+    fn start(&mut self, work: Work<'_>, input: Vec<u8>) -> Result<Started, LaneError> {
         let pipe = || {
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                 .map_err(|e| LaneError::channel(e.into()))
@@ -597,10 +614,15 @@ impl Shim {
         let (stdout_read, stdout_write) = pipe()?;
         let (stderr_read, stderr_write) = pipe()?;
         let started = Instant::now();
-        let id = self.sandbox.start_work(
-            work,
-            [stdin_read.as_fd(), stdout_write.as_fd(), stderr_write.as_fd()],
-        )?;
+        let stdio = StdioFds {
+            stdin: stdin_read.as_fd(),
+            stdout: stdout_write.as_fd(),
+            stderr: stderr_write.as_fd(),
+        };
+        let id = match work {
+            Work::Exec(request) => self.sandbox.exec(request, stdio)?,
+            Work::File(op) => self.sandbox.start_file_op(op, stdio)?,
+        };
         drop((stdin_read, stdout_write, stderr_write));
         for fd in [&stdin_write, &stdout_read, &stderr_read] {
             rustix::io::ioctl_fionbio(fd, true).map_err(|e| LaneError::channel(e.into()))?;
@@ -735,7 +757,7 @@ impl Shim {
                 exec.killed = true;
                 exec.deadline = None;
                 let id = exec.id;
-                self.sandbox.kill_work(id)?;
+                self.sandbox.kill_exec(id).map_err(LaneError::from)?;
             }
         }
         Ok(())
@@ -746,7 +768,11 @@ impl Shim {
         let mut i = 0;
         while i < self.execs.len() {
             let id = self.execs[i].id;
-            let Some(termination) = self.sandbox.try_wait_work(id)? else {
+            let Some(termination) = self
+                .sandbox
+                .wait_exec(id, Some(Duration::ZERO))
+                .map_err(LaneError::from)?
+            else {
                 i += 1;
                 continue;
             };
@@ -783,8 +809,7 @@ impl Shim {
                 }
                 Purpose::File(kind) => {
                     let stdout = std::mem::take(&mut out.kept);
-                    let stderr = String::from_utf8_lossy(&err.kept).into_owned();
-                    match lane::file_outcome(*kind, termination, stdout, &stderr) {
+                    match lane::file_outcome(*kind, termination, stdout, &err.kept) {
                         Ok(lane::FileReply::Data(data)) => {
                             exec.client.queue(&ReplyLine::ok(FileData { data }))
                         }
@@ -804,9 +829,15 @@ impl Shim {
     }
 }
 
+/// Work to start in the sandbox.
+enum Work<'a> {
+    Exec(&'a ExecRequest),
+    File(&'a FileOp),
+}
+
 /// A started piece of work: its id and the shim's ends of its pipes (stdin only when there is input).
 struct Started {
-    id: u64,
+    id: ExecId,
     stdin: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,

@@ -266,9 +266,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let stdio = match &pty {
         Some(pty) => {
             pty.copy_window_size(stdin);
-            StdioFds::terminal(pty.slave.as_raw_fd())
+            StdioFds::terminal(pty.slave.as_fd())
         }
-        None => StdioFds::INHERIT,
+        None => StdioFds::inherit(),
     };
     if let Err(e) = sandbox.start(stdio) {
         let code = e.exit_code();

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tartarus_runtime::process::ProcessRuntime;
-use tartarus_shim::lane::ProcessLane;
 use tartarus_shim::serve::ShimPaths;
 
 use super::run::runtime_config;
@@ -33,6 +32,6 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
         result: args.result,
         log: args.log,
     };
-    let lane = ProcessLane(ProcessRuntime::new(runtime_config()));
-    Ok(tartarus_shim::serve::run(&paths, &lane)?)
+    let runtime = ProcessRuntime::new(runtime_config());
+    Ok(tartarus_shim::serve::run(&paths, &runtime)?)
 }

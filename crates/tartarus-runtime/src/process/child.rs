@@ -1,5 +1,5 @@
 //! Code that runs in the sandbox's processes: the pid-1 init (builds the root, reaps, reports) and the
-//! command (drops every privilege, then execs).
+//! command (drops every privilege, then execs, or performs a file operation).
 //!
 //! Both run in a copy of the supervisor's address space made by `clone3`/`fork` from a single-threaded
 //! process, so allocation is safe; they never return into the supervisor's frames and always end with
@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 
@@ -16,10 +16,12 @@ use rustix::process::{Resource, Rlimit, Signal};
 use rustix::thread::{CapabilitySet, CapabilitySets};
 use tartarus_hostsys::{exit_immediately, ExitStatus};
 
+use super::file_ops;
 use super::landlock::{self, LandlockRules};
 use super::protocol::{Report, STATUS_LEN};
 use super::rootfs::{self, Context, RootInputs, SetupError, SetupResult};
 use super::seccomp::CompiledFilters;
+use crate::files::FileOp;
 use crate::sandbox::StdioFds;
 use crate::spec::{NetworkMode, ProcessLimits, SandboxUser, SpecError, DEFAULT_PATH, SANDBOX_HOME};
 
@@ -109,7 +111,7 @@ pub struct ChildPlan<'a> {
     /// The main command; `None` for a service sandbox started without one.
     pub exec: Option<&'a ExecPlan>,
     pub filters: &'a CompiledFilters,
-    pub stdio: StdioFds,
+    pub stdio: StdioFds<'a>,
     pub tty: bool,
     pub workdir: &'a CStr,
     pub writable_dirs: &'a [PathBuf],
@@ -163,7 +165,7 @@ impl<'a> ChildPlan<'a> {
     /// The main command as an exec target, reporting on the start pipe.
     pub(super) fn main_target(&self) -> Option<Target<'a>> {
         self.exec.map(|exec| Target {
-            exec,
+            program: Program::Exec(exec),
             workdir: self.workdir,
             stdio: self.stdio,
             tty: self.tty,
@@ -322,18 +324,37 @@ pub(super) fn read_byte(ready: &OwnedFd) -> bool {
         }
     }
 }
-/// What one process in the sandbox executes: the main command or an exec request.
+/// What one process in the sandbox runs once its privileges are dropped.
+#[derive(Clone, Copy)]
+pub(super) enum Program<'a> {
+    /// The main command or an exec request.
+    Exec(&'a ExecPlan),
+    /// A file operation, performed by the process itself (nothing is executed).
+    File(&'a FileOp),
+}
+
+impl Program<'_> {
+    pub fn display_name(&self) -> &str {
+        match self {
+            Program::Exec(exec) => &exec.display_name,
+            Program::File(op) => op.path(),
+        }
+    }
+}
+
+/// One process in the sandbox: the main command, an exec request or a file operation.
 pub(super) struct Target<'a> {
-    pub exec: &'a ExecPlan,
+    pub program: Program<'a>,
     pub workdir: &'a CStr,
-    pub stdio: StdioFds,
+    pub stdio: StdioFds<'a>,
     pub tty: bool,
     /// Where a failure to start is reported (close-on-exec, so a successful exec closes it).
     pub report_fd: RawFd,
 }
 
 /// From here on nothing is trusted: drop every privilege, wait for `sealed` (the host root detached) when
-/// given, and exec. Returns only on failure, with the shell's exit code for it.
+/// given, and exec. Returns only on failure, with the shell's exit code for it. A file operation is
+/// performed here instead of an exec, and its outcome returned as the exit code.
 pub(super) fn exec_target(plan: &ChildPlan<'_>, target: &Target<'_>, sealed: Option<&OwnedFd>) -> i32 {
     rustix::process::umask(Mode::from_raw_mode(0o022));
     if let Err(e) = drop_privileges(plan, target) {
@@ -342,22 +363,29 @@ pub(super) fn exec_target(plan: &ChildPlan<'_>, target: &Target<'_>, sealed: Opt
     if sealed.is_some_and(|fd| !read_byte(fd)) {
         return 125;
     }
-    let argv: Vec<*const libc::c_char> = target
-        .exec
+    let exec = match target.program {
+        Program::Exec(exec) => exec,
+        Program::File(op) => {
+            // Nothing will be executed to close the inherited descriptors: close them now, the start report
+            // among them (its EOF tells init the operation has started).
+            let _ = tartarus_hostsys::close_fds_in(3, u32::MAX);
+            return file_ops::perform(op);
+        }
+    };
+    let argv: Vec<*const libc::c_char> = exec
         .argv
         .iter()
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
-    let envp: Vec<*const libc::c_char> = target
-        .exec
+    let envp: Vec<*const libc::c_char> = exec
         .envp
         .iter()
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let mut not_executable: Option<io::Error> = None;
-    for candidate in &target.exec.candidates {
+    for candidate in &exec.candidates {
         let err = tartarus_hostsys::execve(candidate, &argv, &envp);
         match err.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::ENOTDIR) => continue,
@@ -440,17 +468,13 @@ fn drop_privileges(plan: &ChildPlan<'_>, target: &Target<'_>) -> SetupResult<()>
 }
 
 /// Puts the caller's chosen descriptors on 0, 1 and 2 (via high copies, so any overlap is safe).
-fn attach_stdio(stdio: StdioFds) -> SetupResult<()> {
-    let sources = [stdio.stdin, stdio.stdout, stdio.stderr];
+fn attach_stdio(stdio: StdioFds<'_>) -> SetupResult<()> {
     let mut copies = Vec::with_capacity(3);
-    for fd in sources {
-        // SAFETY: the caller guarantees these descriptors are open (StdioFds contract).
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    for fd in stdio.as_array() {
         copies.push(rustix::io::fcntl_dupfd_cloexec(fd, 10).stage(|| "duplicating stdio".into())?);
     }
     for (target, copy) in copies.iter().enumerate() {
-        tartarus_hostsys::dup_onto(rustix::fd::AsRawFd::as_raw_fd(&copy.as_fd()), target as RawFd)
-            .stage(|| "attaching stdio".into())?;
+        tartarus_hostsys::dup_onto(copy.as_raw_fd(), target as RawFd).stage(|| "attaching stdio".into())?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 
 mod cgroup;
 mod child;
+mod file_ops;
 mod landlock;
 mod protocol;
 mod rootfs;
@@ -37,11 +38,14 @@ use self::rootfs::{PreparedMount, RootInputs};
 use self::seccomp::CompiledFilters;
 pub use self::seccomp::{deniable_syscall, DENIED_SYSCALLS, EXTRA_DENIABLE_SYSCALLS};
 use self::service::ExecClient;
-pub use self::service::{ExecError, ExecRequest};
+use crate::capabilities::LaneCapabilities;
+use crate::files::FileOp;
 use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
 };
+pub use crate::service::{ExecError, ExecRequest, LimitHits};
+use crate::service::{ExecId, ServiceError, ServiceSandbox, Usage};
 use crate::spec::{
     normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SandboxUser, SANDBOX_HOME, SANDBOX_UID,
 };
@@ -50,13 +54,6 @@ use crate::spec::{
 /// uid 100000000, the sandbox user host uid 100001000. Nothing on the host is owned by these ids.
 pub const PRIVILEGED_HOST_ID_BASE: u32 = 100_000_000;
 const MAPPED_RANGE: u32 = 65_536;
-
-/// Counters of a sandbox hitting its cgroup limits (see [`ProcessSandbox::limit_hits`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct LimitHits {
-    pub oom_kills: u64,
-    pub pids_limit_hits: u64,
-}
 
 /// Settings of the process runtime that are not per-sandbox.
 #[derive(Debug, Clone)]
@@ -99,8 +96,7 @@ impl ProcessRuntime {
 }
 
 impl ProcessRuntime {
-    /// [`Runtime::prepare`] without the trait object, for callers that need the process runtime's own
-    /// capabilities (exec into a service sandbox).
+    /// [`Runtime::prepare`] without the trait object.
     pub fn prepare_sandbox(&self, spec: SandboxSpec) -> Result<ProcessSandbox, PrepareError> {
         ProcessSandbox::prepare(self, spec)
     }
@@ -111,7 +107,16 @@ impl Runtime for ProcessRuntime {
         "process"
     }
 
+    fn capabilities(&self) -> LaneCapabilities {
+        LaneCapabilities::ALL
+    }
+
     fn prepare(&self, spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError> {
+        Ok(Box::new(ProcessSandbox::prepare(self, spec)?))
+    }
+
+    fn prepare_service(&self, mut spec: SandboxSpec) -> Result<Box<dyn ServiceSandbox>, PrepareError> {
+        spec.service = true;
         Ok(Box::new(ProcessSandbox::prepare(self, spec)?))
     }
 }
@@ -167,6 +172,7 @@ fn to_cstring(text: impl Into<Vec<u8>>) -> Result<CString, PrepareError> {
 impl ProcessSandbox {
     fn prepare(runtime: &ProcessRuntime, mut spec: SandboxSpec) -> Result<Self, PrepareError> {
         spec.validate()?;
+        runtime.supports(&spec)?;
         for m in &mut spec.mounts {
             m.target = normalize_sandbox_path(&m.target);
         }
@@ -283,7 +289,7 @@ impl ProcessSandbox {
         })
     }
 
-    fn start_inner(&mut self, stdio: StdioFds) -> Result<(), StartError> {
+    fn start_inner(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
         ensure_single_threaded().map_err(host(
             "the process runtime must start sandboxes from a single-threaded process",
@@ -481,44 +487,64 @@ impl ProcessSandbox {
 }
 
 impl ProcessSandbox {
-    /// Runs `request` inside a running service sandbox with the given stdio; returns its id once the
-    /// command has been executed (or why it could not be: 127 not found, 126 not executable).
-    pub fn exec(&mut self, request: &ExecRequest, stdio: [BorrowedFd<'_>; 3]) -> Result<u64, ExecError> {
+    fn exec_client(&mut self) -> Result<&mut ExecClient, ExecError> {
         if self.state != SandboxState::Running {
             return Err(ExecError::NotRunning);
         }
-        self.exec_client
-            .as_mut()
-            .ok_or(ExecError::NotService)?
-            .start(request, stdio)
+        self.exec_client.as_mut().ok_or(ExecError::NotService)
     }
 
-    /// Waits up to `timeout` (forever with `None`) for exec `id` to end; `Ok(None)` on timeout.
-    pub fn wait_exec(
-        &mut self,
-        id: u64,
-        timeout: Option<Duration>,
-    ) -> Result<Option<Termination>, ExecError> {
+    fn require_running(&self) -> Result<(), ServiceError> {
+        match self.state {
+            SandboxState::Running => Ok(()),
+            state => Err(ServiceError::State(state)),
+        }
+    }
+
+    /// Packets the egress contract dropped so far; `None` without egress (or once cleaned up). Also for
+    /// sandboxes that are not service sandboxes (`tartarus run` reports it).
+    pub fn blocked_packets(&self) -> Option<u64> {
+        let network = self.network.as_ref()?;
+        network.blocked_packets().ok()
+    }
+}
+
+impl ServiceSandbox for ProcessSandbox {
+    fn exec(&mut self, request: &ExecRequest, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+        self.exec_client()?.start(request, stdio)
+    }
+
+    fn start_file_op(&mut self, op: &FileOp, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+        self.exec_client()?.start_file_op(op, stdio)
+    }
+
+    fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exec_client.as_ref().map(|c| c.socket())
+    }
+
+    fn wait_exec(&mut self, id: ExecId, timeout: Option<Duration>) -> Result<Option<Termination>, ExecError> {
         self.exec_client
             .as_mut()
             .ok_or(ExecError::NotService)?
             .wait(id, timeout)
     }
 
-    /// Freezes every process of the sandbox (cgroup freezer); execs are refused until [`Self::resume`].
-    pub fn pause(&mut self) -> Result<(), RuntimeError> {
-        if self.state != SandboxState::Running {
-            return Err(RuntimeError::State(self.state));
-        }
+    fn kill_exec(&mut self, id: ExecId) -> Result<(), ExecError> {
+        self.exec_client.as_mut().ok_or(ExecError::NotService)?.kill(id)
+    }
+
+    /// Freezes every process through the freezer cgroup, which service sandboxes started by root get.
+    fn pause(&mut self) -> Result<(), ServiceError> {
+        self.require_running()?;
         if !self.cgroups.can_freeze() {
-            return Err(RuntimeError::Host {
-                what: "pause needs a freezer cgroup, which this sandbox does not have (service sandboxes started by root get one)",
-                source: io::ErrorKind::Unsupported.into(),
+            return Err(ServiceError::Unsupported {
+                operation: "pause",
+                why: "this sandbox has no freezer cgroup (service sandboxes started by root get one)",
             });
         }
         self.cgroups
             .freeze(self.cgroup_fs.as_ref(), true)
-            .map_err(|source| RuntimeError::Host {
+            .map_err(|source| ServiceError::Host {
                 what: "freezing the sandbox",
                 source,
             })?;
@@ -526,15 +552,12 @@ impl ProcessSandbox {
         Ok(())
     }
 
-    /// Thaws a paused sandbox.
-    pub fn resume(&mut self) -> Result<(), RuntimeError> {
-        if self.state != SandboxState::Running {
-            return Err(RuntimeError::State(self.state));
-        }
+    fn resume(&mut self) -> Result<(), ServiceError> {
+        self.require_running()?;
         if self.paused {
             self.cgroups
                 .freeze(self.cgroup_fs.as_ref(), false)
-                .map_err(|source| RuntimeError::Host {
+                .map_err(|source| ServiceError::Host {
                     what: "thawing the sandbox",
                     source,
                 })?;
@@ -543,52 +566,36 @@ impl ProcessSandbox {
         Ok(())
     }
 
-    pub fn is_paused(&self) -> bool {
+    fn is_paused(&self) -> bool {
         self.paused
     }
 
-    /// Packets the egress contract dropped so far; `None` without egress (or once cleaned up).
-    pub fn blocked_packets(&self) -> Option<u64> {
-        let network = self.network.as_ref()?;
-        network.blocked_packets().ok()
-    }
-
-    /// Signs that the sandbox pushed against its limits so far: OOM kills inside it and forks refused at its
-    /// pids limit.
-    pub fn limit_hits(&self) -> LimitHits {
-        LimitHits {
-            oom_kills: self.cgroups.oom_kills(self.cgroup_fs.as_ref()),
-            pids_limit_hits: self.cgroups.pids_limit_hits(self.cgroup_fs.as_ref()),
+    /// Limit hits come from the cgroups.
+    fn usage(&self) -> Usage {
+        Usage {
+            blocked_packets: self.blocked_packets(),
+            limit_hits: LimitHits {
+                oom_kills: self.cgroups.oom_kills(self.cgroup_fs.as_ref()),
+                pids_limit_hits: self.cgroups.pids_limit_hits(self.cgroup_fs.as_ref()),
+            },
         }
     }
 
-    /// Throttles the sandbox to `cpus` cores through its CPU cgroup; false when it has none.
-    pub fn throttle_cpu(&self, cpus: f64) -> Result<bool, RuntimeError> {
+    /// Through the CPU cgroup; false when the sandbox has none.
+    fn throttle_cpu(&mut self, cpus: f64) -> Result<bool, ServiceError> {
         self.cgroups
             .set_cpu_quota(self.cgroup_fs.as_ref(), cpus)
-            .map_err(|source| RuntimeError::Host {
+            .map_err(|source| ServiceError::Host {
                 what: "throttling the CPU quota",
                 source,
             })
     }
 
-    /// Cuts an egress sandbox's network off (quarantine); false when it has none to cut.
-    pub fn isolate_network(&self) -> Result<bool, RuntimeError> {
+    fn isolate_network(&mut self) -> Result<bool, ServiceError> {
         match &self.network {
-            Some(network) => network.isolate().map(|()| true).map_err(RuntimeError::Network),
+            Some(network) => network.isolate().map(|()| true).map_err(ServiceError::Network),
             None => Ok(false),
         }
-    }
-
-    /// Readable when an exec reply (such as an exit) is pending; then call [`ProcessSandbox::wait_exec`]
-    /// with a zero timeout.
-    pub fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.exec_client.as_ref().map(|c| c.socket())
-    }
-
-    /// Kills exec `id` and its process group.
-    pub fn kill_exec(&mut self, id: u64) -> Result<(), ExecError> {
-        self.exec_client.as_mut().ok_or(ExecError::NotService)?.kill(id)
     }
 }
 
@@ -601,7 +608,7 @@ impl Sandbox for ProcessSandbox {
         self.state
     }
 
-    fn start(&mut self, stdio: StdioFds) -> Result<(), StartError> {
+    fn start(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
         if !self.state.can_start() {
             return Err(StartError::State(self.state));
         }

@@ -1,9 +1,12 @@
-//! Service sandboxes: init stays up after setup and runs exec requests inside the sandbox.
+//! Service sandboxes: init stays up after setup and runs exec requests and file operations inside the
+//! sandbox.
 //!
 //! The supervisor and init share a `SOCK_SEQPACKET` socketpair. A request is one JSON message carrying the
-//! command's three stdio descriptors as `SCM_RIGHTS`; init answers `started` (after the exec happened) or
-//! `failed`, and later `exited` with the wait status. Each exec'd process goes through exactly the same
-//! privilege drop as a main command (`child::exec_target`). In service mode init itself creates the
+//! process's three stdio descriptors as `SCM_RIGHTS`; init answers `started` (after the exec happened, or
+//! once a file operation's process has dropped its privileges) or `failed`, and later `exited` with the
+//! wait status. Each process goes through exactly the same privilege drop as a main command
+//! (`child::exec_target`); a file operation's then performs the operation itself instead of executing
+//! anything (`file_ops.rs`) and reports through its exit status. In service mode init itself creates the
 //! network namespace before building the root, so every process it forks is inside it.
 
 use std::collections::HashMap;
@@ -22,31 +25,22 @@ use rustix::net::{
 use rustix::process::{Pid, Signal};
 use serde::{Deserialize, Serialize};
 
-use super::child::{self, ChildPlan, ExecPlan, Target};
+use super::child::{self, ChildPlan, ExecPlan, Program, Target};
 use super::protocol::{read_report, Report, STATUS_LEN};
 use super::rootfs::{self, Context, SetupError, SetupResult};
+use crate::files::{self, FileOp};
 use crate::sandbox::{StdioFds, Termination};
+use crate::service::{ExecError, ExecId, ExecRequest};
 use crate::spec::{NetworkMode, SANDBOX_HOME};
 
 /// Largest control message (the JSON of one request).
 const MAX_MESSAGE: usize = 256 * 1024;
 
-/// A command to run inside a running service sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecRequest {
-    pub command: Vec<String>,
-    /// Added to (and overriding) the sandbox's default environment.
-    #[serde(default)]
-    pub env: Vec<(String, String)>,
-    /// Absolute working directory inside the sandbox; the sandbox user's home when `None`.
-    #[serde(default)]
-    pub workdir: Option<String>,
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Request {
     Exec { id: u64, request: ExecRequest },
+    File { id: u64, op: FileOp },
     Kill { id: u64 },
 }
 
@@ -65,31 +59,6 @@ enum Reply {
         id: u64,
         status: i32,
     },
-}
-
-/// An exec request that did not run to completion.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error("this sandbox was not started as a service sandbox")]
-    NotService,
-    #[error("the sandbox is not running")]
-    NotRunning,
-    #[error("invalid exec request: {0}")]
-    Invalid(String),
-    #[error("{message}")]
-    Start { exit_code: i32, message: String },
-    #[error("sandbox control channel failed")]
-    Channel(#[source] io::Error),
-}
-
-impl ExecError {
-    /// The exit code a shell would report: 127 not found, 126 not executable, 125 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            ExecError::Start { exit_code, .. } => *exit_code,
-            _ => 125,
-        }
-    }
 }
 
 fn send(fd: BorrowedFd<'_>, message: &impl Serialize, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
@@ -269,17 +238,11 @@ fn serve(
         if control_ready {
             match receive::<Request>(control) {
                 Ok(Some((Request::Exec { id, request }, fds))) => {
-                    let reply = match start_exec(plan, &request, fds) {
-                        Ok(pid) => {
-                            running.insert(pid, id);
-                            Reply::Started { id }
-                        }
-                        Err((exit_code, message)) => Reply::Failed {
-                            id,
-                            exit_code,
-                            message,
-                        },
-                    };
+                    let reply = started(id, start_exec(plan, &request, fds), &mut running);
+                    let _ = send(control, &reply, &[]);
+                }
+                Ok(Some((Request::File { id, op }, fds))) => {
+                    let reply = started(id, start_file_op(plan, &op, fds), &mut running);
                     let _ = send(control, &reply, &[]);
                 }
                 Ok(Some((Request::Kill { id }, _))) => {
@@ -295,13 +258,22 @@ fn serve(
     }
 }
 
+/// The reply to a request to start something; a started process is tracked until it exits.
+fn started(id: u64, result: Result<Pid, (i32, String)>, running: &mut HashMap<Pid, u64>) -> Reply {
+    match result {
+        Ok(pid) => {
+            running.insert(pid, id);
+            Reply::Started { id }
+        }
+        Err((exit_code, message)) => Reply::Failed {
+            id,
+            exit_code,
+            message,
+        },
+    }
+}
+
 fn start_exec(plan: &ChildPlan<'_>, request: &ExecRequest, fds: Vec<OwnedFd>) -> Result<Pid, (i32, String)> {
-    let [stdin, stdout, stderr]: [OwnedFd; 3] = fds.try_into().map_err(|_| {
-        (
-            125,
-            "an exec request must carry three stdio descriptors".to_string(),
-        )
-    })?;
     let env: Vec<(String, String)> = plan.base_env.iter().chain(&request.env).cloned().collect();
     let exec = ExecPlan::build(&request.command, &env, plan.hostname).map_err(|e| (125, e.to_string()))?;
     let workdir = request
@@ -310,30 +282,47 @@ fn start_exec(plan: &ChildPlan<'_>, request: &ExecRequest, fds: Vec<OwnedFd>) ->
         .unwrap_or_else(|| SANDBOX_HOME.to_string());
     let workdir =
         CString::new(workdir).map_err(|_| (125, "working directory contains a NUL byte".to_string()))?;
+    start_target(plan, Program::Exec(&exec), &workdir, fds)
+}
+
+fn start_file_op(plan: &ChildPlan<'_>, op: &FileOp, fds: Vec<OwnedFd>) -> Result<Pid, (i32, String)> {
+    // From "/", so nothing depends on the home directory existing; paths are absolute anyway.
+    start_target(plan, Program::File(op), c"/", fds)
+}
+
+/// Forks the process for `program` with the request's stdio; returns once it has started.
+fn start_target(
+    plan: &ChildPlan<'_>,
+    program: Program<'_>,
+    workdir: &std::ffi::CStr,
+    fds: Vec<OwnedFd>,
+) -> Result<Pid, (i32, String)> {
+    let [stdin, stdout, stderr]: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|_| (125, "a request must carry three stdio descriptors".to_string()))?;
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| (125, format!("creating a report pipe: {e}")))?;
-    let stdio = StdioFds {
-        stdin: stdin.as_raw_fd(),
-        stdout: stdout.as_raw_fd(),
-        stderr: stderr.as_raw_fd(),
-    };
     let target = Target {
-        exec: &exec,
-        workdir: &workdir,
-        stdio,
+        program,
+        workdir,
+        stdio: StdioFds {
+            stdin: stdin.as_fd(),
+            stdout: stdout.as_fd(),
+            stderr: stderr.as_fd(),
+        },
         tty: false,
         report_fd: report_write.as_raw_fd(),
     };
     let pid = spawn(plan, &target).map_err(|e| (125, format!("{}: {}", e.stage, e.source)))?;
     drop((report_write, stdin, stdout, stderr));
+    let name = program.display_name();
     match read_report(&report_read) {
         Ok(None) => Ok(pid),
-        Ok(Some(Report::NotFound)) => Err((127, format!("command not found: {}", exec.display_name))),
+        Ok(Some(Report::NotFound)) => Err((127, format!("command not found: {name}"))),
         Ok(Some(Report::NotExecutable { errno })) => Err((
             126,
             format!(
-                "command not executable: {}: {}",
-                exec.display_name,
+                "command not executable: {name}: {}",
                 io::Error::from_raw_os_error(errno)
             ),
         )),
@@ -366,11 +355,7 @@ impl ExecClient {
     }
 
     /// Starts `request` with the given stdio; returns its id once it has exec'd.
-    pub(super) fn start(
-        &mut self,
-        request: &ExecRequest,
-        stdio: [BorrowedFd<'_>; 3],
-    ) -> Result<u64, ExecError> {
+    pub(super) fn start(&mut self, request: &ExecRequest, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
         if request.command.is_empty() {
             return Err(ExecError::Invalid("the command is empty".into()));
         }
@@ -383,20 +368,39 @@ impl ExecClient {
                 "the working directory must be absolute, without '..'".into(),
             ));
         }
+        let id = self.next_id();
+        let request = Request::Exec {
+            id,
+            request: request.clone(),
+        };
+        self.request_start(id, &request, stdio)
+    }
+
+    /// Starts file operation `op` with the given stdio; returns its id once its process has dropped its
+    /// privileges.
+    pub(super) fn start_file_op(&mut self, op: &FileOp, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+        files::check_path(op.path()).map_err(|e| ExecError::Invalid(e.message))?;
+        let id = self.next_id();
+        let request = Request::File { id, op: op.clone() };
+        self.request_start(id, &request, stdio)
+    }
+
+    fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        send(
-            self.socket.as_fd(),
-            &Request::Exec {
-                id,
-                request: request.clone(),
-            },
-            &stdio,
-        )
-        .map_err(ExecError::Channel)?;
+        id
+    }
+
+    fn request_start(
+        &mut self,
+        id: u64,
+        request: &Request,
+        stdio: StdioFds<'_>,
+    ) -> Result<ExecId, ExecError> {
+        send(self.socket.as_fd(), request, &stdio.as_array()).map_err(ExecError::Channel)?;
         loop {
             match self.next_reply(None)? {
-                Some(Reply::Started { id: got }) if got == id => return Ok(id),
+                Some(Reply::Started { id: got }) if got == id => return Ok(ExecId::from_raw(id)),
                 Some(Reply::Failed {
                     id: got,
                     exit_code,
@@ -411,9 +415,10 @@ impl ExecClient {
     /// Waits up to `timeout` for exec `id` to end; `None` on timeout.
     pub(super) fn wait(
         &mut self,
-        id: u64,
+        id: ExecId,
         timeout: Option<Duration>,
     ) -> Result<Option<Termination>, ExecError> {
+        let id = id.as_raw();
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
             if let Some(raw) = self.finished.remove(&id) {
@@ -431,8 +436,9 @@ impl ExecClient {
     }
 
     /// Kills exec `id` and everything in its process group.
-    pub(super) fn kill(&mut self, id: u64) -> Result<(), ExecError> {
-        send(self.socket.as_fd(), &Request::Kill { id }, &[]).map_err(ExecError::Channel)
+    pub(super) fn kill(&mut self, id: ExecId) -> Result<(), ExecError> {
+        let request = Request::Kill { id: id.as_raw() };
+        send(self.socket.as_fd(), &request, &[]).map_err(ExecError::Channel)
     }
 
     /// Reads one reply (recording exits); `None` at EOF or when `timeout` passes first.
