@@ -13,13 +13,14 @@
 use serde::Serialize;
 use sqlx::Row;
 
+use crate::columns::{decode, Flag, Record};
 use crate::{hash_secret, random_hex, Backend, Store, StoreError};
 
 /// The prefix of node join tokens (API keys use another).
 pub const NODE_TOKEN_PREFIX: &str = "tn_";
 
 /// A node as its agent last reported it. JSON fields are the server's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct NodeRecord {
     pub id: String,
     pub instance: String,
@@ -43,6 +44,7 @@ pub struct NodeRecord {
     /// JSON array of the resource classes it is dedicated to (empty: any).
     pub pools: String,
     /// Takes only quarantined work.
+    #[sqlx(try_from = "Flag")]
     pub quarantine: bool,
 }
 
@@ -105,23 +107,9 @@ const NODE_COLUMNS: &str =
     "id, instance, epoch, address, labels, taints, capacity, usage, state, registered_ms, \
     last_heartbeat_ms, api_key, pools, quarantine";
 
-fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
-    Ok(NodeRecord {
-        id: row.try_get("id")?,
-        instance: row.try_get("instance")?,
-        epoch: row.try_get("epoch")?,
-        address: row.try_get("address")?,
-        labels: row.try_get("labels")?,
-        taints: row.try_get("taints")?,
-        capacity: row.try_get("capacity")?,
-        usage: row.try_get("usage")?,
-        state: row.try_get("state")?,
-        registered_ms: row.try_get("registered_ms")?,
-        last_heartbeat_ms: row.try_get("last_heartbeat_ms")?,
-        api_key: row.try_get("api_key")?,
-        pools: row.try_get("pools")?,
-        quarantine: row.try_get::<i64, _>("quarantine")? != 0,
-    })
+impl Record for NodeRecord {
+    const TABLE: &'static str = "nodes";
+    const KEY: &'static [&'static str] = &["id"];
 }
 
 impl Store {
@@ -244,14 +232,14 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(node_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(node_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Removes a node and its join token (its agent can no longer register); false when unknown.
