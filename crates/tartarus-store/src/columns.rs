@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use sqlx::any::{Any, AnyRow, AnyTypeInfo, AnyValueRef};
 use sqlx::error::BoxDynError;
 use sqlx::{Decode, Row, Type};
+use tartarus_scheduler::{NodeState, Resources};
 
 use crate::StoreError;
 
@@ -121,6 +122,48 @@ impl<T> From<JsonText<BTreeSet<T>>> for BTreeSet<T> {
 
 impl<T> From<JsonText<Vec<T>>> for Vec<T> {
     fn from(column: JsonText<Vec<T>>) -> Self {
+        column.0
+    }
+}
+
+impl From<JsonText<Resources>> for Resources {
+    fn from(column: JsonText<Resources>) -> Self {
+        column.0
+    }
+}
+
+/// A node's state column: the scheduler's [`NodeState`] by its name.
+pub(crate) struct NodeStateText(NodeState);
+
+impl Type<Any> for NodeStateText {
+    fn type_info() -> AnyTypeInfo {
+        <String as Type<Any>>::type_info()
+    }
+
+    fn compatible(ty: &AnyTypeInfo) -> bool {
+        <String as Type<Any>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Any> for NodeStateText {
+    fn decode(value: AnyValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <String as Decode<'r, Any>>::decode(value)?;
+        [NodeState::Ready, NodeState::Unreachable, NodeState::Draining]
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .map(NodeStateText)
+            .ok_or_else(|| {
+                Box::new(UnknownValue {
+                    value: text,
+                    expected: "ready, unreachable or draining",
+                })
+                .into()
+            })
+    }
+}
+
+impl From<NodeStateText> for NodeState {
+    fn from(column: NodeStateText) -> Self {
         column.0
     }
 }
