@@ -13,6 +13,8 @@ mod nodes;
 mod policies;
 mod queue;
 #[cfg(test)]
+mod schema_tests;
+#[cfg(test)]
 mod testing;
 
 pub use columns::UnknownValue;
@@ -170,6 +172,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::error::BoxDynError,
     },
+    #[error("state database migration left {rows} rows referring to rows that do not exist")]
+    BrokenReferences { rows: usize },
     #[error("cannot store {what} as JSON")]
     Encode {
         what: &'static str,
@@ -251,6 +255,27 @@ fn sqlite_url(path: &Path) -> String {
     url
 }
 
+/// Applies SQLite's pending migrations. Changing a column's constraints in SQLite means rebuilding its
+/// table, which needs foreign keys off, and they cannot be switched inside the transaction each migration
+/// runs in: the migrations run on a connection of their own with foreign keys off (closed afterwards,
+/// never back in the pool), and every reference is checked after them. Through `run_direct`: `run`'s
+/// lifetime-generic `Acquire` would make opening a store a future that the server cannot spawn.
+async fn migrate_sqlite(pool: &AnyPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?.detach();
+    conn.execute("PRAGMA foreign_keys = OFF").await?;
+    sqlx::migrate!("./migrations/sqlite")
+        .run_direct(&mut conn)
+        .await?;
+    let broken = sqlx::query("PRAGMA foreign_key_check")
+        .fetch_all(&mut conn)
+        .await?;
+    let _ = sqlx::Connection::close(conn).await;
+    match broken.len() {
+        0 => Ok(()),
+        rows => Err(StoreError::BrokenReferences { rows }),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) `DIR/state.db` and applies pending migrations.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
@@ -307,7 +332,7 @@ impl Store {
         .await
         .map_err(open_err)?;
         match backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Sqlite => migrate_sqlite(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
         Ok(Store { pool, backend })
@@ -481,6 +506,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The server opens its store inside spawned tasks: opening must stay `Send` whatever the lifetimes
+    /// (a compile-time check; a borrow held across an `await` of a lifetime-generic sqlx call breaks it).
+    #[tokio::test]
+    async fn test_opening_a_store_can_be_spawned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let opened = tokio::spawn(async move { Store::open(&path).await.map(|_| ()) });
+        opened.await.unwrap().unwrap();
     }
 
     #[tokio::test]
