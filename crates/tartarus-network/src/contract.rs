@@ -18,8 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::cidr::{Cidr, CidrError, METADATA_RANGES, PRIVATE_RANGES};
 
 /// What a sandbox with egress may reach. See the module documentation for the precedence.
+///
+/// Unknown fields are not refused here but by the spec that holds the contract (`SandboxSpec` in
+/// tartarus-runtime): refused to execute it, ignored and reported to read a stored record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct EgressContract {
     /// When non-empty, only these networks are reachable (after the denials).
     pub allowed_cidrs: Vec<String>,

@@ -3,7 +3,8 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 pub use tartarus_network::{ContractError, EgressContract};
 
 /// Where the sandbox's root filesystem comes from.
@@ -91,8 +92,26 @@ impl Default for ProcessLimits {
 
 /// The validated description of one sandbox. Build it with [`SandboxSpec::new`] and validate it with
 /// [`SandboxSpec::validate`] (runtimes call it again in `prepare`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+///
+/// # Stored specs and versions
+///
+/// Specs are stored as JSON (sandbox records, `spec.json` beside a shim) and sent to node agents, so a
+/// spec may be read by an older or a newer version than the one that wrote it. The rule:
+///
+/// - **To execute** a spec (the shim reading `spec.json`, a node agent receiving one) every field must
+///   be understood: a field this version does not know, at any depth, is refused with an error naming it
+///   ([`SandboxSpec::from_json_strict`]; serde's `Deserialize` for this type is the same strict reading,
+///   so a spec inside a request body is refused too). Fail closed: a newer restriction is never dropped.
+/// - **To read a record** (accounting, redaction, placement, display) unknown fields are ignored and
+///   reported ([`SandboxSpec::from_stored_json`] returns their paths), so that a downgrade or a mixed-version
+///   cluster can still count and show what it stored.
+/// - **A field added later must read from older records**: every field takes its [`SandboxSpec::new`]
+///   default when absent (`#[serde(default)]` on the struct; nested structs that gain a field need a
+///   default for it too). Since the first version that stored specs (through `service`), `user`,
+///   `denied_syscalls` and `writable_paths` were added; the tests read a record of that first form.
+/// - A new enum variant (a root or network kind) cannot be read by older versions at all: that is a
+///   [`SpecDecodeError::Json`] on both paths, never a default.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SandboxSpec {
     /// argv; `command[0]` is resolved through the sandbox's `PATH` when it has no `/`.
     pub command: Vec<String>,
@@ -123,6 +142,76 @@ pub struct SandboxSpec {
     /// Where Landlock lets the sandbox write (besides `:rw` mounts and devices), replacing the defaults
     /// (`/tmp`, home and `/dev/shm`, or the whole root of an image) when non-empty: a policy's narrower set.
     pub writable_paths: Vec<PathBuf>,
+}
+
+/// How serde reads a [`SandboxSpec`]'s fields, with no check for unknown ones: both readings start here.
+/// serde's `remote` keeps the two in step (a field missing here, or of another type, does not compile).
+#[derive(Deserialize)]
+#[serde(remote = "SandboxSpec", default = "SandboxSpec::default")]
+struct SpecFields {
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    workdir: Option<PathBuf>,
+    root: RootSpec,
+    mounts: Vec<BindMount>,
+    network: NetworkMode,
+    limits: ResourceLimits,
+    process_limits: ProcessLimits,
+    timeout: Option<Duration>,
+    tty: bool,
+    scratch_bytes: u64,
+    hostname: String,
+    service: bool,
+    user: Option<SandboxUser>,
+    denied_syscalls: Vec<String>,
+    writable_paths: Vec<PathBuf>,
+}
+
+/// Reads a spec and the paths of the fields it ignored (`mounts.0.recursive`).
+fn read_fields<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(SandboxSpec, Vec<String>), D::Error> {
+    let mut ignored = Vec::new();
+    let mut note = |path: serde_ignored::Path| ignored.push(field_path(&path));
+    let spec = SpecFields::deserialize(serde_ignored::Deserializer::new(deserializer, &mut note))?;
+    Ok((spec, ignored))
+}
+
+/// A field's path as dotted keys and indices, without the `?` that `serde_ignored` shows for an
+/// `Option` or an enum's content.
+fn field_path(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    let (parent, segment) = match path {
+        Path::Root => return String::new(),
+        Path::Seq { parent, index } => (*parent, index.to_string()),
+        Path::Map { parent, key } => (*parent, key.clone()),
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            return field_path(parent)
+        }
+    };
+    match field_path(parent) {
+        prefix if prefix.is_empty() => segment,
+        prefix => format!("{prefix}.{segment}"),
+    }
+}
+
+/// Strict, as for executing: a field this version does not know, at any depth, is an error naming it.
+impl<'de> Deserialize<'de> for SandboxSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match read_fields(deserializer)? {
+            (spec, unknown) if unknown.is_empty() => Ok(spec),
+            (_, unknown) => Err(D::Error::custom(SpecDecodeError::UnknownFields(unknown))),
+        }
+    }
+}
+
+/// A spec that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecDecodeError {
+    /// Not JSON, a value of the wrong type, or an enum variant this version does not know.
+    #[error("unreadable sandbox spec")]
+    Json(#[from] serde_json::Error),
+    /// Fields this version does not know (paths like `mounts.0.recursive`): refused for execution.
+    #[error("sandbox spec fields unknown to this version (written by a newer one?): {}", .0.join(", "))]
+    UnknownFields(Vec<String>),
 }
 
 /// The uid and gid the command runs as inside the sandbox.
@@ -184,6 +273,27 @@ impl SandboxSpec {
             denied_syscalls: Vec::new(),
             writable_paths: Vec::new(),
         }
+    }
+
+    /// Reads a spec to execute it: every field must be known (see [`SandboxSpec`]'s rule).
+    pub fn from_json_strict(json: &str) -> Result<SandboxSpec, SpecDecodeError> {
+        match Self::read_json(json)? {
+            (spec, unknown) if unknown.is_empty() => Ok(spec),
+            (_, unknown) => Err(SpecDecodeError::UnknownFields(unknown)),
+        }
+    }
+
+    /// Reads a stored spec for accounting, redaction, placement or display: fields this version does not
+    /// know are ignored, and their paths returned so that the caller can report them.
+    pub fn from_stored_json(json: &str) -> Result<(SandboxSpec, Vec<String>), SpecDecodeError> {
+        Self::read_json(json)
+    }
+
+    fn read_json(json: &str) -> Result<(SandboxSpec, Vec<String>), SpecDecodeError> {
+        let mut deserializer = serde_json::Deserializer::from_str(json);
+        let read = read_fields(&mut deserializer)?;
+        deserializer.end()?;
+        Ok(read)
     }
 
     /// Checks everything that can be checked without touching the host.
@@ -384,6 +494,159 @@ mod tests {
         assert_eq!(serde_json::from_str::<SandboxSpec>(&text).expect("parse"), s);
         let none: SandboxSpec = serde_json::from_str(r#"{"command":["x"],"network":"none"}"#).expect("none");
         assert_eq!(none.network, NetworkMode::None);
+    }
+
+    /// A record as the first version that stored specs wrote it: only the fields it had.
+    const FIRST_STORED_FORM: &str = r#"{
+        "command": ["/bin/sh", "-c", "echo hi"],
+        "env": [["PATH", "/usr/bin:/bin"], ["API_TOKEN", "s3cret"]],
+        "workdir": "/work",
+        "root": "HostSystem",
+        "mounts": [{"source": "/srv/data", "target": "/data", "writable": false}],
+        "network": "none",
+        "limits": {"memory_bytes": 268435456, "cpus": 0.5, "pids": 64},
+        "process_limits": {"open_files": 1024, "file_size_bytes": 4294967296},
+        "timeout": {"secs": 30, "nanos": 0},
+        "tty": false,
+        "scratch_bytes": 268435456,
+        "hostname": "sandbox",
+        "service": true
+    }"#;
+
+    /// A record as a later version might write it: this version's fields, and some it does not know, at
+    /// the top, in a list, in an `Option` and in an enum's content.
+    const FUTURE_FORM: &str = r#"{
+        "command": ["/bin/true"],
+        "env": [["API_TOKEN", "s3cret"]],
+        "mounts": [{"source": "/srv/data", "target": "/data", "writable": true, "recursive_read_only": true}],
+        "network": {"egress": {"allowed_ports": [443], "dns": true, "burst_kbps": 64}},
+        "limits": {"memory_bytes": 268435456, "cpus": 2.0, "pids": 64, "io_weight": 10},
+        "user": {"uid": 1000, "gid": 1000, "supplementary_gids": [27]},
+        "denied_syscalls": ["ptrace"],
+        "syscall_profile": {"deny": ["io_uring_setup"]}
+    }"#;
+
+    const FUTURE_FIELDS: [&str; 5] = [
+        "mounts.0.recursive_read_only",
+        "network.burst_kbps",
+        "limits.io_weight",
+        "user.supplementary_gids",
+        "syscall_profile",
+    ];
+
+    fn first_stored_spec() -> SandboxSpec {
+        SandboxSpec {
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("API_TOKEN".into(), "s3cret".into()),
+            ],
+            workdir: Some("/work".into()),
+            mounts: vec![BindMount {
+                source: "/srv/data".into(),
+                target: "/data".into(),
+                writable: false,
+            }],
+            limits: ResourceLimits {
+                memory_bytes: Some(256 << 20),
+                cpus: Some(0.5),
+                pids: Some(64),
+            },
+            timeout: Some(Duration::from_secs(30)),
+            service: true,
+            ..SandboxSpec::new(vec!["/bin/sh".into(), "-c".into(), "echo hi".into()])
+        }
+    }
+
+    #[test]
+    fn test_a_record_of_the_first_stored_form_reads_to_execute_and_to_read() {
+        let strict = SandboxSpec::from_json_strict(FIRST_STORED_FORM).expect("strict reading");
+        let (stored, ignored) = SandboxSpec::from_stored_json(FIRST_STORED_FORM).expect("stored reading");
+        assert_eq!(strict, first_stored_spec());
+        assert_eq!(stored, first_stored_spec());
+        assert!(ignored.is_empty(), "{ignored:?}");
+        // The fields added since take their defaults.
+        assert_eq!(strict.user, None);
+        assert!(strict.denied_syscalls.is_empty() && strict.writable_paths.is_empty());
+    }
+
+    #[test]
+    fn test_every_field_may_be_absent_and_then_takes_its_default() {
+        let full = serde_json::to_value(SandboxSpec::new(vec!["/bin/true".into()])).expect("serialize");
+        let default = serde_json::to_value(SandboxSpec::default()).expect("serialize");
+        let fields = full.as_object().expect("an object");
+        assert!(fields.contains_key("writable_paths"), "{fields:?}");
+        for name in fields.keys() {
+            let mut without = full.clone();
+            without.as_object_mut().expect("an object").remove(name);
+            let read = SandboxSpec::from_json_strict(&without.to_string())
+                .unwrap_or_else(|e| panic!("a record without '{name}' must read: {e}"));
+            let read = serde_json::to_value(read).expect("serialize");
+            assert_eq!(
+                read[name], default[name],
+                "'{name}' takes its default when absent"
+            );
+        }
+    }
+
+    #[test]
+    fn test_unknown_fields_are_refused_to_execute_naming_them() {
+        match SandboxSpec::from_json_strict(FUTURE_FORM) {
+            Err(SpecDecodeError::UnknownFields(fields)) => assert_eq!(fields, FUTURE_FIELDS),
+            other => panic!("expected unknown fields, got {other:?}"),
+        }
+        // serde's reading (a spec inside a request body, spec.json) is the strict one.
+        let err = serde_json::from_str::<SandboxSpec>(FUTURE_FORM)
+            .expect_err("a spec with unknown fields must not deserialize")
+            .to_string();
+        for field in FUTURE_FIELDS {
+            assert!(err.contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn test_unknown_fields_are_ignored_and_reported_to_read_a_record() {
+        let (spec, ignored) = SandboxSpec::from_stored_json(FUTURE_FORM).expect("stored reading");
+        assert_eq!(ignored, FUTURE_FIELDS);
+        let expected = SandboxSpec {
+            env: vec![("API_TOKEN".into(), "s3cret".into())],
+            mounts: vec![BindMount {
+                source: "/srv/data".into(),
+                target: "/data".into(),
+                writable: true,
+            }],
+            network: NetworkMode::Egress(EgressContract {
+                allowed_ports: vec![443],
+                dns: true,
+                ..EgressContract::default()
+            }),
+            limits: ResourceLimits {
+                memory_bytes: Some(256 << 20),
+                cpus: Some(2.0),
+                pids: Some(64),
+            },
+            user: Some(SandboxUser { uid: 1000, gid: 1000 }),
+            denied_syscalls: vec!["ptrace".into()],
+            ..SandboxSpec::new(vec!["/bin/true".into()])
+        };
+        assert_eq!(spec, expected);
+    }
+
+    #[test]
+    fn test_an_unknown_variant_or_a_wrong_type_reads_neither_way() {
+        for text in [
+            r#"{"command": ["x"], "root": {"Snapshot": "/snapshots/1"}}"#,
+            r#"{"command": "x"}"#,
+            r#"{"command": ["x"]} trailing"#,
+        ] {
+            assert!(
+                matches!(SandboxSpec::from_stored_json(text), Err(SpecDecodeError::Json(_))),
+                "{text}"
+            );
+            assert!(
+                matches!(SandboxSpec::from_json_strict(text), Err(SpecDecodeError::Json(_))),
+                "{text}"
+            );
+        }
     }
 
     #[test]

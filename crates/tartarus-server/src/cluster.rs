@@ -169,10 +169,6 @@ async fn audit_node(state: &AppState, node: &str, action: &str, outcome: &str) {
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<String, ApiError> {
-    serde_json::to_string(value).map_err(|e| ApiError::internal(e.to_string()))
-}
-
 /// Register a node agent (node token).
 #[utoipa::path(post, path = "/v1/nodes/register", request_body = NodeReport,
     responses((status = 200, body = Registration), (status = 401), (status = 403), (status = 409), (status = 422)))]
@@ -204,12 +200,12 @@ pub async fn register(
         id: &report.id,
         instance: &report.instance,
         address: &report.address,
-        labels: &to_json(&report.labels)?,
-        taints: &to_json(&report.taints)?,
-        capacity: &to_json(&report.capacity)?,
-        usage: &to_json(&report.usage)?,
+        labels: &report.labels,
+        taints: &report.taints,
+        capacity: report.capacity,
+        usage: report.usage,
         api_key: &report.api_key,
-        pools: &to_json(&report.pools)?,
+        pools: &report.pools,
         quarantine: report.quarantine,
         now_ms: tartarus_store::now_ms(),
         stale_after_ms: config.node_timeout.as_millis() as i64,
@@ -266,9 +262,7 @@ pub async fn heartbeat(
         .node(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("node '{id}' is not registered")))?;
-    let capacity: Resources =
-        serde_json::from_str(&record.capacity).map_err(|e| ApiError::internal(e.to_string()))?;
-    check_usage(&beat.usage, &capacity)
+    check_usage(&beat.usage, &record.capacity)
         .map_err(|reason| ApiError::invalid(format!("node '{id}': {reason}")))?;
     let fresh = state
         .store
@@ -276,7 +270,7 @@ pub async fn heartbeat(
             &id,
             &beat.instance,
             beat.epoch,
-            &to_json(&beat.usage)?,
+            beat.usage,
             tartarus_store::now_ms(),
         )
         .await?;
@@ -295,13 +289,13 @@ pub struct NodeView {
     pub state: String,
     pub address: String,
     #[schema(value_type = Object)]
-    pub labels: serde_json::Value,
+    pub labels: BTreeMap<String, String>,
     #[schema(value_type = Object)]
-    pub taints: serde_json::Value,
+    pub taints: Vec<Taint>,
     #[schema(value_type = Object)]
-    pub capacity: serde_json::Value,
+    pub capacity: Resources,
     #[schema(value_type = Object)]
-    pub usage: serde_json::Value,
+    pub usage: Resources,
     pub epoch: i64,
     pub last_heartbeat_ms: i64,
 }
@@ -312,25 +306,26 @@ pub async fn list_nodes(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Result<Json<Vec<NodeView>>, ApiError> {
-    let parse = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
     Ok(Json(
         state
             .store
             .nodes()
             .await?
             .into_iter()
-            .map(|n| NodeView {
-                labels: parse(&n.labels),
-                taints: parse(&n.taints),
-                capacity: parse(&n.capacity),
-                usage: parse(&n.usage),
-                id: n.id,
-                state: n.state,
-                address: n.address,
-                epoch: n.epoch,
-                last_heartbeat_ms: n.last_heartbeat_ms,
+            .map(|n| {
+                n.map(|n| NodeView {
+                    labels: n.labels,
+                    taints: n.taints,
+                    capacity: n.capacity,
+                    usage: n.usage,
+                    id: n.id,
+                    state: n.state.to_string(),
+                    address: n.address,
+                    epoch: n.epoch,
+                    last_heartbeat_ms: n.last_heartbeat_ms,
+                })
             })
-            .collect(),
+            .collect::<Result<_, _>>()?,
     ))
 }
 
@@ -711,6 +706,13 @@ pub async fn place_on_node(
         .nodes()
         .await?
         .into_iter()
+        .filter_map(|node| {
+            // An unreadable node (its taints, say) is never placed on with defaults: left out, and said why.
+            node.inspect_err(|e| {
+                tracing::error!("node left out of placement: {}", tartarus_runtime::error_chain(e))
+            })
+            .ok()
+        })
         .filter(|n| !n.api_key.is_empty())
         .collect();
     if records.is_empty() {
@@ -727,17 +729,12 @@ pub async fn place_on_node(
         .await?;
     let mut nodes = Vec::with_capacity(records.len());
     for record in &records {
-        let capacity: Resources =
-            serde_json::from_str(&record.capacity).map_err(|e| ApiError::internal(e.to_string()))?;
+        let capacity = record.capacity;
         let mut node = Node::new(&record.id, capacity).map_err(|e| ApiError::internal(e.to_string()))?;
-        node.labels = serde_json::from_str(&record.labels).unwrap_or_default();
-        node.taints = serde_json::from_str(&record.taints).unwrap_or_default();
-        node.state = match record.state.as_str() {
-            "ready" => tartarus_scheduler::NodeState::Ready,
-            "draining" => tartarus_scheduler::NodeState::Draining,
-            _ => tartarus_scheduler::NodeState::Unreachable,
-        };
-        node.pools = serde_json::from_str(&record.pools).unwrap_or_default();
+        node.labels = record.labels.clone();
+        node.taints = record.taints.clone();
+        node.state = record.state;
+        node.pools = record.pools.clone();
         node.quarantine = record.quarantine;
         for sandbox in live
             .iter()

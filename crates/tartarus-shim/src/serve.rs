@@ -153,8 +153,14 @@ fn start(
     };
     let text = std::fs::read_to_string(&paths.spec)
         .map_err(|e| spec_failure(format!("reading the sandbox spec {}: {e}", paths.spec.display())))?;
-    let mut spec: SandboxSpec = serde_json::from_str(&text)
-        .map_err(|e| spec_failure(format!("invalid sandbox spec {}: {e}", paths.spec.display())))?;
+    // To execute, a field this shim does not know is refused, never dropped (it may be a restriction).
+    let mut spec = SandboxSpec::from_json_strict(&text).map_err(|e| {
+        spec_failure(format!(
+            "invalid sandbox spec {}: {}",
+            paths.spec.display(),
+            tartarus_runtime::error_chain(&e)
+        ))
+    })?;
     spec.service = true;
     let host = |what: &str, e: std::io::Error| StartFailure {
         kind: StartFailureKind::Host,

@@ -11,24 +11,49 @@
 use serde::Serialize;
 use sqlx::Row;
 
+use crate::columns::{decode, Record, UnknownValue};
 use crate::{Store, StoreError};
 
 /// A declared tool (its definition is the server's JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct ToolRecord {
     pub name: String,
     pub definition: String,
     pub created_ms: i64,
 }
 
+/// Where an idempotency key is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerState {
+    /// Claimed: its holder is calling the tool under a lease.
+    Registered,
+    /// Answered: its response is stored and replayed.
+    Committed,
+}
+
+/// A stored ledger state.
+impl TryFrom<String> for LedgerState {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        match s.as_str() {
+            "registered" => Ok(LedgerState::Registered),
+            "committed" => Ok(LedgerState::Committed),
+            _ => Err(UnknownValue {
+                value: s,
+                expected: "registered or committed",
+            }),
+        }
+    }
+}
+
 /// A ledger row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct LedgerEntry {
     pub tenant: String,
     pub key: String,
     pub tool: String,
     pub request_hash: String,
-    pub committed: bool,
+    pub state: LedgerState,
     pub epoch: i64,
     pub holder: String,
     pub lease_expires_ms: i64,
@@ -75,7 +100,7 @@ pub struct LedgerCommit<'a> {
 }
 
 /// A stored receipt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct ReceiptRecord {
     pub id: String,
     pub tenant: String,
@@ -89,7 +114,7 @@ pub struct ReceiptRecord {
 }
 
 /// A stored trace record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct TraceRow {
     pub sandbox: String,
     pub seq: i64,
@@ -99,7 +124,7 @@ pub struct TraceRow {
 }
 
 /// A sealed episode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct EpisodeRecord {
     pub id: String,
     pub sandbox: String,
@@ -112,7 +137,7 @@ pub struct EpisodeRecord {
 }
 
 /// A stored signal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct SignalRecord {
     pub id: String,
     pub episode: String,
@@ -127,7 +152,7 @@ pub struct SignalRecord {
 }
 
 /// An evaluator's public key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct EvaluatorKey {
     pub name: String,
     pub kid: String,
@@ -136,7 +161,7 @@ pub struct EvaluatorKey {
 }
 
 /// A built dataset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct DatasetRecord {
     pub id: String,
     pub tenant: String,
@@ -148,68 +173,44 @@ pub struct DatasetRecord {
 const LEDGER_COLUMNS: &str = "tenant, key, tool, request_hash, state, epoch, holder, lease_expires_ms, \
     response_code, response_type, response_body, receipt, divergences";
 
-fn tool_from_row(row: &sqlx::any::AnyRow) -> Result<ToolRecord, StoreError> {
-    Ok(ToolRecord {
-        name: row.try_get("name")?,
-        definition: row.try_get("definition")?,
-        created_ms: row.try_get("created_ms")?,
-    })
+impl Record for ToolRecord {
+    const TABLE: &'static str = "tools";
+    const KEY: &'static [&'static str] = &["name"];
 }
 
-fn ledger_from_row(row: &sqlx::any::AnyRow) -> Result<LedgerEntry, StoreError> {
-    Ok(LedgerEntry {
-        tenant: row.try_get("tenant")?,
-        key: row.try_get("key")?,
-        tool: row.try_get("tool")?,
-        request_hash: row.try_get("request_hash")?,
-        committed: row.try_get::<String, _>("state")? == "committed",
-        epoch: row.try_get("epoch")?,
-        holder: row.try_get("holder")?,
-        lease_expires_ms: row.try_get("lease_expires_ms")?,
-        response_code: row.try_get("response_code")?,
-        response_type: row.try_get("response_type")?,
-        response_body: row.try_get("response_body")?,
-        receipt: row.try_get("receipt")?,
-        divergences: row.try_get("divergences")?,
-    })
+impl Record for LedgerEntry {
+    const TABLE: &'static str = "ledger";
+    const KEY: &'static [&'static str] = &["tenant", "key"];
 }
 
-fn receipt_from_row(row: &sqlx::any::AnyRow) -> Result<ReceiptRecord, StoreError> {
-    Ok(ReceiptRecord {
-        id: row.try_get("id")?,
-        tenant: row.try_get("tenant")?,
-        sandbox: row.try_get("sandbox")?,
-        tool: row.try_get("tool")?,
-        status: row.try_get("status")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        created_ms: row.try_get("created_ms")?,
-        envelope: row.try_get("envelope")?,
-    })
+impl Record for ReceiptRecord {
+    const TABLE: &'static str = "receipts";
+    const KEY: &'static [&'static str] = &["id"];
 }
 
-fn episode_from_row(row: &sqlx::any::AnyRow) -> Result<EpisodeRecord, StoreError> {
-    Ok(EpisodeRecord {
-        id: row.try_get("id")?,
-        sandbox: row.try_get("sandbox")?,
-        tenant: row.try_get("tenant")?,
-        created_ms: row.try_get("created_ms")?,
-        envelope: row.try_get("envelope")?,
-        facts: row.try_get("facts")?,
-    })
+impl Record for TraceRow {
+    const TABLE: &'static str = "trace_records";
+    const KEY: &'static [&'static str] = &["sandbox", "seq"];
 }
 
-fn signal_from_row(row: &sqlx::any::AnyRow) -> Result<SignalRecord, StoreError> {
-    Ok(SignalRecord {
-        id: row.try_get("id")?,
-        episode: row.try_get("episode")?,
-        tenant: row.try_get("tenant")?,
-        evaluator: row.try_get("evaluator")?,
-        name: row.try_get("name")?,
-        score: row.try_get("score")?,
-        label: row.try_get("label")?,
-        at_ms: row.try_get("at_ms")?,
-        envelope: row.try_get("envelope")?,
-    })
+impl Record for EpisodeRecord {
+    const TABLE: &'static str = "episodes";
+    const KEY: &'static [&'static str] = &["id"];
+}
+
+impl Record for SignalRecord {
+    const TABLE: &'static str = "signals";
+    const KEY: &'static [&'static str] = &["id"];
+}
+
+impl Record for EvaluatorKey {
+    const TABLE: &'static str = "evaluators";
+    const KEY: &'static [&'static str] = &["name", "kid"];
+}
+
+impl Record for DatasetRecord {
+    const TABLE: &'static str = "datasets";
+    const KEY: &'static [&'static str] = &["tenant", "id"];
 }
 
 impl Store {
@@ -232,14 +233,14 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(tool_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     pub async fn tools(&self) -> Result<Vec<ToolRecord>, StoreError> {
         let rows = sqlx::query("SELECT name, definition, created_ms FROM tools ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(tool_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     pub async fn delete_tool(&self, name: &str) -> Result<bool, StoreError> {
@@ -285,7 +286,7 @@ impl Store {
                     ..entry
                 }));
             }
-            if entry.committed {
+            if entry.state == LedgerState::Committed {
                 return Ok(Claim::Replay(entry));
             }
             if entry.lease_expires_ms > claim.now_ms {
@@ -363,7 +364,7 @@ impl Store {
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(ledger_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     pub async fn insert_receipt(&self, receipt: &ReceiptRecord) -> Result<(), StoreError> {
@@ -393,7 +394,7 @@ impl Store {
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(receipt_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     /// Receipts, oldest first, optionally of one tenant and one sandbox.
@@ -410,7 +411,7 @@ impl Store {
         .bind(sandbox)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(receipt_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Appends a trace record for `sandbox`; `build` gets the record's sequence number and returns its
@@ -466,17 +467,7 @@ impl Store {
         .bind(sandbox)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TraceRow {
-                    sandbox: r.try_get("sandbox")?,
-                    seq: r.try_get("seq")?,
-                    kind: r.try_get("kind")?,
-                    at_ms: r.try_get("at_ms")?,
-                    record: r.try_get("record")?,
-                })
-            })
-            .collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Seals an episode; a second one for the same sandbox is ignored (false).
@@ -510,7 +501,7 @@ impl Store {
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(episode_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     /// Episodes, oldest first.
@@ -522,7 +513,7 @@ impl Store {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(episode_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     pub async fn add_evaluator_key(&self, key: &EvaluatorKey) -> Result<(), StoreError> {
@@ -548,16 +539,7 @@ impl Store {
         .bind(name)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EvaluatorKey {
-                    name: r.try_get("name")?,
-                    kid: r.try_get("kid")?,
-                    public_key: r.try_get("public_key")?,
-                    created_ms: r.try_get("created_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(decode).collect()
     }
 
     pub async fn delete_evaluator(&self, name: &str) -> Result<bool, StoreError> {
@@ -602,7 +584,7 @@ impl Store {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(signal_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     pub async fn insert_dataset(&self, dataset: &DatasetRecord) -> Result<(), StoreError> {
@@ -628,17 +610,7 @@ impl Store {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DatasetRecord {
-                    id: r.try_get("id")?,
-                    tenant: r.try_get("tenant")?,
-                    query: r.try_get("query")?,
-                    episodes: r.try_get("episodes")?,
-                    created_ms: r.try_get("created_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(decode).collect()
     }
 }
 
@@ -698,7 +670,7 @@ mod tests {
                 other => panic!("expected a divergence, got {other:?}"),
             }
             let entry = store.ledger_entry("team-a", "order-7").await.unwrap().unwrap();
-            assert!(entry.committed);
+            assert_eq!(entry.state, LedgerState::Committed);
             assert_eq!(entry.request_hash, "h1");
             // A second commit changes nothing.
             assert!(!store
@@ -734,6 +706,25 @@ mod tests {
             let entry = store.ledger_entry("team-a", "order-7").await.unwrap().unwrap();
             assert_eq!(entry.response_body.as_deref(), Some(&b"new"[..]));
             assert_eq!(entry.holder, "b");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_ledger_state_is_an_error_not_a_registration() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            store.ledger_claim(&claim("a", "h1", 0)).await.unwrap();
+            // A newer version's state: reading it as "registered" would let a retry run the call again.
+            sqlx::query("UPDATE ledger SET state = 'reconciling'")
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            crate::testing::assert_corrupt(
+                store.ledger_entry("team-a", "order-7").await,
+                ("ledger", "team-a/order-7", "state"),
+                "'reconciling'",
+            );
+            assert!(store.ledger_claim(&claim("b", "h1", 5_000)).await.is_err());
         }
     }
 

@@ -7,20 +7,24 @@
 //! Place in the data flow: the server authenticates every request through [`Store::authenticate`] and
 //! records mutating calls with [`Store::record_audit`]; `tartarus apikey` manages keys directly.
 
+mod columns;
 mod effects;
 mod nodes;
 mod policies;
 mod queue;
 #[cfg(test)]
+mod schema_tests;
+#[cfg(test)]
 mod testing;
 
+pub use columns::UnknownValue;
 pub use effects::{
-    Claim, ClaimRequest, DatasetRecord, EpisodeRecord, EvaluatorKey, LedgerCommit, LedgerEntry,
+    Claim, ClaimRequest, DatasetRecord, EpisodeRecord, EvaluatorKey, LedgerCommit, LedgerEntry, LedgerState,
     ReceiptRecord, SignalRecord, ToolRecord, TraceRow,
 };
 pub use nodes::{Leadership, NodeRecord, NodeRegistration, Registered, NODE_TOKEN_PREFIX};
 pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
-pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem};
+pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem, QueueState};
 
 use std::path::Path;
 use std::str::FromStr;
@@ -30,6 +34,8 @@ use serde::Serialize;
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 use sqlx::{Executor, Row};
+
+use columns::{decode, Flag, JsonText, Record};
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,8 +77,19 @@ impl FromStr for Role {
     }
 }
 
+/// A stored role.
+impl TryFrom<String> for Role {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        s.parse().map_err(|_| UnknownValue {
+            value: s,
+            expected: "admin, user or viewer",
+        })
+    }
+}
+
 /// An API key as stored (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct ApiKey {
     pub id: String,
     pub tenant: String,
@@ -82,7 +99,7 @@ pub struct ApiKey {
 }
 
 /// One audit record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct AuditRecord {
     pub id: i64,
     pub at_ms: i64,
@@ -103,6 +120,16 @@ pub struct NewAudit<'a> {
     pub target: Option<&'a str>,
     pub outcome: &'a str,
     pub detail: Option<&'a str>,
+}
+
+impl Record for ApiKey {
+    const TABLE: &'static str = "api_keys";
+    const KEY: &'static [&'static str] = &["id"];
+}
+
+impl Record for AuditRecord {
+    const TABLE: &'static str = "audit";
+    const KEY: &'static [&'static str] = &["id"];
 }
 
 impl StoreError {
@@ -134,6 +161,25 @@ pub enum StoreError {
     Invalid(String),
     #[error("no API key with id '{0}'")]
     UnknownKey(String),
+    /// A stored row that this version cannot read (an unknown enum value, unreadable JSON): never
+    /// replaced by a default.
+    #[error("cannot read column {column} of {table} row '{id}'")]
+    Corrupt {
+        table: &'static str,
+        /// The row's key (`a/b` for a composite key).
+        id: String,
+        column: String,
+        #[source]
+        source: sqlx::error::BoxDynError,
+    },
+    #[error("state database migration left {rows} rows referring to rows that do not exist")]
+    BrokenReferences { rows: usize },
+    #[error("cannot store {what} as JSON")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Prefix of every key secret, so leaked keys are easy to recognise and scan for.
@@ -209,6 +255,27 @@ fn sqlite_url(path: &Path) -> String {
     url
 }
 
+/// Applies SQLite's pending migrations. Changing a column's constraints in SQLite means rebuilding its
+/// table, which needs foreign keys off, and they cannot be switched inside the transaction each migration
+/// runs in: the migrations run on a connection of their own with foreign keys off (closed afterwards,
+/// never back in the pool), and every reference is checked after them. Through `run_direct`: `run`'s
+/// lifetime-generic `Acquire` would make opening a store a future that the server cannot spawn.
+async fn migrate_sqlite(pool: &AnyPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?.detach();
+    conn.execute("PRAGMA foreign_keys = OFF").await?;
+    sqlx::migrate!("./migrations/sqlite")
+        .run_direct(&mut conn)
+        .await?;
+    let broken = sqlx::query("PRAGMA foreign_key_check")
+        .fetch_all(&mut conn)
+        .await?;
+    let _ = sqlx::Connection::close(conn).await;
+    match broken.len() {
+        0 => Ok(()),
+        rows => Err(StoreError::BrokenReferences { rows }),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) `DIR/state.db` and applies pending migrations.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
@@ -265,7 +332,7 @@ impl Store {
         .await
         .map_err(open_err)?;
         match backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Sqlite => migrate_sqlite(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
         Ok(Store { pool, backend })
@@ -340,7 +407,7 @@ impl Store {
         .bind(hash_secret(secret))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| key_from_row(&r)).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     /// Every key, oldest first.
@@ -350,7 +417,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(key_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Revokes a key (idempotent for an already revoked key).
@@ -367,7 +434,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::UnknownKey(id.to_string()))?;
         tx.commit().await?;
-        key_from_row(&row)
+        decode(&row)
     }
 
     pub async fn record_audit(&self, record: &NewAudit<'_>) -> Result<(), StoreError> {
@@ -400,31 +467,8 @@ impl Store {
         .bind(since_ms)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AuditRecord {
-                id: r.get("id"),
-                at_ms: r.get("at_ms"),
-                tenant: r.get("tenant"),
-                key_id: r.get("key_id"),
-                action: r.get("action"),
-                target: r.get("target"),
-                outcome: r.get("outcome"),
-                detail: r.get("detail"),
-            })
-            .collect())
+        rows.iter().map(decode).collect()
     }
-}
-
-fn key_from_row(row: &sqlx::any::AnyRow) -> Result<ApiKey, StoreError> {
-    let role: String = row.try_get("role")?;
-    Ok(ApiKey {
-        id: row.try_get("id")?,
-        tenant: row.try_get("tenant")?,
-        role: role.parse()?,
-        created_ms: row.try_get("created_ms")?,
-        revoked_ms: row.try_get("revoked_ms")?,
-    })
 }
 
 #[cfg(test)]
@@ -462,6 +506,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The server opens its store inside spawned tasks: opening must stay `Send` whatever the lifetimes
+    /// (a compile-time check; a borrow held across an `await` of a lifetime-generic sqlx call breaks it).
+    #[tokio::test]
+    async fn test_opening_a_store_can_be_spawned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let opened = tokio::spawn(async move { Store::open(&path).await.map(|_| ()) });
+        opened.await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -549,6 +603,25 @@ mod tests {
                 .is_empty());
         }
     }
+
+    #[tokio::test]
+    async fn test_unknown_role_of_a_stored_key_is_an_error() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let (key, secret) = store.create_key("a", Role::Viewer).await.unwrap();
+            test_store
+                .execute_unchecked(&format!(
+                    "UPDATE api_keys SET role = 'superuser' WHERE id = '{}'",
+                    key.id
+                ))
+                .await;
+            crate::testing::assert_corrupt(
+                store.authenticate(&secret).await,
+                ("api_keys", &key.id, "role"),
+                "'superuser'",
+            );
+        }
+    }
 }
 
 /// Lifecycle of a sandbox record.
@@ -599,8 +672,19 @@ impl FromStr for SandboxStatus {
     }
 }
 
+/// A stored status.
+impl TryFrom<String> for SandboxStatus {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        s.parse().map_err(|_| UnknownValue {
+            value: s,
+            expected: "starting, running, exited, killed, failed or lost",
+        })
+    }
+}
+
 /// A sandbox record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct SandboxRecord {
     pub id: String,
     pub tenant: String,
@@ -608,6 +692,7 @@ pub struct SandboxRecord {
     pub template: Option<String>,
     /// The runtime spec (JSON).
     pub spec: String,
+    #[sqlx(try_from = "JsonText<std::collections::BTreeMap<String, String>>")]
     pub labels: std::collections::BTreeMap<String, String>,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
@@ -616,6 +701,7 @@ pub struct SandboxRecord {
     pub shim_pid: Option<i64>,
     pub dir: String,
     /// Frozen by the cgroup freezer (status stays `running`).
+    #[sqlx(try_from = "Flag")]
     pub paused: bool,
     /// Cluster mode: the node that runs it (`None`: this server's machine).
     pub node: Option<String>,
@@ -637,34 +723,18 @@ const SANDBOX_COLUMNS: &str =
     "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused, \
      node, remote_id, placement";
 
-fn sandbox_from_row(row: &sqlx::any::AnyRow) -> Result<SandboxRecord, StoreError> {
-    let status: String = row.try_get("status")?;
-    let labels: String = row.try_get("labels")?;
-    Ok(SandboxRecord {
-        id: row.try_get("id")?,
-        tenant: row.try_get("tenant")?,
-        status: status.parse()?,
-        template: row.try_get("template")?,
-        spec: row.try_get("spec")?,
-        labels: serde_json::from_str(&labels)
-            .map_err(|e| StoreError::Invalid(format!("stored labels: {e}")))?,
-        created_ms: row.try_get("created_ms")?,
-        finished_ms: row.try_get("finished_ms")?,
-        exit_code: row.try_get("exit_code")?,
-        reason: row.try_get("reason")?,
-        shim_pid: row.try_get("shim_pid")?,
-        dir: row.try_get("dir")?,
-        paused: row.try_get::<i64, _>("paused")? != 0,
-        node: row.try_get("node")?,
-        remote_id: row.try_get("remote_id")?,
-        placement: row.try_get("placement")?,
-    })
+impl Record for SandboxRecord {
+    const TABLE: &'static str = "sandboxes";
+    const KEY: &'static [&'static str] = &["id"];
 }
 
 impl Store {
     /// Inserts a new sandbox in status `starting`.
     pub async fn insert_sandbox(&self, record: &SandboxRecord) -> Result<(), StoreError> {
-        let labels = serde_json::to_string(&record.labels).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let labels = serde_json::to_string(&record.labels).map_err(|source| StoreError::Encode {
+            what: "sandbox labels",
+            source,
+        })?;
         sqlx::query(
             "INSERT INTO sandboxes (id, tenant, status, template, spec, labels, created_ms, dir, node, remote_id, \
              placement) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
@@ -732,7 +802,7 @@ impl Store {
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| sandbox_from_row(&r)).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     /// Sandboxes, newest first, filtered by tenant and status when given.
@@ -749,7 +819,7 @@ impl Store {
         .bind(status.map(|s| s.as_str()))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(sandbox_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Live sandboxes of all tenants.
@@ -844,10 +914,46 @@ mod sandbox_tests {
             assert_eq!(store.live_count("a").await.unwrap(), 0);
         }
     }
+    #[tokio::test]
+    async fn test_unreadable_sandbox_columns_are_errors_naming_the_row_not_defaults() {
+        use crate::testing::assert_corrupt;
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            for id in ["sb_status", "sb_labels", "sb_paused"] {
+                store.insert_sandbox(&record(id, "a")).await.unwrap();
+            }
+            test_store
+                .execute_unchecked(
+                    "UPDATE sandboxes SET status = 'hibernating' WHERE id = 'sb_status'; \
+                     UPDATE sandboxes SET labels = '{\"team\":' WHERE id = 'sb_labels'; \
+                     UPDATE sandboxes SET paused = 7 WHERE id = 'sb_paused'",
+                )
+                .await;
+            assert_corrupt(
+                store.sandbox("sb_status", None).await,
+                ("sandboxes", "sb_status", "status"),
+                "'hibernating'",
+            );
+            assert_corrupt(
+                store.sandbox("sb_labels", None).await,
+                ("sandboxes", "sb_labels", "labels"),
+                "EOF",
+            );
+            assert_corrupt(
+                store.sandbox("sb_paused", None).await,
+                ("sandboxes", "sb_paused", "paused"),
+                "'7'",
+            );
+            assert!(
+                store.sandboxes(Some("a"), None).await.is_err(),
+                "a listing must not drop or default a corrupt row"
+            );
+        }
+    }
 }
 
 /// A template as stored. The store keeps its definition as JSON text; the server validates and reads it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct TemplateRecord {
     pub id: String,
     /// The tenant that owns it; `None` for a template every tenant sees.
@@ -867,14 +973,9 @@ pub enum TemplatePut {
     Taken,
 }
 
-fn template_from_row(row: &sqlx::any::AnyRow) -> Result<TemplateRecord, StoreError> {
-    Ok(TemplateRecord {
-        id: row.try_get("id")?,
-        tenant: row.try_get("tenant")?,
-        definition: row.try_get("definition")?,
-        created_ms: row.try_get("created_ms")?,
-        updated_ms: row.try_get("updated_ms")?,
-    })
+impl Record for TemplateRecord {
+    const TABLE: &'static str = "templates";
+    const KEY: &'static [&'static str] = &["id"];
 }
 
 impl Store {
@@ -940,7 +1041,7 @@ impl Store {
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| template_from_row(&r)).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     /// Templates by id; with `tenant`, those that tenant sees (its own and shared ones).
@@ -952,7 +1053,7 @@ impl Store {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(template_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Deletes a template; returns whether it existed.

@@ -10,39 +10,46 @@
 //! on SQLite the one server that owns the data directory always leads. Each acquisition starts a new term
 //! (a fencing token) recorded in `leader_terms`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::Serialize;
 use sqlx::Row;
+use tartarus_scheduler::{NodeState, Resources, Taint};
 
+use crate::columns::{decode, Flag, JsonText, NodeStateText, Record};
 use crate::{hash_secret, random_hex, Backend, Store, StoreError};
 
 /// The prefix of node join tokens (API keys use another).
 pub const NODE_TOKEN_PREFIX: &str = "tn_";
 
-/// A node as its agent last reported it. JSON fields are the server's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A node as its agent last reported it. Labels, taints, resources and pools are stored as JSON text
+/// and read back typed: a row that does not read is [`StoreError::Corrupt`], never a node with defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct NodeRecord {
     pub id: String,
     pub instance: String,
     pub epoch: i64,
     pub address: String,
-    /// JSON object.
-    pub labels: String,
-    /// JSON array.
-    pub taints: String,
-    /// JSON resources.
-    pub capacity: String,
-    /// JSON resources.
-    pub usage: String,
-    /// `ready`, `unreachable` or `draining`.
-    pub state: String,
+    #[sqlx(try_from = "JsonText<BTreeMap<String, String>>")]
+    pub labels: BTreeMap<String, String>,
+    #[sqlx(try_from = "JsonText<Vec<Taint>>")]
+    pub taints: Vec<Taint>,
+    #[sqlx(try_from = "JsonText<Resources>")]
+    pub capacity: Resources,
+    #[sqlx(try_from = "JsonText<Resources>")]
+    pub usage: Resources,
+    #[sqlx(try_from = "NodeStateText")]
+    pub state: NodeState,
     pub registered_ms: i64,
     pub last_heartbeat_ms: i64,
     /// The key the control plane uses to call the node's agent (never shown).
     #[serde(skip)]
     pub api_key: String,
-    /// JSON array of the resource classes it is dedicated to (empty: any).
-    pub pools: String,
+    /// The resource classes it is dedicated to (empty: any).
+    #[sqlx(try_from = "JsonText<BTreeSet<String>>")]
+    pub pools: BTreeSet<String>,
     /// Takes only quarantined work.
+    #[sqlx(try_from = "Flag")]
     pub quarantine: bool,
 }
 
@@ -52,14 +59,14 @@ pub struct NodeRegistration<'a> {
     pub id: &'a str,
     pub instance: &'a str,
     pub address: &'a str,
-    pub labels: &'a str,
-    pub taints: &'a str,
-    pub capacity: &'a str,
-    pub usage: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub taints: &'a [Taint],
+    pub capacity: Resources,
+    pub usage: Resources,
     /// The key the control plane will use to call the agent.
     pub api_key: &'a str,
-    /// JSON array of resource classes.
-    pub pools: &'a str,
+    /// Resource classes it is dedicated to.
+    pub pools: &'a BTreeSet<String>,
     pub quarantine: bool,
     pub now_ms: i64,
     /// Another instance that has not sent a heartbeat for this long has lost the id.
@@ -105,23 +112,13 @@ const NODE_COLUMNS: &str =
     "id, instance, epoch, address, labels, taints, capacity, usage, state, registered_ms, \
     last_heartbeat_ms, api_key, pools, quarantine";
 
-fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord, StoreError> {
-    Ok(NodeRecord {
-        id: row.try_get("id")?,
-        instance: row.try_get("instance")?,
-        epoch: row.try_get("epoch")?,
-        address: row.try_get("address")?,
-        labels: row.try_get("labels")?,
-        taints: row.try_get("taints")?,
-        capacity: row.try_get("capacity")?,
-        usage: row.try_get("usage")?,
-        state: row.try_get("state")?,
-        registered_ms: row.try_get("registered_ms")?,
-        last_heartbeat_ms: row.try_get("last_heartbeat_ms")?,
-        api_key: row.try_get("api_key")?,
-        pools: row.try_get("pools")?,
-        quarantine: row.try_get::<i64, _>("quarantine")? != 0,
-    })
+impl Record for NodeRecord {
+    const TABLE: &'static str = "nodes";
+    const KEY: &'static [&'static str] = &["id"];
+}
+
+fn to_json<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|source| StoreError::Encode { what, source })
 }
 
 impl Store {
@@ -154,6 +151,11 @@ impl Store {
 
     /// Registers an agent for a node id (see the module docs for who wins).
     pub async fn register_node(&self, r: &NodeRegistration<'_>) -> Result<Registered, StoreError> {
+        let labels = to_json("node labels", r.labels)?;
+        let taints = to_json("node taints", r.taints)?;
+        let capacity = to_json("node capacity", &r.capacity)?;
+        let usage = to_json("node usage", &r.usage)?;
+        let pools = to_json("node pools", r.pools)?;
         for _ in 0..4 {
             let inserted = sqlx::query(&format!(
                 "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8, $9, $10, $11) \
@@ -162,13 +164,13 @@ impl Store {
             .bind(r.id)
             .bind(r.instance)
             .bind(r.address)
-            .bind(r.labels)
-            .bind(r.taints)
-            .bind(r.capacity)
-            .bind(r.usage)
+            .bind(&labels)
+            .bind(&taints)
+            .bind(&capacity)
+            .bind(&usage)
             .bind(r.now_ms)
             .bind(r.api_key)
-            .bind(r.pools)
+            .bind(&pools)
             .bind(i64::from(r.quarantine))
             .execute(&self.pool)
             .await?;
@@ -186,14 +188,14 @@ impl Store {
             .bind(r.id)
             .bind(r.instance)
             .bind(r.address)
-            .bind(r.labels)
-            .bind(r.taints)
-            .bind(r.capacity)
-            .bind(r.usage)
+            .bind(&labels)
+            .bind(&taints)
+            .bind(&capacity)
+            .bind(&usage)
             .bind(r.now_ms)
             .bind(r.now_ms - r.stale_after_ms)
             .bind(r.api_key)
-            .bind(r.pools)
+            .bind(&pools)
             .bind(i64::from(r.quarantine))
             .fetch_optional(&self.pool)
             .await?;
@@ -202,10 +204,15 @@ impl Store {
                     epoch: row.try_get("epoch")?,
                 });
             }
-            if let Some(holder) = self.node(r.id).await? {
+            // Only who holds it: a holder's row need not be readable to refuse a duplicate.
+            let holder = sqlx::query("SELECT instance, last_heartbeat_ms FROM nodes WHERE id = $1")
+                .bind(r.id)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(holder) = holder {
                 return Ok(Registered::Duplicate {
-                    instance: holder.instance,
-                    last_heartbeat_ms: holder.last_heartbeat_ms,
+                    instance: holder.try_get("instance")?,
+                    last_heartbeat_ms: holder.try_get("last_heartbeat_ms")?,
                 });
             }
         }
@@ -221,15 +228,16 @@ impl Store {
         id: &str,
         instance: &str,
         epoch: i64,
-        usage: &str,
+        usage: Resources,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let usage = to_json("node usage", &usage)?;
         let done = sqlx::query(
             "UPDATE nodes SET usage = $1, last_heartbeat_ms = $2, \
              state = CASE WHEN state = 'draining' THEN 'draining' ELSE 'ready' END \
              WHERE id = $3 AND instance = $4 AND epoch = $5",
         )
-        .bind(usage)
+        .bind(&usage)
         .bind(now_ms)
         .bind(id)
         .bind(instance)
@@ -239,19 +247,22 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// One node; an unreadable row is [`StoreError::Corrupt`].
     pub async fn node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(node_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
-    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+    /// Every node, by id. Each row that cannot be read is its own [`StoreError::Corrupt`], so that a
+    /// caller can leave that node out (saying why) and go on with the others.
+    pub async fn nodes(&self) -> Result<Vec<Result<NodeRecord, StoreError>>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(node_from_row).collect()
+        Ok(rows.iter().map(decode).collect())
     }
 
     /// Removes a node and its join token (its agent can no longer register); false when unknown.
@@ -333,17 +344,22 @@ impl Store {
 mod tests {
     use super::*;
 
+    use tartarus_scheduler::TaintEffect;
+
+    const NO_LABELS: &BTreeMap<String, String> = &BTreeMap::new();
+    const NO_POOLS: &BTreeSet<String> = &BTreeSet::new();
+
     fn registration<'a>(id: &'a str, instance: &'a str, now_ms: i64) -> NodeRegistration<'a> {
         NodeRegistration {
             id,
             instance,
             address: "10.0.0.1:7071",
-            labels: "{}",
-            taints: "[]",
-            capacity: r#"{"cpu_millis":2000,"memory_bytes":1073741824,"gpus":0}"#,
-            usage: r#"{"cpu_millis":0,"memory_bytes":0,"gpus":0}"#,
+            labels: NO_LABELS,
+            taints: &[],
+            capacity: Resources::new(2000, 1 << 30, 0),
+            usage: Resources::ZERO,
             api_key: "tk_node",
-            pools: "[]",
+            pools: NO_POOLS,
             quarantine: false,
             now_ms,
             stale_after_ms: 1_000,
@@ -366,10 +382,16 @@ mod tests {
                 store.register_node(&registration("n1", "b", 500)).await.unwrap(),
                 Registered::Duplicate { .. }
             ));
-            assert!(store.node_heartbeat("n1", "a", 1, "{}", 800).await.unwrap());
+            assert!(store
+                .node_heartbeat("n1", "a", 1, Resources::ZERO, 800)
+                .await
+                .unwrap());
             // Quiet for longer than the timeout: unreachable, and then another agent may take the id.
             assert_eq!(store.mark_unreachable(1_500).await.unwrap(), ["n1"]);
-            assert_eq!(store.node("n1").await.unwrap().unwrap().state, "unreachable");
+            assert_eq!(
+                store.node("n1").await.unwrap().unwrap().state,
+                NodeState::Unreachable
+            );
             assert_eq!(
                 store
                     .register_node(&registration("n1", "b", 2_000))
@@ -378,14 +400,99 @@ mod tests {
                 Registered::Accepted { epoch: 2 }
             );
             // The superseded agent's heartbeats no longer count.
-            assert!(!store.node_heartbeat("n1", "a", 1, "{}", 2_100).await.unwrap());
-            assert!(store.node_heartbeat("n1", "b", 2, "{}", 2_100).await.unwrap());
-            assert_eq!(store.nodes().await.unwrap().len(), 1);
+            assert!(!store
+                .node_heartbeat("n1", "a", 1, Resources::ZERO, 2_100)
+                .await
+                .unwrap());
+            assert!(store
+                .node_heartbeat("n1", "b", 2, Resources::new(500, 0, 0), 2_100)
+                .await
+                .unwrap());
+            let nodes = store.nodes().await.unwrap();
+            assert_eq!(nodes.len(), 1);
+            let node = nodes[0].as_ref().unwrap();
+            assert_eq!(
+                (node.state, node.usage),
+                (NodeState::Ready, Resources::new(500, 0, 0))
+            );
             // Removed: gone, and its token with it.
             assert!(store.delete_node("n1").await.unwrap());
             assert!(store.nodes().await.unwrap().is_empty());
             assert_eq!(store.node_for_token(&token).await.unwrap(), None);
             assert!(!store.delete_node("n1").await.unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn typed_fields_round_trip() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            let labels = BTreeMap::from([("zone".to_string(), "eu-1".to_string())]);
+            let taints = [Taint::new("gpu", "true", TaintEffect::NoSchedule)];
+            let pools = BTreeSet::from(["inferno".to_string()]);
+            let r = NodeRegistration {
+                labels: &labels,
+                taints: &taints,
+                pools: &pools,
+                quarantine: true,
+                ..registration("n1", "a", 0)
+            };
+            store.register_node(&r).await.unwrap();
+            let node = store.node("n1").await.unwrap().unwrap();
+            assert_eq!(
+                (&node.labels, &node.taints[..], &node.pools, node.quarantine),
+                (&labels, &taints[..], &pools, true)
+            );
+            assert_eq!(
+                (node.capacity, node.state),
+                (Resources::new(2000, 1 << 30, 0), NodeState::Ready)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn test_node_with_corrupt_taints_is_an_error_and_the_others_still_read() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            for id in ["n1", "n2", "n3"] {
+                store.register_node(&registration(id, id, 0)).await.unwrap();
+            }
+            // Read as "no taints", n2 would tolerate everything.
+            sqlx::query(
+                "UPDATE nodes SET taints = '[{\"key\": \"gpu\", \"effect\": \"NoSchedul' WHERE id = 'n2'",
+            )
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            let nodes = store.nodes().await.unwrap();
+            assert_eq!(nodes.len(), 3, "an unreadable node is reported, not dropped");
+            assert_eq!(nodes[0].as_ref().unwrap().id, "n1");
+            assert_eq!(nodes[2].as_ref().unwrap().id, "n3");
+            let mut nodes = nodes;
+            crate::testing::assert_corrupt(nodes.remove(1), ("nodes", "n2", "taints"), "EOF");
+            crate::testing::assert_corrupt(store.node("n2").await, ("nodes", "n2", "taints"), "EOF");
+            // Its agent can still be told apart from a duplicate, and registering again repairs it.
+            assert!(matches!(
+                store
+                    .register_node(&registration("n2", "other", 1))
+                    .await
+                    .unwrap(),
+                Registered::Duplicate { .. }
+            ));
+            store.register_node(&registration("n2", "n2", 2)).await.unwrap();
+            assert!(store.node("n2").await.unwrap().unwrap().taints.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn test_node_with_unknown_state_is_an_error() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            store.register_node(&registration("n1", "a", 0)).await.unwrap();
+            test_store
+                .execute_unchecked("UPDATE nodes SET state = 'cordoned' WHERE id = 'n1'")
+                .await;
+            crate::testing::assert_corrupt(store.node("n1").await, ("nodes", "n1", "state"), "'cordoned'");
         }
     }
 

@@ -3,10 +3,11 @@
 use serde::Serialize;
 use sqlx::Row;
 
+use crate::columns::{decode, Record};
 use crate::{now_ms, Store, StoreError};
 
 /// One revision of a policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct PolicyRevision {
     pub id: String,
     pub revision: i64,
@@ -21,7 +22,7 @@ pub struct PolicyRevision {
 }
 
 /// One event of the stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Event {
     pub seq: i64,
     pub at_ms: i64,
@@ -57,16 +58,14 @@ pub struct EventQuery<'a> {
     pub limit: Option<i64>,
 }
 
-fn revision_from_row(row: &sqlx::any::AnyRow) -> Result<PolicyRevision, StoreError> {
-    Ok(PolicyRevision {
-        id: row.try_get("id")?,
-        revision: row.try_get("revision")?,
-        document: row.try_get("document")?,
-        source: row.try_get("source")?,
-        created_ms: row.try_get("created_ms")?,
-        author: row.try_get("author")?,
-        rollback_of: row.try_get("rollback_of")?,
-    })
+impl Record for PolicyRevision {
+    const TABLE: &'static str = "policies";
+    const KEY: &'static [&'static str] = &["id", "revision"];
+}
+
+impl Record for Event {
+    const TABLE: &'static str = "events";
+    const KEY: &'static [&'static str] = &["seq"];
 }
 
 const REVISION_COLUMNS: &str = "id, revision, document, source, created_ms, author, rollback_of";
@@ -96,7 +95,7 @@ impl Store {
         .bind(rollback_of)
         .fetch_one(&self.pool)
         .await?;
-        revision_from_row(&row)
+        decode(&row)
     }
 
     /// Every revision of a policy, oldest first (empty when it never existed).
@@ -107,7 +106,7 @@ impl Store {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(revision_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// The revision of a policy in force (its latest, unless that is a removal).
@@ -118,7 +117,7 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        let revision = row.as_ref().map(revision_from_row).transpose()?;
+        let revision: Option<PolicyRevision> = row.as_ref().map(decode).transpose()?;
         Ok(revision.filter(|r| !r.document.is_empty()))
     }
 
@@ -130,7 +129,7 @@ impl Store {
         ))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(revision_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Makes revision `to` of policy `id` the one in force again, as a new revision. Errors name what
@@ -194,20 +193,7 @@ impl Store {
         .bind(query.limit.unwrap_or(1000))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Event {
-                    seq: r.try_get("seq")?,
-                    at_ms: r.try_get("at_ms")?,
-                    category: r.try_get("category")?,
-                    kind: r.try_get("kind")?,
-                    sandbox: r.try_get("sandbox")?,
-                    tenant: r.try_get("tenant")?,
-                    message: r.try_get("message")?,
-                    details: r.try_get("details")?,
-                })
-            })
-            .collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Removes events older than `before_ms` (retention); returns how many.

@@ -16,6 +16,7 @@ use std::str::FromStr;
 use serde::Serialize;
 use sqlx::Row;
 
+use crate::columns::{decode, Record, UnknownValue};
 use crate::{Backend, Store, StoreError};
 
 /// A lane of the queue, in the order they are served.
@@ -60,6 +61,48 @@ impl FromStr for Lane {
     }
 }
 
+/// A stored lane.
+impl TryFrom<String> for Lane {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        s.parse().map_err(|_| UnknownValue {
+            value: s,
+            expected: "swift, main or deep",
+        })
+    }
+}
+
+/// Where a queue item is in its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueState {
+    /// Waiting to be delivered (from `not_before_ms`).
+    Ready,
+    /// Delivered to a worker until its lease expires.
+    Leased,
+    /// Placed.
+    Done,
+    /// Out of attempts: a dead letter.
+    Dead,
+}
+
+/// A stored queue state.
+impl TryFrom<String> for QueueState {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        match s.as_str() {
+            "ready" => Ok(QueueState::Ready),
+            "leased" => Ok(QueueState::Leased),
+            "done" => Ok(QueueState::Done),
+            "dead" => Ok(QueueState::Dead),
+            _ => Err(UnknownValue {
+                value: s,
+                expected: "ready, leased, done or dead",
+            }),
+        }
+    }
+}
+
 /// A request to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewQueueItem<'a> {
@@ -86,15 +129,14 @@ pub enum Enqueue {
 }
 
 /// A queue item.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct QueueItem {
     pub id: String,
     pub lane: Lane,
     pub priority: i64,
     pub tenant: String,
     pub payload: String,
-    /// `ready`, `leased`, `done` or `dead`.
-    pub state: String,
+    pub state: QueueState,
     pub attempts: i64,
     pub max_attempts: i64,
     pub enqueued_ms: i64,
@@ -111,26 +153,9 @@ pub struct QueueItem {
 const COLUMNS: &str = "id, lane, priority, tenant, payload, state, attempts, max_attempts, enqueued_ms, \
     not_before_ms, leased_by, lease_expires_ms, reason, last_error, finished_ms, sandbox";
 
-fn item_from_row(row: &sqlx::any::AnyRow) -> Result<QueueItem, StoreError> {
-    let lane: String = row.try_get("lane")?;
-    Ok(QueueItem {
-        id: row.try_get("id")?,
-        lane: lane.parse()?,
-        priority: row.try_get("priority")?,
-        tenant: row.try_get("tenant")?,
-        payload: row.try_get("payload")?,
-        state: row.try_get("state")?,
-        attempts: row.try_get("attempts")?,
-        max_attempts: row.try_get("max_attempts")?,
-        enqueued_ms: row.try_get("enqueued_ms")?,
-        not_before_ms: row.try_get("not_before_ms")?,
-        leased_by: row.try_get("leased_by")?,
-        lease_expires_ms: row.try_get("lease_expires_ms")?,
-        reason: row.try_get("reason")?,
-        last_error: row.try_get("last_error")?,
-        finished_ms: row.try_get("finished_ms")?,
-        sandbox: row.try_get("sandbox")?,
-    })
+impl Record for QueueItem {
+    const TABLE: &'static str = "queue";
+    const KEY: &'static [&'static str] = &["id"];
 }
 
 /// The delay before the next delivery after the `attempts`-th was rejected: 1 s, doubling, at most 5 min
@@ -246,7 +271,7 @@ impl Store {
                 row
             }
         };
-        row.as_ref().map(item_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     /// The item was placed: done. False when `worker` no longer holds its lease (it was delivered again).
@@ -322,7 +347,7 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(item_from_row).transpose()
+        row.as_ref().map(decode).transpose()
     }
 
     /// Items waiting (ready or leased), in dequeue order, of one tenant or all.
@@ -334,7 +359,7 @@ impl Store {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(item_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 
     /// Dead letters, oldest first, of one tenant or all.
@@ -346,7 +371,7 @@ impl Store {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(item_from_row).collect()
+        rows.iter().map(decode).collect()
     }
 }
 
@@ -390,7 +415,7 @@ mod tests {
             assert_eq!(store.queue_depth(Some(Lane::Main)).await.unwrap(), 3);
             let mut order = Vec::new();
             while let Some(next) = store.dequeue("w", 100, 1_000).await.unwrap() {
-                assert_eq!(next.state, "leased");
+                assert_eq!(next.state, QueueState::Leased);
                 assert_eq!(next.attempts, 1);
                 order.push(next.id);
             }
@@ -439,7 +464,7 @@ mod tests {
                 .await
                 .unwrap());
             let waiting = store.queue_item("x").await.unwrap().unwrap();
-            assert_eq!(waiting.state, "ready");
+            assert_eq!(waiting.state, QueueState::Ready);
             assert_eq!(waiting.not_before_ms, 10 + retry_backoff_ms(1));
             assert_eq!(waiting.reason.as_deref(), Some("no node has a GPU"));
             // Not before its backoff.
@@ -494,6 +519,23 @@ mod tests {
             all.sort();
             let expected: Vec<String> = (0..40).map(|i| format!("item-{i:02}")).collect();
             assert_eq!(all, expected, "an item was delivered twice or lost");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_lane_or_state_is_an_error_naming_the_item() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            store.enqueue(&item("x", Lane::Main, 0), 0, 10).await.unwrap();
+            store.enqueue(&item("y", Lane::Main, 0), 0, 10).await.unwrap();
+            test_store
+                .execute_unchecked(
+                    "UPDATE queue SET lane = 'express' WHERE id = 'x'; \
+                     UPDATE queue SET state = 'parked' WHERE id = 'y'",
+                )
+                .await;
+            crate::testing::assert_corrupt(store.queue_item("x").await, ("queue", "x", "lane"), "'express'");
+            crate::testing::assert_corrupt(store.queue_item("y").await, ("queue", "y", "state"), "'parked'");
         }
     }
 

@@ -4,7 +4,7 @@
 //! each test gets a fresh database, dropped when its [`TestStore`] goes away. A server that is not there
 //! fails the test (loudly, by design): `.ci/run` starts one when none listens.
 
-use crate::{Backend, Store};
+use crate::{Backend, Store, StoreError};
 
 /// The server the tests create databases on.
 pub fn admin_url() -> String {
@@ -53,6 +53,64 @@ impl TestStore {
             _ => unreachable!("a test store has a directory or a database"),
         }
     }
+}
+
+impl TestStore {
+    /// Runs `sql` past the schema's CHECK constraints, to write what a damaged database, or one written
+    /// by a newer version, may hold.
+    pub async fn execute_unchecked(&self, sql: &str) {
+        use sqlx::Executor;
+        let mut conn = self.store.pool.acquire().await.expect("a connection");
+        match self.store.backend {
+            // Per connection: set, write and reset on the same one.
+            Backend::Sqlite => {
+                conn.execute("PRAGMA ignore_check_constraints = ON")
+                    .await
+                    .expect("pragma");
+                conn.execute(sql).await.expect("unchecked write");
+                conn.execute("PRAGMA ignore_check_constraints = OFF")
+                    .await
+                    .expect("pragma");
+            }
+            // The test database is thrown away: drop every CHECK constraint.
+            Backend::Postgres => {
+                conn.execute(
+                    "DO $$ DECLARE c record; BEGIN \
+                     FOR c IN SELECT conrelid::regclass AS t, conname FROM pg_constraint \
+                     WHERE contype = 'c' AND connamespace = current_schema()::regnamespace LOOP \
+                     EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', c.t, c.conname); END LOOP; END $$",
+                )
+                .await
+                .expect("dropping CHECK constraints");
+                conn.execute(sql).await.expect("unchecked write");
+            }
+        }
+    }
+}
+
+/// Asserts that `result` is [`StoreError::Corrupt`] for this table, row and column, and that its chain
+/// names `value`.
+#[track_caller]
+pub fn assert_corrupt<T: std::fmt::Debug>(
+    result: Result<T, StoreError>,
+    (table, id, column): (&str, &str, &str),
+    value: &str,
+) {
+    let err = result.expect_err("a corrupt row must not read");
+    let chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ");
+    match &err {
+        StoreError::Corrupt {
+            table: t,
+            id: i,
+            column: c,
+            ..
+        } => assert_eq!((*t, i.as_str(), c.as_str()), (table, id, column), "{chain}"),
+        other => panic!("expected a corrupt {table} row, got {other:?}"),
+    }
+    assert!(chain.contains(value), "the error must name '{value}': {chain}");
 }
 
 /// Both engines.

@@ -481,14 +481,26 @@ pub fn call_error(id: &str, e: CallError) -> ApiError {
     }
 }
 
-/// The spec a sandbox record holds. An unreadable one is an error, logged here with its cause, so each
+/// The spec a sandbox record holds, read as a record (fields a newer server wrote are ignored and logged,
+/// see `SandboxSpec::from_stored_json`). An unreadable one is an error, logged here with its cause, so each
 /// caller can fail safe (count it at the maximum, redact everything, leave it out) instead of reading
 /// defaults.
 pub fn stored_spec(record: &SandboxRecord) -> Result<SandboxSpec, ApiError> {
-    serde_json::from_str(&record.spec).map_err(|e| {
-        tracing::error!(sandbox = %record.id, tenant = %record.tenant, "the stored spec is unreadable: {}", tartarus_runtime::error_chain(&e));
-        ApiError::internal(format!("the stored spec of sandbox {} is unreadable", record.id))
-    })
+    match SandboxSpec::from_stored_json(&record.spec) {
+        Ok((spec, ignored)) => {
+            if !ignored.is_empty() {
+                tracing::warn!(sandbox = %record.id, ?ignored, "the stored spec has fields this server does not know");
+            }
+            Ok(spec)
+        }
+        Err(e) => {
+            tracing::error!(sandbox = %record.id, tenant = %record.tenant, "the stored spec is unreadable: {}", tartarus_runtime::error_chain(&e));
+            Err(ApiError::internal(format!(
+                "the stored spec of sandbox {} is unreadable",
+                record.id
+            )))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -552,6 +564,9 @@ mod tests {
         );
         assert!(stored_spec(&record).is_err());
         record.spec = serde_json::to_string(&SandboxSpec::default()).unwrap();
+        assert!(stored_spec(&record).is_ok());
+        // A field a newer server wrote does not make the record unreadable.
+        record.spec = record.spec.replacen('{', "{\"from_the_future\":1,", 1);
         assert!(stored_spec(&record).is_ok());
     }
 }

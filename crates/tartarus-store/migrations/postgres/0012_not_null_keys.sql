@@ -1,0 +1,2 @@
+-- SQLite's 0012 makes its TEXT primary keys NOT NULL, as PostgreSQL's primary keys always are: nothing
+-- changes here (the number is kept so that both engines have the same migrations).
