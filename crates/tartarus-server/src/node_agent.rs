@@ -128,16 +128,32 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Refused(format!("reading this node's admin key: {e}")))?
         .trim()
         .to_string();
-    let server = config.server.clone();
-    tokio::spawn(async move {
-        if let Err(e) = crate::serve_on(server, listener).await {
-            tracing::error!(
+    // The node's own server runs beside the agent's loop; when it stops (SIGTERM: it finishes in-flight
+    // requests and returns) the agent stops too, and a server that fails takes the agent down with it.
+    let server = crate::serve_on(config.server.clone(), listener, |_| {});
+    tokio::pin!(server);
+    let agent = agent_loop(&config, address, api_key);
+    tokio::select! {
+        served = &mut server => match served {
+            Ok(()) => {
+                tracing::info!(node = %config.id, "this node's server stopped; the agent stops");
+                Ok(())
+            }
+            Err(e) => Err(AgentError::Refused(format!(
                 "this node's server stopped: {}",
                 tartarus_runtime::error_chain(&e)
-            );
-            std::process::exit(1);
-        }
-    });
+            ))),
+        },
+        refused = agent => refused,
+    }
+}
+
+/// Registers this node and sends heartbeats until refused.
+async fn agent_loop(
+    config: &AgentConfig,
+    address: std::net::SocketAddr,
+    api_key: String,
+) -> Result<(), AgentError> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

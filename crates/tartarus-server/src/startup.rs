@@ -159,18 +159,24 @@ pub async fn open_state_on(
 }
 
 /// Runs the server until SIGINT/SIGTERM. Prints `listening on ADDR` once it accepts connections.
-pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+pub async fn serve(config: ServerConfig, ready: impl FnOnce(SocketAddr) + Send) -> Result<(), ServerError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen {
             addr: config.listen,
             source,
         })?;
-    serve_on(config, listener).await
+    serve_on(config, listener, ready).await
 }
 
 /// [`serve`] on a listener the caller bound (the node agent serves its machine this way).
-pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -> Result<(), ServerError> {
+/// `ready` is told the address once the server accepts connections (the CLI prints it; a library never
+/// prints).
+pub async fn serve_on(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    ready: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServerError> {
     let store = open_state_on(&config.data_dir, config.database.as_deref(), config.database_wait).await?;
     let manager = Manager::new(
         store.clone(),
@@ -231,7 +237,7 @@ pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -
         }
     }
     let addr = listener.local_addr().map_err(ServerError::Serve)?;
-    println!("listening on {addr}");
+    ready(addr);
     tracing::info!("listening on {addr}, data in {}", config.data_dir.display());
     let policies = policies::Policies::load(&store)
         .await
@@ -274,11 +280,35 @@ pub async fn serve_on(config: ServerConfig, listener: tokio::net::TcpListener) -
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(ServerError::Serve)
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = axum::serve(listener, app).with_graceful_shutdown(async {
+        let _ = stopped.await;
+    });
+    let mut serving = std::pin::pin!(std::future::IntoFuture::into_future(serving));
+    tokio::select! {
+        served = &mut serving => return served.map_err(ServerError::Serve),
+        () = shutdown_signal() => {}
+    }
+    // Stop taking connections, let in-flight requests finish within the grace period, then return.
+    // Sandboxes keep running: their shims outlive the server, which re-adopts them when it starts again.
+    tracing::info!(
+        "stopping: finishing in-flight requests for up to {} s",
+        SHUTDOWN_GRACE.as_secs()
+    );
+    let _ = stop.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, serving).await {
+        Ok(served) => served.map_err(ServerError::Serve),
+        Err(_) => {
+            tracing::warn!(
+                "the grace period ended with requests still open (streams, follows); they are dropped"
+            );
+            Ok(())
+        }
+    }
 }
+
+/// How long in-flight requests may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
