@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod node_agent;
 pub mod policies;
 pub mod records;
+pub mod routes;
 pub mod sandboxes;
 pub mod templates;
 
@@ -113,16 +114,17 @@ pub struct AppState {
           gateway::put_tool, gateway::list_tools, gateway::delete_tool, records::list_receipts,
           records::get_receipt, records::list_episodes, records::get_episode, records::export_episode,
           records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
-          records::build_dataset, records::list_datasets, cluster::register, cluster::heartbeat,
-          cluster::list_nodes, cluster::create_token, cluster::cluster_status,
-          cluster::list_queue, cluster::get_queued, cluster::delete_node),
+          records::build_dataset, records::list_datasets, routes::nodes::register,
+          routes::nodes::heartbeat, routes::nodes::list_nodes, routes::nodes::create_token,
+          routes::nodes::cluster_status, routes::queue::list_queue, routes::queue::get_queued,
+          routes::nodes::delete_node),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
                        blobs::GcView, gateway::ToolDefinition, records::ReceiptView, records::EpisodeView,
                        records::AddEvaluator, records::SignalView, records::DatasetView,
-                       cluster::NodeReport, cluster::Heartbeat, cluster::Registration, cluster::NodeView,
-                       cluster::CreateNodeToken)),
+                       cluster::NodeReport, cluster::Heartbeat, cluster::Registration,
+                       routes::nodes::NodeView, routes::nodes::CreateNodeToken)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -312,15 +314,8 @@ pub fn router(state: AppState) -> Router {
             post(records::build_dataset).get(records::list_datasets),
         )
         .route("/v1/sandboxes/{id}/trace", get(records::sandbox_trace))
-        .route("/v1/nodes", get(cluster::list_nodes))
-        .route("/v1/nodes/tokens", post(cluster::create_token))
-        .route("/v1/nodes/{id}", axum::routing::delete(cluster::delete_node))
-        .route("/v1/nodes/register", post(cluster::register))
-        .route("/v1/nodes/{id}/heartbeat", post(cluster::heartbeat))
-        .route("/v1/cluster", get(cluster::cluster_status))
-        .route("/v1/node/sandboxes", post(cluster::create_node_sandbox))
-        .route("/v1/queue", get(cluster::list_queue))
-        .route("/v1/queue/{id}", get(cluster::get_queued))
+        .merge(routes::nodes::routes())
+        .merge(routes::queue::routes())
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route(

@@ -1,0 +1,300 @@
+//! Node agents: what they report, their join tokens, registration and heartbeats, and how a stored node
+//! record is read back for the scheduler.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use tartarus_scheduler::{Node, NodeError, NodeState, Resources, Taint};
+use tartarus_store::{NewAudit, NodeRecord, NodeRegistration, Registered};
+use utoipa::ToSchema;
+
+use super::{event, node_rpc, ClusterError};
+use crate::AppState;
+
+/// What an agent reports when it registers.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeReport {
+    pub id: String,
+    /// The agent process (random per start): one agent holds a node id at a time.
+    pub instance: String,
+    /// Where the agent listens (HOST:PORT).
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub taints: Vec<Taint>,
+    #[schema(value_type = Object)]
+    pub capacity: Resources,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub usage: Resources,
+    /// The key the control plane uses to call this node's agent (its local admin key).
+    #[serde(default)]
+    pub api_key: String,
+    /// Resource classes this node is dedicated to (empty: it takes any request without a dedicated pool).
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub pools: BTreeSet<String>,
+    /// A quarantine node: it takes only quarantined work, and quarantined work goes only to such nodes.
+    #[serde(default)]
+    pub quarantine: bool,
+}
+
+/// A heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub instance: String,
+    pub epoch: i64,
+    #[schema(value_type = Object)]
+    pub usage: Resources,
+}
+
+/// The answer to a registration.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Registration {
+    pub epoch: i64,
+    /// How often to send heartbeats.
+    pub heartbeat_ms: u64,
+}
+
+/// The most a node may claim: beyond this a report is nonsense, not a big machine.
+const MAX_CPU_MILLIS: u64 = 100_000 * 1000;
+const MAX_MEMORY_BYTES: u64 = 1 << 50;
+const MAX_GPUS: u32 = 1024;
+/// The longest agent instance name.
+const MAX_INSTANCE_LEN: usize = 128;
+
+/// A node report (or heartbeat) that makes no sense.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeReportError {
+    /// The id, capacity, labels, taints or pools, by the scheduler's rules.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(
+        "capacity {capacity} is beyond any machine (at most {} cores, 1 PiB, {MAX_GPUS} GPUs)",
+        MAX_CPU_MILLIS / 1000
+    )]
+    BeyondAnyMachine { capacity: Resources },
+    #[error("usage {usage} exceeds capacity {capacity}")]
+    UsageOverCapacity { usage: Resources, capacity: Resources },
+    #[error("instance must be 1-{MAX_INSTANCE_LEN} characters")]
+    Instance,
+    #[error("address '{address}' is not HOST:PORT")]
+    Address { address: String },
+}
+
+impl NodeReport {
+    /// Refuses ids, capacities and usages that make no sense, saying which.
+    pub fn validate(&self) -> Result<(), NodeReportError> {
+        let mut node = Node::new(&self.id, self.capacity)?;
+        node.labels = self.labels.clone();
+        node.taints = self.taints.clone();
+        node.pools = self.pools.clone();
+        node.quarantine = self.quarantine;
+        node.validate()?;
+        let c = self.capacity;
+        if c.cpu_millis > MAX_CPU_MILLIS || c.memory_bytes > MAX_MEMORY_BYTES || c.gpus > MAX_GPUS {
+            return Err(NodeReportError::BeyondAnyMachine { capacity: c });
+        }
+        check_usage(&self.usage, &c)?;
+        if self.instance.is_empty() || self.instance.len() > MAX_INSTANCE_LEN {
+            return Err(NodeReportError::Instance);
+        }
+        if self.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(NodeReportError::Address {
+                address: self.address.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a usage the node's capacity cannot hold.
+pub fn check_usage(usage: &Resources, capacity: &Resources) -> Result<(), NodeReportError> {
+    if !usage.fits_in(*capacity) {
+        return Err(NodeReportError::UsageOverCapacity {
+            usage: *usage,
+            capacity: *capacity,
+        });
+    }
+    Ok(())
+}
+
+/// A stored node's capacity.
+pub fn stored_capacity(record: &NodeRecord) -> Result<Resources, ClusterError> {
+    serde_json::from_str(&record.capacity).map_err(|source| ClusterError::StoredCapacity {
+        node: record.id.clone(),
+        source,
+    })
+}
+
+/// The scheduler's view of a stored node, with nothing allocated yet.
+pub fn scheduler_node(record: &NodeRecord) -> Result<Node, ClusterError> {
+    let mut node = Node::new(&record.id, stored_capacity(record)?).map_err(ClusterError::StoredNode)?;
+    node.labels = serde_json::from_str(&record.labels).unwrap_or_default();
+    node.taints = serde_json::from_str(&record.taints).unwrap_or_default();
+    node.state = match record.state.as_str() {
+        "ready" => NodeState::Ready,
+        "draining" => NodeState::Draining,
+        _ => NodeState::Unreachable,
+    };
+    node.pools = serde_json::from_str(&record.pools).unwrap_or_default();
+    node.quarantine = record.quarantine;
+    Ok(node)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, ClusterError> {
+    serde_json::to_string(value).map_err(|source| ClusterError::Encode {
+        what: "the node's report",
+        source,
+    })
+}
+
+/// Audits what a node agent did, under the `cluster` tenant.
+async fn audit_node(state: &AppState, node: &str, action: &str, outcome: &str) {
+    let record = NewAudit {
+        tenant: "cluster",
+        key_id: None,
+        action,
+        target: Some(node),
+        outcome,
+        detail: None,
+    };
+    if let Err(e) = state.store.record_audit(&record).await {
+        tracing::error!("audit write failed: {}", tartarus_runtime::error_chain(&e));
+    }
+}
+
+/// The node a join token belongs to; an unknown token is audited and refused.
+pub async fn authenticate(state: &AppState, token: &str) -> Result<String, ClusterError> {
+    match state.store.node_for_token(token).await? {
+        Some(node_id) => Ok(node_id),
+        None => {
+            audit_node(state, "?", "node.auth", "denied: unknown node token").await;
+            Err(ClusterError::UnknownNodeToken)
+        }
+    }
+}
+
+/// Registers the agent that sent `report` with `token_node`'s token. Refusals are audited.
+pub async fn register(
+    state: &AppState,
+    token_node: &str,
+    report: &NodeReport,
+) -> Result<Registration, ClusterError> {
+    if report.id != token_node {
+        audit_node(
+            state,
+            &report.id,
+            "node.register",
+            "denied: token of another node",
+        )
+        .await;
+        return Err(ClusterError::ForeignToken {
+            token: token_node.to_string(),
+            claimed: report.id.clone(),
+        });
+    }
+    if let Err(source) = report.validate() {
+        audit_node(state, &report.id, "node.register", "refused: invalid report").await;
+        return Err(ClusterError::InvalidReport {
+            node: report.id.clone(),
+            source,
+        });
+    }
+    let config = &state.cluster;
+    let registration = NodeRegistration {
+        id: &report.id,
+        instance: &report.instance,
+        address: &report.address,
+        labels: &to_json(&report.labels)?,
+        taints: &to_json(&report.taints)?,
+        capacity: &to_json(&report.capacity)?,
+        usage: &to_json(&report.usage)?,
+        api_key: &report.api_key,
+        pools: &to_json(&report.pools)?,
+        quarantine: report.quarantine,
+        now_ms: tartarus_store::now_ms(),
+        stale_after_ms: config.node_timeout.as_millis() as i64,
+    };
+    match state.store.register_node(&registration).await? {
+        Registered::Accepted { epoch } => {
+            audit_node(state, &report.id, "node.register", "ok").await;
+            let message = format!("node {} registered (epoch {epoch})", report.id);
+            event(state, "node.registered", &report.id, &message).await;
+            Ok(Registration {
+                epoch,
+                heartbeat_ms: (config.node_timeout / 4).as_millis().max(50) as u64,
+            })
+        }
+        Registered::Duplicate {
+            instance,
+            last_heartbeat_ms,
+        } => {
+            audit_node(state, &report.id, "node.register", "refused: duplicate id").await;
+            Err(ClusterError::Duplicate {
+                node: report.id.clone(),
+                instance,
+                idle_ms: tartarus_store::now_ms() - last_heartbeat_ms,
+            })
+        }
+    }
+}
+
+/// Records node `id`'s heartbeat, sent with `token_node`'s token.
+pub async fn heartbeat(
+    state: &AppState,
+    token_node: &str,
+    id: &str,
+    beat: &Heartbeat,
+) -> Result<(), ClusterError> {
+    if id != token_node {
+        audit_node(state, id, "node.heartbeat", "denied: token of another node").await;
+        return Err(ClusterError::ForeignHeartbeat {
+            token: token_node.to_string(),
+        });
+    }
+    let record = state
+        .store
+        .node(id)
+        .await?
+        .ok_or_else(|| ClusterError::NotRegistered { node: id.to_string() })?;
+    let capacity = stored_capacity(&record)?;
+    check_usage(&beat.usage, &capacity).map_err(|source| ClusterError::InvalidReport {
+        node: id.to_string(),
+        source,
+    })?;
+    let fresh = state
+        .store
+        .node_heartbeat(
+            id,
+            &beat.instance,
+            beat.epoch,
+            &to_json(&beat.usage)?,
+            tartarus_store::now_ms(),
+        )
+        .await?;
+    if !fresh {
+        return Err(ClusterError::Superseded { node: id.to_string() });
+    }
+    Ok(())
+}
+
+/// Creates (or replaces) node `id`'s join token.
+pub async fn create_token(state: &AppState, id: &str) -> Result<String, ClusterError> {
+    // The scheduler's rules for node ids, checked before an agent can register with the id.
+    Node::new(id, Resources::new(1, 1, 0)).map_err(ClusterError::InvalidNodeId)?;
+    Ok(state.store.create_node_token(id).await?)
+}
+
+/// Removes node `id` and its join token; its sandboxes still running are lost.
+pub async fn remove(state: &AppState, id: &str) -> Result<(), ClusterError> {
+    if !state.store.delete_node(id).await? {
+        return Err(ClusterError::NoSuchNode { node: id.to_string() });
+    }
+    node_rpc::lose_sandboxes_of(state, id).await;
+    Ok(())
+}

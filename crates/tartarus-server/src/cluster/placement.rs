@@ -1,0 +1,238 @@
+//! Placing a sandbox on a node: what a placement request carries, what the scheduler assumes a sandbox
+//! takes, and the call that has the chosen node's server start it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tartarus_runtime::{RootSpec, SandboxSpec};
+use tartarus_scheduler::{LabelTerm, Node, Resources, Toleration};
+use tartarus_store::{SandboxRecord, SandboxStatus};
+
+use super::{node_rpc, nodes, ClusterError};
+use crate::error::ApiError;
+use crate::AppState;
+
+/// What the control plane sends a node's server: a sandbox already admitted and compiled.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSandbox {
+    pub tenant: String,
+    pub spec: SandboxSpec,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub template: Option<String>,
+}
+
+impl NodeSandbox {
+    /// Node side: the spec to start, refused when it is not one the control plane places (it runs on
+    /// the node's host root, as a service).
+    pub fn checked_spec(&self) -> Result<SandboxSpec, ClusterError> {
+        if !matches!(self.spec.root, RootSpec::HostSystem) {
+            return Err(ClusterError::ImageOnNode);
+        }
+        let mut spec = self.spec.clone();
+        spec.service = true;
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// A sandbox to place: admitted and compiled; also the payload of a queued request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wanted {
+    /// Set for a queued request: its queue id becomes the sandbox's id.
+    pub id: Option<String>,
+    pub tenant: String,
+    pub spec: SandboxSpec,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub class: Option<String>,
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default)]
+    pub node_affinity: Vec<LabelTerm>,
+    #[serde(default)]
+    pub node_anti_affinity: Vec<LabelTerm>,
+    /// Spread sandboxes that share this label's value over nodes.
+    pub spread_by: Option<String>,
+}
+
+/// A new sandbox id (the same form as the manager's).
+pub fn new_sandbox_id() -> Result<String, ClusterError> {
+    let hex = tartarus_hostsys::random_hex(6).map_err(ClusterError::Randomness)?;
+    Ok(format!("sb_{hex}"))
+}
+
+/// What the scheduler should assume a sandbox without limits takes.
+const DEFAULT_REQUEST: Resources = Resources::new(100, 128 << 20, 0);
+
+/// What a sandbox takes of a node: its limits, or [`DEFAULT_REQUEST`]'s share of what it leaves open.
+pub fn requested(spec: &SandboxSpec) -> Resources {
+    Resources::new(
+        spec.limits
+            .cpus
+            .map(|c| (c * 1000.0).ceil() as u64)
+            .unwrap_or(DEFAULT_REQUEST.cpu_millis),
+        spec.limits.memory_bytes.unwrap_or(DEFAULT_REQUEST.memory_bytes),
+        0,
+    )
+}
+
+/// Adds what a live sandbox takes to what is allocated on `node`. What a node reports is what it has:
+/// never account more than that.
+fn account(node: &mut Node, taken: Resources) {
+    let sum = node.allocated.saturating_add(taken);
+    node.allocated = Resources::new(
+        sum.cpu_millis.min(node.capacity.cpu_millis),
+        sum.memory_bytes.min(node.capacity.memory_bytes),
+        sum.gpus.min(node.capacity.gpus),
+    );
+}
+
+/// [`place`] for the create handler, which answers the failure as an API error, or queues the request
+/// when its code is `no_capacity` ([`ClusterError::NoCapacity`]).
+pub async fn place_on_node(state: &AppState, want: &Wanted) -> Result<Option<SandboxRecord>, ApiError> {
+    Ok(place(state, want).await?)
+}
+
+/// Places a (host-root) sandbox on a ready node when the cluster has any: the scheduler picks the node
+/// among what live sandboxes leave free, the node's server starts it, and the control plane records
+/// where and why. `Ok(None)` when there are no nodes: the sandbox runs on this machine.
+pub async fn place(state: &AppState, want: &Wanted) -> Result<Option<SandboxRecord>, ClusterError> {
+    let Wanted {
+        id: wanted_id,
+        tenant,
+        spec,
+        labels,
+        class,
+        node_selector: selector,
+        tolerations,
+        node_affinity,
+        node_anti_affinity,
+        spread_by,
+    } = want;
+    // The group this sandbox spreads with: its own value of the `spread_by` label.
+    let group = match spread_by {
+        None => None,
+        Some(key) => {
+            let value = labels
+                .get(key)
+                .ok_or_else(|| ClusterError::SpreadLabelMissing { key: key.clone() })?;
+            Some(format!("{key}={value}"))
+        }
+    };
+    let _serial = state.placement.lock().await;
+    // A queued request delivered again after its dispatcher died: already placed.
+    if let Some(id) = wanted_id {
+        if let Some(existing) = state.store.sandbox(id, None).await? {
+            return Ok(Some(existing));
+        }
+    }
+    let records: Vec<_> = state
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| !n.api_key.is_empty())
+        .collect();
+    if records.is_empty() {
+        if !selector.is_empty() {
+            return Err(ClusterError::SelectorWithoutNodes);
+        }
+        return Ok(None);
+    }
+    let live = state.store.sandboxes(None, Some(SandboxStatus::Running)).await?;
+    let mut nodes = Vec::with_capacity(records.len());
+    for record in &records {
+        let mut node = nodes::scheduler_node(record)?;
+        for sandbox in live
+            .iter()
+            .filter(|s| s.node.as_deref() == Some(record.id.as_str()))
+        {
+            if let (Some(group), Some(key)) = (&group, spread_by) {
+                if sandbox
+                    .labels
+                    .get(key)
+                    .is_some_and(|v| format!("{key}={v}") == *group)
+                {
+                    *node.groups.entry(group.clone()).or_default() += 1;
+                }
+            }
+            let spec: SandboxSpec = serde_json::from_str(&sandbox.spec).unwrap_or_default();
+            account(&mut node, requested(&spec));
+        }
+        nodes.push(node);
+    }
+    let id = match wanted_id {
+        Some(id) => id.clone(),
+        None => new_sandbox_id()?,
+    };
+    let mut request = tartarus_scheduler::Request::new(&id, requested(spec));
+    request.class = class.clone();
+    request.selector = selector.clone();
+    request.tolerations = tolerations.clone();
+    request.affinity = node_affinity.clone();
+    request.anti_affinity = node_anti_affinity.clone();
+    request.spread = group.is_some();
+    request.group = group;
+    request.validate().map_err(ClusterError::InvalidRequest)?;
+    let placement = tartarus_scheduler::place(&request, &nodes, state.cluster.strategy).map_err(|e| {
+        if e.never_fits {
+            ClusterError::NeverFits(e)
+        } else {
+            ClusterError::NoCapacity { reason: e }
+        }
+    })?;
+    let node = records
+        .iter()
+        .find(|n| n.id == placement.node)
+        .ok_or(ClusterError::UnknownChoice)?;
+    let body = NodeSandbox {
+        tenant: tenant.clone(),
+        spec: spec.clone(),
+        labels: labels.clone(),
+        template: None,
+    };
+    let (status, remote) = node_rpc::node_call(
+        state,
+        node,
+        reqwest::Method::POST,
+        "/v1/node/sandboxes",
+        Some(serde_json::to_value(&body).unwrap_or_default()),
+    )
+    .await?;
+    if status != 201 {
+        return Err(ClusterError::NodeFailed {
+            node: node.id.clone(),
+            reason: remote["error"]["message"]
+                .as_str()
+                .unwrap_or("no reason")
+                .to_string(),
+        });
+    }
+    let remote_id = remote["id"].as_str().unwrap_or_default().to_string();
+    let record = SandboxRecord {
+        id,
+        tenant: tenant.clone(),
+        status: SandboxStatus::Running,
+        template: None,
+        spec: serde_json::to_string(spec).unwrap_or_default(),
+        labels: labels.clone(),
+        created_ms: tartarus_store::now_ms(),
+        finished_ms: None,
+        exit_code: None,
+        reason: None,
+        shim_pid: None,
+        dir: String::new(),
+        paused: false,
+        node: Some(node.id.clone()),
+        remote_id: Some(remote_id),
+        placement: Some(placement.explanation.clone()),
+    };
+    state.store.insert_sandbox(&record).await?;
+    state.store.mark_running(&record.id, 0).await?;
+    Ok(Some(record))
+}
