@@ -111,7 +111,7 @@ pub struct AppState {
           templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy,
           policies::delete_policy, policies::policy_history, policies::rollback_policy, policies::list_events,
           policies::quarantine_sandbox, blobs::put_blob, blobs::get_blob, blobs::delete_blob, blobs::gc_blobs,
-          gateway::put_tool, gateway::list_tools, gateway::delete_tool, records::list_receipts,
+          routes::tools::put_tool, routes::tools::list_tools, routes::tools::delete_tool, records::list_receipts,
           records::get_receipt, records::list_episodes, records::get_episode, records::export_episode,
           records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
           records::build_dataset, records::list_datasets, routes::nodes::register,
@@ -292,8 +292,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/blobs/gc", post(blobs::gc_blobs))
         .route("/v1/blobs/{cid}", get(blobs::get_blob).delete(blobs::delete_blob))
-        .route("/v1/tools", post(gateway::put_tool).get(gateway::list_tools))
-        .route("/v1/tools/{name}", axum::routing::delete(gateway::delete_tool))
+        .merge(routes::tools::routes())
         .route("/v1/receipts", get(records::list_receipts))
         .route("/v1/receipts/{id}", get(records::get_receipt))
         .route("/v1/keys", get(records::public_keys))

@@ -4,3 +4,4 @@
 
 pub mod nodes;
 pub mod queue;
+pub mod tools;
