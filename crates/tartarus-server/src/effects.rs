@@ -6,6 +6,8 @@
 //! (`sandbox.end`, then the episode: every trace record, receipt and blob of the run, signed by the
 //! server's current key). Exec handlers and the gateway append their own records through [`Effects::trace`].
 //! Values that look secret are replaced by their hash before they are written ([`Redactor`]).
+//! What an episode leaves behind is read back here too: its export ([`Effects::export`]), the facts
+//! datasets query, and evaluators' keys.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,10 +16,13 @@ use tartarus_effects::Signed;
 
 use futures_util::future::BoxFuture;
 use ipld_core::ipld::Ipld;
-use tartarus_effects::episode::{Episode, Redactor, TraceRecord, EPISODE_FORMAT};
-use tartarus_effects::{BlobStore, Cid, Keyring, Quota};
+use tartarus_effects::dataset::FactValue;
+use tartarus_effects::episode::{
+    write_episode_car, Episode, EpisodeBundle, EpisodeKeys, Redactor, TraceRecord, EPISODE_FORMAT,
+};
+use tartarus_effects::{BlobStore, Cid, EffectsError, Keyring, PublicKeys, Quota};
 use tartarus_runtime::SandboxSpec;
-use tartarus_store::{EpisodeRecord, SandboxRecord, Store};
+use tartarus_store::{EpisodeRecord, SandboxRecord, SignalRecord, Store, StoreError};
 
 use crate::error::ApiError;
 use crate::gateway::Gateways;
@@ -258,6 +263,183 @@ impl Effects {
         self.store.insert_episode(&sealed).await?;
         Ok(Some(sealed))
     }
+}
+
+/// Blobs larger than this are left out of an episode export (the episode still names them).
+const EXPORT_BLOB_LIMIT: u64 = 16 << 20;
+
+/// Why what an episode left behind could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum EpisodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored episode does not verify")]
+    Unverified(#[source] EffectsError),
+    #[error("stored key of evaluator '{name}'")]
+    EvaluatorKey {
+        name: String,
+        #[source]
+        source: PublicKeyError,
+    },
+    #[error("reading a blob")]
+    Blob(#[source] tokio::task::JoinError),
+    #[error("writing the export")]
+    Export(#[source] EffectsError),
+}
+
+impl From<EpisodeError> for ApiError {
+    fn from(e: EpisodeError) -> Self {
+        match e {
+            EpisodeError::Store(e) => e.into(),
+            other => ApiError::internal(tartarus_runtime::error_chain(&other)),
+        }
+    }
+}
+
+impl Effects {
+    /// The keys registered for evaluator `name`.
+    pub async fn evaluator_keys(&self, name: &str) -> Result<PublicKeys, EpisodeError> {
+        let mut keys = PublicKeys::new();
+        for row in self.store.evaluator_keys(Some(name)).await? {
+            let key = parse_public_key(&row.public_key).map_err(|source| EpisodeError::EvaluatorKey {
+                name: name.to_string(),
+                source,
+            })?;
+            keys.insert(key);
+        }
+        Ok(keys)
+    }
+
+    /// The episode as a CAR file (effects-v1 §11): the signed episode, the trace records and receipts it
+    /// lists, its signals, the blobs the tenant still holds up to [`EXPORT_BLOB_LIMIT`] and without
+    /// secrets, and the public keys that signed them.
+    pub async fn export(&self, episode: &EpisodeRecord) -> Result<Vec<u8>, EpisodeError> {
+        let (_, payload) = self
+            .with_keyring(|keys| Episode::verify(keys, &episode.envelope))
+            .map_err(EpisodeError::Unverified)?;
+        let listed = |bytes: &Vec<u8>, ids: &[Cid]| Cid::of_encoded(bytes).is_ok_and(|c| ids.contains(&c));
+        let records: Vec<Vec<u8>> = self
+            .store
+            .trace(&episode.sandbox)
+            .await?
+            .into_iter()
+            .map(|r| r.record)
+            .filter(|bytes| listed(bytes, &payload.trace))
+            .collect();
+        let receipts: Vec<Vec<u8>> = self
+            .store
+            .receipts(None, Some(&episode.sandbox))
+            .await?
+            .into_iter()
+            .map(|r| r.envelope)
+            .filter(|bytes| listed(bytes, &payload.receipts))
+            .collect();
+        let signals = self.store.signals(Some(&episode.id), None).await?;
+        let mut evaluators: BTreeMap<String, PublicKeys> = BTreeMap::new();
+        for signal in &signals {
+            if !evaluators.contains_key(&signal.evaluator) {
+                let keys = self.evaluator_keys(&signal.evaluator).await?;
+                evaluators.insert(signal.evaluator.clone(), keys);
+            }
+        }
+        let redactor = match self.store.sandbox(&episode.sandbox, None).await? {
+            Some(record) => self.redactor_for(&record),
+            None => self.redactor(&[], &[]),
+        };
+        let mut blobs = Vec::new();
+        for cid in &payload.blobs {
+            let store = Arc::clone(&self.blobs);
+            let (tenant, cid) = (episode.tenant.clone(), *cid);
+            let bytes = tokio::task::spawn_blocking(move || match store.referenced_size(&tenant, &cid) {
+                Ok(Some(size)) if size <= EXPORT_BLOB_LIMIT => {
+                    let mut out = Vec::with_capacity(size as usize);
+                    store.get(&cid, &mut out).ok().map(|_| out)
+                }
+                _ => None,
+            })
+            .await
+            .map_err(EpisodeError::Blob)?;
+            if let Some(bytes) = bytes.filter(|b| !redactor.contains_secret(b)) {
+                blobs.push((cid, bytes));
+            }
+        }
+        let bundle = EpisodeBundle {
+            episode: episode.envelope.clone(),
+            records,
+            receipts,
+            signals: signals.into_iter().map(|s| s.envelope).collect(),
+            blobs,
+            keys: EpisodeKeys {
+                server: self.with_keyring(|k| k.public_keys().clone()),
+                evaluators,
+            },
+        };
+        let mut out = Vec::new();
+        write_episode_car(&bundle, &mut out).map_err(EpisodeError::Export)?;
+        Ok(out)
+    }
+}
+
+/// An Ed25519 public key that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublicKeyError {
+    #[error("public key '{key}' is not 64 hex digits")]
+    NotHex { key: String },
+    #[error("'{key}' is not an Ed25519 public key")]
+    NotEd25519 { key: String },
+}
+
+/// An Ed25519 public key written as 64 hex digits.
+pub fn parse_public_key(hex_key: &str) -> Result<ed25519_dalek::VerifyingKey, PublicKeyError> {
+    let bytes: [u8; 32] = hex::decode(hex_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| PublicKeyError::NotHex {
+            key: hex_key.to_string(),
+        })?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|_| PublicKeyError::NotEd25519 {
+        key: hex_key.to_string(),
+    })
+}
+
+/// An episode's stored facts (a JSON object) plus `signal.<name>.score|label` from the latest of
+/// `signals` of each name that is about it (`signals` in time order).
+pub fn facts_with_signals(
+    facts: &str,
+    episode: &str,
+    signals: &[SignalRecord],
+) -> Result<serde_json::Value, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_str(facts)?;
+    if let Some(map) = value.as_object_mut() {
+        // A later signal of the same name overwrites an earlier one.
+        for signal in signals.iter().filter(|s| s.episode == episode) {
+            if let Some(score) = signal.score {
+                map.insert(format!("signal.{}.score", signal.name), score.into());
+            }
+            if let Some(label) = &signal.label {
+                map.insert(format!("signal.{}.label", signal.name), label.clone().into());
+            }
+        }
+    }
+    Ok(value)
+}
+
+/// The facts a dataset query can filter on: strings, booleans and integers (anything else is left out).
+pub fn fact_fields(facts: &serde_json::Value) -> BTreeMap<String, FactValue> {
+    let Some(map) = facts.as_object() else {
+        return BTreeMap::new();
+    };
+    map.iter()
+        .filter_map(|(k, v)| {
+            let value = match v {
+                serde_json::Value::String(s) => FactValue::Text(s.clone()),
+                serde_json::Value::Bool(b) => FactValue::Bool(*b),
+                serde_json::Value::Number(n) => FactValue::Int(n.as_i64()?),
+                _ => return None,
+            };
+            Some((k.clone(), value))
+        })
+        .collect()
 }
 
 /// Raw CIDs (blobs) linked anywhere in a trace value.

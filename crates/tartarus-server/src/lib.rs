@@ -18,7 +18,6 @@ pub mod images;
 pub mod metrics;
 pub mod node_agent;
 pub mod policies;
-pub mod records;
 pub mod routes;
 pub mod sandboxes;
 pub mod templates;
@@ -111,20 +110,22 @@ pub struct AppState {
           templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy,
           policies::delete_policy, policies::policy_history, policies::rollback_policy, policies::list_events,
           policies::quarantine_sandbox, blobs::put_blob, blobs::get_blob, blobs::delete_blob, blobs::gc_blobs,
-          routes::tools::put_tool, routes::tools::list_tools, routes::tools::delete_tool, records::list_receipts,
-          records::get_receipt, records::list_episodes, records::get_episode, records::export_episode,
-          records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
-          records::build_dataset, records::list_datasets, routes::nodes::register,
+          routes::tools::put_tool, routes::tools::list_tools, routes::tools::delete_tool,
+          routes::receipts::list_receipts, routes::receipts::get_receipt, routes::episodes::list_episodes,
+          routes::episodes::get_episode, routes::episodes::export_episode, routes::evaluators::add_evaluator,
+          routes::evaluators::list_evaluators, routes::signals::add_signal, routes::signals::list_signals,
+          routes::datasets::build_dataset, routes::datasets::list_datasets, routes::nodes::register,
           routes::nodes::heartbeat, routes::nodes::list_nodes, routes::nodes::create_token,
           routes::nodes::cluster_status, routes::queue::list_queue, routes::queue::get_queued,
           routes::nodes::delete_node),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
-                       blobs::GcView, gateway::ToolDefinition, records::ReceiptView, records::EpisodeView,
-                       records::AddEvaluator, records::SignalView, records::DatasetView,
-                       cluster::NodeReport, cluster::Heartbeat, cluster::Registration,
-                       routes::nodes::NodeView, routes::nodes::CreateNodeToken)),
+                       blobs::GcView, gateway::ToolDefinition, routes::receipts::ReceiptView,
+                       routes::episodes::EpisodeView, routes::evaluators::AddEvaluator,
+                       routes::signals::SignalView, routes::datasets::DatasetView, cluster::NodeReport,
+                       cluster::Heartbeat, cluster::Registration, routes::nodes::NodeView,
+                       routes::nodes::CreateNodeToken)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -293,26 +294,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/blobs/gc", post(blobs::gc_blobs))
         .route("/v1/blobs/{cid}", get(blobs::get_blob).delete(blobs::delete_blob))
         .merge(routes::tools::routes())
-        .route("/v1/receipts", get(records::list_receipts))
-        .route("/v1/receipts/{id}", get(records::get_receipt))
-        .route("/v1/keys", get(records::public_keys))
-        .route("/v1/keys/rotate", post(records::rotate_key))
-        .route("/v1/episodes", get(records::list_episodes))
-        .route("/v1/episodes/{id}", get(records::get_episode))
-        .route("/v1/episodes/{id}/export", get(records::export_episode))
-        .route(
-            "/v1/episodes/{id}/signals",
-            post(records::add_signal).get(records::list_signals),
-        )
-        .route(
-            "/v1/evaluators",
-            post(records::add_evaluator).get(records::list_evaluators),
-        )
-        .route(
-            "/v1/datasets",
-            post(records::build_dataset).get(records::list_datasets),
-        )
-        .route("/v1/sandboxes/{id}/trace", get(records::sandbox_trace))
+        .merge(routes::receipts::routes())
+        .merge(routes::keys::routes())
+        .merge(routes::episodes::routes())
+        .merge(routes::signals::routes())
+        .merge(routes::evaluators::routes())
+        .merge(routes::datasets::routes())
         .merge(routes::nodes::routes())
         .merge(routes::queue::routes())
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
