@@ -21,7 +21,7 @@ use tartarus_effects::episode::{
     write_episode_car, Episode, EpisodeBundle, EpisodeKeys, Redactor, TraceRecord, EPISODE_FORMAT,
 };
 use tartarus_effects::{BlobStore, Cid, EffectsError, Keyring, PublicKeys, Quota};
-use tartarus_runtime::SandboxSpec;
+use tartarus_runtime::{error_chain, SandboxSpec};
 use tartarus_store::{EpisodeRecord, SandboxRecord, SignalRecord, Store, StoreError};
 
 use crate::error::ApiError;
@@ -111,7 +111,12 @@ impl Effects {
             })
             .await;
         if let Err(e) = result {
-            tracing::error!(sandbox, kind, "writing a trace record failed: {e}");
+            tracing::error!(
+                sandbox,
+                kind,
+                "writing a trace record failed: {}",
+                error_chain(&e)
+            );
         }
     }
 
@@ -123,11 +128,11 @@ impl Effects {
         match result {
             Ok(Ok(put)) => Some(put.cid),
             Ok(Err(e)) => {
-                tracing::warn!("keeping a trace blob failed: {e}");
+                tracing::warn!("keeping a trace blob failed: {}", error_chain(&e));
                 None
             }
             Err(e) => {
-                tracing::error!("keeping a trace blob failed: {e}");
+                tracing::error!("keeping a trace blob failed: {}", error_chain(&e));
                 None
             }
         }
@@ -161,7 +166,7 @@ impl Effects {
     }
 
     /// Writes `sandbox.end` and seals the run into a signed episode.
-    pub async fn seal(&self, id: &str) -> Result<Option<EpisodeRecord>, ApiError> {
+    pub async fn seal(&self, id: &str) -> Result<Option<EpisodeRecord>, EpisodeError> {
         let Some(record) = self.store.sandbox(id, None).await? else {
             return Ok(None);
         };
@@ -187,9 +192,9 @@ impl Effects {
         let mut trace = Vec::with_capacity(rows.len());
         let mut tool_calls: BTreeMap<String, i64> = BTreeMap::new();
         for row in &rows {
-            trace.push(Cid::of_encoded(&row.record).map_err(|e| ApiError::internal(e.to_string()))?);
+            trace.push(Cid::of_encoded(&row.record).map_err(EpisodeError::TraceRecord)?);
             let decoded: TraceRecord =
-                tartarus_effects::decode(&row.record).map_err(|e| ApiError::internal(e.to_string()))?;
+                tartarus_effects::decode(&row.record).map_err(EpisodeError::TraceRecord)?;
             for value in decoded.attrs.values() {
                 collect_blob_links(value, &mut blobs);
             }
@@ -201,8 +206,7 @@ impl Effects {
         }
         let mut receipt_ids = Vec::with_capacity(receipts.len());
         for receipt in &receipts {
-            receipt_ids
-                .push(Cid::of_encoded(&receipt.envelope).map_err(|e| ApiError::internal(e.to_string()))?);
+            receipt_ids.push(Cid::of_encoded(&receipt.envelope).map_err(EpisodeError::Receipt)?);
         }
         let started_at = record.created_ms.max(0) as u64;
         let finished_at = record.finished_ms.unwrap_or_else(tartarus_store::now_ms).max(0) as u64;
@@ -225,8 +229,8 @@ impl Effects {
         let envelope = self
             .with_keyring(|keyring| episode.sign(keyring))
             .and_then(|e| e.encode())
-            .map_err(|e| ApiError::internal(format!("signing the episode: {e}")))?;
-        let episode_id = Cid::of_encoded(&envelope).map_err(|e| ApiError::internal(e.to_string()))?;
+            .map_err(EpisodeError::Signing)?;
+        let episode_id = Cid::of_encoded(&envelope).map_err(EpisodeError::Signing)?;
         let mut facts = serde_json::json!({
             "episode": episode_id.to_string(),
             "sandbox": record.id,
@@ -268,11 +272,17 @@ impl Effects {
 /// Blobs larger than this are left out of an episode export (the episode still names them).
 const EXPORT_BLOB_LIMIT: u64 = 16 << 20;
 
-/// Why what an episode left behind could not be read back.
+/// Why an episode could not be sealed, or what it left behind could not be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum EpisodeError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("stored trace record")]
+    TraceRecord(#[source] EffectsError),
+    #[error("stored receipt")]
+    Receipt(#[source] EffectsError),
+    #[error("signing the episode")]
+    Signing(#[source] EffectsError),
     #[error("stored episode does not verify")]
     Unverified(#[source] EffectsError),
     #[error("stored key of evaluator '{name}'")]
@@ -291,7 +301,7 @@ impl From<EpisodeError> for ApiError {
     fn from(e: EpisodeError) -> Self {
         match e {
             EpisodeError::Store(e) => e.into(),
-            other => ApiError::internal(tartarus_runtime::error_chain(&other)),
+            other => ApiError::internal(error_chain(&other)),
         }
     }
 }
@@ -481,7 +491,7 @@ impl crate::sandboxes::Lifecycle for EffectsHooks {
             if let Some(manager) = self.manager.upgrade() {
                 let dir = manager.gateway_dir(&record.id);
                 if let Err(e) = self.effects.gateways.open(&self.effects, record, &dir) {
-                    tracing::error!(sandbox = %record.id, "the tool gateway did not open: {e}");
+                    tracing::error!(sandbox = %record.id, "the tool gateway did not open: {}", error_chain(&e));
                 }
             }
             if !adopted {
@@ -494,7 +504,7 @@ impl crate::sandboxes::Lifecycle for EffectsHooks {
         Box::pin(async move {
             self.effects.gateways.close(id);
             if let Err(e) = self.effects.seal(id).await {
-                tracing::error!(sandbox = %id, "sealing the episode failed: {}", e.message);
+                tracing::error!(sandbox = %id, "sealing the episode failed: {}", error_chain(&e));
             }
         })
     }
