@@ -153,3 +153,164 @@ impl From<ClusterError> for ApiError {
         ApiError::new(status, code, tartarus_runtime::error_chain(&e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tartarus_scheduler::Resources;
+
+    use super::*;
+
+    fn unschedulable(never_fits: bool) -> Unschedulable {
+        Unschedulable {
+            reasons: BTreeMap::from([("capacity".to_string(), 2)]),
+            never_fits,
+            message: "no node fits: 2 lack capacity (cpu)".to_string(),
+        }
+    }
+
+    fn send_error() -> reqwest::Error {
+        reqwest::Client::new()
+            .get("not a url")
+            .build()
+            .expect_err("a request to 'not a url' is refused")
+    }
+
+    fn api(e: ClusterError) -> (u16, &'static str, String) {
+        let e = ApiError::from(e);
+        (e.status.as_u16(), e.code, e.message)
+    }
+
+    #[test]
+    fn test_node_agent_refusals_keep_their_status_and_code() {
+        assert_eq!(api(ClusterError::UnknownNodeToken).0, 401);
+        assert_eq!(
+            api(ClusterError::ForeignToken {
+                token: "w1".to_string(),
+                claimed: "w2".to_string()
+            }),
+            (
+                403,
+                "forbidden",
+                "this token belongs to node 'w1', not 'w2'".to_string()
+            )
+        );
+        assert_eq!(
+            api(ClusterError::ForeignHeartbeat {
+                token: "w1".to_string()
+            }),
+            (403, "forbidden", "this token belongs to node 'w1'".to_string())
+        );
+        let duplicate = api(ClusterError::Duplicate {
+            node: "w1".to_string(),
+            instance: "agent-1".to_string(),
+            idle_ms: 40,
+        });
+        assert_eq!((duplicate.0, duplicate.1), (409, "conflict"));
+        assert!(duplicate
+            .2
+            .contains("held by another running agent (instance agent-1, last heartbeat 40 ms ago)"));
+        assert_eq!(
+            api(ClusterError::NotRegistered {
+                node: "w1".to_string()
+            })
+            .0,
+            404
+        );
+        assert_eq!(
+            api(ClusterError::Superseded {
+                node: "w1".to_string()
+            })
+            .0,
+            409
+        );
+    }
+
+    #[test]
+    fn test_an_invalid_report_is_422_with_the_node_and_the_reason() {
+        let capacity = Resources::new(1000, 1 << 30, 0);
+        let usage = Resources::new(2000, 1 << 30, 0);
+        let (status, code, message) = api(ClusterError::InvalidReport {
+            node: "w1".to_string(),
+            source: NodeReportError::UsageOverCapacity { usage, capacity },
+        });
+        assert_eq!((status, code), (422, "invalid_request"));
+        assert_eq!(
+            message,
+            format!("node 'w1': usage {usage} exceeds capacity {capacity}")
+        );
+    }
+
+    #[test]
+    fn test_no_room_now_is_503_no_capacity_and_never_is_422() {
+        let (status, code, message) = api(ClusterError::NoCapacity {
+            reason: unschedulable(false),
+        });
+        assert_eq!((status, code), (503, "no_capacity"));
+        assert_eq!(
+            message,
+            "no node has room for this sandbox now (no node fits: 2 lack capacity (cpu)); retry later"
+        );
+        let (status, code, message) = api(ClusterError::NeverFits(unschedulable(true)));
+        assert_eq!((status, code), (422, "invalid_request"));
+        assert_eq!(
+            message,
+            "no node could ever run this sandbox: no node fits: 2 lack capacity (cpu)"
+        );
+    }
+
+    #[test]
+    fn test_a_node_that_does_not_answer_is_502_with_the_cause() {
+        let source = send_error();
+        let cause = source.to_string();
+        let (status, code, message) = api(ClusterError::NodeUnreachable {
+            node: "w1".to_string(),
+            address: "127.0.0.1:1".to_string(),
+            source,
+        });
+        assert_eq!((status, code), (502, "node_unreachable"));
+        assert!(
+            message.starts_with("node w1 at 127.0.0.1:1 did not answer: ") && message.contains(&cause),
+            "{message}"
+        );
+        let failed = api(ClusterError::NodeFailed {
+            node: "w1".to_string(),
+            reason: "disk full".to_string(),
+        });
+        assert_eq!(
+            failed,
+            (
+                502,
+                "node_failed",
+                "node w1 did not start the sandbox: disk full".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn test_only_a_cluster_that_may_change_makes_a_queued_request_retryable() {
+        assert!(ClusterError::NoCapacity {
+            reason: unschedulable(false)
+        }
+        .is_retryable());
+        assert!(ClusterError::NodeFailed {
+            node: "w1".to_string(),
+            reason: String::new()
+        }
+        .is_retryable());
+        assert!(ClusterError::NodeUnreachable {
+            node: "w1".to_string(),
+            address: String::new(),
+            source: send_error(),
+        }
+        .is_retryable());
+        assert!(!ClusterError::NeverFits(unschedulable(true)).is_retryable());
+        assert!(!ClusterError::SpreadLabelMissing {
+            key: "app".to_string()
+        }
+        .is_retryable());
+        assert!(!ClusterError::SelectorWithoutNodes.is_retryable());
+        assert!(!ClusterError::UnknownChoice.is_retryable());
+    }
+}

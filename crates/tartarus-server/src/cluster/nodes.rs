@@ -298,3 +298,275 @@ pub async fn remove(state: &AppState, id: &str) -> Result<(), ClusterError> {
     node_rpc::lose_sandboxes_of(state, id).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use tartarus_scheduler::{IdProblem, ResourceKind, TaintEffect};
+
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn report() -> NodeReport {
+        NodeReport {
+            id: "node-1".to_string(),
+            instance: "agent-7f3a".to_string(),
+            address: "127.0.0.1:7071".to_string(),
+            labels: BTreeMap::from([("zone".to_string(), "eu-1".to_string())]),
+            taints: vec![Taint::new("gpu", "true", TaintEffect::NoSchedule)],
+            capacity: Resources::new(4000, 8 * GIB, 0),
+            usage: Resources::new(500, GIB, 0),
+            api_key: "tk_local".to_string(),
+            pools: BTreeSet::new(),
+            quarantine: false,
+        }
+    }
+
+    fn record() -> NodeRecord {
+        NodeRecord {
+            id: "node-1".to_string(),
+            instance: "agent-7f3a".to_string(),
+            epoch: 3,
+            address: "127.0.0.1:7071".to_string(),
+            // As registration stores them.
+            labels: to_json(&report().labels).unwrap(),
+            taints: to_json(&report().taints).unwrap(),
+            capacity: r#"{"cpu_millis":4000,"memory_bytes":8589934592,"gpus":1}"#.to_string(),
+            usage: "{}".to_string(),
+            state: "ready".to_string(),
+            registered_ms: 1,
+            last_heartbeat_ms: 2,
+            api_key: "tk_local".to_string(),
+            pools: r#"["inferno"]"#.to_string(),
+            quarantine: false,
+        }
+    }
+
+    #[test]
+    fn test_a_sensible_report_is_accepted() {
+        assert_eq!(report().validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_capacity_at_the_limits_is_accepted() {
+        let mut report = report();
+        report.capacity = Resources::new(MAX_CPU_MILLIS, MAX_MEMORY_BYTES, MAX_GPUS);
+        assert_eq!(report.validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_capacity_beyond_any_machine_is_refused_for_each_resource() {
+        let limit = Resources::new(MAX_CPU_MILLIS, MAX_MEMORY_BYTES, MAX_GPUS);
+        let beyond = [
+            Resources::new(MAX_CPU_MILLIS + 1, MAX_MEMORY_BYTES, MAX_GPUS),
+            Resources::new(MAX_CPU_MILLIS, MAX_MEMORY_BYTES + 1, MAX_GPUS),
+            Resources::new(MAX_CPU_MILLIS, MAX_MEMORY_BYTES, MAX_GPUS + 1),
+            Resources::new(u64::MAX, u64::MAX, u32::MAX),
+        ];
+        for capacity in beyond {
+            let mut report = report();
+            report.capacity = capacity;
+            assert_eq!(
+                report.validate(),
+                Err(NodeReportError::BeyondAnyMachine { capacity }),
+                "{capacity} (limit {limit})"
+            );
+        }
+    }
+
+    #[test]
+    fn test_capacity_without_cpu_or_memory_is_refused() {
+        for (capacity, resource) in [
+            (Resources::new(0, 8 * GIB, 0), ResourceKind::Cpu),
+            (Resources::new(4000, 0, 0), ResourceKind::Memory),
+        ] {
+            let mut report = report();
+            report.capacity = capacity;
+            report.usage = Resources::ZERO;
+            assert_eq!(
+                report.validate(),
+                Err(NodeReportError::Node(NodeError::ZeroCapacity {
+                    node: "node-1".to_string(),
+                    resource,
+                }))
+            );
+        }
+    }
+
+    #[test]
+    fn test_usage_equal_to_capacity_is_accepted_and_beyond_it_refused() {
+        let capacity = Resources::new(4000, 8 * GIB, 2);
+        assert_eq!(check_usage(&capacity, &capacity), Ok(()));
+        for usage in [
+            Resources::new(4001, 8 * GIB, 2),
+            Resources::new(4000, 8 * GIB + 1, 2),
+            Resources::new(4000, 8 * GIB, 3),
+        ] {
+            assert_eq!(
+                check_usage(&usage, &capacity),
+                Err(NodeReportError::UsageOverCapacity { usage, capacity })
+            );
+            let mut report = report();
+            report.capacity = capacity;
+            report.usage = usage;
+            assert!(matches!(
+                report.validate(),
+                Err(NodeReportError::UsageOverCapacity { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn test_instance_must_be_1_to_128_characters() {
+        for (instance, ok) in [
+            (String::new(), false),
+            ("a".to_string(), true),
+            ("a".repeat(MAX_INSTANCE_LEN), true),
+            ("a".repeat(MAX_INSTANCE_LEN + 1), false),
+        ] {
+            let mut report = report();
+            report.instance = instance.clone();
+            let expected = if ok {
+                Ok(())
+            } else {
+                Err(NodeReportError::Instance)
+            };
+            assert_eq!(
+                report.validate(),
+                expected,
+                "instance of {} bytes",
+                instance.len()
+            );
+        }
+    }
+
+    #[test]
+    fn test_address_must_be_an_ip_and_port() {
+        for (address, ok) in [
+            ("127.0.0.1:7071", true),
+            ("[::1]:7071", true),
+            ("node-1:7071", false),
+            ("127.0.0.1", false),
+            ("127.0.0.1:99999", false),
+            ("", false),
+        ] {
+            let mut report = report();
+            report.address = address.to_string();
+            let expected = if ok {
+                Ok(())
+            } else {
+                Err(NodeReportError::Address {
+                    address: address.to_string(),
+                })
+            };
+            assert_eq!(report.validate(), expected, "{address:?}");
+        }
+    }
+
+    #[test]
+    fn test_ids_labels_and_pools_follow_the_scheduler_rules() {
+        let mut empty_id = report();
+        empty_id.id = String::new();
+        assert!(matches!(
+            empty_id.validate(),
+            Err(NodeReportError::Node(NodeError::Id {
+                problem: IdProblem::Empty,
+                ..
+            }))
+        ));
+        let mut spaced_id = report();
+        spaced_id.id = "node 1".to_string();
+        assert!(matches!(
+            spaced_id.validate(),
+            Err(NodeReportError::Node(NodeError::Id {
+                problem: IdProblem::BadCharacter,
+                ..
+            }))
+        ));
+        let mut empty_label = report();
+        empty_label.labels.insert(String::new(), "x".to_string());
+        assert!(matches!(
+            empty_label.validate(),
+            Err(NodeReportError::Node(NodeError::EmptyLabelKey { .. }))
+        ));
+        let mut quarantine_pool = report();
+        quarantine_pool.pools.insert("quarantine".to_string());
+        assert!(matches!(
+            quarantine_pool.validate(),
+            Err(NodeReportError::Node(NodeError::QuarantinePool { .. }))
+        ));
+        quarantine_pool.quarantine = true;
+        assert_eq!(quarantine_pool.validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_refusals_say_what_is_wrong() {
+        let mut report = report();
+        report.usage = Resources::new(8000, GIB, 0);
+        let message = report.validate().unwrap_err().to_string();
+        assert!(
+            message.starts_with("usage ") && message.contains("exceeds capacity"),
+            "{message}"
+        );
+        report.usage = Resources::ZERO;
+        report.instance = String::new();
+        assert_eq!(
+            report.validate().unwrap_err().to_string(),
+            "instance must be 1-128 characters"
+        );
+        report.instance = "agent-7f3a".to_string();
+        report.capacity = Resources::new(MAX_CPU_MILLIS + 1, GIB, 0);
+        let message = report.validate().unwrap_err().to_string();
+        assert!(
+            message.ends_with("is beyond any machine (at most 100000 cores, 1 PiB, 1024 GPUs)"),
+            "{message}"
+        );
+        report.capacity = Resources::new(4000, 8 * GIB, 0);
+        report.address = "nowhere".to_string();
+        assert_eq!(
+            report.validate().unwrap_err().to_string(),
+            "address 'nowhere' is not HOST:PORT"
+        );
+    }
+
+    #[test]
+    fn test_a_stored_node_is_read_back_for_the_scheduler() {
+        let node = scheduler_node(&record()).unwrap();
+        assert_eq!(node.id, "node-1");
+        assert_eq!(node.capacity, Resources::new(4000, 8 * GIB, 1));
+        assert_eq!(node.allocated, Resources::ZERO);
+        assert_eq!(node.labels.get("zone").map(String::as_str), Some("eu-1"));
+        assert_eq!(node.taints, report().taints);
+        assert!(node.pools.contains("inferno"));
+        assert_eq!(node.state, NodeState::Ready);
+    }
+
+    #[test]
+    fn test_a_stored_node_state_other_than_ready_or_draining_is_unreachable() {
+        for (stored, state) in [
+            ("ready", NodeState::Ready),
+            ("draining", NodeState::Draining),
+            ("unreachable", NodeState::Unreachable),
+            ("something-else", NodeState::Unreachable),
+        ] {
+            let mut record = record();
+            record.state = stored.to_string();
+            assert_eq!(scheduler_node(&record).unwrap().state, state, "{stored}");
+        }
+    }
+
+    #[test]
+    fn test_an_unreadable_stored_capacity_is_an_error_not_an_empty_node() {
+        let mut record = record();
+        record.capacity = "not json".to_string();
+        assert!(matches!(
+            scheduler_node(&record),
+            Err(ClusterError::StoredCapacity { node, .. }) if node == "node-1"
+        ));
+        record.capacity = r#"{"cpu_millis":0,"memory_bytes":1}"#.to_string();
+        assert!(matches!(
+            scheduler_node(&record),
+            Err(ClusterError::StoredNode(NodeError::ZeroCapacity { .. }))
+        ));
+    }
+}

@@ -236,3 +236,101 @@ pub async fn place(state: &AppState, want: &Wanted) -> Result<Option<SandboxReco
     state.store.mark_running(&record.id, 0).await?;
     Ok(Some(record))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use tartarus_runtime::ResourceLimits;
+
+    use super::*;
+
+    fn spec_with(cpus: Option<f64>, memory_bytes: Option<u64>) -> SandboxSpec {
+        let mut spec = SandboxSpec::new(vec!["sleep".to_string(), "1".to_string()]);
+        spec.limits = ResourceLimits {
+            memory_bytes,
+            cpus,
+            pids: None,
+        };
+        spec
+    }
+
+    #[test]
+    fn test_a_sandbox_without_limits_requests_the_default() {
+        assert_eq!(requested(&spec_with(None, None)), DEFAULT_REQUEST);
+        assert_eq!(requested(&SandboxSpec::default()), DEFAULT_REQUEST);
+    }
+
+    #[test]
+    fn test_limits_are_what_a_sandbox_requests() {
+        assert_eq!(
+            requested(&spec_with(Some(2.0), Some(512 << 20))),
+            Resources::new(2000, 512 << 20, 0)
+        );
+        // Only the limit that is set replaces the default.
+        assert_eq!(
+            requested(&spec_with(Some(0.5), None)),
+            Resources::new(500, DEFAULT_REQUEST.memory_bytes, 0)
+        );
+        assert_eq!(
+            requested(&spec_with(None, Some(1 << 30))),
+            Resources::new(DEFAULT_REQUEST.cpu_millis, 1 << 30, 0)
+        );
+    }
+
+    #[test]
+    fn test_a_fraction_of_a_milli_cpu_rounds_up_and_gpus_are_never_requested() {
+        assert_eq!(requested(&spec_with(Some(0.0001), None)).cpu_millis, 1);
+        assert_eq!(requested(&spec_with(Some(1.0005), None)).cpu_millis, 1001);
+        assert_eq!(requested(&spec_with(Some(64.0), Some(1 << 40))).gpus, 0);
+    }
+
+    #[test]
+    fn test_accounting_adds_up_and_never_exceeds_what_the_node_has() {
+        let mut node = Node::new("node-1", Resources::new(1000, 1 << 30, 1)).unwrap();
+        account(&mut node, Resources::new(400, 256 << 20, 0));
+        account(&mut node, Resources::new(400, 256 << 20, 0));
+        assert_eq!(node.allocated, Resources::new(800, 512 << 20, 0));
+        account(&mut node, Resources::new(400, 1 << 30, 5));
+        assert_eq!(node.allocated, node.capacity);
+        account(&mut node, Resources::new(u64::MAX, u64::MAX, u32::MAX));
+        assert_eq!(node.allocated, node.capacity);
+    }
+
+    #[test]
+    fn test_a_node_starts_only_host_root_sandboxes_and_as_services() {
+        let placed = NodeSandbox {
+            tenant: "team-a".to_string(),
+            spec: spec_with(Some(1.0), None),
+            labels: BTreeMap::new(),
+            template: None,
+        };
+        let spec = placed.checked_spec().unwrap();
+        assert!(spec.service);
+        assert!(matches!(spec.root, RootSpec::HostSystem));
+
+        let mut on_image = placed;
+        on_image.spec.root = RootSpec::Directory(PathBuf::from("/srv/root"));
+        assert!(matches!(on_image.checked_spec(), Err(ClusterError::ImageOnNode)));
+    }
+
+    #[test]
+    fn test_a_placed_spec_that_does_not_validate_is_refused() {
+        let mut placed = NodeSandbox {
+            tenant: "team-a".to_string(),
+            spec: SandboxSpec::new(Vec::new()),
+            labels: BTreeMap::new(),
+            template: None,
+        };
+        placed.spec.env.push(("A=B".to_string(), "x".to_string()));
+        assert!(matches!(placed.checked_spec(), Err(ClusterError::InvalidSpec(_))));
+    }
+
+    #[test]
+    fn test_sandbox_ids_have_the_managers_form() {
+        let id = new_sandbox_id().unwrap();
+        assert_eq!(id.len(), "sb_".len() + 12, "{id}");
+        assert!(id.starts_with("sb_") && id[3..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(id, new_sandbox_id().unwrap());
+    }
+}
