@@ -86,3 +86,112 @@ impl From<GatewayError> for ApiError {
         ApiError::new(status, code, tartarus_runtime::error_chain(&e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn api(e: GatewayError) -> (u16, &'static str, String) {
+        let e = ApiError::from(e);
+        (e.status.as_u16(), e.code, e.message)
+    }
+
+    #[test]
+    fn test_a_refused_declaration_is_422_with_the_reason_and_its_cause() {
+        let url = "/relative".to_string();
+        let source = reqwest::Url::parse(&url).unwrap_err();
+        let (status, code, message) = api(GatewayError::InvalidDefinition(ToolDefinitionError::Url {
+            url,
+            source,
+        }));
+        assert_eq!((status, code), (422, "invalid_request"));
+        assert_eq!(message, format!("url '/relative': {source}"));
+        assert_eq!(
+            api(GatewayError::InvalidDefinition(ToolDefinitionError::CommandPath)).2,
+            "a command tool needs 'command' starting with an absolute path"
+        );
+        assert_eq!(
+            api(GatewayError::InvalidDefinition(ToolDefinitionError::Name {
+                name: "X Y".to_string()
+            }))
+            .2,
+            "tool name 'X Y': use 1-64 lower-case letters, digits, '-' or '_'"
+        );
+        assert_eq!(
+            api(GatewayError::InvalidDefinition(ToolDefinitionError::Timeout)).2,
+            "timeout_s must be between 1 and 3600"
+        );
+    }
+
+    #[test]
+    fn test_unknown_tools_are_404_for_the_operator_and_for_sandboxes() {
+        let name = || "weather".to_string();
+        assert_eq!(
+            api(GatewayError::NotDeclared { name: name() }),
+            (404, "not_found", "no tool 'weather'".to_string())
+        );
+        assert_eq!(
+            api(GatewayError::NoSuchTool { name: name() }),
+            (
+                404,
+                "not_found",
+                "no tool 'weather' (GET /v1/tools lists them)".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn test_ledger_refusals_are_409_and_a_divergence_has_its_own_code() {
+        let divergence = api(GatewayError::Divergence {
+            key: "k1".to_string(),
+            tool: "weather".to_string(),
+            stored_request: "bafk-old".to_string(),
+            request: "bafk-new".to_string(),
+        });
+        assert_eq!((divergence.0, divergence.1), (409, "idempotency_divergence"));
+        assert!(
+            divergence
+                .2
+                .contains("(request bafk-old); this request is bafk-new"),
+            "{}",
+            divergence.2
+        );
+        let busy = api(GatewayError::InProgress {
+            key: "k1".to_string(),
+            holder: "host:1:ab:sb_1".to_string(),
+        });
+        assert_eq!((busy.0, busy.1), (409, "conflict"));
+        let lost = api(GatewayError::LeaseLost {
+            key: "k1".to_string(),
+            receipt: "bafr".to_string(),
+        });
+        assert_eq!((lost.0, lost.1), (409, "conflict"));
+        assert_eq!(api(GatewayError::InvalidIdempotencyKey).0, 422);
+    }
+
+    #[test]
+    fn test_a_tool_without_an_answer_is_502_saying_why() {
+        let (status, code, message) = api(GatewayError::ToolUnavailable {
+            tool: "stamp".to_string(),
+            source: NoAnswer::TimedOut(Duration::from_secs(30)),
+        });
+        assert_eq!((status, code), (502, "tool_unavailable"));
+        assert_eq!(message, "tool 'stamp': timed out after 30 s");
+        let not_started = api(GatewayError::ToolUnavailable {
+            tool: "stamp".to_string(),
+            source: NoAnswer::Spawn {
+                program: "/nonexistent".to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+        });
+        assert!(
+            not_started
+                .2
+                .starts_with("tool 'stamp': cannot start /nonexistent: "),
+            "{}",
+            not_started.2
+        );
+    }
+}

@@ -453,3 +453,105 @@ async fn run_command(
         content_type: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str, timeout_s: Option<u64>) -> ToolDefinition {
+        ToolDefinition {
+            name: "sh".to_string(),
+            description: None,
+            kind: "command".to_string(),
+            url: None,
+            method: None,
+            headers: BTreeMap::new(),
+            command: Some(vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()]),
+            timeout_s,
+            tenants: None,
+        }
+    }
+
+    async fn run(script: &str, body: &str) -> Result<Reply, NoAnswer> {
+        run_command(&shell(script, None), ("sb_1", "team-a"), body.as_bytes().to_vec()).await
+    }
+
+    #[tokio::test]
+    async fn test_a_command_gets_the_body_on_stdin_and_answers_on_stdout() {
+        let reply = run("tr a-z A-Z", "hello").await.unwrap();
+        assert_eq!((reply.code, reply.ok), (0, true));
+        assert_eq!(reply.body, b"HELLO");
+        assert_eq!(reply.content_type, None);
+    }
+
+    #[tokio::test]
+    async fn test_a_command_runs_in_a_clean_environment_that_names_the_caller() {
+        let reply = run("env | sort", "").await.unwrap();
+        let env = String::from_utf8(reply.body).unwrap();
+        let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+        // sh itself may add PWD (and SHLVL, _); nothing of the server's environment is passed.
+        let own: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !matches!(*n, "PWD" | "SHLVL" | "_" | "OLDPWD"))
+            .collect();
+        assert_eq!(
+            own,
+            ["PATH", "TARTARUS_SANDBOX", "TARTARUS_TENANT", "TARTARUS_TOOL"],
+            "{env}"
+        );
+        assert!(env.contains("TARTARUS_SANDBOX=sb_1\n") && env.contains("TARTARUS_TENANT=team-a\n"));
+    }
+
+    #[tokio::test]
+    async fn test_a_failing_command_is_an_answer_with_its_exit_status() {
+        let reply = run("echo partial; exit 3", "").await.unwrap();
+        assert_eq!((reply.code, reply.ok), (3, false));
+        assert_eq!(reply.body, b"partial\n");
+    }
+
+    #[tokio::test]
+    async fn test_a_command_killed_by_a_signal_gives_no_answer() {
+        assert!(matches!(run("kill -9 $$", "").await, Err(NoAnswer::Signal)));
+    }
+
+    #[tokio::test]
+    async fn test_a_command_that_cannot_start_gives_no_answer() {
+        let mut tool = shell("", None);
+        tool.command = Some(vec!["/nonexistent/tool".to_string()]);
+        let result = run_command(&tool, ("sb_1", "team-a"), Vec::new()).await;
+        assert!(
+            matches!(&result, Err(NoAnswer::Spawn { program, .. }) if program == "/nonexistent/tool"),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn test_a_command_past_its_time_limit_gives_no_answer() {
+        let tool = shell("sleep 30", Some(1));
+        let result = run_command(&tool, ("sb_1", "team-a"), Vec::new()).await;
+        assert!(matches!(result, Err(NoAnswer::TimedOut(t)) if t == Duration::from_secs(1)));
+    }
+
+    #[tokio::test]
+    async fn test_output_beyond_the_limit_gives_no_answer() {
+        let script = format!("head -c {} /dev/zero", MAX_TOOL_BODY + 1);
+        assert!(matches!(run(&script, "").await, Err(NoAnswer::OutputTooLarge)));
+        let script = format!("head -c {MAX_TOOL_BODY} /dev/zero");
+        assert_eq!(run(&script, "").await.unwrap().body.len(), MAX_TOOL_BODY);
+    }
+
+    #[test]
+    fn test_receipt_status_says_whether_the_tool_answered_and_how() {
+        let reply = |ok| Reply {
+            code: 0,
+            ok,
+            body: Vec::new(),
+            content_type: None,
+        };
+        assert_eq!(receipt_status(&Ok(reply(true))), status::OK);
+        assert_eq!(receipt_status(&Ok(reply(false))), status::FAILED);
+        assert_eq!(receipt_status(&Err(NoAnswer::Signal)), status::ERROR);
+    }
+}

@@ -151,3 +151,52 @@ pub async fn abort(effects: &Effects, tenant: &str, key: &str, epoch: i64) -> Re
     effects.store.ledger_abort(tenant, key, epoch).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers_with(value: HeaderValue) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("idempotency-key", value);
+        headers
+    }
+
+    fn key_of(text: &str) -> Result<Option<String>, GatewayError> {
+        idempotency_key(&headers_with(HeaderValue::from_str(text).unwrap()))
+    }
+
+    #[test]
+    fn test_a_call_without_the_header_has_no_key() {
+        assert!(matches!(idempotency_key(&HeaderMap::new()), Ok(None)));
+    }
+
+    #[test]
+    fn test_keys_are_1_to_255_visible_ascii_characters() {
+        assert_eq!(
+            key_of("order-42/retry~1").unwrap().as_deref(),
+            Some("order-42/retry~1")
+        );
+        let longest = "k".repeat(MAX_KEY_LEN);
+        assert_eq!(key_of(&longest).unwrap(), Some(longest));
+        for refused in ["", "two words", "tab\there", &"k".repeat(MAX_KEY_LEN + 1)] {
+            assert!(
+                matches!(key_of(refused), Err(GatewayError::InvalidIdempotencyKey)),
+                "{refused:?}"
+            );
+        }
+        let not_ascii = headers_with(HeaderValue::from_bytes("clé".as_bytes()).unwrap());
+        assert!(matches!(
+            idempotency_key(&not_ascii),
+            Err(GatewayError::InvalidIdempotencyKey)
+        ));
+    }
+
+    #[test]
+    fn test_a_lease_outlasts_the_tools_time_limit() {
+        assert_eq!(lease_ms(Duration::from_secs(30)), 30_000 + LEASE_MARGIN_MS);
+        assert_eq!(lease_ms(Duration::ZERO), LEASE_MARGIN_MS);
+    }
+}

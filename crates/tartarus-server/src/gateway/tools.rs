@@ -245,3 +245,237 @@ pub async fn refresh_secrets(effects: &Effects) -> Result<(), GatewayError> {
 pub async fn refresh_redactor(effects: &Effects) -> Result<(), ApiError> {
     Ok(refresh_secrets(effects).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http_tool() -> ToolDefinition {
+        ToolDefinition {
+            name: "weather".to_string(),
+            description: Some("the forecast".to_string()),
+            kind: "http".to_string(),
+            url: Some("https://api.example.com/v1/forecast".to_string()),
+            method: Some("GET".to_string()),
+            headers: BTreeMap::from([("Authorization".to_string(), "Bearer s3cr3t".to_string())]),
+            command: None,
+            timeout_s: Some(10),
+            tenants: None,
+        }
+    }
+
+    fn command_tool() -> ToolDefinition {
+        ToolDefinition {
+            name: "stamp".to_string(),
+            description: None,
+            kind: "command".to_string(),
+            url: None,
+            method: None,
+            headers: BTreeMap::new(),
+            command: Some(vec!["/usr/bin/date".to_string(), "-u".to_string()]),
+            timeout_s: None,
+            tenants: Some(vec!["team-a".to_string()]),
+        }
+    }
+
+    fn with(tool: ToolDefinition, change: impl FnOnce(&mut ToolDefinition)) -> ToolDefinition {
+        let mut tool = tool;
+        change(&mut tool);
+        tool
+    }
+
+    #[test]
+    fn test_sensible_http_and_command_tools_are_accepted() {
+        assert_eq!(http_tool().validate(), Ok(()));
+        assert_eq!(command_tool().validate(), Ok(()));
+        let minimal = with(http_tool(), |t| {
+            t.method = None;
+            t.headers.clear();
+            t.timeout_s = None;
+            t.url = Some("http://127.0.0.1:8080/".to_string());
+        });
+        assert_eq!(minimal.validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_names_are_1_to_64_of_lower_case_digits_dash_and_underscore() {
+        for (name, ok) in [
+            ("a", true),
+            ("tool-1_b", true),
+            ("x".repeat(MAX_NAME_LEN).as_str(), true),
+            ("x".repeat(MAX_NAME_LEN + 1).as_str(), false),
+            ("", false),
+            ("Weather", false),
+            ("a b", false),
+            ("a.b", false),
+            ("a/b", false),
+            ("é", false),
+        ] {
+            let tool = with(http_tool(), |t| t.name = name.to_string());
+            let expected = if ok {
+                Ok(())
+            } else {
+                Err(ToolDefinitionError::Name {
+                    name: name.to_string(),
+                })
+            };
+            assert_eq!(tool.validate(), expected, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn test_timeouts_are_1_to_3600_seconds_and_default_to_30() {
+        for (timeout_s, ok) in [
+            (0, false),
+            (1, true),
+            (MAX_TIMEOUT_S, true),
+            (MAX_TIMEOUT_S + 1, false),
+        ] {
+            let tool = with(command_tool(), |t| t.timeout_s = Some(timeout_s));
+            let expected = if ok {
+                Ok(())
+            } else {
+                Err(ToolDefinitionError::Timeout)
+            };
+            assert_eq!(tool.validate(), expected, "{timeout_s}");
+        }
+        assert_eq!(command_tool().timeout(), Duration::from_secs(DEFAULT_TIMEOUT_S));
+        assert_eq!(http_tool().timeout(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn test_an_unknown_kind_is_refused() {
+        let tool = with(http_tool(), |t| t.kind = "grpc".to_string());
+        assert_eq!(
+            tool.validate(),
+            Err(ToolDefinitionError::Kind {
+                kind: "grpc".to_string()
+            })
+        );
+    }
+
+    #[test]
+    fn test_an_http_tool_needs_an_http_or_https_url_with_a_host() {
+        assert_eq!(
+            with(http_tool(), |t| t.url = None).validate(),
+            Err(ToolDefinitionError::MissingUrl)
+        );
+        let relative = with(http_tool(), |t| t.url = Some("/v1/forecast".to_string())).validate();
+        assert!(
+            matches!(&relative, Err(ToolDefinitionError::Url { url, .. }) if url == "/v1/forecast"),
+            "{relative:?}"
+        );
+        for url in [
+            "ftp://files.example.com/",
+            "file:///etc/passwd",
+            "unix:/run/x.sock",
+        ] {
+            assert_eq!(
+                with(http_tool(), |t| t.url = Some(url.to_string())).validate(),
+                Err(ToolDefinitionError::UrlScheme { url: url.to_string() }),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_an_http_tool_has_no_command() {
+        let tool = with(http_tool(), |t| t.command = Some(vec!["/bin/true".to_string()]));
+        assert_eq!(tool.validate(), Err(ToolDefinitionError::CommandOnHttp));
+    }
+
+    #[test]
+    fn test_methods_must_be_http_methods() {
+        for method in ["GET", "POST", "PATCH", "PROPFIND"] {
+            let tool = with(http_tool(), |t| t.method = Some(method.to_string()));
+            assert_eq!(tool.validate(), Ok(()), "{method}");
+        }
+        for method in ["", "GE T", "GET\n"] {
+            let tool = with(http_tool(), |t| t.method = Some(method.to_string()));
+            assert_eq!(
+                tool.validate(),
+                Err(ToolDefinitionError::Method {
+                    method: method.to_string()
+                }),
+                "{method:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_header_names_and_values_must_be_valid() {
+        let bad_name = with(http_tool(), |t| {
+            t.headers.insert("X Token".to_string(), "v".to_string());
+        });
+        assert_eq!(
+            bad_name.validate(),
+            Err(ToolDefinitionError::HeaderName {
+                name: "X Token".to_string()
+            })
+        );
+        let bad_value = with(http_tool(), |t| {
+            t.headers
+                .insert("X-Token".to_string(), "a\r\nInjected: yes".to_string());
+        });
+        assert_eq!(
+            bad_value.validate(),
+            Err(ToolDefinitionError::HeaderValue {
+                name: "X-Token".to_string()
+            })
+        );
+    }
+
+    #[test]
+    fn test_a_command_tool_needs_an_absolute_program_and_nothing_of_http() {
+        for command in [
+            None,
+            Some(vec![]),
+            Some(vec!["date".to_string()]),
+            Some(vec!["./date".to_string()]),
+        ] {
+            let tool = with(command_tool(), |t| t.command = command.clone());
+            assert_eq!(
+                tool.validate(),
+                Err(ToolDefinitionError::CommandPath),
+                "{command:?}"
+            );
+        }
+        let changes: [fn(&mut ToolDefinition); 3] = [
+            |t| t.url = Some("http://127.0.0.1/".to_string()),
+            |t| t.method = Some("POST".to_string()),
+            |t| {
+                t.headers.insert("A".to_string(), "b".to_string());
+            },
+        ];
+        for change in changes {
+            assert_eq!(
+                with(command_tool(), change).validate(),
+                Err(ToolDefinitionError::HttpOnCommand)
+            );
+        }
+    }
+
+    #[test]
+    fn test_tenants_limit_who_may_call_and_none_means_everyone() {
+        assert!(http_tool().allows("anyone"));
+        assert!(command_tool().allows("team-a"));
+        assert!(!command_tool().allows("team-b"));
+        assert!(!with(command_tool(), |t| t.tenants = Some(vec![])).allows("team-a"));
+    }
+
+    #[test]
+    fn test_the_public_declaration_hides_header_values_only() {
+        let shown = http_tool().public();
+        assert_eq!(
+            shown.headers.get("Authorization").map(String::as_str),
+            Some("(hidden)")
+        );
+        assert_eq!(
+            ToolDefinition {
+                headers: http_tool().headers,
+                ..shown
+            },
+            http_tool()
+        );
+    }
+}
