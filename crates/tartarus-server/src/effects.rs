@@ -509,3 +509,111 @@ impl crate::sandboxes::Lifecycle for EffectsHooks {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(id: &str, episode: &str, name: &str, score: Option<i64>, label: Option<&str>) -> SignalRecord {
+        SignalRecord {
+            id: id.to_string(),
+            episode: episode.to_string(),
+            tenant: "team-a".to_string(),
+            evaluator: "grader".to_string(),
+            name: name.to_string(),
+            score,
+            label: label.map(str::to_string),
+            at_ms: 0,
+            envelope: Vec::new(),
+        }
+    }
+
+    fn verifying_key_hex() -> String {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        hex::encode(key.as_bytes())
+    }
+
+    #[test]
+    fn test_a_public_key_is_64_hex_digits_of_an_ed25519_point() {
+        let text = verifying_key_hex();
+        let key = parse_public_key(&text).unwrap();
+        assert_eq!(hex::encode(key.as_bytes()), text);
+        assert_eq!(parse_public_key(&text.to_ascii_uppercase()).unwrap(), key);
+    }
+
+    #[test]
+    fn test_a_public_key_of_the_wrong_length_or_not_hex_is_refused() {
+        let text = verifying_key_hex();
+        for bad in [
+            &text[..62],
+            &format!("{text}00"),
+            &format!("zz{}", &text[2..]),
+            "",
+        ] {
+            assert_eq!(
+                parse_public_key(bad),
+                Err(PublicKeyError::NotHex { key: bad.to_string() }),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_32_bytes_that_are_not_a_curve_point_are_refused() {
+        // About half of all y coordinates have no point on the curve.
+        let not_a_point = (0u8..=255)
+            .map(|first| {
+                let mut bytes = [0u8; 32];
+                bytes[0] = first;
+                hex::encode(bytes)
+            })
+            .find(|text| ed25519_dalek::VerifyingKey::from_bytes(&hex_bytes(text)).is_err())
+            .expect("some y coordinate is off the curve");
+        assert_eq!(
+            parse_public_key(&not_a_point),
+            Err(PublicKeyError::NotEd25519 {
+                key: not_a_point.clone()
+            })
+        );
+    }
+
+    fn hex_bytes(text: &str) -> [u8; 32] {
+        hex::decode(text).unwrap().try_into().unwrap()
+    }
+
+    #[test]
+    fn test_the_latest_signal_of_each_name_about_the_episode_joins_its_facts() {
+        let signals = [
+            signal("s1", "ep1", "quality", Some(3), None),
+            signal("s2", "ep2", "quality", Some(9), Some("other episode")),
+            signal("s3", "ep1", "quality", Some(5), Some("good")),
+            signal("s4", "ep1", "safety", None, Some("ok")),
+        ];
+        let facts = facts_with_signals(r#"{"status":"exited","tool_calls":2}"#, "ep1", &signals).unwrap();
+        assert_eq!(
+            facts,
+            serde_json::json!({
+                "status": "exited", "tool_calls": 2,
+                "signal.quality.score": 5, "signal.quality.label": "good", "signal.safety.label": "ok",
+            })
+        );
+        assert!(facts_with_signals("not json", "ep1", &signals).is_err());
+    }
+
+    #[test]
+    fn test_datasets_filter_on_text_booleans_and_integers_only() {
+        let facts = serde_json::json!({
+            "status": "exited", "exit_code": 0, "replayed": true,
+            "ratio": 0.5, "huge": u64::MAX, "none": null, "list": [1], "map": {"a": 1},
+        });
+        assert_eq!(
+            fact_fields(&facts),
+            BTreeMap::from([
+                ("exit_code".to_string(), FactValue::Int(0)),
+                ("replayed".to_string(), FactValue::Bool(true)),
+                ("status".to_string(), FactValue::Text("exited".to_string())),
+            ])
+        );
+        assert!(fact_fields(&serde_json::json!([1, 2])).is_empty());
+    }
+}

@@ -81,3 +81,19 @@ pub async fn list_evaluators(
 ) -> Result<Json<Vec<EvaluatorKey>>, ApiError> {
     Ok(Json(state.store.evaluator_keys(None).await?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::valid_name;
+
+    #[test]
+    fn evaluator_names_are_1_to_64_of_lower_case_digits_and_dash_underscore_dot() {
+        assert!(valid_name("grader-1.v2_b"));
+        assert!(valid_name(&"a".repeat(64)));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"a".repeat(65)));
+        assert!(!valid_name("Grader"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name("a/b"));
+    }
+}
