@@ -6,6 +6,8 @@
 //! (`sandbox.end`, then the episode: every trace record, receipt and blob of the run, signed by the
 //! server's current key). Exec handlers and the gateway append their own records through [`Effects::trace`].
 //! Values that look secret are replaced by their hash before they are written ([`Redactor`]).
+//! What an episode leaves behind is read back here too: its export ([`Effects::export`]), the facts
+//! datasets query, and evaluators' keys.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,9 +16,13 @@ use tartarus_effects::Signed;
 
 use futures_util::future::BoxFuture;
 use ipld_core::ipld::Ipld;
-use tartarus_effects::episode::{Episode, Redactor, TraceRecord, EPISODE_FORMAT};
-use tartarus_effects::{BlobStore, Cid, Keyring, Quota};
-use tartarus_store::{EpisodeRecord, SandboxRecord, Store};
+use tartarus_effects::dataset::FactValue;
+use tartarus_effects::episode::{
+    write_episode_car, Episode, EpisodeBundle, EpisodeKeys, Redactor, TraceRecord, EPISODE_FORMAT,
+};
+use tartarus_effects::{BlobStore, Cid, EffectsError, Keyring, PublicKeys, Quota};
+use tartarus_runtime::{error_chain, SandboxSpec};
+use tartarus_store::{EpisodeRecord, SandboxRecord, SignalRecord, Store, StoreError};
 
 use crate::error::ApiError;
 use crate::gateway::Gateways;
@@ -80,12 +86,8 @@ impl Effects {
 
     /// The redactor for a sandbox's record (its environment as created).
     pub fn redactor_for(&self, record: &SandboxRecord) -> Redactor {
-        // Without a readable spec the sandbox's own secrets are unknown; tool credentials and the secret
-        // name patterns still apply (and `record_start` writes no command or environment at all).
-        let env = crate::sandboxes::stored_spec(record)
-            .map(|spec| spec.env)
-            .unwrap_or_default();
-        self.redactor(&env, &[])
+        let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
+        self.redactor(&spec.env, &[])
     }
 
     /// Signs with the current key.
@@ -113,7 +115,7 @@ impl Effects {
                 sandbox,
                 kind,
                 "writing a trace record failed: {}",
-                tartarus_runtime::error_chain(&e)
+                error_chain(&e)
             );
         }
     }
@@ -126,17 +128,11 @@ impl Effects {
         match result {
             Ok(Ok(put)) => Some(put.cid),
             Ok(Err(e)) => {
-                tracing::warn!(
-                    "keeping a trace blob failed: {}",
-                    tartarus_runtime::error_chain(&e)
-                );
+                tracing::warn!("keeping a trace blob failed: {}", error_chain(&e));
                 None
             }
             Err(e) => {
-                tracing::error!(
-                    "keeping a trace blob failed: {}",
-                    tartarus_runtime::error_chain(&e)
-                );
+                tracing::error!("keeping a trace blob failed: {}", error_chain(&e));
                 None
             }
         }
@@ -144,28 +140,21 @@ impl Effects {
 
     /// The `sandbox.start` record.
     async fn record_start(&self, record: &SandboxRecord) {
+        let spec: SandboxSpec = serde_json::from_str(&record.spec).unwrap_or_default();
+        let redactor = self.redactor(&spec.env, &[]);
         let mut attrs = BTreeMap::new();
         attrs.insert("tenant".to_string(), Ipld::String(record.tenant.clone()));
         if let Some(template) = &record.template {
             attrs.insert("template".to_string(), Ipld::String(template.clone()));
         }
-        // No trace without redaction: an unreadable spec leaves its command and environment out.
-        match crate::sandboxes::stored_spec(record) {
-            Ok(spec) => {
-                let redactor = self.redactor(&spec.env, &[]);
-                let argv = spec.command.iter().map(|a| redactor.text(a)).collect();
-                attrs.insert("cmd".to_string(), Ipld::List(argv));
-                let env = spec
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.clone(), redactor.env(k, v)))
-                    .collect();
-                attrs.insert("env".to_string(), Ipld::Map(env));
-            }
-            Err(_) => {
-                attrs.insert("spec".to_string(), Ipld::String("unreadable".to_string()));
-            }
-        }
+        let argv = spec.command.iter().map(|a| redactor.text(a)).collect();
+        attrs.insert("cmd".to_string(), Ipld::List(argv));
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), redactor.env(k, v)))
+            .collect();
+        attrs.insert("env".to_string(), Ipld::Map(env));
         let labels = record
             .labels
             .iter()
@@ -177,7 +166,7 @@ impl Effects {
     }
 
     /// Writes `sandbox.end` and seals the run into a signed episode.
-    pub async fn seal(&self, id: &str) -> Result<Option<EpisodeRecord>, ApiError> {
+    pub async fn seal(&self, id: &str) -> Result<Option<EpisodeRecord>, EpisodeError> {
         let Some(record) = self.store.sandbox(id, None).await? else {
             return Ok(None);
         };
@@ -203,9 +192,9 @@ impl Effects {
         let mut trace = Vec::with_capacity(rows.len());
         let mut tool_calls: BTreeMap<String, i64> = BTreeMap::new();
         for row in &rows {
-            trace.push(Cid::of_encoded(&row.record).map_err(|e| ApiError::internal(e.to_string()))?);
+            trace.push(Cid::of_encoded(&row.record).map_err(EpisodeError::TraceRecord)?);
             let decoded: TraceRecord =
-                tartarus_effects::decode(&row.record).map_err(|e| ApiError::internal(e.to_string()))?;
+                tartarus_effects::decode(&row.record).map_err(EpisodeError::TraceRecord)?;
             for value in decoded.attrs.values() {
                 collect_blob_links(value, &mut blobs);
             }
@@ -217,8 +206,7 @@ impl Effects {
         }
         let mut receipt_ids = Vec::with_capacity(receipts.len());
         for receipt in &receipts {
-            receipt_ids
-                .push(Cid::of_encoded(&receipt.envelope).map_err(|e| ApiError::internal(e.to_string()))?);
+            receipt_ids.push(Cid::of_encoded(&receipt.envelope).map_err(EpisodeError::Receipt)?);
         }
         let started_at = record.created_ms.max(0) as u64;
         let finished_at = record.finished_ms.unwrap_or_else(tartarus_store::now_ms).max(0) as u64;
@@ -241,8 +229,8 @@ impl Effects {
         let envelope = self
             .with_keyring(|keyring| episode.sign(keyring))
             .and_then(|e| e.encode())
-            .map_err(|e| ApiError::internal(format!("signing the episode: {e}")))?;
-        let episode_id = Cid::of_encoded(&envelope).map_err(|e| ApiError::internal(e.to_string()))?;
+            .map_err(EpisodeError::Signing)?;
+        let episode_id = Cid::of_encoded(&envelope).map_err(EpisodeError::Signing)?;
         let mut facts = serde_json::json!({
             "episode": episode_id.to_string(),
             "sandbox": record.id,
@@ -279,6 +267,189 @@ impl Effects {
         self.store.insert_episode(&sealed).await?;
         Ok(Some(sealed))
     }
+}
+
+/// Blobs larger than this are left out of an episode export (the episode still names them).
+const EXPORT_BLOB_LIMIT: u64 = 16 << 20;
+
+/// Why an episode could not be sealed, or what it left behind could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum EpisodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored trace record")]
+    TraceRecord(#[source] EffectsError),
+    #[error("stored receipt")]
+    Receipt(#[source] EffectsError),
+    #[error("signing the episode")]
+    Signing(#[source] EffectsError),
+    #[error("stored episode does not verify")]
+    Unverified(#[source] EffectsError),
+    #[error("stored key of evaluator '{name}'")]
+    EvaluatorKey {
+        name: String,
+        #[source]
+        source: PublicKeyError,
+    },
+    #[error("reading a blob")]
+    Blob(#[source] tokio::task::JoinError),
+    #[error("writing the export")]
+    Export(#[source] EffectsError),
+}
+
+impl From<EpisodeError> for ApiError {
+    fn from(e: EpisodeError) -> Self {
+        match e {
+            EpisodeError::Store(e) => e.into(),
+            other => ApiError::internal(error_chain(&other)),
+        }
+    }
+}
+
+impl Effects {
+    /// The keys registered for evaluator `name`.
+    pub async fn evaluator_keys(&self, name: &str) -> Result<PublicKeys, EpisodeError> {
+        let mut keys = PublicKeys::new();
+        for row in self.store.evaluator_keys(Some(name)).await? {
+            let key = parse_public_key(&row.public_key).map_err(|source| EpisodeError::EvaluatorKey {
+                name: name.to_string(),
+                source,
+            })?;
+            keys.insert(key);
+        }
+        Ok(keys)
+    }
+
+    /// The episode as a CAR file (effects-v1 §11): the signed episode, the trace records and receipts it
+    /// lists, its signals, the blobs the tenant still holds up to [`EXPORT_BLOB_LIMIT`] and without
+    /// secrets, and the public keys that signed them.
+    pub async fn export(&self, episode: &EpisodeRecord) -> Result<Vec<u8>, EpisodeError> {
+        let (_, payload) = self
+            .with_keyring(|keys| Episode::verify(keys, &episode.envelope))
+            .map_err(EpisodeError::Unverified)?;
+        let listed = |bytes: &Vec<u8>, ids: &[Cid]| Cid::of_encoded(bytes).is_ok_and(|c| ids.contains(&c));
+        let records: Vec<Vec<u8>> = self
+            .store
+            .trace(&episode.sandbox)
+            .await?
+            .into_iter()
+            .map(|r| r.record)
+            .filter(|bytes| listed(bytes, &payload.trace))
+            .collect();
+        let receipts: Vec<Vec<u8>> = self
+            .store
+            .receipts(None, Some(&episode.sandbox))
+            .await?
+            .into_iter()
+            .map(|r| r.envelope)
+            .filter(|bytes| listed(bytes, &payload.receipts))
+            .collect();
+        let signals = self.store.signals(Some(&episode.id), None).await?;
+        let mut evaluators: BTreeMap<String, PublicKeys> = BTreeMap::new();
+        for signal in &signals {
+            if !evaluators.contains_key(&signal.evaluator) {
+                let keys = self.evaluator_keys(&signal.evaluator).await?;
+                evaluators.insert(signal.evaluator.clone(), keys);
+            }
+        }
+        let redactor = match self.store.sandbox(&episode.sandbox, None).await? {
+            Some(record) => self.redactor_for(&record),
+            None => self.redactor(&[], &[]),
+        };
+        let mut blobs = Vec::new();
+        for cid in &payload.blobs {
+            let store = Arc::clone(&self.blobs);
+            let (tenant, cid) = (episode.tenant.clone(), *cid);
+            let bytes = tokio::task::spawn_blocking(move || match store.referenced_size(&tenant, &cid) {
+                Ok(Some(size)) if size <= EXPORT_BLOB_LIMIT => {
+                    let mut out = Vec::with_capacity(size as usize);
+                    store.get(&cid, &mut out).ok().map(|_| out)
+                }
+                _ => None,
+            })
+            .await
+            .map_err(EpisodeError::Blob)?;
+            if let Some(bytes) = bytes.filter(|b| !redactor.contains_secret(b)) {
+                blobs.push((cid, bytes));
+            }
+        }
+        let bundle = EpisodeBundle {
+            episode: episode.envelope.clone(),
+            records,
+            receipts,
+            signals: signals.into_iter().map(|s| s.envelope).collect(),
+            blobs,
+            keys: EpisodeKeys {
+                server: self.with_keyring(|k| k.public_keys().clone()),
+                evaluators,
+            },
+        };
+        let mut out = Vec::new();
+        write_episode_car(&bundle, &mut out).map_err(EpisodeError::Export)?;
+        Ok(out)
+    }
+}
+
+/// An Ed25519 public key that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublicKeyError {
+    #[error("public key '{key}' is not 64 hex digits")]
+    NotHex { key: String },
+    #[error("'{key}' is not an Ed25519 public key")]
+    NotEd25519 { key: String },
+}
+
+/// An Ed25519 public key written as 64 hex digits.
+pub fn parse_public_key(hex_key: &str) -> Result<ed25519_dalek::VerifyingKey, PublicKeyError> {
+    let bytes: [u8; 32] = hex::decode(hex_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| PublicKeyError::NotHex {
+            key: hex_key.to_string(),
+        })?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|_| PublicKeyError::NotEd25519 {
+        key: hex_key.to_string(),
+    })
+}
+
+/// An episode's stored facts (a JSON object) plus `signal.<name>.score|label` from the latest of
+/// `signals` of each name that is about it (`signals` in time order).
+pub fn facts_with_signals(
+    facts: &str,
+    episode: &str,
+    signals: &[SignalRecord],
+) -> Result<serde_json::Value, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_str(facts)?;
+    if let Some(map) = value.as_object_mut() {
+        // A later signal of the same name overwrites an earlier one.
+        for signal in signals.iter().filter(|s| s.episode == episode) {
+            if let Some(score) = signal.score {
+                map.insert(format!("signal.{}.score", signal.name), score.into());
+            }
+            if let Some(label) = &signal.label {
+                map.insert(format!("signal.{}.label", signal.name), label.clone().into());
+            }
+        }
+    }
+    Ok(value)
+}
+
+/// The facts a dataset query can filter on: strings, booleans and integers (anything else is left out).
+pub fn fact_fields(facts: &serde_json::Value) -> BTreeMap<String, FactValue> {
+    let Some(map) = facts.as_object() else {
+        return BTreeMap::new();
+    };
+    map.iter()
+        .filter_map(|(k, v)| {
+            let value = match v {
+                serde_json::Value::String(s) => FactValue::Text(s.clone()),
+                serde_json::Value::Bool(b) => FactValue::Bool(*b),
+                serde_json::Value::Number(n) => FactValue::Int(n.as_i64()?),
+                _ => return None,
+            };
+            Some((k.clone(), value))
+        })
+        .collect()
 }
 
 /// Raw CIDs (blobs) linked anywhere in a trace value.
@@ -320,7 +491,7 @@ impl crate::sandboxes::Lifecycle for EffectsHooks {
             if let Some(manager) = self.manager.upgrade() {
                 let dir = manager.gateway_dir(&record.id);
                 if let Err(e) = self.effects.gateways.open(&self.effects, record, &dir) {
-                    tracing::error!(sandbox = %record.id, "the tool gateway did not open: {}", tartarus_runtime::error_chain(&e));
+                    tracing::error!(sandbox = %record.id, "the tool gateway did not open: {}", error_chain(&e));
                 }
             }
             if !adopted {
@@ -333,8 +504,116 @@ impl crate::sandboxes::Lifecycle for EffectsHooks {
         Box::pin(async move {
             self.effects.gateways.close(id);
             if let Err(e) = self.effects.seal(id).await {
-                tracing::error!(sandbox = %id, "sealing the episode failed: {}", e.message);
+                tracing::error!(sandbox = %id, "sealing the episode failed: {}", error_chain(&e));
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(id: &str, episode: &str, name: &str, score: Option<i64>, label: Option<&str>) -> SignalRecord {
+        SignalRecord {
+            id: id.to_string(),
+            episode: episode.to_string(),
+            tenant: "team-a".to_string(),
+            evaluator: "grader".to_string(),
+            name: name.to_string(),
+            score,
+            label: label.map(str::to_string),
+            at_ms: 0,
+            envelope: Vec::new(),
+        }
+    }
+
+    fn verifying_key_hex() -> String {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        hex::encode(key.as_bytes())
+    }
+
+    #[test]
+    fn test_a_public_key_is_64_hex_digits_of_an_ed25519_point() {
+        let text = verifying_key_hex();
+        let key = parse_public_key(&text).unwrap();
+        assert_eq!(hex::encode(key.as_bytes()), text);
+        assert_eq!(parse_public_key(&text.to_ascii_uppercase()).unwrap(), key);
+    }
+
+    #[test]
+    fn test_a_public_key_of_the_wrong_length_or_not_hex_is_refused() {
+        let text = verifying_key_hex();
+        for bad in [
+            &text[..62],
+            &format!("{text}00"),
+            &format!("zz{}", &text[2..]),
+            "",
+        ] {
+            assert_eq!(
+                parse_public_key(bad),
+                Err(PublicKeyError::NotHex { key: bad.to_string() }),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_32_bytes_that_are_not_a_curve_point_are_refused() {
+        // About half of all y coordinates have no point on the curve.
+        let not_a_point = (0u8..=255)
+            .map(|first| {
+                let mut bytes = [0u8; 32];
+                bytes[0] = first;
+                hex::encode(bytes)
+            })
+            .find(|text| ed25519_dalek::VerifyingKey::from_bytes(&hex_bytes(text)).is_err())
+            .expect("some y coordinate is off the curve");
+        assert_eq!(
+            parse_public_key(&not_a_point),
+            Err(PublicKeyError::NotEd25519 {
+                key: not_a_point.clone()
+            })
+        );
+    }
+
+    fn hex_bytes(text: &str) -> [u8; 32] {
+        hex::decode(text).unwrap().try_into().unwrap()
+    }
+
+    #[test]
+    fn test_the_latest_signal_of_each_name_about_the_episode_joins_its_facts() {
+        let signals = [
+            signal("s1", "ep1", "quality", Some(3), None),
+            signal("s2", "ep2", "quality", Some(9), Some("other episode")),
+            signal("s3", "ep1", "quality", Some(5), Some("good")),
+            signal("s4", "ep1", "safety", None, Some("ok")),
+        ];
+        let facts = facts_with_signals(r#"{"status":"exited","tool_calls":2}"#, "ep1", &signals).unwrap();
+        assert_eq!(
+            facts,
+            serde_json::json!({
+                "status": "exited", "tool_calls": 2,
+                "signal.quality.score": 5, "signal.quality.label": "good", "signal.safety.label": "ok",
+            })
+        );
+        assert!(facts_with_signals("not json", "ep1", &signals).is_err());
+    }
+
+    #[test]
+    fn test_datasets_filter_on_text_booleans_and_integers_only() {
+        let facts = serde_json::json!({
+            "status": "exited", "exit_code": 0, "replayed": true,
+            "ratio": 0.5, "huge": u64::MAX, "none": null, "list": [1], "map": {"a": 1},
+        });
+        assert_eq!(
+            fact_fields(&facts),
+            BTreeMap::from([
+                ("exit_code".to_string(), FactValue::Int(0)),
+                ("replayed".to_string(), FactValue::Bool(true)),
+                ("status".to_string(), FactValue::Text("exited".to_string())),
+            ])
+        );
+        assert!(fact_fields(&serde_json::json!([1, 2])).is_empty());
     }
 }

@@ -16,7 +16,6 @@ pub mod images;
 pub mod metrics;
 pub mod node_agent;
 pub mod policies;
-pub mod records;
 pub mod sandboxes;
 
 mod openapi;

@@ -6,7 +6,7 @@ use utoipa::OpenApi;
 use crate::api::{CreateSandbox, ExecBody, ExecResult, SandboxView};
 use crate::error::ErrorBody;
 use crate::routes::{audit, blobs, exec, files, health, logs, policies, sandboxes, templates};
-use crate::{api, cluster, gateway, records};
+use crate::{api, cluster, gateway, routes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,19 +19,19 @@ use crate::{api, cluster, gateway, records};
           templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy,
           policies::delete_policy, policies::policy_history, policies::rollback_policy, policies::list_events,
           policies::quarantine_sandbox, blobs::put_blob, blobs::get_blob, blobs::delete_blob, blobs::gc_blobs,
-          gateway::put_tool, gateway::list_tools, gateway::delete_tool, records::list_receipts,
-          records::get_receipt, records::list_episodes, records::get_episode, records::export_episode,
-          records::add_evaluator, records::list_evaluators, records::add_signal, records::list_signals,
-          records::build_dataset, records::list_datasets, cluster::register, cluster::heartbeat,
-          cluster::list_nodes, cluster::create_token, cluster::cluster_status,
-          cluster::list_queue, cluster::get_queued, cluster::delete_node),
+          routes::tools::put_tool, routes::tools::list_tools, routes::tools::delete_tool, routes::receipts::list_receipts,
+          routes::receipts::get_receipt, routes::episodes::list_episodes, routes::episodes::get_episode, routes::episodes::export_episode,
+          routes::evaluators::add_evaluator, routes::evaluators::list_evaluators, routes::signals::add_signal, routes::signals::list_signals,
+          routes::datasets::build_dataset, routes::datasets::list_datasets, routes::nodes::register, routes::nodes::heartbeat,
+          routes::nodes::list_nodes, routes::nodes::create_token, routes::nodes::cluster_status,
+          routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
-                       blobs::GcView, gateway::ToolDefinition, records::ReceiptView, records::EpisodeView,
-                       records::AddEvaluator, records::SignalView, records::DatasetView,
-                       cluster::NodeReport, cluster::Heartbeat, cluster::Registration, cluster::NodeView,
-                       cluster::CreateNodeToken)),
+                       blobs::GcView, gateway::ToolDefinition, routes::receipts::ReceiptView, routes::episodes::EpisodeView,
+                       routes::evaluators::AddEvaluator, routes::signals::SignalView, routes::datasets::DatasetView,
+                       cluster::NodeReport, cluster::Heartbeat, cluster::Registration, routes::nodes::NodeView,
+                       routes::nodes::CreateNodeToken)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -168,7 +168,7 @@ async fn usage(state: &AppState, tenant: &str, template: Option<&str>) -> Result
 }
 
 /// The CPUs and memory of the largest resource class.
-fn largest_class() -> (f64, u64) {
+pub(crate) fn largest_class() -> (f64, u64) {
     tartarus_policy::RESOURCE_CLASSES
         .iter()
         .fold((0.0, 0), |(cpus, memory), c| {

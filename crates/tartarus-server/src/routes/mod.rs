@@ -2,20 +2,29 @@
 
 pub mod audit;
 pub mod blobs;
+pub mod datasets;
+pub mod episodes;
+pub mod evaluators;
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod keys;
 pub mod logs;
+pub mod nodes;
 pub mod policies;
+pub mod queue;
+pub mod receipts;
 pub mod sandboxes;
+pub mod signals;
 pub mod templates;
+pub mod tools;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{cluster, gateway, metrics, records, AppState};
+use crate::{metrics, AppState};
 
 /// Largest request body (JSON) accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -67,37 +76,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/blobs/gc", post(blobs::gc_blobs))
         .route("/v1/blobs/{cid}", get(blobs::get_blob).delete(blobs::delete_blob))
-        .route("/v1/tools", post(gateway::put_tool).get(gateway::list_tools))
-        .route("/v1/tools/{name}", axum::routing::delete(gateway::delete_tool))
-        .route("/v1/receipts", get(records::list_receipts))
-        .route("/v1/receipts/{id}", get(records::get_receipt))
-        .route("/v1/keys", get(records::public_keys))
-        .route("/v1/keys/rotate", post(records::rotate_key))
-        .route("/v1/episodes", get(records::list_episodes))
-        .route("/v1/episodes/{id}", get(records::get_episode))
-        .route("/v1/episodes/{id}/export", get(records::export_episode))
-        .route(
-            "/v1/episodes/{id}/signals",
-            post(records::add_signal).get(records::list_signals),
-        )
-        .route(
-            "/v1/evaluators",
-            post(records::add_evaluator).get(records::list_evaluators),
-        )
-        .route(
-            "/v1/datasets",
-            post(records::build_dataset).get(records::list_datasets),
-        )
-        .route("/v1/sandboxes/{id}/trace", get(records::sandbox_trace))
-        .route("/v1/nodes", get(cluster::list_nodes))
-        .route("/v1/nodes/tokens", post(cluster::create_token))
-        .route("/v1/nodes/{id}", axum::routing::delete(cluster::delete_node))
-        .route("/v1/nodes/register", post(cluster::register))
-        .route("/v1/nodes/{id}/heartbeat", post(cluster::heartbeat))
-        .route("/v1/cluster", get(cluster::cluster_status))
-        .route("/v1/node/sandboxes", post(cluster::create_node_sandbox))
-        .route("/v1/queue", get(cluster::list_queue))
-        .route("/v1/queue/{id}", get(cluster::get_queued))
+        .merge(tools::routes())
+        .merge(receipts::routes())
+        .merge(keys::routes())
+        .merge(episodes::routes())
+        .merge(signals::routes())
+        .merge(evaluators::routes())
+        .merge(datasets::routes())
+        .merge(nodes::routes())
+        .merge(queue::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))
         .route(
