@@ -118,12 +118,14 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
     init_daemon();
     let config = config(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(tartarus_server::serve(config, |addr| {
-        use std::io::Write;
-        // Tests and scripts wait for this line to know the server accepts connections.
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "listening on {addr}");
-        let _ = out.flush();
-    }))?;
+    runtime.block_on(tartarus_server::serve(config, print_listening))?;
     Ok(0)
+}
+
+/// Prints `listening on ADDR` once a server accepts connections: tests and scripts wait for this line.
+pub fn print_listening(addr: std::net::SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "listening on {addr}");
+    let _ = out.flush();
 }
