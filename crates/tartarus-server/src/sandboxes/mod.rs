@@ -20,10 +20,12 @@ use crate::error::ApiError;
 mod pools;
 mod reconcile;
 mod request;
+mod retention;
 mod shim_client;
 
 pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
+pub use self::retention::Retention;
 
 pub(crate) use self::request::spec_from;
 
