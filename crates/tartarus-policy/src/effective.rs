@@ -36,14 +36,14 @@ pub const DEFAULT_CLASSES: &[&str] = &[DEFAULT_CLASS, "flame", "blaze"];
 pub const BUILTIN_POLICY_ID: &str = "builtin-default";
 
 /// The policy a server applies when no policy is loaded (the "Default limits" of the README): a tenant
-/// holds at most 20 live sandboxes and 8 GiB of memory across them (a sandbox that sets no memory counts
+/// holds at most 20 live sandboxes and 10 GiB of memory across them (20 of the `ember` class) (a sandbox that sets no memory counts
 /// as the `ember` class, 512 MiB), each sandbox at most 256 processes (its pids limit); no host network,
 /// no egress, no root filesystem, no writable mounts; everything else the built-in defaults of the crate
 /// docs.
 pub const BUILTIN_POLICY_YAML: &str = "id: builtin-default
 version: 1
 network: {egress: false}
-resources: {max_sandboxes: 20, max_total_memory_mb: 8192, max_pids: 256}
+resources: {max_sandboxes: 20, max_total_memory_mb: 10240, max_pids: 256}
 security: {allow_host_network: false, allow_rootfs: false, allow_writable_mounts: false}
 ";
 
@@ -358,7 +358,7 @@ mod tests {
         let e = effective(std::slice::from_ref(&builtin), "anyone", None);
         assert_eq!(builtin.id, BUILTIN_POLICY_ID);
         assert_eq!(e.resources.max_sandboxes, 20);
-        assert_eq!(e.resources.max_total_memory_mb, 8192);
+        assert_eq!(e.resources.max_total_memory_mb, 10240);
         assert_eq!(e.resources.max_pids, 256);
         assert!(!e.security.allow_host_network && !e.network.egress);
         assert_eq!(e.sources, [BUILTIN_POLICY_ID]);

@@ -49,7 +49,7 @@
 //! | `templates[]` keys | absent: no rule (every caller, no instance cap, the class and timeout defaults) |
 //!
 //! With no policy loaded at all the server applies [`builtin_policy`] (id `builtin-default`: 20 live
-//! sandboxes and 8 GiB per tenant, 256 processes per sandbox, no host network or egress).
+//! sandboxes and 10 GiB per tenant, 256 processes per sandbox, no host network or egress).
 //!
 //! # Validation
 //!
