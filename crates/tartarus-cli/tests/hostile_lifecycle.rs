@@ -270,7 +270,7 @@ fn deleting_a_template_removes_its_pool_sandboxes_directories_and_cgroups() {
         Some(&alpha),
         None,
     );
-    assert_eq!(status, 204);
+    assert_eq!(status, 200);
 
     poll(
         "the pool's files and processes gone",
@@ -386,4 +386,81 @@ fn a_main_log_past_its_cap_is_truncated_while_the_sandbox_runs() {
         Some(&alpha),
         None,
     );
+}
+
+fn result_record(dir: &Path, id: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(dir.join("sandboxes").join(id).join("result.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn started(server: &Server, key: &str, id: &str, dir: &Path) {
+    let log = dir.join("sandboxes").join(id).join("main.log");
+    poll("the main command's trap set", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("armed"))
+    });
+    assert_eq!(
+        get(server, key, &format!("/v1/sandboxes/{id}")).1["status"],
+        "running"
+    );
+}
+
+#[test]
+fn a_delete_with_grace_sends_sigterm_first_and_sigkill_only_after_the_grace() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let alpha = new_key(dir.path(), "alpha", "user");
+    let graceful = "trap 'echo cleaned-up; exit 0' TERM; echo armed; while :; do sleep 0.1; done";
+    let id = create(&server, &alpha, json!({"cmd": ["sh", "-c", graceful]}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    started(&server, &alpha, &id, dir.path());
+
+    let (status, record) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}?grace_s=5", server.base),
+        Some(&alpha),
+        None,
+    );
+
+    assert_eq!((status, &record["status"]), (200, &json!("killed")), "{record}");
+    let log = std::fs::read_to_string(dir.path().join("sandboxes").join(&id).join("main.log")).unwrap();
+    assert!(
+        log.contains("cleaned-up"),
+        "the command's SIGTERM handler ran: {log}"
+    );
+    assert_eq!(result_record(dir.path(), &id)["signal"], 15);
+
+    let stubborn = "trap '' TERM; echo armed; while :; do sleep 0.1; done";
+    let id = create(&server, &alpha, json!({"cmd": ["sh", "-c", stubborn]}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    started(&server, &alpha, &id, dir.path());
+    let asked = Instant::now();
+    let (status, record) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}?grace_s=2", server.base),
+        Some(&alpha),
+        None,
+    );
+    assert_eq!((status, &record["status"]), (200, &json!("killed")), "{record}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "killed only after the grace"
+    );
+    assert_eq!(
+        result_record(dir.path(), &id)["signal"],
+        9,
+        "a command ignoring SIGTERM is killed"
+    );
+    let (status, body) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}?grace_s=100000", server.base),
+        Some(&alpha),
+        None,
+    );
+    assert_eq!(status, 422, "{body}");
 }
