@@ -1002,14 +1002,14 @@ fn the_audit_trail_records_mutations_per_tenant() {
         Some(&server.admin),
         None,
     );
-    assert_eq!(all.as_array().unwrap().len(), 4);
+    assert_eq!(all.as_array().unwrap().len(), 6, "team-a's four, team-b's admission and create");
     let (_, only_b) = call(
         "GET",
         &format!("{}/v1/audit?tenant=team-b", server.base),
         Some(&server.admin),
         None,
     );
-    assert_eq!(only_b.as_array().unwrap().len(), 1);
+    assert_eq!(only_b.as_array().unwrap().len(), 2);
     let out = cli(&server, &a, &["audit"], b"");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
