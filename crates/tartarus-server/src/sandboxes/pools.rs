@@ -204,11 +204,11 @@ impl Manager {
                         Some(pool) if pool.spec.spec == spec.spec => {
                             pool.ready.push(Pooled { id, dir, child, pid })
                         }
-                        _ => stale = Some(child),
+                        _ => stale = Some(Pooled { id, dir, child, pid }),
                     }
                 }
-                if let Some(mut child) = stale {
-                    let _ = child.start_kill();
+                if let Some(pooled) = stale {
+                    manager.discard(vec![pooled]);
                     break;
                 }
             }
