@@ -1002,7 +1002,11 @@ fn the_audit_trail_records_mutations_per_tenant() {
         Some(&server.admin),
         None,
     );
-    assert_eq!(all.as_array().unwrap().len(), 6, "team-a's four, team-b's admission and create");
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        6,
+        "team-a's four, team-b's admission and create"
+    );
     let (_, only_b) = call(
         "GET",
         &format!("{}/v1/audit?tenant=team-b", server.base),
