@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub insecure_registries: Vec<String>,
     /// How long events are kept.
     pub event_retention: Duration,
+    /// How long ended sandboxes' directories are kept, and the cap on a running sandbox's `main.log`.
+    pub retention: sandboxes::Retention,
     /// How often egress sandboxes' blocked-packet counters are checked against their policy.
     pub enforcement_interval: Duration,
     /// A classification hook: a program given every create request (JSON on stdin) that answers
@@ -243,6 +245,7 @@ pub async fn serve_on(
         .await
         .map_err(ServerError::Config)?;
     spawn_event_retention(store.clone(), config.event_retention);
+    manager.spawn_retention(config.retention);
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
     let replica = format!(
         "{}:{}:{}",

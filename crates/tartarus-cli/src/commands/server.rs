@@ -26,6 +26,14 @@ pub struct ServerArgs {
     #[arg(long, default_value = "720h", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
     event_retention: std::time::Duration,
+    /// How long ended sandboxes' directories (spec, logs, result) are kept; their records stay
+    #[arg(long, default_value = "168h", value_name = "DURATION",
+          value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
+    retention: std::time::Duration,
+    /// The most bytes a running sandbox's main.log may hold; past it the log is truncated (checked every second)
+    #[arg(long, default_value = "64MiB", value_name = "SIZE",
+          value_parser = |s: &str| tartarus_runtime::units::parse_size(s).map_err(|e| e.to_string()))]
+    max_log_bytes: u64,
     /// How often egress sandboxes' blocked-packet counters are checked (network violations)
     #[arg(long, default_value = "1s", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
@@ -101,6 +109,10 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
         warm_pool: args.warm_pool,
         insecure_registries: args.insecure_registries,
         event_retention: args.event_retention,
+        retention: tartarus_server::sandboxes::Retention {
+            keep_ended: args.retention,
+            max_log_bytes: args.max_log_bytes,
+        },
         enforcement_interval: args.enforcement_interval,
         classifier: args.classifier,
         blob_quota: args.blob_quota,

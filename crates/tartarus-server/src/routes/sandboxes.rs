@@ -244,14 +244,38 @@ pub(crate) async fn on_node(
     ))
 }
 
+/// `DELETE /v1/sandboxes/{id}` query.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Seconds the sandbox's processes get after SIGTERM before SIGKILL (at most 300); absent or 0:
+    /// SIGKILL at once. The result record's `signal` says which ended it (15 or 9).
+    pub grace_s: Option<u64>,
+}
+
+/// The longest `grace_s` a delete may ask for.
+const MAX_GRACE_S: u64 = 300;
+
 /// Kill a sandbox and remove its resources; returns its final record.
-#[utoipa::path(delete, path = "/v1/sandboxes/{id}", security(("api_key" = [])),
-    responses((status = 200, body = SandboxView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(DeleteQuery), security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+               (status = 422, body = ErrorBody)))]
 pub(crate) async fn delete_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<axum::extract::Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SandboxView>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let grace = match query.grace_s {
+        Some(s) if s > MAX_GRACE_S => {
+            return Err(ApiError::invalid(format!(
+                "grace_s {s} is more than {MAX_GRACE_S}"
+            )))
+        }
+        Some(0) | None => None,
+        Some(s) => Some(std::time::Duration::from_secs(s)),
+    };
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     if record.status.is_live() {
@@ -266,7 +290,7 @@ pub(crate) async fn delete_sandbox(
             }
             cluster::sync_from_node(&state, &record, &theirs).await?;
         } else {
-            state.manager.kill(&record).await?;
+            state.manager.stop(&record, grace).await?;
         }
     }
     audit(&state, &caller, "sandbox.delete", Some(&id), "ok").await;

@@ -84,6 +84,54 @@ fn template_from(body: Value) -> Result<Template, ApiError> {
     parse_template(&text, &source).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
+/// Most templates a tenant may own (shared, admin-made templates are not counted).
+pub const MAX_TEMPLATES_PER_TENANT: usize = 20;
+
+/// Most warm sandboxes all of a tenant's own templates may keep started together. Pooled sandboxes belong
+/// to no tenant until claimed, so they are outside every quota: this caps what a user key can start that
+/// way (admins' shared templates may pool up to [`tartarus_image::template::MAX_POOL`] each).
+pub const MAX_POOLED_PER_TENANT: u32 = 4;
+
+/// Refuses a user key's template that would make its tenant own more than [`MAX_TEMPLATES_PER_TENANT`]
+/// templates, or keep more than [`MAX_POOLED_PER_TENANT`] sandboxes warm (the template replaced, if any,
+/// is not counted twice).
+async fn tenant_template_limits(state: &AppState, tenant: &str, template: &Template) -> Result<(), ApiError> {
+    let owned: Vec<TemplateRecord> = state
+        .store
+        .list_templates(Some(tenant))
+        .await?
+        .into_iter()
+        .filter(|r| r.tenant.as_deref() == Some(tenant) && r.id != template.id)
+        .collect();
+    if owned.len() >= MAX_TEMPLATES_PER_TENANT {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!(
+                "the tenant has {} templates, the most a tenant may own ({MAX_TEMPLATES_PER_TENANT}); delete one first",
+                owned.len()
+            ),
+        ));
+    }
+    let pooled: u32 = owned
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Template>(&r.definition).ok())
+        .map(|t| t.pool.size)
+        .sum();
+    if pooled.saturating_add(template.pool.size) > MAX_POOLED_PER_TENANT {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!(
+                "pool.size {} would make the tenant's templates keep {} sandboxes warm, the most a tenant may ({MAX_POOLED_PER_TENANT}; {pooled} in other templates)",
+                template.pool.size,
+                pooled.saturating_add(template.pool.size)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Create a template, or replace one the caller owns (admins: any). 201 when new, 200 when replaced.
 #[utoipa::path(post, path = "/v1/templates", request_body = CreateTemplate, security(("api_key" = [])),
     responses((status = 201, body = TemplateView), (status = 200, body = TemplateView),
@@ -105,6 +153,9 @@ pub async fn create_template(
         (None, Role::Admin) => None,
         (_, _) => Some(caller.tenant.clone()),
     };
+    if let Some(tenant) = owner.as_deref().filter(|_| caller.role != Role::Admin) {
+        tenant_template_limits(&state, tenant, &template).await?;
+    }
     let result = state
         .store
         .put_template(&id, owner.as_deref(), &template.to_json())

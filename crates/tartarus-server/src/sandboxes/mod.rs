@@ -20,10 +20,12 @@ use crate::error::ApiError;
 mod pools;
 mod reconcile;
 mod request;
+mod retention;
 mod shim_client;
 
 pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
+pub use self::retention::Retention;
 
 pub(crate) use self::request::spec_from;
 
@@ -386,16 +388,24 @@ impl Manager {
 
     /// Kills a running sandbox and waits until its outcome is recorded.
     pub async fn kill(&self, record: &SandboxRecord) -> Result<(), ApiError> {
+        self.stop(record, None).await
+    }
+
+    /// Stops a running sandbox — with `grace`, SIGTERM first and SIGKILL once it is over, else SIGKILL at
+    /// once — and waits until its outcome is recorded.
+    pub async fn stop(&self, record: &SandboxRecord, grace: Option<Duration>) -> Result<(), ApiError> {
         let waiter = self
             .done
             .lock()
             .map_err(|_| ApiError::internal("lock poisoned"))?
             .get(&record.id)
             .cloned();
-        self.shim(record)
-            .kill()
-            .await
-            .map_err(|e| call_error(&record.id, e))?;
+        let shim = self.shim(record);
+        match grace {
+            Some(grace) => shim.terminate(grace).await,
+            None => shim.kill().await,
+        }
+        .map_err(|e| call_error(&record.id, e))?;
         if let Some(mut rx) = waiter {
             let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|done| *done)).await;
         }
