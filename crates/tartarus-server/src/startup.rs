@@ -47,6 +47,11 @@ pub struct ServerConfig {
     pub queue_depth: i64,
     /// How the scheduler scores nodes.
     pub placement: tartarus_scheduler::Strategy,
+    /// What of the host admin keys may give a sandbox (`--allow-host-network`, `--allow-host-rootfs`).
+    pub host_access: crate::sandboxes::HostAccess,
+    /// Registries (HOST[:PORT]) user keys may pull images from (`--registry`; the insecure registries count
+    /// too). Empty: only admin keys pull by reference.
+    pub registries: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +227,14 @@ pub async fn serve_on(
     let images = images::Images {
         store: image_store,
         insecure_registries: Arc::new(config.insecure_registries.iter().cloned().collect()),
+        allowed_registries: Arc::new(
+            config
+                .registries
+                .iter()
+                .chain(&config.insecure_registries)
+                .map(|r| images::registry_name(r))
+                .collect(),
+        ),
     };
     manager.refill(sandboxes::DEFAULT_POOL);
     for record in store
@@ -230,7 +243,7 @@ pub async fn serve_on(
         .map_err(|e| ServerError::Config(e.to_string()))?
     {
         match serde_json::from_str::<tartarus_image::template::Template>(&record.definition) {
-            Ok(template) => images::start_template_pool(&manager, &images, template),
+            Ok(template) => images::start_template_pool(&manager, &images, record.tenant.clone(), template),
             Err(e) => {
                 tracing::error!(template = %record.id, "stored template is unreadable: {}", tartarus_runtime::error_chain(&e))
             }
@@ -276,6 +289,7 @@ pub async fn serve_on(
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?,
+        host_access: config.host_access,
     };
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);

@@ -26,6 +26,7 @@ pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
 
 pub(crate) use self::request::spec_from;
+pub use self::request::HostAccess;
 
 pub struct Manager {
     store: Store,
@@ -183,7 +184,7 @@ impl Manager {
             None => None,
         };
         let pooled = pool_key.and_then(|key| self.take_pooled(key));
-        let template_label = template.unwrap_or("none").to_string();
+        let template_label = crate::metrics::template_label(template).to_string();
         // A sandbox started for this request has its record already; a pooled one gets it now.
         let (id, dir, mut child, pid, inserted) = match pooled {
             Some(p) => (p.id, p.dir, p.child, p.pid, false),
