@@ -215,6 +215,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+        // Written as null instead of left out: not canonical.
+        #[derive(Serialize)]
+        struct NullNonce {
+            #[serde(flatten)]
+            receipt: Receipt,
+            nonce: Option<String>,
+        }
+        let bytes = crate::canonical::encode(&NullNonce {
+            receipt: receipt(),
+            nonce: None,
+        })
+        .unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains("nonce"));
+        let err = crate::canonical::decode::<Receipt>(&bytes).unwrap_err();
+        assert_eq!(err.kind(), "not_canonical");
     }
 
     #[test]
