@@ -222,6 +222,18 @@ pub async fn serve_on(
             )));
         }
     }
+    for registry in &config.registries {
+        let plain = !registry.is_empty()
+            && !registry.contains('/')
+            && !registry.contains('@')
+            && !registry.chars().any(char::is_whitespace);
+        if !plain {
+            return Err(ServerError::Config(format!(
+                "--registry {registry:?}: give a registry host with an optional port (docker.io, ghcr.io, \
+                 registry.internal:5000), no scheme or path"
+            )));
+        }
+    }
     let image_store = tartarus_image::runspec::open_store(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("opening the image store: {e}")))?;
     let images = images::Images {
