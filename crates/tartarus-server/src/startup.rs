@@ -49,6 +49,11 @@ pub struct ServerConfig {
     pub queue_depth: i64,
     /// How the scheduler scores nodes.
     pub placement: tartarus_scheduler::Strategy,
+    /// What of the host admin keys may give a sandbox (`--allow-host-network`, `--allow-host-rootfs`).
+    pub host_access: crate::sandboxes::HostAccess,
+    /// Registries (HOST[:PORT]) user keys may pull images from (`--registry`; the insecure registries count
+    /// too). Empty: only admin keys pull by reference.
+    pub registries: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,11 +224,31 @@ pub async fn serve_on(
             )));
         }
     }
+    for registry in &config.registries {
+        let plain = !registry.is_empty()
+            && !registry.contains('/')
+            && !registry.contains('@')
+            && !registry.chars().any(char::is_whitespace);
+        if !plain {
+            return Err(ServerError::Config(format!(
+                "--registry {registry:?}: give a registry host with an optional port (docker.io, ghcr.io, \
+                 registry.internal:5000), no scheme or path"
+            )));
+        }
+    }
     let image_store = tartarus_image::runspec::open_store(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("opening the image store: {e}")))?;
     let images = images::Images {
         store: image_store,
         insecure_registries: Arc::new(config.insecure_registries.iter().cloned().collect()),
+        allowed_registries: Arc::new(
+            config
+                .registries
+                .iter()
+                .chain(&config.insecure_registries)
+                .map(|r| images::registry_name(r))
+                .collect(),
+        ),
     };
     manager.refill(sandboxes::DEFAULT_POOL);
     for record in store
@@ -232,7 +257,7 @@ pub async fn serve_on(
         .map_err(|e| ServerError::Config(e.to_string()))?
     {
         match serde_json::from_str::<tartarus_image::template::Template>(&record.definition) {
-            Ok(template) => images::start_template_pool(&manager, &images, template),
+            Ok(template) => images::start_template_pool(&manager, &images, record.tenant.clone(), template),
             Err(e) => {
                 tracing::error!(template = %record.id, "stored template is unreadable: {}", tartarus_runtime::error_chain(&e))
             }
@@ -279,6 +304,7 @@ pub async fn serve_on(
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?,
+        host_access: config.host_access,
     };
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);

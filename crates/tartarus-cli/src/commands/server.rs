@@ -22,6 +22,17 @@ pub struct ServerArgs {
     /// A registry on loopback (HOST:PORT) to pull images from over plain HTTP (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// A registry (HOST[:PORT], e.g. docker.io or ghcr.io) user keys may pull images from (repeatable; the
+    /// insecure registries count too). Without any, only admin keys pull images by reference
+    #[arg(long = "registry", value_name = "HOST[:PORT]")]
+    registries: Vec<String>,
+    /// Let admin keys create sandboxes on the host's network namespace (`network: host-loopback`), which
+    /// reach everything the host reaches: the API, /metrics, the database, other tenants' sandboxes
+    #[arg(long)]
+    allow_host_network: bool,
+    /// Let admin keys create sandboxes with a host directory as their root (`rootfs`)
+    #[arg(long)]
+    allow_host_rootfs: bool,
     /// How long the event stream keeps events (GET /v1/events), e.g. 30d is 720h
     #[arg(long, default_value = "720h", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
@@ -122,6 +133,11 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
         node_timeout: args.node_timeout,
         queue_depth: args.queue_depth,
         placement: args.placement,
+        host_access: tartarus_server::sandboxes::HostAccess {
+            network: args.allow_host_network,
+            rootfs: args.allow_host_rootfs,
+        },
+        registries: args.registries,
         runtime: super::run::runtime_config(),
     })
 }

@@ -27,17 +27,19 @@ pub(crate) async fn create_sandbox(
     use axum::response::IntoResponse;
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
-    let mut spec = spec_from(&body, &caller)?;
+    let mut spec = spec_from(&body, &caller, state.host_access)?;
     let mut pool_key = None;
     if let Some(id) = &body.template {
         let record = state
             .store
-            .get_template(id, caller.scope())
+            // The caller's own (admins: their tenant's), else the shared one.
+            .get_template(id, Some(&caller.tenant))
             .await?
             .ok_or_else(|| ApiError::invalid(format!("unknown template '{id}' (see GET /v1/templates)")))?;
         let template: tartarus_image::template::Template = serde_json::from_str(&record.definition)
             .map_err(|e| ApiError::internal(format!("stored template '{id}': {e}")))?;
-        let image = state.images.ensure(&template.base_image).await?;
+        let puller = images::PullFor::owner(record.tenant.as_deref());
+        let image = state.images.ensure(&template.base_image, puller).await?;
         let plain = images::apply_template(
             &mut spec,
             &template,
@@ -46,10 +48,14 @@ pub(crate) async fn create_sandbox(
             state.manager.shim_exe(),
         )?;
         if plain {
-            pool_key = Some(template.id.clone());
+            pool_key = Some(images::pool_key(record.tenant.as_deref(), &template.id));
         }
     } else if let Some(reference) = &body.image {
-        let image = state.images.ensure(reference).await?;
+        let puller = match caller.role {
+            tartarus_store::Role::Admin => images::PullFor::Operator,
+            _ => images::PullFor::Tenant(&caller.tenant),
+        };
+        let image = state.images.ensure(reference, puller).await?;
         images::root_on_image(&mut spec, &state.images, &image)?;
     }
     // The classification hook may send the request to quarantine, or refuse it.

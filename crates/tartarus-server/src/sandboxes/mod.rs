@@ -28,6 +28,7 @@ use self::pools::{pool_spec, poolable, Pool};
 pub use self::retention::Retention;
 
 pub(crate) use self::request::spec_from;
+pub use self::request::HostAccess;
 
 pub struct Manager {
     store: Store,
@@ -185,7 +186,7 @@ impl Manager {
             None => None,
         };
         let pooled = pool_key.and_then(|key| self.take_pooled(key));
-        let template_label = template.unwrap_or("none").to_string();
+        let template_label = crate::metrics::template_label(template).to_string();
         // A sandbox started for this request has its record already; a pooled one gets it now.
         let (id, dir, mut child, pid, inserted) = match pooled {
             Some(p) => (p.id, p.dir, p.child, p.pid, false),
