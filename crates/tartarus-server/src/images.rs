@@ -13,9 +13,9 @@ use tartarus_runtime::{BindMount, SandboxSpec};
 use crate::error::ApiError;
 use crate::sandboxes::{Manager, PoolSpec};
 
-/// Where template sandboxes find the python shim (the `tartarus` binary) and the zygote's socket; the
-/// names are the shim's (see `tartarus_cli::commands::zygote`).
-const SHIM_DIR: &str = "/.tartarus/bin";
+/// Where template sandboxes find the python launcher (the `tartarus` binary) and the zygote's socket; the
+/// names are the launcher's (see `tartarus_cli::commands::zygote`).
+const LAUNCHER_DIR: &str = "/.tartarus/bin";
 const ZYGOTE_SOCKET: &str = "/run/tartarus-zygote/socket";
 const ZYGOTE_SERVE: &str = "--tartarus-zygote-serve";
 const ZYGOTE_WAIT: &str = "--tartarus-zygote-wait";
@@ -181,13 +181,13 @@ pub fn apply_template(
     Ok(plain)
 }
 
-/// Mounts the python shim, points `PATH` at it, and (without a main command) makes the zygote the main
+/// Mounts the python launcher, points `PATH` at it, and (without a main command) makes the zygote the main
 /// command, so every `python3` in the sandbox forks from the warmed interpreter.
 fn add_zygote(spec: &mut SandboxSpec, warmup: &str, shim_exe: &std::path::Path) {
     for name in ["python3", "python"] {
         spec.mounts.push(BindMount {
             source: shim_exe.to_path_buf(),
-            target: format!("{SHIM_DIR}/{name}").into(),
+            target: format!("{LAUNCHER_DIR}/{name}").into(),
             writable: false,
         });
     }
@@ -195,12 +195,12 @@ fn add_zygote(spec: &mut SandboxSpec, warmup: &str, shim_exe: &std::path::Path) 
         .env_value("PATH")
         .unwrap_or(tartarus_runtime::spec::DEFAULT_PATH)
         .to_string();
-    spec.env.push(("PATH".into(), format!("{SHIM_DIR}:{path}")));
+    spec.env.push(("PATH".into(), format!("{LAUNCHER_DIR}:{path}")));
     spec.env
         .push(("TARTARUS_ZYGOTE_SOCKET".into(), ZYGOTE_SOCKET.into()));
     spec.env.push(("TARTARUS_WARMUP".into(), warmup.to_string()));
     if spec.command.is_empty() {
-        spec.command = vec![format!("{SHIM_DIR}/python3"), ZYGOTE_SERVE.into()];
+        spec.command = vec![format!("{LAUNCHER_DIR}/python3"), ZYGOTE_SERVE.into()];
     }
 }
 
@@ -221,7 +221,7 @@ pub fn template_pool(
     // sandbox before it is handed out (the operator's script: it loads libraries into the page cache and
     // prepares files).
     let warm_probe = template.warmup().map(|(language, script)| match language {
-        WarmupLanguage::Python => vec![format!("{SHIM_DIR}/python3"), ZYGOTE_WAIT.to_string()],
+        WarmupLanguage::Python => vec![format!("{LAUNCHER_DIR}/python3"), ZYGOTE_WAIT.to_string()],
         WarmupLanguage::Shell => vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()],
     });
     Ok(PoolSpec {

@@ -87,7 +87,7 @@ pub(crate) async fn create_sandbox(
             .unwrap_or("main")
             .parse()
             .map_err(|e: tartarus_store::StoreError| ApiError::invalid(e.to_string()))?;
-        let want = cluster::Wanted {
+        let want = cluster::PlacementRequest {
             id: None,
             tenant: caller.tenant.clone(),
             spec: spec.clone(),

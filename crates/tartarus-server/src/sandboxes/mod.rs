@@ -132,7 +132,7 @@ impl Manager {
         self.data_dir.join("gateway").join(id)
     }
 
-    /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python shim).
+    /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python launcher).
     pub fn shim_exe(&self) -> &Path {
         self.launcher.exe()
     }
