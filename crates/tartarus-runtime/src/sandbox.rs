@@ -180,6 +180,10 @@ pub enum PrepareError {
     },
     #[error("{limit} limit requested but cannot be enforced: {why}")]
     LimitUnavailable { limit: &'static str, why: String },
+    /// A default limit (the spec set none and lifted none) that this host cannot enforce: a root supervisor
+    /// never runs a sandbox without it.
+    #[error("default {limit} limit cannot be enforced: {why}")]
+    DefaultLimitUnavailable { limit: &'static str, why: String },
     #[error("cgroup setup failed at {path}")]
     Cgroup {
         path: String,
