@@ -377,7 +377,7 @@ impl ProcessSandbox {
                     source: e.into(),
                 })?;
         }
-        let (pid, pidfd) = forked.map_err(StartError::Namespaces)?;
+        let (pid, pidfd) = forked.map_err(StartError::from_clone)?;
         drop((sync_read, start_write, status_write));
         self.exec_client = control.map(|(ours, theirs)| {
             drop(theirs);
@@ -407,10 +407,7 @@ impl ProcessSandbox {
                 command: self.command_name(),
                 source: io::Error::from_raw_os_error(errno),
             }),
-            Some(Report::SetupFailed { errno, stage }) => Err(StartError::Setup {
-                stage,
-                source: io::Error::from_raw_os_error(errno),
-            }),
+            Some(Report::SetupFailed { errno, stage }) => Err(StartError::from_setup(stage, errno)),
         }
     }
 

@@ -313,7 +313,13 @@ fn start_target(
         tty: false,
         report_fd: report_write.as_raw_fd(),
     };
-    let pid = spawn(plan, &target).map_err(|e| (125, format!("{}: {}", e.stage, e.source)))?;
+    let pid = spawn(plan, &target).map_err(|e| match e.source.raw_os_error() {
+        Some(libc::EAGAIN | libc::ENOMEM) if e.stage == "fork" => (
+            125,
+            "the sandbox's process limit (pids) is reached: end some of its processes first".to_string(),
+        ),
+        _ => (125, format!("{}: {}", e.stage, e.source)),
+    })?;
     drop((report_write, stdin, stdout, stderr));
     let name = program.display_name();
     match read_report(&report_read) {
