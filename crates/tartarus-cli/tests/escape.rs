@@ -141,6 +141,51 @@ fn dangerous_kernel_interfaces_are_denied() {
     }
 }
 
+/// M6: only AF_UNIX, AF_INET, AF_INET6 and route netlink sockets can be created. AF_VSOCK is scoped by no
+/// namespace (it reaches the hypervisor, CID 2, from any network mode), so its socket must not even be
+/// created: nothing here connects anywhere.
+#[test]
+fn test_sockets_of_families_other_than_unix_inet_inet6_and_route_netlink_are_refused() {
+    let script = r#"
+import errno, socket
+def probe(name, family, kind, protocol=0):
+    try:
+        socket.socket(family, kind, protocol).close()
+        print(name, "created")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+probe("vsock", socket.AF_VSOCK, socket.SOCK_STREAM)
+probe("vsock-dgram", socket.AF_VSOCK, socket.SOCK_DGRAM)
+probe("packet", socket.AF_PACKET, socket.SOCK_RAW)
+probe("netlink-audit", socket.AF_NETLINK, socket.SOCK_RAW, 9)
+probe("unix", socket.AF_UNIX, socket.SOCK_STREAM)
+probe("inet", socket.AF_INET, socket.SOCK_STREAM)
+probe("inet6", socket.AF_INET6, socket.SOCK_DGRAM)
+probe("netlink-route", socket.AF_NETLINK, socket.SOCK_RAW, 0)
+try:
+    socket.socketpair(socket.AF_VSOCK)
+    print("vsock-pair created")
+except OSError as e:
+    print("vsock-pair", errno.errorcode[e.errno])
+a, b = socket.socketpair(socket.AF_UNIX)
+a.sendall(b"x")
+print("unix-pair", "works" if b.recv(1) == b"x" else "broken")
+"#;
+    let out = ok(py(&[], script));
+    let results: std::collections::HashMap<&str, &str> =
+        out.lines().filter_map(|l| l.split_once(' ')).collect();
+    for refused in ["vsock", "vsock-dgram", "packet", "netlink-audit", "vsock-pair"] {
+        assert_eq!(results.get(refused), Some(&"EAFNOSUPPORT"), "{refused}: {out}");
+    }
+    for created in ["unix", "inet", "inet6", "netlink-route"] {
+        assert_eq!(results.get(created), Some(&"created"), "{created}: {out}");
+    }
+    assert_eq!(results.get("unix-pair"), Some(&"works"), "{out}");
+    // `ip` speaks route netlink, which stays allowed.
+    let links = ok(sh("ip -br link"));
+    assert!(links.starts_with("lo "), "{links}");
+}
+
 #[test]
 fn host_hostname_cannot_be_changed() {
     let before = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();

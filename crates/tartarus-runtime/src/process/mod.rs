@@ -37,7 +37,9 @@ use self::child::{ChildPlan, ExecPlan, IdMode};
 use self::protocol::{read_report, Report, STATUS_LEN};
 use self::rootfs::{PreparedMount, RootInputs};
 use self::seccomp::CompiledFilters;
-pub use self::seccomp::{deniable_syscall, DENIED_SYSCALLS, EXTRA_DENIABLE_SYSCALLS};
+pub use self::seccomp::{
+    deniable_syscall, ALLOWED_SOCKET_FAMILIES, DENIED_SYSCALLS, EXTRA_DENIABLE_SYSCALLS,
+};
 use self::service::ExecClient;
 use crate::capabilities::LaneCapabilities;
 use crate::files::FileOp;
