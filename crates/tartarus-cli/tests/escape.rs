@@ -186,6 +186,19 @@ print("unix-pair", "works" if b.recv(1) == b"x" else "broken")
     assert!(links.starts_with("lo "), "{links}");
 }
 
+/// L4: init is a clone of the supervisor, whose arguments name host paths (the binary, and for a shim
+/// the data directory and the sandbox's spec): its cmdline shows a title instead.
+#[test]
+fn test_the_init_cmdline_shows_no_host_path() {
+    let out = ok(sh("tr '\\0' ' ' < /proc/1/cmdline; echo; cat /proc/1/comm"));
+    let mut lines = out.lines();
+    let cmdline = lines.next().unwrap().trim_end();
+    assert_eq!(cmdline, "tartarus-init", "{out}");
+    assert!(!out.contains(bin()), "{out}");
+    // The comm is the binary's name only, never a path.
+    assert!(!lines.next().unwrap().contains('/'), "{out}");
+}
+
 #[test]
 fn host_hostname_cannot_be_changed() {
     let before = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();

@@ -177,7 +177,18 @@ impl<'a> ChildPlan<'a> {
     }
 }
 
+/// What `/proc/1/cmdline` shows inside the sandbox (and `ps` on the host) instead of the supervisor's
+/// arguments, which name host paths (the binary, the data directory, the spec).
+const INIT_TITLE: &[u8] = b"tartarus-init";
+
+/// Hides the supervisor's arguments from init's cmdline, first thing: every process init forks inherits
+/// the rewritten area. Best effort: it only fails without `/proc`, and the setup then fails anyway.
+pub(super) fn hide_supervisor_argv() {
+    let _ = tartarus_hostsys::overwrite_cmdline(INIT_TITLE);
+}
+
 fn run_init(plan: &ChildPlan<'_>) -> i32 {
+    hide_supervisor_argv();
     plan.close_supervisor_fds();
     // Die with the supervisor. Set before waiting so a supervisor that dies now is noticed (the sync read
     // then sees EOF).

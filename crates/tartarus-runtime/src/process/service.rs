@@ -112,6 +112,7 @@ fn receive<T: for<'de> Deserialize<'de>>(fd: BorrowedFd<'_>) -> io::Result<Optio
 
 /// Init of a service sandbox; never returns.
 pub(super) fn run_init(plan: &ChildPlan<'_>, control: RawFd) -> i32 {
+    child::hide_supervisor_argv();
     plan.close_supervisor_fds();
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
     // SAFETY: the sync pipe's read end is ours and stays open while we use it.
