@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::sandbox::PrepareError;
 use crate::spec::{Applied, AppliedLimits};
@@ -28,6 +29,9 @@ pub trait CgroupFs {
     fn mkdir(&self, path: &Path) -> io::Result<()>;
     fn rmdir(&self, path: &Path) -> io::Result<()>;
     fn subdirs(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Reads `path` until `done` holds for its content, at most `timeout`; whether it did. The host waits
+    /// for the kernel's change notification where the file has one (`cgroup.events`).
+    fn wait_until(&self, path: &Path, done: &dyn Fn(&str) -> bool, timeout: Duration) -> io::Result<bool>;
 }
 
 /// The host's cgroup filesystem.
@@ -68,6 +72,37 @@ impl CgroupFs for HostCgroupFs {
             }
         }
         Ok(out)
+    }
+    fn wait_until(&self, path: &Path, done: &dyn Fn(&str) -> bool, timeout: Duration) -> io::Result<bool> {
+        use std::io::{Read, Seek};
+        let deadline = Instant::now() + timeout;
+        // Opened before the first read: a change after the open wakes the poll, so none is missed.
+        let mut file = std::fs::File::open(path)?;
+        let mut text = String::new();
+        loop {
+            text.clear();
+            file.rewind()?;
+            file.read_to_string(&mut text)?;
+            if done(&text) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            // cgroup.events signals a change with POLLPRI; files without notifications (v1's
+            // freezer.state) never do, so each wait is capped and the file read again.
+            let mut fds = [rustix::event::PollFd::new(&file, rustix::event::PollFlags::PRI)];
+            let wait = left.min(Duration::from_millis(10));
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: wait.subsec_nanos() as i64,
+            };
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
@@ -207,6 +242,9 @@ pub struct SandboxCgroups {
 }
 
 const CPU_PERIOD_US: u64 = 100_000;
+
+/// Longest wait for the kernel to report a sandbox frozen or thawed.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One controller a sandbox needs, and whether only a default asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,7 +500,34 @@ impl SandboxCgroups {
         self.dirs.iter().find(|d| d.controllers.contains(&controller))
     }
 
-    /// Freezes (or thaws) every process of the sandbox.
+    /// Freezes (or thaws) every process of the sandbox and waits, at most [`FREEZE_TIMEOUT`], until the
+    /// kernel reports it done: the freezer works asynchronously, and "paused" must mean that no process
+    /// of the sandbox runs any more. A freeze that does not complete is undone.
+    pub fn freeze_and_wait(&self, fs: &dyn CgroupFs, frozen: bool) -> io::Result<()> {
+        self.freeze(fs, frozen)?;
+        let dir = self
+            .dir_with(Controller::Freezer)
+            .ok_or_else(|| io::Error::other("no freezer cgroup"))?;
+        let (file, state) = match (dir.version, frozen) {
+            (CgroupVersion::V2, true) => ("cgroup.events", "frozen 1"),
+            (CgroupVersion::V2, false) => ("cgroup.events", "frozen 0"),
+            (CgroupVersion::V1, true) => ("freezer.state", "FROZEN"),
+            (CgroupVersion::V1, false) => ("freezer.state", "THAWED"),
+        };
+        let done = |text: &str| text.lines().any(|l| l.trim() == state);
+        if fs.wait_until(&dir.path.join(file), &done, FREEZE_TIMEOUT)? {
+            return Ok(());
+        }
+        if frozen {
+            let _ = self.freeze(fs, false);
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the kernel did not report the sandbox {state} within {FREEZE_TIMEOUT:?}"),
+        ))
+    }
+
+    /// Freezes (or thaws) every process of the sandbox, without waiting for the kernel to finish.
     pub fn freeze(&self, fs: &dyn CgroupFs, frozen: bool) -> io::Result<()> {
         let dir = self
             .dir_with(Controller::Freezer)
@@ -692,6 +757,15 @@ pub(crate) mod fake {
                 .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .collect())
         }
+        /// Answers at once from the file as it is: the fake's kernel is instantaneous (or never done).
+        fn wait_until(
+            &self,
+            path: &Path,
+            done: &dyn Fn(&str) -> bool,
+            _timeout: Duration,
+        ) -> io::Result<bool> {
+            Ok(done(&self.read(path)?))
+        }
     }
 }
 
@@ -855,6 +929,31 @@ mod tests {
             fs.written("/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.freeze")
                 .unwrap(),
             "0"
+        );
+    }
+
+    #[test]
+    fn test_pause_waits_for_the_kernel_to_report_frozen_and_undoes_a_freeze_that_never_completes() {
+        let fs = hybrid().file(
+            "/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.events",
+            "populated 1\nfrozen 1\n",
+        );
+        let cgroups = make(&fs, &nothing(), true).unwrap();
+        cgroups.freeze_and_wait(&fs, true).unwrap();
+        let freeze = "/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.freeze";
+        assert_eq!(fs.written(freeze).as_deref(), Some("1"));
+
+        let stuck = hybrid().file(
+            "/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.events",
+            "populated 1\nfrozen 0\n",
+        );
+        let cgroups = make(&stuck, &nothing(), true).unwrap();
+        let err = cgroups.freeze_and_wait(&stuck, true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert_eq!(
+            stuck.written(freeze).as_deref(),
+            Some("0"),
+            "a half-done freeze is undone"
         );
     }
 

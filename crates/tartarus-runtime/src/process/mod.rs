@@ -549,7 +549,7 @@ impl ServiceSandbox for ProcessSandbox {
             });
         }
         self.cgroups
-            .freeze(self.cgroup_fs.as_ref(), true)
+            .freeze_and_wait(self.cgroup_fs.as_ref(), true)
             .map_err(|source| ServiceError::Host {
                 what: "freezing the sandbox",
                 source,
@@ -562,7 +562,7 @@ impl ServiceSandbox for ProcessSandbox {
         self.require_running()?;
         if self.paused {
             self.cgroups
-                .freeze(self.cgroup_fs.as_ref(), false)
+                .freeze_and_wait(self.cgroup_fs.as_ref(), false)
                 .map_err(|source| ServiceError::Host {
                     what: "thawing the sandbox",
                     source,
