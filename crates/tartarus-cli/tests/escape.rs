@@ -141,6 +141,64 @@ fn dangerous_kernel_interfaces_are_denied() {
     }
 }
 
+/// M6: only AF_UNIX, AF_INET, AF_INET6 and route netlink sockets can be created. AF_VSOCK is scoped by no
+/// namespace (it reaches the hypervisor, CID 2, from any network mode), so its socket must not even be
+/// created: nothing here connects anywhere.
+#[test]
+fn test_sockets_of_families_other_than_unix_inet_inet6_and_route_netlink_are_refused() {
+    let script = r#"
+import errno, socket
+def probe(name, family, kind, protocol=0):
+    try:
+        socket.socket(family, kind, protocol).close()
+        print(name, "created")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+probe("vsock", socket.AF_VSOCK, socket.SOCK_STREAM)
+probe("vsock-dgram", socket.AF_VSOCK, socket.SOCK_DGRAM)
+probe("packet", socket.AF_PACKET, socket.SOCK_RAW)
+probe("netlink-audit", socket.AF_NETLINK, socket.SOCK_RAW, 9)
+probe("unix", socket.AF_UNIX, socket.SOCK_STREAM)
+probe("inet", socket.AF_INET, socket.SOCK_STREAM)
+probe("inet6", socket.AF_INET6, socket.SOCK_DGRAM)
+probe("netlink-route", socket.AF_NETLINK, socket.SOCK_RAW, 0)
+try:
+    socket.socketpair(socket.AF_VSOCK)
+    print("vsock-pair created")
+except OSError as e:
+    print("vsock-pair", errno.errorcode[e.errno])
+a, b = socket.socketpair(socket.AF_UNIX)
+a.sendall(b"x")
+print("unix-pair", "works" if b.recv(1) == b"x" else "broken")
+"#;
+    let out = ok(py(&[], script));
+    let results: std::collections::HashMap<&str, &str> =
+        out.lines().filter_map(|l| l.split_once(' ')).collect();
+    for refused in ["vsock", "vsock-dgram", "packet", "netlink-audit", "vsock-pair"] {
+        assert_eq!(results.get(refused), Some(&"EAFNOSUPPORT"), "{refused}: {out}");
+    }
+    for created in ["unix", "inet", "inet6", "netlink-route"] {
+        assert_eq!(results.get(created), Some(&"created"), "{created}: {out}");
+    }
+    assert_eq!(results.get("unix-pair"), Some(&"works"), "{out}");
+    // `ip` speaks route netlink, which stays allowed.
+    let links = ok(sh("ip -br link"));
+    assert!(links.starts_with("lo "), "{links}");
+}
+
+/// L4: init is a clone of the supervisor, whose arguments name host paths (the binary, and for a shim
+/// the data directory and the sandbox's spec): its cmdline shows a title instead.
+#[test]
+fn test_the_init_cmdline_shows_no_host_path() {
+    let out = ok(sh("tr '\\0' ' ' < /proc/1/cmdline; echo; cat /proc/1/comm"));
+    let mut lines = out.lines();
+    let cmdline = lines.next().unwrap().trim_end();
+    assert_eq!(cmdline, "tartarus-init", "{out}");
+    assert!(!out.contains(bin()), "{out}");
+    // The comm is the binary's name only, never a path.
+    assert!(!lines.next().unwrap().contains('/'), "{out}");
+}
+
 #[test]
 fn host_hostname_cannot_be_changed() {
     let before = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();

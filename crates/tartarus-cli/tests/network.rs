@@ -2,10 +2,14 @@
 //! between sandboxes, blocked-packet counts, and that nothing is left behind.
 //!
 //! Safety: every test builds its whole world inside network namespaces it creates. An outer namespace
-//! (`tt-test-<random>`), linked to nothing real, runs the supervisor (`ip netns exec … tartarus run`), so
-//! the bridge, NAT and rules live there; "remote hosts" are further namespaces linked by veth only to the
-//! outer one, with test addresses. No packet is sent from, and no rule is changed in, the host's own
-//! network namespace. Every namespace is removed by a Drop guard, also when a test panics.
+//! (`tt-test-<random>`), linked to nothing real, stands for the host: it runs the supervisor (`nsenter
+//! --net=… tartarus run`), so the bridge, NAT and rules live there; "remote hosts" are further namespaces
+//! linked by veth only to the outer one, with test addresses. No packet is sent from, and no rule is
+//! changed in, the host's own network namespace. Every namespace is removed by a Drop guard, also when a
+//! test panics.
+//!
+//! The supervisor enters the outer namespace with `nsenter`, not `ip netns exec`: the latter remounts
+//! `/sys` without the cgroup trees, where a root supervisor puts every sandbox's default limits.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -159,7 +163,29 @@ impl Lab {
             .host("meta", METADATA, "169.254.0.1", 16, &[80])
     }
 
-    /// Makes the supervisor (run with `ip netns exec`) see `text` as its /etc/resolv.conf.
+    /// Services on every port given, bound to 0.0.0.0 in the outer namespace: the host's own services
+    /// (sshd, a node agent, an API), on its bridge address and on every address it has towards the lab
+    /// (203.0.113.1, 10.77.0.1, …).
+    fn host_services(mut self, ports: &[u16]) -> Lab {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let mut args = vec!["-c", SERVER];
+        args.extend_from_slice(&ports);
+        let server = self
+            .command("python3", &args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("start a host service");
+        self.servers.push(server);
+        let mut args = vec!["-c", READY];
+        args.extend_from_slice(&ports);
+        let ready = self.command("python3", &args).output().unwrap();
+        assert!(ready.status.success(), "{}", stderr(&ready));
+        self
+    }
+
+    /// Makes the supervisor see `text` as its /etc/resolv.conf (bound over it in a mount namespace of its
+    /// own, as `ip netns exec` does with `/etc/netns/<name>`).
     fn resolv_conf(mut self, text: &str) -> Lab {
         let parent = PathBuf::from("/etc/netns");
         let created_parent = !parent.exists();
@@ -170,9 +196,24 @@ impl Lab {
         self
     }
 
+    /// `program args…` in the outer namespace (nsenter execs it: its pid is the program's).
     fn command(&self, program: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.outer, program])
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.outer)).arg("--");
+        if let Some((dir, _)) = &self.etc {
+            c.args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "slave",
+                "--",
+                "/bin/sh",
+                "-c",
+            ])
+            .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+            .arg(dir.join("resolv.conf"));
+        }
+        c.arg(program)
             .args(args)
             .env("TARTARUS_BRIDGE_CIDR", BRIDGE_CIDR)
             .stdin(Stdio::null());
@@ -358,6 +399,39 @@ fn dns_port_is_dropped_without_dns_and_open_to_the_host_resolver_with_it() {
     assert_eq!(stdout(&out), format!("nameserver {PUBLIC}\n"), "{}", stderr(&out));
 }
 
+/// H6: services of the host itself — bound to 0.0.0.0, on its public-looking address 203.0.113.1, on its
+/// bridge address, on its private address 10.77.0.1 — are unreachable from an egress sandbox, with or
+/// without `--allow-private`, while upstreams in other namespaces are reachable. With `--dns`, a resolver
+/// on the host is reached on port 53 and on nothing else.
+#[test]
+fn test_the_host_itself_is_unreachable_from_an_egress_sandbox_but_upstreams_are_reachable() {
+    let lab = Lab::standard()
+        .resolv_conf("nameserver 203.0.113.1\n")
+        .host_services(&[9090, 53]);
+    let (public, bridge, private) = (
+        target("203.0.113.1", 9090),
+        target("10.99.0.1", 9090),
+        target("10.77.0.1", 9090),
+    );
+    let upstream = target(PUBLIC, 80);
+    let (results, record) = lab.probe(&[], &[&public, &bridge, &upstream]);
+    assert_blocked(&results, &public);
+    assert_blocked(&results, &bridge);
+    assert_reached(&results, &upstream);
+    assert!(record["blocked_packets"].as_u64().unwrap() > 0, "{record}");
+
+    let (results, _) = lab.probe(&["--allow-private"], &[&private, &public, &target(PRIVATE, 80)]);
+    assert_blocked(&results, &private);
+    assert_blocked(&results, &public);
+    assert_reached(&results, &target(PRIVATE, 80));
+
+    let resolver = target("203.0.113.1", 53);
+    let (results, _) = lab.probe(&["--dns"], &[&resolver, &public, &upstream]);
+    assert_reached(&results, &resolver);
+    assert_blocked(&results, &public);
+    assert_reached(&results, &upstream);
+}
+
 #[test]
 fn two_egress_sandboxes_cannot_reach_each_other() {
     let lab = Lab::standard();
@@ -520,7 +594,7 @@ fn gc_removes_the_network_of_a_killed_supervisor() {
     let mut lines = BufReader::new(supervisor.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "up");
     assert!(lab.ruleset().contains("chain sb_"), "{}", lab.ruleset());
-    // `ip netns exec` execs the supervisor, so the child's pid is tartarus itself.
+    // `nsenter` execs the supervisor, so the child's pid is tartarus itself.
     supervisor.kill().unwrap();
     supervisor.wait().unwrap();
 

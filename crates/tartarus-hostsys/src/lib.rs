@@ -395,6 +395,51 @@ pub fn set_not_dumpable() -> io::Result<()> {
     Ok(())
 }
 
+/// The argv area of this process's initial stack, `(arg_start, arg_end)`, from `/proc/self/stat`
+/// (fields 48 and 49, counted from the pid; the comm before them may hold spaces, so they are counted
+/// from the closing parenthesis).
+fn argv_area() -> io::Result<(usize, usize)> {
+    parse_argv_area(&std::fs::read_to_string("/proc/self/stat")?)
+}
+
+fn parse_argv_area(stat: &str) -> io::Result<(usize, usize)> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/self/stat");
+    let after_comm = stat.rsplit_once(')').ok_or_else(bad)?.1;
+    // The first field after the comm is field 3 (state).
+    let field = |n: usize| -> io::Result<usize> {
+        after_comm
+            .split_whitespace()
+            .nth(n - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(bad)
+    };
+    let (start, end) = (field(48)?, field(49)?);
+    if start == 0 || end <= start {
+        return Err(bad());
+    }
+    Ok((start, end))
+}
+
+/// Makes `/proc/self/cmdline` show `title` (truncated to fit) instead of the arguments the program was
+/// started with: the argv area is zeroed and `title` written at its start. The area's last byte stays
+/// NUL, so no kernel reads on into the environment. For a process that never reads its arguments again:
+/// a sandbox's init, a clone of its supervisor whose argv names host paths.
+pub fn overwrite_cmdline(title: &[u8]) -> io::Result<()> {
+    let (start, end) = argv_area()?;
+    let len = end - start;
+    let keep = title.len().min(len - 1);
+    // SAFETY: `start..end` is the argv area the kernel reports for this process: the strings it copied
+    // onto the initial stack at exec, mapped read-write for the process's whole life. No Rust value owns
+    // those bytes; std keeps only pointers to them (for `env::args`), which stay valid NUL-terminated
+    // strings after this (empty, or the title). The caller is single-threaded, so nothing reads them
+    // concurrently.
+    unsafe {
+        std::ptr::write_bytes(start as *mut u8, 0, len);
+        std::ptr::copy_nonoverlapping(title.as_ptr(), start as *mut u8, keep);
+    }
+    Ok(())
+}
+
 /// Returns the highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`), falling
 /// back to the highest one libc knows.
 pub fn last_capability() -> u32 {
@@ -537,6 +582,21 @@ fn unshare_namespace(flag: libc::c_int) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_the_argv_area_is_read_after_a_comm_with_spaces_and_parentheses() {
+        let stat = "25804 (a) b (c) R 25799 25799 16716 0 -1 4194304 100 0 0 0 0 0 0 0 20 0 1 0 546010 \
+                    3133440 360 18446744073709551615 94573813972992 94573813992873 140733251257792 0 0 0 0 \
+                    0 0 0 0 0 17 1 0 0 0 0 0 94573814008880 94573814010496 94574298583040 140733251263188 \
+                    140733251263208 140733251263208 140733251264491 0";
+        assert_eq!(
+            parse_argv_area(stat).unwrap(),
+            (140_733_251_263_188, 140_733_251_263_208)
+        );
+        assert!(parse_argv_area("1 (x) R 0").is_err());
+        let (start, end) = argv_area().expect("this process's argv area");
+        assert!(end > start);
+    }
 
     #[test]
     fn an_exited_but_unreaped_child_is_not_alive() {

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Most CPUs a template may give or allow (the server's own limit for a sandbox).
-pub const MAX_CPUS: f64 = 64.0;
-/// Most memory, in MiB, a template may give or allow (1 TiB, the server's own limit for a sandbox).
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Most CPUs a template may give or allow: a sandbox's own bound.
+pub const MAX_CPUS: f64 = tartarus_runtime::MAX_CPUS;
+/// Most memory, in MiB, a template may give or allow: a sandbox's own bound.
+pub const MAX_MEMORY_MIB: u64 = tartarus_runtime::MAX_MEMORY_BYTES >> 20;
 /// Most warm sandboxes the server keeps for one template.
 pub const MAX_POOL: u32 = 64;
-/// Longest lifetime a template may set (a week, the server's own limit).
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+/// Longest lifetime a template may set: a sandbox's own bound.
+pub const MAX_TIMEOUT: Duration = tartarus_runtime::MAX_TIMEOUT;
 
 /// A validated template (see the module docs for the YAML shape).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,10 +5,17 @@
 //! 2. the metadata addresses (with `deny_metadata`) and `denied_cidrs` are dropped;
 //! 3. DNS (TCP/UDP port 53) is accepted to the host's resolvers when `dns` is set, and dropped to
 //!    everything else (always when `dns` is not set);
-//! 4. the private ranges (with `deny_private`) are dropped — even when an allowed CIDR covers them;
-//! 5. with a non-empty `allowed_cidrs`, everything outside them is dropped;
-//! 6. with a non-empty `allowed_ports`, TCP and UDP to other ports are dropped;
-//! 7. the rest is accepted, at most `rate_limit_kbps` KiB/s in each direction when set.
+//! 4. packets to the host itself — any of its addresses (`fib daddr type local`), and broadcast or
+//!    multicast, which the host would take in too — are dropped: a service bound to 0.0.0.0 (sshd, a node
+//!    agent, the API) is never reachable, whatever the contract allows. Only the DNS of step 3 reaches a
+//!    resolver on the host, and replies to connections the sandbox made come back (`established`);
+//! 5. the private ranges (with `deny_private`) are dropped — even when an allowed CIDR covers them;
+//! 6. with a non-empty `allowed_cidrs`, everything outside them is dropped;
+//! 7. with a non-empty `allowed_ports`, TCP and UDP to other ports are dropped;
+//! 8. the rest is accepted, at most `rate_limit_kbps` KiB/s in each direction when set.
+//!
+//! The same chain serves the `forward` hook (traffic leaving through the host) and the `input` hook
+//! (traffic for the host): step 4 is what keeps the second from reaching the final accept.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -214,6 +221,7 @@ pub(crate) fn render_install(r: &SandboxRules<'_>) -> String {
         }
     }
     rule("meta l4proto { tcp, udp } th dport 53 counter drop comment \"dns\"");
+    rule("fib daddr type { local, broadcast, multicast } counter drop comment \"host\"");
     if c.deny_private {
         for p in PRIVATE_RANGES {
             rule(&format!(
@@ -364,6 +372,43 @@ mod tests {
         let accept = text.find("th dport 53 ip daddr 10.255.255.53 accept").unwrap();
         assert!(accept < text.find("th dport 53 counter drop").unwrap());
         assert!(accept < text.find("10.0.0.0/8 counter drop").unwrap());
+    }
+
+    #[test]
+    fn test_the_host_itself_is_dropped_after_dns_and_before_anything_that_accepts() {
+        let host = "fib daddr type { local, broadcast, multicast } counter drop comment \"host\"";
+        for c in [
+            contract(),
+            EgressContract {
+                deny_private: false,
+                dns: true,
+                ..EgressContract::default()
+            },
+        ] {
+            let text = render(&c, &["203.0.113.1".parse().unwrap()]);
+            let pos = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle} in\n{text}"));
+            assert!(pos("th dport 53 counter drop") < pos(host));
+            if c.dns {
+                assert!(pos("th dport 53 ip daddr 203.0.113.1 accept") < pos(host));
+            }
+            let rules: Vec<&str> = text.lines().filter(|l| l.starts_with("add rule inet")).collect();
+            let at = rules
+                .iter()
+                .position(|r| r.ends_with(host))
+                .expect("the host rule");
+            // Before it, only replies and DNS to the resolvers are accepted.
+            for r in &rules[..at] {
+                if r.ends_with(" accept") {
+                    assert!(
+                        r.contains("established") || r.contains("th dport 53 ip daddr"),
+                        "{r}"
+                    );
+                }
+            }
+            assert!(rules.last().is_some_and(|r| r.ends_with("sb_abc123 accept")));
+            // The input hook jumps to this chain: the host rule is what stops it there.
+            assert!(text.contains("input iifname \"tartarus0\" ip saddr 10.88.0.2 jump sb_abc123"));
+        }
     }
 
     #[test]

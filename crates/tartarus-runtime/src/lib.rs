@@ -31,8 +31,9 @@ pub use service::{
     ExecError, ExecId, ExecRequest, LimitHits, ServiceError, ServiceErrorKind, ServiceSandbox, Usage,
 };
 pub use spec::{
-    BindMount, EgressContract, NetworkMode, ProcessLimits, ResourceLimits, RootSpec, SandboxSpec,
-    SandboxUser, SpecError,
+    Applied, AppliedLimits, BindMount, EgressContract, NetworkMode, ProcessLimits, ResourceLimits, RootSpec,
+    SandboxSpec, SandboxUser, SpecError, Unlimited, DEFAULT_CPU_WEIGHT, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS,
+    MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, MAX_TIMEOUT, MIN_MEMORY_BYTES, MIN_PIDS,
 };
 pub use tartarus_network::NetworkError;
 

@@ -180,6 +180,10 @@ pub enum PrepareError {
     },
     #[error("{limit} limit requested but cannot be enforced: {why}")]
     LimitUnavailable { limit: &'static str, why: String },
+    /// A default limit (the spec set none and lifted none) that this host cannot enforce: a root supervisor
+    /// never runs a sandbox without it.
+    #[error("default {limit} limit cannot be enforced: {why}")]
+    DefaultLimitUnavailable { limit: &'static str, why: String },
     #[error("cgroup setup failed at {path}")]
     Cgroup {
         path: String,
@@ -203,10 +207,22 @@ pub enum PrepareError {
 pub enum StartError {
     #[error("sandbox is {0:?}; only a prepared sandbox can start")]
     State(SandboxState),
+    /// `clone3` (or init's fork) refused for lack of processes: EAGAIN or ENOMEM. Use
+    /// [`StartError::from_clone`] to classify a `clone3` error.
+    #[error(
+        "the host's process limit is reached (pids cgroup or pid_max): the sandbox's processes cannot be \
+         created; end other sandboxes or raise the limit"
+    )]
+    ProcessLimit(#[source] std::io::Error),
+    /// `clone3` refused the new namespaces themselves: EPERM, EINVAL or ENOSPC (user namespaces disabled
+    /// or exhausted).
     #[error(
         "cannot create the sandbox namespaces (are user namespaces enabled? see user.max_user_namespaces)"
     )]
     Namespaces(#[source] std::io::Error),
+    /// `clone3` failed for another reason.
+    #[error("cannot create the sandbox's init process")]
+    Clone(#[source] std::io::Error),
     #[error("cannot map the sandbox user")]
     IdMap(#[source] std::io::Error),
     #[error("sandbox setup failed: {stage}")]
@@ -234,6 +250,26 @@ pub enum StartError {
 }
 
 impl StartError {
+    /// The error for a failed `clone3` of the sandbox's init, by errno: the process limit (EAGAIN, ENOMEM),
+    /// the namespaces (EPERM, EINVAL, ENOSPC, EUSERS), or anything else.
+    pub fn from_clone(source: std::io::Error) -> StartError {
+        match source.raw_os_error() {
+            Some(libc::EAGAIN | libc::ENOMEM) => StartError::ProcessLimit(source),
+            Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS) => StartError::Namespaces(source),
+            _ => StartError::Clone(source),
+        }
+    }
+
+    /// The error for init's report that setup step `stage` failed with `errno`: a refused fork is the
+    /// process limit too.
+    pub fn from_setup(stage: String, errno: i32) -> StartError {
+        let source = std::io::Error::from_raw_os_error(errno);
+        match (stage.as_str(), errno) {
+            ("fork", libc::EAGAIN | libc::ENOMEM) => StartError::ProcessLimit(source),
+            _ => StartError::Setup { stage, source },
+        }
+    }
+
     /// The exit code a shell would use for this failure: 127 not found, 126 not executable, 125 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -263,4 +299,47 @@ pub enum RuntimeError {
     },
     #[error("removing the sandbox's network failed")]
     Network(#[source] tartarus_network::NetworkError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno(code: i32) -> std::io::Error {
+        std::io::Error::from_raw_os_error(code)
+    }
+
+    #[test]
+    fn test_a_clone_refused_for_lack_of_processes_names_the_process_limit_not_user_namespaces() {
+        for code in [libc::EAGAIN, libc::ENOMEM] {
+            let e = StartError::from_clone(errno(code));
+            assert!(matches!(e, StartError::ProcessLimit(_)), "{code}: {e:?}");
+            let text = e.to_string();
+            assert!(
+                text.contains("process limit is reached (pids cgroup or pid_max)"),
+                "{text}"
+            );
+            assert!(!text.contains("user namespaces"), "{text}");
+        }
+        for code in [libc::EPERM, libc::EINVAL, libc::ENOSPC, libc::EUSERS] {
+            let e = StartError::from_clone(errno(code));
+            assert!(matches!(e, StartError::Namespaces(_)), "{code}: {e:?}");
+            assert!(e.to_string().contains("are user namespaces enabled?"));
+        }
+        assert!(matches!(
+            StartError::from_clone(errno(libc::EFAULT)),
+            StartError::Clone(_)
+        ));
+    }
+
+    #[test]
+    fn test_a_refused_fork_in_init_is_the_process_limit_and_other_steps_keep_their_stage() {
+        let e = StartError::from_setup("fork".into(), libc::EAGAIN);
+        assert!(matches!(e, StartError::ProcessLimit(_)), "{e:?}");
+        let e = StartError::from_setup("pivot_root".into(), libc::EAGAIN);
+        assert!(
+            matches!(e, StartError::Setup { ref stage, .. } if stage == "pivot_root"),
+            "{e:?}"
+        );
+    }
 }

@@ -59,19 +59,92 @@ pub enum NetworkMode {
     Egress(EgressContract),
 }
 
-/// Resource limits enforced through cgroups. `None` means "not requested".
+/// Resource limits enforced through cgroups, as the caller asked for them. `None` means "not asked":
+/// the sandbox then runs with the default ([`DEFAULT_MEMORY_BYTES`], [`DEFAULT_PIDS`], a fair CPU share of
+/// [`DEFAULT_CPU_WEIGHT`]) unless [`SandboxSpec::unlimited`] lifts it; [`SandboxSpec::applied_limits`]
+/// says what a sandbox really gets.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct ResourceLimits {
+    /// Memory of every process, the scratch tmpfs pages included.
     pub memory_bytes: Option<u64>,
-    /// CPU bandwidth in cores (0.5 = half of one core).
+    /// CPU bandwidth in cores (0.5 = half of one core): a quota, only when asked.
     pub cpus: Option<f64>,
+    /// Processes and threads.
     pub pids: Option<u64>,
 }
 
 impl ResourceLimits {
+    /// Whether the caller asked for any limit (defaults do not count).
     pub fn any(&self) -> bool {
         self.memory_bytes.is_some() || self.cpus.is_some() || self.pids.is_some()
     }
+}
+
+/// Default limits a trusted caller lifts on purpose: each `true` runs the sandbox without that limit
+/// instead of its default (`tartarus run --pids unlimited`). Nothing here is ever set from an API request
+/// by default; it exists for operators who really mean "no limit".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Unlimited {
+    /// No memory limit (the scratch tmpfs is then charged to nobody's limit but its own size cap).
+    pub memory: bool,
+    /// No CPU cgroup at all: neither a quota nor the default fair-share weight.
+    pub cpu: bool,
+    /// No pids cgroup and no `RLIMIT_NPROC`.
+    pub pids: bool,
+}
+
+impl Unlimited {
+    /// Nothing lifted: every default applies.
+    pub fn is_none(&self) -> bool {
+        *self == Unlimited::default()
+    }
+}
+
+/// Where one limit of a sandbox comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Applied<T> {
+    /// The spec asked for it: enforced, or the sandbox does not start.
+    Requested(T),
+    /// The spec left it unset: the runtime's default. A root supervisor enforces it (or refuses to
+    /// start); a rootless one enforces only what needs no cgroup (see docs/process-sandbox.md).
+    Default(T),
+    /// Lifted on purpose ([`SandboxSpec::unlimited`]).
+    Lifted,
+}
+
+impl<T: Copy> Applied<T> {
+    /// The limit's value, unless lifted.
+    pub fn value(&self) -> Option<T> {
+        match *self {
+            Applied::Requested(v) | Applied::Default(v) => Some(v),
+            Applied::Lifted => None,
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        matches!(self, Applied::Default(_))
+    }
+
+    fn from(asked: Option<T>, lifted: bool, default: T) -> Applied<T> {
+        match (asked, lifted) {
+            (Some(v), _) => Applied::Requested(v),
+            (None, true) => Applied::Lifted,
+            (None, false) => Applied::Default(default),
+        }
+    }
+}
+
+/// The limits a sandbox runs with: the spec's, the defaults for what it leaves unset, nothing for what it
+/// lifts ([`SandboxSpec::applied_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AppliedLimits {
+    pub memory_bytes: Applied<u64>,
+    /// CPU quota in cores; only when the spec asks for one (`limits.cpus`).
+    pub cpu_quota: Option<f64>,
+    /// CPU weight on the cgroup v2 scale (`cpu.weight`; v1 `cpu.shares` is 1024 per 100).
+    pub cpu_weight: Applied<u64>,
+    pub pids: Applied<u64>,
 }
 
 /// Per-process rlimits applied to the command.
@@ -142,6 +215,10 @@ pub struct SandboxSpec {
     /// Where Landlock lets the sandbox write (besides `:rw` mounts and devices), replacing the defaults
     /// (`/tmp`, home and `/dev/shm`, or the whole root of an image) when non-empty: a policy's narrower set.
     pub writable_paths: Vec<PathBuf>,
+    /// Default limits lifted on purpose. Written only when something is lifted, so that versions that
+    /// predate it keep executing every spec that lifts nothing (and refuse, as unknown, one that does).
+    #[serde(skip_serializing_if = "Unlimited::is_none")]
+    pub unlimited: Unlimited,
 }
 
 /// How serde reads a [`SandboxSpec`]'s fields, with no check for unknown ones: both readings start here.
@@ -165,6 +242,7 @@ struct SpecFields {
     user: Option<SandboxUser>,
     denied_syscalls: Vec<String>,
     writable_paths: Vec<PathBuf>,
+    unlimited: Unlimited,
 }
 
 /// Reads a spec and the paths of the fields it ignored (`mounts.0.recursive`).
@@ -223,6 +301,29 @@ pub const MAX_LAYERS: usize = 128;
 /// `PATH` given to the command when the caller sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Processes and threads of a sandbox whose spec sets no pids limit: room for a build or a test suite,
+/// far below any host's `pid_max`, so one sandbox's fork bomb cannot starve the host or its neighbours.
+pub const DEFAULT_PIDS: u64 = 256;
+/// Memory of a sandbox whose spec sets no limit, its scratch tmpfs pages included.
+pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+/// CPU weight of every sandbox unless lifted, on the cgroup v2 scale (1-10000; 100 is the kernel's own
+/// default): each sandbox gets the same share of contended CPU however many processes it runs. There
+/// is no quota unless the spec asks for one.
+pub const DEFAULT_CPU_WEIGHT: u64 = 100;
+
+/// Most CPU cores a sandbox may ask for (`limits.cpus` is in (0, `MAX_CPUS`]).
+pub const MAX_CPUS: f64 = 64.0;
+/// Least memory a sandbox may ask for: what a process and its init need.
+pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+/// Most memory a sandbox may ask for.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+/// Fewest processes a sandbox may ask for: its init and the command.
+pub const MIN_PIDS: u64 = 2;
+/// Most processes a sandbox may ask for.
+pub const MAX_PIDS: u64 = 1_000_000;
+/// Longest timeout a sandbox may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+
 /// A spec that cannot run, with what to change.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SpecError {
@@ -234,12 +335,16 @@ pub enum SpecError {
     EnvName(String),
     #[error("{what} '{path}' must be an absolute path without '..' (e.g. /work)")]
     SandboxPath { what: &'static str, path: String },
-    #[error("--cpus {0} is out of range: give a positive number of cores, at most 1024 (e.g. 0.5)")]
+    #[error("--cpus {0} is out of range: give a positive number of cores, at most {MAX_CPUS} (e.g. 0.5)")]
     Cpus(f64),
-    #[error("--memory {0} bytes is below the 4 MiB minimum a process needs")]
+    #[error("--memory {0} bytes is out of range: give between 4 MiB (what a process needs) and 1 TiB")]
     Memory(u64),
-    #[error("--pids must be at least 2 (the sandbox init and the command)")]
-    Pids,
+    #[error("--pids {0} is out of range: give between {MIN_PIDS} (the sandbox init and the command) and {MAX_PIDS}")]
+    Pids(u64),
+    #[error("timeout {0:?} is out of range: give more than zero and at most 7 days (e.g. 30s)")]
+    Timeout(Duration),
+    #[error("the {0} limit is both set and lifted (unlimited): drop one of the two")]
+    LimitAndUnlimited(&'static str),
     #[error("scratch size must be between 1 MiB and 1 TiB")]
     Scratch,
     #[error("user {0}:{1} is out of range: sandbox ids are below 65536")]
@@ -272,6 +377,20 @@ impl SandboxSpec {
             user: None,
             denied_syscalls: Vec::new(),
             writable_paths: Vec::new(),
+            unlimited: Unlimited::default(),
+        }
+    }
+
+    /// The limits this sandbox runs with: what the spec asks for, the defaults for what it leaves unset
+    /// ([`DEFAULT_MEMORY_BYTES`], [`DEFAULT_PIDS`], [`DEFAULT_CPU_WEIGHT`]), nothing for what it lifts.
+    /// Schedulers and quotas should count these, not `limits`.
+    pub fn applied_limits(&self) -> AppliedLimits {
+        let (asked, lifted) = (&self.limits, &self.unlimited);
+        AppliedLimits {
+            memory_bytes: Applied::from(asked.memory_bytes, lifted.memory, DEFAULT_MEMORY_BYTES),
+            cpu_quota: asked.cpus,
+            cpu_weight: Applied::from(None, lifted.cpu, DEFAULT_CPU_WEIGHT),
+            pids: Applied::from(asked.pids, lifted.pids, DEFAULT_PIDS),
         }
     }
 
@@ -340,17 +459,37 @@ impl SandboxSpec {
             }
         }
         if let Some(cpus) = self.limits.cpus {
-            if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+            if !(cpus.is_finite() && cpus > 0.0 && cpus <= MAX_CPUS) {
                 return Err(SpecError::Cpus(cpus));
             }
         }
         if let Some(memory) = self.limits.memory_bytes {
-            if memory < 4 << 20 {
+            if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&memory) {
                 return Err(SpecError::Memory(memory));
             }
         }
-        if self.limits.pids.is_some_and(|p| p < 2) {
-            return Err(SpecError::Pids);
+        if let Some(pids) = self.limits.pids {
+            if !(MIN_PIDS..=MAX_PIDS).contains(&pids) {
+                return Err(SpecError::Pids(pids));
+            }
+        }
+        if let Some(timeout) = self.timeout {
+            if timeout.is_zero() || timeout > MAX_TIMEOUT {
+                return Err(SpecError::Timeout(timeout));
+            }
+        }
+        for (set, lifted, name) in [
+            (
+                self.limits.memory_bytes.is_some(),
+                self.unlimited.memory,
+                "memory",
+            ),
+            (self.limits.cpus.is_some(), self.unlimited.cpu, "cpu"),
+            (self.limits.pids.is_some(), self.unlimited.pids, "pids"),
+        ] {
+            if set && lifted {
+                return Err(SpecError::LimitAndUnlimited(name));
+            }
         }
         if !(1 << 20..=1 << 40).contains(&self.scratch_bytes) {
             return Err(SpecError::Scratch);
@@ -452,7 +591,83 @@ mod tests {
         assert_eq!(s.validate(), Err(SpecError::Memory(1024)));
         let mut s = spec();
         s.limits.pids = Some(1);
-        assert_eq!(s.validate(), Err(SpecError::Pids));
+        assert_eq!(s.validate(), Err(SpecError::Pids(1)));
+    }
+
+    #[test]
+    fn test_limits_are_accepted_at_their_bounds_and_refused_just_past_them() {
+        let with = |f: &dyn Fn(&mut SandboxSpec)| {
+            let mut s = spec();
+            f(&mut s);
+            s.validate()
+        };
+        assert_eq!(with(&|s| s.limits.cpus = Some(MAX_CPUS)), Ok(()));
+        assert_eq!(
+            with(&|s| s.limits.cpus = Some(64.01)),
+            Err(SpecError::Cpus(64.01))
+        );
+        assert!(with(&|s| s.limits.cpus = Some(f64::NAN)).is_err());
+        assert_eq!(with(&|s| s.limits.memory_bytes = Some(MIN_MEMORY_BYTES)), Ok(()));
+        assert_eq!(with(&|s| s.limits.memory_bytes = Some(MAX_MEMORY_BYTES)), Ok(()));
+        assert_eq!(
+            with(&|s| s.limits.memory_bytes = Some(MAX_MEMORY_BYTES + 1)),
+            Err(SpecError::Memory(MAX_MEMORY_BYTES + 1))
+        );
+        assert_eq!(with(&|s| s.limits.pids = Some(MIN_PIDS)), Ok(()));
+        assert_eq!(with(&|s| s.limits.pids = Some(MAX_PIDS)), Ok(()));
+        assert_eq!(
+            with(&|s| s.limits.pids = Some(MAX_PIDS + 1)),
+            Err(SpecError::Pids(MAX_PIDS + 1))
+        );
+        assert_eq!(with(&|s| s.timeout = Some(MAX_TIMEOUT)), Ok(()));
+        let past = MAX_TIMEOUT + Duration::from_secs(1);
+        assert_eq!(with(&|s| s.timeout = Some(past)), Err(SpecError::Timeout(past)));
+        assert_eq!(
+            with(&|s| s.timeout = Some(Duration::ZERO)),
+            Err(SpecError::Timeout(Duration::ZERO))
+        );
+    }
+
+    #[test]
+    fn test_unset_limits_get_the_defaults_and_lifted_ones_none() {
+        let applied = spec().applied_limits();
+        assert_eq!(applied.memory_bytes, Applied::Default(DEFAULT_MEMORY_BYTES));
+        assert_eq!(applied.pids, Applied::Default(DEFAULT_PIDS));
+        assert_eq!(applied.cpu_weight, Applied::Default(DEFAULT_CPU_WEIGHT));
+        assert_eq!(applied.cpu_quota, None);
+
+        let mut s = spec();
+        s.limits.pids = Some(32);
+        s.limits.cpus = Some(0.5);
+        s.unlimited.memory = true;
+        let applied = s.applied_limits();
+        assert_eq!(applied.pids, Applied::Requested(32));
+        assert_eq!(applied.cpu_quota, Some(0.5));
+        assert_eq!(applied.cpu_weight, Applied::Default(DEFAULT_CPU_WEIGHT));
+        assert_eq!(applied.memory_bytes, Applied::Lifted);
+        assert_eq!(applied.memory_bytes.value(), None);
+    }
+
+    #[test]
+    fn test_a_limit_both_set_and_lifted_is_refused() {
+        let mut s = spec();
+        s.limits.pids = Some(32);
+        s.unlimited.pids = true;
+        assert_eq!(s.validate(), Err(SpecError::LimitAndUnlimited("pids")));
+    }
+
+    #[test]
+    fn test_unlimited_is_written_only_when_something_is_lifted() {
+        let text = serde_json::to_string(&spec()).expect("serialize");
+        assert!(!text.contains("unlimited"), "{text}");
+        let mut s = spec();
+        s.unlimited.cpu = true;
+        let text = serde_json::to_string(&s).expect("serialize");
+        assert!(
+            text.contains(r#""unlimited":{"memory":false,"cpu":true,"pids":false}"#),
+            "{text}"
+        );
+        assert_eq!(SandboxSpec::from_json_strict(&text).expect("strict reading"), s);
     }
 
     #[test]

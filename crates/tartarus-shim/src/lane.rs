@@ -30,8 +30,15 @@ pub fn start(
 }
 
 fn prepare_failure(e: PrepareError) -> StartFailure {
+    // A default limit the host cannot enforce is the host's (or the operator's) problem, not the request's.
+    let kind = match e {
+        PrepareError::DefaultLimitUnavailable { .. }
+        | PrepareError::Host { .. }
+        | PrepareError::Cgroup { .. } => StartFailureKind::Host,
+        _ => StartFailureKind::Spec,
+    };
     StartFailure {
-        kind: StartFailureKind::Spec,
+        kind,
         exit_code: 125,
         message: tartarus_runtime::error_chain(&e),
     }

@@ -14,7 +14,7 @@ use tartarus_runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use tartarus_runtime::units::{parse_duration, parse_size};
 use tartarus_runtime::{
     BindMount, EgressContract, ExitReason, KillReason, NetworkMode, Outcome, ResourceLimits, RootSpec,
-    Sandbox, SandboxSpec, StdioFds, Termination,
+    Sandbox, SandboxSpec, StdioFds, Termination, Unlimited,
 };
 
 use crate::terminal::{Pty, RawMode};
@@ -33,15 +33,15 @@ pub struct RunArgs {
     /// Pull over plain HTTP when the image is missing (only for a registry on loopback)
     #[arg(long, requires = "image")]
     insecure_registry: bool,
-    /// Memory limit, e.g. 256M or 1G
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
-    memory: Option<u64>,
-    /// CPU limit in cores, e.g. 0.5
-    #[arg(long, value_name = "CORES")]
-    cpus: Option<f64>,
-    /// Maximum number of processes and threads
-    #[arg(long, value_name = "N")]
-    pids: Option<u64>,
+    /// Memory limit, e.g. 256M or 1G (default 512M, scratch tmpfs included; `unlimited` lifts it)
+    #[arg(long, value_name = "SIZE|unlimited", value_parser = parse_memory_arg)]
+    memory: Option<Limit<u64>>,
+    /// CPU quota in cores, e.g. 0.5 (default: no quota, a fair share; `unlimited` drops the share too)
+    #[arg(long, value_name = "CORES|unlimited", value_parser = parse_cpus_arg)]
+    cpus: Option<Limit<f64>>,
+    /// Maximum number of processes and threads (default 256; `unlimited` lifts it)
+    #[arg(long, value_name = "N|unlimited", value_parser = parse_pids_arg)]
+    pids: Option<Limit<u64>>,
     /// Kill the sandbox after this long, e.g. 30s, 1m30s, 250ms
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     timeout: Option<Duration>,
@@ -91,6 +91,47 @@ pub struct RunArgs {
     /// The command and its arguments (optional with --image: the image's Cmd)
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// A limit flag: a value, or `unlimited` to lift the default on purpose.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Limit<T> {
+    Value(T),
+    Unlimited,
+}
+
+impl<T: Copy> Limit<T> {
+    fn value(self) -> Option<T> {
+        match self {
+            Limit::Value(v) => Some(v),
+            Limit::Unlimited => None,
+        }
+    }
+}
+
+fn parse_limit<T>(s: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<Limit<T>, String> {
+    match s {
+        "unlimited" => Ok(Limit::Unlimited),
+        _ => parse(s).map(Limit::Value),
+    }
+}
+
+fn parse_memory_arg(s: &str) -> Result<Limit<u64>, String> {
+    parse_limit(s, parse_size_arg)
+}
+
+fn parse_cpus_arg(s: &str) -> Result<Limit<f64>, String> {
+    parse_limit(s, |s| {
+        s.parse()
+            .map_err(|_| format!("'{s}' is not a number of cores or `unlimited` (e.g. --cpus 0.5)"))
+    })
+}
+
+fn parse_pids_arg(s: &str) -> Result<Limit<u64>, String> {
+    parse_limit(s, |s| {
+        s.parse()
+            .map_err(|_| format!("'{s}' is not a number of processes or `unlimited` (e.g. --pids 64)"))
+    })
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -208,9 +249,14 @@ fn spec_from(args: &RunArgs) -> SandboxSpec {
     spec.mounts = args.mounts.clone();
     spec.network = args.network.clone();
     spec.limits = ResourceLimits {
-        memory_bytes: args.memory,
-        cpus: args.cpus,
-        pids: args.pids,
+        memory_bytes: args.memory.and_then(Limit::value),
+        cpus: args.cpus.and_then(Limit::value),
+        pids: args.pids.and_then(Limit::value),
+    };
+    spec.unlimited = Unlimited {
+        memory: args.memory == Some(Limit::Unlimited),
+        cpu: args.cpus == Some(Limit::Unlimited),
+        pids: args.pids == Some(Limit::Unlimited),
     };
     spec.timeout = args.timeout;
     spec.tty = args.tty;
@@ -251,6 +297,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_TARTARUS_ERROR);
         }
     }
+    let memory_limit = spec.applied_limits().memory_bytes.value();
     let runtime = ProcessRuntime::new(runtime_config());
     let mut sandbox = match runtime.prepare_sandbox(spec) {
         Ok(s) => s,
@@ -354,7 +401,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         (Some(signal), _) => 128 + signal,
         _ => outcome.termination.exit_code(),
     };
-    explain(&outcome, &args);
+    explain(&outcome, &args, memory_limit);
     report.success(&id, &outcome, code, blocked_packets);
     Ok(code.clamp(0, 255) as u8)
 }
@@ -398,15 +445,14 @@ fn relay(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> bool {
     }
 }
 
-fn explain(outcome: &Outcome, args: &RunArgs) {
+fn explain(outcome: &Outcome, args: &RunArgs, memory_limit: Option<u64>) {
     match outcome.reason {
         ExitReason::Timeout => {
             let limit = args.timeout.map(|t| format!("{t:?}")).unwrap_or_default();
             eprintln!("tartarus: timed out after {limit}; the sandbox was killed");
         }
         ExitReason::Oom => {
-            let limit = args
-                .memory
+            let limit = memory_limit
                 .map(|m| format!(" (limit {} MiB)", m >> 20))
                 .unwrap_or_default();
             eprintln!("tartarus: out of memory{limit}; the kernel killed the command");

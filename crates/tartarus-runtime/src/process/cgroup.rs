@@ -1,17 +1,24 @@
 //! cgroup placement and limits for v2, v1 and hybrid hosts.
 //!
-//! Each requested limit goes to the controller where it can be enforced: the v2 tree when it offers the
-//! controller, else the v1 hierarchy of that controller. A limit with neither fails `prepare` with a message
-//! naming what is missing; a sandbox never runs without a limit that was asked for. Cgroups are only created
-//! when a limit is requested (the pid namespace already gives us kill-tree). Directory names carry the
-//! creating process's pid so `gc` can remove leftovers of a crashed supervisor.
+//! Each limit goes to the controller where it can be enforced: the v2 tree when it offers the controller,
+//! else the v1 hierarchy of that controller. A limit with neither fails `prepare` with a message naming
+//! what is missing; a sandbox never runs without a limit that was asked for, nor (with a root supervisor)
+//! without a default one ([`crate::spec::DEFAULT_PIDS`] and the others): lifting a default takes an
+//! explicit `unlimited`. Directory names carry the creating process's pid so `gc` can remove leftovers of a
+//! crashed supervisor.
+//!
+//! Charging: the kernel charges a page to the memory cgroup of the task that allocates it, tmpfs pages
+//! included. Init is moved into the sandbox's cgroups before it is released to mount anything, and every
+//! process of the sandbox descends from it, so the scratch tmpfs (`/tmp`, home, `/dev/shm`) counts against
+//! the sandbox's own memory limit, never the supervisor's.
 
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::sandbox::PrepareError;
-use crate::spec::ResourceLimits;
+use crate::spec::{Applied, AppliedLimits};
 
 /// The filesystem operations cgroup management needs; [`HostCgroupFs`] is the real one.
 pub trait CgroupFs {
@@ -22,6 +29,9 @@ pub trait CgroupFs {
     fn mkdir(&self, path: &Path) -> io::Result<()>;
     fn rmdir(&self, path: &Path) -> io::Result<()>;
     fn subdirs(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Reads `path` until `done` holds for its content, at most `timeout`; whether it did. The host waits
+    /// for the kernel's change notification where the file has one (`cgroup.events`).
+    fn wait_until(&self, path: &Path, done: &dyn Fn(&str) -> bool, timeout: Duration) -> io::Result<bool>;
 }
 
 /// The host's cgroup filesystem.
@@ -63,6 +73,37 @@ impl CgroupFs for HostCgroupFs {
         }
         Ok(out)
     }
+    fn wait_until(&self, path: &Path, done: &dyn Fn(&str) -> bool, timeout: Duration) -> io::Result<bool> {
+        use std::io::{Read, Seek};
+        let deadline = Instant::now() + timeout;
+        // Opened before the first read: a change after the open wakes the poll, so none is missed.
+        let mut file = std::fs::File::open(path)?;
+        let mut text = String::new();
+        loop {
+            text.clear();
+            file.rewind()?;
+            file.read_to_string(&mut text)?;
+            if done(&text) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            // cgroup.events signals a change with POLLPRI; files without notifications (v1's
+            // freezer.state) never do, so each wait is capped and the file read again.
+            let mut fds = [rustix::event::PollFd::new(&file, rustix::event::PollFlags::PRI)];
+            let wait = left.min(Duration::from_millis(10));
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: wait.subsec_nanos() as i64,
+            };
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 /// A resource controller we set limits with.
@@ -91,6 +132,18 @@ impl Controller {
             Controller::Pids => "pids",
             Controller::Freezer => "pause",
         }
+    }
+
+    /// How to lift this controller's default on purpose.
+    fn lift_hint(self) -> String {
+        let flag = match self {
+            Controller::Cpu => "cpus",
+            other => other.limit_name(),
+        };
+        format!(
+            "lift the default on purpose (`unlimited.{}` in the spec, `tartarus run --{flag} unlimited`)",
+            self.limit_name()
+        )
     }
 }
 
@@ -190,37 +243,74 @@ pub struct SandboxCgroups {
 
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// Creates the cgroup directories for `limits` under `<hierarchy>/<parent>/<name>` and writes the limits.
-/// Rolls back everything it created when any step fails.
+/// Longest wait for the kernel to report a sandbox frozen or thawed.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One controller a sandbox needs, and whether only a default asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub controller: Controller,
+    pub default: bool,
+}
+
+/// The controllers `limits` need. Defaults count only with `defaults` (a root supervisor); `freezable`
+/// adds the freezer (pause), which is never a default.
+pub fn wanted(limits: &AppliedLimits, defaults: bool, freezable: bool) -> Vec<Wanted> {
+    let origin = |applied: Applied<u64>| match applied {
+        Applied::Requested(_) => Some(false),
+        Applied::Default(_) if defaults => Some(true),
+        Applied::Default(_) | Applied::Lifted => None,
+    };
+    let cpu = match limits.cpu_quota {
+        Some(_) => Some(false),
+        None => origin(limits.cpu_weight),
+    };
+    [
+        (Controller::Freezer, freezable.then_some(false)),
+        (Controller::Memory, origin(limits.memory_bytes)),
+        (Controller::Cpu, cpu),
+        (Controller::Pids, origin(limits.pids)),
+    ]
+    .into_iter()
+    .filter_map(|(controller, default)| default.map(|default| Wanted { controller, default }))
+    .collect()
+}
+
+/// The error for a controller that cannot be used, worded for a requested or a default limit.
+fn unavailable(wanted: Wanted, why: String, requested_advice: &str) -> PrepareError {
+    let limit = wanted.controller.limit_name();
+    match wanted.default {
+        false => PrepareError::LimitUnavailable {
+            limit,
+            why: format!("{why}; {requested_advice}"),
+        },
+        true => PrepareError::DefaultLimitUnavailable {
+            limit,
+            why: format!("{why}; {}", wanted.controller.lift_hint()),
+        },
+    }
+}
+
+/// Creates the cgroup directories for the `wanted` controllers under `<hierarchy>/<parent>/<name>` and
+/// writes `limits`. Rolls back everything it created when any step fails.
 pub fn create(
     fs: &dyn CgroupFs,
     layout: &CgroupLayout,
     parent: &str,
     name: &str,
-    limits: &ResourceLimits,
-    freezable: bool,
+    limits: &AppliedLimits,
+    wanted: &[Wanted],
 ) -> Result<SandboxCgroups, PrepareError> {
-    let mut wanted = Vec::new();
-    if freezable {
-        wanted.push(Controller::Freezer);
-    }
-    if limits.memory_bytes.is_some() {
-        wanted.push(Controller::Memory);
-    }
-    if limits.cpus.is_some() {
-        wanted.push(Controller::Cpu);
-    }
-    if limits.pids.is_some() {
-        wanted.push(Controller::Pids);
-    }
     // Group controllers by the directory that will enforce them.
     let mut dirs: Vec<CgroupDir> = Vec::new();
-    for controller in wanted {
+    for &want in wanted {
+        let controller = want.controller;
         let Some((version, mount)) = layout.placement(controller) else {
-            return Err(PrepareError::LimitUnavailable {
-                limit: controller.limit_name(),
-                why: missing_controller_reason(layout, controller),
-            });
+            return Err(unavailable(
+                want,
+                missing_controller_reason(layout, controller),
+                "enable the controller (or delegate it to this user) or drop the limit",
+            ));
         };
         let path = mount.join(parent).join(name);
         match dirs.iter_mut().find(|d| d.path == path) {
@@ -234,7 +324,18 @@ pub fn create(
     }
     let mut created = SandboxCgroups::default();
     for dir in dirs {
-        if let Err(e) = create_dir(fs, &dir, limits) {
+        // The limit to blame when the directory cannot be made: a requested one before a default.
+        let blame = dir
+            .controllers
+            .iter()
+            .filter_map(|c| wanted.iter().find(|w| w.controller == *c))
+            .min_by_key(|w| w.default)
+            .copied()
+            .unwrap_or(Wanted {
+                controller: dir.controllers[0],
+                default: false,
+            });
+        if let Err(e) = create_dir(fs, &dir, limits, blame) {
             created.remove(fs);
             // Remove the half-made directory too.
             let _ = fs.rmdir(&dir.path);
@@ -265,13 +366,19 @@ fn missing_controller_reason(layout: &CgroupLayout, controller: Controller) -> S
         None => "there is no cgroup v2 tree".to_string(),
     };
     format!(
-        "{v2} and there is no cgroup v1 '{}' hierarchy under {CGROUP_ROOT}; \
-         enable the controller (or delegate it to this user) or drop the limit",
+        "{v2} and there is no cgroup v1 '{}' hierarchy under {CGROUP_ROOT}",
         controller.name()
     )
 }
 
-fn create_dir(fs: &dyn CgroupFs, dir: &CgroupDir, limits: &ResourceLimits) -> Result<(), PrepareError> {
+const NOT_ROOT_ADVICE: &str = "run as root or delegate a cgroup to this user";
+
+fn create_dir(
+    fs: &dyn CgroupFs,
+    dir: &CgroupDir,
+    limits: &AppliedLimits,
+    blame: Wanted,
+) -> Result<(), PrepareError> {
     let cgroup_err = |path: &Path| {
         let path = path.display().to_string();
         move |source: io::Error| PrepareError::Cgroup { path, source }
@@ -282,13 +389,11 @@ fn create_dir(fs: &dyn CgroupFs, dir: &CgroupDir, limits: &ResourceLimits) -> Re
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                return Err(PrepareError::LimitUnavailable {
-                    limit: dir.controllers[0].limit_name(),
-                    why: format!(
-                        "{} is not writable by this user; run as root or delegate a cgroup to this user",
-                        parent.display()
-                    ),
-                })
+                return Err(unavailable(
+                    blame,
+                    format!("{} is not writable by this user", parent.display()),
+                    NOT_ROOT_ADVICE,
+                ))
             }
             Err(e) => return Err(cgroup_err(parent)(e)),
         }
@@ -312,13 +417,11 @@ fn create_dir(fs: &dyn CgroupFs, dir: &CgroupDir, limits: &ResourceLimits) -> Re
         }
     }
     fs.mkdir(&dir.path).map_err(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied => PrepareError::LimitUnavailable {
-            limit: dir.controllers[0].limit_name(),
-            why: format!(
-                "cannot create cgroup {}: permission denied; run as root or delegate a cgroup to this user",
-                dir.path.display()
-            ),
-        },
+        io::ErrorKind::PermissionDenied => unavailable(
+            blame,
+            format!("cannot create cgroup {}: permission denied", dir.path.display()),
+            NOT_ROOT_ADVICE,
+        ),
         _ => cgroup_err(&dir.path)(e),
     })?;
     for (file, value) in limit_settings(fs, dir, limits) {
@@ -328,17 +431,18 @@ fn create_dir(fs: &dyn CgroupFs, dir: &CgroupDir, limits: &ResourceLimits) -> Re
     Ok(())
 }
 
+/// `cpu.shares` (v1) for a v2 `cpu.weight`: 100 is 1024 on both scales, each kernel's default.
+fn cpu_shares(weight: u64) -> u64 {
+    (weight.saturating_mul(1024) / 100).clamp(2, 262_144)
+}
+
 /// The files and values that express `limits` in `dir`, in the order they must be written.
-fn limit_settings(
-    fs: &dyn CgroupFs,
-    dir: &CgroupDir,
-    limits: &ResourceLimits,
-) -> Vec<(&'static str, String)> {
+fn limit_settings(fs: &dyn CgroupFs, dir: &CgroupDir, limits: &AppliedLimits) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     for controller in &dir.controllers {
         match (controller, dir.version) {
             (Controller::Memory, CgroupVersion::V2) => {
-                if let Some(bytes) = limits.memory_bytes {
+                if let Some(bytes) = limits.memory_bytes.value() {
                     out.push(("memory.max", bytes.to_string()));
                     if fs.exists(&dir.path.join("memory.swap.max")) {
                         out.push(("memory.swap.max", "0".to_string()));
@@ -346,7 +450,7 @@ fn limit_settings(
                 }
             }
             (Controller::Memory, CgroupVersion::V1) => {
-                if let Some(bytes) = limits.memory_bytes {
+                if let Some(bytes) = limits.memory_bytes.value() {
                     out.push(("memory.limit_in_bytes", bytes.to_string()));
                     // Without this the limit could be escaped into swap.
                     if fs.exists(&dir.path.join("memory.memsw.limit_in_bytes")) {
@@ -355,7 +459,13 @@ fn limit_settings(
                 }
             }
             (Controller::Cpu, version) => {
-                if let Some(cpus) = limits.cpus {
+                if let Some(weight) = limits.cpu_weight.value() {
+                    match version {
+                        CgroupVersion::V2 => out.push(("cpu.weight", weight.clamp(1, 10_000).to_string())),
+                        CgroupVersion::V1 => out.push(("cpu.shares", cpu_shares(weight).to_string())),
+                    }
+                }
+                if let Some(cpus) = limits.cpu_quota {
                     let quota = ((cpus * CPU_PERIOD_US as f64) as u64).max(1000);
                     match version {
                         CgroupVersion::V2 => out.push(("cpu.max", format!("{quota} {CPU_PERIOD_US}"))),
@@ -368,7 +478,7 @@ fn limit_settings(
             }
             (Controller::Freezer, _) => {}
             (Controller::Pids, _) => {
-                if let Some(pids) = limits.pids {
+                if let Some(pids) = limits.pids.value() {
                     out.push(("pids.max", pids.to_string()));
                 }
             }
@@ -390,7 +500,34 @@ impl SandboxCgroups {
         self.dirs.iter().find(|d| d.controllers.contains(&controller))
     }
 
-    /// Freezes (or thaws) every process of the sandbox.
+    /// Freezes (or thaws) every process of the sandbox and waits, at most [`FREEZE_TIMEOUT`], until the
+    /// kernel reports it done: the freezer works asynchronously, and "paused" must mean that no process
+    /// of the sandbox runs any more. A freeze that does not complete is undone.
+    pub fn freeze_and_wait(&self, fs: &dyn CgroupFs, frozen: bool) -> io::Result<()> {
+        self.freeze(fs, frozen)?;
+        let dir = self
+            .dir_with(Controller::Freezer)
+            .ok_or_else(|| io::Error::other("no freezer cgroup"))?;
+        let (file, state) = match (dir.version, frozen) {
+            (CgroupVersion::V2, true) => ("cgroup.events", "frozen 1"),
+            (CgroupVersion::V2, false) => ("cgroup.events", "frozen 0"),
+            (CgroupVersion::V1, true) => ("freezer.state", "FROZEN"),
+            (CgroupVersion::V1, false) => ("freezer.state", "THAWED"),
+        };
+        let done = |text: &str| text.lines().any(|l| l.trim() == state);
+        if fs.wait_until(&dir.path.join(file), &done, FREEZE_TIMEOUT)? {
+            return Ok(());
+        }
+        if frozen {
+            let _ = self.freeze(fs, false);
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the kernel did not report the sandbox {state} within {FREEZE_TIMEOUT:?}"),
+        ))
+    }
+
+    /// Freezes (or thaws) every process of the sandbox, without waiting for the kernel to finish.
     pub fn freeze(&self, fs: &dyn CgroupFs, frozen: bool) -> io::Result<()> {
         let dir = self
             .dir_with(Controller::Freezer)
@@ -620,6 +757,15 @@ pub(crate) mod fake {
                 .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .collect())
         }
+        /// Answers at once from the file as it is: the fake's kernel is instantaneous (or never done).
+        fn wait_until(
+            &self,
+            path: &Path,
+            done: &dyn Fn(&str) -> bool,
+            _timeout: Duration,
+        ) -> io::Result<bool> {
+            Ok(done(&self.read(path)?))
+        }
     }
 }
 
@@ -644,12 +790,36 @@ mod tests {
         fs
     }
 
-    fn all_limits() -> ResourceLimits {
-        ResourceLimits {
+    fn all_limits() -> AppliedLimits {
+        let mut spec = crate::SandboxSpec::new(vec!["/bin/true".into()]);
+        spec.limits = crate::ResourceLimits {
             memory_bytes: Some(256 << 20),
             cpus: Some(0.5),
             pids: Some(64),
-        }
+        };
+        spec.applied_limits()
+    }
+
+    /// Every default lifted: only what `freezable` adds.
+    fn nothing() -> AppliedLimits {
+        let mut spec = crate::SandboxSpec::new(vec!["/bin/true".into()]);
+        spec.unlimited = crate::Unlimited {
+            memory: true,
+            cpu: true,
+            pids: true,
+        };
+        spec.applied_limits()
+    }
+
+    /// `create` as `prepare` calls it, for a root supervisor (defaults enforced).
+    fn make(
+        fs: &FakeCgroupFs,
+        limits: &AppliedLimits,
+        freezable: bool,
+    ) -> Result<SandboxCgroups, PrepareError> {
+        let layout = CgroupLayout::detect(fs);
+        let wanted = wanted(limits, true, freezable);
+        create(fs, &layout, "tartarus", "1-abc", limits, &wanted)
     }
 
     #[test]
@@ -660,7 +830,7 @@ mod tests {
             layout.v2_mount.as_deref(),
             Some(Path::new("/sys/fs/cgroup/unified"))
         );
-        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap();
+        let cgroups = make(&fs, &all_limits(), false).unwrap();
         assert_eq!(cgroups.dirs.len(), 3);
         assert!(cgroups.dirs.iter().all(|d| d.version == CgroupVersion::V1));
         assert_eq!(
@@ -682,8 +852,7 @@ mod tests {
     #[test]
     fn pure_v2_uses_one_directory_and_enables_controllers() {
         let fs = pure_v2("cpuset cpu io memory pids");
-        let layout = CgroupLayout::detect(&fs);
-        let cgroups = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap();
+        let cgroups = make(&fs, &all_limits(), false).unwrap();
         assert_eq!(cgroups.dirs.len(), 1);
         assert_eq!(
             cgroups.dirs[0].controllers,
@@ -706,8 +875,7 @@ mod tests {
     #[test]
     fn missing_controller_fails_with_a_reason_naming_it() {
         let fs = pure_v2("cpu pids");
-        let layout = CgroupLayout::detect(&fs);
-        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap_err();
+        let err = make(&fs, &all_limits(), false).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("memory limit requested but cannot be enforced"),
@@ -721,8 +889,7 @@ mod tests {
     fn unwritable_hierarchy_is_a_clear_limit_error_and_rolls_back() {
         let mut fs = hybrid();
         fs.read_only.insert("/sys/fs/cgroup/pids".into());
-        let layout = CgroupLayout::detect(&fs);
-        let err = create(&fs, &layout, "tartarus", "1-abc", &all_limits(), false).unwrap_err();
+        let err = make(&fs, &all_limits(), false).unwrap_err();
         assert!(
             matches!(err, PrepareError::LimitUnavailable { limit: "pids", .. }),
             "{err}"
@@ -740,16 +907,7 @@ mod tests {
     #[test]
     fn freezer_uses_the_v2_core_file_even_without_v2_controllers() {
         let fs = hybrid();
-        let layout = CgroupLayout::detect(&fs);
-        let cgroups = create(
-            &fs,
-            &layout,
-            "tartarus",
-            "1-abc",
-            &ResourceLimits::default(),
-            true,
-        )
-        .unwrap();
+        let cgroups = make(&fs, &nothing(), true).unwrap();
         assert_eq!(cgroups.dirs.len(), 1);
         assert_eq!(
             cgroups.dirs[0].path,
@@ -775,18 +933,34 @@ mod tests {
     }
 
     #[test]
+    fn test_pause_waits_for_the_kernel_to_report_frozen_and_undoes_a_freeze_that_never_completes() {
+        let fs = hybrid().file(
+            "/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.events",
+            "populated 1\nfrozen 1\n",
+        );
+        let cgroups = make(&fs, &nothing(), true).unwrap();
+        cgroups.freeze_and_wait(&fs, true).unwrap();
+        let freeze = "/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.freeze";
+        assert_eq!(fs.written(freeze).as_deref(), Some("1"));
+
+        let stuck = hybrid().file(
+            "/sys/fs/cgroup/unified/tartarus/1-abc/cgroup.events",
+            "populated 1\nfrozen 0\n",
+        );
+        let cgroups = make(&stuck, &nothing(), true).unwrap();
+        let err = cgroups.freeze_and_wait(&stuck, true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert_eq!(
+            stuck.written(freeze).as_deref(),
+            Some("0"),
+            "a half-done freeze is undone"
+        );
+    }
+
+    #[test]
     fn freezer_falls_back_to_v1() {
         let fs = FakeCgroupFs::default().file("/sys/fs/cgroup/freezer/cgroup.procs", "");
-        let layout = CgroupLayout::detect(&fs);
-        let cgroups = create(
-            &fs,
-            &layout,
-            "tartarus",
-            "1-abc",
-            &ResourceLimits::default(),
-            true,
-        )
-        .unwrap();
+        let cgroups = make(&fs, &nothing(), true).unwrap();
         cgroups.freeze(&fs, true).unwrap();
         assert_eq!(
             fs.written("/sys/fs/cgroup/freezer/tartarus/1-abc/freezer.state")
@@ -837,6 +1011,97 @@ mod tests {
             }],
         };
         assert_eq!(cgroups.oom_kills(&fs), 2);
+    }
+
+    fn defaults() -> AppliedLimits {
+        crate::SandboxSpec::new(vec!["/bin/true".into()]).applied_limits()
+    }
+
+    #[test]
+    fn test_defaults_on_a_hybrid_host_go_to_v1_with_a_fair_share_and_no_quota() {
+        let fs = hybrid();
+        let cgroups = make(&fs, &defaults(), false).unwrap();
+        assert_eq!(cgroups.dirs.len(), 3);
+        let written = |file: &str| fs.written(&format!("/sys/fs/cgroup/{file}"));
+        assert_eq!(
+            written("memory/tartarus/1-abc/memory.limit_in_bytes").as_deref(),
+            Some("536870912")
+        );
+        assert_eq!(written("cpu/tartarus/1-abc/cpu.shares").as_deref(), Some("1024"));
+        assert_eq!(
+            written("cpu/tartarus/1-abc/cpu.cfs_quota_us"),
+            None,
+            "no quota unless asked"
+        );
+        assert_eq!(written("pids/tartarus/1-abc/pids.max").as_deref(), Some("256"));
+    }
+
+    #[test]
+    fn test_defaults_on_pure_v2_write_memory_weight_and_pids_in_one_directory() {
+        let fs = pure_v2("cpuset cpu io memory pids");
+        let cgroups = make(&fs, &defaults(), false).unwrap();
+        assert_eq!(cgroups.dirs.len(), 1);
+        let written = |file: &str| fs.written(&format!("/sys/fs/cgroup/tartarus/1-abc/{file}"));
+        assert_eq!(written("memory.max").as_deref(), Some("536870912"));
+        assert_eq!(written("cpu.weight").as_deref(), Some("100"));
+        assert_eq!(written("cpu.max"), None);
+        assert_eq!(written("pids.max").as_deref(), Some("256"));
+        assert_eq!(
+            fs.written("/sys/fs/cgroup/tartarus/cgroup.subtree_control")
+                .as_deref(),
+            Some("+memory +cpu +pids")
+        );
+    }
+
+    #[test]
+    fn test_a_rootless_supervisor_wants_cgroups_only_for_requested_limits() {
+        assert!(wanted(&defaults(), false, false).is_empty());
+        let mut spec = crate::SandboxSpec::new(vec!["/bin/true".into()]);
+        spec.limits.pids = Some(32);
+        let wanted = wanted(&spec.applied_limits(), false, false);
+        assert_eq!(
+            wanted,
+            [Wanted {
+                controller: Controller::Pids,
+                default: false
+            }]
+        );
+    }
+
+    #[test]
+    fn test_lifted_defaults_want_no_cgroup() {
+        assert!(wanted(&nothing(), true, false).is_empty());
+    }
+
+    #[test]
+    fn test_a_default_the_host_cannot_enforce_says_how_to_lift_it() {
+        let fs = pure_v2("cpu memory");
+        let err = make(&fs, &defaults(), false).unwrap_err();
+        assert!(
+            matches!(err, PrepareError::DefaultLimitUnavailable { limit: "pids", .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("default pids limit cannot be enforced: "),
+            "{text}"
+        );
+        assert!(text.contains("does not offer 'pids'"), "{text}");
+        assert!(text.contains("`tartarus run --pids unlimited`"), "{text}");
+        assert!(fs.dirs.borrow().is_empty(), "nothing may be left behind");
+    }
+
+    #[test]
+    fn test_a_requested_limit_is_blamed_before_a_default_in_the_same_directory() {
+        let mut fs = pure_v2("cpu memory pids");
+        fs.read_only.insert("/sys/fs/cgroup/tartarus".into());
+        let mut spec = crate::SandboxSpec::new(vec!["/bin/true".into()]);
+        spec.limits.pids = Some(32);
+        let err = make(&fs, &spec.applied_limits(), false).unwrap_err();
+        assert!(
+            matches!(err, PrepareError::LimitUnavailable { limit: "pids", .. }),
+            "{err}"
+        );
     }
 
     #[test]

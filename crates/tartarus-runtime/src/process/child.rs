@@ -116,6 +116,9 @@ pub struct ChildPlan<'a> {
     pub workdir: &'a CStr,
     pub writable_dirs: &'a [PathBuf],
     pub process_limits: ProcessLimits,
+    /// `RLIMIT_NPROC` of every process of the sandbox (its pids limit, default or asked for; `None` when
+    /// lifted): the wall that holds without cgroups, counted per user of the sandbox's own user namespace.
+    pub max_processes: Option<u64>,
     /// The sandbox's environment, under every exec request's own.
     pub base_env: &'a [(String, String)],
     /// Fork the command's process before the supervisor's go-ahead (only when no cgroup placement is
@@ -174,7 +177,18 @@ impl<'a> ChildPlan<'a> {
     }
 }
 
+/// What `/proc/1/cmdline` shows inside the sandbox (and `ps` on the host) instead of the supervisor's
+/// arguments, which name host paths (the binary, the data directory, the spec).
+const INIT_TITLE: &[u8] = b"tartarus-init";
+
+/// Hides the supervisor's arguments from init's cmdline, first thing: every process init forks inherits
+/// the rewritten area. Best effort: it only fails without `/proc`, and the setup then fails anyway.
+pub(super) fn hide_supervisor_argv() {
+    let _ = tartarus_hostsys::overwrite_cmdline(INIT_TITLE);
+}
+
 fn run_init(plan: &ChildPlan<'_>) -> i32 {
+    hide_supervisor_argv();
     plan.close_supervisor_fds();
     // Die with the supervisor. Set before waiting so a supervisor that dies now is noticed (the sync read
     // then sees EOF).
@@ -430,7 +444,7 @@ fn drop_privileges(plan: &ChildPlan<'_>, target: &Target<'_>) -> SetupResult<()>
     tartarus_hostsys::set_cloexec_from(3).stage(|| "closing inherited descriptors".into())?;
     rustix::process::chdir(target.workdir)
         .stage(|| format!("entering working directory {}", target.workdir.to_string_lossy()))?;
-    set_rlimits(&plan.process_limits)?;
+    set_rlimits(&plan.process_limits, plan.max_processes)?;
     tartarus_hostsys::reset_signals_for_exec();
 
     let writable: Vec<&std::path::Path> = plan.writable_dirs.iter().map(PathBuf::as_path).collect();
@@ -479,7 +493,7 @@ fn attach_stdio(stdio: StdioFds<'_>) -> SetupResult<()> {
     Ok(())
 }
 
-fn set_rlimits(limits: &ProcessLimits) -> SetupResult<()> {
+fn set_rlimits(limits: &ProcessLimits, max_processes: Option<u64>) -> SetupResult<()> {
     let set = |resource, value: u64| {
         rustix::process::setrlimit(
             resource,
@@ -493,6 +507,11 @@ fn set_rlimits(limits: &ProcessLimits) -> SetupResult<()> {
     set(Resource::Core, 0)?;
     set(Resource::Nofile, limits.open_files)?;
     set(Resource::Fsize, limits.file_size_bytes)?;
+    // Counted per (user namespace, uid): each sandbox has its own user namespace, so this bounds one
+    // sandbox's processes without touching any other's or the host's.
+    if let Some(max) = max_processes {
+        set(Resource::Nproc, max)?;
+    }
     Ok(())
 }
 

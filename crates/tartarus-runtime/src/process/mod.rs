@@ -4,8 +4,9 @@
 //! Process tree: supervisor (the caller) → init (pid 1 of the sandbox: builds the root, reaps, reports the
 //! command's status) → the command. Init has a parent-death signal, and the pid namespace dies with it, so
 //! killing init — or the supervisor — kills the whole tree. Nothing is written to the host's disk: the root
-//! and scratch areas are tmpfs mounts inside the sandbox's own mount namespace, gone with it. Cgroups (only
-//! when limits are requested) are removed by `cleanup`, or by `gc` after a supervisor crash. So is the
+//! and scratch areas are tmpfs mounts inside the sandbox's own mount namespace, gone with it. Cgroups (for
+//! every sandbox of a root supervisor, which enforces the default limits; for a rootless one only when
+//! limits are asked for) are removed by `cleanup`, or by `gc` after a supervisor crash. So is the
 //! network of an egress sandbox (`tartarus-network`): its namespace is created in `prepare`, and `start`
 //! clones the sandbox inside it.
 
@@ -36,7 +37,9 @@ use self::child::{ChildPlan, ExecPlan, IdMode};
 use self::protocol::{read_report, Report, STATUS_LEN};
 use self::rootfs::{PreparedMount, RootInputs};
 use self::seccomp::CompiledFilters;
-pub use self::seccomp::{deniable_syscall, DENIED_SYSCALLS, EXTRA_DENIABLE_SYSCALLS};
+pub use self::seccomp::{
+    deniable_syscall, ALLOWED_SOCKET_FAMILIES, DENIED_SYSCALLS, EXTRA_DENIABLE_SYSCALLS,
+};
 use self::service::ExecClient;
 use crate::capabilities::LaneCapabilities;
 use crate::files::FileOp;
@@ -239,7 +242,14 @@ impl ProcessSandbox {
         // Service sandboxes can be paused, which needs a freezer cgroup (root only: rootless hosts rarely
         // delegate one; pause then reports why it is unavailable).
         let freezable = spec.service && euid == 0;
-        let mut cgroups = if spec.limits.any() || freezable {
+        let limits = spec.applied_limits();
+        // A root supervisor enforces the default limits too, or refuses to start the sandbox; a rootless one
+        // cannot create cgroups on almost any host, so it enforces what was asked for (and the pids default
+        // through RLIMIT_NPROC, in the sandbox).
+        let wanted = cgroup::wanted(&limits, euid == 0, freezable);
+        let mut cgroups = if wanted.is_empty() {
+            SandboxCgroups::default()
+        } else {
             let layout = CgroupLayout::detect(cgroup_fs.as_ref());
             cgroup::collect_garbage(cgroup_fs.as_ref(), &layout, &runtime.config.cgroup_parent);
             let name = cgroup::cgroup_name(std::process::id(), &id);
@@ -248,11 +258,9 @@ impl ProcessSandbox {
                 &layout,
                 &runtime.config.cgroup_parent,
                 &name,
-                &spec.limits,
-                freezable,
+                &limits,
+                &wanted,
             )?
-        } else {
-            SandboxCgroups::default()
         };
         // Last, so nothing after it can fail and leave the network behind.
         let network = match (&spec.network, &network_config) {
@@ -343,6 +351,7 @@ impl ProcessSandbox {
             workdir: &self.workdir,
             writable_dirs: &self.writable_dirs,
             process_limits: self.spec.process_limits,
+            max_processes: self.spec.applied_limits().pids.value(),
             last_capability: self.last_capability,
             early_fork: self.cgroups.dirs.is_empty() && !self.spec.service,
             base_env: &self.spec.env,
@@ -370,7 +379,7 @@ impl ProcessSandbox {
                     source: e.into(),
                 })?;
         }
-        let (pid, pidfd) = forked.map_err(StartError::Namespaces)?;
+        let (pid, pidfd) = forked.map_err(StartError::from_clone)?;
         drop((sync_read, start_write, status_write));
         self.exec_client = control.map(|(ours, theirs)| {
             drop(theirs);
@@ -400,10 +409,7 @@ impl ProcessSandbox {
                 command: self.command_name(),
                 source: io::Error::from_raw_os_error(errno),
             }),
-            Some(Report::SetupFailed { errno, stage }) => Err(StartError::Setup {
-                stage,
-                source: io::Error::from_raw_os_error(errno),
-            }),
+            Some(Report::SetupFailed { errno, stage }) => Err(StartError::from_setup(stage, errno)),
         }
     }
 
@@ -577,7 +583,7 @@ impl ServiceSandbox for ProcessSandbox {
             });
         }
         self.cgroups
-            .freeze(self.cgroup_fs.as_ref(), true)
+            .freeze_and_wait(self.cgroup_fs.as_ref(), true)
             .map_err(|source| ServiceError::Host {
                 what: "freezing the sandbox",
                 source,
@@ -590,7 +596,7 @@ impl ServiceSandbox for ProcessSandbox {
         self.require_running()?;
         if self.paused {
             self.cgroups
-                .freeze(self.cgroup_fs.as_ref(), false)
+                .freeze_and_wait(self.cgroup_fs.as_ref(), false)
                 .map_err(|source| ServiceError::Host {
                     what: "thawing the sandbox",
                     source,

@@ -2,10 +2,14 @@
 //!
 //! A deny list (allow by default) of syscalls that reach kernel attack surface a sandboxed program has no
 //! business with, answered with EPERM so programs that probe features degrade gracefully. The program is
-//! seccompiler's, with a five-instruction prefix that refuses the x32 ABI (syscall numbers with bit 30 set,
-//! which seccompiler's per-number rules cannot express and which would otherwise bypass the list) and
-//! answers clone3 with ENOSYS. One filter, because the kernel validates and JITs every filter at every
-//! launch (docs/benchmarks.md).
+//! seccompiler's, with a hand-written prefix that refuses the x32 ABI (syscall numbers with bit 30 set,
+//! which seccompiler's per-number rules cannot express and which would otherwise bypass the list), answers
+//! clone3 with ENOSYS, and lets `socket(2)`/`socketpair(2)` create only the address families a sandbox
+//! needs ([`ALLOWED_SOCKET_FAMILIES`]; netlink only for `NETLINK_ROUTE`, which `ip` uses): anything else
+//! — AF_VSOCK, which no network namespace scopes, AF_PACKET, and every module-autoloaded family — fails
+//! with EAFNOSUPPORT, as on a kernel without it. seccompiler cannot express that, since a filter has one
+//! error for all its rules. One filter, because the kernel validates and JITs every filter at every launch
+//! (docs/benchmarks.md).
 
 use std::collections::BTreeMap;
 
@@ -177,15 +181,37 @@ pub fn build_filter_with(extra: &[i64]) -> Result<BpfProgram, seccompiler::Backe
     Ok(denied)
 }
 
-/// The prefix: clone3 → ENOSYS (libc falls back to clone, whose flags the main rules inspect), and every
-/// x32-ABI syscall → EPERM; anything else falls through to the next instruction. Prepending it leaves the
-/// relative jumps of the program after it intact.
-pub fn build_abi_prefix() -> BpfProgram {
-    const LOAD_NR: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+/// The address families `socket(2)` and `socketpair(2)` may create in a sandbox: local sockets, IPv4,
+/// IPv6 and (for `NETLINK_ROUTE` only) netlink. [`build_prefix`] encodes exactly these; the tests check
+/// both against each other.
+pub const ALLOWED_SOCKET_FAMILIES: &[(&str, i32)] = &[
+    ("AF_UNIX", libc::AF_UNIX),
+    ("AF_INET", libc::AF_INET),
+    ("AF_INET6", libc::AF_INET6),
+    ("AF_NETLINK", libc::AF_NETLINK),
+];
+
+/// Offsets in `struct seccomp_data`: nr, arch, then (after the instruction pointer) six 64-bit arguments;
+/// on little-endian x86_64 an argument's low 32 bits (an `int` such as a family) come first.
+const DATA_NR: u32 = 0;
+const DATA_ARCH: u32 = 4;
+const DATA_ARG0_LOW: u32 = 16;
+const DATA_ARG2_LOW: u32 = 32;
+
+/// The prefix, in this order: a syscall of another architecture falls through to seccompiler's arch check
+/// (which kills); every x32-ABI syscall → EPERM; clone3 → ENOSYS (libc falls back to clone, whose flags
+/// the main rules inspect); `socket`/`socketpair` of a family outside [`ALLOWED_SOCKET_FAMILIES`] (or
+/// netlink other than `NETLINK_ROUTE`) → EAFNOSUPPORT. Anything else falls through to the instruction
+/// after the prefix, so prepending it leaves the relative jumps of the program after it intact.
+pub fn build_prefix() -> BpfProgram {
+    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
     const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     const X32_BIT: u32 = 0x4000_0000;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let errno = |code: i32| libc::SECCOMP_RET_ERRNO | code as u32;
     let stmt = |code, k| sock_filter {
         code,
         jt: 0,
@@ -193,15 +219,42 @@ pub fn build_abi_prefix() -> BpfProgram {
         k,
     };
     let jump = |code, k, jt, jf| sock_filter { code, jt, jf, k };
-    const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
-    vec![
-        stmt(LOAD_NR, 0), // seccomp_data.nr
-        jump(JSET, X32_BIT, 3, 0),
-        jump(JEQ, libc::SYS_clone3 as u32, 1, 0),
-        stmt(JA, 2), // not ours: continue after the prefix
-        stmt(RET, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
-        stmt(RET, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
-    ]
+    let family = |af: i32| af as u32;
+    // Instruction numbers, for the jumps (each offset is counted from the next instruction).
+    const FAMILY: u8 = 8;
+    const PROTOCOL: u8 = 13;
+    const REFUSE_FAMILY: u8 = 15;
+    const ENOSYS: u8 = 16;
+    const EPERM: u8 = 17;
+    const END: u8 = 18;
+    let to = |from: u8, target: u8| target - from - 1;
+    let program = vec![
+        stmt(LOAD, DATA_ARCH),
+        jump(JEQ, AUDIT_ARCH_X86_64, 0, to(1, END)),
+        stmt(LOAD, DATA_NR),
+        jump(JSET, X32_BIT, to(3, EPERM), 0),
+        jump(JEQ, libc::SYS_clone3 as u32, to(4, ENOSYS), 0),
+        jump(JEQ, libc::SYS_socket as u32, to(5, FAMILY), 0),
+        jump(JEQ, libc::SYS_socketpair as u32, to(6, FAMILY), 0),
+        stmt(JA, u32::from(to(7, END))),
+        // FAMILY
+        stmt(LOAD, DATA_ARG0_LOW),
+        jump(JEQ, family(libc::AF_UNIX), to(9, END), 0),
+        jump(JEQ, family(libc::AF_INET), to(10, END), 0),
+        jump(JEQ, family(libc::AF_INET6), to(11, END), 0),
+        jump(JEQ, family(libc::AF_NETLINK), 0, to(12, REFUSE_FAMILY)),
+        // PROTOCOL
+        stmt(LOAD, DATA_ARG2_LOW),
+        jump(JEQ, libc::NETLINK_ROUTE as u32, to(14, END), 0),
+        // REFUSE_FAMILY
+        stmt(RET, errno(libc::EAFNOSUPPORT)),
+        stmt(RET, errno(libc::ENOSYS)),
+        stmt(RET, errno(libc::EPERM)),
+    ];
+    debug_assert_eq!(program.len(), usize::from(END));
+    debug_assert_eq!(program[usize::from(FAMILY)], stmt(LOAD, DATA_ARG0_LOW));
+    debug_assert_eq!(program[usize::from(PROTOCOL)], stmt(LOAD, DATA_ARG2_LOW));
+    program
 }
 
 /// The whole program, compiled once per sandbox in the supervisor (before any fork).
@@ -212,7 +265,7 @@ pub struct CompiledFilters {
 impl CompiledFilters {
     /// The program with `extra` syscall numbers denied too (a policy's additions).
     pub fn build_with(extra: &[i64]) -> Result<Self, seccompiler::BackendError> {
-        let mut program = build_abi_prefix();
+        let mut program = build_prefix();
         program.extend(build_filter_with(extra)?);
         Ok(CompiledFilters { program })
     }
@@ -262,6 +315,109 @@ mod tests {
                 "{name} must be denied"
             );
         }
+    }
+
+    /// Runs `program` on one `seccomp_data` as the kernel would (the instructions our filters use).
+    fn run(program: &[sock_filter], nr: i64, arch: u32, args: [u64; 6]) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&(nr as u32).to_le_bytes());
+        data[4..8].copy_from_slice(&arch.to_le_bytes());
+        for (i, arg) in args.iter().enumerate() {
+            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&arg.to_le_bytes());
+        }
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let insn = &program[pc];
+            pc += 1;
+            let code = u32::from(insn.code);
+            match code & 0x07 {
+                libc::BPF_LD => {
+                    assert_eq!(code, libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, "load {code:#x}");
+                    let at = insn.k as usize;
+                    a = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+                }
+                libc::BPF_ALU => {
+                    assert_eq!(code, libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, "alu {code:#x}");
+                    a &= insn.k;
+                }
+                libc::BPF_JMP => {
+                    let taken = match code & 0xf0 {
+                        libc::BPF_JA => {
+                            pc += insn.k as usize;
+                            continue;
+                        }
+                        libc::BPF_JEQ => a == insn.k,
+                        libc::BPF_JGT => a > insn.k,
+                        libc::BPF_JGE => a >= insn.k,
+                        libc::BPF_JSET => a & insn.k != 0,
+                        other => panic!("jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { insn.jt } else { insn.jf });
+                }
+                libc::BPF_RET => return insn.k,
+                other => panic!("instruction class {other:#x}"),
+            }
+        }
+    }
+
+    const X86_64: u32 = 0xc000_003e;
+
+    fn verdict(nr: i64, args: [u64; 6]) -> u32 {
+        let program = CompiledFilters::build_with(&[]).unwrap().program;
+        run(&program, nr, X86_64, args)
+    }
+
+    fn socket_verdicts(family: i32, protocol: u64) -> [u32; 2] {
+        let args = [family as u64, libc::SOCK_STREAM as u64, protocol, 0, 0, 0];
+        [
+            verdict(libc::SYS_socket, args),
+            verdict(libc::SYS_socketpair, args),
+        ]
+    }
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EAFNOSUPPORT: u32 = libc::SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32;
+
+    #[test]
+    fn test_sockets_of_other_families_are_refused_with_eafnosupport() {
+        for family in [
+            libc::AF_VSOCK,
+            libc::AF_PACKET,
+            libc::AF_BLUETOOTH,
+            libc::AF_ALG,
+            libc::AF_XDP,
+        ] {
+            assert_eq!(socket_verdicts(family, 0), [EAFNOSUPPORT; 2], "family {family}");
+        }
+        assert_eq!(
+            socket_verdicts(libc::AF_NETLINK, libc::NETLINK_AUDIT as u64),
+            [EAFNOSUPPORT; 2]
+        );
+    }
+
+    #[test]
+    fn test_sockets_of_the_allowed_families_pass_to_the_main_rules() {
+        for (name, family) in ALLOWED_SOCKET_FAMILIES {
+            assert_eq!(socket_verdicts(*family, 0), [ALLOW; 2], "{name}");
+        }
+        // The kernel reads the family as an int: high bits do not change it.
+        let high = (1u64 << 32) | libc::AF_VSOCK as u64;
+        assert_eq!(verdict(libc::SYS_socket, [high, 1, 0, 0, 0, 0]), EAFNOSUPPORT);
+    }
+
+    #[test]
+    fn test_the_prefix_keeps_x32_clone3_and_the_deny_list_and_leaves_other_arches_to_the_arch_check() {
+        let program = CompiledFilters::build_with(&[]).unwrap().program;
+        let errno = |e: i32| libc::SECCOMP_RET_ERRNO | e as u32;
+        assert_eq!(verdict(libc::SYS_clone3, [0; 6]), errno(libc::ENOSYS));
+        assert_eq!(verdict(libc::SYS_read | 0x4000_0000, [0; 6]), errno(libc::EPERM));
+        assert_eq!(verdict(libc::SYS_ptrace, [0; 6]), errno(libc::EPERM));
+        assert_eq!(verdict(libc::SYS_read, [0; 6]), ALLOW);
+        const I386: u32 = 0x4000_0003;
+        assert_eq!(
+            run(&program, libc::SYS_socket, I386, [40, 1, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
     }
 
     #[test]

@@ -112,6 +112,7 @@ fn receive<T: for<'de> Deserialize<'de>>(fd: BorrowedFd<'_>) -> io::Result<Optio
 
 /// Init of a service sandbox; never returns.
 pub(super) fn run_init(plan: &ChildPlan<'_>, control: RawFd) -> i32 {
+    child::hide_supervisor_argv();
     plan.close_supervisor_fds();
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
     // SAFETY: the sync pipe's read end is ours and stays open while we use it.
@@ -313,7 +314,13 @@ fn start_target(
         tty: false,
         report_fd: report_write.as_raw_fd(),
     };
-    let pid = spawn(plan, &target).map_err(|e| (125, format!("{}: {}", e.stage, e.source)))?;
+    let pid = spawn(plan, &target).map_err(|e| match e.source.raw_os_error() {
+        Some(libc::EAGAIN | libc::ENOMEM) if e.stage == "fork" => (
+            125,
+            "the sandbox's process limit (pids) is reached: end some of its processes first".to_string(),
+        ),
+        _ => (125, format!("{}: {}", e.stage, e.source)),
+    })?;
     drop((report_write, stdin, stdout, stderr));
     let name = program.display_name();
     match read_report(&report_read) {

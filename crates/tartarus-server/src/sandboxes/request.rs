@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use tartarus_runtime::{NetworkMode, ResourceLimits, RootSpec, SandboxSpec};
+use tartarus_runtime::{
+    NetworkMode, ResourceLimits, RootSpec, SandboxSpec, MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, MAX_TIMEOUT,
+    MIN_MEMORY_BYTES, MIN_PIDS,
+};
 use tartarus_store::Role;
 
 use crate::api::CreateSandbox;
@@ -67,17 +70,23 @@ pub(crate) fn spec_from(
     }
     spec.env = body.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     spec.workdir = body.cwd.as_ref().map(Into::into);
+    // The bounds are the runtime's (`SandboxSpec::validate` checks the same numbers), said in the API's units.
     let r = &body.resources;
-    if r.cpus.is_some_and(|c| !(c > 0.0 && c <= 64.0)) {
-        return Err(ApiError::invalid("resources.cpus must be in (0, 64]"));
+    if r.cpus.is_some_and(|c| !(c > 0.0 && c <= MAX_CPUS)) {
+        return Err(ApiError::invalid(format!(
+            "resources.cpus must be in (0, {MAX_CPUS}]"
+        )));
     }
-    if r.memory_mb.is_some_and(|m| !(4..=1 << 20).contains(&m)) {
-        return Err(ApiError::invalid(
-            "resources.memory_mb must be between 4 and 1048576",
-        ));
+    let (min_mb, max_mb) = (MIN_MEMORY_BYTES >> 20, MAX_MEMORY_BYTES >> 20);
+    if r.memory_mb.is_some_and(|m| !(min_mb..=max_mb).contains(&m)) {
+        return Err(ApiError::invalid(format!(
+            "resources.memory_mb must be between {min_mb} and {max_mb}"
+        )));
     }
-    if r.pids.is_some_and(|p| !(2..=1_000_000).contains(&p)) {
-        return Err(ApiError::invalid("resources.pids must be between 2 and 1000000"));
+    if r.pids.is_some_and(|p| !(MIN_PIDS..=MAX_PIDS).contains(&p)) {
+        return Err(ApiError::invalid(format!(
+            "resources.pids must be between {MIN_PIDS} and {MAX_PIDS}"
+        )));
     }
     spec.limits = ResourceLimits {
         memory_bytes: r.memory_mb.map(|m| m << 20),
@@ -85,8 +94,11 @@ pub(crate) fn spec_from(
         pids: r.pids,
     };
     if let Some(t) = body.timeout_s {
-        if !(1..=7 * 86_400).contains(&t) {
-            return Err(ApiError::invalid("timeout_s must be between 1 and 604800"));
+        let max = MAX_TIMEOUT.as_secs();
+        if !(1..=max).contains(&t) {
+            return Err(ApiError::invalid(format!(
+                "timeout_s must be between 1 and {max}"
+            )));
         }
         spec.timeout = Some(Duration::from_secs(t));
     }
