@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod cluster;
+pub mod connections;
 pub mod effects;
 pub mod error;
 pub mod gateway;

@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub queue_depth: i64,
     /// How the scheduler scores nodes.
     pub placement: tartarus_scheduler::Strategy,
+    /// Connections the API serves at once, and how long each may wait for a request.
+    pub connections: crate::connections::ConnectionLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,12 +283,12 @@ pub async fn serve_on(
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
     let app = router(state);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = axum::serve(listener, app).with_graceful_shutdown(async {
+    let serving = crate::connections::serve(listener, app, config.connections, async {
         let _ = stopped.await;
     });
-    let mut serving = std::pin::pin!(std::future::IntoFuture::into_future(serving));
+    let mut serving = std::pin::pin!(serving);
     tokio::select! {
-        served = &mut serving => return served.map_err(ServerError::Serve),
+        () = &mut serving => return Ok(()),
         () = shutdown_signal() => {}
     }
     // Stop taking connections, let in-flight requests finish within the grace period, then return.
@@ -297,7 +299,7 @@ pub async fn serve_on(
     );
     let _ = stop.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, serving).await {
-        Ok(served) => served.map_err(ServerError::Serve),
+        Ok(()) => Ok(()),
         Err(_) => {
             tracing::warn!(
                 "the grace period ended with requests still open (streams, follows); they are dropped"

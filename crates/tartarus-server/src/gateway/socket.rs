@@ -69,11 +69,14 @@ impl Gateways {
             tenant: record.tenant.clone(),
         });
         let app = router(context);
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("tool gateway: {}", tartarus_runtime::error_chain(&e));
-            }
-        });
+        // Bounded like the API's listener: code in the sandbox must not be able to hold the server's
+        // descriptors or its tasks (closing the gateway drops this future, which closes its connections).
+        let task = tokio::spawn(crate::connections::serve(
+            listener,
+            app,
+            crate::connections::ConnectionLimits::GATEWAY,
+            std::future::pending(),
+        ));
         if let Ok(mut open) = self.open.lock() {
             if let Some(old) = open.insert(record.id.clone(), task.abort_handle()) {
                 old.abort();
