@@ -14,6 +14,7 @@ pub mod effects;
 pub mod error;
 pub mod gateway;
 pub mod images;
+pub mod limits;
 pub mod metrics;
 pub mod node_agent;
 pub mod policies;

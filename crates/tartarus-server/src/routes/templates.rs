@@ -95,7 +95,8 @@ pub async fn create_template(
 ) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
-    let template = template_from(body)?;
+    // Off the async runtime: a large document's parse must not stall other tenants' requests.
+    let template = crate::limits::parse_document(move || template_from(body)).await??;
     let id = template.id.clone();
     // Admins keep the owner of what they replace, and what they create is shared; users write their own.
     // The store refuses (`Taken`) to replace a template of another owner, atomically.
