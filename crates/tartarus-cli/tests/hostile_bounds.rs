@@ -274,6 +274,23 @@ fn half_sent_requests_on_the_api_are_closed_after_the_header_timeout() {
     let dir = DataDir::new();
     let server = Server::start(dir.path());
     let addr = server.base.strip_prefix("http://").unwrap().to_string();
+    // A stream that stays silent for longer than the header timeout is not cut.
+    let alpha = new_key(dir.path(), "alpha", "user");
+    let a1 = create(&server, &alpha, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stream = {
+        let url = format!("{}/v1/sandboxes/{a1}/exec", server.base);
+        std::thread::spawn(move || {
+            ureq::post(&url)
+                .set("Authorization", &format!("Bearer {alpha}"))
+                .send_json(json!({"cmd": ["sh", "-c", "sleep 13; echo late"], "stream": true}))
+                .unwrap()
+                .into_string()
+                .unwrap()
+        })
+    };
     let mut held: Vec<TcpStream> = (0..60)
         .map(|_| {
             let mut s = TcpStream::connect(&addr).unwrap();
@@ -301,6 +318,11 @@ fn half_sent_requests_on_the_api_are_closed_after_the_header_timeout() {
             });
             held.is_empty()
         },
+    );
+    let events = stream.join().unwrap();
+    assert!(
+        events.contains("\"late\\n\"") && events.contains("event: exit"),
+        "{events}"
     );
 }
 
