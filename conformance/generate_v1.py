@@ -329,6 +329,8 @@ for name, description, request, response, overrides in [
     ("failed", "a call the tool answered with HTTP 502", REQUEST, b"bad gateway", {"status": "failed", "code": 502}),
     ("error", "a call that got no answer: no response hash, no code", b"", None,
      {"status": "error", "code": None, "tool": "search", "started_at": 0, "finished_at": 0}),
+    ("with-nonce", "a call with the optional per-call nonce (§10.1)", REQUEST, RESPONSE,
+     {"nonce": "0123456789abcdef0123456789abcdef"}),
 ]:
     as_cbor, as_json = receipt_object(request, response, **overrides)
     data = sign_envelope(SEED_SERVER, enc(as_cbor))
@@ -368,6 +370,7 @@ for name, description, overrides in [
      {"request_hash": cid_bytes(0x71, REQUEST)}),
     ("format-v2", "the format of another version", {"format": "tartarus-effects/v2/receipt"}),
     ("empty-tool", "an empty tool name", {"tool": ""}),
+    ("short-nonce", "a nonce that is not 32 lower-case hex digits", {"nonce": "0123456789ABCDEF"}),
 ]:
     add_receipt_reject(name, f"validly signed, but {description}",
                        sign_envelope(SEED_SERVER, enc(receipt_object(REQUEST, RESPONSE, **overrides)[0])),
@@ -375,6 +378,9 @@ for name, description, overrides in [
 missing_code = {k: v for k, v in receipt_object(REQUEST, RESPONSE)[0].items() if k != "code"}
 add_receipt_reject("absent-optional-field", "validly signed, `code` left out instead of null",
                    sign_envelope(SEED_SERVER, enc(missing_code)), "not_canonical")
+add_receipt_reject("null-nonce", "validly signed, the optional `nonce` written as null instead of left out",
+                   sign_envelope(SEED_SERVER, enc(receipt_object(REQUEST, RESPONSE, nonce=None)[0])),
+                   "not_canonical")
 
 # --- datasets (spec §13) --------------------------------------------------------------------------------------
 DATASET_FORMAT = "tartarus-effects/v1/dataset"

@@ -183,8 +183,11 @@ pub struct PutResult {
     pub cid: Cid,
     /// Its size in bytes.
     pub size: u64,
-    /// False when the content was already stored (by any tenant) and nothing was written.
+    /// False when the content was already stored (by any tenant). Internal: never tell a tenant, it says
+    /// what other tenants hold.
     pub stored: bool,
+    /// True when the tenant did not hold a reference to this content before: the per-tenant answer.
+    pub added: bool,
 }
 
 /// Bytes of a range together with the proof that they are that range of the blob.
@@ -253,8 +256,9 @@ impl BlobStore {
     /// Stores everything `reader` yields as one blob referenced by `tenant`.
     ///
     /// The content is hashed and its outboard built in the same pass that writes it to a temporary file, so
-    /// the input is read once. Content already stored is not written again (`stored: false`); the tenant's
-    /// reference is added either way. Fails with [`BlobError::QuotaExceeded`], storing nothing, when the
+    /// the input is read once. The files are committed whether or not the content was already stored
+    /// (`stored: false`), so a put takes as long either way and its timing does not tell one tenant what
+    /// another holds; the tenant's reference is added either way (`added` says whether it is new). Fails with [`BlobError::QuotaExceeded`], storing nothing, when the
     /// tenant's referenced bytes would exceed the quota; a stream longer than the whole quota is cut short.
     pub fn put(&self, tenant: &str, mut reader: impl Read) -> Result<PutResult, BlobError> {
         check_tenant(tenant)?;
@@ -332,25 +336,30 @@ impl BlobStore {
         }
         let final_data = self.data_path(&cid);
         let stored = !matches!(fs::metadata(&final_data), Ok(meta) if meta.len() == size);
-        if stored {
-            let dir = final_data.parent().unwrap_or(&self.root).to_path_buf();
-            if !dir.is_dir() {
-                fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-                sync_dir(&self.blobs_dir())?;
-            }
-            let final_outboard = self.outboard_path(&cid);
-            // The outboard first: a data file (the commit point) never exists without its outboard.
-            outboard
-                .persist(&final_outboard)
-                .map_err(|e| io_at(&final_outboard)(e.error))?;
-            data.persist(&final_data)
-                .map_err(|e| io_at(&final_data)(e.error))?;
-            sync_dir(&dir)?;
+        let dir = final_data.parent().unwrap_or(&self.root).to_path_buf();
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+            sync_dir(&self.blobs_dir())?;
         }
-        if refs.blobs.insert(key, size).is_none() {
+        let final_outboard = self.outboard_path(&cid);
+        // The outboard first: a data file (the commit point) never exists without its outboard. Content
+        // already there is replaced by identical bytes (same hash), atomically for readers.
+        outboard
+            .persist(&final_outboard)
+            .map_err(|e| io_at(&final_outboard)(e.error))?;
+        data.persist(&final_data)
+            .map_err(|e| io_at(&final_data)(e.error))?;
+        sync_dir(&dir)?;
+        let added = refs.blobs.insert(key, size).is_none();
+        if added {
             write_refs(&refs_path, &mut refs, &tmp)?;
         }
-        Ok(PutResult { cid, size, stored })
+        Ok(PutResult {
+            cid,
+            size,
+            stored,
+            added,
+        })
     }
 
     /// Writes the whole blob to `out`, checking each 16 KiB group against the id before writing it.

@@ -174,6 +174,8 @@ struct ReceiptJson {
     finished_at: u64,
     status: String,
     code: Option<i64>,
+    #[serde(default)]
+    nonce: Option<String>,
 }
 
 /// One candidate of a dataset vector.
@@ -503,6 +505,7 @@ impl ReceiptJson {
             finished_at: self.finished_at,
             status: self.status,
             code: self.code,
+            nonce: self.nonce,
         })
     }
 }

@@ -48,6 +48,22 @@ pub struct Receipt {
     pub status: String,
     /// The HTTP status or exit status the tool answered with; absent with [`status::ERROR`].
     pub code: Option<i64>,
+    /// What makes this call's receipt its own ([`new_nonce`]): two calls with the same tool, bytes,
+    /// sandbox and times (the same millisecond, no idempotency key) are still two receipts with two ids.
+    /// The one optional key: left out, never null, so receipts written before it existed keep their
+    /// bytes and ids (effects-v1 §10.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+/// The length of a [`Receipt::nonce`] in hex digits (16 random bytes).
+pub const NONCE_HEX_LEN: usize = 32;
+
+/// A fresh receipt nonce: 16 random bytes as lower-case hex.
+pub fn new_nonce() -> Result<String, EffectsError> {
+    let mut bytes = [0u8; NONCE_HEX_LEN / 2];
+    getrandom::fill(&mut bytes).map_err(|e| EffectsError::Randomness(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Receipt {
@@ -110,6 +126,11 @@ impl Receipt {
         if self.finished_at < self.started_at {
             return bad("finished_at is before started_at".to_string());
         }
+        let hex =
+            |n: &str| n.len() == NONCE_HEX_LEN && n.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if self.nonce.as_deref().is_some_and(|n| !hex(n)) {
+            return bad(format!("nonce must be {NONCE_HEX_LEN} lower-case hex digits"));
+        }
         match (self.status.as_str(), self.code, &self.response_hash) {
             (status::OK | status::FAILED, Some(_), Some(_)) | (status::ERROR, None, None) => Ok(()),
             (status::OK | status::FAILED, _, _) => bad(format!(
@@ -149,6 +170,7 @@ mod tests {
             finished_at: 1_700_000_000_042,
             status: status::OK.to_string(),
             code: Some(200),
+            nonce: None,
         }
     }
 
@@ -165,6 +187,49 @@ mod tests {
         assert!(err.to_string().contains("request"), "{err}");
         let err = back.check_bytes(None, Some(b"{}")).unwrap_err();
         assert!(err.to_string().contains("response"), "{err}");
+    }
+
+    #[test]
+    fn a_nonce_makes_identical_calls_two_receipts_and_its_absence_keeps_old_bytes() {
+        let keyring = Keyring::from_seed([7; 32]);
+        let plain = receipt().sign(&keyring).unwrap().encode().unwrap();
+        let payload = crate::canonical::encode(&receipt()).unwrap();
+        let text = String::from_utf8_lossy(&payload);
+        assert!(!text.contains("nonce"), "no nonce key when there is none");
+        let with = |nonce: &str| Receipt {
+            nonce: Some(nonce.to_string()),
+            ..receipt()
+        };
+        let (a, b) = (new_nonce().unwrap(), new_nonce().unwrap());
+        assert_ne!(a, b);
+        let first = with(&a).sign(&keyring).unwrap().encode().unwrap();
+        let second = with(&b).sign(&keyring).unwrap().encode().unwrap();
+        assert_ne!(first, second);
+        assert_ne!(first, plain);
+        let (_, back) = Receipt::verify(&keyring, &first).unwrap();
+        assert_eq!(back.nonce.as_deref(), Some(a.as_str()));
+        for bad in ["", "ABCDEF0123456789ABCDEF0123456789", "0123", &format!("{a}0")] {
+            assert_eq!(
+                with(bad).sign(&keyring).unwrap_err().kind(),
+                "invalid_object",
+                "{bad:?}"
+            );
+        }
+        // Written as null instead of left out: not canonical.
+        #[derive(Serialize)]
+        struct NullNonce {
+            #[serde(flatten)]
+            receipt: Receipt,
+            nonce: Option<String>,
+        }
+        let bytes = crate::canonical::encode(&NullNonce {
+            receipt: receipt(),
+            nonce: None,
+        })
+        .unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains("nonce"));
+        let err = crate::canonical::decode::<Receipt>(&bytes).unwrap_err();
+        assert_eq!(err.kind(), "not_canonical");
     }
 
     #[test]

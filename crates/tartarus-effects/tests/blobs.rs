@@ -296,6 +296,13 @@ fn test_dedup_reports_not_stored_and_repairs_a_damaged_copy() {
     assert!(first.stored);
     assert!(!again.stored);
     assert!(!other_tenant.stored);
+    // The per-tenant answer: new to the tenant, whatever the others hold.
+    assert!(first.added);
+    assert!(!again.added);
+    assert!(
+        other_tenant.added,
+        "b did not hold it: its answer must not depend on a"
+    );
     assert_eq!(first.cid, again.cid);
     assert_eq!(store.usage("a").unwrap(), data.len() as u64);
     assert_eq!(store.usage("b").unwrap(), data.len() as u64);

@@ -53,6 +53,7 @@ impl Fixture {
             finished_at: 1_700_000_000_150,
             status: status::OK.into(),
             code: Some(200),
+            nonce: None,
         };
         let server = Keyring::from_seed([1; 32]);
         let receipt_cid = Cid::of_encoded(&receipt.sign(&server).unwrap().encode().unwrap()).unwrap();

@@ -33,6 +33,9 @@ pub struct AdmissionRequest {
     pub memory_mb: Option<u64>,
     /// Lifetime limit.
     pub timeout: Option<Duration>,
+    /// Most processes; absent from the digest when not asked (digests of older requests stay the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
     /// The network the sandbox asks for.
     pub network: NetworkRequest,
     /// Whether it brings its own root filesystem directory.
@@ -372,7 +375,7 @@ impl Judge for SecurityJudge {
     }
 }
 
-/// How much: the template must allow the caller (403); `cpus`, `memory_mb` and `timeout` must be within the
+/// How much: the template must allow the caller (403); `cpus`, `memory_mb`, `pids` and `timeout` must be within the
 /// per-sandbox maxima (422); the class must be one of `resources.classes` (403; `quarantine` always is);
 /// and one more sandbox must fit in `max_sandboxes`, `max_total_cpu_cores`, `max_total_memory_mb` and the
 /// template rule's `max_instances` (429).
@@ -428,6 +431,16 @@ impl Judge for QuotaJudge {
                 format!(
                     "memory_mb {mib} is more than resources.max_memory_mb ({})",
                     limits.max_memory_mb
+                ),
+            );
+        }
+        if let Some(pids) = request.pids.filter(|p| *p > u64::from(limits.max_pids)) {
+            return reject(
+                name,
+                422,
+                format!(
+                    "pids {pids} is more than resources.max_pids ({})",
+                    limits.max_pids
                 ),
             );
         }

@@ -23,6 +23,8 @@ pub struct SandboxConstraints {
     pub memory_mb: Option<u64>,
     /// Lifetime limit.
     pub timeout: Option<Duration>,
+    /// Most processes: the request's, else `resources.max_pids` (never unbounded).
+    pub pids: u64,
     /// x86_64 system call names denied on top of the runtime's `DENIED_SYSCALLS` (never repeating them).
     pub extra_denied_syscalls: Vec<String>,
     /// The network the sandbox gets.
@@ -112,6 +114,10 @@ pub fn compile(policy: &EffectivePolicy, request: &AdmissionRequest) -> SandboxC
         cpus: request.cpus,
         memory_mb: request.memory_mb,
         timeout: request.timeout,
+        pids: request
+            .pids
+            .unwrap_or(u64::from(policy.resources.max_pids))
+            .min(u64::from(policy.resources.max_pids)),
         extra_denied_syscalls,
         network,
         quarantined,

@@ -27,8 +27,31 @@ pub const DEFAULT_MAX_SANDBOXES: u32 = 50;
 pub const DEFAULT_MAX_TOTAL_CPU_CORES: f64 = 16.0;
 /// Most MiB of a tenant's live sandboxes when no policy sets `resources.max_total_memory_mb`.
 pub const DEFAULT_MAX_TOTAL_MEMORY_MB: u64 = 65536;
+/// Most processes of one sandbox when no policy sets `resources.max_pids`.
+pub const DEFAULT_MAX_PIDS: u32 = 256;
 /// Classes requests may name when no policy sets `resources.classes` (`inferno`, with its GPU, is opt-in).
 pub const DEFAULT_CLASSES: &[&str] = &[DEFAULT_CLASS, "flame", "blaze"];
+
+/// The id of [`builtin_policy`].
+pub const BUILTIN_POLICY_ID: &str = "builtin-default";
+
+/// The policy a server applies when no policy is loaded (the "Default limits" of the README): a tenant
+/// holds at most 20 live sandboxes and 10 GiB of memory across them (20 of the `ember` class) (a sandbox that sets no memory counts
+/// as the `ember` class, 512 MiB), each sandbox at most 256 processes (its pids limit); no host network,
+/// no egress, no root filesystem, no writable mounts; everything else the built-in defaults of the crate
+/// docs.
+pub const BUILTIN_POLICY_YAML: &str = "id: builtin-default
+version: 1
+network: {egress: false}
+resources: {max_sandboxes: 20, max_total_memory_mb: 10240, max_pids: 256}
+security: {allow_host_network: false, allow_rootfs: false, allow_writable_mounts: false}
+";
+
+/// [`BUILTIN_POLICY_YAML`], parsed.
+pub fn builtin_policy() -> Policy {
+    crate::parse_policy(BUILTIN_POLICY_YAML, "builtin-default.yaml")
+        .expect("the built-in policy is valid (tested)")
+}
 
 /// The rules in force for one tenant's request (and template), every key resolved.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -90,6 +113,8 @@ pub struct EffectiveResources {
     pub max_total_cpu_cores: f64,
     /// Most MiB of all the tenant's live sandboxes.
     pub max_total_memory_mb: u64,
+    /// Most processes of one sandbox (its pids limit).
+    pub max_pids: u32,
     /// Classes requests may name (besides `quarantine`).
     pub classes: Vec<String>,
 }
@@ -203,6 +228,7 @@ impl Merged {
             max_sandboxes,
             max_total_cpu_cores,
             max_total_memory_mb,
+            max_pids,
             classes
         );
         overlay!(
@@ -265,6 +291,7 @@ impl Merged {
             max_sandboxes: r.max_sandboxes.unwrap_or(DEFAULT_MAX_SANDBOXES),
             max_total_cpu_cores: r.max_total_cpu_cores.unwrap_or(DEFAULT_MAX_TOTAL_CPU_CORES),
             max_total_memory_mb: r.max_total_memory_mb.unwrap_or(DEFAULT_MAX_TOTAL_MEMORY_MB),
+            max_pids: r.max_pids.unwrap_or(DEFAULT_MAX_PIDS),
             classes: r
                 .classes
                 .unwrap_or_else(|| DEFAULT_CLASSES.iter().map(|c| c.to_string()).collect()),
@@ -323,6 +350,27 @@ mod tests {
 
     fn policy(yaml: &str) -> Policy {
         parse_policy(yaml, "test.yaml").unwrap()
+    }
+
+    #[test]
+    fn test_builtin_policy_bounds_count_memory_and_pids_and_refuses_host_network() {
+        let builtin = builtin_policy();
+        let e = effective(std::slice::from_ref(&builtin), "anyone", None);
+        assert_eq!(builtin.id, BUILTIN_POLICY_ID);
+        assert_eq!(e.resources.max_sandboxes, 20);
+        assert_eq!(e.resources.max_total_memory_mb, 10240);
+        assert_eq!(e.resources.max_pids, 256);
+        assert!(!e.security.allow_host_network && !e.network.egress);
+        assert_eq!(e.sources, [BUILTIN_POLICY_ID]);
+    }
+
+    #[test]
+    fn test_max_pids_is_overridden_and_zero_refused() {
+        let p = policy("id: few\nresources: {max_pids: 32}\n");
+        assert_eq!(effective(&[p], "t", None).resources.max_pids, 32);
+        assert_eq!(effective(&[], "t", None).resources.max_pids, DEFAULT_MAX_PIDS);
+        let err = parse_policy("id: none\nresources: {max_pids: 0}\n", "p.yaml").unwrap_err();
+        assert!(err.to_string().contains("max_pids"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! network: {egress: true, deny_private: true, deny_metadata: true, allowed_egress_ports: [80, 443],
 //!           allowed_cidrs: [], denied_cidrs: [203.0.113.0/24], dns: true, rate_limit_kbps: 0}
 //! resources: {max_cpu_cores: 4, max_memory_mb: 8192, max_duration: 15m, max_sandboxes: 50,
-//!             max_total_cpu_cores: 16, max_total_memory_mb: 65536, classes: [ember, flame, blaze]}
+//!             max_total_cpu_cores: 16, max_total_memory_mb: 65536, max_pids: 256,
+//!             classes: [ember, flame, blaze]}
 //! security: {allow_host_network: false, allow_rootfs: false, allow_writable_mounts: false,
 //!            extra_denied_syscalls: [mincore]}
 //! enforcement: {on_timeout: kill, on_resource_violation: throttle, on_network_violation: quarantine}
@@ -40,11 +41,15 @@
 //! | `resources.max_duration` | `1h` (also the timeout of a request that sets none) |
 //! | `resources.max_sandboxes` | 50 |
 //! | `resources.max_total_cpu_cores` / `max_total_memory_mb` | 16 / 65536 |
+//! | `resources.max_pids` | 256 (every sandbox gets a pids limit: the request's, at most this) |
 //! | `resources.classes` | `[ember, flame, blaze]` (`quarantine` is always allowed) |
 //! | `security.allow_host_network`, `allow_rootfs`, `allow_writable_mounts` | `false` |
 //! | `security.extra_denied_syscalls` | `[]` |
 //! | `enforcement` | `on_timeout: kill`, `on_resource_violation: throttle`, `on_network_violation: kill` |
 //! | `templates[]` keys | absent: no rule (every caller, no instance cap, the class and timeout defaults) |
+//!
+//! With no policy loaded at all the server applies [`builtin_policy`] (id `builtin-default`: 20 live
+//! sandboxes and 10 GiB per tenant, 256 processes per sandbox, no host network or egress).
 //!
 //! # Validation
 //!
@@ -128,8 +133,8 @@ pub use class::{resource_class, ResourceClass, DEFAULT_CLASS, QUARANTINE_CLASS, 
 pub use compile::{compile, NetworkContract, SandboxConstraints, QUARANTINE_WRITABLE};
 pub use de::{format_duration, MAX_CORES, MAX_DURATION, MAX_MIB};
 pub use effective::{
-    effective, EffectiveNetwork, EffectivePolicy, EffectiveResources, EffectiveSecurity,
-    EffectiveTemplateRule, Enforcement,
+    builtin_policy, effective, EffectiveNetwork, EffectivePolicy, EffectiveResources, EffectiveSecurity,
+    EffectiveTemplateRule, Enforcement, BUILTIN_POLICY_ID, BUILTIN_POLICY_YAML,
 };
 pub use policy::{
     parse_policy, EnforcementPolicy, NetworkPolicy, NetworkViolationAction, Policy, PolicyError,

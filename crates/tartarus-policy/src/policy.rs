@@ -128,6 +128,13 @@ pub struct ResourcePolicy {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_total_memory_mb: Option<u64>,
+    /// Most processes (and threads) of one sandbox: its pids cgroup limit, and the most a request may ask.
+    #[serde(
+        default,
+        deserialize_with = "de::count",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_pids: Option<u32>,
     /// Resource classes requests may name (`quarantine` is always allowed: it only takes away).
     #[serde(
         default,
@@ -476,6 +483,12 @@ impl ResourcePolicy {
         }
         if let Some(text) = &self.max_duration {
             de::parse_duration(text).map_err(|m| fail("max_duration", m))?;
+        }
+        if self.max_pids == Some(0) {
+            return Err(fail(
+                "max_pids",
+                "0 is invalid: a sandbox needs at least 1 process".to_string(),
+            ));
         }
         if let (Some(one), Some(total)) = (self.max_cpu_cores, self.max_total_cpu_cores) {
             if one > total {

@@ -35,6 +35,16 @@ pub trait ServiceSandbox: Sandbox {
     fn wait_exec(&mut self, id: ExecId, timeout: Option<Duration>) -> Result<Option<Termination>, ExecError>;
     /// Kills exec `id` and every process it started; its end is still reported by `wait_exec`.
     fn kill_exec(&mut self, id: ExecId) -> Result<(), ExecError>;
+    /// Asks every process of the sandbox but its init to end (SIGTERM), the first step of a graceful stop;
+    /// the caller kills the sandbox ([`crate::Sandbox::kill`]) when its grace period is over.
+    /// [`ServiceErrorKind::Unsupported`] when this sandbox cannot reach its processes that way (the caller
+    /// then kills at once).
+    fn terminate(&mut self) -> Result<(), ServiceError> {
+        Err(ServiceError::Unsupported {
+            operation: "terminate",
+            why: "this lane cannot signal its processes",
+        })
+    }
     /// Freezes every process; [`ServiceErrorKind::Unsupported`] when this sandbox cannot be frozen.
     fn pause(&mut self) -> Result<(), ServiceError>;
     /// Thaws a paused sandbox; a no-op when it is not paused.

@@ -13,9 +13,9 @@ use tartarus_runtime::{BindMount, SandboxSpec};
 use crate::error::ApiError;
 use crate::sandboxes::{Manager, PoolSpec};
 
-/// Where template sandboxes find the python shim (the `tartarus` binary) and the zygote's socket; the
-/// names are the shim's (see `tartarus_cli::commands::zygote`).
-const SHIM_DIR: &str = "/.tartarus/bin";
+/// Where template sandboxes find the python launcher (the `tartarus` binary) and the zygote's socket; the
+/// names are the launcher's (see `tartarus_cli::commands::zygote`).
+const LAUNCHER_DIR: &str = "/.tartarus/bin";
 const ZYGOTE_SOCKET: &str = "/run/tartarus-zygote/socket";
 const ZYGOTE_SERVE: &str = "--tartarus-zygote-serve";
 const ZYGOTE_WAIT: &str = "--tartarus-zygote-wait";
@@ -26,27 +26,98 @@ pub struct Images {
     pub store: ImageStore,
     /// Registries (host:port on loopback) pulled over plain HTTP.
     pub insecure_registries: Arc<HashSet<String>>,
+    /// Registries user keys may use images of (`--registry`, and the insecure ones), as [`registry_name`]s.
+    /// Empty: only the operator's side (admin keys, shared templates) names images.
+    pub allowed_registries: Arc<HashSet<String>>,
+}
+
+/// On whose behalf an image is named: the operator (an admin key, a shared template) or a tenant (a user
+/// key, a tenant's template).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullFor<'a> {
+    Operator,
+    Tenant(&'a str),
+}
+
+impl<'a> PullFor<'a> {
+    /// For a template: its owner's side.
+    pub fn owner(tenant: Option<&'a str>) -> Self {
+        tenant.map_or(PullFor::Operator, PullFor::Tenant)
+    }
+}
+
+/// A registry as the allowlist compares it: lower case, Docker Hub's aliases as `docker.io`.
+pub fn registry_name(registry: &str) -> String {
+    match registry.to_ascii_lowercase().as_str() {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        other => other.to_string(),
+    }
 }
 
 impl Images {
     /// The image, pulled first when it is not in the store.
-    pub async fn ensure(&self, reference: &str) -> Result<ImageRecord, ApiError> {
+    ///
+    /// A tenant names only images of the allowed registries, pulled or not: otherwise a user key would
+    /// probe any host and port from the server (the errors tell open ports from closed ones), pull with
+    /// the operator's registry credentials, and start from private images the operator pulled. Its pull
+    /// failures are one generic message; the cause goes to the server log.
+    pub async fn ensure(&self, reference: &str, puller: PullFor<'_>) -> Result<ImageRecord, ApiError> {
         let invalid = |e: &dyn std::fmt::Display| ApiError::invalid(e.to_string());
+        let registry = tartarus_image::store::registry_of(reference).map_err(|e| invalid(&e))?;
+        if let PullFor::Tenant(_) = puller {
+            self.allowed_for_tenants(reference, &registry)?;
+        }
         // Present with every layer: done. Missing (or a layer pruned meanwhile): pull.
         match self.store.get(reference) {
             Ok(record) => return Ok(record),
             Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(invalid(&e)),
         }
-        let registry = tartarus_image::store::registry_of(reference).map_err(|e| invalid(&e))?;
         let options = PullOptions {
             insecure: self.insecure_registries.contains(&registry),
+            // The operator's credentials (Docker config) serve tenants only on registries the operator
+            // allowed for them, which is the only place a tenant pulls from.
             credentials: None,
         };
-        pull::pull(&self.store, reference, &options, Arc::new(NoProgress))
-            .await
-            .map_err(|e| ApiError::invalid(format!("pulling image: {}", tartarus_runtime::error_chain(&e))))
+        let pulled = pull::pull(&self.store, reference, &options, Arc::new(NoProgress)).await;
+        pulled.map_err(|e| {
+            let cause = tartarus_runtime::error_chain(&e);
+            match puller {
+                PullFor::Operator => ApiError::invalid(format!("pulling image: {cause}")),
+                PullFor::Tenant(tenant) => {
+                    tracing::warn!(tenant, reference, "pulling an image for a tenant failed: {cause}");
+                    ApiError::invalid(format!(
+                        "pulling image '{reference}' failed (the operator finds the cause in the server log)"
+                    ))
+                }
+            }
+        })
     }
+
+    /// Refuses (403) an image of a registry tenants may not use.
+    fn allowed_for_tenants(&self, reference: &str, registry: &str) -> Result<(), ApiError> {
+        if self.allowed_registries.is_empty() {
+            return Err(ApiError::forbidden(format!(
+                "image '{reference}': this server lets only admin keys name images (the operator allows \
+                 registries for user keys with --registry HOST[:PORT])"
+            )));
+        }
+        if !self.allowed_registries.contains(&registry_name(registry)) {
+            let mut allowed: Vec<&str> = self.allowed_registries.iter().map(String::as_str).collect();
+            allowed.sort_unstable();
+            return Err(ApiError::forbidden(format!(
+                "image '{reference}': registry {registry} is not one user keys may use (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The warm pool of a template: its owner's (`None`: shared) and its id, since ids are per tenant.
+pub fn pool_key(owner: Option<&str>, id: &str) -> String {
+    // Neither `*` nor `/` is in a tenant name.
+    format!("{}/{id}", owner.unwrap_or("*"))
 }
 
 /// Roots `spec` on an image: layers, environment under the spec's, working directory and user. The
@@ -110,13 +181,13 @@ pub fn apply_template(
     Ok(plain)
 }
 
-/// Mounts the python shim, points `PATH` at it, and (without a main command) makes the zygote the main
+/// Mounts the python launcher, points `PATH` at it, and (without a main command) makes the zygote the main
 /// command, so every `python3` in the sandbox forks from the warmed interpreter.
 fn add_zygote(spec: &mut SandboxSpec, warmup: &str, shim_exe: &std::path::Path) {
     for name in ["python3", "python"] {
         spec.mounts.push(BindMount {
             source: shim_exe.to_path_buf(),
-            target: format!("{SHIM_DIR}/{name}").into(),
+            target: format!("{LAUNCHER_DIR}/{name}").into(),
             writable: false,
         });
     }
@@ -124,12 +195,12 @@ fn add_zygote(spec: &mut SandboxSpec, warmup: &str, shim_exe: &std::path::Path) 
         .env_value("PATH")
         .unwrap_or(tartarus_runtime::spec::DEFAULT_PATH)
         .to_string();
-    spec.env.push(("PATH".into(), format!("{SHIM_DIR}:{path}")));
+    spec.env.push(("PATH".into(), format!("{LAUNCHER_DIR}:{path}")));
     spec.env
         .push(("TARTARUS_ZYGOTE_SOCKET".into(), ZYGOTE_SOCKET.into()));
     spec.env.push(("TARTARUS_WARMUP".into(), warmup.to_string()));
     if spec.command.is_empty() {
-        spec.command = vec![format!("{SHIM_DIR}/python3"), ZYGOTE_SERVE.into()];
+        spec.command = vec![format!("{LAUNCHER_DIR}/python3"), ZYGOTE_SERVE.into()];
     }
 }
 
@@ -150,7 +221,7 @@ pub fn template_pool(
     // sandbox before it is handed out (the operator's script: it loads libraries into the page cache and
     // prepares files).
     let warm_probe = template.warmup().map(|(language, script)| match language {
-        WarmupLanguage::Python => vec![format!("{SHIM_DIR}/python3"), ZYGOTE_WAIT.to_string()],
+        WarmupLanguage::Python => vec![format!("{LAUNCHER_DIR}/python3"), ZYGOTE_WAIT.to_string()],
         WarmupLanguage::Shell => vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()],
     });
     Ok(PoolSpec {
@@ -160,25 +231,54 @@ pub fn template_pool(
     })
 }
 
-/// Pulls a template's image and (re)starts its warm pool, in the background.
-pub fn start_template_pool(manager: &Arc<Manager>, images: &Images, template: Template) {
+/// Pulls a template's image (on its owner's behalf: `None` is a shared template) and (re)starts its warm
+/// pool, in the background.
+pub fn start_template_pool(
+    manager: &Arc<Manager>,
+    images: &Images,
+    owner: Option<String>,
+    template: Template,
+) {
+    let key = pool_key(owner.as_deref(), &template.id);
     if template.pool.size == 0 {
-        manager.remove_pool(&template.id);
+        manager.remove_pool(&key);
         return;
     }
     let manager = Arc::clone(manager);
     let images = images.clone();
     tokio::spawn(async move {
-        let image = match images.ensure(&template.base_image).await {
+        let puller = PullFor::owner(owner.as_deref());
+        let tenant = owner.as_deref().unwrap_or("(shared)");
+        let image = match images.ensure(&template.base_image, puller).await {
             Ok(image) => image,
             Err(e) => {
-                tracing::error!(template = %template.id, "warm pool: {}", e.message);
+                tracing::error!(template = %template.id, tenant, "warm pool: {}", e.message);
                 return;
             }
         };
         match template_pool(&template, &images, &image, manager.shim_exe()) {
-            Ok(pool) => manager.register_pool(&template.id, pool),
-            Err(e) => tracing::error!(template = %template.id, "warm pool: {}", e.message),
+            Ok(pool) => manager.register_pool(&key, pool),
+            Err(e) => tracing::error!(template = %template.id, tenant, "warm pool: {}", e.message),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_registry_names_fold_case_and_docker_hub_aliases() {
+        assert_eq!(registry_name("Index.Docker.IO"), "docker.io");
+        assert_eq!(registry_name("registry-1.docker.io"), "docker.io");
+        assert_eq!(registry_name("127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(registry_name("GHCR.io"), "ghcr.io");
+    }
+
+    #[test]
+    fn test_pool_keys_of_two_tenants_templates_with_one_id_differ() {
+        assert_ne!(pool_key(Some("alpha"), "py"), pool_key(Some("beta"), "py"));
+        assert_ne!(pool_key(None, "py"), pool_key(Some("py"), ""));
+        assert_ne!(pool_key(None, "py"), crate::sandboxes::DEFAULT_POOL);
+    }
 }

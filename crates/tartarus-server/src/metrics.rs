@@ -1,4 +1,7 @@
 //! Prometheus metrics (`GET /metrics`). Names follow the design map.
+//!
+//! `/metrics` needs no key, so no label names a tenant's objects: no template ids (tenants name their
+//! own), no tool names; per-tenant detail is in the API (events, audit, receipts) behind a key.
 
 use std::time::Instant;
 
@@ -13,9 +16,9 @@ pub const LAUNCH_DURATION: &str = "tartarus_sandbox_launch_duration_seconds";
 pub const ACTIVE: &str = "tartarus_sandbox_active_count";
 /// Sandboxes by final status (and failed starts).
 pub const TOTAL: &str = "tartarus_sandbox_total";
-/// Tool invocations through the gateway, by tool and receipt status (ok, failed, error).
+/// Tool invocations through the gateway, by receipt status (ok, failed, error).
 pub const TOOL_CALLS: &str = "tartarus_tool_calls_total";
-/// Tool calls answered from the idempotency ledger (replays) or refused as divergent, by tool and outcome.
+/// Tool calls answered from the idempotency ledger (replays) or refused as divergent, by outcome.
 pub const LEDGER_OUTCOMES: &str = "tartarus_ledger_outcomes_total";
 /// API request latency.
 pub const REQUEST_DURATION: &str = "tartarus_http_request_duration_seconds";
@@ -31,6 +34,14 @@ pub fn install() -> Option<PrometheusHandle> {
         .ok()?
         .install_recorder()
         .ok()
+}
+
+/// The `template` label: whether a sandbox came from a template (`template`) or not (`none`), never which.
+pub fn template_label(template: Option<&str>) -> &'static str {
+    match template {
+        Some(_) => "template",
+        None => "none",
+    }
 }
 
 /// This machine's name, the `node` label.

@@ -106,7 +106,11 @@ fn meminfo(key: &str) -> Option<u64> {
 }
 
 /// Runs the agent until it is refused (or the process is stopped).
-pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+/// `ready` is told the address once this node's own server accepts connections.
+pub async fn run(
+    config: AgentConfig,
+    ready: impl FnOnce(std::net::SocketAddr) + Send,
+) -> Result<(), AgentError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| AgentError::Listen {
@@ -130,7 +134,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .to_string();
     // The node's own server runs beside the agent's loop; when it stops (SIGTERM: it finishes in-flight
     // requests and returns) the agent stops too, and a server that fails takes the agent down with it.
-    let server = crate::serve_on(config.server.clone(), listener, |_| {});
+    let server = crate::serve_on(config.server.clone(), listener, ready);
     tokio::pin!(server);
     let agent = agent_loop(&config, address, api_key);
     tokio::select! {

@@ -16,7 +16,7 @@ use crate::{api, cluster, gateway, routes};
           files::put_file, files::get_file, logs::logs_sandbox, sandboxes::pause_sandbox, sandboxes::resume_sandbox,
           audit::list_audit,
           templates::create_template, templates::list_templates, templates::get_template,
-          templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy,
+          templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy, policies::effective_policy,
           policies::delete_policy, policies::policy_history, policies::rollback_policy, policies::list_events,
           policies::quarantine_sandbox, blobs::put_blob, blobs::get_blob, blobs::delete_blob, blobs::gc_blobs,
           routes::tools::put_tool, routes::tools::list_tools, routes::tools::delete_tool, routes::receipts::list_receipts,

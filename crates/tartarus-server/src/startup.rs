@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub insecure_registries: Vec<String>,
     /// How long events are kept.
     pub event_retention: Duration,
+    /// How long ended sandboxes' directories are kept, and the cap on a running sandbox's `main.log`.
+    pub retention: sandboxes::Retention,
     /// How often egress sandboxes' blocked-packet counters are checked against their policy.
     pub enforcement_interval: Duration,
     /// A classification hook: a program given every create request (JSON on stdin) that answers
@@ -49,6 +51,11 @@ pub struct ServerConfig {
     pub placement: tartarus_scheduler::Strategy,
     /// Connections the API serves at once, and how long each may wait for a request.
     pub connections: crate::connections::ConnectionLimits,
+    /// What of the host admin keys may give a sandbox (`--allow-host-network`, `--allow-host-rootfs`).
+    pub host_access: crate::sandboxes::HostAccess,
+    /// Registries (HOST[:PORT]) user keys may pull images from (`--registry`; the insecure registries count
+    /// too). Empty: only admin keys pull by reference.
+    pub registries: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,11 +226,31 @@ pub async fn serve_on(
             )));
         }
     }
+    for registry in &config.registries {
+        let plain = !registry.is_empty()
+            && !registry.contains('/')
+            && !registry.contains('@')
+            && !registry.chars().any(char::is_whitespace);
+        if !plain {
+            return Err(ServerError::Config(format!(
+                "--registry {registry:?}: give a registry host with an optional port (docker.io, ghcr.io, \
+                 registry.internal:5000), no scheme or path"
+            )));
+        }
+    }
     let image_store = tartarus_image::runspec::open_store(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("opening the image store: {e}")))?;
     let images = images::Images {
         store: image_store,
         insecure_registries: Arc::new(config.insecure_registries.iter().cloned().collect()),
+        allowed_registries: Arc::new(
+            config
+                .registries
+                .iter()
+                .chain(&config.insecure_registries)
+                .map(|r| images::registry_name(r))
+                .collect(),
+        ),
     };
     manager.refill(sandboxes::DEFAULT_POOL);
     for record in store
@@ -232,7 +259,7 @@ pub async fn serve_on(
         .map_err(|e| ServerError::Config(e.to_string()))?
     {
         match serde_json::from_str::<tartarus_image::template::Template>(&record.definition) {
-            Ok(template) => images::start_template_pool(&manager, &images, template),
+            Ok(template) => images::start_template_pool(&manager, &images, record.tenant.clone(), template),
             Err(e) => {
                 tracing::error!(template = %record.id, "stored template is unreadable: {}", tartarus_runtime::error_chain(&e))
             }
@@ -245,6 +272,7 @@ pub async fn serve_on(
         .await
         .map_err(ServerError::Config)?;
     spawn_event_retention(store.clone(), config.event_retention);
+    manager.spawn_retention(config.retention);
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
     let replica = format!(
         "{}:{}:{}",
@@ -278,6 +306,7 @@ pub async fn serve_on(
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?,
+        host_access: config.host_access,
     };
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);

@@ -31,6 +31,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// For streams forwarded from node agents (no overall time limit).
     pub stream_http: reqwest::Client,
+    /// What of the host admin keys may give a sandbox (off unless the server was started to allow it).
+    pub host_access: crate::sandboxes::HostAccess,
 }
 
 pub(crate) fn view(record: &SandboxRecord) -> SandboxView {

@@ -58,7 +58,13 @@ pub enum Request {
     /// Lower the CPU quota to `cpus` cores (enforcement of a resource violation). → [`Throttled`].
     Throttle { cpus: f64 },
     /// Kill the sandbox; answered with [`Done`] once it is gone and cleaned up. The shim then exits.
-    Kill,
+    /// With `grace_ms`, its processes first get SIGTERM and that long to end on their own (the result
+    /// record's `signal` is then 15), then SIGKILL (`signal` 9). Absent: SIGKILL at once (the version 1
+    /// form `{"op":"kill"}` is still this).
+    Kill {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_ms: Option<u64>,
+    },
     /// Read a regular file inside the sandbox, as the sandbox user. → [`FileData`].
     ReadFile { path: String },
     /// Create or replace a regular file inside the sandbox, as the sandbox user. → [`Done`].

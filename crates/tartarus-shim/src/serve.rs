@@ -116,20 +116,33 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         flushing: Vec::new(),
         kill_requester: None,
         deadline,
+        grace: None,
+        stop: None,
     };
     let outcome = shim.serve(&listener, &signals)?;
     let Shim {
         mut sandbox,
         kill_requester,
+        stop,
         ..
     } = shim;
-    let outcome = match outcome {
+    let mut outcome = match outcome {
         Some(o) => o,
         None => sandbox.wait().map_err(LaneError::from)?,
     };
+    let stopped_by = match stop {
+        // Asked to stop: it was killed, whatever its command did with the SIGTERM.
+        Some(StopSignal::Term) => {
+            outcome.reason = tartarus_runtime::ExitReason::Killed;
+            Some(libc::SIGTERM)
+        }
+        Some(StopSignal::Kill) => Some(libc::SIGKILL),
+        None => None,
+    };
     let _ = std::fs::remove_file(&paths.socket);
     if let Some(path) = &paths.result {
-        write_result(path, sandbox.id(), &outcome).map_err(io_err("writing the result record"))?;
+        write_result(path, sandbox.id(), &outcome, stopped_by)
+            .map_err(io_err("writing the result record"))?;
     }
     sandbox.cleanup().map_err(LaneError::from)?;
     // A kill is answered only now, so the requester knows everything is gone.
@@ -186,11 +199,14 @@ fn listen(socket: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn write_result(path: &Path, id: &str, outcome: &Outcome) -> std::io::Result<()> {
+/// Writes the result record; `stopped_by` is the signal that ended a sandbox a client asked to stop with
+/// a grace period (15: it ended within it, 9: it was killed).
+fn write_result(path: &Path, id: &str, outcome: &Outcome, stopped_by: Option<i32>) -> std::io::Result<()> {
     let signal = match outcome.termination {
         Termination::Signaled(s) => Some(s),
         Termination::Exited(_) => None,
     };
+    let signal = stopped_by.or(signal);
     let record = ResultRecord {
         v: VERSION,
         id: id.to_string(),
@@ -304,7 +320,23 @@ struct Shim {
     kill_requester: Option<UnixStream>,
     /// When the sandbox's lifetime (`timeout`) ends; it is then killed with reason `timeout`.
     deadline: Option<Instant>,
+    /// When a graceful kill's grace period ends; the sandbox is then killed.
+    grace: Option<Instant>,
+    /// How a requested stop ended the sandbox, for the result record.
+    stop: Option<StopSignal>,
 }
+
+/// The signal that ended a sandbox a client asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    /// It ended within its grace period after SIGTERM.
+    Term,
+    /// It was killed (at once, or when its grace period ran out).
+    Kill,
+}
+
+/// The longest grace period a kill may ask for.
+const MAX_GRACE: Duration = Duration::from_secs(300);
 
 enum Slot {
     Request(usize),
@@ -385,6 +417,7 @@ impl Shim {
                 .filter_map(|e| e.deadline)
                 .chain(self.requests.iter().map(|p| p.deadline))
                 .chain(self.deadline)
+                .chain(self.grace)
                 .min();
             match rustix::event::poll(&mut fds, poll_timeout(next_deadline).as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
@@ -392,6 +425,15 @@ impl Shim {
             }
             let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
             drop((fds, event_fd, exec_events));
+            if self.grace.is_some_and(|d| Instant::now() >= d) {
+                // The grace period is over: what is left is killed.
+                self.grace = None;
+                self.stop = Some(StopSignal::Kill);
+                self.sandbox
+                    .kill(KillReason::Requested)
+                    .map_err(LaneError::from)?;
+                return Ok(None);
+            }
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 // The whole sandbox reached its lifetime: kill the tree; its exit is reported below, with
                 // reason `timeout`.
@@ -515,7 +557,20 @@ impl Shim {
             Err(e) => ReplyLine::error(e.code(), e.to_string()),
         };
         match request {
-            Request::Kill => {
+            Request::Kill { grace_ms } => {
+                let grace = grace_ms.filter(|g| *g > 0).map(Duration::from_millis);
+                if let (Some(grace), None) = (grace, self.grace) {
+                    // Graceful: SIGTERM now, the kill at the end of the grace (or when the sandbox ends).
+                    if self.sandbox.terminate().is_ok() {
+                        self.kill_requester = Some(stream);
+                        self.grace = Some(Instant::now() + grace.min(MAX_GRACE));
+                        self.stop = Some(StopSignal::Term);
+                        return Ok(false);
+                    }
+                }
+                if self.stop.is_some() {
+                    self.stop = Some(StopSignal::Kill);
+                }
                 self.kill_requester = Some(stream);
                 return Ok(true);
             }

@@ -969,8 +969,6 @@ pub struct TemplateRecord {
 pub enum TemplatePut {
     Created,
     Replaced,
-    /// Nothing: the id belongs to another owner.
-    Taken,
 }
 
 impl Record for TemplateRecord {
@@ -978,10 +976,18 @@ impl Record for TemplateRecord {
     const KEY: &'static [&'static str] = &["id"];
 }
 
+/// The columns of a [`TemplateRecord`]; the stored owner `''` (shared) reads as a NULL tenant.
+const TEMPLATE_COLUMNS: &str = "id, NULLIF(tenant, '') AS tenant, definition, created_ms, updated_ms";
+
+/// A template's owner as stored: the tenant, or `''` for a shared template.
+fn template_owner(tenant: Option<&str>) -> &str {
+    tenant.unwrap_or("")
+}
+
 impl Store {
-    /// Inserts a template, or replaces the definition of the one with this id if `tenant` owns it (`None`:
-    /// a shared one), keeping when it was created. Both steps are single statements, so a concurrent
-    /// caller cannot take over another tenant's template.
+    /// Inserts `tenant`'s template `id` (`None`: a shared one), or replaces its definition, keeping when it
+    /// was created. Ids are per owner: another tenant's template with the same id is neither touched nor
+    /// told apart from a free id.
     pub async fn put_template(
         &self,
         id: &str,
@@ -999,12 +1005,13 @@ impl Store {
             )));
         }
         let now = now_ms();
+        let owner = template_owner(tenant);
         let inserted = sqlx::query(
-            "INSERT INTO templates (id, tenant, definition, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $4) \
-             ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO templates (tenant, id, definition, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (tenant, id) DO NOTHING",
         )
+        .bind(owner)
         .bind(id)
-        .bind(tenant)
         .bind(definition)
         .bind(now)
         .execute(&self.pool)
@@ -1012,53 +1019,61 @@ impl Store {
         if inserted.rows_affected() > 0 {
             return Ok(TemplatePut::Created);
         }
-        let updated = sqlx::query(
-            "UPDATE templates SET definition = $1, updated_ms = $2 WHERE id = $3 AND tenant IS NOT DISTINCT FROM $4",
-        )
-        .bind(definition)
-        .bind(now)
-        .bind(id)
-        .bind(tenant)
-        .execute(&self.pool)
-        .await?;
-        Ok(match updated.rows_affected() {
-            0 => TemplatePut::Taken,
-            _ => TemplatePut::Replaced,
-        })
+        sqlx::query("UPDATE templates SET definition = $1, updated_ms = $2 WHERE tenant = $3 AND id = $4")
+            .bind(definition)
+            .bind(now)
+            .bind(owner)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(TemplatePut::Replaced)
     }
 
-    /// One template; with `tenant`, only if that tenant sees it (its own or a shared one).
+    /// The template `id` as `tenant` sees it: its own, else a shared one. `None`: the shared one.
     pub async fn get_template(
         &self,
         id: &str,
         tenant: Option<&str>,
     ) -> Result<Option<TemplateRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, tenant, definition, created_ms, updated_ms FROM templates \
-             WHERE id = $1 AND ($2 IS NULL OR tenant IS NULL OR tenant = $2)",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE id = $1 AND (templates.tenant = '' OR templates.tenant = $2) \
+             ORDER BY templates.tenant DESC LIMIT 1"
+        ))
         .bind(id)
-        .bind(tenant)
+        .bind(template_owner(tenant))
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(decode).transpose()
     }
 
-    /// Templates by id; with `tenant`, those that tenant sees (its own and shared ones).
+    /// Every template with this id, the shared one first, then by tenant (for admins, who see them all).
+    pub async fn templates_named(&self, id: &str) -> Result<Vec<TemplateRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE id = $1 ORDER BY templates.tenant"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// Templates by id (then owner, shared first); with `tenant`, those that tenant sees (its own and
+    /// shared ones).
     pub async fn list_templates(&self, tenant: Option<&str>) -> Result<Vec<TemplateRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, tenant, definition, created_ms, updated_ms FROM templates \
-             WHERE $1 IS NULL OR tenant IS NULL OR tenant = $1 ORDER BY id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {TEMPLATE_COLUMNS} FROM templates \
+             WHERE $1 IS NULL OR templates.tenant = '' OR templates.tenant = $1 ORDER BY id, templates.tenant"
+        ))
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(decode).collect()
     }
 
-    /// Deletes a template; returns whether it existed.
-    pub async fn delete_template(&self, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM templates WHERE id = $1")
+    /// Deletes `tenant`'s template `id` (`None`: the shared one); returns whether it existed.
+    pub async fn delete_template(&self, id: &str, tenant: Option<&str>) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM templates WHERE tenant = $1 AND id = $2")
+            .bind(template_owner(tenant))
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -1088,33 +1103,80 @@ mod template_tests {
                 put("py", None, r#"{"id":"py","v":2}"#).await,
                 TemplatePut::Replaced
             );
-            assert_eq!(
-                put("py", Some("team-a"), r#"{"id":"py","v":3}"#).await,
-                TemplatePut::Taken,
-                "a tenant cannot take over a shared template"
-            );
-            assert_eq!(put("r", None, "{}").await, TemplatePut::Taken);
-            assert_eq!(put("r", Some("team-b"), "{}").await, TemplatePut::Taken);
             let replaced = store.get_template("py", None).await.unwrap().unwrap();
             assert_eq!(replaced.definition, r#"{"id":"py","v":2}"#);
+            assert_eq!(replaced.tenant, None);
             assert_eq!(replaced.created_ms, first.created_ms);
             assert!(replaced.updated_ms >= first.updated_ms);
-            let ids = |list: Vec<TemplateRecord>| list.into_iter().map(|t| t.id).collect::<Vec<_>>();
-            assert_eq!(ids(store.list_templates(None).await.unwrap()), ["py", "r"]);
+            // Ids are per tenant: team-b's "r" is its own, created as from a free id; team-a's is untouched.
+            assert_eq!(
+                put("r", Some("team-b"), r#"{"id":"r","b":1}"#).await,
+                TemplatePut::Created
+            );
+            assert_eq!(
+                put("r", Some("team-a"), r#"{"id":"r","v":2}"#).await,
+                TemplatePut::Replaced
+            );
+            let a = store.get_template("r", Some("team-a")).await.unwrap().unwrap();
+            assert_eq!(
+                (a.tenant.as_deref(), a.definition.as_str()),
+                (Some("team-a"), r#"{"id":"r","v":2}"#)
+            );
+            let b = store.get_template("r", Some("team-b")).await.unwrap().unwrap();
+            assert_eq!(
+                (b.tenant.as_deref(), b.definition.as_str()),
+                (Some("team-b"), r#"{"id":"r","b":1}"#)
+            );
+            let ids = |list: Vec<TemplateRecord>| {
+                list.into_iter()
+                    .map(|t| format!("{}@{}", t.id, t.tenant.unwrap_or_default()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                ids(store.list_templates(None).await.unwrap()),
+                ["py@", "r@team-a", "r@team-b"]
+            );
             assert_eq!(
                 ids(store.list_templates(Some("team-a")).await.unwrap()),
-                ["py", "r"]
+                ["py@", "r@team-a"]
             );
             assert_eq!(
-                ids(store.list_templates(Some("team-b")).await.unwrap()),
-                ["py"],
+                ids(store.list_templates(Some("team-c")).await.unwrap()),
+                ["py@"],
                 "another tenant's template is hidden"
             );
-            assert!(store.get_template("r", Some("team-b")).await.unwrap().is_none());
-            assert!(store.get_template("py", Some("team-b")).await.unwrap().is_some());
-            assert!(store.delete_template("r").await.unwrap());
-            assert!(!store.delete_template("r").await.unwrap());
-            assert!(store.get_template("r", None).await.unwrap().is_none());
+            assert!(store.get_template("r", Some("team-c")).await.unwrap().is_none());
+            assert!(
+                store.get_template("r", None).await.unwrap().is_none(),
+                "no shared 'r'"
+            );
+            assert!(store.get_template("py", Some("team-c")).await.unwrap().is_some());
+            // A tenant's own template comes before a shared one with its id.
+            assert_eq!(
+                put("r", None, r#"{"id":"r","shared":1}"#).await,
+                TemplatePut::Created
+            );
+            let own = store.get_template("r", Some("team-a")).await.unwrap().unwrap();
+            assert_eq!(own.tenant.as_deref(), Some("team-a"));
+            let shared = store.get_template("r", Some("team-c")).await.unwrap().unwrap();
+            assert_eq!(shared.tenant, None);
+            assert_eq!(
+                ids(store.templates_named("r").await.unwrap()),
+                ["r@", "r@team-a", "r@team-b"]
+            );
+            assert!(store.delete_template("r", Some("team-a")).await.unwrap());
+            assert!(!store.delete_template("r", Some("team-a")).await.unwrap());
+            assert_eq!(
+                store
+                    .get_template("r", Some("team-a"))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .tenant,
+                None,
+                "the shared one remains"
+            );
+            assert!(store.get_template("r", Some("team-b")).await.unwrap().is_some());
         }
     }
 

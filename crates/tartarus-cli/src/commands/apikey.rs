@@ -22,9 +22,10 @@ pub struct ApiKeyArgs {
 enum ApiKeyCommand {
     /// Create a key and print its secret (shown once, stored only as a hash)
     Create {
-        /// Tenant the key belongs to (lower-case letters, digits, '-', '_')
+        /// Tenant the key belongs to (lower-case letters, digits, '-', '_'); not for admin keys, which see
+        /// every tenant
         #[arg(long)]
-        tenant: String,
+        tenant: Option<String>,
         /// admin, user or viewer
         #[arg(long, default_value = "user")]
         role: String,
@@ -37,6 +38,25 @@ enum ApiKeyCommand {
     /// Revoke a key by id
     Revoke { id: String },
 }
+
+/// The tenant a new key belongs to. An admin key sees and changes every tenant's objects, so it cannot be
+/// one tenant's: it belongs to the admin tenant, and `--tenant` (other than that) is refused rather than
+/// giving a key that looks scoped and is not.
+fn key_tenant(tenant: Option<String>, role: Role) -> anyhow::Result<String> {
+    match (role, tenant) {
+        (Role::Admin, None) => Ok(ADMIN_TENANT.to_string()),
+        (Role::Admin, Some(t)) if t == ADMIN_TENANT => Ok(t),
+        (Role::Admin, Some(t)) => anyhow::bail!(
+            "an admin key is not scoped to a tenant: it sees and changes every tenant, '{t}' included; \
+             drop --tenant for an admin key, or create a user key with --tenant {t} --role user"
+        ),
+        (_, Some(t)) => Ok(t),
+        (_, None) => anyhow::bail!("--tenant is required for user and viewer keys"),
+    }
+}
+
+/// The tenant of admin keys (the server's own `admin.key` is one).
+const ADMIN_TENANT: &str = "admin";
 
 /// Where the server keeps its state unless told otherwise.
 pub fn default_data_dir() -> PathBuf {
@@ -67,6 +87,7 @@ pub fn run(args: ApiKeyArgs) -> anyhow::Result<u8> {
         match args.command {
             ApiKeyCommand::Create { tenant, role } => {
                 let role: Role = role.parse()?;
+                let tenant = key_tenant(tenant, role)?;
                 let (key, secret) = store.create_key(&tenant, role).await?;
                 println!("{secret}");
                 eprintln!(

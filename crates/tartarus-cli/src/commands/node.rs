@@ -203,6 +203,6 @@ fn agent(args: AgentArgs) -> anyhow::Result<u8> {
         server,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(config))?;
+    runtime.block_on(run(config, super::server::print_listening))?;
     Ok(0)
 }

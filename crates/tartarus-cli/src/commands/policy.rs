@@ -1,4 +1,4 @@
-//! `tartarus policy apply | ls | get | history | rollback | rm` and `tartarus events`: clients of
+//! `tartarus policy apply | ls | get | show | history | rollback | rm` and `tartarus events`: clients of
 //! `/v1/policies` and `/v1/events`.
 
 use std::io::Read;
@@ -35,6 +35,22 @@ enum PolicyCommand {
     },
     /// Show the revision of a policy in force, as JSON
     Get { id: String },
+    /// Show a policy, or with --effective the policy a tenant's creates are judged by now (the policies
+    /// in force merged, or the built-in default policy when none is), as JSON
+    #[command(after_help = "Example: tartarus policy show --effective --tenant team-a")]
+    Show {
+        /// A policy in force (as `get`); omit with --effective
+        #[arg(required_unless_present = "effective", conflicts_with = "effective")]
+        id: Option<String>,
+        #[arg(long)]
+        effective: bool,
+        /// The tenant (default: the key's; another tenant's needs an admin key)
+        #[arg(long, requires = "effective")]
+        tenant: Option<String>,
+        /// A template whose rules apply
+        #[arg(long, requires = "effective")]
+        template: Option<String>,
+    },
     /// Every revision of a policy, oldest first
     History {
         id: String,
@@ -98,6 +114,29 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<u8> {
         }
         PolicyCommand::Get { id } => {
             let view = client.json("GET", &format!("/v1/policies/{}", encode(&id)), None)?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
+            Ok(0)
+        }
+        PolicyCommand::Show {
+            id,
+            effective,
+            tenant,
+            template,
+        } => {
+            let path = match (effective, id) {
+                (false, Some(id)) => format!("/v1/policies/{}", encode(&id)),
+                _ => {
+                    let mut query = Vec::new();
+                    if let Some(t) = &tenant {
+                        query.push(format!("tenant={}", encode(t)));
+                    }
+                    if let Some(t) = &template {
+                        query.push(format!("template={}", encode(t)));
+                    }
+                    with_query("/v1/policies/effective", &query)
+                }
+            };
+            let view = client.json("GET", &path, None)?;
             println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(0)
         }

@@ -22,10 +22,29 @@ pub struct ServerArgs {
     /// A registry on loopback (HOST:PORT) to pull images from over plain HTTP (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// A registry (HOST[:PORT], e.g. docker.io or ghcr.io) user keys may pull images from (repeatable; the
+    /// insecure registries count too). Without any, only admin keys pull images by reference
+    #[arg(long = "registry", value_name = "HOST[:PORT]")]
+    registries: Vec<String>,
+    /// Let admin keys create sandboxes on the host's network namespace (`network: host-loopback`), which
+    /// reach everything the host reaches: the API, /metrics, the database, other tenants' sandboxes
+    #[arg(long)]
+    allow_host_network: bool,
+    /// Let admin keys create sandboxes with a host directory as their root (`rootfs`)
+    #[arg(long)]
+    allow_host_rootfs: bool,
     /// How long the event stream keeps events (GET /v1/events), e.g. 30d is 720h
     #[arg(long, default_value = "720h", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
     event_retention: std::time::Duration,
+    /// How long ended sandboxes' directories (spec, logs, result) are kept; their records stay
+    #[arg(long, default_value = "168h", value_name = "DURATION",
+          value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
+    retention: std::time::Duration,
+    /// The most bytes a running sandbox's main.log may hold; past it the log is truncated (checked every second)
+    #[arg(long, default_value = "64MiB", value_name = "SIZE",
+          value_parser = |s: &str| tartarus_runtime::units::parse_size(s).map_err(|e| e.to_string()))]
+    max_log_bytes: u64,
     /// How often egress sandboxes' blocked-packet counters are checked (network violations)
     #[arg(long, default_value = "1s", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
@@ -112,6 +131,10 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
         warm_pool: args.warm_pool,
         insecure_registries: args.insecure_registries,
         event_retention: args.event_retention,
+        retention: tartarus_server::sandboxes::Retention {
+            keep_ended: args.retention,
+            max_log_bytes: args.max_log_bytes,
+        },
         enforcement_interval: args.enforcement_interval,
         classifier: args.classifier,
         blob_quota: args.blob_quota,
@@ -126,6 +149,11 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
             header_timeout: args.header_timeout,
             ..tartarus_server::connections::ConnectionLimits::API
         },
+        host_access: tartarus_server::sandboxes::HostAccess {
+            network: args.allow_host_network,
+            rootfs: args.allow_host_rootfs,
+        },
+        registries: args.registries,
         runtime: super::run::runtime_config(),
     })
 }
@@ -134,12 +162,14 @@ pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
     init_daemon();
     let config = config(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(tartarus_server::serve(config, |addr| {
-        use std::io::Write;
-        // Tests and scripts wait for this line to know the server accepts connections.
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "listening on {addr}");
-        let _ = out.flush();
-    }))?;
+    runtime.block_on(tartarus_server::serve(config, print_listening))?;
     Ok(0)
+}
+
+/// Prints `listening on ADDR` once a server accepts connections: tests and scripts wait for this line.
+pub fn print_listening(addr: std::net::SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "listening on {addr}");
+    let _ = out.flush();
 }

@@ -6,7 +6,7 @@
 //! `python3 -m …` or `python3 script.py` in the sandbox (an exec request, or a subprocess) lands here:
 //! it hands its argv, environment, working directory and stdio to the zygote, which forks a program from
 //! its pristine, warmed state, and this process exits with the program's status. Anything else (no
-//! zygote yet, interactive use, interpreter options) runs the real interpreter, so the shim is never
+//! zygote yet, interactive use, interpreter options) runs the real interpreter, so the launcher is never
 //! slower than a cold start by more than one exec.
 //!
 //! The program runs in the same sandbox (namespaces, cgroup, seccomp, Landlock) as the client would have;
@@ -30,8 +30,8 @@ use rustix::net::{
 pub const SOCKET_ENV: &str = "TARTARUS_ZYGOTE_SOCKET";
 /// The warm-up source handed to the zygote.
 pub const WARMUP_ENV: &str = "TARTARUS_WARMUP";
-/// Directory of the shim inside the sandbox (first on `PATH`).
-pub const SHIM_DIR: &str = "/.tartarus/bin";
+/// Directory of the python launcher inside the sandbox (first on `PATH`).
+pub const LAUNCHER_DIR: &str = "/.tartarus/bin";
 /// The socket path used in template sandboxes.
 pub const SOCKET_PATH: &str = "/run/tartarus-zygote/socket";
 /// First argument of the zygote's own start.
@@ -50,9 +50,9 @@ pub fn invoked_as_python() -> bool {
     };
     let path = Path::new(&arg0);
     let name = path.file_name().unwrap_or_default();
-    // Exec'd through PATH, argv[0] is the bare name; the zygote's own start names the shim's path.
+    // Exec'd through PATH, argv[0] is the bare name; the zygote's own start names the launcher's path.
     (name == "python3" || name == "python")
-        && (path.parent() == Some(Path::new(SHIM_DIR)) || std::env::var_os(SOCKET_ENV).is_some())
+        && (path.parent() == Some(Path::new(LAUNCHER_DIR)) || std::env::var_os(SOCKET_ENV).is_some())
 }
 
 /// Entry point as `python3`; returns an exit code when it does not exec.
@@ -191,11 +191,11 @@ fn wait_ready() -> std::io::Result<()> {
     }
 }
 
-/// Execs the image's own interpreter: `name` found on `PATH` outside the shim's directory.
+/// Execs the image's own interpreter: `name` found on `PATH` outside the launcher's directory.
 fn exec_real(name: &OsStr, args: &[OsString]) -> i32 {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     let real: Option<PathBuf> = std::env::split_paths(&path)
-        .filter(|dir| dir != Path::new(SHIM_DIR))
+        .filter(|dir| dir != Path::new(LAUNCHER_DIR))
         .map(|dir| dir.join(name))
         .find(|candidate| rustix::fs::access(candidate, rustix::fs::Access::EXEC_OK).is_ok());
     let Some(real) = real else {

@@ -72,7 +72,7 @@ pub fn kill_all_sandboxes(data_dir: &Path) {
     };
     for entry in entries.flatten() {
         if let Ok(mut stream) = UnixStream::connect(entry.path().join("shim.sock")) {
-            let _ = writeln!(stream, "{}", json!({"op": "kill"}));
+            let _ = writeln!(stream, "{}", json!({"v": 1, "op": "kill"}));
             let _ = BufReader::new(stream).read_line(&mut String::new());
         }
     }

@@ -533,6 +533,40 @@ impl ServiceSandbox for ProcessSandbox {
         self.exec_client.as_mut().ok_or(ExecError::NotService)?.kill(id)
     }
 
+    /// Sends SIGTERM to every process in the sandbox's cgroup but init (pid 1 of the sandbox would ignore
+    /// it, and its exit would end the sandbox at once instead of letting the command finish).
+    fn terminate(&mut self) -> Result<(), ServiceError> {
+        self.require_running()?;
+        let init = self.running.as_ref().map(|r| r.init.as_raw_nonzero().get());
+        let Some(procs_path) = self.cgroups.dirs.first().map(|d| d.path.join("cgroup.procs")) else {
+            return Err(ServiceError::Unsupported {
+                operation: "terminate",
+                why: "this sandbox has no cgroup to find its processes by",
+            });
+        };
+        if self.paused {
+            // Frozen tasks only see the signal once thawed.
+            self.resume()?;
+        }
+        let procs = self
+            .cgroup_fs
+            .read(&procs_path)
+            .map_err(|source| ServiceError::Host {
+                what: "listing the sandbox's processes",
+                source,
+            })?;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            if Some(pid) == init {
+                continue;
+            }
+            if let Some(pid) = Pid::from_raw(pid) {
+                // Gone already is fine; the kill after the grace period catches anything left.
+                let _ = rustix::process::kill_process(pid, Signal::TERM);
+            }
+        }
+        Ok(())
+    }
+
     /// Freezes every process through the freezer cgroup, which service sandboxes started by root get.
     fn pause(&mut self) -> Result<(), ServiceError> {
         self.require_running()?;

@@ -40,7 +40,7 @@ impl NodeSandbox {
 /// A sandbox to place: admitted and compiled; also the payload of a queued request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Wanted {
+pub struct PlacementRequest {
     /// Set for a queued request: its queue id becomes the sandbox's id.
     pub id: Option<String>,
     pub tenant: String,
@@ -94,15 +94,18 @@ fn account(node: &mut Node, taken: Resources) {
 
 /// [`place`] for the create handler, which answers the failure as an API error, or queues the request
 /// when its code is `no_capacity` ([`ClusterError::NoCapacity`]).
-pub async fn place_on_node(state: &AppState, want: &Wanted) -> Result<Option<SandboxRecord>, ApiError> {
+pub async fn place_on_node(
+    state: &AppState,
+    want: &PlacementRequest,
+) -> Result<Option<SandboxRecord>, ApiError> {
     Ok(place(state, want).await?)
 }
 
 /// Places a (host-root) sandbox on a ready node when the cluster has any: the scheduler picks the node
 /// among what live sandboxes leave free, the node's server starts it, and the control plane records
 /// where and why. `Ok(None)` when there are no nodes: the sandbox runs on this machine.
-pub async fn place(state: &AppState, want: &Wanted) -> Result<Option<SandboxRecord>, ClusterError> {
-    let Wanted {
+pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<SandboxRecord>, ClusterError> {
+    let PlacementRequest {
         id: wanted_id,
         tenant,
         spec,

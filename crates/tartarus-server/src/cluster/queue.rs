@@ -3,7 +3,7 @@
 
 use tartarus_store::{Enqueue, Lane, NewEvent, NewQueueItem};
 
-use super::placement::{new_sandbox_id, place, Wanted};
+use super::placement::{new_sandbox_id, place, PlacementRequest};
 use super::{event, ClusterError};
 use crate::AppState;
 
@@ -21,13 +21,13 @@ const LEASE_MS: i64 = 60_000;
 /// Puts a request no node has room for now in the queue. `Ok(None)` when the queue is full (429).
 pub async fn enqueue(
     state: &AppState,
-    want: &Wanted,
+    want: &PlacementRequest,
     lane: Lane,
     priority: i64,
     reason: &str,
 ) -> Result<Option<String>, ClusterError> {
     let id = new_sandbox_id()?;
-    let payload = Wanted {
+    let payload = PlacementRequest {
         id: Some(id.clone()),
         ..want.clone()
     };
@@ -67,7 +67,7 @@ pub(super) async fn dispatch(state: &AppState) {
                 break;
             }
         };
-        let want: Wanted = match serde_json::from_str(&item.payload) {
+        let want: PlacementRequest = match serde_json::from_str(&item.payload) {
             Ok(w) => w,
             Err(e) => {
                 let _ = state

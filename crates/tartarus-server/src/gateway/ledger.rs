@@ -75,13 +75,11 @@ pub async fn claim(effects: &Effects, call: &Call<'_>) -> Result<Claimed, Gatewa
         match effects.store.ledger_claim(&claim).await? {
             Claim::Acquired { epoch } => return Ok(Claimed::Acquired { epoch }),
             Claim::Replay(entry) => {
-                metrics::counter!(crate::metrics::LEDGER_OUTCOMES, "tool" => call.tool.to_string(), "outcome" => "replay")
-                    .increment(1);
+                metrics::counter!(crate::metrics::LEDGER_OUTCOMES, "outcome" => "replay").increment(1);
                 return Ok(Claimed::Replay(Box::new(entry)));
             }
             Claim::Divergent(entry) => {
-                metrics::counter!(crate::metrics::LEDGER_OUTCOMES, "tool" => call.tool.to_string(), "outcome" => "divergence")
-                    .increment(1);
+                metrics::counter!(crate::metrics::LEDGER_OUTCOMES, "outcome" => "divergence").increment(1);
                 let error = GatewayError::Divergence {
                     key: call.key.to_string(),
                     tool: entry.tool.clone(),

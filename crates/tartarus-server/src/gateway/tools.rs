@@ -157,7 +157,24 @@ impl ToolDefinition {
             .is_none_or(|t| t.iter().any(|allowed| allowed == tenant))
     }
 
-    /// The declaration as shown to callers: header values hidden.
+    /// The declaration as a tenant sees it (API keys that are not admin, sandboxes): what to call and how
+    /// long it may take. The URL (often a credential itself: webhooks, query tokens), headers, command and
+    /// the other tenants allowed are the operator's.
+    pub fn summary(&self) -> ToolDefinition {
+        ToolDefinition {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            kind: self.kind.clone(),
+            url: None,
+            method: None,
+            headers: BTreeMap::new(),
+            command: None,
+            timeout_s: self.timeout_s,
+            tenants: None,
+        }
+    }
+
+    /// The declaration as shown to admins: header values hidden.
     pub fn public(&self) -> ToolDefinition {
         ToolDefinition {
             headers: self
@@ -194,15 +211,15 @@ pub async fn declared(store: &Store) -> Result<Vec<ToolDefinition>, GatewayError
         .collect()
 }
 
-/// The tools `tenant`'s sandboxes may call, as shown to them; a declaration that cannot be read is
-/// left out rather than hiding the others.
+/// The tools `tenant` may call, as shown to its keys and sandboxes ([`ToolDefinition::summary`]); a
+/// declaration that cannot be read is left out rather than hiding the others.
 pub async fn callable_by(store: &Store, tenant: &str) -> Result<Vec<ToolDefinition>, GatewayError> {
     let records = store.tools().await?;
     Ok(records
         .iter()
         .filter_map(|record| serde_json::from_str::<ToolDefinition>(&record.definition).ok())
         .filter(|tool| tool.allows(tenant))
-        .map(|tool| tool.public())
+        .map(|tool| tool.summary())
         .collect())
 }
 
@@ -477,5 +494,27 @@ mod tests {
             },
             http_tool()
         );
+    }
+
+    #[test]
+    fn test_the_summary_keeps_only_what_a_tenant_needs_to_call_it() {
+        for tool in [http_tool(), command_tool()] {
+            let shown = tool.summary();
+            assert_eq!(
+                (shown.name.as_str(), shown.kind.as_str()),
+                (tool.name.as_str(), tool.kind.as_str())
+            );
+            assert_eq!(shown.description, tool.description);
+            assert_eq!(shown.timeout_s, tool.timeout_s);
+            assert_eq!(shown.url, None);
+            assert_eq!(shown.method, None);
+            assert!(shown.headers.is_empty());
+            assert_eq!(shown.command, None);
+            assert_eq!(shown.tenants, None);
+            let text = serde_json::to_string(&shown).unwrap();
+            for secret in ["api.example.com", "s3cr3t", "/usr/bin/date", "team-a"] {
+                assert!(!text.contains(secret), "{text} shows {secret}");
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use serde_json::json;
 use tartarus_policy::{AdmissionRequest, Decision, NetworkRequest, Usage};
 use tartarus_runtime::{NetworkMode, SandboxSpec};
-use tartarus_store::{NewAudit, NewEvent, SandboxStatus};
+use tartarus_store::{NewAudit, NewEvent, Role, SandboxStatus};
 
 use super::event;
 use crate::auth::Caller;
@@ -22,17 +22,21 @@ pub struct AdmissionFacts<'a> {
 /// Runs admission for a create: the judges decide on the request (defaults applied, limits checked,
 /// quotas counted over the tenant's live sandboxes); the decision is audited with the request's digest;
 /// an accepted request's spec gets the compiled constraints (limits, timeout, seccomp additions, network).
-/// Without any policy in force, everything the API accepts is admitted (nothing to judge against); a
-/// requested class still applies its resources, and quarantine its restrictions.
+///
+/// Without any policy in force the built-in policy ([`tartarus_policy::builtin_policy`]) judges instead:
+/// its quotas (live sandboxes, total memory), its security (no host network, egress or writable mounts
+/// for non-admin keys; admin keys are the operator's) and its pids limit apply; the other compiled
+/// constraints do not (the spec keeps the server's defaults, so warm pools still fit, and `None` is
+/// returned); a requested class still applies its resources, and quarantine its restrictions.
 pub async fn admit(
     state: &AppState,
     caller: &Caller,
     spec: &mut SandboxSpec,
     facts: &AdmissionFacts<'_>,
 ) -> Result<Option<Decision>, ApiError> {
-    let policies = state.policies.snapshot();
-    if policies.is_empty() {
-        // Nothing to judge against, but a class still means what it says.
+    let (policy, builtin) = effective_policy(state, &caller.tenant, caller.role, facts.template);
+    if builtin {
+        // A class still means what it says.
         if let Some(class) = facts.class.and_then(tartarus_policy::resource_class) {
             spec.limits.cpus.get_or_insert(class.cpus);
             spec.limits.memory_bytes.get_or_insert(class.memory_mb << 20);
@@ -46,7 +50,6 @@ pub async fn admit(
                 spec.writable_paths = vec!["/tmp".into()];
             }
         }
-        return Ok(None);
     }
     let mut request = AdmissionRequest {
         tenant: caller.tenant.clone(),
@@ -55,6 +58,7 @@ pub async fn admit(
         cpus: spec.limits.cpus,
         memory_mb: spec.limits.memory_bytes.map(|b| b >> 20),
         timeout: spec.timeout,
+        pids: spec.limits.pids,
         network: match spec.network {
             NetworkMode::None => NetworkRequest::None,
             NetworkMode::HostLoopback => NetworkRequest::HostLoopback,
@@ -64,7 +68,6 @@ pub async fn admit(
         writable_mounts: spec.mounts.iter().any(|m| m.writable),
         quarantined: facts.class == Some("quarantine"),
     };
-    let policy = tartarus_policy::effective(&policies, &caller.tenant, facts.template);
     let usage = usage(state, &caller.tenant, facts.template).await?;
     let decision = tartarus_policy::admit(&mut request, &policy, &usage);
     let detail = json!({
@@ -110,6 +113,10 @@ pub async fn admit(
         return Err(ApiError::new(status, code, message));
     }
     let constraints = tartarus_policy::compile(&policy, &request);
+    spec.limits.pids = Some(constraints.pids);
+    if builtin {
+        return Ok(None);
+    }
     if spec.limits.cpus.is_none() {
         spec.limits.cpus = constraints.cpus;
     }
@@ -143,6 +150,30 @@ pub async fn admit(
     Ok(Some(decision))
 }
 
+/// The policy admission judges a request of `tenant` (with a key of `role`) by, and whether it is the
+/// built-in one (no policy loaded). Without a policy, admin keys keep what the API lets admins do (host
+/// network, egress, a root filesystem, writable mounts); every key gets the built-in quotas and limits.
+pub fn effective_policy(
+    state: &AppState,
+    tenant: &str,
+    role: Role,
+    template: Option<&str>,
+) -> (tartarus_policy::EffectivePolicy, bool) {
+    let loaded = state.policies.snapshot();
+    if !loaded.is_empty() {
+        return (tartarus_policy::effective(&loaded, tenant, template), false);
+    }
+    let builtin = [tartarus_policy::builtin_policy()];
+    let mut policy = tartarus_policy::effective(&builtin, tenant, template);
+    if role == Role::Admin {
+        policy.security.allow_host_network = true;
+        policy.security.allow_rootfs = true;
+        policy.security.allow_writable_mounts = true;
+        policy.network.egress = true;
+    }
+    (policy, true)
+}
+
 /// The tenant's live sandboxes in the terms of the quota judge.
 async fn usage(state: &AppState, tenant: &str, template: Option<&str>) -> Result<Usage, ApiError> {
     let mut usage = Usage::default();
@@ -153,7 +184,11 @@ async fn usage(state: &AppState, tenant: &str, template: Option<&str>) -> Result
             let (cpus, memory_mb) = match crate::sandboxes::stored_spec(&record) {
                 Ok(spec) => (
                     spec.limits.cpus.unwrap_or(0.0),
-                    spec.limits.memory_bytes.map(|b| b >> 20).unwrap_or(0),
+                    // No memory limit set counts as the default class's size.
+                    spec.limits
+                        .memory_bytes
+                        .map(|b| b >> 20)
+                        .unwrap_or(DEFAULT_CLASS_MEMORY_MB),
                 ),
                 Err(_) => largest_class(),
             };
@@ -166,6 +201,9 @@ async fn usage(state: &AppState, tenant: &str, template: Option<&str>) -> Result
     }
     Ok(usage)
 }
+
+/// What a sandbox without a memory limit counts as in quotas: the default class's memory.
+const DEFAULT_CLASS_MEMORY_MB: u64 = 512;
 
 /// The CPUs and memory of the largest resource class.
 pub(crate) fn largest_class() -> (f64, u64) {

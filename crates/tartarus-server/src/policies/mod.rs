@@ -6,7 +6,7 @@ pub mod admission;
 pub mod classifier;
 pub mod enforcement;
 
-pub use admission::{admit, AdmissionFacts};
+pub use admission::{admit, effective_policy, AdmissionFacts};
 pub use classifier::classify;
 pub use enforcement::{quarantine, spawn_enforcement};
 

@@ -31,7 +31,8 @@ pub struct BlobPut {
     /// The blob's id (raw CID, BLAKE3).
     pub cid: String,
     pub size: u64,
-    /// False when the content was already stored (deduplicated).
+    /// False when this tenant already held the content (whatever other tenants hold: the answer never
+    /// depends on them).
     pub stored: bool,
     /// The tenant's usage after the put, in bytes.
     pub usage: u64,
@@ -83,7 +84,7 @@ pub async fn put_blob(
         Json(BlobPut {
             cid: put.cid.to_string(),
             size: put.size,
-            stored: put.stored,
+            stored: put.added,
             usage,
         }),
     ))

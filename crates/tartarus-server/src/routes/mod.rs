@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/policies/{id}",
             get(policies::get_policy).delete(policies::delete_policy),
         )
+        .route("/v1/policies/effective", get(policies::effective_policy))
         .route("/v1/policies/{id}/history", get(policies::policy_history))
         .route("/v1/policies/{id}/rollback", post(policies::rollback_policy))
         .route(

@@ -135,6 +135,46 @@ pub async fn list_policies(
     ))
 }
 
+/// `GET /v1/policies/effective` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EffectiveQuery {
+    /// The tenant (default: the caller's; other tenants' need an admin key).
+    pub tenant: Option<String>,
+    /// A template whose rules apply.
+    pub template: Option<String>,
+}
+
+/// The policy a tenant's creates are judged by now: every policy in force merged, or the built-in
+/// default policy when none is (`builtin: true`).
+#[utoipa::path(get, path = "/v1/policies/effective", params(EffectiveQuery), security(("api_key" = [])),
+    responses((status = 200, body = Object), (status = 403, body = ErrorBody)))]
+pub async fn effective_policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<axum::extract::Query<EffectiveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let tenant = query.tenant.unwrap_or_else(|| caller.tenant.clone());
+    if tenant != caller.tenant && caller.role != tartarus_store::Role::Admin {
+        return Err(ApiError::forbidden(
+            "only admin keys may see another tenant's policy",
+        ));
+    }
+    // An admin asking for a tenant sees what that tenant's user keys get.
+    let role = match tenant == caller.tenant {
+        true => caller.role,
+        false => tartarus_store::Role::User,
+    };
+    let (policy, builtin) =
+        crate::policies::effective_policy(&state, &tenant, role, query.template.as_deref());
+    let mut value = serde_json::to_value(&policy).map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("builtin".into(), serde_json::Value::Bool(builtin));
+    }
+    Ok(Json(value))
+}
+
 /// The revision of a policy in force.
 #[utoipa::path(get, path = "/v1/policies/{id}", security(("api_key" = [])),
     responses((status = 200, body = PolicyView), (status = 404, body = ErrorBody)))]

@@ -27,17 +27,19 @@ pub(crate) async fn create_sandbox(
     use axum::response::IntoResponse;
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
-    let mut spec = spec_from(&body, &caller)?;
+    let mut spec = spec_from(&body, &caller, state.host_access)?;
     let mut pool_key = None;
     if let Some(id) = &body.template {
         let record = state
             .store
-            .get_template(id, caller.scope())
+            // The caller's own (admins: their tenant's), else the shared one.
+            .get_template(id, Some(&caller.tenant))
             .await?
             .ok_or_else(|| ApiError::invalid(format!("unknown template '{id}' (see GET /v1/templates)")))?;
         let template: tartarus_image::template::Template = serde_json::from_str(&record.definition)
             .map_err(|e| ApiError::internal(format!("stored template '{id}': {e}")))?;
-        let image = state.images.ensure(&template.base_image).await?;
+        let puller = images::PullFor::owner(record.tenant.as_deref());
+        let image = state.images.ensure(&template.base_image, puller).await?;
         let plain = images::apply_template(
             &mut spec,
             &template,
@@ -46,10 +48,14 @@ pub(crate) async fn create_sandbox(
             state.manager.shim_exe(),
         )?;
         if plain {
-            pool_key = Some(template.id.clone());
+            pool_key = Some(images::pool_key(record.tenant.as_deref(), &template.id));
         }
     } else if let Some(reference) = &body.image {
-        let image = state.images.ensure(reference).await?;
+        let puller = match caller.role {
+            tartarus_store::Role::Admin => images::PullFor::Operator,
+            _ => images::PullFor::Tenant(&caller.tenant),
+        };
+        let image = state.images.ensure(reference, puller).await?;
         images::root_on_image(&mut spec, &state.images, &image)?;
     }
     // The classification hook may send the request to quarantine, or refuse it.
@@ -81,7 +87,7 @@ pub(crate) async fn create_sandbox(
             .unwrap_or("main")
             .parse()
             .map_err(|e: tartarus_store::StoreError| ApiError::invalid(e.to_string()))?;
-        let want = cluster::Wanted {
+        let want = cluster::PlacementRequest {
             id: None,
             tenant: caller.tenant.clone(),
             spec: spec.clone(),
@@ -244,14 +250,38 @@ pub(crate) async fn on_node(
     ))
 }
 
+/// `DELETE /v1/sandboxes/{id}` query.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Seconds the sandbox's processes get after SIGTERM before SIGKILL (at most 300); absent or 0:
+    /// SIGKILL at once. The result record's `signal` says which ended it (15 or 9).
+    pub grace_s: Option<u64>,
+}
+
+/// The longest `grace_s` a delete may ask for.
+const MAX_GRACE_S: u64 = 300;
+
 /// Kill a sandbox and remove its resources; returns its final record.
-#[utoipa::path(delete, path = "/v1/sandboxes/{id}", security(("api_key" = [])),
-    responses((status = 200, body = SandboxView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(DeleteQuery), security(("api_key" = [])),
+    responses((status = 200, body = SandboxView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+               (status = 422, body = ErrorBody)))]
 pub(crate) async fn delete_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<axum::extract::Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SandboxView>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let grace = match query.grace_s {
+        Some(s) if s > MAX_GRACE_S => {
+            return Err(ApiError::invalid(format!(
+                "grace_s {s} is more than {MAX_GRACE_S}"
+            )))
+        }
+        Some(0) | None => None,
+        Some(s) => Some(std::time::Duration::from_secs(s)),
+    };
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     if record.status.is_live() {
@@ -266,7 +296,7 @@ pub(crate) async fn delete_sandbox(
             }
             cluster::sync_from_node(&state, &record, &theirs).await?;
         } else {
-            state.manager.kill(&record).await?;
+            state.manager.stop(&record, grace).await?;
         }
     }
     audit(&state, &caller, "sandbox.delete", Some(&id), "ok").await;

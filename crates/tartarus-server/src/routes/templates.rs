@@ -3,11 +3,14 @@
 //! Every definition goes through [`tartarus_image::template::parse_template`], so the API refuses exactly
 //! what `tartarus template create` would (422 with `file:line:column: message`), and the store keeps the
 //! canonical JSON. A template created with an admin key is shared: every tenant sees it and only admins may
-//! change it. One created with a user key belongs to that tenant. Ids are global, so a tenant cannot
-//! shadow a shared template or another tenant's. Viewers may only read.
+//! change it. One created with a user key belongs to that tenant. Ids are per tenant: a tenant's create
+//! answers the same whether or not another tenant uses the id (nothing about other tenants' templates
+//! leaks), but a tenant cannot take the id of a shared template (every tenant sees those). A tenant's own
+//! template comes before a shared one with its id (an admin may create that later). Admins address a
+//! tenant's template with `?tenant=`. Viewers may only read.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -56,7 +59,9 @@ fn view(state: &AppState, record: &TemplateRecord) -> Result<TemplateView, ApiEr
         created_ms: record.created_ms,
         updated_ms: record.updated_ms,
         template,
-        warm: state.manager.pool_ready(&record.id),
+        warm: state
+            .manager
+            .pool_ready(&crate::images::pool_key(record.tenant.as_deref(), &record.id)),
     })
 }
 
@@ -84,6 +89,54 @@ fn template_from(body: Value) -> Result<Template, ApiError> {
     parse_template(&text, &source).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
+/// Most templates a tenant may own (shared, admin-made templates are not counted).
+pub const MAX_TEMPLATES_PER_TENANT: usize = 20;
+
+/// Most warm sandboxes all of a tenant's own templates may keep started together. Pooled sandboxes belong
+/// to no tenant until claimed, so they are outside every quota: this caps what a user key can start that
+/// way (admins' shared templates may pool up to [`tartarus_image::template::MAX_POOL`] each).
+pub const MAX_POOLED_PER_TENANT: u32 = 4;
+
+/// Refuses a user key's template that would make its tenant own more than [`MAX_TEMPLATES_PER_TENANT`]
+/// templates, or keep more than [`MAX_POOLED_PER_TENANT`] sandboxes warm (the template replaced, if any,
+/// is not counted twice).
+async fn tenant_template_limits(state: &AppState, tenant: &str, template: &Template) -> Result<(), ApiError> {
+    let owned: Vec<TemplateRecord> = state
+        .store
+        .list_templates(Some(tenant))
+        .await?
+        .into_iter()
+        .filter(|r| r.tenant.as_deref() == Some(tenant) && r.id != template.id)
+        .collect();
+    if owned.len() >= MAX_TEMPLATES_PER_TENANT {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!(
+                "the tenant has {} templates, the most a tenant may own ({MAX_TEMPLATES_PER_TENANT}); delete one first",
+                owned.len()
+            ),
+        ));
+    }
+    let pooled: u32 = owned
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Template>(&r.definition).ok())
+        .map(|t| t.pool.size)
+        .sum();
+    if pooled.saturating_add(template.pool.size) > MAX_POOLED_PER_TENANT {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!(
+                "pool.size {} would make the tenant's templates keep {} sandboxes warm, the most a tenant may ({MAX_POOLED_PER_TENANT}; {pooled} in other templates)",
+                template.pool.size,
+                pooled.saturating_add(template.pool.size)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Create a template, or replace one the caller owns (admins: any). 201 when new, 200 when replaced.
 #[utoipa::path(post, path = "/v1/templates", request_body = CreateTemplate, security(("api_key" = [])),
     responses((status = 201, body = TemplateView), (status = 200, body = TemplateView),
@@ -98,14 +151,22 @@ pub async fn create_template(
     // Off the async runtime: a large document's parse must not stall other tenants' requests.
     let template = crate::limits::parse_document(move || template_from(body)).await??;
     let id = template.id.clone();
-    // Admins keep the owner of what they replace, and what they create is shared; users write their own.
-    // The store refuses (`Taken`) to replace a template of another owner, atomically.
-    let existing = state.store.get_template(&id, None).await?;
-    let owner = match (&existing, caller.role) {
-        (Some(record), Role::Admin) => record.tenant.clone(),
-        (None, Role::Admin) => None,
-        (_, _) => Some(caller.tenant.clone()),
+    // Admins write shared templates; users their tenant's. A user may not take a shared template's id
+    // (every tenant sees shared templates, so this says nothing about other tenants).
+    let owner = match caller.role {
+        Role::Admin => None,
+        _ => Some(caller.tenant.clone()),
     };
+    if let Some(tenant) = owner.as_deref() {
+        let shared = state.store.get_template(&id, None).await?;
+        if shared.is_some() {
+            audit(&state, &caller, "template.replace", Some(&id), "denied").await;
+            return Err(ApiError::forbidden(format!(
+                "template '{id}' is shared; only admin keys may replace it"
+            )));
+        }
+        tenant_template_limits(&state, tenant, &template).await?;
+    }
     let result = state
         .store
         .put_template(&id, owner.as_deref(), &template.to_json())
@@ -113,38 +174,21 @@ pub async fn create_template(
     let (action, outcome) = match &result {
         Ok(TemplatePut::Created) => ("template.create", "ok"),
         Ok(TemplatePut::Replaced) => ("template.replace", "ok"),
-        Ok(TemplatePut::Taken) => ("template.replace", "denied"),
         Err(_) => ("template.create", "failed"),
     };
     audit(&state, &caller, action, Some(&id), outcome).await;
     let status = match result? {
-        TemplatePut::Created | TemplatePut::Replaced => {
-            // The warm pool follows the definition (pulling its image in the background).
-            crate::images::start_template_pool(&state.manager, &state.images, template.clone());
-            if matches!(state.store.get_template(&id, None).await?, Some(r) if r.created_ms == r.updated_ms) {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            }
-        }
-        TemplatePut::Taken => {
-            let shared = state
-                .store
-                .get_template(&id, None)
-                .await?
-                .is_some_and(|r| r.tenant.is_none());
-            return Err(match shared {
-                true => ApiError::forbidden(format!(
-                    "template '{id}' is shared; only admin keys may replace it"
-                )),
-                false => ApiError::conflict(format!("template id '{id}' is taken; choose another id")),
-            });
-        }
+        TemplatePut::Created => StatusCode::CREATED,
+        TemplatePut::Replaced => StatusCode::OK,
     };
+    // The warm pool follows the definition (pulling its image in the background).
+    crate::images::start_template_pool(&state.manager, &state.images, owner.clone(), template.clone());
     let record = state
         .store
-        .get_template(&id, None)
+        .templates_named(&id)
         .await?
+        .into_iter()
+        .find(|r| r.tenant == owner)
         .ok_or_else(|| ApiError::not_found(format!("template '{id}' was deleted meanwhile")))?;
     Ok((status, Json(view(&state, &record)?)))
 }
@@ -165,48 +209,86 @@ pub async fn list_templates(
     ))
 }
 
-async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<TemplateRecord, ApiError> {
-    // Another tenant's template is reported exactly like a missing one.
-    state
-        .store
-        .get_template(id, caller.scope())
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no template '{id}'")))
+/// `?tenant=` on a template's routes: which tenant's template an admin means.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateQuery {
+    /// Admins: the tenant whose template this is (default: the shared one, else the only one with the id).
+    pub tenant: Option<String>,
+}
+
+async fn find(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    query: &TemplateQuery,
+) -> Result<TemplateRecord, ApiError> {
+    let missing = || ApiError::not_found(format!("no template '{id}'"));
+    let wanted = caller.scope_for(query.tenant.as_deref(), "templates")?;
+    if let Some(tenant) = caller.scope() {
+        // Another tenant's template is reported exactly like a missing one.
+        return state
+            .store
+            .get_template(id, Some(tenant))
+            .await?
+            .ok_or_else(missing);
+    }
+    let named = state.store.templates_named(id).await?;
+    if let Some(tenant) = wanted {
+        return named
+            .into_iter()
+            .find(|r| r.tenant.as_deref() == Some(tenant))
+            .ok_or_else(missing);
+    }
+    if named.len() > 1 && named[0].tenant.is_some() {
+        let owners: Vec<&str> = named.iter().filter_map(|r| r.tenant.as_deref()).collect();
+        return Err(ApiError::conflict(format!(
+            "tenants {} each have a template '{id}': add ?tenant=NAME",
+            owners.join(", ")
+        )));
+    }
+    named.into_iter().next().ok_or_else(missing)
 }
 
 /// Get one template.
-#[utoipa::path(get, path = "/v1/templates/{id}", security(("api_key" = [])),
+#[utoipa::path(get, path = "/v1/templates/{id}", params(TemplateQuery), security(("api_key" = [])),
     responses((status = 200, body = TemplateView), (status = 404, body = ErrorBody)))]
 pub async fn get_template(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<Query<TemplateQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<TemplateView>, ApiError> {
-    Ok(Json(view(&state, &find(&state, &caller, &id).await?)?))
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    Ok(Json(view(&state, &find(&state, &caller, &id, &query).await?)?))
 }
 
 /// Delete a template (shared ones: admins only); returns what was deleted. Sandboxes made from it live on.
-#[utoipa::path(delete, path = "/v1/templates/{id}", security(("api_key" = [])),
+#[utoipa::path(delete, path = "/v1/templates/{id}", params(TemplateQuery), security(("api_key" = [])),
     responses((status = 200, body = TemplateView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_template(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<Query<TemplateQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<TemplateView>, ApiError> {
-    let record = find(&state, &caller, &id).await?;
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let record = find(&state, &caller, &id, &query).await?;
     caller.require_mutate()?;
     if record.tenant.is_none() && caller.role != Role::Admin {
         return Err(ApiError::forbidden(format!(
             "template '{id}' is shared; only admin keys may delete it"
         )));
     }
-    let result = state.store.delete_template(&id).await;
+    let result = state.store.delete_template(&id, record.tenant.as_deref()).await;
     let outcome = if result.is_ok() { "ok" } else { "failed" };
     audit(&state, &caller, "template.delete", Some(&id), outcome).await;
     if !result? {
         return Err(ApiError::not_found(format!("no template '{id}'")));
     }
-    state.manager.remove_pool(&id);
+    state
+        .manager
+        .remove_pool(&crate::images::pool_key(record.tenant.as_deref(), &id));
     Ok(Json(view(&state, &record)?))
 }
 

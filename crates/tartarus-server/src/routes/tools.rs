@@ -36,13 +36,17 @@ pub async fn put_tool(
     Ok((StatusCode::CREATED, Json(tool.public())))
 }
 
-/// The declared tools (header values hidden).
+/// The declared tools: for admins all of them (header values hidden); for other keys only those their
+/// tenant may call, without URL, headers, command or tenants.
 #[utoipa::path(get, path = "/v1/tools", tag = "gateway", security(("api_key" = [])),
     responses((status = 200, body = [ToolDefinition])))]
 pub async fn list_tools(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Json<Vec<ToolDefinition>>, ApiError> {
+    if caller.role != Role::Admin {
+        return Ok(Json(tools::callable_by(&state.store, &caller.tenant).await?));
+    }
     let declared = tools::declared(&state.store).await?;
     Ok(Json(declared.iter().map(ToolDefinition::public).collect()))
 }

@@ -20,12 +20,15 @@ use crate::error::ApiError;
 mod pools;
 mod reconcile;
 mod request;
+mod retention;
 mod shim_client;
 
 pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
+pub use self::retention::Retention;
 
 pub(crate) use self::request::spec_from;
+pub use self::request::HostAccess;
 
 pub struct Manager {
     store: Store,
@@ -132,7 +135,7 @@ impl Manager {
         self.data_dir.join("gateway").join(id)
     }
 
-    /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python shim).
+    /// The `tartarus` binary the shims run (also mounted into template sandboxes as their python launcher).
     pub fn shim_exe(&self) -> &Path {
         self.launcher.exe()
     }
@@ -186,7 +189,7 @@ impl Manager {
             None => None,
         };
         let pooled = pool_key.and_then(|key| self.take_pooled(key));
-        let template_label = template.unwrap_or("none").to_string();
+        let template_label = crate::metrics::template_label(template).to_string();
         // A sandbox started for this request has its record already; a pooled one gets it now.
         let (id, dir, mut child, pid, inserted) = match pooled {
             Some(p) => (p.id, p.dir, p.child, p.pid, false),
@@ -389,16 +392,24 @@ impl Manager {
 
     /// Kills a running sandbox and waits until its outcome is recorded.
     pub async fn kill(&self, record: &SandboxRecord) -> Result<(), ApiError> {
+        self.stop(record, None).await
+    }
+
+    /// Stops a running sandbox — with `grace`, SIGTERM first and SIGKILL once it is over, else SIGKILL at
+    /// once — and waits until its outcome is recorded.
+    pub async fn stop(&self, record: &SandboxRecord, grace: Option<Duration>) -> Result<(), ApiError> {
         let waiter = self
             .done
             .lock()
             .map_err(|_| ApiError::internal("lock poisoned"))?
             .get(&record.id)
             .cloned();
-        self.shim(record)
-            .kill()
-            .await
-            .map_err(|e| call_error(&record.id, e))?;
+        let shim = self.shim(record);
+        match grace {
+            Some(grace) => shim.terminate(grace).await,
+            None => shim.kill().await,
+        }
+        .map_err(|e| call_error(&record.id, e))?;
         if let Some(mut rx) = waiter {
             let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|done| *done)).await;
         }

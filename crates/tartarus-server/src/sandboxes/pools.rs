@@ -32,12 +32,23 @@ pub(super) struct Pooled {
     pub(super) pid: i64,
 }
 
-/// The spec of a pooled sandbox: the defaults of a service sandbox.
+/// The spec of a pooled sandbox: the defaults of a service sandbox, with the pids limit admission gives
+/// every sandbox.
 pub(super) fn pool_spec() -> SandboxSpec {
-    SandboxSpec {
+    let mut spec = SandboxSpec {
         service: true,
         ..SandboxSpec::default()
-    }
+    };
+    with_default_pids(&mut spec);
+    spec
+}
+
+/// Gives `spec` the pids limit admission gives a request that asks for none (without a policy), so a
+/// pooled sandbox matches the requests it is for.
+pub(crate) fn with_default_pids(spec: &mut SandboxSpec) {
+    spec.limits
+        .pids
+        .get_or_insert(u64::from(tartarus_policy::effective::DEFAULT_MAX_PIDS));
 }
 
 /// Whether a pooled sandbox satisfies `spec`: the sandbox's env is applied by the server to every exec,
@@ -56,6 +67,8 @@ impl Manager {
     /// Sets up (or replaces) a warm pool and starts filling it. Sandboxes of a replaced pool whose spec
     /// changed are killed: they would not match new requests.
     pub fn register_pool(self: &Arc<Self>, key: &str, spec: PoolSpec) {
+        let mut spec = spec;
+        with_default_pids(&mut spec.spec);
         let stale = {
             let Ok(mut pools) = self.pools.lock() else {
                 return;
@@ -82,17 +95,34 @@ impl Manager {
                 }
             }
         };
-        for mut pooled in stale {
-            let _ = pooled.child.start_kill();
-        }
+        self.discard(stale);
         self.refill(key);
     }
 
-    /// Drops a pool and kills its unclaimed sandboxes.
+    /// Drops a pool and ends its unclaimed sandboxes, removing their files.
     pub fn remove_pool(&self, key: &str) {
         let removed = self.pools.lock().ok().and_then(|mut pools| pools.remove(key));
-        for mut pooled in removed.map(|p| p.ready).unwrap_or_default() {
-            let _ = pooled.child.start_kill();
+        self.discard(removed.map(|p| p.ready).unwrap_or_default());
+    }
+
+    /// Ends unclaimed pooled sandboxes in the background: each shim is asked to kill its sandbox (so it
+    /// removes its cgroups), then killed if it has not exited; then the sandbox's directory and gateway
+    /// directory (and so its sockets) are removed. Nothing of a discarded pooled sandbox outlives this.
+    fn discard(&self, pooled: Vec<Pooled>) {
+        for mut p in pooled {
+            let gateway = self.gateway_dir(&p.id);
+            tokio::spawn(async move {
+                let _ = ShimClient::new(&SandboxDir::new(&p.dir)).kill().await;
+                if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = p.child.start_kill();
+                    let _ = p.child.wait().await;
+                }
+                let _ = tokio::fs::remove_dir_all(&p.dir).await;
+                let _ = tokio::fs::remove_dir_all(&gateway).await;
+            });
         }
     }
 
@@ -174,11 +204,11 @@ impl Manager {
                         Some(pool) if pool.spec.spec == spec.spec => {
                             pool.ready.push(Pooled { id, dir, child, pid })
                         }
-                        _ => stale = Some(child),
+                        _ => stale = Some(Pooled { id, dir, child, pid }),
                     }
                 }
-                if let Some(mut child) = stale {
-                    let _ = child.start_kill();
+                if let Some(pooled) = stale {
+                    manager.discard(vec![pooled]);
                     break;
                 }
             }
@@ -230,6 +260,10 @@ mod tests {
         assert!(poolable(&with_env), "the env is applied to every exec");
         let mut limited = pool_spec();
         limited.limits.pids = Some(10);
+        assert!(
+            pool_spec().limits.pids.is_some(),
+            "every sandbox has a pids limit"
+        );
         assert!(!poolable(&limited), "limits are fixed at start");
         let mut timed = pool_spec();
         timed.timeout = Some(Duration::from_secs(5));

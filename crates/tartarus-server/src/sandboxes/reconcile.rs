@@ -2,8 +2,9 @@
 //! kill pooled sandboxes a previous run never handed out.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tartarus_shim::protocol::RunState;
 use tartarus_store::SandboxStatus;
@@ -55,6 +56,9 @@ impl Manager {
                         adopted += 1;
                     }
                     _ => {
+                        // A shim may still run (killed mid-create, or not answering): end it before its
+                        // socket goes, or nothing could ever stop it.
+                        end_unadopted(&SandboxDir::new(&dir)).await;
                         self.finalize(
                             &record.id,
                             &dir,
@@ -104,4 +108,72 @@ impl Manager {
             let _ = fd.readable().await;
         })
     }
+}
+
+/// How long a shim found for an unadopted sandbox gets to end its sandbox (it may still be starting it)
+/// before it is killed outright.
+const UNADOPTED_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Ends every process of a sandbox the server could not adopt: its shim is asked over the socket to kill
+/// the sandbox (so it removes the sandbox's cgroups and writes its result), retried while the shim may
+/// still be starting; what is left at [`UNADOPTED_DEADLINE`] is sent SIGKILL through a pidfd. A process
+/// is the sandbox's when its command line names the sandbox's socket (the shim, and init, its fork).
+pub(super) async fn end_unadopted(dir: &SandboxDir) {
+    let socket = dir.socket();
+    let deadline = Instant::now() + UNADOPTED_DEADLINE;
+    let mut asked = false;
+    loop {
+        let left = processes_naming(&socket);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for (pid, pidfd) in left {
+                tracing::warn!(pid, socket = %socket.display(), "killing a shim the server could not adopt");
+                let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+            }
+            return;
+        }
+        if !asked {
+            match ShimClient::new(dir).kill().await {
+                Ok(()) => asked = true,
+                Err(CallError::NotRunning) => {}
+                Err(e) => {
+                    tracing::warn!(socket = %socket.display(), "killing an unadopted sandbox: {}", tartarus_runtime::error_chain(&e))
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Processes whose command line has `path` as an argument, each with a pidfd opened before its command
+/// line was read again (so a reused pid is never signalled).
+fn processes_naming(path: &Path) -> Vec<(i32, OwnedFd)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let wanted = path.as_os_str().as_encoded_bytes();
+    let names = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == wanted))
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !names(pid) {
+            continue;
+        }
+        let Some(raw) = rustix::process::Pid::from_raw(pid) else {
+            continue;
+        };
+        if let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            if names(pid) {
+                found.push((pid, pidfd));
+            }
+        }
+    }
+    found
 }

@@ -9,8 +9,41 @@ use crate::api::CreateSandbox;
 use crate::auth::Caller;
 use crate::error::ApiError;
 
+/// What of the host the operator lets admin keys give a sandbox (`tartarus server --allow-host-network`,
+/// `--allow-host-rootfs`). Off by default: a sandbox on the host's network namespace reaches the API,
+/// `/metrics`, the database and every other tenant's listeners; a host directory as root is the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostAccess {
+    /// `network: host-loopback` is allowed (admin keys only).
+    pub network: bool,
+    /// `rootfs: DIR` is allowed (admin keys only).
+    pub rootfs: bool,
+}
+
+impl HostAccess {
+    /// Refuses (403) what the caller may not take from the host: only admin keys, and only what the server
+    /// was started to allow.
+    fn check(self, caller: &Caller, what: &str, flag: &str, allowed: bool) -> Result<(), ApiError> {
+        if caller.role != Role::Admin {
+            return Err(ApiError::forbidden(format!(
+                "{what} is for admin keys only (and a server started with {flag})"
+            )));
+        }
+        if !allowed {
+            return Err(ApiError::forbidden(format!(
+                "{what} is off on this server: start it with {flag} to let admin keys use it"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Translates and validates a create request into a runtime spec.
-pub(crate) fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<SandboxSpec, ApiError> {
+pub(crate) fn spec_from(
+    body: &CreateSandbox,
+    caller: &Caller,
+    host: HostAccess,
+) -> Result<SandboxSpec, ApiError> {
     let roots = [
         body.template.is_some(),
         body.image.is_some(),
@@ -24,11 +57,12 @@ pub(crate) fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<Sandbox
     let mut spec = SandboxSpec::new(body.cmd.clone().unwrap_or_default());
     spec.service = true;
     if let Some(rootfs) = &body.rootfs {
-        if caller.role != Role::Admin {
-            return Err(ApiError::forbidden(
-                "only admin keys may choose a host directory as rootfs",
-            ));
-        }
+        host.check(
+            caller,
+            "a host directory as rootfs",
+            "--allow-host-rootfs",
+            host.rootfs,
+        )?;
         spec.root = RootSpec::Directory(rootfs.into());
     }
     spec.env = body.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -58,7 +92,15 @@ pub(crate) fn spec_from(body: &CreateSandbox, caller: &Caller) -> Result<Sandbox
     }
     spec.network = match body.network.as_deref() {
         None | Some("none") => NetworkMode::None,
-        Some("host-loopback") => NetworkMode::HostLoopback,
+        Some("host-loopback") => {
+            host.check(
+                caller,
+                "the host's network (network: host-loopback)",
+                "--allow-host-network",
+                host.network,
+            )?;
+            NetworkMode::HostLoopback
+        }
         // The contract comes from the policy in force (admission); without one, the safe default:
         // private ranges and metadata denied, no DNS.
         Some("egress") => NetworkMode::Egress(tartarus_runtime::EgressContract::default()),
@@ -87,8 +129,13 @@ mod tests {
         }
     }
 
+    const ALL: HostAccess = HostAccess {
+        network: true,
+        rootfs: true,
+    };
+
     fn refused(body: CreateSandbox, role: Role) -> (StatusCode, String) {
-        let e = spec_from(&body, &caller(role)).unwrap_err();
+        let e = spec_from(&body, &caller(role), ALL).unwrap_err();
         (e.status, e.message)
     }
 
@@ -107,7 +154,7 @@ mod tests {
             network: Some("egress".into()),
             ..CreateSandbox::default()
         };
-        let spec = spec_from(&body, &caller(Role::User)).unwrap();
+        let spec = spec_from(&body, &caller(Role::User), HostAccess::default()).unwrap();
         assert!(spec.service);
         assert_eq!(spec.command, ["sleep", "1"]);
         assert_eq!(spec.env, [("K".to_string(), "V".to_string())]);
@@ -203,7 +250,46 @@ mod tests {
             ..CreateSandbox::default()
         };
         assert_eq!(refused(body.clone(), Role::User).0, StatusCode::FORBIDDEN);
-        let spec = spec_from(&body, &caller(Role::Admin)).unwrap();
+        let spec = spec_from(&body, &caller(Role::Admin), ALL).unwrap();
         assert_eq!(spec.root, RootSpec::Directory("/srv/root".into()));
+    }
+
+    #[test]
+    fn the_host_is_for_admins_of_a_server_that_allows_it() {
+        let host_net = CreateSandbox {
+            network: Some("host-loopback".into()),
+            ..CreateSandbox::default()
+        };
+        let host_root = CreateSandbox {
+            rootfs: Some("/srv/root".into()),
+            ..CreateSandbox::default()
+        };
+        let only_network = HostAccess {
+            network: true,
+            rootfs: false,
+        };
+        let only_rootfs = HostAccess {
+            network: false,
+            rootfs: true,
+        };
+        for (body, flag, without, with) in [
+            (&host_net, "--allow-host-network", only_rootfs, only_network),
+            (&host_root, "--allow-host-rootfs", only_network, only_rootfs),
+        ] {
+            for role in [Role::User, Role::Viewer] {
+                for access in [HostAccess::default(), ALL] {
+                    let e = spec_from(body, &caller(role), access).unwrap_err();
+                    assert_eq!(e.status, StatusCode::FORBIDDEN, "{}", e.message);
+                    assert!(e.message.contains("admin keys only"), "{}", e.message);
+                }
+            }
+            let e = spec_from(body, &caller(Role::Admin), without).unwrap_err();
+            assert_eq!(e.status, StatusCode::FORBIDDEN);
+            assert!(e.message.contains(flag), "{} should name {flag}", e.message);
+            assert!(!e.message.contains('\n'));
+            assert!(spec_from(body, &caller(Role::Admin), with).is_ok());
+        }
+        let spec = spec_from(&host_net, &caller(Role::Admin), only_network).unwrap();
+        assert_eq!(spec.network, NetworkMode::HostLoopback);
     }
 }

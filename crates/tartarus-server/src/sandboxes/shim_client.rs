@@ -273,7 +273,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::Resume => "resume",
         Request::Isolate => "isolate",
         Request::Throttle { .. } => "throttle",
-        Request::Kill => "kill",
+        Request::Kill { .. } => "kill",
         Request::ReadFile { .. } => "read_file",
         Request::WriteFile { .. } => "write_file",
         Request::ListDir { .. } => "list_dir",
@@ -350,7 +350,22 @@ impl ShimClient {
 
     /// Kills the sandbox; returns once the shim says it is gone and cleaned up.
     pub async fn kill(&self) -> Result<(), CallError> {
-        self.call::<Done>(Request::Kill, KILL_DEADLINE).await.map(drop)
+        self.call::<Done>(Request::Kill { grace_ms: None }, KILL_DEADLINE)
+            .await
+            .map(drop)
+    }
+
+    /// Stops the sandbox gracefully: SIGTERM, then SIGKILL after `grace`; returns once it is gone.
+    pub async fn terminate(&self, grace: Duration) -> Result<(), CallError> {
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.call::<Done>(
+            Request::Kill {
+                grace_ms: Some(grace_ms),
+            },
+            KILL_DEADLINE + grace,
+        )
+        .await
+        .map(drop)
     }
 
     /// A buffered exec; the shim kills it at its `timeout_ms`, so the deadline is that plus some slack.
