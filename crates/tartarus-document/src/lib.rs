@@ -5,6 +5,178 @@
 //! parsing (a bad value, a contradiction) are located by searching the text for the key's path:
 //! [`find_key`] finds a mapping key (block `key:`, flow `{key: …}` or quoted JSON `"key":`), skipping
 //! comments; [`line_column`] turns an offset into 1-based line and column.
+//!
+//! Documents come from API callers, so parsing is bounded before the parser sees the text: [`parse`]
+//! refuses nesting deeper than [`MAX_DEPTH`] levels (found by [`too_deep`], one linear pass), because the
+//! YAML scanner's work grows with the square of the nesting depth and one 1 MiB body of brackets would keep
+//! a thread busy for minutes.
+
+/// The deepest nesting [`parse`] accepts: block levels (indentation, `- `, `? `) plus flow levels (`[`, `{`).
+/// Templates and policies need a handful.
+pub const MAX_DEPTH: usize = 64;
+
+/// Parses `text` (YAML or JSON) from `file` into `T`, after checking its nesting depth.
+pub fn parse<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, DocumentError> {
+    if let Some(at) = too_deep(text, MAX_DEPTH) {
+        return Err(DocumentError {
+            file: file.to_string(),
+            location: Some(line_column(text, at)),
+            key: None,
+            message: format!("the document nests deeper than {MAX_DEPTH} levels"),
+        });
+    }
+    serde_yaml_ng::from_str(text).map_err(|e| DocumentError::from_yaml(&e, file))
+}
+
+/// Where a scan of YAML text stands: expecting a node, inside a plain scalar, or after a complete node
+/// (a quoted scalar, a closed flow collection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Node,
+    Plain,
+    After,
+}
+
+/// The byte offset at which the nesting of `text` first exceeds `max` levels, if it does: one pass, no
+/// allocation beyond the stack of open block indentations.
+///
+/// It follows YAML's tokens as far as nesting depends on them (quoted scalars, comments, block scalars,
+/// plain scalars that span lines, flow collections only where a node starts in block context) and counts
+/// generously where that is cheaper: every indentation level and every `- ` or `? ` is a level, so a real
+/// document's depth is at most counted twice. Text that is not YAML may be counted in any way: the parser
+/// refuses it before nesting into it.
+pub fn too_deep(text: &str, max: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    // Indentation columns of the open block nodes.
+    let mut block: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    let mut quote: Option<u8> = None;
+    let mut at = At::Node;
+    // A plain scalar in block context, begun on a line indented this much: more indented lines continue it.
+    let mut plain_indent: Option<usize> = None;
+    // Inside a block scalar (`|`, `>`) whose header is on a line indented this much.
+    let mut literal: Option<usize> = None;
+    let blank = |b: Option<&u8>| matches!(b, None | Some(b' ' | b'\t' | b'\r'));
+    let mut start = 0;
+    while start < bytes.len() {
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(bytes.len(), |n| start + n);
+        let line = &bytes[start..end];
+        let next_line = end + 1;
+        let indent = line.iter().take_while(|&&b| b == b' ').count();
+        let empty = line[indent..].iter().all(|&b| matches!(b, b' ' | b'\t' | b'\r'));
+        if let Some(header) = literal {
+            if empty || indent > header {
+                start = next_line;
+                continue;
+            }
+            literal = None;
+        }
+        let mut j = indent;
+        if quote.is_none() && flow == 0 {
+            if empty || line[indent] == b'#' {
+                start = next_line;
+                continue;
+            }
+            if plain_indent.is_some_and(|p| indent > p) {
+                at = At::Plain;
+            } else {
+                plain_indent = None;
+                at = At::Node;
+                if indent == 0 && (line.starts_with(b"---") || line.starts_with(b"...")) && blank(line.get(3))
+                {
+                    block.clear();
+                    j = 3;
+                } else {
+                    while block.last().is_some_and(|&top| top >= indent) {
+                        block.pop();
+                    }
+                    block.push(indent);
+                }
+                // Compact nesting: `- - - x`, `? - x`.
+                while matches!(line.get(j), Some(b'-' | b'?' | b':')) && blank(line.get(j + 1)) {
+                    block.push(j);
+                    j += 1;
+                    while matches!(line.get(j), Some(b' ' | b'\t')) {
+                        j += 1;
+                    }
+                }
+                if block.len() > max {
+                    return Some(start + j.min(line.len()));
+                }
+            }
+        }
+        while j < line.len() {
+            let c = line[j];
+            if let Some(q) = quote {
+                match c {
+                    b'\\' if q == b'"' => j += 1,
+                    b'\'' if q == b'\'' && line.get(j + 1) == Some(&b'\'') => j += 1,
+                    _ if c == q => {
+                        quote = None;
+                        at = At::After;
+                    }
+                    _ => {}
+                }
+                j += 1;
+                continue;
+            }
+            if c == b'#' && (j == 0 || blank(line.get(j - 1))) {
+                break;
+            }
+            let next = line.get(j + 1);
+            match (flow > 0, at, c) {
+                (_, _, b' ' | b'\t' | b'\r') => {}
+                (true, _, b'[' | b'{') | (false, At::Node, b'[' | b'{') => {
+                    flow += 1;
+                    if block.len() + flow > max {
+                        return Some(start + j);
+                    }
+                    at = At::Node;
+                }
+                (true, _, b']' | b'}') => {
+                    flow -= 1;
+                    at = At::After;
+                }
+                (true, _, b',') => at = At::Node,
+                (true, At::Node | At::After, b':') => at = At::Node,
+                (true, At::Plain, b':')
+                    if blank(next) || matches!(next, Some(b',' | b'[' | b']' | b'{' | b'}')) =>
+                {
+                    at = At::Node
+                }
+                (_, At::Node, b'"' | b'\'') => quote = Some(c),
+                (_, At::Node, b'&' | b'!') => {
+                    // An anchor or a tag: the node follows it.
+                    while j + 1 < line.len()
+                        && !matches!(line[j + 1], b' ' | b'\t' | b',' | b'[' | b']' | b'{' | b'}')
+                    {
+                        j += 1;
+                    }
+                }
+                (false, At::Node, b'|' | b'>') => {
+                    literal = Some(indent);
+                    break;
+                }
+                (true, At::Node, _) => at = At::Plain,
+                (false, At::Node, _) => {
+                    at = At::Plain;
+                    plain_indent.get_or_insert(indent);
+                }
+                (false, At::Plain | At::After, b':') if blank(next) => {
+                    at = At::Node;
+                    plain_indent = None;
+                }
+                _ => {}
+            }
+            j += 1;
+        }
+        start = next_line;
+    }
+    None
+}
 
 /// Whether `id` is a valid document id (a template's or a policy's): 1-63 lower-case letters, digits and
 /// `-`, not starting with `-`.
@@ -165,6 +337,49 @@ mod tests {
             Some((4, 1))
         );
         assert_eq!(find_key(text, "missing", 0, false), None);
+    }
+
+    /// The nesting `too_deep` finds: the first `max` at which it reports nothing.
+    fn depth(text: &str) -> usize {
+        (0..).find(|&max| too_deep(text, max).is_none()).unwrap()
+    }
+
+    #[test]
+    fn nesting_is_counted_in_flow_and_block_context() {
+        assert_eq!(depth("a: 1\n"), 1);
+        assert_eq!(depth("a: [[1], {b: [2]}]\n"), 4);
+        assert_eq!(depth("a:\n  b:\n    c: 1\n"), 3);
+        assert_eq!(depth("- - - x\n"), 4);
+        assert_eq!(depth("{\"a\": [[[1]]]}"), 5);
+        let brackets = format!("env: {}{}\n", "[".repeat(1000), "]".repeat(1000));
+        assert_eq!(too_deep(&brackets, MAX_DEPTH), Some(4 + MAX_DEPTH));
+    }
+
+    #[test]
+    fn brackets_in_scalars_comments_and_block_scalars_are_text() {
+        assert_eq!(depth("a: \"[[[[\"\nb: '{{{{'\n"), 1);
+        assert_eq!(depth("a: echo [[[[ x\n# [[[[[\nb: 1 # [[[[\n"), 1);
+        assert_eq!(depth("a: |\n  [[[[[[\n  {{{{\nb: 1\n"), 1);
+        assert_eq!(depth("a: [\"]]]]\", 'it''s ]]', x'y]\n"), 2);
+        assert_eq!(depth("a: b\n  \"continued\nc: [[1]]\n"), 3);
+        assert_eq!(depth("a: [&x \"]]]\", *x, !!str \"]\"]\n"), 2);
+    }
+
+    #[test]
+    fn parse_refuses_deep_documents_before_parsing_with_their_position() {
+        let text = format!("id: d\nenv: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let started = std::time::Instant::now();
+        let e = parse::<serde_yaml_ng::Value>(&text, "deep.yaml").unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(e.location, Some((2, 5 + MAX_DEPTH)));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "deep.yaml:2:{}: the document nests deeper than 64 levels",
+                5 + MAX_DEPTH
+            )
+        );
+        assert!(parse::<serde_yaml_ng::Value>("a: [[1]]\n", "ok.yaml").is_ok());
     }
 
     #[test]

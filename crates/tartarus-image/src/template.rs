@@ -140,8 +140,7 @@ fn violation(key: &[&str], message: impl Into<String>) -> Violation {
 
 /// Parses and validates a template written in YAML or JSON; `source` names the text in errors (a file name).
 pub fn parse_template(text: &str, source: &str) -> Result<Template, TemplateError> {
-    let mut template: Template =
-        serde_yaml_ng::from_str(text).map_err(|e| TemplateError::from_yaml(&e, source))?;
+    let mut template: Template = tartarus_document::parse(text, source)?;
     template.check().map_err(|v| TemplateError {
         file: source.to_string(),
         location: locate_key(text, &v.key),

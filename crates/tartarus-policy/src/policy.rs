@@ -253,7 +253,7 @@ pub type PolicyError = tartarus_document::DocumentError;
 
 /// Parses and validates a policy written in YAML or JSON; `source` names the text in errors (a file name).
 pub fn parse_policy(text: &str, source: &str) -> Result<Policy, PolicyError> {
-    let policy: Policy = serde_yaml_ng::from_str(text).map_err(|e| PolicyError::from_yaml(&e, source))?;
+    let policy: Policy = tartarus_document::parse(text, source)?;
     policy.check().map_err(|v| PolicyError {
         file: source.to_string(),
         location: locate(text, &v.path),

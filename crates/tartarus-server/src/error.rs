@@ -102,3 +102,46 @@ pub fn json_rejection(rejection: axum::extract::rejection::JsonRejection) -> Api
     };
     ApiError::new(status, code, rejection.body_text())
 }
+
+/// Gives every client error the JSON shape: axum's own rejections (a query string or path that does not
+/// parse, a method the route does not have, a body over the limit) answer plain text or nothing; their
+/// status stays, the text becomes the message.
+pub async fn json_client_errors(response: Response) -> Response {
+    use axum::http::header::CONTENT_TYPE;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 << 10).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = match text.is_empty() {
+        true => status.canonical_reason().unwrap_or("client error").to_lowercase(),
+        false => text,
+    };
+    let code = match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        _ => "invalid_request",
+    };
+    let mut answer = ApiError::new(status, code, message).into_response();
+    // Keep what the rejection said besides its body (`Allow` on a 405, `Retry-After`).
+    for (name, value) in parts.headers.iter() {
+        if name != CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
+}

@@ -9,10 +9,12 @@
 pub mod api;
 pub mod auth;
 pub mod cluster;
+pub mod connections;
 pub mod effects;
 pub mod error;
 pub mod gateway;
 pub mod images;
+pub mod limits;
 pub mod metrics;
 pub mod node_agent;
 pub mod policies;

@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub queue_depth: i64,
     /// How the scheduler scores nodes.
     pub placement: tartarus_scheduler::Strategy,
+    /// Connections the API serves at once, and how long each may wait for a request.
+    pub connections: crate::connections::ConnectionLimits,
     /// What of the host admin keys may give a sandbox (`--allow-host-network`, `--allow-host-rootfs`).
     pub host_access: crate::sandboxes::HostAccess,
     /// Registries (HOST[:PORT]) user keys may pull images from (`--registry`; the insecure registries count
@@ -310,12 +312,12 @@ pub async fn serve_on(
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
     let app = router(state);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = axum::serve(listener, app).with_graceful_shutdown(async {
+    let serving = crate::connections::serve(listener, app, config.connections, async {
         let _ = stopped.await;
     });
-    let mut serving = std::pin::pin!(std::future::IntoFuture::into_future(serving));
+    let mut serving = std::pin::pin!(serving);
     tokio::select! {
-        served = &mut serving => return served.map_err(ServerError::Serve),
+        () = &mut serving => return Ok(()),
         () = shutdown_signal() => {}
     }
     // Stop taking connections, let in-flight requests finish within the grace period, then return.
@@ -326,7 +328,7 @@ pub async fn serve_on(
     );
     let _ = stop.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, serving).await {
-        Ok(served) => served.map_err(ServerError::Serve),
+        Ok(()) => Ok(()),
         Err(_) => {
             tracing::warn!(
                 "the grace period ended with requests still open (streams, follows); they are dropped"

@@ -82,6 +82,17 @@ pub struct ServerArgs {
     /// Cluster mode: how nodes are scored: least-loaded (spread load) or bin-pack (fill nodes)
     #[arg(long, default_value = "least-loaded", value_name = "STRATEGY")]
     placement: tartarus_scheduler::Strategy,
+    /// Connections served at once; more wait in the listen backlog until one closes
+    #[arg(long, default_value_t = 1024, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// Time a connection has to send a request's head (also how long a kept-alive connection may idle)
+    #[arg(long, default_value = "10s", value_name = "DURATION",
+          value_parser = |s: &str| match tartarus_runtime::units::parse_duration(s) {
+              Ok(d) if d.is_zero() => Err("must be more than 0".to_string()),
+              other => other.map_err(|e| e.to_string()),
+          })]
+    header_timeout: std::time::Duration,
 }
 
 /// Start-up of a long-running daemon (the server, a node agent): peers that go away must never kill it
@@ -133,6 +144,11 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
         node_timeout: args.node_timeout,
         queue_depth: args.queue_depth,
         placement: args.placement,
+        connections: tartarus_server::connections::ConnectionLimits {
+            max_connections: args.max_connections as usize,
+            header_timeout: args.header_timeout,
+            ..tartarus_server::connections::ConnectionLimits::API
+        },
         host_access: tartarus_server::sandboxes::HostAccess {
             network: args.allow_host_network,
             rootfs: args.allow_host_rootfs,

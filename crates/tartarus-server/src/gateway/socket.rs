@@ -67,13 +67,17 @@ impl Gateways {
             effects: effects.clone(),
             sandbox: record.id.clone(),
             tenant: record.tenant.clone(),
+            calls: Arc::new(tokio::sync::Semaphore::new(crate::limits::TOOL_CALLS_PER_SANDBOX)),
         });
         let app = router(context);
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("tool gateway: {}", tartarus_runtime::error_chain(&e));
-            }
-        });
+        // Bounded like the API's listener: code in the sandbox must not be able to hold the server's
+        // descriptors or its tasks (closing the gateway drops this future, which closes its connections).
+        let task = tokio::spawn(crate::connections::serve(
+            listener,
+            app,
+            crate::connections::ConnectionLimits::GATEWAY,
+            std::future::pending(),
+        ));
         if let Ok(mut open) = self.open.lock() {
             if let Some(old) = open.insert(record.id.clone(), task.abort_handle()) {
                 old.abort();
@@ -95,6 +99,8 @@ pub(super) struct Context {
     pub(super) effects: Effects,
     pub(super) sandbox: String,
     pub(super) tenant: String,
+    /// Places for calls in progress (each may run a host process or hold an upstream connection).
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 /// The gateway inside a sandbox: `GET /v1/tools` and `POST /v1/tools/{name}`.
@@ -121,8 +127,17 @@ async fn call_tool(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let Ok(place) = Arc::clone(&context.calls).try_acquire_owned() else {
+        return Ok(crate::limits::too_many_requests(format!(
+            "this sandbox already has {} tool calls in progress; retry when one has ended",
+            crate::limits::TOOL_CALLS_PER_SANDBOX
+        )));
+    };
     // A call, once started, finishes even if the caller hangs up: the tool may already have acted, and
-    // its receipt and ledger entry must be written either way.
-    let call = tokio::spawn(invocation::call(context, name, headers, body));
+    // its receipt and ledger entry must be written either way. It keeps its place until then.
+    let call = tokio::spawn(async move {
+        let _place = place;
+        invocation::call(context, name, headers, body).await
+    });
     Ok(call.await.map_err(GatewayError::CallAborted)??)
 }

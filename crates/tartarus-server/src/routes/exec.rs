@@ -25,9 +25,7 @@ pub(crate) async fn exec_sandbox(
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
-    if body.cmd.is_empty() {
-        return Err(ApiError::invalid("cmd must not be empty"));
-    }
+    check_exec(&body)?;
     if body.timeout_s.is_some_and(|t| !(t > 0.0 && t <= 86_400.0)) {
         return Err(ApiError::invalid("timeout_s must be in (0, 86400]"));
     }
@@ -67,6 +65,13 @@ pub(crate) async fn exec_sandbox(
         let (status, answer) = result?;
         return Ok((status, Json(answer)).into_response());
     }
+    // Each exec holds a shim connection, a process and its output buffers until it ends: bounded per sandbox.
+    let Some(slot) = state.manager.execs.try_hold(&record.id) else {
+        return Ok(crate::limits::too_many_requests(format!(
+            "sandbox {id} already runs {} execs; retry when one has ended",
+            crate::limits::EXECS_PER_SANDBOX
+        )));
+    };
     // The sandbox's own env first (pooled sandboxes start without one), then the request's.
     let base = sandboxes::stored_spec(&record)?;
     let env: Vec<(String, String)> = base.env.into_iter().chain(body.env.clone()).collect();
@@ -84,7 +89,11 @@ pub(crate) async fn exec_sandbox(
         stream: body.stream,
     };
     if body.stream {
-        let result = state.manager.exec_stream(&record, request).await;
+        let cwd = request.workdir.clone();
+        let result = match state.manager.exec_stream(&record, request).await {
+            Err(e) if e.status.is_server_error() => Err(explain_start_failure(&state, &record, cwd, e).await),
+            other => other,
+        };
         let error = result.as_ref().err().map(|e| e.message.as_str());
         trace_exec(&state, &record, (&body.cmd, &env), error, None).await;
         audit(
@@ -95,9 +104,15 @@ pub(crate) async fn exec_sandbox(
             if result.is_ok() { "ok" } else { "failed" },
         )
         .await;
-        return Ok(sse_exec(result?).into_response());
+        return Ok(sse_exec(result?, slot).into_response());
     }
+    let cwd = request.workdir.clone();
     let result = state.manager.exec(&record, request).await.map(ExecResult::from);
+    drop(slot);
+    let result = match result {
+        Err(e) if e.status.is_server_error() => Err(explain_start_failure(&state, &record, cwd, e).await),
+        other => other,
+    };
     let error = result.as_ref().err().map(|e| e.message.as_str());
     trace_exec(&state, &record, (&body.cmd, &env), error, result.as_ref().ok()).await;
     audit(
@@ -109,6 +124,82 @@ pub(crate) async fn exec_sandbox(
     )
     .await;
     Ok(Json(result?).into_response())
+}
+
+/// Largest command line an exec takes: `cmd`, `env` and `cwd` together, as JSON (the sandbox's control
+/// channel carries one request in 256 KiB, and the kernel takes no argument over 128 KiB).
+pub const MAX_EXEC_ARGS: usize = 128 << 10;
+
+/// Refuses what no sandbox could run: an empty command, NUL bytes (the kernel's strings end at them), env
+/// names that are empty or hold `=`, a command line over [`MAX_EXEC_ARGS`].
+fn check_exec(body: &ExecBody) -> Result<(), ApiError> {
+    if body.cmd.is_empty() {
+        return Err(ApiError::invalid("cmd must not be empty"));
+    }
+    if let Some(i) = body.cmd.iter().position(|a| a.contains('\0')) {
+        return Err(ApiError::invalid(format!("cmd[{i}] contains a NUL byte")));
+    }
+    for (name, value) in &body.env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(ApiError::invalid(format!(
+                "invalid environment variable name {name:?}: it must be non-empty, without '=' or NUL"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(ApiError::invalid(format!(
+                "environment variable {name} contains a NUL byte"
+            )));
+        }
+    }
+    if let Some(cwd) = &body.cwd {
+        if cwd.contains('\0') {
+            return Err(ApiError::invalid("cwd contains a NUL byte"));
+        }
+        if !cwd.starts_with('/') || cwd.split('/').any(|c| c == "..") {
+            return Err(ApiError::invalid(format!(
+                "cwd '{cwd}' must be absolute, without '..'"
+            )));
+        }
+    }
+    let size = serde_json::to_vec(&(&body.cmd, &body.env, &body.cwd)).map_or(usize::MAX, |v| v.len());
+    if size > MAX_EXEC_ARGS {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "cmd, env and cwd take {size} bytes; at most {} KiB (pass large data as stdin or a file)",
+                MAX_EXEC_ARGS >> 10
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An exec that could not start for a host reason may have failed on its working directory, which is the
+/// request's fault: look at the directory the way the command would have (a listing inside the sandbox)
+/// and say so; otherwise the original error stands.
+async fn explain_start_failure(
+    state: &AppState,
+    record: &SandboxRecord,
+    cwd: Option<String>,
+    error: ApiError,
+) -> ApiError {
+    let Some(cwd) = cwd else { return error };
+    match state.manager.shim(record).list_dir(&cwd).await {
+        Err(e) => match e.code() {
+            Some(tartarus_shim::protocol::ErrorCode::NotFound) => {
+                ApiError::invalid(format!("cwd '{cwd}' does not exist in the sandbox"))
+            }
+            Some(tartarus_shim::protocol::ErrorCode::WrongType) => {
+                ApiError::invalid(format!("cwd '{cwd}' is not a directory"))
+            }
+            Some(tartarus_shim::protocol::ErrorCode::Forbidden) => {
+                ApiError::invalid(format!("cwd '{cwd}' is not accessible to the sandbox user"))
+            }
+            _ => error,
+        },
+        Ok(_) => error,
+    }
 }
 
 /// The `exec` trace record: the command (secrets redacted), and its outcome with the output kept as
@@ -169,12 +260,15 @@ pub(crate) async fn trace_exec(
 }
 
 /// Turns the shim's stream events into Server-Sent Events: `stdout`/`stderr` with a JSON string, then
-/// `exit` with `{exit_code, signal, wall_ms, timed_out}`.
-pub(crate) fn sse_exec(events: sandboxes::ExecEvents) -> impl axum::response::IntoResponse {
+/// `exit` with `{exit_code, signal, wall_ms, timed_out}`. The exec's `slot` is held until the stream ends.
+pub(crate) fn sse_exec(
+    events: sandboxes::ExecEvents,
+    slot: crate::limits::Held,
+) -> impl axum::response::IntoResponse {
     use axum::response::sse::{Event, Sse};
     use tartarus_shim::protocol::StreamEvent;
-    let events = futures_util::stream::unfold(Some(events), |state| async move {
-        let mut events = state?;
+    let events = futures_util::stream::unfold(Some((events, slot)), |state| async move {
+        let (mut events, slot) = state?;
         loop {
             let event = match events.next().await? {
                 Ok(StreamEvent::Output { stream, data }) => {
@@ -197,7 +291,7 @@ pub(crate) fn sse_exec(events: sandboxes::ExecEvents) -> impl axum::response::In
                     return None;
                 }
             };
-            return Some((Ok(event), Some(events)));
+            return Some((Ok(event), Some((events, slot))));
         }
     });
     Sse::new(events)

@@ -97,7 +97,13 @@ pub async fn apply_policy(
             ))
         }
     };
-    let policy = match tartarus_policy::parse_policy(&text, &source) {
+    // Off the async runtime: a large document's parse must not stall other tenants' requests.
+    let (text, parsed) = crate::limits::parse_document(move || {
+        let parsed = tartarus_policy::parse_policy(&text, &source);
+        (text, parsed)
+    })
+    .await?;
+    let policy = match parsed {
         Ok(policy) => policy,
         Err(e) => {
             audit(&state, &caller, "policy.apply", None, "invalid").await;

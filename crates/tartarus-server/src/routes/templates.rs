@@ -148,7 +148,8 @@ pub async fn create_template(
 ) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
-    let template = template_from(body)?;
+    // Off the async runtime: a large document's parse must not stall other tenants' requests.
+    let template = crate::limits::parse_document(move || template_from(body)).await??;
     let id = template.id.clone();
     // Admins write shared templates; users their tenant's. A user may not take a shared template's id
     // (every tenant sees shared templates, so this says nothing about other tenants).

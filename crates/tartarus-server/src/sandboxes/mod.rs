@@ -43,6 +43,8 @@ pub struct Manager {
     pools: Mutex<HashMap<String, Pool>>,
     /// Told when a sandbox is handed to a tenant (created or re-adopted) and when it has ended.
     lifecycle: std::sync::OnceLock<Arc<dyn Lifecycle>>,
+    /// Execs running per local sandbox, at most [`crate::limits::EXECS_PER_SANDBOX`] each.
+    pub execs: crate::limits::PerKey,
 }
 
 /// What else happens when a sandbox starts belonging to a tenant and when its outcome is recorded: the
@@ -118,6 +120,7 @@ impl Manager {
             done: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::from([(DEFAULT_POOL.to_string(), default_pool)])),
             lifecycle: std::sync::OnceLock::new(),
+            execs: crate::limits::PerKey::new(crate::limits::EXECS_PER_SANDBOX),
         })
     }
 
