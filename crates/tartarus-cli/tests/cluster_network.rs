@@ -323,8 +323,20 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
         (0, 1),
         "the sandbox runs on node-2's machine only"
     );
-    // What no node could ever hold fails at once, saying why.
+    // What no node could ever hold fails at once, saying why (under a policy that allows the size: the
+    // built-in default policy would refuse it first, at admission).
+    let allow = json!({"yaml": "id: big\nresources: {max_memory_mb: 1048576}\n"});
+    let applied = request(
+        &outer,
+        "POST",
+        &format!("{base}/v1/policies"),
+        &admin,
+        Some(allow),
+    );
+    assert!(applied["status"] == 201 || applied["status"] == 200, "{applied}");
     let huge = post("/v1/sandboxes", json!({"resources": {"memory_mb": 65536}}));
+    let removed = request(&outer, "DELETE", &format!("{base}/v1/policies/big"), &admin, None);
+    assert_eq!(removed["status"], 200, "{removed}");
     assert_eq!(huge["status"], 422, "{huge}");
     assert!(
         huge["body"]["error"]["message"]
