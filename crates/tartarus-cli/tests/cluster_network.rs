@@ -325,7 +325,8 @@ fn a_node_cut_off_its_network_becomes_unreachable_and_comes_back() {
     );
     // What no node could ever hold fails at once, saying why (under a policy that allows the size: the
     // built-in default policy would refuse it first, at admission).
-    let allow = json!({"yaml": "id: big\nresources: {max_memory_mb: 1048576}\n"});
+    let allow =
+        json!({"yaml": "id: big\nresources: {max_memory_mb: 1048576, max_total_memory_mb: 4194304}\n"});
     let applied = request(
         &outer,
         "POST",
