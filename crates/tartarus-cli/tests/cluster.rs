@@ -72,6 +72,27 @@ fn wait_node(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value 
     }
 }
 
+/// Waits (bounded) for a cluster event of `kind`; fails naming the events seen.
+fn wait_event(server: &Server, kind: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, events) = call(
+            "GET",
+            &format!("{}/v1/events?category=cluster", server.base),
+            Some(&server.admin),
+            None,
+        );
+        if events
+            .as_array()
+            .is_some_and(|all| all.iter().any(|e| e["kind"] == kind))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {kind} event: {events}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn finish(mut child: Child) -> (Option<i32>, String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -118,20 +139,8 @@ fn agents_register_report_and_become_unreachable_when_killed() {
     child.kill().unwrap();
     child.wait().unwrap();
     wait_node(&server, "worker-1", |n| n["state"] == "unreachable");
-    let (_, events) = call(
-        "GET",
-        &format!("{}/v1/events?category=cluster", server.base),
-        Some(&server.admin),
-        None,
-    );
-    assert!(
-        events
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["kind"] == "node.unreachable"),
-        "{events}"
-    );
+    // The leader records the event right after it marks the node, so it may land a moment later.
+    wait_event(&server, "node.unreachable");
     // A new agent for the id takes it over (a new epoch).
     let (child, _, _node_dir2) = agent(&server, "worker-1", &secret, &[]);
     let node = wait_node(&server, "worker-1", |n| n["state"] == "ready");

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{bin, code, result_record, stderr, stdout, world_executable_bin};
 
@@ -730,33 +731,37 @@ fn the_server_enforces_the_policy_on_a_sandbox_that_breaks_its_contract() {
     assert_eq!(status, 200, "{reply}");
     wait_for(&server, &c, |r| r["status"] == "paused");
 
-    // Each enforcement is an event.
-    let (_, events) = call(
-        "GET",
-        &format!("{}/v1/events?category=enforcement", server.base),
-        Some(&server.admin),
-        None,
-    );
-    let kinds: Vec<(String, String)> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["sandbox"].as_str().unwrap_or("").to_string(),
-                e["kind"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    for (id, kind) in [
-        (&a, "network.kill"),
-        (&b, "network.quarantine"),
-        (&c, "operator.quarantine"),
-    ] {
-        assert!(
-            kinds.contains(&(id.clone(), kind.to_string())),
-            "{kind} for {id} missing: {events}"
+    // Each enforcement is an event, recorded right after the action (so it may land a moment later).
+    let wanted = [
+        (a.clone(), "network.kill".to_string()),
+        (b.clone(), "network.quarantine".to_string()),
+        (c.clone(), "operator.quarantine".to_string()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, events) = call(
+            "GET",
+            &format!("{}/v1/events?category=enforcement", server.base),
+            Some(&server.admin),
+            None,
         );
+        let kinds: Vec<(String, String)> = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["sandbox"].as_str().unwrap_or("").to_string(),
+                    e["kind"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let missing: Vec<_> = wanted.iter().filter(|w| !kinds.contains(w)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{missing:?} missing: {events}");
+        std::thread::sleep(Duration::from_millis(50));
     }
     drop(server);
     drop(dir);
