@@ -464,3 +464,76 @@ fn a_delete_with_grace_sends_sigterm_first_and_sigkill_only_after_the_grace() {
     );
     assert_eq!(status, 422, "{body}");
 }
+
+#[test]
+fn a_timeout_sends_sigterm_first_and_sigkill_only_after_the_timeout_grace() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let alpha = new_key(dir.path(), "alpha", "user");
+    let wait = |id: &str| {
+        call(
+            "POST",
+            &format!("{}/v1/sandboxes/{id}/wait", server.base),
+            Some(&alpha),
+            None,
+        )
+        .1
+    };
+    let graceful = "trap 'echo cleaned-up; exit 0' TERM; echo armed; while :; do sleep 0.1; done";
+    let id = create(
+        &server,
+        &alpha,
+        json!({"cmd": ["sh", "-c", graceful], "timeout_s": 2, "timeout_grace_s": 20}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let waited = wait(&id);
+    assert_eq!(waited["reason"], "timeout", "{waited}");
+    let log = std::fs::read_to_string(dir.path().join("sandboxes").join(&id).join("main.log")).unwrap();
+    assert!(
+        log.contains("cleaned-up"),
+        "the command's SIGTERM handler ran: {log}"
+    );
+    assert_eq!(
+        result_record(dir.path(), &id)["signal"],
+        15,
+        "ended within the grace"
+    );
+
+    let stubborn = "trap '' TERM; echo armed; while :; do sleep 0.1; done";
+    let created = Instant::now();
+    let id = create(
+        &server,
+        &alpha,
+        json!({"cmd": ["sh", "-c", stubborn], "timeout_s": 1, "timeout_grace_s": 2}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let waited = wait(&id);
+    assert_eq!(waited["reason"], "timeout", "{waited}");
+    assert!(
+        created.elapsed() >= Duration::from_secs(3),
+        "killed only after the timeout and its grace"
+    );
+    assert_eq!(
+        result_record(dir.path(), &id)["signal"],
+        9,
+        "a command ignoring SIGTERM is killed"
+    );
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/sandboxes", server.base),
+        Some(&alpha),
+        Some(json!({"cmd": ["true"], "timeout_s": 1, "timeout_grace_s": 100000})),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timeout_grace_s"),
+        "{body}"
+    );
+}

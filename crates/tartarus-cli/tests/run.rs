@@ -247,7 +247,7 @@ fn cpu_time_is_reported() {
 #[test]
 fn timeout_kills_the_whole_tree_and_reports_timeout() {
     let out = run(
-        &["--timeout", "300ms", "--json"],
+        &["--timeout", "300ms", "--timeout-grace", "0", "--json"],
         &["/bin/sh", "-c", "sleep 30 & sleep 30; echo never"],
     );
     assert_eq!(code(&out), 137);
@@ -256,6 +256,40 @@ fn timeout_kills_the_whole_tree_and_reports_timeout() {
     assert!(r["wall_ms"].as_f64().unwrap() < 10_000.0);
     assert!(!stdout(&out).contains("never"));
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_timeout_sends_sigterm_and_the_command_may_clean_up_within_the_grace() {
+    let out = run(
+        &["--timeout", "300ms", "--timeout-grace", "20s", "--json"],
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'echo cleaned-up; exit 3' TERM; while :; do sleep 0.05; done",
+        ],
+    );
+    let r = result_record(&out);
+    assert_eq!(r["reason"], "timeout", "{r}");
+    assert_eq!(code(&out), 3, "the handler's own exit code: {}", stderr(&out));
+    assert!(stdout(&out).contains("cleaned-up"), "{}", stdout(&out));
+    assert!(r["wall_ms"].as_f64().unwrap() < 10_000.0, "{r}");
+    assert!(stderr(&out).contains("sent SIGTERM"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_command_ignoring_sigterm_is_killed_when_the_timeout_grace_ends() {
+    let out = run(
+        &["--timeout", "300ms", "--timeout-grace", "1s", "--json"],
+        &["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"],
+    );
+    let r = result_record(&out);
+    assert_eq!(r["reason"], "timeout", "{r}");
+    assert_eq!(code(&out), 137);
+    assert!(
+        r["wall_ms"].as_f64().unwrap() >= 1300.0,
+        "killed only after the grace: {r}"
+    );
+    assert!(stderr(&out).contains("SIGKILL"), "{}", stderr(&out));
 }
 
 #[test]

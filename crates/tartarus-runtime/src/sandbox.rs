@@ -46,6 +46,12 @@ pub trait Sandbox {
     fn wait(&mut self) -> Result<Outcome, RuntimeError>;
     /// Kills every process of the sandbox; `reason` is reported in the outcome.
     fn kill(&mut self, reason: KillReason) -> Result<(), RuntimeError>;
+    /// The sandbox's timeout ended: stop it with reason `timeout`, giving its processes the spec's grace
+    /// period between SIGTERM and SIGKILL where the lane can (this call blocks for at most that long).
+    /// A lane that cannot signal gracefully kills at once.
+    fn stop_at_timeout(&mut self) -> Result<(), RuntimeError> {
+        self.kill(KillReason::Timeout)
+    }
     /// Removes every host resource of the sandbox. Idempotent.
     fn cleanup(&mut self) -> Result<(), RuntimeError>;
 }

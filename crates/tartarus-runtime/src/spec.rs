@@ -198,6 +198,11 @@ pub struct SandboxSpec {
     pub limits: ResourceLimits,
     pub process_limits: ProcessLimits,
     pub timeout: Option<Duration>,
+    /// How long the sandbox's processes get between SIGTERM and SIGKILL when `timeout` ends it;
+    /// [`DEFAULT_TIMEOUT_GRACE`] when `None`, zero kills at once. Written only when set, so that versions
+    /// that predate it keep executing every spec that leaves it alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_grace: Option<Duration>,
     /// Give the command a terminal (the caller passes the terminal's slave side as stdio).
     pub tty: bool,
     /// Size cap of each writable tmpfs (`/tmp`, home, `/dev/shm`).
@@ -235,6 +240,7 @@ struct SpecFields {
     limits: ResourceLimits,
     process_limits: ProcessLimits,
     timeout: Option<Duration>,
+    timeout_grace: Option<Duration>,
     tty: bool,
     scratch_bytes: u64,
     hostname: String,
@@ -323,6 +329,10 @@ pub const MIN_PIDS: u64 = 2;
 pub const MAX_PIDS: u64 = 1_000_000;
 /// Longest timeout a sandbox may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+/// Time between SIGTERM and SIGKILL when a sandbox's timeout ends it, unless the spec says otherwise.
+pub const DEFAULT_TIMEOUT_GRACE: Duration = Duration::from_secs(2);
+/// Longest grace period a timeout may give.
+pub const MAX_TIMEOUT_GRACE: Duration = Duration::from_secs(300);
 
 /// A spec that cannot run, with what to change.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -343,6 +353,10 @@ pub enum SpecError {
     Pids(u64),
     #[error("timeout {0:?} is out of range: give more than zero and at most 7 days (e.g. 30s)")]
     Timeout(Duration),
+    #[error(
+        "timeout grace {0:?} is out of range: give at most 300 s (0 kills at once when the timeout ends)"
+    )]
+    TimeoutGrace(Duration),
     #[error("the {0} limit is both set and lifted (unlimited): drop one of the two")]
     LimitAndUnlimited(&'static str),
     #[error("scratch size must be between 1 MiB and 1 TiB")]
@@ -370,6 +384,7 @@ impl SandboxSpec {
             limits: ResourceLimits::default(),
             process_limits: ProcessLimits::default(),
             timeout: None,
+            timeout_grace: None,
             tty: false,
             scratch_bytes: 256 << 20,
             hostname: "sandbox".to_string(),
@@ -379,6 +394,11 @@ impl SandboxSpec {
             writable_paths: Vec::new(),
             unlimited: Unlimited::default(),
         }
+    }
+
+    /// The time between SIGTERM and SIGKILL when the timeout ends this sandbox.
+    pub fn effective_timeout_grace(&self) -> Duration {
+        self.timeout_grace.unwrap_or(DEFAULT_TIMEOUT_GRACE)
     }
 
     /// The limits this sandbox runs with: what the spec asks for, the defaults for what it leaves unset
@@ -476,6 +496,11 @@ impl SandboxSpec {
         if let Some(timeout) = self.timeout {
             if timeout.is_zero() || timeout > MAX_TIMEOUT {
                 return Err(SpecError::Timeout(timeout));
+            }
+        }
+        if let Some(grace) = self.timeout_grace {
+            if grace > MAX_TIMEOUT_GRACE {
+                return Err(SpecError::TimeoutGrace(grace));
             }
         }
         for (set, lifted, name) in [

@@ -39,6 +39,9 @@ pub struct CreateSandbox {
     pub resources: Resources,
     /// Lifetime limit in seconds.
     pub timeout_s: Option<u64>,
+    /// Seconds between SIGTERM and SIGKILL when `timeout_s` ends the sandbox (default 2, at most 300; 0 kills
+    /// at once). The result's `signal` says which ended it.
+    pub timeout_grace_s: Option<u64>,
     /// `none` (default) or `host-loopback`.
     pub network: Option<String>,
     #[serde(default)]

@@ -81,7 +81,11 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
     // A command that exits without reading its stdin, or a client that leaves, must not kill the shim
     // (and with it the sandbox).
     tartarus_hostsys::ignore_sigpipe();
-    let (sandbox, lifetime) = match start(paths, runtime) {
+    let StartedSandbox {
+        sandbox,
+        lifetime,
+        timeout_grace,
+    } = match start(paths, runtime) {
         Ok(started) => started,
         Err(failure) => {
             let code = failure.exit_code as u8;
@@ -116,6 +120,8 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         flushing: Vec::new(),
         kill_requester: None,
         deadline,
+        timeout_grace,
+        timed_out: false,
         grace: None,
         stop: None,
     };
@@ -124,6 +130,7 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         mut sandbox,
         kill_requester,
         stop,
+        timed_out,
         ..
     } = shim;
     let mut outcome = match outcome {
@@ -131,7 +138,7 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         None => sandbox.wait().map_err(LaneError::from)?,
     };
     let stopped_by = match stop {
-        // Asked to stop: it was killed, whatever its command did with the SIGTERM.
+        // Asked to stop, or stopped by its timeout: it was ended, whatever its command did with the SIGTERM.
         Some(StopSignal::Term) => {
             outcome.reason = tartarus_runtime::ExitReason::Killed;
             Some(libc::SIGTERM)
@@ -139,6 +146,9 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         Some(StopSignal::Kill) => Some(libc::SIGKILL),
         None => None,
     };
+    if timed_out {
+        outcome.reason = tartarus_runtime::ExitReason::Timeout;
+    }
     let _ = std::fs::remove_file(&paths.socket);
     if let Some(path) = &paths.result {
         write_result(path, sandbox.id(), &outcome, stopped_by)
@@ -154,11 +164,15 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
     Ok(0)
 }
 
-/// Reads the spec and starts the sandbox, or says why it could not; returns it with its lifetime limit.
-fn start(
-    paths: &ShimPaths,
-    runtime: &dyn Runtime,
-) -> Result<(Box<dyn ServiceSandbox>, Option<Duration>), StartFailure> {
+/// A started sandbox with its lifetime limit and the grace period its timeout gives.
+struct StartedSandbox {
+    sandbox: Box<dyn ServiceSandbox>,
+    lifetime: Option<Duration>,
+    timeout_grace: Duration,
+}
+
+/// Reads the spec and starts the sandbox, or says why it could not.
+fn start(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<StartedSandbox, StartFailure> {
     let spec_failure = |message: String| StartFailure {
         kind: StartFailureKind::Spec,
         exit_code: 125,
@@ -187,8 +201,13 @@ fn start(
     .map_err(|e| host("opening the sandbox log", e))?;
     let null = std::fs::File::open("/dev/null").map_err(|e| host("opening /dev/null", e))?;
     let lifetime = spec.timeout;
+    let timeout_grace = spec.effective_timeout_grace();
     let sandbox = lane::start(runtime, spec, [null.as_fd(), log.as_fd(), log.as_fd()])?;
-    Ok((sandbox, lifetime))
+    Ok(StartedSandbox {
+        sandbox,
+        lifetime,
+        timeout_grace,
+    })
 }
 
 fn listen(socket: &Path) -> std::io::Result<UnixListener> {
@@ -318,8 +337,12 @@ struct Shim {
     /// Answered connections still sending their reply.
     flushing: Vec<Client>,
     kill_requester: Option<UnixStream>,
-    /// When the sandbox's lifetime (`timeout`) ends; it is then killed with reason `timeout`.
+    /// When the sandbox's lifetime (`timeout`) ends; it is then stopped (SIGTERM, and SIGKILL after
+    /// `timeout_grace`) with reason `timeout`.
     deadline: Option<Instant>,
+    timeout_grace: Duration,
+    /// The timeout ended the sandbox (the result's reason is `timeout` however it then ended).
+    timed_out: bool,
     /// When a graceful kill's grace period ends; the sandbox is then killed.
     grace: Option<Instant>,
     /// How a requested stop ended the sandbox, for the result record.
@@ -429,16 +452,26 @@ impl Shim {
                 // The grace period is over: what is left is killed.
                 self.grace = None;
                 self.stop = Some(StopSignal::Kill);
-                self.sandbox
-                    .kill(KillReason::Requested)
-                    .map_err(LaneError::from)?;
+                let reason = match self.timed_out {
+                    true => KillReason::Timeout,
+                    false => KillReason::Requested,
+                };
+                self.sandbox.kill(reason).map_err(LaneError::from)?;
                 return Ok(None);
             }
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
-                // The whole sandbox reached its lifetime: kill the tree; its exit is reported below, with
-                // reason `timeout`.
+                // The whole sandbox reached its lifetime: SIGTERM, then the kill when the grace is over;
+                // its exit is reported below, with reason `timeout`.
                 self.deadline = None;
-                self.sandbox.kill(KillReason::Timeout).map_err(LaneError::from)?;
+                self.timed_out = true;
+                let graceful =
+                    self.grace.is_none() && !self.timeout_grace.is_zero() && self.sandbox.terminate().is_ok();
+                if graceful {
+                    self.grace = Some(Instant::now() + self.timeout_grace);
+                    self.stop = Some(StopSignal::Term);
+                } else {
+                    self.sandbox.kill(KillReason::Timeout).map_err(LaneError::from)?;
+                }
             }
             if event_at.is_some_and(|at| ready[at]) {
                 if let Some(outcome) = self.sandbox.try_wait().map_err(LaneError::from)? {

@@ -45,6 +45,9 @@ pub struct RunArgs {
     /// Kill the sandbox after this long, e.g. 30s, 1m30s, 250ms
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL when the timeout ends the sandbox (default 2s; 0 kills at once)
+    #[arg(long, value_name = "DURATION", value_parser = parse_grace_arg)]
+    timeout_grace: Option<Duration>,
     /// Set an environment variable (repeatable); nothing is inherited from the host
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env_arg)]
     env: Vec<(String, String)>,
@@ -140,6 +143,14 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// A grace period: a duration, or `0` for none.
+fn parse_grace_arg(s: &str) -> Result<Duration, String> {
+    match s {
+        "0" => Ok(Duration::ZERO),
+        _ => parse_duration_arg(s),
+    }
 }
 
 fn parse_env_arg(s: &str) -> Result<(String, String), String> {
@@ -259,6 +270,7 @@ fn spec_from(args: &RunArgs) -> SandboxSpec {
         pids: args.pids == Some(Limit::Unlimited),
     };
     spec.timeout = args.timeout;
+    spec.timeout_grace = args.timeout_grace;
     spec.tty = args.tty;
     spec.scratch_bytes = args.scratch_size;
     if args.tty {
@@ -350,7 +362,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         });
         match rustix::event::poll(&mut fds, ts.as_ref()) {
             Ok(0) => {
-                sandbox.kill(KillReason::Timeout)?;
+                sandbox.stop_at_timeout()?;
                 continue;
             }
             Ok(_) => {}
@@ -449,7 +461,14 @@ fn explain(outcome: &Outcome, args: &RunArgs, memory_limit: Option<u64>) {
     match outcome.reason {
         ExitReason::Timeout => {
             let limit = args.timeout.map(|t| format!("{t:?}")).unwrap_or_default();
-            eprintln!("tartarus: timed out after {limit}; the sandbox was killed");
+            match outcome.termination {
+                Termination::Signaled(libc::SIGKILL) => {
+                    eprintln!("tartarus: timed out after {limit}; the sandbox was killed (SIGKILL)")
+                }
+                _ => eprintln!(
+                    "tartarus: timed out after {limit}; sent SIGTERM, and the command ended within its grace period"
+                ),
+            }
         }
         ExitReason::Oom => {
             let limit = memory_limit

@@ -413,6 +413,34 @@ impl ProcessSandbox {
         }
     }
 
+    /// SIGTERM to every process in the sandbox's cgroup but init, the first step of a graceful stop.
+    fn terminate_all_but_init(&self) -> Result<(), ServiceError> {
+        let init = self.running.as_ref().map(|r| r.init.as_raw_nonzero().get());
+        let Some(procs_path) = self.cgroups.dirs.first().map(|d| d.path.join("cgroup.procs")) else {
+            return Err(ServiceError::Unsupported {
+                operation: "terminate",
+                why: "this sandbox has no cgroup to find its processes by",
+            });
+        };
+        let procs = self
+            .cgroup_fs
+            .read(&procs_path)
+            .map_err(|source| ServiceError::Host {
+                what: "listing the sandbox's processes",
+                source,
+            })?;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            if Some(pid) == init {
+                continue;
+            }
+            if let Some(pid) = Pid::from_raw(pid) {
+                // Gone already is fine; the kill after the grace period catches anything left.
+                let _ = rustix::process::kill_process(pid, Signal::TERM);
+            }
+        }
+        Ok(())
+    }
+
     fn command_name(&self) -> String {
         self.exec
             .as_ref()
@@ -543,34 +571,11 @@ impl ServiceSandbox for ProcessSandbox {
     /// it, and its exit would end the sandbox at once instead of letting the command finish).
     fn terminate(&mut self) -> Result<(), ServiceError> {
         self.require_running()?;
-        let init = self.running.as_ref().map(|r| r.init.as_raw_nonzero().get());
-        let Some(procs_path) = self.cgroups.dirs.first().map(|d| d.path.join("cgroup.procs")) else {
-            return Err(ServiceError::Unsupported {
-                operation: "terminate",
-                why: "this sandbox has no cgroup to find its processes by",
-            });
-        };
         if self.paused {
             // Frozen tasks only see the signal once thawed.
             self.resume()?;
         }
-        let procs = self
-            .cgroup_fs
-            .read(&procs_path)
-            .map_err(|source| ServiceError::Host {
-                what: "listing the sandbox's processes",
-                source,
-            })?;
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            if Some(pid) == init {
-                continue;
-            }
-            if let Some(pid) = Pid::from_raw(pid) {
-                // Gone already is fine; the kill after the grace period catches anything left.
-                let _ = rustix::process::kill_process(pid, Signal::TERM);
-            }
-        }
-        Ok(())
+        self.terminate_all_but_init()
     }
 
     /// Freezes every process through the freezer cgroup, which service sandboxes started by root get.
@@ -686,7 +691,7 @@ impl Sandbox for ProcessSandbox {
         if let Some(limit) = self.spec.timeout {
             let remaining = limit.saturating_sub(running.started.elapsed());
             if !self.status_ready(Some(remaining))? {
-                self.kill(KillReason::Timeout)?;
+                self.stop_at_timeout()?;
             }
         }
         self.collect()
@@ -714,6 +719,21 @@ impl Sandbox for ProcessSandbox {
                 source: e.into(),
             }),
         }
+    }
+
+    /// SIGTERM to the command's processes, then, after the spec's grace period, SIGKILL to what is left.
+    /// The outcome's reason is `timeout` either way; its signal says which ended it. A sandbox without
+    /// cgroups (rootless), or with no grace, is killed at once.
+    fn stop_at_timeout(&mut self) -> Result<(), RuntimeError> {
+        let grace = self.spec.effective_timeout_grace();
+        if let Some(running) = self.running.as_mut() {
+            running.killed.get_or_insert(KillReason::Timeout);
+        }
+        let graceful = !grace.is_zero() && !self.paused && self.terminate_all_but_init().is_ok();
+        if graceful && self.status_ready(Some(grace))? {
+            return Ok(());
+        }
+        self.kill(KillReason::Timeout)
     }
 
     fn cleanup(&mut self) -> Result<(), RuntimeError> {

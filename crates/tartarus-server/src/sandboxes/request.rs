@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tartarus_runtime::{
     NetworkMode, ResourceLimits, RootSpec, SandboxSpec, MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, MAX_TIMEOUT,
-    MIN_MEMORY_BYTES, MIN_PIDS,
+    MAX_TIMEOUT_GRACE, MIN_MEMORY_BYTES, MIN_PIDS,
 };
 use tartarus_store::Role;
 
@@ -101,6 +101,15 @@ pub(crate) fn spec_from(
             )));
         }
         spec.timeout = Some(Duration::from_secs(t));
+    }
+    if let Some(g) = body.timeout_grace_s {
+        let max = MAX_TIMEOUT_GRACE.as_secs();
+        if g > max {
+            return Err(ApiError::invalid(format!(
+                "timeout_grace_s must be between 0 and {max}"
+            )));
+        }
+        spec.timeout_grace = Some(Duration::from_secs(g));
     }
     spec.network = match body.network.as_deref() {
         None | Some("none") => NetworkMode::None,
@@ -231,6 +240,13 @@ mod tests {
                     ..CreateSandbox::default()
                 },
                 "timeout_s",
+            ),
+            (
+                CreateSandbox {
+                    timeout_grace_s: Some(301),
+                    ..CreateSandbox::default()
+                },
+                "timeout_grace_s",
             ),
             (
                 CreateSandbox {
