@@ -92,9 +92,13 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// Gives the leadership up now (closing its connection releases the lock).
+    /// Gives the leadership up now: the session's advisory locks are released before its connection
+    /// closes (the server would release them too, but only once its backend has exited, a moment later).
     pub async fn release(mut self) {
-        if let Some(conn) = self.connection.take() {
+        if let Some(mut conn) = self.connection.take() {
+            let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+                .execute(&mut conn)
+                .await;
             let _ = sqlx::Connection::close(conn).await;
         }
     }
