@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::cidr::Cidr;
 use crate::class::DEFAULT_CLASS;
 use crate::de;
+use crate::isolation::{EffectiveIsolation, IsolationPolicy};
 use crate::policy::{
     EnforcementPolicy, NetworkPolicy, NetworkViolationAction, Policy, ResourcePolicy,
     ResourceViolationAction, SecurityPolicy, TemplateRule, TimeoutAction,
@@ -68,6 +69,8 @@ pub struct EffectivePolicy {
     pub security: EffectiveSecurity,
     /// The resolved `enforcement` section.
     pub enforcement: Enforcement,
+    /// The resolved `isolation` section.
+    pub isolation: EffectiveIsolation,
     /// The merged `templates` entries for [`EffectivePolicy::template`]; `None` when no applicable policy
     /// has one (the template is then unrestricted beyond the rest of the policy).
     pub template_rule: Option<EffectiveTemplateRule>,
@@ -187,6 +190,7 @@ struct Merged {
     resources: ResourcePolicy,
     security: SecurityPolicy,
     enforcement: EnforcementPolicy,
+    isolation: IsolationPolicy,
     rule: Option<TemplateRule>,
 }
 
@@ -246,6 +250,7 @@ impl Merged {
             on_resource_violation,
             on_network_violation
         );
+        self.isolation.overlay(&policy.isolation);
         let Some(template) = template else { return };
         for rule in policy.templates.iter().filter(|t| t.id == template) {
             let into = self.rule.get_or_insert_with(|| TemplateRule {
@@ -265,6 +270,7 @@ impl Merged {
             resources: r,
             security: s,
             enforcement: e,
+            isolation,
             rule,
         } = self;
         let egress = n.egress.unwrap_or(false);
@@ -321,6 +327,7 @@ impl Merged {
             resources,
             security,
             enforcement,
+            isolation: isolation.resolve(),
             template_rule,
             sources,
         }

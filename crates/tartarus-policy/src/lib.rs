@@ -21,6 +21,7 @@
 //! security: {allow_host_network: false, allow_rootfs: false, allow_writable_mounts: false,
 //!            extra_denied_syscalls: [mincore]}
 //! enforcement: {on_timeout: kill, on_resource_violation: throttle, on_network_violation: quarantine}
+//! isolation: {trust: untrusted, runtimes: [process, gvisor], default_runtime: auto}
 //! templates: [{id: python-ds, allowed_callers: [team-a], max_instances: 20, default_timeout: 10m, class: flame}]
 //! ```
 //!
@@ -46,6 +47,9 @@
 //! | `security.allow_host_network`, `allow_rootfs`, `allow_writable_mounts` | `false` |
 //! | `security.extra_denied_syscalls` | `[]` |
 //! | `enforcement` | `on_timeout: kill`, `on_resource_violation: throttle`, `on_network_violation: kill` |
+//! | `isolation.trust` | `standard`: `auto` takes the fastest lane; `untrusted` needs a lane stronger than process |
+//! | `isolation.runtimes` | every lane (`process`, `gvisor`) |
+//! | `isolation.default_runtime` | `auto` ([`choose_runtime`]; the quarantine class always needs a strong lane) |
 //! | `templates[]` keys | absent: no rule (every caller, no instance cap, the class and timeout defaults) |
 //!
 //! With no policy loaded at all the server applies [`builtin_policy`] (id `builtin-default`: 20 live
@@ -121,6 +125,7 @@ pub mod class;
 pub mod compile;
 mod de;
 pub mod effective;
+pub mod isolation;
 pub mod policy;
 pub mod syscalls;
 
@@ -135,6 +140,10 @@ pub use de::{format_duration, MAX_CORES, MAX_DURATION, MAX_MIB};
 pub use effective::{
     builtin_policy, effective, EffectiveNetwork, EffectivePolicy, EffectiveResources, EffectiveSecurity,
     EffectiveTemplateRule, Enforcement, BUILTIN_POLICY_ID, BUILTIN_POLICY_YAML,
+};
+pub use isolation::{
+    choose_runtime, wall_strength, EffectiveIsolation, IsolationFacts, IsolationPolicy, LaneOffer,
+    RuntimeChoice, RuntimeDecision, RuntimeRefusal, Trust, UnknownRuntime,
 };
 pub use policy::{
     parse_policy, EnforcementPolicy, NetworkPolicy, NetworkViolationAction, Policy, PolicyError,

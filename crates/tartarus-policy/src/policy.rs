@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cidr::Cidr;
 use crate::class::{resource_class, QUARANTINE_CLASS};
 use crate::de::{self, Scalar};
+use crate::isolation::IsolationPolicy;
 use tartarus_document::{find_key, in_comment, line_column};
 
 /// A validated policy (see the crate docs for the shape, the defaults and the precedence).
@@ -37,6 +38,10 @@ pub struct Policy {
     /// What happens to a running sandbox that breaks a rule.
     #[serde(default)]
     pub enforcement: EnforcementPolicy,
+    /// Which isolation lanes (runtimes) the tenant's sandboxes run on, and how far its code is trusted.
+    /// Written only when set, so that versions that predate it keep reading the policies that leave it alone.
+    #[serde(default, skip_serializing_if = "IsolationPolicy::is_empty")]
+    pub isolation: IsolationPolicy,
     /// Rules for sandboxes made from one template, the most specific layer of the merge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub templates: Vec<TemplateRule>,
@@ -321,6 +326,13 @@ impl Policy {
         self.network.check()?;
         self.resources.check()?;
         self.security.check()?;
+        if let Some((field, message)) = self.isolation.contradiction() {
+            return Err(Violation::new(
+                &format!("isolation.{field}"),
+                vec![Seg::Key("isolation"), Seg::Key(field)],
+                message,
+            ));
+        }
         self.check_templates()
     }
 

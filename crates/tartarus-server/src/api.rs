@@ -42,6 +42,10 @@ pub struct CreateSandbox {
     /// Seconds between SIGTERM and SIGKILL when `timeout_s` ends the sandbox (default 2, at most 300; 0 kills
     /// at once). The result's `signal` says which ended it.
     pub timeout_grace_s: Option<u64>,
+    /// The isolation lane: `auto` (the policy decides from the class and the tenant's trust; the default
+    /// unless the policy's `isolation.default_runtime` names a lane), `process` or `gvisor`. A lane this host
+    /// lacks is refused (422), one the policy forbids too (403); the choice and its reason are in the answer.
+    pub runtime: Option<String>,
     /// `none` (default) or `host-loopback`.
     pub network: Option<String>,
     #[serde(default)]
@@ -91,6 +95,11 @@ pub struct SandboxView {
     /// Cluster mode: why the scheduler put it there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<String>,
+    /// The isolation lane it runs on: `process` or `gvisor` (`GET /v1/runtimes`).
+    pub runtime: String,
+    /// Why that lane: `the quarantine class requires a strong wall`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_reason: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`.

@@ -24,14 +24,15 @@ use crate::{api, cluster, gateway, routes};
           routes::evaluators::add_evaluator, routes::evaluators::list_evaluators, routes::signals::add_signal, routes::signals::list_signals,
           routes::datasets::build_dataset, routes::datasets::list_datasets, routes::nodes::register, routes::nodes::heartbeat,
           routes::nodes::list_nodes, routes::nodes::create_token, routes::nodes::cluster_status,
-          routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node),
+          routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node,
+          routes::runtimes::list_runtimes),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
                        blobs::GcView, gateway::ToolDefinition, routes::receipts::ReceiptView, routes::episodes::EpisodeView,
                        routes::evaluators::AddEvaluator, routes::signals::SignalView, routes::datasets::DatasetView,
                        cluster::NodeReport, cluster::Heartbeat, cluster::Registration, routes::nodes::NodeView,
-                       routes::nodes::CreateNodeToken)),
+                       routes::nodes::CreateNodeToken, routes::runtimes::RuntimeView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -187,11 +187,27 @@ pub async fn serve_on(
     ready: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), ServerError> {
     let store = open_state_on(&config.data_dir, config.database.as_deref(), config.database_wait).await?;
+    let lane_config = tartarus_runtime::lanes::LaneConfig {
+        process: config.runtime.clone(),
+        ..Default::default()
+    };
+    let runtimes = tokio::task::spawn_blocking(move || crate::sandboxes::Runtimes::probe(&lane_config))
+        .await
+        .map_err(|e| ServerError::Config(format!("probing the isolation lanes: {e}")))?;
+    for report in runtimes.reports() {
+        match &report.reason {
+            None => {
+                tracing::info!(lane = %report.name, version = ?report.version, detail = ?report.detail, "isolation lane available")
+            }
+            Some(reason) => tracing::info!(lane = %report.name, "isolation lane unavailable: {reason}"),
+        }
+    }
     let manager = Manager::new(
         store.clone(),
         config.data_dir.clone(),
         config.shim_exe.clone(),
         config.warm_pool,
+        Arc::new(runtimes),
     );
     let effects = effects::Effects::open(
         store.clone(),

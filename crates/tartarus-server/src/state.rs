@@ -51,6 +51,8 @@ pub(crate) fn view(record: &SandboxRecord) -> SandboxView {
         reason: record.reason.clone(),
         node: record.node.clone(),
         placement: record.placement.clone(),
+        runtime: record.runtime.clone(),
+        runtime_reason: record.runtime_reason.clone(),
     }
 }
 

@@ -709,6 +709,10 @@ pub struct SandboxRecord {
     pub remote_id: Option<String>,
     /// Why it was placed there (the scheduler's explanation).
     pub placement: Option<String>,
+    /// The isolation lane it runs on (`process`, `gvisor`).
+    pub runtime: String,
+    /// Why that lane was chosen.
+    pub runtime_reason: Option<String>,
 }
 
 /// How a sandbox ended.
@@ -721,7 +725,7 @@ pub struct Finish<'a> {
 
 const SANDBOX_COLUMNS: &str =
     "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused, \
-     node, remote_id, placement";
+     node, remote_id, placement, runtime, runtime_reason";
 
 impl Record for SandboxRecord {
     const TABLE: &'static str = "sandboxes";
@@ -737,7 +741,7 @@ impl Store {
         })?;
         sqlx::query(
             "INSERT INTO sandboxes (id, tenant, status, template, spec, labels, created_ms, dir, node, remote_id, \
-             placement) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             placement, runtime, runtime_reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&record.id)
         .bind(&record.tenant)
@@ -750,6 +754,8 @@ impl Store {
         .bind(&record.node)
         .bind(&record.remote_id)
         .bind(&record.placement)
+        .bind(&record.runtime)
+        .bind(&record.runtime_reason)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -864,6 +870,8 @@ mod sandbox_tests {
             node: None,
             remote_id: None,
             placement: None,
+            runtime: "process".into(),
+            runtime_reason: None,
         }
     }
 

@@ -88,6 +88,9 @@ pub struct CreateArgs {
     /// none or host-loopback
     #[arg(long)]
     network: Option<String>,
+    /// Isolation lane: auto (the policy decides), process or gvisor (see `tartarus runtimes`)
+    #[arg(long)]
+    runtime: Option<String>,
     /// Print the whole record as JSON instead of the id
     #[arg(long)]
     json: bool,
@@ -120,6 +123,9 @@ pub fn create(args: CreateArgs) -> anyhow::Result<u8> {
     }
     if let Some(class) = args.class {
         body["class"] = json!(class);
+    }
+    if let Some(runtime) = args.runtime {
+        body["runtime"] = json!(runtime);
     }
     let record = client.json("POST", "/v1/sandboxes", Some(body))?;
     match args.json {
@@ -185,6 +191,13 @@ pub fn ps(args: PsArgs) -> anyhow::Result<u8> {
 
 pub fn inspect(id: String) -> anyhow::Result<u8> {
     let record = Client::from_env()?.json("GET", &format!("/v1/sandboxes/{}", encode(&id)), None)?;
+    if let Some(runtime) = record["runtime"].as_str() {
+        let reason = record["runtime_reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        eprintln!("lane: {runtime}{reason}");
+    }
     println!("{}", serde_json::to_string_pretty(&record)?);
     Ok(0)
 }

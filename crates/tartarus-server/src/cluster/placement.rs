@@ -101,6 +101,15 @@ pub async fn place_on_node(
     Ok(place(state, want).await?)
 }
 
+/// Whether the cluster has nodes to place host-root sandboxes on (whatever their state: [`place`] then
+/// decides among them, or queues).
+pub async fn has_nodes(state: &AppState) -> Result<bool, ApiError> {
+    let nodes = state.store.nodes().await?;
+    Ok(nodes
+        .iter()
+        .any(|n| n.as_ref().is_ok_and(|n| !n.api_key.is_empty())))
+}
+
 /// Places a (host-root) sandbox on a ready node when the cluster has any: the scheduler picks the node
 /// among what live sandboxes leave free, the node's server starts it, and the control plane records
 /// where and why. `Ok(None)` when there are no nodes: the sandbox runs on this machine.
@@ -248,6 +257,8 @@ pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<S
         node: Some(node.id.clone()),
         remote_id: Some(remote_id),
         placement: Some(placement.explanation.clone()),
+        runtime: tartarus_runtime::lanes::LaneName::Process.to_string(),
+        runtime_reason: Some("cluster nodes run the process lane".to_string()),
     };
     state.store.insert_sandbox(&record).await?;
     state.store.mark_running(&record.id, 0).await?;

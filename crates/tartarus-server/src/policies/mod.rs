@@ -5,10 +5,12 @@
 pub mod admission;
 pub mod classifier;
 pub mod enforcement;
+pub mod isolation;
 
 pub use admission::{admit, effective_policy, AdmissionFacts};
 pub use classifier::classify;
 pub use enforcement::{quarantine, spawn_enforcement};
+pub use isolation::choose_runtime;
 
 use std::sync::{Arc, RwLock};
 

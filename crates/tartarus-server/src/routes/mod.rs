@@ -14,6 +14,7 @@ pub mod nodes;
 pub mod policies;
 pub mod queue;
 pub mod receipts;
+pub mod runtimes;
 pub mod sandboxes;
 pub mod signals;
 pub mod templates;
@@ -86,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .merge(datasets::routes())
         .merge(nodes::routes())
         .merge(queue::routes())
+        .merge(runtimes::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))
         .route(

@@ -206,9 +206,21 @@ pub async fn create_node_sandbox(
     }
     let Json(body) = body.map_err(json_rejection)?;
     let spec = body.checked_spec()?;
+    // The control plane sends only process-lane sandboxes to nodes.
+    let runtime = tartarus_policy::RuntimeDecision {
+        runtime: tartarus_runtime::lanes::LaneName::Process,
+        reason: "placed on this node by the control plane".to_string(),
+    };
     let record = state
         .manager
-        .create(&body.tenant, spec, body.labels, body.template.as_deref(), None)
+        .create(
+            &body.tenant,
+            spec,
+            body.labels,
+            body.template.as_deref(),
+            None,
+            &runtime,
+        )
         .await?;
     crate::audit(&state, &caller, "sandbox.create", Some(&record.id), "ok").await;
     Ok((StatusCode::CREATED, Json(crate::view(&record))))

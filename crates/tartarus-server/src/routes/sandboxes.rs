@@ -78,9 +78,34 @@ pub(crate) async fn create_sandbox(
         pool_key = None;
     }
     spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
-    // Cluster mode: a sandbox on the host root goes to a node when there are nodes (images and templates
-    // still run on this machine).
-    if body.template.is_none() && body.image.is_none() && body.rootfs.is_none() {
+    // Cluster mode: a sandbox on the host root goes to a node when there are nodes (images, templates and
+    // the lanes other than process still run on this machine).
+    let on_host_root = body.template.is_none() && body.image.is_none() && body.rootfs.is_none();
+    let on_nodes = on_host_root && cluster::has_nodes(&state).await?;
+    let runtime = policies::choose_runtime(
+        &state,
+        &caller,
+        body.template.as_deref(),
+        body.runtime.as_deref(),
+        facts.class,
+        &spec,
+        on_nodes,
+    );
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            audit(
+                &state,
+                &caller,
+                "sandbox.create",
+                None,
+                &format!("refused: {}", e.message),
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    if on_host_root {
         let lane: tartarus_store::Lane = body
             .lane
             .as_deref()
@@ -150,15 +175,19 @@ pub(crate) async fn create_sandbox(
             body.labels.clone(),
             body.template.as_deref(),
             pool_key.as_deref(),
+            &runtime,
         )
         .await;
-    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    let outcome = match &result {
+        Ok(_) => format!("ok (runtime {}: {})", runtime.runtime, runtime.reason),
+        Err(_) => "failed".to_string(),
+    };
     audit(
         &state,
         &caller,
         "sandbox.create",
         result.as_ref().ok().map(|r| r.id.as_str()),
-        outcome,
+        &outcome,
     )
     .await;
     Ok((StatusCode::CREATED, Json(view(&result?))).into_response())

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures_util::future::BoxFuture;
+use tartarus_runtime::lanes::LaneName;
 use tartarus_runtime::SandboxSpec;
 use tartarus_shim::protocol::{EndReason, ErrorCode, ExecRequest, StartFailureKind};
 use tartarus_store::{now_ms, Finish, NewEvent, SandboxRecord, SandboxStatus, Store};
@@ -21,11 +22,13 @@ mod pools;
 mod reconcile;
 mod request;
 mod retention;
+mod runtimes;
 mod shim_client;
 
 pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
 pub use self::retention::Retention;
+pub use self::runtimes::Runtimes;
 
 pub(crate) use self::request::spec_from;
 pub use self::request::HostAccess;
@@ -34,6 +37,8 @@ pub struct Manager {
     store: Store,
     data_dir: PathBuf,
     launcher: ShimLauncher,
+    /// The isolation lanes this machine offers.
+    runtimes: Arc<Runtimes>,
     /// The `node` metrics label.
     node: String,
     /// Per live sandbox: becomes true once its outcome is recorded.
@@ -87,6 +92,8 @@ fn new_record(
         node: None,
         remote_id: None,
         placement: None,
+        runtime: LaneName::Process.to_string(),
+        runtime_reason: None,
     }
 }
 
@@ -102,7 +109,13 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
 }
 
 impl Manager {
-    pub fn new(store: Store, data_dir: PathBuf, shim_exe: PathBuf, pool_size: usize) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        data_dir: PathBuf,
+        shim_exe: PathBuf,
+        pool_size: usize,
+        runtimes: Arc<Runtimes>,
+    ) -> Arc<Self> {
         let default_pool = Pool {
             spec: PoolSpec {
                 spec: pool_spec(),
@@ -116,12 +129,18 @@ impl Manager {
             store,
             data_dir,
             launcher: ShimLauncher::new(shim_exe),
+            runtimes,
             node: crate::metrics::node_name(),
             done: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::from([(DEFAULT_POOL.to_string(), default_pool)])),
             lifecycle: std::sync::OnceLock::new(),
             execs: crate::limits::PerKey::new(crate::limits::EXECS_PER_SANDBOX),
         })
+    }
+
+    /// The isolation lanes this machine offers.
+    pub fn runtimes(&self) -> &Runtimes {
+        &self.runtimes
     }
 
     /// Sets the lifecycle hooks (once, before sandboxes are created or reconciled).
@@ -172,8 +191,9 @@ impl Manager {
         Ok((id, dir, spec_json))
     }
 
-    /// Starts a sandbox and returns its record once it runs. A request the warm pool can serve (no main
-    /// command, limits, timeout, rootfs or host network) takes a prepared sandbox instead.
+    /// Starts a sandbox on the lane `runtime` chose and returns its record once it runs. A request the
+    /// warm pool can serve (the process lane; no main command, limits, timeout, rootfs or host network)
+    /// takes a prepared sandbox instead.
     pub async fn create(
         self: &Arc<Self>,
         tenant: &str,
@@ -181,9 +201,12 @@ impl Manager {
         labels: std::collections::BTreeMap<String, String>,
         template: Option<&str>,
         pool_key: Option<&str>,
+        runtime: &tartarus_policy::RuntimeDecision,
     ) -> Result<SandboxRecord, ApiError> {
         let started = std::time::Instant::now();
         let pool_key = match pool_key {
+            // Warm pools hold process-lane sandboxes.
+            _ if runtime.runtime != LaneName::Process => None,
             Some(key) => Some(key),
             None if template.is_none() && poolable(&spec) => Some(DEFAULT_POOL),
             None => None,
@@ -197,8 +220,14 @@ impl Manager {
                 let (id, dir, spec_json) = self.prepare_dir(&spec).await?;
                 let mut record = new_record(&id, tenant, &dir, spec_json, labels.clone());
                 record.template = template.map(str::to_string);
+                record.runtime = runtime.runtime.to_string();
+                record.runtime_reason = Some(runtime.reason.clone());
                 self.store.insert_sandbox(&record).await?;
-                match self.launcher.launch(&SandboxDir::new(&dir)).await {
+                match self
+                    .launcher
+                    .launch(&SandboxDir::new(&dir), runtime.runtime)
+                    .await
+                {
                     Ok(shim) => (id, dir, shim.child, shim.pid, true),
                     Err(e) => {
                         let message = tartarus_runtime::error_chain(&e);
@@ -233,6 +262,8 @@ impl Manager {
         let spec_json = serde_json::to_string(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
         let mut record = new_record(&id, tenant, &dir, spec_json, labels);
         record.template = template.map(str::to_string);
+        record.runtime = runtime.runtime.to_string();
+        record.runtime_reason = Some(runtime.reason.clone());
         if !inserted {
             self.store.insert_sandbox(&record).await?;
         }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tartarus_runtime::lanes::LaneName;
 use tartarus_runtime::SandboxSpec;
 use tartarus_shim::protocol::ExecRequest;
 
@@ -178,7 +179,11 @@ impl Manager {
                 let Ok((id, dir, _)) = manager.prepare_dir(&spec.spec).await else {
                     break;
                 };
-                let (mut child, pid) = match manager.launcher.launch(&SandboxDir::new(&dir)).await {
+                let (mut child, pid) = match manager
+                    .launcher
+                    .launch(&SandboxDir::new(&dir), LaneName::Process)
+                    .await
+                {
                     Ok(shim) => (shim.child, shim.pid),
                     Err(e) => {
                         tracing::error!(pool = %key, "warm pool: a sandbox did not start: {}", tartarus_runtime::error_chain(&e));

@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+use tartarus_runtime::lanes::LaneName;
 use tartarus_shim::protocol::{
     self, DirEntry, DirListing, Done, ErrorCode, ExecOutput, ExecRequest, FileData, Handshake,
     HandshakeState, Isolated, ReplyError, ReplyLine, Request, RequestLine, ResultRecord, ShimError,
@@ -130,11 +131,16 @@ impl ShimLauncher {
         &self.exe
     }
 
-    /// Starts a shim for the spec in `dir` and waits for its handshake.
-    pub async fn launch(&self, dir: &SandboxDir) -> Result<LaunchedShim, LaunchError> {
+    /// Starts a shim for the spec in `dir` on the isolation lane `lane` and waits for its handshake.
+    pub async fn launch(&self, dir: &SandboxDir, lane: LaneName) -> Result<LaunchedShim, LaunchError> {
         let shim_log = std::fs::File::create(dir.shim_log()).map_err(LaunchError::Spawn)?;
-        let mut child = tokio::process::Command::new(&self.exe)
-            .arg("shim")
+        let mut command = tokio::process::Command::new(&self.exe);
+        command.arg("shim");
+        if lane != LaneName::Process {
+            // The process lane is the shim's default, so shims of every version start it.
+            command.arg("--runtime").arg(lane.as_str());
+        }
+        let mut child = command
             .arg("--socket")
             .arg(dir.socket())
             .arg("--spec")

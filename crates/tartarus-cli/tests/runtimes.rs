@@ -1,0 +1,233 @@
+//! Isolation lanes through the API: `GET /v1/runtimes`, a create's `runtime`, and the policy's automatic
+//! choice (quarantine and untrusted tenants behind gVisor, everything else on the fast process lane), with
+//! the decision in the answer, the audit trail and `tartarus inspect`. Needs root and runsc (`.ci/run`
+//! installs it); a missing runsc fails these tests, it does not skip them.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod common;
+
+use common::server::{call, cli, create, exec, new_key, DataDir, Server};
+use serde_json::{json, Value};
+
+fn apply(server: &Server, yaml: &str) {
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/policies", server.base),
+        Some(&server.admin),
+        Some(json!({"yaml": yaml, "source": "test.yaml"})),
+    );
+    assert!(status == 200 || status == 201, "{status} {body}");
+}
+
+fn create_status(server: &Server, key: &str, body: Value) -> (u16, Value) {
+    call(
+        "POST",
+        &format!("{}/v1/sandboxes", server.base),
+        Some(key),
+        Some(body),
+    )
+}
+
+/// What the sandbox's kernel says it is: gVisor's sentry reports its own synthetic release.
+fn kernel_release(server: &Server, key: &str, id: &str) -> String {
+    let (status, out) = exec(server, key, id, json!({"cmd": ["uname", "-r"]}));
+    assert_eq!(status, 200, "{out}");
+    out["stdout"].as_str().unwrap().trim().to_string()
+}
+
+fn host_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_server_lists_its_lanes_with_versions() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let user = new_key(dir.path(), "alpha", "user");
+    let (status, lanes) = call("GET", &format!("{}/v1/runtimes", server.base), Some(&user), None);
+    assert_eq!(status, 200, "{lanes}");
+    let lane = |name: &str| {
+        lanes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} lane in {lanes}"))
+    };
+    assert_eq!(lane("process")["available"], true, "{lanes}");
+    assert_eq!(lane("process")["version"], host_release().as_str());
+    let gvisor = lane("gvisor");
+    assert_eq!(
+        gvisor["available"], true,
+        "runsc must be installed for this suite: {gvisor}"
+    );
+    assert!(gvisor["version"].as_str().is_some(), "{gvisor}");
+    assert!(
+        gvisor["detail"].as_str().unwrap().contains("platform"),
+        "{gvisor}"
+    );
+    let (status, _) = call("GET", &format!("{}/v1/runtimes", server.base), None, None);
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn auto_puts_quarantine_behind_gvisor_and_plain_work_on_the_process_lane_saying_why() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let user = new_key(dir.path(), "alpha", "user");
+
+    let plain = create(&server, &user, json!({}));
+    assert_eq!(plain["runtime"], "process", "{plain}");
+    assert!(
+        plain["runtime_reason"]
+            .as_str()
+            .unwrap()
+            .contains("standard trust"),
+        "{plain}"
+    );
+    let id = plain["id"].as_str().unwrap();
+    assert_eq!(kernel_release(&server, &user, id), host_release());
+
+    let jailed = create(&server, &user, json!({"class": "quarantine"}));
+    assert_eq!(jailed["runtime"], "gvisor", "{jailed}");
+    let reason = jailed["runtime_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("quarantine class requires a strong wall"),
+        "{jailed}"
+    );
+    let id = jailed["id"].as_str().unwrap();
+    assert_ne!(
+        kernel_release(&server, &user, id),
+        host_release(),
+        "a gVisor sandbox sees the sentry's kernel, not the host's"
+    );
+    // Shown where people look: the record, inspect, and the audit trail.
+    let (_, record) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{id}", server.base),
+        Some(&user),
+        None,
+    );
+    assert_eq!(record["runtime"], "gvisor", "{record}");
+    let out = cli(&server, &user, &["inspect", id], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        shown.contains("lane: gvisor (the quarantine class requires a strong wall"),
+        "{shown}"
+    );
+    let (_, audit) = call(
+        "GET",
+        &format!("{}/v1/audit", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["target"] == id && a["outcome"].as_str().unwrap().contains("runtime gvisor")),
+        "{audit}"
+    );
+    // Asking for the process lane for quarantine while gVisor is here: refused by the policy.
+    let (status, body) = create_status(
+        &server,
+        &user,
+        json!({"class": "quarantine", "runtime": "process"}),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("too weak"),
+        "{body}"
+    );
+    // Asking for gVisor by name works for anyone.
+    let asked = create(&server, &user, json!({"runtime": "gvisor"}));
+    assert_eq!(asked["runtime"], "gvisor", "{asked}");
+    assert_eq!(asked["runtime_reason"], "asked for by the request", "{asked}");
+}
+
+#[test]
+fn bad_runtime_names_and_forbidden_lanes_are_clear_refusals() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let user = new_key(dir.path(), "alpha", "user");
+    let (status, body) = create_status(&server, &user, json!({"runtime": "docker"}));
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"]["message"], "unknown runtime 'docker': use auto, process, gvisor",
+        "{body}"
+    );
+    // gVisor cannot share the host's network: asking for both is a 422 naming the knob.
+    let (status, body) = create_status(
+        &server,
+        &server.admin,
+        json!({"runtime": "gvisor", "network": "host-loopback"}),
+    );
+    assert!(status == 422 || status == 403, "{status} {body}");
+
+    apply(&server, "id: fast-only\nisolation: {runtimes: [process]}\n");
+    let (status, body) = create_status(&server, &user, json!({"runtime": "gvisor"}));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "runtime_forbidden", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("isolation.runtimes: process"),
+        "{body}"
+    );
+    // Under that policy quarantine falls back to the process lane, and the reason says what was missing.
+    let jailed = create(&server, &user, json!({"class": "quarantine"}));
+    assert_eq!(jailed["runtime"], "process", "{jailed}");
+    assert!(
+        jailed["runtime_reason"]
+            .as_str()
+            .unwrap()
+            .contains("gvisor: not allowed by the policy"),
+        "{jailed}"
+    );
+    let (_, audit) = call(
+        "GET",
+        &format!("{}/v1/audit", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "sandbox.create"
+                && a["outcome"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("refused: runtime gvisor is not allowed")),
+        "{audit}"
+    );
+}
+
+#[test]
+fn an_untrusted_tenant_runs_behind_gvisor_while_another_keeps_the_process_lane() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let alpha = new_key(dir.path(), "alpha", "user");
+    let beta = new_key(dir.path(), "beta", "user");
+    apply(&server, "id: base\nresources: {max_sandboxes: 5}\n");
+    apply(
+        &server,
+        "id: beta-untrusted\ntenants: [beta]\nisolation: {trust: untrusted}\n",
+    );
+    let a = create(&server, &alpha, json!({}));
+    assert_eq!(a["runtime"], "process", "{a}");
+    let b = create(&server, &beta, json!({"cmd": ["sleep", "30"]}));
+    assert_eq!(b["runtime"], "gvisor", "{b}");
+    assert!(
+        b["runtime_reason"].as_str().unwrap().contains("untrusted tenant"),
+        "{b}"
+    );
+}
