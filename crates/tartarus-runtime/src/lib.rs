@@ -10,10 +10,12 @@
 //!
 //! Modules: [`sandbox`] the lifecycle traits and types; [`capabilities`] what a lane can honour;
 //! [`service`] the service-sandbox seam; [`files`] file operations and their encoding; [`spec`] the
-//! validated input; [`process`] the Linux process lane; [`testing`] a scriptable fake of the seam.
+//! validated input; [`lanes`] lanes by name, what this host can run and opening one; [`process`] the Linux
+//! process lane; [`testing`] a scriptable fake of the seam.
 
 pub mod capabilities;
 pub mod files;
+pub mod lanes;
 pub mod process;
 pub mod sandbox;
 pub mod service;

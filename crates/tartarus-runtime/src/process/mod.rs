@@ -76,7 +76,7 @@ impl Default for ProcessRuntimeConfig {
 /// The Linux process-isolation runtime.
 pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,
-    cgroup_fs: Box<dyn CgroupFs>,
+    cgroup_fs: Box<dyn CgroupFs + Send + Sync>,
 }
 
 impl ProcessRuntime {

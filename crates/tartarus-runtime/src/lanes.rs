@@ -1,0 +1,290 @@
+//! Isolation lanes by name: which ones this host can run ([`probe`]) and opening one as a [`Runtime`]
+//! ([`open`]).
+//!
+//! Place in the data flow: whoever opens a runtime (the CLI's `run` and `shim`, the server's lane
+//! selection) names a [`LaneName`] and gets a `Box<dyn Runtime>`; nothing downstream branches on the lane.
+//! A [`SandboxSpec`](crate::SandboxSpec) does not carry its lane. Probing is bounded in time: every probe
+//! of an engine binary has a timeout, and verdicts that are slow to reach are cached for the process.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::{HostCgroupFs, ProcessRuntime, ProcessRuntimeConfig};
+use crate::sandbox::Runtime;
+
+/// The isolation lanes this build knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LaneName {
+    /// Linux namespaces, seccomp, Landlock and cgroups around host processes (`process/`).
+    Process,
+    /// gVisor's user-space kernel (`runsc`) between the command and the host kernel.
+    Gvisor,
+}
+
+impl LaneName {
+    /// Every lane, in the order `tartarus runtimes` lists them.
+    pub const ALL: [LaneName; 2] = [LaneName::Process, LaneName::Gvisor];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaneName::Process => "process",
+            LaneName::Gvisor => "gvisor",
+        }
+    }
+}
+
+impl fmt::Display for LaneName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A lane name this build does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown lane '{0}': valid lanes are process, gvisor")]
+pub struct UnknownLane(pub String);
+
+impl FromStr for LaneName {
+    type Err = UnknownLane;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        LaneName::ALL
+            .into_iter()
+            .find(|lane| lane.as_str() == s)
+            .ok_or_else(|| UnknownLane(s.to_string()))
+    }
+}
+
+/// gVisor's platform: how the sentry intercepts the application's system calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GvisorPlatform {
+    /// seccomp traps in the application's threads (runsc from mid-2023 on); the upstream default.
+    Systrap,
+    /// `PTRACE_SYSEMU`; works everywhere, the slowest.
+    Ptrace,
+    /// Hardware virtualisation through `/dev/kvm`; needs a KVM that runs guests.
+    Kvm,
+}
+
+impl GvisorPlatform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GvisorPlatform::Systrap => "systrap",
+            GvisorPlatform::Ptrace => "ptrace",
+            GvisorPlatform::Kvm => "kvm",
+        }
+    }
+}
+
+impl fmt::Display for GvisorPlatform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A platform name runsc does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown gVisor platform '{0}': valid platforms are systrap, ptrace, kvm")]
+pub struct UnknownPlatform(pub String);
+
+impl FromStr for GvisorPlatform {
+    type Err = UnknownPlatform;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            GvisorPlatform::Systrap,
+            GvisorPlatform::Ptrace,
+            GvisorPlatform::Kvm,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| UnknownPlatform(s.to_string()))
+    }
+}
+
+/// Settings of the gVisor lane that are not per-sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GvisorConfig {
+    /// The runsc binary to use; otherwise `TARTARUS_RUNSC`, then the first `runsc` on `PATH`.
+    pub runsc: Option<PathBuf>,
+    /// Where the lane keeps runsc's state (`--root`) and the sandboxes' bundles; otherwise
+    /// [`default_state_dir`]`/gvisor`. Never runsc's own default, `/var/run/runsc`.
+    pub state_dir: Option<PathBuf>,
+    /// The platform to use; otherwise the fastest one that works on this host.
+    pub platform: Option<GvisorPlatform>,
+}
+
+/// Everything a lane needs to be opened: the process runtime's settings and the gVisor lane's.
+#[derive(Debug, Clone, Default)]
+pub struct LaneConfig {
+    pub process: ProcessRuntimeConfig,
+    pub gvisor: GvisorConfig,
+}
+
+/// Tartarus's directory for volatile host state (runtime state that must not survive a reboot):
+/// `TARTARUS_STATE_DIR`, else `/run/tartarus` for root and `$XDG_RUNTIME_DIR/tartarus` (or
+/// `/tmp/tartarus-<uid>`) otherwise.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TARTARUS_STATE_DIR").filter(|d| !d.is_empty()) {
+        return dir.into();
+    }
+    let uid = rustix::process::geteuid();
+    if uid.is_root() {
+        return "/run/tartarus".into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("tartarus"),
+        None => PathBuf::from(format!("/tmp/tartarus-{}", uid.as_raw())),
+    }
+}
+
+/// What this host can do with one lane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LaneReport {
+    pub name: LaneName,
+    pub available: bool,
+    /// Why the lane cannot run here, with what to install or change; `None` when it can.
+    pub reason: Option<String>,
+    /// The engine's version (the kernel's release for the process lane, runsc's for gVisor).
+    pub version: Option<String>,
+    /// How the lane would run here, e.g. `platform ptrace (kvm: /dev/kvm does not run guests here)`.
+    pub detail: Option<String>,
+}
+
+/// Every lane's report, in [`LaneName::ALL`] order. Bounded in time.
+pub fn probe(config: &LaneConfig) -> Vec<LaneReport> {
+    LaneName::ALL
+        .into_iter()
+        .map(|lane| probe_lane(lane, config))
+        .collect()
+}
+
+/// One lane's report.
+pub fn probe_lane(lane: LaneName, config: &LaneConfig) -> LaneReport {
+    match lane {
+        LaneName::Process => probe_process(),
+        LaneName::Gvisor => probe_gvisor(config),
+    }
+}
+
+/// A lane that cannot be opened here, with what to install or change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {lane} lane is not available on this host: {reason}")]
+pub struct LaneUnavailable {
+    pub lane: LaneName,
+    pub reason: String,
+}
+
+/// Opens `name` as a runtime, or says in one line why this host cannot run it.
+pub fn open(name: LaneName, config: &LaneConfig) -> Result<Box<dyn Runtime + Send + Sync>, LaneUnavailable> {
+    match name {
+        LaneName::Process => {
+            let report = probe_process();
+            match report.reason {
+                Some(reason) => Err(LaneUnavailable { lane: name, reason }),
+                None => Ok(Box::new(ProcessRuntime::new(config.process.clone()))),
+            }
+        }
+        LaneName::Gvisor => Err(LaneUnavailable {
+            lane: name,
+            reason: probe_gvisor(config)
+                .reason
+                .unwrap_or_else(|| "not built into this version".into()),
+        }),
+    }
+}
+
+fn probe_process() -> LaneReport {
+    let version = Some(rustix::system::uname().release().to_string_lossy().into_owned());
+    let detail = Some(cgroup_summary());
+    let reason = match std::fs::read_to_string("/proc/sys/user/max_user_namespaces") {
+        Ok(text) if text.trim() == "0" => {
+            Some("user namespaces are disabled: set the sysctl user.max_user_namespaces above 0".to_string())
+        }
+        _ => None,
+    };
+    LaneReport {
+        name: LaneName::Process,
+        available: reason.is_none(),
+        reason,
+        version,
+        detail,
+    }
+}
+
+/// The host's cgroup layout in a few words: `cgroups v2`, `cgroups hybrid (v1: memory, cpu, pids)`.
+fn cgroup_summary() -> String {
+    let layout = crate::process::CgroupLayout::detect(&HostCgroupFs);
+    let v1: Vec<&str> = layout.v1_mounts.iter().map(|(c, _)| c.name()).collect();
+    match (&layout.v2_mount, v1.is_empty()) {
+        (Some(_), true) => "cgroups v2".to_string(),
+        (Some(_), false) => format!("cgroups hybrid (v1: {})", v1.join(", ")),
+        (None, false) => format!("cgroups v1 ({})", v1.join(", ")),
+        (None, true) => "no cgroups (limits cannot be enforced)".to_string(),
+    }
+}
+
+fn probe_gvisor(_config: &LaneConfig) -> LaneReport {
+    LaneReport {
+        name: LaneName::Gvisor,
+        available: false,
+        reason: Some("the gvisor lane is not built into this version of tartarus".into()),
+        version: None,
+        detail: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_lane_names_round_trip_through_text_and_json() {
+        for lane in LaneName::ALL {
+            assert_eq!(lane.to_string().parse::<LaneName>(), Ok(lane));
+            let json = serde_json::to_string(&lane).expect("serialize");
+            assert_eq!(json, format!("\"{lane}\""));
+            assert_eq!(serde_json::from_str::<LaneName>(&json).expect("parse"), lane);
+        }
+    }
+
+    #[test]
+    fn test_an_unknown_lane_name_lists_the_valid_ones() {
+        let err = "firecracker".parse::<LaneName>().expect_err("unknown");
+        assert_eq!(
+            err.to_string(),
+            "unknown lane 'firecracker': valid lanes are process, gvisor"
+        );
+        assert!(
+            serde_json::from_str::<LaneName>("\"Process\"").is_err(),
+            "lowercase only"
+        );
+    }
+
+    #[test]
+    fn test_every_lane_has_a_report_in_order() {
+        let reports = probe(&LaneConfig::default());
+        let names: Vec<LaneName> = reports.iter().map(|r| r.name).collect();
+        assert_eq!(names, LaneName::ALL);
+        for report in &reports {
+            assert_eq!(report.available, report.reason.is_none(), "{report:?}");
+        }
+    }
+
+    #[test]
+    fn test_platform_names_parse_and_an_unknown_one_lists_the_valid_ones() {
+        assert_eq!("ptrace".parse(), Ok(GvisorPlatform::Ptrace));
+        assert_eq!(
+            "sysemu"
+                .parse::<GvisorPlatform>()
+                .expect_err("unknown")
+                .to_string(),
+            "unknown gVisor platform 'sysemu': valid platforms are systrap, ptrace, kvm"
+        );
+    }
+}
