@@ -10,12 +10,12 @@
 //! network of an egress sandbox (`tartarus-network`): its namespace is created in `prepare`, and `start`
 //! clones the sandbox inside it.
 
-mod cgroup;
+pub(crate) mod cgroup;
 mod child;
 mod file_ops;
 mod landlock;
 mod protocol;
-mod rootfs;
+pub(crate) mod rootfs;
 mod seccomp;
 mod service;
 
