@@ -38,6 +38,7 @@ fn real_main() -> libc::c_int {
         LeanCommand::Run(args) => commands::run::run(args),
         LeanCommand::Gc => commands::gc::run(),
         LeanCommand::Shim(args) => commands::shim::run(args),
+        LeanCommand::Runtimes(args) => commands::runtimes::run(args),
     })
 }
 

@@ -717,6 +717,10 @@ impl Sandbox for GvisorSandbox {
         &self.id
     }
 
+    fn blocked_packets(&self) -> Option<u64> {
+        GvisorSandbox::blocked_packets(self)
+    }
+
     fn state(&self) -> SandboxState {
         self.state
     }

@@ -257,9 +257,9 @@ impl ServiceSandbox for GvisorSandbox {
     /// File operations need a program inside the sandbox that does them without a shell; this lane has
     /// none yet ([`super::CAPABILITIES`] says so).
     fn start_file_op(&mut self, _op: &FileOp, _stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
-        Err(ExecError::Start {
-            exit_code: 125,
-            message: "the gvisor lane cannot do file operations yet (use an exec)".into(),
+        Err(ExecError::Unsupported {
+            lane: "gvisor",
+            operation: "file operations (read_file, write_file, list_dir; use an exec)",
         })
     }
 

@@ -644,6 +644,10 @@ impl Sandbox for ProcessSandbox {
         &self.id
     }
 
+    fn blocked_packets(&self) -> Option<u64> {
+        ProcessSandbox::blocked_packets(self)
+    }
+
     fn state(&self) -> SandboxState {
         self.state
     }
