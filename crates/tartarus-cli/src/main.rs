@@ -21,6 +21,10 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
 }
 
 fn real_main() -> libc::c_int {
+    // Inside a gVisor service sandbox this executable performs file operations.
+    if let Some(code) = tartarus_runtime::gvisor::agent::run_if_invoked() {
+        return code;
+    }
     if commands::zygote::invoked_as_python() {
         return commands::zygote::main();
     }

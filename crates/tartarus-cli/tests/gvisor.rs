@@ -352,8 +352,13 @@ fn the_shim_serves_a_gvisor_service_sandbox() {
     assert_eq!(request(json!({"op": "pause"}))["ok"], json!({}));
     assert_eq!(request(json!({"op": "status"}))["ok"]["state"], "paused");
     assert_eq!(request(json!({"op": "resume"}))["ok"], json!({}));
-    let r = request(json!({"op": "read_file", "path": "/etc/hostname"}));
-    assert_eq!(r["error"]["code"], "unsupported", "{r}");
+    // aGVsbG8K is "hello\n".
+    let r = request(json!({"op": "write_file", "path": "/tmp/f", "data": "aGVsbG8K"}));
+    assert_eq!(r["ok"], json!({}), "{r}");
+    let r = request(json!({"op": "read_file", "path": "/tmp/f"}));
+    assert_eq!(r["ok"]["data"], "aGVsbG8K", "{r}");
+    let r = request(json!({"op": "read_file", "path": "/tmp/missing"}));
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
     assert_eq!(request(json!({"op": "kill"}))["ok"], json!({}));
     assert!(child.wait().unwrap().success());
     let result: Value =

@@ -16,12 +16,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
+use tartarus_runtime::files::{decode_listing, decode_outcome};
 use tartarus_runtime::gvisor::GvisorRuntime;
 use tartarus_runtime::lanes::{self, GvisorConfig, LaneConfig, LaneName};
 use tartarus_runtime::process::ProcessRuntimeConfig;
 use tartarus_runtime::{
-    ExecRequest, ExitReason, KillReason, NetworkMode, Outcome, RootSpec, Runtime, Sandbox, SandboxSpec,
-    SandboxUser, ServiceSandbox, StartError, StdioFds, Termination,
+    ExecRequest, ExitReason, FileErrorKind, FileOp, KillReason, NetworkMode, Outcome, RootSpec, Runtime,
+    Sandbox, SandboxSpec, SandboxUser, ServiceSandbox, StartError, StdioFds, Termination,
 };
 
 /// Nothing here takes this long unless it hung.
@@ -443,6 +444,118 @@ fn exec(
     Ok((end, out, err))
 }
 
+/// Runs one file operation to its end with the given input.
+fn file_op(
+    sandbox: &mut dyn ServiceSandbox,
+    op: FileOp,
+    input: &[u8],
+) -> Result<(Termination, String, String), tartarus_runtime::ExecError> {
+    let (stdin_read, stdin_write) = pipe();
+    let (stdout_read, stdout_write) = pipe();
+    let (stderr_read, stderr_write) = pipe();
+    let id = sandbox.start_file_op(
+        &op,
+        StdioFds {
+            stdin: stdin_read.as_fd(),
+            stdout: stdout_write.as_fd(),
+            stderr: stderr_write.as_fd(),
+        },
+    )?;
+    drop((stdin_read, stdout_write, stderr_write));
+    let (out, err) = pump(Some(stdin_write), input, stdout_read, stderr_read);
+    let end = sandbox
+        .wait_exec(id, Some(HUNG))
+        .expect("wait_exec")
+        .expect("ended");
+    Ok((end, out, err))
+}
+
+fn service_file_operations_without_a_shell(env: &Env) {
+    let mut sandbox = env
+        .runtime
+        .prepare_service(SandboxSpec::default())
+        .expect("prepare");
+    sandbox.start(StdioFds::inherit()).expect("start");
+    let path = |p: &str| p.to_string();
+    let (end, _, err) = file_op(
+        sandbox.as_mut(),
+        FileOp::Write {
+            path: path("/tmp/note"),
+        },
+        b"written\n",
+    )
+    .unwrap();
+    assert_eq!(decode_outcome(end, err.as_bytes()), Ok(()), "{err}");
+    let (end, out, err) = file_op(
+        sandbox.as_mut(),
+        FileOp::Read {
+            path: path("/tmp/note"),
+        },
+        b"",
+    )
+    .unwrap();
+    assert_eq!(decode_outcome(end, err.as_bytes()), Ok(()));
+    assert_eq!(out, "written\n");
+    let (_, out, _) = exec(sandbox.as_mut(), request(&["cat", "/tmp/note"]), b"").unwrap();
+    assert_eq!(out, "written\n", "an exec sees what the file operation wrote");
+    let (end, out, err) = file_op(sandbox.as_mut(), FileOp::List { path: path("/tmp") }, b"").unwrap();
+    assert_eq!(decode_outcome(end, err.as_bytes()), Ok(()));
+    let names: Vec<String> = decode_listing(out.as_bytes())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.contains(&"note".to_string()), "{names:?}");
+
+    exec(
+        sandbox.as_mut(),
+        request(&["ln", "-s", "/etc/passwd", "/tmp/link"]),
+        b"",
+    )
+    .unwrap();
+    let (end, _, err) = file_op(
+        sandbox.as_mut(),
+        FileOp::Read {
+            path: path("/tmp/link"),
+        },
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        decode_outcome(end, err.as_bytes()).map_err(|e| e.kind),
+        Err(FileErrorKind::WrongType)
+    );
+    let (end, _, err) = file_op(
+        sandbox.as_mut(),
+        FileOp::Read {
+            path: path("/tmp/none"),
+        },
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        decode_outcome(end, err.as_bytes()).map_err(|e| e.kind),
+        Err(FileErrorKind::NotFound)
+    );
+    let (end, _, err) = file_op(sandbox.as_mut(), FileOp::Write { path: path("/usr/x") }, b"x").unwrap();
+    assert_eq!(
+        decode_outcome(end, err.as_bytes()).map_err(|e| e.kind),
+        Err(FileErrorKind::Forbidden)
+    );
+    assert!(matches!(
+        file_op(
+            sandbox.as_mut(),
+            FileOp::Read {
+                path: path("/tmp/../etc")
+            },
+            b""
+        ),
+        Err(tartarus_runtime::ExecError::Invalid(_))
+    ));
+    sandbox.cleanup().expect("cleanup");
+    assert_nothing_left(env);
+}
+
 fn request(command: &[&str]) -> ExecRequest {
     ExecRequest {
         command: command.iter().map(|s| s.to_string()).collect(),
@@ -724,6 +837,10 @@ const CASES: &[(&str, Case)] = &[
         "a_service_sandbox_with_a_main_command_ends_with_it",
         a_service_sandbox_with_a_main_command_ends_with_it,
     ),
+    (
+        "service_file_operations_without_a_shell",
+        service_file_operations_without_a_shell,
+    ),
     ("checkpoint_writes_an_image", checkpoint_writes_an_image),
     (
         "unsupported_knobs_are_refused_naming_the_lane",
@@ -744,6 +861,10 @@ const CASES: &[(&str, Case)] = &[
 ];
 
 fn main() -> ExitCode {
+    // This executable is also the file-operation agent inside the sandboxes it starts.
+    if let Some(code) = tartarus_runtime::gvisor::agent::run_if_invoked() {
+        return ExitCode::from(code as u8);
+    }
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let selected: Vec<&(&str, Case)> = CASES
         .iter()

@@ -48,6 +48,8 @@ pub struct BundleInputs {
     pub netns: Option<PathBuf>,
     /// Host path of the service-mode init, when the sandbox has no main command.
     pub init: Option<PathBuf>,
+    /// Host path of the file-operation agent (service sandboxes).
+    pub agent: Option<PathBuf>,
 }
 
 /// The config could not be built (a builder refused a value).
@@ -210,6 +212,9 @@ pub fn oci_config(spec: &SandboxSpec, inputs: &BundleInputs) -> Result<Spec, Bun
     if let Some(init) = &inputs.init {
         mounts.push(bind(init, Path::new(INIT_PATH), false)?);
     }
+    if let Some(agent) = &inputs.agent {
+        mounts.push(bind(agent, Path::new(super::agent::AGENT_PATH), false)?);
+    }
 
     let mut namespaces = Vec::new();
     for typ in [
@@ -331,6 +336,7 @@ mod tests {
             cgroups_path: "/tartarus/gvisor-1-abc".into(),
             netns: None,
             init: None,
+            agent: None,
         }
     }
 

@@ -12,8 +12,9 @@
 //! the cgroups and the network.
 //!
 //! Modules: [`runsc`] finding and invoking runsc; [`bundle`] the OCI bundle; `init` the service-mode
-//! init; `service` execs and controls of a service sandbox.
+//! init; `service` execs and controls of a service sandbox; [`agent`] file operations inside it.
 
+pub mod agent;
 pub mod bundle;
 mod init;
 pub mod runsc;
@@ -68,7 +69,7 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     landlock_paths: false,
     custom_user: true,
     pause: true,
-    file_ops: false,
+    file_ops: true,
     cpu_throttle: true,
     network_isolation: true,
 };
@@ -202,6 +203,8 @@ pub struct GvisorSandbox {
     network: Option<SandboxNetwork>,
     execs: service::Execs,
     paused: bool,
+    /// The file-operation agent is mounted (service sandboxes whose supervisor binary could be found).
+    agent: bool,
 }
 
 struct Running {
@@ -277,6 +280,7 @@ impl GvisorSandbox {
             network: None,
             execs: service::Execs::new().map_err(host_err("creating the exec event descriptor"))?,
             paused: false,
+            agent: false,
         };
         let resolvers = match &sandbox.spec.network {
             NetworkMode::Egress(c) if c.dns => tartarus_network::host_resolvers(),
@@ -313,6 +317,15 @@ impl GvisorSandbox {
             tartarus_network::collect_garbage();
             sandbox.network = Some(SandboxNetwork::create(&sandbox.id, contract, config, &resolvers)?);
         }
+        // File operations run this very executable inside (static, so any root can run it).
+        let agent = match sandbox.spec.service {
+            true => std::env::current_exe()
+                .and_then(std::fs::canonicalize)
+                .ok()
+                .filter(|p| p.is_file()),
+            false => None,
+        };
+        sandbox.agent = agent.is_some();
         let inputs = BundleInputs {
             root,
             mounts,
@@ -323,6 +336,7 @@ impl GvisorSandbox {
                 .as_ref()
                 .map(|_| PathBuf::from("/run/netns").join(tartarus_network::netns_name(&sandbox.id))),
             init,
+            agent,
         };
         let config = bundle::oci_config(&sandbox.spec, &inputs).map_err(|e| PrepareError::Host {
             what: "building the OCI config",

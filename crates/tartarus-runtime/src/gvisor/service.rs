@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 use rustix::fs::inotify;
 
+use super::agent;
 use super::bundle::{command_user, environment};
 use super::runsc::{self, RunscError};
 use super::{GvisorSandbox, CONTROL_TIMEOUT};
-use crate::files::FileOp;
+use crate::files::{self, FileOp};
 use crate::process::HostCgroupFs;
 use crate::sandbox::{SandboxState, StdioFds, Termination};
 use crate::service::{ExecError, ExecId, ExecRequest, LimitHits, ServiceError, ServiceSandbox, Usage};
@@ -130,37 +131,24 @@ impl GvisorSandbox {
             })
     }
 
-    /// Whether `command` exists in the host's view of the root (to tell "not found" from "not executable"
-    /// when runsc could not start it).
-    fn exists_in_root(&self, command: &str) -> bool {
-        if !command.starts_with('/') {
-            return false;
-        }
-        let config = runsc::read_small(&self.bundle.join("config.json"));
-        let Some(root) = config
-            .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
-            .and_then(|c| c["root"]["path"].as_str().map(str::to_string))
-        else {
-            return false;
-        };
-        let relative = command.trim_start_matches('/');
-        Path::new(&root).join(relative).exists() || Path::new("/").join(relative).exists()
-    }
-}
-
-impl ServiceSandbox for GvisorSandbox {
-    fn exec(&mut self, request: &ExecRequest, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+    /// Starts `command` with `runsc exec` and waits until it runs (or could not be started).
+    fn spawn_exec(
+        &mut self,
+        command_line: &[String],
+        env: &[(String, String)],
+        workdir: &Path,
+        stdio: StdioFds<'_>,
+    ) -> Result<ExecId, ExecError> {
         if self.state != SandboxState::Running {
             return Err(ExecError::NotRunning);
         }
         if !self.spec.service {
             return Err(ExecError::NotService);
         }
-        let program = request
-            .command
+        let program = command_line
             .first()
             .ok_or_else(|| ExecError::Invalid("empty command".into()))?;
-        if request.command.iter().any(|a| a.contains('\0')) {
+        if command_line.iter().any(|a| a.contains('\0')) {
             return Err(ExecError::Invalid("the command contains a NUL byte".into()));
         }
         if self.paused {
@@ -172,12 +160,6 @@ impl ServiceSandbox for GvisorSandbox {
         let id = ExecId::from_raw(self.execs.next);
         self.execs.next += 1;
         let user = command_user(&self.spec);
-        let workdir = request
-            .workdir
-            .as_deref()
-            .map(|w| normalize_sandbox_path(Path::new(w)))
-            .or_else(|| self.spec.workdir.as_deref().map(normalize_sandbox_path))
-            .unwrap_or_else(|| SANDBOX_HOME.into());
         let pid_file = self.bundle.join(format!("exec-{id}.pid"));
         let mut args: Vec<String> = vec![
             "exec".into(),
@@ -185,11 +167,11 @@ impl ServiceSandbox for GvisorSandbox {
             format!("--cwd={}", workdir.display()),
             format!("--internal-pid-file={}", pid_file.display()),
         ];
-        for (k, v) in environment(&self.spec.hostname, &[&self.spec.env, &request.env]) {
+        for (k, v) in env {
             args.push(format!("--env={k}={v}"));
         }
         args.push(self.container.clone());
-        args.extend(request.command.iter().cloned());
+        args.extend(command_line.iter().cloned());
         let mut command = self.invocation.command(&args);
         let dup = |fd: BorrowedFd<'_>| {
             fd.try_clone_to_owned()
@@ -254,13 +236,51 @@ impl ServiceSandbox for GvisorSandbox {
         Ok(id)
     }
 
-    /// File operations need a program inside the sandbox that does them without a shell; this lane has
-    /// none yet ([`super::CAPABILITIES`] says so).
-    fn start_file_op(&mut self, _op: &FileOp, _stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
-        Err(ExecError::Unsupported {
-            lane: "gvisor",
-            operation: "file operations (read_file, write_file, list_dir; use an exec)",
-        })
+    /// Whether `command` exists in the host's view of the root (to tell "not found" from "not executable"
+    /// when runsc could not start it).
+    fn exists_in_root(&self, command: &str) -> bool {
+        if !command.starts_with('/') {
+            return false;
+        }
+        let config = runsc::read_small(&self.bundle.join("config.json"));
+        let Some(root) = config
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
+            .and_then(|c| c["root"]["path"].as_str().map(str::to_string))
+        else {
+            return false;
+        };
+        let relative = command.trim_start_matches('/');
+        Path::new(&root).join(relative).exists() || Path::new("/").join(relative).exists()
+    }
+}
+
+impl ServiceSandbox for GvisorSandbox {
+    fn exec(&mut self, request: &ExecRequest, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+        if request.command.is_empty() {
+            return Err(ExecError::Invalid("empty command".into()));
+        }
+        let workdir = request
+            .workdir
+            .as_deref()
+            .map(|w| normalize_sandbox_path(Path::new(w)))
+            .or_else(|| self.spec.workdir.as_deref().map(normalize_sandbox_path))
+            .unwrap_or_else(|| SANDBOX_HOME.into());
+        let env = environment(&self.spec.hostname, &[&self.spec.env, &request.env]);
+        self.spawn_exec(&request.command, &env, &workdir, stdio)
+    }
+
+    /// Runs the agent ([`super::agent`]) inside with `runsc exec`, as the command's user.
+    fn start_file_op(&mut self, op: &FileOp, stdio: StdioFds<'_>) -> Result<ExecId, ExecError> {
+        files::check_path(op.path()).map_err(|e| ExecError::Invalid(e.message))?;
+        if !self.agent {
+            return Err(ExecError::Unsupported {
+                lane: "gvisor",
+                operation:
+                    "file operations here (the supervisor's executable could not be found to run inside)",
+            });
+        }
+        let env = environment(&self.spec.hostname, &[]);
+        self.spawn_exec(&agent::argv(op), &env, Path::new("/"), stdio)
     }
 
     fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {

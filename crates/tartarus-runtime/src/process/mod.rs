@@ -12,7 +12,7 @@
 
 pub(crate) mod cgroup;
 mod child;
-mod file_ops;
+pub(crate) mod file_ops;
 mod landlock;
 mod protocol;
 pub(crate) mod rootfs;
