@@ -1,4 +1,4 @@
-//! The `tartarus` command line: commands as a library, shared by the `tartarus` binary (run, shim, gc,
+//! The `tartarus` command line: commands as a library, shared by the `tartarus` binary (run, shim, gc, runtimes,
 //! client commands: kept lean, since it starts for every sandbox) and `tartarus-server` (the HTTP server
 //! and key management, with their heavier dependencies).
 
@@ -42,11 +42,12 @@ pub mod cli {
         Run(commands::run::RunArgs),
         Gc,
         Shim(commands::shim::ShimArgs),
+        Runtimes(commands::runtimes::RuntimesArgs),
     }
 
     /// Whether the lean binary handles this first argument itself.
     pub fn is_lean_command(first: &std::ffi::OsStr) -> bool {
-        first == "run" || first == "gc" || first == "shim"
+        first == "run" || first == "gc" || first == "shim" || first == "runtimes"
     }
 
     #[derive(Subcommand)]
@@ -54,8 +55,10 @@ pub mod cli {
     pub enum Command {
         /// Run a command in a new sandbox and exit with its exit code
         Run(commands::run::RunArgs),
-        /// Remove cgroups and sandbox networks left behind by a crashed `tartarus run`
+        /// Remove cgroups, sandbox networks and gVisor containers left behind by a crashed `tartarus run`
         Gc,
+        /// Show which isolation lanes this host can run (and why not), with each engine's version
+        Runtimes(commands::runtimes::RuntimesArgs),
         /// Serve the REST API over long-lived sandboxes
         Server(commands::server::ServerArgs),
         /// Set or show where the server is and which key to use
@@ -165,7 +168,7 @@ pub mod cli {
                 clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());
                 Ok(0)
             }
-            Command::Run(_) | Command::Gc | Command::Shim(_) => {
+            Command::Run(_) | Command::Gc | Command::Shim(_) | Command::Runtimes(_) => {
                 anyhow::bail!("this command belongs to the tartarus binary")
             }
         }

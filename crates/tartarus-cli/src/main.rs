@@ -21,6 +21,10 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
 }
 
 fn real_main() -> libc::c_int {
+    // Inside a gVisor service sandbox this executable performs file operations.
+    if let Some(code) = tartarus_runtime::gvisor::agent::run_if_invoked() {
+        return code;
+    }
     if commands::zygote::invoked_as_python() {
         return commands::zygote::main();
     }
@@ -38,6 +42,7 @@ fn real_main() -> libc::c_int {
         LeanCommand::Run(args) => commands::run::run(args),
         LeanCommand::Gc => commands::gc::run(),
         LeanCommand::Shim(args) => commands::shim::run(args),
+        LeanCommand::Runtimes(args) => commands::runtimes::run(args),
     })
 }
 

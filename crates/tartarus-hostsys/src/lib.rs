@@ -579,6 +579,34 @@ fn unshare_namespace(flag: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes `command`'s process join the cgroup whose `cgroup.procs` file is `procs` before it executes
+/// (writing `0` moves the writer itself), so that everything it starts, in any session, can be found and
+/// killed through that cgroup. The spawn fails if the join does.
+pub fn join_cgroup_before_exec(command: &mut std::process::Command, procs: std::ffi::CString) {
+    use std::os::unix::process::CommandExt;
+    let hook = move || -> io::Result<()> {
+        // SAFETY: only raw syscalls between fork and exec (no allocation, no locks): `procs` is a valid
+        // NUL-terminated path owned by the closure, and the buffer written is a static byte.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(err);
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook above is async-signal-safe (raw syscalls only), as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

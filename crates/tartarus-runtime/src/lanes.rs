@@ -190,12 +190,13 @@ pub fn open(name: LaneName, config: &LaneConfig) -> Result<Box<dyn Runtime + Sen
                 None => Ok(Box::new(ProcessRuntime::new(config.process.clone()))),
             }
         }
-        LaneName::Gvisor => Err(LaneUnavailable {
-            lane: name,
-            reason: probe_gvisor(config)
-                .reason
-                .unwrap_or_else(|| "not built into this version".into()),
-        }),
+        LaneName::Gvisor => match crate::gvisor::GvisorRuntime::open(config) {
+            Ok(runtime) => Ok(Box::new(runtime)),
+            Err(e) => Err(LaneUnavailable {
+                lane: name,
+                reason: e.to_string(),
+            }),
+        },
     }
 }
 
@@ -229,13 +230,37 @@ fn cgroup_summary() -> String {
     }
 }
 
-fn probe_gvisor(_config: &LaneConfig) -> LaneReport {
-    LaneReport {
+fn probe_gvisor(config: &LaneConfig) -> LaneReport {
+    let unavailable = |reason: String, version: Option<String>| LaneReport {
         name: LaneName::Gvisor,
         available: false,
-        reason: Some("the gvisor lane is not built into this version of tartarus".into()),
-        version: None,
+        reason: Some(reason),
+        version,
         detail: None,
+    };
+    let runsc = match crate::gvisor::runsc::find(&config.gvisor) {
+        Ok(runsc) => runsc,
+        Err(e) => return unavailable(e.to_string(), None),
+    };
+    let version = Some(format!("runsc {} ({})", runsc.version.text, runsc.path.display()));
+    if !rustix::process::geteuid().is_root() {
+        return unavailable(crate::gvisor::RunscError::NeedsRoot.to_string(), version);
+    }
+    let scratch = config
+        .gvisor
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir().join("gvisor"));
+    let _ = std::fs::create_dir_all(&scratch);
+    match crate::gvisor::runsc::choose_platform(&runsc, config.gvisor.platform, &scratch) {
+        Ok(choice) => LaneReport {
+            name: LaneName::Gvisor,
+            available: true,
+            reason: None,
+            version,
+            detail: Some(choice.detail),
+        },
+        Err(e) => unavailable(e.to_string(), version),
     }
 }
 
@@ -268,12 +293,24 @@ mod tests {
 
     #[test]
     fn test_every_lane_has_a_report_in_order() {
-        let reports = probe(&LaneConfig::default());
+        // A runsc that is not there keeps this test off the host's engines.
+        let mut config = LaneConfig::default();
+        config.gvisor.runsc = Some("/nonexistent/runsc".into());
+        let reports = probe(&config);
         let names: Vec<LaneName> = reports.iter().map(|r| r.name).collect();
         assert_eq!(names, LaneName::ALL);
         for report in &reports {
             assert_eq!(report.available, report.reason.is_none(), "{report:?}");
         }
+        let gvisor = &reports[1];
+        assert!(!gvisor.available);
+        assert!(
+            gvisor
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("apt-get install runsc")),
+            "{gvisor:?}"
+        );
     }
 
     #[test]

@@ -11,10 +11,11 @@
 //! Modules: [`sandbox`] the lifecycle traits and types; [`capabilities`] what a lane can honour;
 //! [`service`] the service-sandbox seam; [`files`] file operations and their encoding; [`spec`] the
 //! validated input; [`lanes`] lanes by name, what this host can run and opening one; [`process`] the Linux
-//! process lane; [`testing`] a scriptable fake of the seam.
+//! process lane; [`gvisor`] the gVisor lane (runsc); [`testing`] a scriptable fake of the seam.
 
 pub mod capabilities;
 pub mod files;
+pub mod gvisor;
 pub mod lanes;
 pub mod process;
 pub mod sandbox;
@@ -35,8 +36,7 @@ pub use service::{
 pub use spec::{
     Applied, AppliedLimits, BindMount, EgressContract, NetworkMode, ProcessLimits, ResourceLimits, RootSpec,
     SandboxSpec, SandboxUser, SpecError, Unlimited, DEFAULT_CPU_WEIGHT, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS,
-    DEFAULT_TIMEOUT_GRACE, MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, MAX_TIMEOUT, MAX_TIMEOUT_GRACE,
-    MIN_MEMORY_BYTES, MIN_PIDS,
+    MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, MAX_TIMEOUT, MIN_MEMORY_BYTES, MIN_PIDS,
 };
 pub use tartarus_network::NetworkError;
 

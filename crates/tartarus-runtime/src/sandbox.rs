@@ -54,6 +54,10 @@ pub trait Sandbox {
     }
     /// Removes every host resource of the sandbox. Idempotent.
     fn cleanup(&mut self) -> Result<(), RuntimeError>;
+    /// Packets the egress contract dropped so far; `None` without egress (or once cleaned up).
+    fn blocked_packets(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Standard descriptors handed to a command (the main one, an exec, a file operation). The sandbox gets

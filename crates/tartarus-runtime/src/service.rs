@@ -102,6 +102,12 @@ pub enum ExecError {
     Invalid(String),
     #[error("{message}")]
     Start { exit_code: i32, message: String },
+    /// The lane cannot do this at all (its [`crate::LaneCapabilities`] say so); retrying will not help.
+    #[error("the {lane} lane cannot do {operation}")]
+    Unsupported {
+        lane: &'static str,
+        operation: &'static str,
+    },
     #[error("sandbox control channel failed")]
     Channel(#[source] io::Error),
 }

@@ -108,6 +108,7 @@ impl From<ExecError> for LaneError {
             (_, 127) => ErrorCode::CommandNotFound,
             (_, 126) => ErrorCode::NotExecutable,
             (ExecError::Invalid(_), _) => ErrorCode::InvalidRequest,
+            (ExecError::Unsupported { .. }, _) => ErrorCode::Unsupported,
             _ => ErrorCode::ExecFailed,
         };
         LaneError {

@@ -1,17 +1,30 @@
 //! `tartarus gc`: remove what a crashed supervisor left behind.
 
-use tartarus_runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+use tartarus_runtime::gvisor::GvisorRuntime;
+use tartarus_runtime::process::ProcessRuntime;
 
-use super::run::runtime_config;
+use super::run::lane_config;
 
 pub fn run() -> anyhow::Result<u8> {
-    let config: ProcessRuntimeConfig = runtime_config();
-    let removed = ProcessRuntime::new(config).collect_garbage();
+    let config = lane_config()?;
+    let mut removed = ProcessRuntime::new(config.process.clone()).collect_garbage();
+    // gVisor's leftovers (containers, bundles, their cgroups) need runsc to be deleted; a host without it
+    // has none.
+    let gvisor = match GvisorRuntime::open(&config) {
+        Ok(runtime) => {
+            removed.extend(runtime.collect_garbage());
+            None
+        }
+        Err(e) => Some(e),
+    };
     for path in &removed {
         println!("removed {}", path.display());
     }
+    let skipped = gvisor
+        .map(|e| format!("; gVisor state not checked: {e}"))
+        .unwrap_or_default();
     eprintln!(
-        "tartarus: gc removed {} leftover(s) (cgroups, sandbox networks)",
+        "tartarus: gc removed {} leftover(s) (cgroups, sandbox networks, gVisor containers){skipped}",
         removed.len()
     );
     Ok(0)

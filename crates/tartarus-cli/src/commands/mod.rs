@@ -7,6 +7,7 @@ pub mod node;
 pub mod policy;
 pub mod remote;
 pub mod run;
+pub mod runtimes;
 pub mod server;
 pub mod shim;
 pub mod template;

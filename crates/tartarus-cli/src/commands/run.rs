@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use rustix::event::{PollFd, PollFlags};
 use serde::Serialize;
-use tartarus_runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+use tartarus_runtime::lanes::{self, GvisorConfig, LaneConfig, LaneName};
+use tartarus_runtime::process::ProcessRuntimeConfig;
 use tartarus_runtime::units::{parse_duration, parse_size};
 use tartarus_runtime::{
     BindMount, EgressContract, ExitReason, KillReason, NetworkMode, Outcome, ResourceLimits, RootSpec,
-    Sandbox, SandboxSpec, StdioFds, Termination, Unlimited,
+    SandboxSpec, StdioFds, Termination, Unlimited,
 };
 
 use crate::terminal::{Pty, RawMode};
@@ -23,6 +24,10 @@ use crate::{print_error, EXIT_TARTARUS_ERROR};
 #[derive(Args, Debug)]
 #[command(after_help = "Example: tartarus run --memory 256M --timeout 30s -- python3 -c \"print('hi')\"")]
 pub struct RunArgs {
+    /// Isolation lane: process (namespaces, seccomp, Landlock) or gvisor (gVisor's user-space kernel,
+    /// runsc; root only). `tartarus runtimes` lists what this host can run
+    #[arg(long, value_name = "LANE", default_value = "process", value_parser = parse_lane_arg)]
+    runtime: LaneName,
     /// Directory to use as the read-only root (default: the host's /usr with a generated /etc)
     #[arg(long, value_name = "DIR", conflicts_with = "image")]
     rootfs: Option<PathBuf>,
@@ -137,6 +142,10 @@ fn parse_pids_arg(s: &str) -> Result<Limit<u64>, String> {
     })
 }
 
+fn parse_lane_arg(s: &str) -> Result<LaneName, String> {
+    s.parse().map_err(|e: lanes::UnknownLane| e.to_string())
+}
+
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
@@ -199,6 +208,24 @@ pub fn runtime_config() -> ProcessRuntimeConfig {
         }
     }
     config
+}
+
+/// Every lane's settings: the process runtime's, and gVisor's from the environment (`TARTARUS_RUNSC` is read
+/// where runsc is looked for; `TARTARUS_GVISOR_PLATFORM` forces a platform; `TARTARUS_STATE_DIR` moves the
+/// state).
+pub fn lane_config() -> anyhow::Result<LaneConfig> {
+    let platform = match std::env::var("TARTARUS_GVISOR_PLATFORM") {
+        Ok(name) if !name.is_empty() => Some(name.parse()?),
+        _ => None,
+    };
+    Ok(LaneConfig {
+        process: runtime_config(),
+        gvisor: GvisorConfig {
+            runsc: None,
+            state_dir: None,
+            platform,
+        },
+    })
 }
 
 /// The JSON result record.
@@ -310,8 +337,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
     }
     let memory_limit = spec.applied_limits().memory_bytes.value();
-    let runtime = ProcessRuntime::new(runtime_config());
-    let mut sandbox = match runtime.prepare_sandbox(spec) {
+    let runtime = match lane_config().and_then(|config| Ok(lanes::open(args.runtime, &config)?)) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let e: &(dyn std::error::Error + 'static) = e.as_ref();
+            return Ok(report.failure("", e, EXIT_TARTARUS_ERROR as i32));
+        }
+    };
+    let mut sandbox = match runtime.prepare(spec) {
         Ok(s) => s,
         Err(e) => return Ok(report.failure("", &e, EXIT_TARTARUS_ERROR as i32)),
     };

@@ -1,13 +1,15 @@
 //! `tartarus shim`: argument parsing for the supervisor of one service sandbox; the shim itself is
 //! `tartarus_shim::serve`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use tartarus_runtime::process::ProcessRuntime;
+use tartarus_runtime::lanes::{self, LaneName};
+use tartarus_shim::protocol::{self, Handshake, HandshakeState, StartFailure, StartFailureKind};
 use tartarus_shim::serve::ShimPaths;
 
-use super::run::runtime_config;
+use super::run::lane_config;
 
 #[derive(Args, Debug)]
 pub struct ShimArgs {
@@ -23,6 +25,13 @@ pub struct ShimArgs {
     /// File that receives the main command's stdout and stderr
     #[arg(long)]
     log: Option<PathBuf>,
+    /// The lane to run the sandbox on (process or gvisor)
+    #[arg(long, value_name = "LANE", default_value = "process", value_parser = parse_lane)]
+    runtime: LaneName,
+}
+
+fn parse_lane(s: &str) -> Result<LaneName, String> {
+    s.parse().map_err(|e: lanes::UnknownLane| e.to_string())
 }
 
 pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
@@ -32,6 +41,25 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
         result: args.result,
         log: args.log,
     };
-    let runtime = ProcessRuntime::new(runtime_config());
-    Ok(tartarus_shim::serve::run(&paths, &runtime)?)
+    let opened = lane_config().and_then(|config| Ok(lanes::open(args.runtime, &config)?));
+    let runtime = match opened {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            // The host cannot run this lane: the starter reads it in the handshake, as any other host
+            // failure.
+            let failed = Handshake {
+                v: protocol::VERSION,
+                state: HandshakeState::Failed(StartFailure {
+                    kind: StartFailureKind::Host,
+                    exit_code: 125,
+                    message: format!("{e:#}"),
+                }),
+            };
+            let mut out = std::io::stdout();
+            let _ = out.write_all(&protocol::encode(&failed));
+            let _ = out.flush();
+            return Ok(125);
+        }
+    };
+    Ok(tartarus_shim::serve::run(&paths, runtime.as_ref())?)
 }

@@ -5,7 +5,8 @@
 //!
 //! Every path is opened with `openat2` beneath `/` with `RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`, so a
 //! symlink in any component is refused (not followed, not even inside the sandbox), and a read or write
-//! target must be a regular file: a device cannot be streamed, a FIFO cannot hang the operation (it is
+//! target must be a regular file (where `openat2` is missing — gVisor's sentry before 2023 — the path is
+//! walked one component at a time with `O_NOFOLLOW`, which refuses the same symlinks): a device cannot be streamed, a FIFO cannot hang the operation (it is
 //! opened non-blocking and refused), and a write cannot be redirected.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,7 +23,7 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
 
 /// Performs `op` and returns the exit code for its outcome, having written the reason of a failure as one
 /// line on stderr.
-pub(super) fn perform(op: &FileOp) -> i32 {
+pub(crate) fn perform(op: &FileOp) -> i32 {
     match run(op) {
         Ok(()) => exit_code::OK,
         Err(e) => {
@@ -51,6 +52,47 @@ fn run(op: &FileOp) -> Result<(), FileOpError> {
         FileOp::Read { .. } => read(&root, relative, path),
         FileOp::Write { .. } => write(&root, relative, path),
         FileOp::List { .. } => list(&root, relative, path),
+    }
+}
+
+/// `openat2` beneath `root` with no symlinks, or, on a kernel without it, the same by walking: every
+/// directory on the way is opened with `O_NOFOLLOW | O_DIRECTORY` relative to the previous one, and the last
+/// component with `O_NOFOLLOW`, so no symlink is ever followed (one met is `ELOOP`, as with `openat2`).
+fn open_beneath(root: &OwnedFd, relative: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, Errno> {
+    match rustix::fs::openat2(root, relative, flags, mode, RESOLVE) {
+        Err(Errno::NOSYS) => {}
+        other => return other,
+    }
+    let parts: Vec<&str> = relative
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return rustix::fs::openat(root, ".", flags, mode);
+    };
+    let mut dir: Option<OwnedFd> = None;
+    for part in dirs {
+        let at = dir.as_ref().unwrap_or(root);
+        let next = rustix::fs::openat(
+            at,
+            *part,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| symlink_is_loop(at, part, e))?;
+        dir = Some(next);
+    }
+    let at = dir.as_ref().unwrap_or(root);
+    rustix::fs::openat(at, *last, flags | OFlags::NOFOLLOW, mode).map_err(|e| symlink_is_loop(at, last, e))
+}
+
+/// `ENOTDIR` for a component that is a symlink is the walk's way of meeting one: report it as `ELOOP`.
+fn symlink_is_loop(at: &OwnedFd, part: &str, errno: Errno) -> Errno {
+    let is_link = rustix::fs::statat(at, part, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
+    match is_link {
+        true => Errno::LOOP,
+        false => errno,
     }
 }
 
@@ -114,8 +156,7 @@ fn too_large(path: &str) -> FileOpError {
 fn read(root: &OwnedFd, relative: &str, path: &str) -> Result<(), FileOpError> {
     // Non-blocking, so opening a FIFO (refused just after) cannot wait for a writer.
     let flags = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let file =
-        rustix::fs::openat2(root, relative, flags, Mode::empty(), RESOLVE).map_err(|e| refused(e, path))?;
+    let file = open_beneath(root, relative, flags, Mode::empty()).map_err(|e| refused(e, path))?;
     let stat = require_regular(&file, path)?;
     if stat.st_size as u64 > MAX_FILE_BYTES as u64 {
         return Err(too_large(path));
@@ -148,7 +189,7 @@ fn write(root: &OwnedFd, relative: &str, path: &str) -> Result<(), FileOpError> 
     let flags =
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let mode = Mode::from_raw_mode(0o644);
-    let file = rustix::fs::openat2(root, relative, flags, mode, RESOLVE).map_err(|e| refused(e, path))?;
+    let file = open_beneath(root, relative, flags, mode).map_err(|e| refused(e, path))?;
     require_regular(&file, path)?;
     let stdin = rustix::stdio::stdin();
     let mut buf = vec![0u8; 64 << 10];
@@ -173,8 +214,7 @@ fn write(root: &OwnedFd, relative: &str, path: &str) -> Result<(), FileOpError> 
 fn list(root: &OwnedFd, relative: &str, path: &str) -> Result<(), FileOpError> {
     // An O_PATH descriptor first: opening a FIFO or device this way has no effect.
     let flags = OFlags::PATH | OFlags::CLOEXEC;
-    let dir =
-        rustix::fs::openat2(root, relative, flags, Mode::empty(), RESOLVE).map_err(|e| refused(e, path))?;
+    let dir = open_beneath(root, relative, flags, Mode::empty()).map_err(|e| refused(e, path))?;
     let stat = rustix::fs::fstat(&dir).map_err(|e| refused(e, path))?;
     if entry_kind(&stat) != EntryKind::Dir {
         return Err(error(

@@ -10,12 +10,12 @@
 //! network of an egress sandbox (`tartarus-network`): its namespace is created in `prepare`, and `start`
 //! clones the sandbox inside it.
 
-mod cgroup;
+pub(crate) mod cgroup;
 mod child;
-mod file_ops;
+pub(crate) mod file_ops;
 mod landlock;
 mod protocol;
-mod rootfs;
+pub(crate) mod rootfs;
 mod seccomp;
 mod service;
 
@@ -647,6 +647,10 @@ impl ServiceSandbox for ProcessSandbox {
 impl Sandbox for ProcessSandbox {
     fn id(&self) -> &str {
         &self.id
+    }
+
+    fn blocked_packets(&self) -> Option<u64> {
+        ProcessSandbox::blocked_packets(self)
     }
 
     fn state(&self) -> SandboxState {
