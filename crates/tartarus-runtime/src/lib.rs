@@ -36,7 +36,8 @@ pub use service::{
 pub use spec::{
     Applied, AppliedLimits, BindMount, EgressContract, NetworkMode, ProcessLimits, ResourceLimits, RootSpec,
     SandboxSpec, SandboxUser, SpecError, Unlimited, DEFAULT_CPU_WEIGHT, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS,
-    MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, MAX_TIMEOUT, MIN_MEMORY_BYTES, MIN_PIDS,
+    DEFAULT_TIMEOUT_GRACE, MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, MAX_TIMEOUT, MAX_TIMEOUT_GRACE,
+    MIN_MEMORY_BYTES, MIN_PIDS,
 };
 pub use tartarus_network::NetworkError;
 
