@@ -30,7 +30,7 @@ use rustix::process::{Pid, Signal};
 use tartarus_network::{NetworkConfig, SandboxNetwork};
 
 use self::bundle::BundleInputs;
-use self::runsc::Invocation;
+use self::runsc::{Invocation, NetworkFlag};
 pub use self::runsc::{KvmVerdict, PlatformChoice, RunscBinary, RunscError, RunscVersion, MIN_RELEASE};
 use crate::capabilities::LaneCapabilities;
 use crate::lanes::{default_state_dir, LaneConfig};
@@ -250,11 +250,15 @@ impl GvisorSandbox {
         let container = format!("{CONTAINER_PREFIX}{owner}-{id}");
         let bundle = runtime.dirs.bundles.join(&container);
         let cgroups_path = format!("/{}/gvisor-{owner}-{id}", runtime.cgroup_parent);
+        let network_flag = match spec.network {
+            NetworkMode::Egress(_) => NetworkFlag::egress_for(&runtime.runsc),
+            _ => NetworkFlag::None,
+        };
         let invocation = Invocation::new(
             &runtime.runsc,
             &runtime.dirs.root,
             runtime.platform.platform,
-            matches!(spec.network, NetworkMode::Egress(_)),
+            network_flag,
             bundle::writable_root(&spec.root),
             &bundle.join("runsc.log"),
         );
@@ -316,6 +320,14 @@ impl GvisorSandbox {
         if let (NetworkMode::Egress(contract), Some(config)) = (&sandbox.spec.network, &network_config) {
             tartarus_network::collect_garbage();
             sandbox.network = Some(SandboxNetwork::create(&sandbox.id, contract, config, &resolvers)?);
+            if network_flag == NetworkFlag::HostInNamespace {
+                // runsc, its gofer and the sentry run inside the sandbox's namespace.
+                sandbox.invocation.netns = sandbox
+                    .network
+                    .as_ref()
+                    .and_then(SandboxNetwork::netns)
+                    .map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd));
+            }
         }
         // File operations run this very executable inside (static, so any root can run it).
         let agent = match sandbox.spec.service {
@@ -331,10 +343,14 @@ impl GvisorSandbox {
             mounts,
             host_binds,
             cgroups_path: sandbox.cgroups_path.clone(),
-            netns: sandbox
-                .network
-                .as_ref()
-                .map(|_| PathBuf::from("/run/netns").join(tartarus_network::netns_name(&sandbox.id))),
+            // With the host stack inside the namespace, runsc is started in it and must not make another.
+            netns: match (&sandbox.network, network_flag) {
+                (Some(_), NetworkFlag::Sandbox) => {
+                    Some(PathBuf::from("/run/netns").join(tartarus_network::netns_name(&sandbox.id)))
+                }
+                _ => None,
+            },
+            share_netns: network_flag == NetworkFlag::HostInNamespace,
             init,
             agent,
         };
@@ -888,7 +904,14 @@ pub fn collect_garbage(
             continue;
         }
         let bundle = entry.path();
-        let invocation = Invocation::new(runsc, &dirs.root, platform, false, false, Path::new("/dev/null"));
+        let invocation = Invocation::new(
+            runsc,
+            &dirs.root,
+            platform,
+            NetworkFlag::None,
+            false,
+            Path::new("/dev/null"),
+        );
         let _ = invocation.run(&["delete", "--force", &name], CONTROL_TIMEOUT);
         let rootfs = bundle.join("rootfs");
         let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
