@@ -441,18 +441,41 @@ impl GvisorSandbox {
             .next()
     }
 
-    fn start_inner(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
+    /// Starts this prepared sandbox from a checkpoint image written by [`GvisorSandbox::checkpoint`] of a
+    /// sandbox of the same spec (`runsc restore`): its processes, memory and scratch files continue; its
+    /// stdio is `stdio`.
+    pub fn start_restored(&mut self, image_dir: &Path, stdio: StdioFds<'_>) -> Result<(), StartError> {
+        if !self.state.can_start() {
+            return Err(StartError::State(self.state));
+        }
+        let result = self.start_inner(stdio, Some(image_dir));
+        if result.is_err() && self.running.is_some() {
+            let _ = self.kill(KillReason::Requested);
+            let _ = self.collect();
+        }
+        result
+    }
+
+    fn start_inner(&mut self, stdio: StdioFds<'_>, restore: Option<&Path>) -> Result<(), StartError> {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map(Stdio::from);
         let pid_file = self.bundle.join("sandbox.pid");
-        let mut create = self.invocation.command([
-            "create".as_ref(),
-            "--bundle".as_ref(),
-            self.bundle.as_os_str(),
-            "--pid-file".as_ref(),
-            pid_file.as_os_str(),
-            self.container.as_ref(),
+        let mut args: Vec<std::ffi::OsString> = match restore {
+            None => vec!["create".into()],
+            Some(image) => vec![
+                "restore".into(),
+                "--detach".into(),
+                format!("--image-path={}", image.display()).into(),
+            ],
+        };
+        args.extend([
+            "--bundle".into(),
+            self.bundle.clone().into_os_string(),
+            "--pid-file".into(),
+            pid_file.clone().into_os_string(),
+            self.container.clone().into(),
         ]);
+        let mut create = self.invocation.command(&args);
         // The container's stdio is runsc create's: the sandbox receives these descriptors.
         create
             .stdin(dup(stdio.stdin).map_err(host("passing stdin"))?)
@@ -501,6 +524,9 @@ impl GvisorSandbox {
         self.state = SandboxState::Running;
         // The gofer took its own copy of the root when it started.
         self.unmount_overlay();
+        if restore.is_some() {
+            return Ok(());
+        }
         match self.invocation.run(&["start", &self.container], START_TIMEOUT) {
             Ok(_) => Ok(()),
             Err(RunscError::Failed { message, .. }) => Err(self.classify_start_failure(message)),
@@ -759,7 +785,7 @@ impl Sandbox for GvisorSandbox {
         if !self.state.can_start() {
             return Err(StartError::State(self.state));
         }
-        let result = self.start_inner(stdio);
+        let result = self.start_inner(stdio, None);
         if result.is_err() && self.running.is_some() {
             let _ = self.kill(KillReason::Requested);
             let _ = self.collect();
