@@ -771,3 +771,18 @@ fn the_server_enforces_the_policy_on_a_sandbox_that_breaks_its_contract() {
         lab.ruleset()
     );
 }
+
+#[test]
+fn test_a_gvisor_sandbox_is_held_to_the_same_egress_contract() {
+    // The same namespace, veth and rules as the process lane's; runsc only ever sees that namespace.
+    let lab = Lab::standard();
+    let (p80, p8080, private) = (target(PUBLIC, 80), target(PUBLIC, 8080), target(PRIVATE, 80));
+    let (results, record) = lab.probe(
+        &["--runtime", "gvisor", "--allow-port", "80"],
+        &[&p80, &p8080, &private],
+    );
+    assert_reached(&results, &p80);
+    assert_blocked(&results, &p8080);
+    assert_blocked(&results, &private);
+    assert!(record["blocked_packets"].as_u64().unwrap() > 0, "{record}");
+}

@@ -607,6 +607,24 @@ pub fn join_cgroup_before_exec(command: &mut std::process::Command, procs: std::
     }
 }
 
+/// Makes `command`'s process enter the network namespace `netns` before it executes, so that it and
+/// everything it starts live there. The descriptor must stay open until the spawn returns.
+pub fn enter_netns_before_exec(command: &mut std::process::Command, netns: RawFd) {
+    use std::os::unix::process::CommandExt;
+    let hook = move || -> io::Result<()> {
+        // SAFETY: a raw syscall between fork and exec on a descriptor the caller keeps open across the
+        // spawn; no allocation, no locks.
+        match unsafe { libc::setns(netns, libc::CLONE_NEWNET) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    };
+    // SAFETY: the hook above is async-signal-safe (one raw syscall), as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -253,13 +253,19 @@ fn probe_gvisor(config: &LaneConfig) -> LaneReport {
         .unwrap_or_else(|| default_state_dir().join("gvisor"));
     let _ = std::fs::create_dir_all(&scratch);
     match crate::gvisor::runsc::choose_platform(&runsc, config.gvisor.platform, &scratch) {
-        Ok(choice) => LaneReport {
-            name: LaneName::Gvisor,
-            available: true,
-            reason: None,
-            version,
-            detail: Some(choice.detail),
-        },
+        Ok(choice) => {
+            let egress = match crate::gvisor::runsc::NetworkFlag::egress_for(&runsc) {
+                crate::gvisor::runsc::NetworkFlag::Sandbox => "egress: gVisor's network stack",
+                _ => "egress: the host's stack inside the sandbox's namespace (runsc before 2024-08)",
+            };
+            LaneReport {
+                name: LaneName::Gvisor,
+                available: true,
+                reason: None,
+                version,
+                detail: Some(format!("{}; {egress}", choice.detail)),
+            }
+        }
         Err(e) => unavailable(e.to_string(), version),
     }
 }

@@ -381,6 +381,67 @@ fn the_pids_limit_stops_a_fork_bomb(env: &Env) {
     assert!(forked < 16, "{forked} forks under a limit of 16");
 }
 
+/// The pids hierarchy's directory for our cgroup parent (v1 on a hybrid host, the v2 tree otherwise).
+fn pids_parent(env: &Env) -> PathBuf {
+    let v1 = PathBuf::from("/sys/fs/cgroup/pids").join(&env.cgroup_parent);
+    match v1.exists() {
+        true => v1,
+        false => PathBuf::from("/sys/fs/cgroup").join(&env.cgroup_parent),
+    }
+}
+
+fn a_fork_bomb_stays_inside_its_parent_cgroup(env: &Env) {
+    let spec = SandboxSpec {
+        service: true,
+        limits: tartarus_runtime::ResourceLimits {
+            pids: Some(16),
+            ..Default::default()
+        },
+        ..SandboxSpec::default()
+    };
+    let mut sandbox = env.runtime.prepare_service(spec).expect("prepare");
+    sandbox.start(StdioFds::inherit()).expect("start");
+    let parent = pids_parent(env);
+    let cgroup = std::fs::read_dir(&parent)
+        .expect("the test's parent cgroup")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("gvisor-"))
+        .expect("the sandbox's cgroup")
+        .path();
+    let max: u64 = std::fs::read_to_string(cgroup.join("pids.max"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(max, 16 * 8 + 128, "host tasks bound for 16 sandbox processes");
+    let bomb = "import os, time\n\
+                n = 0\n\
+                try:\n\
+                \x20   while True:\n\
+                \x20       if os.fork() == 0:\n\
+                \x20           time.sleep(3); os._exit(0)\n\
+                \x20       n += 1\n\
+                except OSError:\n\
+                \x20   print(n, open('/proc/loadavg').read().split()[3], flush=True)\n";
+    let (end, out, err) = exec(sandbox.as_mut(), request(&["python3", "-c", bomb]), b"").unwrap();
+    let peak: u64 = std::fs::read_to_string(parent.join("pids.current"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(end, Termination::Exited(0), "{err}");
+    let forked: u64 = out.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(forked < 16, "{forked} forks under a limit of 16: {out}");
+    assert!(
+        peak <= max,
+        "the parent cgroup holds {peak} tasks, more than {max}"
+    );
+    sandbox.kill(KillReason::Requested).expect("kill");
+    sandbox.wait().expect("wait");
+    sandbox.cleanup().expect("cleanup");
+    assert_nothing_left(env);
+}
+
 fn a_timeout_kills_and_says_so(env: &Env) {
     let mut s = spec(&["sleep", "30"]);
     s.timeout = Some(Duration::from_millis(500));
@@ -694,6 +755,37 @@ fn checkpoint_writes_an_image(env: &Env) {
     assert_nothing_left(env);
 }
 
+fn a_checkpoint_restores_into_a_new_sandbox_with_its_files(env: &Env) {
+    let spec = SandboxSpec {
+        service: true,
+        ..SandboxSpec::default()
+    };
+    let mut first = env.runtime.prepare_sandbox(spec.clone()).expect("prepare");
+    first.start(StdioFds::inherit()).expect("start");
+    let (end, _, _) = exec(
+        &mut first,
+        request(&["/bin/sh", "-c", "echo before > /tmp/state"]),
+        b"",
+    )
+    .unwrap();
+    assert_eq!(end, Termination::Exited(0));
+    let image = tempfile::tempdir().unwrap();
+    first.checkpoint(image.path(), false).expect("checkpoint");
+    first.wait().expect("the checkpointed sandbox ends");
+    first.cleanup().expect("cleanup");
+
+    let mut second = env.runtime.prepare_sandbox(spec).expect("prepare");
+    second
+        .start_restored(image.path(), StdioFds::inherit())
+        .expect("restore");
+    let (_, out, err) = exec(&mut second, request(&["cat", "/tmp/state"]), b"").unwrap();
+    assert_eq!(out, "before\n", "{err}");
+    second.kill(KillReason::Requested).expect("kill");
+    second.wait().expect("wait");
+    second.cleanup().expect("cleanup");
+    assert_nothing_left(env);
+}
+
 fn unsupported_knobs_are_refused_naming_the_lane(env: &Env) {
     let mut s = spec(&["/bin/true"]);
     s.tty = true;
@@ -820,6 +912,10 @@ const CASES: &[(&str, Case)] = &[
         "the_pids_limit_stops_a_fork_bomb",
         the_pids_limit_stops_a_fork_bomb,
     ),
+    (
+        "a_fork_bomb_stays_inside_its_parent_cgroup",
+        a_fork_bomb_stays_inside_its_parent_cgroup,
+    ),
     ("a_timeout_kills_and_says_so", a_timeout_kills_and_says_so),
     (
         "a_missing_command_is_127_and_a_directory_126",
@@ -842,6 +938,10 @@ const CASES: &[(&str, Case)] = &[
         service_file_operations_without_a_shell,
     ),
     ("checkpoint_writes_an_image", checkpoint_writes_an_image),
+    (
+        "a_checkpoint_restores_into_a_new_sandbox_with_its_files",
+        a_checkpoint_restores_into_a_new_sandbox_with_its_files,
+    ),
     (
         "unsupported_knobs_are_refused_naming_the_lane",
         unsupported_knobs_are_refused_naming_the_lane,
@@ -880,6 +980,20 @@ fn main() -> ExitCode {
         .tempdir()
         .unwrap();
     let cgroup_parent = format!("tartarus-test-{}", std::process::id());
+    // The parent is the test's own, in every hierarchy: what the sandboxes do is seen (and bounded) there.
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let hierarchies: Vec<PathBuf> = match root.join("cgroup.controllers").exists() {
+        true => vec![root.to_path_buf()],
+        false => std::fs::read_dir(root)
+            .unwrap()
+            .flatten()
+            .map(|h| h.path())
+            .filter(|h| h.join("cgroup.procs").exists())
+            .collect(),
+    };
+    for hierarchy in hierarchies {
+        let _ = std::fs::create_dir(hierarchy.join(&cgroup_parent));
+    }
     let config = LaneConfig {
         process: ProcessRuntimeConfig {
             cgroup_parent: cgroup_parent.clone(),

@@ -46,6 +46,8 @@ pub struct BundleInputs {
     pub cgroups_path: String,
     /// The prepared network namespace (egress), joined instead of a new empty one.
     pub netns: Option<PathBuf>,
+    /// runsc is started inside the prepared namespace (host stack in it): no network namespace entry.
+    pub share_netns: bool,
     /// Host path of the service-mode init, when the sandbox has no main command.
     pub init: Option<PathBuf>,
     /// Host path of the file-operation agent (service sandboxes).
@@ -227,10 +229,12 @@ pub fn oci_config(spec: &SandboxSpec, inputs: &BundleInputs) -> Result<Spec, Bun
         namespaces.push(built(LinuxNamespaceBuilder::default().typ(typ).build())?);
     }
     let network = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network);
-    namespaces.push(built(match &inputs.netns {
-        Some(path) => network.path(path.clone()).build(),
-        None => network.build(),
-    })?);
+    if !inputs.share_netns {
+        namespaces.push(built(match &inputs.netns {
+            Some(path) => network.path(path.clone()).build(),
+            None => network.build(),
+        })?);
+    }
 
     let mut resources = LinuxResourcesBuilder::default().devices(Vec::new());
     if let Some(bytes) = limits.memory_bytes.value() {
@@ -335,6 +339,7 @@ mod tests {
             host_binds: vec!["/usr".into()],
             cgroups_path: "/tartarus/gvisor-1-abc".into(),
             netns: None,
+            share_netns: false,
             init: None,
             agent: None,
         }

@@ -30,7 +30,7 @@ use rustix::process::{Pid, Signal};
 use tartarus_network::{NetworkConfig, SandboxNetwork};
 
 use self::bundle::BundleInputs;
-use self::runsc::Invocation;
+use self::runsc::{Invocation, NetworkFlag};
 pub use self::runsc::{KvmVerdict, PlatformChoice, RunscBinary, RunscError, RunscVersion, MIN_RELEASE};
 use crate::capabilities::LaneCapabilities;
 use crate::lanes::{default_state_dir, LaneConfig};
@@ -250,11 +250,15 @@ impl GvisorSandbox {
         let container = format!("{CONTAINER_PREFIX}{owner}-{id}");
         let bundle = runtime.dirs.bundles.join(&container);
         let cgroups_path = format!("/{}/gvisor-{owner}-{id}", runtime.cgroup_parent);
+        let network_flag = match spec.network {
+            NetworkMode::Egress(_) => NetworkFlag::egress_for(&runtime.runsc),
+            _ => NetworkFlag::None,
+        };
         let invocation = Invocation::new(
             &runtime.runsc,
             &runtime.dirs.root,
             runtime.platform.platform,
-            matches!(spec.network, NetworkMode::Egress(_)),
+            network_flag,
             bundle::writable_root(&spec.root),
             &bundle.join("runsc.log"),
         );
@@ -316,6 +320,14 @@ impl GvisorSandbox {
         if let (NetworkMode::Egress(contract), Some(config)) = (&sandbox.spec.network, &network_config) {
             tartarus_network::collect_garbage();
             sandbox.network = Some(SandboxNetwork::create(&sandbox.id, contract, config, &resolvers)?);
+            if network_flag == NetworkFlag::HostInNamespace {
+                // runsc, its gofer and the sentry run inside the sandbox's namespace.
+                sandbox.invocation.netns = sandbox
+                    .network
+                    .as_ref()
+                    .and_then(SandboxNetwork::netns)
+                    .map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd));
+            }
         }
         // File operations run this very executable inside (static, so any root can run it).
         let agent = match sandbox.spec.service {
@@ -331,10 +343,14 @@ impl GvisorSandbox {
             mounts,
             host_binds,
             cgroups_path: sandbox.cgroups_path.clone(),
-            netns: sandbox
-                .network
-                .as_ref()
-                .map(|_| PathBuf::from("/run/netns").join(tartarus_network::netns_name(&sandbox.id))),
+            // With the host stack inside the namespace, runsc is started in it and must not make another.
+            netns: match (&sandbox.network, network_flag) {
+                (Some(_), NetworkFlag::Sandbox) => {
+                    Some(PathBuf::from("/run/netns").join(tartarus_network::netns_name(&sandbox.id)))
+                }
+                _ => None,
+            },
+            share_netns: network_flag == NetworkFlag::HostInNamespace,
             init,
             agent,
         };
@@ -425,18 +441,41 @@ impl GvisorSandbox {
             .next()
     }
 
-    fn start_inner(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
+    /// Starts this prepared sandbox from a checkpoint image written by [`GvisorSandbox::checkpoint`] of a
+    /// sandbox of the same spec (`runsc restore`): its processes, memory and scratch files continue; its
+    /// stdio is `stdio`.
+    pub fn start_restored(&mut self, image_dir: &Path, stdio: StdioFds<'_>) -> Result<(), StartError> {
+        if !self.state.can_start() {
+            return Err(StartError::State(self.state));
+        }
+        let result = self.start_inner(stdio, Some(image_dir));
+        if result.is_err() && self.running.is_some() {
+            let _ = self.kill(KillReason::Requested);
+            let _ = self.collect();
+        }
+        result
+    }
+
+    fn start_inner(&mut self, stdio: StdioFds<'_>, restore: Option<&Path>) -> Result<(), StartError> {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map(Stdio::from);
         let pid_file = self.bundle.join("sandbox.pid");
-        let mut create = self.invocation.command([
-            "create".as_ref(),
-            "--bundle".as_ref(),
-            self.bundle.as_os_str(),
-            "--pid-file".as_ref(),
-            pid_file.as_os_str(),
-            self.container.as_ref(),
+        let mut args: Vec<std::ffi::OsString> = match restore {
+            None => vec!["create".into()],
+            Some(image) => vec![
+                "restore".into(),
+                "--detach".into(),
+                format!("--image-path={}", image.display()).into(),
+            ],
+        };
+        args.extend([
+            "--bundle".into(),
+            self.bundle.clone().into_os_string(),
+            "--pid-file".into(),
+            pid_file.clone().into_os_string(),
+            self.container.clone().into(),
         ]);
+        let mut create = self.invocation.command(&args);
         // The container's stdio is runsc create's: the sandbox receives these descriptors.
         create
             .stdin(dup(stdio.stdin).map_err(host("passing stdin"))?)
@@ -485,6 +524,9 @@ impl GvisorSandbox {
         self.state = SandboxState::Running;
         // The gofer took its own copy of the root when it started.
         self.unmount_overlay();
+        if restore.is_some() {
+            return Ok(());
+        }
         match self.invocation.run(&["start", &self.container], START_TIMEOUT) {
             Ok(_) => Ok(()),
             Err(RunscError::Failed { message, .. }) => Err(self.classify_start_failure(message)),
@@ -743,7 +785,7 @@ impl Sandbox for GvisorSandbox {
         if !self.state.can_start() {
             return Err(StartError::State(self.state));
         }
-        let result = self.start_inner(stdio);
+        let result = self.start_inner(stdio, None);
         if result.is_err() && self.running.is_some() {
             let _ = self.kill(KillReason::Requested);
             let _ = self.collect();
@@ -888,7 +930,14 @@ pub fn collect_garbage(
             continue;
         }
         let bundle = entry.path();
-        let invocation = Invocation::new(runsc, &dirs.root, platform, false, false, Path::new("/dev/null"));
+        let invocation = Invocation::new(
+            runsc,
+            &dirs.root,
+            platform,
+            NetworkFlag::None,
+            false,
+            Path::new("/dev/null"),
+        );
         let _ = invocation.run(&["delete", "--force", &name], CONTROL_TIMEOUT);
         let rootfs = bundle.join("rootfs");
         let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);

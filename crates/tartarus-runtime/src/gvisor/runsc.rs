@@ -21,6 +21,11 @@ use crate::lanes::{GvisorConfig, GvisorPlatform};
 
 /// The oldest runsc release this lane is tested with (Debian 12's `0.0~20221219.0`).
 pub const MIN_RELEASE: u32 = 20221219;
+/// The first runsc release whose own network stack (`--network=sandbox`) takes over a prepared network
+/// namespace on current kernels: older ones tell the host's namespace by `/proc/sys/net/core/rmem_default`,
+/// which every namespace has since Linux 5.x, and refuse with "cannot run with network enabled in root
+/// network namespace".
+pub const NETSTACK_RELEASE: u32 = 20240801;
 /// How long a quick runsc query (`--version`, `help platforms`) may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the KVM probe's `runsc do /bin/true` may take before KVM is judged unusable.
@@ -376,27 +381,61 @@ impl Drop for ProbeCgroup {
     }
 }
 
+/// How the sentry reaches a network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkFlag {
+    /// `--network=none`: loopback only, inside the sentry.
+    None,
+    /// `--network=sandbox`: gVisor's own stack, over the interfaces of the prepared namespace.
+    Sandbox,
+    /// `--network=host`, with runsc started inside the prepared namespace: the sentry's sockets are host
+    /// sockets of that namespace (older runsc, see [`NETSTACK_RELEASE`]).
+    HostInNamespace,
+}
+
+impl NetworkFlag {
+    /// The egress mode this runsc supports best.
+    pub fn egress_for(runsc: &RunscBinary) -> NetworkFlag {
+        match runsc.version.release >= NETSTACK_RELEASE {
+            true => NetworkFlag::Sandbox,
+            false => NetworkFlag::HostInNamespace,
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            NetworkFlag::None => "--network=none",
+            NetworkFlag::Sandbox => "--network=sandbox",
+            NetworkFlag::HostInNamespace => "--network=host",
+        }
+    }
+}
+
 /// Global flags of every invocation for one container.
 #[derive(Debug, Clone)]
 pub struct Invocation {
     pub runsc: PathBuf,
     pub flags: Vec<String>,
+    /// The network namespace every invocation runs in ([`NetworkFlag::HostInNamespace`]: the sandbox's
+    /// control socket is an abstract one, scoped by namespace). Owned by the sandbox's network, which
+    /// outlives every invocation.
+    pub netns: Option<std::os::fd::RawFd>,
 }
 
 impl Invocation {
-    /// `runsc --root=ROOT --platform=P --network=none|sandbox [--overlay2=…] --log=LOG`.
+    /// `runsc --root=ROOT --platform=P --network=… [--overlay2=…] --log=LOG`.
     pub fn new(
         runsc: &RunscBinary,
         root: &Path,
         platform: GvisorPlatform,
-        network_sandbox: bool,
+        network: NetworkFlag,
         overlay_root: bool,
         log: &Path,
     ) -> Invocation {
         let mut flags = vec![
             format!("--root={}", root.display()),
             format!("--platform={platform}"),
-            format!("--network={}", if network_sandbox { "sandbox" } else { "none" }),
+            network.flag().to_string(),
             format!("--log={}", log.display()),
             "--log-format=json".to_string(),
         ];
@@ -406,6 +445,7 @@ impl Invocation {
         Invocation {
             runsc: runsc.path.clone(),
             flags,
+            netns: None,
         }
     }
 
@@ -417,6 +457,9 @@ impl Invocation {
     {
         let mut command = Command::new(&self.runsc);
         command.args(&self.flags).args(args).stdin(Stdio::null());
+        if let Some(netns) = self.netns {
+            tartarus_hostsys::enter_netns_before_exec(&mut command, netns);
+        }
         command
     }
 
@@ -620,7 +663,7 @@ mod tests {
             &runsc,
             Path::new("/run/tartarus/gvisor/runsc"),
             GvisorPlatform::Ptrace,
-            false,
+            NetworkFlag::None,
             false,
             Path::new("/run/tartarus/gvisor/b/runsc.log"),
         );
@@ -634,12 +677,16 @@ mod tests {
             &runsc,
             Path::new("/r"),
             GvisorPlatform::Systrap,
-            true,
+            NetworkFlag::Sandbox,
             true,
             Path::new("/l"),
         );
         assert!(egress.flags.contains(&"--network=sandbox".to_string()));
         assert!(egress.flags.contains(&"--overlay2=root:memory".to_string()));
+        let mut old = runsc.clone();
+        assert_eq!(NetworkFlag::egress_for(&old), NetworkFlag::HostInNamespace);
+        old.version.release = NETSTACK_RELEASE;
+        assert_eq!(NetworkFlag::egress_for(&old), NetworkFlag::Sandbox);
     }
 
     #[test]
