@@ -52,3 +52,76 @@ impl utoipa::Modify for BearerAuth {
 pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+    use utoipa::OpenApi;
+
+    use super::ApiDoc;
+
+    /// Every operation of the document as (METHOD path, operation).
+    fn operations() -> Vec<(String, String, Value)> {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let mut out = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                out.push((method.to_uppercase(), path.clone(), operation.clone()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn test_path_parameters_are_exactly_the_routes_placeholders() {
+        for (method, path, operation) in operations() {
+            let declared: Vec<&str> = operation["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+                .map(|p| p["name"].as_str().unwrap())
+                .collect();
+            let mut placeholders: Vec<&str> = path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            let mut sorted = declared.clone();
+            sorted.sort_unstable();
+            placeholders.sort_unstable();
+            assert_eq!(
+                sorted, placeholders,
+                "{method} {path}: path parameters {declared:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_query_structs_are_optional_query_parameters() {
+        let find = |method: &str, wanted: &str, name: &str| {
+            let (_, _, operation) = operations()
+                .into_iter()
+                .find(|(m, p, _)| m == method && p == wanted)
+                .unwrap();
+            let parameter = operation["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap()
+                .clone();
+            (parameter["in"].clone(), parameter["required"].clone())
+        };
+        let optional_query = (Value::from("query"), Value::from(false));
+        assert_eq!(
+            find("POST", "/v1/sandboxes/{id}/wait", "timeout_s"),
+            optional_query
+        );
+        assert_eq!(find("GET", "/v1/sandboxes", "status"), optional_query);
+        assert_eq!(find("DELETE", "/v1/sandboxes/{id}", "grace_s"), optional_query);
+        assert_eq!(find("GET", "/v1/sandboxes/{id}/logs", "follow"), optional_query);
+        assert_eq!(find("GET", "/v1/events", "limit"), optional_query);
+        let required_query = (Value::from("query"), Value::from(true));
+        assert_eq!(find("GET", "/v1/sandboxes/{id}/files", "path"), required_query);
+    }
+}

@@ -8,6 +8,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuditQuery {
     /// Admins only: one tenant's records (others always see their own tenant's).

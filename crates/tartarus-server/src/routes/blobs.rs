@@ -91,6 +91,7 @@ pub async fn put_blob(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ProofQuery {
     /// With `len`: answer with a range proof of these bytes instead of the blob.

@@ -23,6 +23,7 @@ use crate::{audit, find, AppState};
 pub const MAX_FILE: usize = MAX_FILE_BYTES;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FileQuery {
     /// Absolute path inside the sandbox.

@@ -65,6 +65,7 @@ fn receipt_view(state: &AppState, id: &str, envelope_bytes: &[u8]) -> Result<Rec
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiptQuery {
     sandbox: Option<String>,

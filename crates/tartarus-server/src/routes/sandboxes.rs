@@ -252,6 +252,7 @@ pub(crate) async fn on_node(
 
 /// `DELETE /v1/sandboxes/{id}` query.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteQuery {
     /// Seconds the sandbox's processes get after SIGTERM before SIGKILL (at most 300); absent or 0:
@@ -328,6 +329,7 @@ pub(crate) async fn wait_sandbox(
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WaitQuery {
     pub timeout_s: Option<u64>,

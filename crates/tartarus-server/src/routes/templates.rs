@@ -211,6 +211,7 @@ pub async fn list_templates(
 
 /// `?tenant=` on a template's routes: which tenant's template an admin means.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateQuery {
     /// Admins: the tenant whose template this is (default: the shared one, else the only one with the id).
