@@ -130,7 +130,7 @@ pub async fn list_nodes(
 /// Remove a node and its join token (its agent is refused from then on). Admin only. Its sandboxes still
 /// running are marked lost.
 #[utoipa::path(delete, path = "/v1/nodes/{id}", tag = "cluster", security(("api_key" = [])),
-    responses((status = 204), (status = 404)))]
+    responses((status = 204), (status = 403), (status = 404)))]
 pub async fn delete_node(
     State(state): State<AppState>,
     caller: Caller,

@@ -75,7 +75,7 @@ pub struct ReceiptQuery {
 
 /// Receipts of tool calls, oldest first.
 #[utoipa::path(get, path = "/v1/receipts", tag = "records", params(ReceiptQuery), security(("api_key" = [])),
-    responses((status = 200, body = [ReceiptView])))]
+    responses((status = 200, body = [ReceiptView]), (status = 403, description = "a user key naming another tenant")))]
 pub async fn list_receipts(
     State(state): State<AppState>,
     caller: Caller,

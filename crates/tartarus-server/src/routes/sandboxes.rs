@@ -17,8 +17,11 @@ use crate::{audit, cluster, find, images, policies, view, AppState};
 
 /// Create a sandbox.
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, security(("api_key" = [])),
-    responses((status = 201, body = SandboxView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-               (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = SandboxView),
+               (status = 202, body = Object, description = "cluster mode: no node has room; queued (`GET /v1/queue/{id}`)"),
+               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody),
+               (status = 429, body = ErrorBody, description = "over the tenant's quota, or the queue is full (`Retry-After`)"),
+               (status = 503, body = ErrorBody, description = "the host could not start the sandbox")))]
 pub(crate) async fn create_sandbox(
     State(state): State<AppState>,
     caller: Caller,
