@@ -256,6 +256,19 @@ mod tests {
     }
 
     #[test]
+    fn test_a_blob_read_documents_the_range_proof_and_range_content_types() {
+        let (_, _, operation) = operations()
+            .into_iter()
+            .find(|(m, p, _)| m == "GET" && p == "/v1/blobs/{cid}")
+            .unwrap();
+        let ok = &operation["responses"]["200"]["content"];
+        assert!(ok["application/octet-stream"].is_object(), "{ok}");
+        assert!(ok[crate::routes::blobs::PROOF_TYPE].is_object(), "{ok}");
+        let partial = &operation["responses"]["206"]["content"];
+        assert!(partial["application/octet-stream"].is_object(), "{partial}");
+    }
+
+    #[test]
     fn test_handlers_own_refusals_are_documented() {
         let cases = [
             ("GET", "/v1/audit", "403"),
