@@ -24,7 +24,8 @@ use crate::{api, cluster, gateway, routes};
           routes::evaluators::add_evaluator, routes::evaluators::list_evaluators, routes::signals::add_signal, routes::signals::list_signals,
           routes::datasets::build_dataset, routes::datasets::list_datasets, routes::nodes::register, routes::nodes::heartbeat,
           routes::nodes::list_nodes, routes::nodes::create_token, routes::nodes::cluster_status,
-          routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node),
+          routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node,
+          routes::keys::public_keys, routes::keys::rotate_key),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
@@ -44,6 +45,11 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        // A node agent's join token (`tartarus node token create`), on the routes node agents call.
+        components.add_security_scheme(
+            "node_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
@@ -269,6 +275,19 @@ mod tests {
     }
 
     #[test]
+    fn test_the_node_agents_routes_name_their_token() {
+        for (method, path, operation) in operations() {
+            if path == "/v1/nodes/register" || path == "/v1/nodes/{id}/heartbeat" {
+                assert_eq!(
+                    operation["security"][0]["node_token"],
+                    serde_json::json!([]),
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn test_handlers_own_refusals_are_documented() {
         let cases = [
             ("GET", "/v1/audit", "403"),
@@ -278,6 +297,8 @@ mod tests {
             ("DELETE", "/v1/nodes/{id}", "403"),
             ("DELETE", "/v1/tools/{name}", "403"),
             ("GET", "/v1/episodes/{id}/signals", "404"),
+            ("GET", "/v1/keys", "200"),
+            ("POST", "/v1/keys/rotate", "403"),
             ("POST", "/v1/sandboxes", "202"),
             ("POST", "/v1/sandboxes", "429"),
             ("POST", "/v1/sandboxes/{id}/exec", "403"),
