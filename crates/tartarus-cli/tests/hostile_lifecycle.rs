@@ -537,3 +537,32 @@ fn a_timeout_sends_sigterm_first_and_sigkill_only_after_the_timeout_grace() {
         "{body}"
     );
 }
+
+#[test]
+fn a_graceful_delete_of_a_sandbox_without_a_main_command_ends_once_its_processes_have() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let alpha = new_key(dir.path(), "alpha", "user");
+    let id = create(&server, &alpha, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Init of a sandbox without a main command never exits on its own: the stop ends when nothing else
+    // is left, not at the end of the grace.
+    let asked = Instant::now();
+    let (status, record) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}?grace_s=60", server.base),
+        Some(&alpha),
+        None,
+    );
+
+    assert_eq!((status, &record["status"]), (200, &json!("killed")), "{record}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "a graceful delete with nothing to wait for took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(result_record(dir.path(), &id)["signal"], 15);
+}

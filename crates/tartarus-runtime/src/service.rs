@@ -45,6 +45,12 @@ pub trait ServiceSandbox: Sandbox {
             why: "this lane cannot signal its processes",
         })
     }
+    /// After [`ServiceSandbox::terminate`]: whether every process but init has ended, so that a graceful
+    /// stop can end the sandbox now instead of at the end of its grace period (init of a sandbox without a
+    /// main command never exits on its own). False when the lane cannot tell.
+    fn terminated(&self) -> bool {
+        false
+    }
     /// Freezes every process; [`ServiceErrorKind::Unsupported`] when this sandbox cannot be frozen.
     fn pause(&mut self) -> Result<(), ServiceError>;
     /// Thaws a paused sandbox; a no-op when it is not paused.

@@ -26,6 +26,7 @@ pub enum FakeCall {
     Resume,
     ThrottleCpu(f64),
     IsolateNetwork,
+    Terminate,
     Kill(KillReason),
     Cleanup,
 }
@@ -38,6 +39,17 @@ pub enum PauseBehaviour {
     Unsupported,
     /// [`ServiceError::Host`], as a failed cgroup write answers.
     HostFails,
+}
+
+/// What `terminate` (SIGTERM to every process but init) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminateBehaviour {
+    /// [`ServiceError::Unsupported`], as a lane that cannot signal its processes answers (the default).
+    Unsupported,
+    /// Every process but init ends at the signal: [`ServiceSandbox::terminated`] answers true after it.
+    EndsAll,
+    /// The processes ignore the signal: the sandbox lives until it is killed.
+    Ignored,
 }
 
 /// A scriptable, recording [`ServiceSandbox`] with real event descriptors (eventfds): the sandbox's
@@ -57,6 +69,8 @@ pub struct FakeServiceSandbox {
     next_exec_error: Option<ExecError>,
     pause: PauseBehaviour,
     paused: bool,
+    terminate: TerminateBehaviour,
+    terminated: bool,
     usage: Usage,
     throttles: bool,
     has_network: bool,
@@ -94,6 +108,8 @@ impl FakeServiceSandbox {
             next_exec_error: None,
             pause: PauseBehaviour::Works,
             paused: false,
+            terminate: TerminateBehaviour::Unsupported,
+            terminated: false,
             usage: Usage::default(),
             throttles: true,
             has_network: false,
@@ -137,6 +153,10 @@ impl FakeServiceSandbox {
 
     pub fn set_pause(&mut self, behaviour: PauseBehaviour) {
         self.pause = behaviour;
+    }
+
+    pub fn set_terminate(&mut self, behaviour: TerminateBehaviour) {
+        self.terminate = behaviour;
     }
 
     pub fn set_usage(&mut self, usage: Usage) {
@@ -320,6 +340,23 @@ impl ServiceSandbox for FakeServiceSandbox {
 
     fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    fn terminate(&mut self) -> Result<(), ServiceError> {
+        self.calls.push(FakeCall::Terminate);
+        if self.terminate == TerminateBehaviour::Unsupported {
+            return Err(ServiceError::Unsupported {
+                operation: "terminate",
+                why: "the fake was told it cannot signal its processes",
+            });
+        }
+        self.require_running()?;
+        self.terminated = self.terminate == TerminateBehaviour::EndsAll;
+        Ok(())
+    }
+
+    fn terminated(&self) -> bool {
+        self.terminated
     }
 
     fn usage(&self) -> Usage {

@@ -135,6 +135,7 @@ pub struct ExecResult {
 
 /// `GET /v1/sandboxes` query.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     pub status: Option<String>,

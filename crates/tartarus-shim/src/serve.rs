@@ -361,6 +361,9 @@ enum StopSignal {
 /// The longest grace period a kill may ask for.
 const MAX_GRACE: Duration = Duration::from_secs(300);
 
+/// How often, during a grace period, the shim asks whether every process but init has ended.
+const GRACE_POLL: Duration = Duration::from_millis(50);
+
 enum Slot {
     Request(usize),
     Output(usize, usize),
@@ -441,6 +444,7 @@ impl Shim {
                 .chain(self.requests.iter().map(|p| p.deadline))
                 .chain(self.deadline)
                 .chain(self.grace)
+                .chain(self.grace.map(|_| Instant::now() + GRACE_POLL))
                 .min();
             match rustix::event::poll(&mut fds, poll_timeout(next_deadline).as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
@@ -457,6 +461,15 @@ impl Shim {
                     false => KillReason::Requested,
                 };
                 self.sandbox.kill(reason).map_err(LaneError::from)?;
+                return Ok(None);
+            }
+            if self.grace.is_some() && self.sandbox.terminated() {
+                // Everything but init ended at the SIGTERM: the stop is done within its grace. (Init of a
+                // sandbox without a main command would otherwise wait out the whole grace period.)
+                self.grace = None;
+                self.sandbox
+                    .kill(KillReason::Requested)
+                    .map_err(LaneError::from)?;
                 return Ok(None);
             }
             if self.deadline.is_some_and(|d| Instant::now() >= d) {

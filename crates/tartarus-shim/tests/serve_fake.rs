@@ -8,19 +8,20 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tartarus_runtime::testing::{FakeServiceSandbox, PauseBehaviour};
+use tartarus_runtime::testing::{FakeServiceSandbox, PauseBehaviour, TerminateBehaviour};
 use tartarus_runtime::{
     LaneCapabilities, LimitHits, PrepareError, Runtime, Sandbox, SandboxSpec, ServiceSandbox, Usage,
 };
 use tartarus_shim::serve::{run, ShimPaths};
 
-/// A lane whose sandboxes are fakes with a pause that cannot work and some usage.
-struct FakeLane;
+/// A lane whose sandboxes are fakes with a pause that cannot work, some usage, and the given SIGTERM.
+struct FakeLane(TerminateBehaviour);
 
 impl FakeLane {
-    fn sandbox() -> FakeServiceSandbox {
+    fn sandbox(&self) -> FakeServiceSandbox {
         let mut fake = FakeServiceSandbox::new("fake-1").unwrap();
         fake.set_pause(PauseBehaviour::Unsupported);
+        fake.set_terminate(self.0);
         fake.set_usage(Usage {
             blocked_packets: Some(7),
             limit_hits: LimitHits {
@@ -40,10 +41,10 @@ impl Runtime for FakeLane {
         LaneCapabilities::ALL
     }
     fn prepare(&self, _spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError> {
-        Ok(Box::new(Self::sandbox()))
+        Ok(Box::new(self.sandbox()))
     }
     fn prepare_service(&self, _spec: SandboxSpec) -> Result<Box<dyn ServiceSandbox>, PrepareError> {
-        Ok(Box::new(Self::sandbox()))
+        Ok(Box::new(self.sandbox()))
     }
 }
 
@@ -80,7 +81,7 @@ fn the_shim_answers_the_contract_for_any_lane() {
     .unwrap();
     let shim = {
         let paths = paths.clone();
-        std::thread::spawn(move || run(&paths, &FakeLane).unwrap())
+        std::thread::spawn(move || run(&paths, &FakeLane(TerminateBehaviour::Unsupported)).unwrap())
     };
     wait_for_socket(&paths.socket);
 
@@ -128,4 +129,65 @@ fn the_shim_answers_the_contract_for_any_lane() {
         (Some(1), Some("killed"))
     );
     assert!(!paths.socket.exists(), "socket left behind");
+}
+
+/// Starts a shim over a fake of `lane` in `dir`; returns its paths and the thread running it.
+fn start_shim(dir: &Path, lane: FakeLane) -> (ShimPaths, std::thread::JoinHandle<u8>) {
+    let paths = ShimPaths {
+        socket: dir.join("shim.sock"),
+        spec: dir.join("spec.json"),
+        result: Some(dir.join("result.json")),
+        log: None,
+    };
+    std::fs::write(
+        &paths.spec,
+        serde_json::to_string(&SandboxSpec::default()).unwrap(),
+    )
+    .unwrap();
+    let shim = {
+        let paths = paths.clone();
+        std::thread::spawn(move || run(&paths, &lane).unwrap())
+    };
+    wait_for_socket(&paths.socket);
+    (paths, shim)
+}
+
+#[test]
+fn test_a_graceful_kill_ends_as_soon_as_nothing_but_init_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, shim) = start_shim(dir.path(), FakeLane(TerminateBehaviour::EndsAll));
+
+    let asked = Instant::now();
+    let reply = request(&paths.socket, json!({"op": "kill", "grace_ms": 60_000}));
+    let took = asked.elapsed();
+
+    assert_eq!(reply, json!({"v": 1, "ok": {}}));
+    assert!(took < Duration::from_secs(10), "waited {took:?} of a 60 s grace");
+    assert_eq!(shim.join().unwrap(), 0);
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
+    assert_eq!(
+        (result["signal"].as_i64(), result["reason"].as_str()),
+        (Some(15), Some("killed"))
+    );
+}
+
+#[test]
+fn test_a_graceful_kill_of_processes_that_ignore_sigterm_waits_out_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, shim) = start_shim(dir.path(), FakeLane(TerminateBehaviour::Ignored));
+
+    let asked = Instant::now();
+    let reply = request(&paths.socket, json!({"op": "kill", "grace_ms": 300}));
+    let took = asked.elapsed();
+
+    assert_eq!(reply, json!({"v": 1, "ok": {}}));
+    assert!(
+        took >= Duration::from_millis(300),
+        "ended after {took:?}, before its grace"
+    );
+    assert_eq!(shim.join().unwrap(), 0);
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["signal"].as_i64(), Some(9));
 }

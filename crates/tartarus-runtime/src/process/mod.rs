@@ -415,24 +415,17 @@ impl ProcessSandbox {
 
     /// SIGTERM to every process in the sandbox's cgroup but init, the first step of a graceful stop.
     fn terminate_all_but_init(&self) -> Result<(), ServiceError> {
-        let init = self.running.as_ref().map(|r| r.init.as_raw_nonzero().get());
-        let Some(procs_path) = self.cgroups.dirs.first().map(|d| d.path.join("cgroup.procs")) else {
+        if self.cgroups.dirs.is_empty() {
             return Err(ServiceError::Unsupported {
                 operation: "terminate",
                 why: "this sandbox has no cgroup to find its processes by",
             });
-        };
-        let procs = self
-            .cgroup_fs
-            .read(&procs_path)
-            .map_err(|source| ServiceError::Host {
-                what: "listing the sandbox's processes",
-                source,
-            })?;
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            if Some(pid) == init {
-                continue;
-            }
+        }
+        let others = self.processes_but_init().map_err(|source| ServiceError::Host {
+            what: "listing the sandbox's processes",
+            source,
+        })?;
+        for pid in others {
             if let Some(pid) = Pid::from_raw(pid) {
                 // Gone already is fine; the kill after the grace period catches anything left.
                 let _ = rustix::process::kill_process(pid, Signal::TERM);
@@ -528,6 +521,23 @@ impl ProcessSandbox {
         self.exec_client.as_mut().ok_or(ExecError::NotService)
     }
 
+    /// The pids in the sandbox's first cgroup other than init's: every process it runs but init.
+    fn processes_but_init(&self) -> io::Result<Vec<i32>> {
+        let init = self.running.as_ref().map(|r| r.init.as_raw_nonzero().get());
+        let Some(procs_path) = self.cgroups.dirs.first().map(|d| d.path.join("cgroup.procs")) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the sandbox has no cgroup",
+            ));
+        };
+        let procs = self.cgroup_fs.read(&procs_path)?;
+        Ok(procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .filter(|pid| Some(*pid) != init)
+            .collect())
+    }
+
     fn require_running(&self) -> Result<(), ServiceError> {
         match self.state {
             SandboxState::Running => Ok(()),
@@ -571,11 +581,22 @@ impl ServiceSandbox for ProcessSandbox {
     /// it, and its exit would end the sandbox at once instead of letting the command finish).
     fn terminate(&mut self) -> Result<(), ServiceError> {
         self.require_running()?;
+        if self.cgroups.dirs.is_empty() {
+            return Err(ServiceError::Unsupported {
+                operation: "terminate",
+                why: "this sandbox has no cgroup to find its processes by",
+            });
+        }
         if self.paused {
             // Frozen tasks only see the signal once thawed.
             self.resume()?;
         }
         self.terminate_all_but_init()
+    }
+
+    fn terminated(&self) -> bool {
+        // A process that exited has left its cgroup (even before it is reaped).
+        self.running.is_some() && self.processes_but_init().is_ok_and(|others| others.is_empty())
     }
 
     /// Freezes every process through the freezer cgroup, which service sandboxes started by root get.

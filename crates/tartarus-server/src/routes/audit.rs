@@ -8,6 +8,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuditQuery {
     /// Admins only: one tenant's records (others always see their own tenant's).
@@ -18,7 +19,8 @@ pub(crate) struct AuditQuery {
 
 /// The audit trail, newest first: every mutating call with its tenant, key, target and outcome.
 #[utoipa::path(get, path = "/v1/audit", params(AuditQuery), security(("api_key" = [])),
-    responses((status = 200, description = "audit records, newest first"), (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "audit records, newest first"), (status = 401, body = ErrorBody),
+               (status = 403, body = ErrorBody, description = "a user key naming another tenant")))]
 pub(crate) async fn list_audit(
     State(state): State<AppState>,
     caller: Caller,

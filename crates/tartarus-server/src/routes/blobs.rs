@@ -91,6 +91,7 @@ pub async fn put_blob(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ProofQuery {
     /// With `len`: answer with a range proof of these bytes instead of the blob.
@@ -99,9 +100,11 @@ pub struct ProofQuery {
 }
 
 /// Read a blob (verified against its id while streaming), a `Range` of it, or a range proof.
-#[utoipa::path(get, path = "/v1/blobs/{cid}", params(ProofQuery), security(("api_key" = [])),
-    responses((status = 200, description = "the blob", content_type = "application/octet-stream"),
-               (status = 206, description = "the requested Range"),
+#[utoipa::path(get, path = "/v1/blobs/{cid}", security(("api_key" = [])),
+    params(ProofQuery, ("Range" = Option<String>, Header, description = "one range: bytes=A-B, bytes=A- or bytes=-N")),
+    responses((status = 200, description = "the blob, or with `offset` and `len` the range proof",
+               content((String = "application/octet-stream"), (String = "application/vnd.tartarus.range-proof"))),
+               (status = 206, description = "the requested Range", content_type = "application/octet-stream"),
                (status = 404), (status = 416)))]
 pub async fn get_blob(
     State(state): State<AppState>,

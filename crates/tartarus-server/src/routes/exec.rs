@@ -13,8 +13,11 @@ use crate::{audit, cluster, effects, find, sandboxes, AppState};
 
 /// Run a command inside a running sandbox and return its output.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", request_body = ExecBody, security(("api_key" = [])),
-    responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-               (status = 422, body = ErrorBody)))]
+    responses((status = 200, content((ExecResult = "application/json"),
+                                      (String = "text/event-stream", example = "with `stream`: Server-Sent Events"))),
+               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+               (status = 422, body = ErrorBody),
+               (status = 429, body = ErrorBody, description = "the sandbox already runs its most execs at once (`Retry-After`)")))]
 pub(crate) async fn exec_sandbox(
     State(state): State<AppState>,
     caller: Caller,

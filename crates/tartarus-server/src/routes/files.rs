@@ -23,6 +23,7 @@ use crate::{audit, find, AppState};
 pub const MAX_FILE: usize = MAX_FILE_BYTES;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FileQuery {
     /// Absolute path inside the sandbox.
@@ -81,7 +82,9 @@ async fn live_local(
 /// Write a file (the request body) inside a sandbox.
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", params(FileQuery), request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     security(("api_key" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 413, body = ErrorBody)))]
+    responses((status = 204), (status = 403, body = ErrorBody, description = "the sandbox refused: a read-only or denied path"),
+               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the sandbox is paused or has ended"),
+               (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn put_file(
     State(state): State<AppState>,
     caller: Caller,
@@ -157,7 +160,9 @@ async fn on_node(
 /// Read a file, or list a directory with `list=1`.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files", params(FileQuery), security(("api_key" = [])),
     responses((status = 200, description = "the file's bytes, or a JSON array of DirEntry with list=1"),
-               (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+               (status = 403, body = ErrorBody, description = "the sandbox refused: a denied path"),
+               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the sandbox is paused or has ended"),
+               (status = 413, body = ErrorBody, description = "the file is over 4 MiB"), (status = 422, body = ErrorBody)))]
 pub async fn get_file(
     State(state): State<AppState>,
     caller: Caller,

@@ -94,6 +94,7 @@ pub(crate) async fn logs_sandbox(
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogsQuery {
     pub follow: Option<bool>,

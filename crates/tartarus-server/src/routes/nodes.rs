@@ -53,7 +53,7 @@ impl FromRequestParts<AppState> for NodeCaller {
 
 /// Register a node agent (node token).
 #[utoipa::path(post, path = "/v1/nodes/register", tag = "cluster", request_body = NodeReport,
-    responses((status = 200, body = Registration), (status = 401), (status = 403), (status = 409), (status = 422)))]
+    security(("node_token" = [])), responses((status = 200, body = Registration), (status = 401), (status = 403), (status = 409), (status = 422)))]
 pub async fn register(
     State(state): State<AppState>,
     node: NodeCaller,
@@ -65,7 +65,7 @@ pub async fn register(
 
 /// A node agent's heartbeat (node token).
 #[utoipa::path(post, path = "/v1/nodes/{id}/heartbeat", tag = "cluster", request_body = Heartbeat,
-    responses((status = 204), (status = 401), (status = 409, description = "superseded: register again")))]
+    security(("node_token" = [])), responses((status = 204), (status = 401), (status = 409, description = "superseded: register again")))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     node: NodeCaller,
@@ -130,7 +130,7 @@ pub async fn list_nodes(
 /// Remove a node and its join token (its agent is refused from then on). Admin only. Its sandboxes still
 /// running are marked lost.
 #[utoipa::path(delete, path = "/v1/nodes/{id}", tag = "cluster", security(("api_key" = [])),
-    responses((status = 204), (status = 404)))]
+    responses((status = 204), (status = 403), (status = 404)))]
 pub async fn delete_node(
     State(state): State<AppState>,
     caller: Caller,

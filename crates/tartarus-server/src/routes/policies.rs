@@ -137,6 +137,7 @@ pub async fn list_policies(
 
 /// `GET /v1/policies/effective` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EffectiveQuery {
     /// The tenant (default: the caller's; other tenants' need an admin key).
@@ -273,6 +274,7 @@ pub async fn delete_policy(
 
 /// `GET /v1/events` query.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Admins only: one tenant's events (others always see their own tenant's).

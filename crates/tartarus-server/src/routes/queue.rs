@@ -18,6 +18,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct QueueQuery {
     /// Admins only: one tenant's items.
@@ -32,7 +33,7 @@ fn shown(mut item: QueueItem) -> QueueItem {
 
 /// Requests waiting for a node (in dequeue order) and dead letters, with the depth of each lane.
 #[utoipa::path(get, path = "/v1/queue", tag = "cluster", params(QueueQuery), security(("api_key" = [])),
-    responses((status = 200)))]
+    responses((status = 200), (status = 403, description = "a user key naming another tenant")))]
 pub async fn list_queue(
     State(state): State<AppState>,
     caller: Caller,

@@ -65,6 +65,7 @@ fn receipt_view(state: &AppState, id: &str, envelope_bytes: &[u8]) -> Result<Rec
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiptQuery {
     sandbox: Option<String>,
@@ -74,7 +75,7 @@ pub struct ReceiptQuery {
 
 /// Receipts of tool calls, oldest first.
 #[utoipa::path(get, path = "/v1/receipts", tag = "records", params(ReceiptQuery), security(("api_key" = [])),
-    responses((status = 200, body = [ReceiptView])))]
+    responses((status = 200, body = [ReceiptView]), (status = 403, description = "a user key naming another tenant")))]
 pub async fn list_receipts(
     State(state): State<AppState>,
     caller: Caller,

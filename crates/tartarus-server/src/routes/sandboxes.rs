@@ -17,8 +17,11 @@ use crate::{audit, cluster, find, images, policies, view, AppState};
 
 /// Create a sandbox.
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, security(("api_key" = [])),
-    responses((status = 201, body = SandboxView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-               (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = SandboxView),
+               (status = 202, body = Object, description = "cluster mode: no node has room; queued (`GET /v1/queue/{id}`)"),
+               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody),
+               (status = 429, body = ErrorBody, description = "over the tenant's quota, or the queue is full (`Retry-After`)"),
+               (status = 503, body = ErrorBody, description = "the host could not start the sandbox")))]
 pub(crate) async fn create_sandbox(
     State(state): State<AppState>,
     caller: Caller,
@@ -281,6 +284,7 @@ pub(crate) async fn on_node(
 
 /// `DELETE /v1/sandboxes/{id}` query.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteQuery {
     /// Seconds the sandbox's processes get after SIGTERM before SIGKILL (at most 300); absent or 0:
@@ -357,6 +361,7 @@ pub(crate) async fn wait_sandbox(
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WaitQuery {
     pub timeout_s: Option<u64>,

@@ -106,7 +106,7 @@ fn signal_view(record: &SignalRecord) -> SignalView {
 
 /// An episode's signals, oldest first.
 #[utoipa::path(get, path = "/v1/episodes/{id}/signals", tag = "records", security(("api_key" = [])),
-    responses((status = 200, body = [SignalView])))]
+    responses((status = 200, body = [SignalView]), (status = 404)))]
 pub async fn list_signals(
     State(state): State<AppState>,
     caller: Caller,

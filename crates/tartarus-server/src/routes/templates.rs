@@ -140,7 +140,8 @@ async fn tenant_template_limits(state: &AppState, tenant: &str, template: &Templ
 /// Create a template, or replace one the caller owns (admins: any). 201 when new, 200 when replaced.
 #[utoipa::path(post, path = "/v1/templates", request_body = CreateTemplate, security(("api_key" = [])),
     responses((status = 201, body = TemplateView), (status = 200, body = TemplateView),
-               (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+               (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+               (status = 429, body = ErrorBody, description = "the tenant's templates or warm sandboxes are at their cap")))]
 pub async fn create_template(
     State(state): State<AppState>,
     caller: Caller,
@@ -211,6 +212,7 @@ pub async fn list_templates(
 
 /// `?tenant=` on a template's routes: which tenant's template an admin means.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateQuery {
     /// Admins: the tenant whose template this is (default: the shared one, else the only one with the id).
@@ -252,7 +254,7 @@ async fn find(
 
 /// Get one template.
 #[utoipa::path(get, path = "/v1/templates/{id}", params(TemplateQuery), security(("api_key" = [])),
-    responses((status = 200, body = TemplateView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = TemplateView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_template(
     State(state): State<AppState>,
     caller: Caller,

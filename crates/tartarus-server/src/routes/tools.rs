@@ -52,8 +52,8 @@ pub async fn list_tools(
 }
 
 /// Remove a tool. Admin only.
-#[utoipa::path(delete, path = "/v1/tools/{name}", tag = "gateway", security(("api_key" = [])),
-    responses((status = 204), (status = 404)))]
+#[utoipa::path(delete, path = "/v1/tools/{name}", tag = "gateway", params(("name" = String, Path, description = "the tool's name")),
+    security(("api_key" = [])), responses((status = 204), (status = 403), (status = 404)))]
 pub async fn delete_tool(
     State(state): State<AppState>,
     caller: Caller,
