@@ -723,6 +723,11 @@ impl Unpacker<'_> {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| io_error(shown, "create the file", e))?;
+        // Owned by the sandbox's ids before any byte is written: a layer cut short leaves no content of
+        // its own owned by the host's root.
+        if let Some((uid, gid)) = meta.owner {
+            rfs::fchown(&fd, Some(uid), Some(gid)).map_err(|e| io_error(shown, "chown the file", e))?;
+        }
         let mut file = std::fs::File::from(fd);
         copy_limited(entry, &mut file, &mut self.buf, &mut self.stats.bytes, limit).map_err(|e| match e {
             CopyError::Limit => UnpackError::TooManyBytes {
@@ -847,6 +852,12 @@ impl Unpacker<'_> {
             rfs::makedev(0, 0),
         )
         .map_err(|e| io_error(shown, "create the overlay whiteout", e))?;
+        // Like the parents the layer leaves implicit, a whiteout belongs to the sandbox's root.
+        if let Some(base) = self.options.id_shift {
+            let root = (Some(Uid::from_raw(base)), Some(Gid::from_raw(base)));
+            rfs::chownat(&parent, hidden, root.0, root.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io_error(shown, "chown the overlay whiteout", e))?;
+        }
         self.stats.whiteouts += 1;
         Ok(())
     }
@@ -1316,6 +1327,56 @@ mod tests {
         assert_eq!(ids("d/link"), (base + 7, base + 8));
         assert_eq!(ids("implicit"), (base, base));
         assert_eq!(ids("implicit/file"), (base, base));
+    }
+
+    /// A stream that fails.
+    struct Failing;
+
+    impl Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::other("the stream broke"))
+        }
+    }
+
+    #[test]
+    fn test_unpack_id_shift_owns_whiteouts_and_a_file_cut_short() {
+        let sandbox = Sandbox::new();
+        let base = 100_000;
+        let mut tar = Layer::new()
+            .file(".wh.gone", b"", 0o644)
+            .push(Spec {
+                ids: (1000, 2000),
+                data: b"truncated",
+                ..Spec::new("f", EntryType::Regular)
+            })
+            .finish();
+        // The stream fails inside the file's data (a download cut, a corrupt gzip member): its header and
+        // four of its nine bytes arrive.
+        tar.truncate(2 * 512 + 4);
+        let failing = io::Read::chain(tar.as_slice(), Failing);
+        let options = UnpackOptions {
+            id_shift: Some(base),
+            ..options()
+        };
+
+        let err = unpack_layer(failing, Compression::None, &sandbox.layer(), &options).unwrap_err();
+
+        assert!(
+            matches!(
+                err,
+                UnpackError::Io {
+                    op: "read its content from the layer",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let ids = |path: &str| {
+            let meta = fs::symlink_metadata(sandbox.layer().join(path)).unwrap();
+            (meta.uid(), meta.gid())
+        };
+        assert_eq!(ids("gone"), (base, base));
+        assert_eq!(ids("f"), (base + 1000, base + 2000));
     }
 
     #[test]
