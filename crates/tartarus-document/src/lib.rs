@@ -309,17 +309,53 @@ pub fn in_comment(line: &str) -> bool {
     line.trim_start().starts_with('#') || line.contains(" #") || line.contains("\t#")
 }
 
-/// 1-based line and column (in characters) of byte offset `at`.
+/// 1-based line and column (in characters) of byte offset `at`, counting line breaks as the YAML parser
+/// does (`\r\n`, a lone `\r`, `\n`, NEL, LS and PS), so that a position found here and one the parser
+/// reports number the same lines.
 pub fn line_column(text: &str, at: usize) -> (usize, usize) {
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let (mut line, mut column) = (1, 1);
+    let mut chars = text[..at].chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // One break with the `\n` that follows.
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\r' | '\n' | '\u{85}' | '\u{2028}' | '\u{2029}' => (line, column) = (line + 1, 1),
+            _ => column += 1,
+        }
+    }
     (line, column)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_line_column_counts_the_line_breaks_the_parser_counts() {
+        let text = "a\rb\r\nc\u{2028}d\u{85}é\ne";
+        assert_eq!(line_column(text, text.find('b').unwrap()), (2, 1));
+        assert_eq!(line_column(text, text.find('c').unwrap()), (3, 1));
+        assert_eq!(line_column(text, text.find('d').unwrap()), (4, 1));
+        assert_eq!(line_column(text, text.find('e').unwrap()), (6, 1));
+        assert_eq!(line_column(text, text.len()), (6, 2));
+        assert_eq!(line_column("é\r\nx", "é\r\n".len()), (2, 1));
+    }
+
+    #[test]
+    fn test_a_key_located_in_text_with_lone_carriage_returns_is_where_the_parser_says() {
+        // Found by the documents fuzz target: lone `\r`s are YAML line breaks, and the parser's line
+        // numbers (here of an unknown key) ran past the lines `line_column` counted.
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Doc {
+            id: String,
+        }
+        let text = "id: x\r\rextra: 1\r";
+        let err = parse::<Doc>(text, "d.yaml").unwrap_err();
+        let at = find_key(text, "extra", 0, false).unwrap();
+        assert_eq!(err.location, Some(line_column(text, at)), "{err}");
+    }
 
     #[test]
     fn keys_are_found_in_block_flow_and_json_and_never_in_comments() {

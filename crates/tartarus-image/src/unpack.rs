@@ -14,11 +14,13 @@
 //!   `user.overlay.opaque=y`);
 //! - setuid/setgid bits are stripped, device nodes are skipped, and only `user.*` xattrs survive (never
 //!   `user.overlay.*`, which would let an image forge overlay metadata);
-//! - the entry count and the regular-file bytes are capped against tar bombs.
+//! - the entry count and the regular-file bytes are capped against tar bombs, and so are the headers of
+//!   each entry (GNU long names, pax extensions, sparse maps), which `tar` reads into memory whole.
 //!
 //! On error the target is left half-written: the caller (the layer store) unpacks into a temporary directory
 //! and deletes it on failure. Requires Linux 5.6+ for `openat2`.
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -26,6 +28,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use rustix::fs::{
     self as rfs, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
@@ -55,6 +58,11 @@ const MAX_PATH_LEN: usize = 4095;
 const COPY_BUF_LEN: usize = 64 * 1024;
 /// How often an `openat2` that failed with `EAGAIN` (a concurrent rename somewhere) is retried.
 const OPENAT2_RETRIES: usize = 8;
+/// Most bytes `tar` may read for one entry's headers: its GNU long name and long link, pax extensions
+/// and sparse map, which it keeps in memory whole, plus the padding of the entry before. A path needs
+/// 4 KiB and a few xattrs some more; without a cap, a declared size and a compressed run of zeros would
+/// fill the supervisor's memory.
+pub const MAX_HEADER_BYTES: u64 = 1 << 20;
 
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +182,12 @@ pub enum UnpackError {
     TooManyBytes {
         /// The entry.
         path: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// An entry's headers (long names, pax extensions, sparse map) take more than [`MAX_HEADER_BYTES`].
+    #[error("an entry's headers (long names, pax extensions) take more than {limit} bytes")]
+    HeadersTooLarge {
         /// The limit.
         limit: u64,
     },
@@ -379,12 +393,60 @@ fn open_beneath(dirfd: BorrowedFd<'_>, path: &Path) -> rustix::io::Result<OwnedF
     }
 }
 
+/// How much the stream may still give before the next entry is returned; `None` while an entry's data
+/// is read (that has limits of its own).
+#[derive(Debug, Default)]
+struct HeaderBudget {
+    left: Cell<Option<u64>>,
+    exceeded: Cell<bool>,
+}
+
+/// The layer stream as `tar` reads it, refusing to go past the [`HeaderBudget`].
+struct Budgeted<R> {
+    inner: R,
+    budget: Rc<HeaderBudget>,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(left) = self.budget.left.get() else {
+            return self.inner.read(buf);
+        };
+        if left == 0 && !buf.is_empty() {
+            self.budget.exceeded.set(true);
+            return Err(io::Error::other("entry headers over the limit"));
+        }
+        let len = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let read = self.inner.read(&mut buf[..len])?;
+        self.budget.left.set(Some(left - read as u64));
+        Ok(read)
+    }
+}
+
 impl Unpacker<'_> {
     fn run<R: Read>(mut self, reader: R) -> Result<UnpackStats, UnpackError> {
-        let mut archive = Archive::new(reader);
-        for entry in archive.entries().map_err(UnpackError::Stream)? {
-            let mut entry = entry.map_err(UnpackError::Stream)?;
+        let budget = Rc::new(HeaderBudget::default());
+        let mut archive = Archive::new(Budgeted {
+            inner: reader,
+            budget: Rc::clone(&budget),
+        });
+        let mut entries = archive.entries().map_err(UnpackError::Stream)?;
+        loop {
+            // What `tar` reads from here to the next entry is that entry's headers, kept in memory.
+            budget.left.set(Some(MAX_HEADER_BYTES));
+            let next = entries.next();
+            budget.left.set(None);
+            let Some(entry) = next else { break };
+            let mut entry = entry.map_err(|e| match budget.exceeded.get() {
+                true => UnpackError::HeadersTooLarge {
+                    limit: MAX_HEADER_BYTES,
+                },
+                false => UnpackError::Stream(e),
+            })?;
             self.entry(&mut entry)?;
+            // Data the entry left unread (a skipped type, a link with a size) is skipped here, not inside
+            // the next entry's budget.
+            io::copy(&mut entry, &mut io::sink()).map_err(UnpackError::Stream)?;
         }
         self.apply_deferred_dirs()?;
         Ok(self.stats)
@@ -661,6 +723,11 @@ impl Unpacker<'_> {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| io_error(shown, "create the file", e))?;
+        // Owned by the sandbox's ids before any byte is written: a layer cut short leaves no content of
+        // its own owned by the host's root.
+        if let Some((uid, gid)) = meta.owner {
+            rfs::fchown(&fd, Some(uid), Some(gid)).map_err(|e| io_error(shown, "chown the file", e))?;
+        }
         let mut file = std::fs::File::from(fd);
         copy_limited(entry, &mut file, &mut self.buf, &mut self.stats.bytes, limit).map_err(|e| match e {
             CopyError::Limit => UnpackError::TooManyBytes {
@@ -785,6 +852,12 @@ impl Unpacker<'_> {
             rfs::makedev(0, 0),
         )
         .map_err(|e| io_error(shown, "create the overlay whiteout", e))?;
+        // Like the parents the layer leaves implicit, a whiteout belongs to the sandbox's root.
+        if let Some(base) = self.options.id_shift {
+            let root = (Some(Uid::from_raw(base)), Some(Gid::from_raw(base)));
+            rfs::chownat(&parent, hidden, root.0, root.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io_error(shown, "chown the overlay whiteout", e))?;
+        }
         self.stats.whiteouts += 1;
         Ok(())
     }
@@ -1256,6 +1329,56 @@ mod tests {
         assert_eq!(ids("implicit/file"), (base, base));
     }
 
+    /// A stream that fails.
+    struct Failing;
+
+    impl Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::other("the stream broke"))
+        }
+    }
+
+    #[test]
+    fn test_unpack_id_shift_owns_whiteouts_and_a_file_cut_short() {
+        let sandbox = Sandbox::new();
+        let base = 100_000;
+        let mut tar = Layer::new()
+            .file(".wh.gone", b"", 0o644)
+            .push(Spec {
+                ids: (1000, 2000),
+                data: b"truncated",
+                ..Spec::new("f", EntryType::Regular)
+            })
+            .finish();
+        // The stream fails inside the file's data (a download cut, a corrupt gzip member): its header and
+        // four of its nine bytes arrive.
+        tar.truncate(2 * 512 + 4);
+        let failing = io::Read::chain(tar.as_slice(), Failing);
+        let options = UnpackOptions {
+            id_shift: Some(base),
+            ..options()
+        };
+
+        let err = unpack_layer(failing, Compression::None, &sandbox.layer(), &options).unwrap_err();
+
+        assert!(
+            matches!(
+                err,
+                UnpackError::Io {
+                    op: "read its content from the layer",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let ids = |path: &str| {
+            let meta = fs::symlink_metadata(sandbox.layer().join(path)).unwrap();
+            (meta.uid(), meta.gid())
+        };
+        assert_eq!(ids("gone"), (base, base));
+        assert_eq!(ids("f"), (base + 1000, base + 2000));
+    }
+
     #[test]
     fn test_unpack_id_shift_refuses_ids_outside_the_map() {
         let sandbox = Sandbox::new();
@@ -1309,6 +1432,103 @@ mod tests {
             assert_eq!(stats.bytes, 10, "{compression:?}");
             assert_eq!(fs::read(sandbox.layer().join("a/b")).unwrap(), b"compressed");
         }
+    }
+
+    /// A GNU long-name header ('L') declaring `declared` bytes of name, followed by `actual` zero bytes.
+    fn long_name_header(declared: u64, actual: usize) -> Vec<u8> {
+        let mut header = Header::new_gnu();
+        header.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        header.set_entry_type(EntryType::GNULongName);
+        header.set_mode(0o644);
+        header.set_size(declared);
+        header.set_cksum();
+        let mut tar = header.as_bytes().to_vec();
+        tar.resize(tar.len() + actual, 0);
+        tar
+    }
+
+    /// Counts what a reader gave.
+    struct Counting<R> {
+        inner: R,
+        read: Rc<Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn test_unpack_refuses_a_long_name_past_the_header_limit_without_reading_it() {
+        // 8 GiB declared; 64 MiB of zeros follow, which `tar` would read into one buffer, all of it.
+        let tar = long_name_header(8 << 30, 64 << 20);
+        let read = Rc::new(Cell::new(0));
+        let sandbox = Sandbox::new();
+        let stream = Counting {
+            inner: tar.as_slice(),
+            read: Rc::clone(&read),
+        };
+        let err = unpack_layer(stream, Compression::None, &sandbox.layer(), &options()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UnpackError::HeadersTooLarge {
+                    limit: MAX_HEADER_BYTES
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            read.get() <= MAX_HEADER_BYTES + (128 << 10),
+            "read {} bytes",
+            read.get()
+        );
+        sandbox.assert_outside_untouched();
+    }
+
+    #[test]
+    fn test_unpack_refuses_pax_extensions_past_the_header_limit() {
+        let value = vec![b'v'; (MAX_HEADER_BYTES as usize) + 1];
+        let tar = Layer::new()
+            .pax(&[("SCHILY.xattr.user.big", &value)])
+            .file("f", b"x", 0o644)
+            .finish();
+        let err = Sandbox::new().unpack(&tar, &options()).unwrap_err();
+        assert!(matches!(err, UnpackError::HeadersTooLarge { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn test_unpack_takes_long_names_and_skips_unread_data_within_the_limits() {
+        // 3000 bytes, in components of at most NAME_MAX.
+        let name = format!("d/{}f", format!("{}/", "n".repeat(199)).repeat(15));
+        let mut builder = Builder::new(Vec::new());
+        let mut header = Header::new_gnu();
+        header.set_size(3);
+        header.set_mode(0o644);
+        builder.append_data(&mut header, &name, &b"abc"[..]).unwrap();
+        // A symlink whose header gives it 2 MiB of data: more than the header limit, skipped as data.
+        let mut link = Header::new_gnu();
+        link.set_entry_type(EntryType::Symlink);
+        link.set_mode(0o777);
+        link.set_link_name("d").unwrap();
+        link.set_size(2 << 20);
+        link.set_cksum();
+        builder
+            .append_data(&mut link, "l", &vec![0u8; 2 << 20][..])
+            .unwrap();
+        let mut last = Header::new_gnu();
+        last.set_size(1);
+        last.set_mode(0o644);
+        builder.append_data(&mut last, "after", &b"z"[..]).unwrap();
+        let tar = builder.into_inner().unwrap();
+        let sandbox = Sandbox::new();
+        let stats = sandbox.unpack(&tar, &options()).unwrap();
+        assert_eq!(stats.entries, 3);
+        assert_eq!(fs::read(sandbox.layer().join(&name)).unwrap(), b"abc");
+        assert_eq!(fs::read(sandbox.layer().join("after")).unwrap(), b"z");
     }
 
     #[test]

@@ -736,6 +736,26 @@ mod tests {
         assert_eq!(none.network, NetworkMode::None);
     }
 
+    #[test]
+    fn test_a_spec_read_from_json_writes_back_to_the_same_numbers() {
+        // Found by the sandbox_spec fuzz target: without serde_json's float_roundtrip, `1e-030` reads as
+        // one f64, is written as its shortest form, and that form reads back as the next f64.
+        for cpus in [
+            "1e-030",
+            "9.999999999999999e-31",
+            "0.30000000000000004",
+            "63.99999999999999",
+        ] {
+            let spec = SandboxSpec::from_json_strict(&format!(
+                r#"{{"command": ["x"], "limits": {{"cpus": {cpus}}}}}"#
+            ))
+            .expect("a spec");
+            let written = serde_json::to_string(&spec).expect("serialize");
+            let again = SandboxSpec::from_json_strict(&written).expect("read back");
+            assert_eq!(again.limits.cpus, spec.limits.cpus, "{cpus} written as {written}");
+        }
+    }
+
     /// A record as the first version that stored specs wrote it: only the fields it had.
     const FIRST_STORED_FORM: &str = r#"{
         "command": ["/bin/sh", "-c", "echo hi"],

@@ -12,6 +12,8 @@ pub mod cluster;
 pub mod connections;
 pub mod effects;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod images;
 pub mod limits;

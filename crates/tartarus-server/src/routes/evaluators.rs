@@ -29,7 +29,7 @@ pub struct AddEvaluator {
 }
 
 /// Whether `name` may name an evaluator: 1-64 of `a-z`, `0-9`, `-`, `_`, `.`.
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

@@ -3,6 +3,7 @@
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::Json;
+use tartarus_runtime::SandboxSpec;
 use tartarus_store::SandboxRecord;
 
 use super::sandboxes::on_node;
@@ -29,9 +30,6 @@ pub(crate) async fn exec_sandbox(
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
     check_exec(&body)?;
-    if body.timeout_s.is_some_and(|t| !(t > 0.0 && t <= 86_400.0)) {
-        return Err(ApiError::invalid("timeout_s must be in (0, 86400]"));
-    }
     if !record.status.is_live() {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}",
@@ -75,22 +73,8 @@ pub(crate) async fn exec_sandbox(
             crate::limits::EXECS_PER_SANDBOX
         )));
     };
-    // The sandbox's own env first (pooled sandboxes start without one), then the request's.
-    let base = sandboxes::stored_spec(&record)?;
-    let env: Vec<(String, String)> = base.env.into_iter().chain(body.env.clone()).collect();
-    // The sandbox's working directory (an image's or template's) unless the request names one.
-    let workdir = body
-        .cwd
-        .clone()
-        .or_else(|| base.workdir.map(|w| w.display().to_string()));
-    let request = tartarus_shim::protocol::ExecRequest {
-        command: body.cmd.clone(),
-        env: env.clone(),
-        workdir,
-        stdin: body.stdin.clone().unwrap_or_default().into_bytes(),
-        timeout_ms: body.timeout_s.map(|t| (t * 1000.0) as u64),
-        stream: body.stream,
-    };
+    let request = shim_request(&body, sandboxes::stored_spec(&record)?);
+    let env = request.env.clone();
     if body.stream {
         let cwd = request.workdir.clone();
         let result = match state.manager.exec_stream(&record, request).await {
@@ -129,13 +113,30 @@ pub(crate) async fn exec_sandbox(
     Ok(Json(result?).into_response())
 }
 
+/// The shim's request for `body` in a sandbox made from `base`: the sandbox's own env first (pooled
+/// sandboxes start without one), then the request's; the sandbox's working directory (an image's or
+/// template's) unless the request names one.
+pub(crate) fn shim_request(body: &ExecBody, base: SandboxSpec) -> tartarus_shim::protocol::ExecRequest {
+    tartarus_shim::protocol::ExecRequest {
+        command: body.cmd.clone(),
+        env: base.env.into_iter().chain(body.env.clone()).collect(),
+        workdir: body
+            .cwd
+            .clone()
+            .or_else(|| base.workdir.map(|w| w.display().to_string())),
+        stdin: body.stdin.clone().unwrap_or_default().into_bytes(),
+        timeout_ms: body.timeout_s.map(|t| (t * 1000.0) as u64),
+        stream: body.stream,
+    }
+}
+
 /// Largest command line an exec takes: `cmd`, `env` and `cwd` together, as JSON (the sandbox's control
 /// channel carries one request in 256 KiB, and the kernel takes no argument over 128 KiB).
 pub const MAX_EXEC_ARGS: usize = 128 << 10;
 
 /// Refuses what no sandbox could run: an empty command, NUL bytes (the kernel's strings end at them), env
-/// names that are empty or hold `=`, a command line over [`MAX_EXEC_ARGS`].
-fn check_exec(body: &ExecBody) -> Result<(), ApiError> {
+/// names that are empty or hold `=`, a command line over [`MAX_EXEC_ARGS`], a timeout outside (0, 86400] s.
+pub(crate) fn check_exec(body: &ExecBody) -> Result<(), ApiError> {
     if body.cmd.is_empty() {
         return Err(ApiError::invalid("cmd must not be empty"));
     }
@@ -174,6 +175,9 @@ fn check_exec(body: &ExecBody) -> Result<(), ApiError> {
                 MAX_EXEC_ARGS >> 10
             ),
         ));
+    }
+    if body.timeout_s.is_some_and(|t| !(t > 0.0 && t <= 86_400.0)) {
+        return Err(ApiError::invalid("timeout_s must be in (0, 86400]"));
     }
     Ok(())
 }

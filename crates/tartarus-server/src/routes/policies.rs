@@ -70,6 +70,25 @@ fn author(caller: &Caller) -> String {
     format!("{}/{}", caller.tenant, caller.key_id)
 }
 
+/// The policy text in an apply body and the name errors give it: YAML (or JSON) text under `yaml`, or the
+/// policy itself as a JSON object (pretty, so that errors point at a line of their own).
+pub(crate) fn policy_text(body: Value) -> Result<(String, String), ApiError> {
+    match body.as_object().is_some_and(|o| o.contains_key("yaml")) {
+        true => {
+            let request: ApplyPolicy = serde_json::from_value(body)
+                .map_err(|e| ApiError::invalid(format!("invalid request: {e}")))?;
+            Ok((request.yaml, request.source.unwrap_or_else(|| "policy".into())))
+        }
+        false if body.is_object() => Ok((
+            serde_json::to_string_pretty(&body).map_err(|e| ApiError::internal(e.to_string()))?,
+            "policy.json".to_string(),
+        )),
+        false => Err(ApiError::invalid(
+            "the body must be {\"yaml\": \"...\"} or the policy as a JSON object",
+        )),
+    }
+}
+
 /// Apply a policy: validated (422 with `file:line:column` on bad input, the previous revision stays in
 /// force), then stored as the policy's next revision.
 #[utoipa::path(post, path = "/v1/policies", request_body = ApplyPolicy, security(("api_key" = [])),
@@ -81,22 +100,7 @@ pub async fn apply_policy(
 ) -> Result<(StatusCode, Json<PolicyView>), ApiError> {
     require_admin(&caller)?;
     let Json(body) = body.map_err(json_rejection)?;
-    let (text, source) = match body.as_object().is_some_and(|o| o.contains_key("yaml")) {
-        true => {
-            let request: ApplyPolicy = serde_json::from_value(body)
-                .map_err(|e| ApiError::invalid(format!("invalid request: {e}")))?;
-            (request.yaml, request.source.unwrap_or_else(|| "policy".into()))
-        }
-        false if body.is_object() => (
-            serde_json::to_string_pretty(&body).map_err(|e| ApiError::internal(e.to_string()))?,
-            "policy.json".to_string(),
-        ),
-        false => {
-            return Err(ApiError::invalid(
-                "the body must be {\"yaml\": \"...\"} or the policy as a JSON object",
-            ))
-        }
-    };
+    let (text, source) = policy_text(body)?;
     // Off the async runtime: a large document's parse must not stall other tenants' requests.
     let (text, parsed) = crate::limits::parse_document(move || {
         let parsed = tartarus_policy::parse_policy(&text, &source);

@@ -66,7 +66,7 @@ fn view(state: &AppState, record: &TemplateRecord) -> Result<TemplateView, ApiEr
 }
 
 /// The template in a create body: YAML text under `yaml`, or the template as a JSON object.
-fn template_from(body: Value) -> Result<Template, ApiError> {
+pub(crate) fn template_from(body: Value) -> Result<Template, ApiError> {
     let is_text = body.as_object().is_some_and(|o| o.contains_key("yaml"));
     let (text, source) = match is_text {
         true => {
