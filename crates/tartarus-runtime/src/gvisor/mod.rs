@@ -191,6 +191,8 @@ pub struct GvisorSandbox {
     state: SandboxState,
     spec: SandboxSpec,
     bundle: PathBuf,
+    /// runsc's `--root`.
+    runsc_root: PathBuf,
     invocation: Invocation,
     /// The host overlay of an image root, mounted until `runsc create` has taken its copy.
     overlay: Option<PathBuf>,
@@ -276,6 +278,7 @@ impl GvisorSandbox {
             cgroups_path,
             spec,
             bundle,
+            runsc_root: runtime.dirs.root.clone(),
             invocation,
             overlay: None,
             created: false,
@@ -557,23 +560,16 @@ impl GvisorSandbox {
         }
     }
 
+    /// The gofer's pid, from runsc's state file for the container (best effort: without it the gofer is
+    /// still reaped once it has exited).
     fn gofer_pid(&self) -> Option<Pid> {
         let state = runsc::read_small(
             &self
-                .invocation_root()
+                .runsc_root
                 .join(format!("{0}_sandbox:{0}.state", self.container)),
         )?;
         let value: serde_json::Value = serde_json::from_str(&state).ok()?;
         Pid::from_raw(value["goferPid"].as_i64()? as i32)
-    }
-
-    fn invocation_root(&self) -> PathBuf {
-        self.invocation
-            .flags
-            .iter()
-            .find_map(|f| f.strip_prefix("--root="))
-            .map(PathBuf::from)
-            .unwrap_or_default()
     }
 
     fn unmount_overlay(&mut self) {
