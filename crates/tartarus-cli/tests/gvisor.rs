@@ -367,6 +367,45 @@ fn the_shim_serves_a_gvisor_service_sandbox() {
 }
 
 #[test]
+fn a_kill_with_grace_lets_the_main_command_end_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("shim.sock");
+    let spec = json!({
+        "service": true,
+        "command": ["/bin/sh", "-c", "trap 'echo got-term; exit 0' TERM; echo up; while :; do sleep 0.05; done"],
+    });
+    std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
+    let log = dir.path().join("main.log");
+    let (mut child, line) = spawn_first_line(
+        Command::new(bin())
+            .args(["shim", "--runtime", "gvisor", "--socket"])
+            .arg(&socket)
+            .arg("--spec")
+            .arg(dir.path().join("spec.json"))
+            .arg("--result")
+            .arg(dir.path().join("result.json"))
+            .arg("--log")
+            .arg(&log)
+            .stderr(Stdio::inherit()),
+    );
+    assert!(line.contains("ready"), "{line}");
+    let started = std::time::Instant::now();
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    writeln!(stream, "{}", json!({"v": 1, "op": "kill", "grace_ms": 20000})).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "the command's own exit, not the grace's end, ended the sandbox"
+    );
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["signal"], 15, "{result}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("got-term"));
+}
+
+#[test]
 fn the_shim_reports_an_unavailable_lane_in_its_handshake() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("spec.json"), json!({"service": true}).to_string()).unwrap();
