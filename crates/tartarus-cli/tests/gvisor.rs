@@ -260,9 +260,9 @@ fn a_newer_runsc_earlier_on_path_is_used_and_reported() {
     assert!(used.lines().any(|l| l.contains(" create ")), "{used}");
 }
 
-#[test]
-fn gc_removes_the_sandbox_of_a_killed_supervisor() {
-    let state = tempfile::tempdir().unwrap();
+/// Starts `tartarus run --runtime gvisor` of a long sleep under `state`, waits until it runs, and kills the
+/// supervisor with SIGKILL: its sandbox is left running, its bundle in place.
+fn kill_a_running_supervisor(state: &Path) {
     let mut child = Command::new(bin())
         .args([
             "run",
@@ -273,7 +273,7 @@ fn gc_removes_the_sandbox_of_a_killed_supervisor() {
             "-c",
             "echo up; exec sleep 60",
         ])
-        .env("TARTARUS_STATE_DIR", state.path())
+        .env("TARTARUS_STATE_DIR", state)
         .env("TARTARUS_GVISOR_PLATFORM", "ptrace")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -286,12 +286,28 @@ fn gc_removes_the_sandbox_of_a_killed_supervisor() {
     assert_eq!(line, "up\n");
     child.kill().unwrap();
     child.wait().unwrap();
-    let bundles = state.path().join("gvisor/bundles");
+    let bundles = state.join("gvisor/bundles");
     assert_eq!(
         std::fs::read_dir(&bundles).unwrap().count(),
         1,
         "the killed run's bundle is there"
     );
+}
+
+/// No container is left under `state`'s runsc root.
+fn assert_no_container(state: &Path) {
+    let list = Command::new("runsc")
+        .arg(format!("--root={}", state.join("gvisor/runsc").display()))
+        .args(["list", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&list).trim(), "", "a container is left");
+}
+
+#[test]
+fn gc_removes_the_sandbox_of_a_killed_supervisor() {
+    let state = tempfile::tempdir().unwrap();
+    kill_a_running_supervisor(state.path());
     let out = Command::new(bin())
         .arg("gc")
         .env("TARTARUS_STATE_DIR", state.path())
@@ -304,13 +320,33 @@ fn gc_removes_the_sandbox_of_a_killed_supervisor() {
         "{}",
         stdout(&out)
     );
-    assert_eq!(std::fs::read_dir(&bundles).unwrap().count(), 0);
-    let list = Command::new("runsc")
-        .arg(format!("--root={}", state.path().join("gvisor/runsc").display()))
-        .args(["list", "--quiet"])
+    assert_eq!(
+        std::fs::read_dir(state.path().join("gvisor/bundles"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_no_container(state.path());
+}
+
+#[test]
+fn the_next_gvisor_sandbox_removes_one_a_killed_supervisor_left() {
+    let state = tempfile::tempdir().unwrap();
+    kill_a_running_supervisor(state.path());
+    let out = Command::new(bin())
+        .args(["run", "--runtime", "gvisor", "--", "/bin/true"])
+        .env("TARTARUS_STATE_DIR", state.path())
+        .env("TARTARUS_GVISOR_PLATFORM", "ptrace")
         .output()
         .unwrap();
-    assert_eq!(stdout(&list).trim(), "", "a container is left");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_dir(state.path().join("gvisor/bundles"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_no_container(state.path());
 }
 
 #[test]

@@ -246,6 +246,9 @@ impl GvisorSandbox {
             NetworkMode::Egress(_) => Some(NetworkConfig::from_env()?),
             _ => None,
         };
+        // A supervisor killed outright leaves its sandbox running (runsc's processes are not its
+        // children): the next sandbox removes it, as `tartarus gc` does.
+        runtime.collect_garbage();
         let id =
             tartarus_hostsys::random_hex(6).map_err(host_err("reading random bytes for the sandbox id"))?;
         let owner = std::process::id();
