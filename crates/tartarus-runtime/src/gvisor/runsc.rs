@@ -237,6 +237,15 @@ pub fn choose_platform(
     wanted: Option<GvisorPlatform>,
     scratch: &Path,
 ) -> Result<PlatformChoice, RunscError> {
+    choose(runsc, wanted, || kvm_verdict(runsc, scratch).clone())
+}
+
+/// The choice itself, with the KVM verdict asked for only when it matters.
+fn choose(
+    runsc: &RunscBinary,
+    wanted: Option<GvisorPlatform>,
+    kvm: impl FnOnce() -> KvmVerdict,
+) -> Result<PlatformChoice, RunscError> {
     let known = &runsc.platforms;
     if let Some(platform) = wanted {
         if !known.contains(&platform) {
@@ -246,11 +255,8 @@ pub fn choose_platform(
             });
         }
         if platform == GvisorPlatform::Kvm {
-            if let KvmVerdict::Unusable(why) = kvm_verdict(runsc, scratch) {
-                return Err(RunscError::Platform {
-                    platform,
-                    why: why.clone(),
-                });
+            if let KvmVerdict::Unusable(why) = kvm() {
+                return Err(RunscError::Platform { platform, why });
             }
         }
         return Ok(PlatformChoice {
@@ -267,7 +273,7 @@ pub fn choose_platform(
     let systrap = format!("systrap: not in runsc {}", runsc.version.text);
     let kvm = match known.contains(&GvisorPlatform::Kvm) {
         false => "kvm: not in this runsc".to_string(),
-        true => match kvm_verdict(runsc, scratch) {
+        true => match kvm() {
             KvmVerdict::Usable => {
                 return Ok(PlatformChoice {
                     platform: GvisorPlatform::Kvm,
@@ -751,6 +757,57 @@ mod tests {
         assert_eq!(NetworkFlag::egress_for(&old), NetworkFlag::HostInNamespace);
         old.version.release = NETSTACK_RELEASE;
         assert_eq!(NetworkFlag::egress_for(&old), NetworkFlag::Sandbox);
+    }
+
+    fn binary(platforms: &[GvisorPlatform]) -> RunscBinary {
+        RunscBinary {
+            path: "/usr/bin/runsc".into(),
+            version: parse_version("runsc version 0.0~20221219.0").expect("version"),
+            platforms: platforms.to_vec(),
+        }
+    }
+
+    #[test]
+    fn test_systrap_is_chosen_without_probing_kvm() {
+        use GvisorPlatform::*;
+        let choice = choose(&binary(&[Systrap, Ptrace, Kvm]), None, || panic!("kvm probed")).expect("choice");
+        assert_eq!(choice.platform, Systrap);
+    }
+
+    #[test]
+    fn test_kvm_is_chosen_when_it_runs_guests_and_ptrace_otherwise_with_the_reasons() {
+        use GvisorPlatform::*;
+        let old = binary(&[Kvm, Ptrace]);
+        assert_eq!(
+            choose(&old, None, || KvmVerdict::Usable)
+                .expect("choice")
+                .platform,
+            Kvm
+        );
+        let choice = choose(&old, None, || {
+            KvmVerdict::Unusable("/dev/kvm does not run guests here".into())
+        })
+        .expect("choice");
+        assert_eq!(choice.platform, Ptrace);
+        assert_eq!(
+            choice.detail,
+            "platform ptrace (systrap: not in runsc 0.0~20221219.0; kvm: /dev/kvm does not run guests here)"
+        );
+    }
+
+    #[test]
+    fn test_a_configured_platform_is_checked() {
+        use GvisorPlatform::*;
+        let old = binary(&[Kvm, Ptrace]);
+        let err = choose(&old, Some(Systrap), || KvmVerdict::Usable).expect_err("no systrap");
+        assert_eq!(
+            err.to_string(),
+            "platform systrap does not work here: runsc 0.0~20221219.0 does not have it"
+        );
+        let err = choose(&old, Some(Kvm), || KvmVerdict::Unusable("no /dev/kvm".into())).expect_err("no kvm");
+        assert_eq!(err.to_string(), "platform kvm does not work here: no /dev/kvm");
+        let ok = choose(&old, Some(Ptrace), || panic!("kvm probed")).expect("ptrace");
+        assert_eq!(ok.detail, "platform ptrace (configured)");
     }
 
     #[test]
