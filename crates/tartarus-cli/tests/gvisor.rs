@@ -260,9 +260,9 @@ fn a_newer_runsc_earlier_on_path_is_used_and_reported() {
     assert!(used.lines().any(|l| l.contains(" create ")), "{used}");
 }
 
-#[test]
-fn gc_removes_the_sandbox_of_a_killed_supervisor() {
-    let state = tempfile::tempdir().unwrap();
+/// Starts `tartarus run --runtime gvisor` of a long sleep under `state`, waits until it runs, and kills the
+/// supervisor with SIGKILL: its sandbox is left running, its bundle in place.
+fn kill_a_running_supervisor(state: &Path) {
     let mut child = Command::new(bin())
         .args([
             "run",
@@ -273,7 +273,7 @@ fn gc_removes_the_sandbox_of_a_killed_supervisor() {
             "-c",
             "echo up; exec sleep 60",
         ])
-        .env("TARTARUS_STATE_DIR", state.path())
+        .env("TARTARUS_STATE_DIR", state)
         .env("TARTARUS_GVISOR_PLATFORM", "ptrace")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -286,12 +286,28 @@ fn gc_removes_the_sandbox_of_a_killed_supervisor() {
     assert_eq!(line, "up\n");
     child.kill().unwrap();
     child.wait().unwrap();
-    let bundles = state.path().join("gvisor/bundles");
+    let bundles = state.join("gvisor/bundles");
     assert_eq!(
         std::fs::read_dir(&bundles).unwrap().count(),
         1,
         "the killed run's bundle is there"
     );
+}
+
+/// No container is left under `state`'s runsc root.
+fn assert_no_container(state: &Path) {
+    let list = Command::new("runsc")
+        .arg(format!("--root={}", state.join("gvisor/runsc").display()))
+        .args(["list", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&list).trim(), "", "a container is left");
+}
+
+#[test]
+fn gc_removes_the_sandbox_of_a_killed_supervisor() {
+    let state = tempfile::tempdir().unwrap();
+    kill_a_running_supervisor(state.path());
     let out = Command::new(bin())
         .arg("gc")
         .env("TARTARUS_STATE_DIR", state.path())
@@ -304,13 +320,33 @@ fn gc_removes_the_sandbox_of_a_killed_supervisor() {
         "{}",
         stdout(&out)
     );
-    assert_eq!(std::fs::read_dir(&bundles).unwrap().count(), 0);
-    let list = Command::new("runsc")
-        .arg(format!("--root={}", state.path().join("gvisor/runsc").display()))
-        .args(["list", "--quiet"])
+    assert_eq!(
+        std::fs::read_dir(state.path().join("gvisor/bundles"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_no_container(state.path());
+}
+
+#[test]
+fn the_next_gvisor_sandbox_removes_one_a_killed_supervisor_left() {
+    let state = tempfile::tempdir().unwrap();
+    kill_a_running_supervisor(state.path());
+    let out = Command::new(bin())
+        .args(["run", "--runtime", "gvisor", "--", "/bin/true"])
+        .env("TARTARUS_STATE_DIR", state.path())
+        .env("TARTARUS_GVISOR_PLATFORM", "ptrace")
         .output()
         .unwrap();
-    assert_eq!(stdout(&list).trim(), "", "a container is left");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_dir(state.path().join("gvisor/bundles"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_no_container(state.path());
 }
 
 #[test]
@@ -364,6 +400,45 @@ fn the_shim_serves_a_gvisor_service_sandbox() {
     let result: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
     assert_eq!(result["reason"], "killed");
+}
+
+#[test]
+fn a_kill_with_grace_lets_the_main_command_end_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("shim.sock");
+    let spec = json!({
+        "service": true,
+        "command": ["/bin/sh", "-c", "trap 'echo got-term; exit 0' TERM; echo up; while :; do sleep 0.05; done"],
+    });
+    std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
+    let log = dir.path().join("main.log");
+    let (mut child, line) = spawn_first_line(
+        Command::new(bin())
+            .args(["shim", "--runtime", "gvisor", "--socket"])
+            .arg(&socket)
+            .arg("--spec")
+            .arg(dir.path().join("spec.json"))
+            .arg("--result")
+            .arg(dir.path().join("result.json"))
+            .arg("--log")
+            .arg(&log)
+            .stderr(Stdio::inherit()),
+    );
+    assert!(line.contains("ready"), "{line}");
+    let started = std::time::Instant::now();
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    writeln!(stream, "{}", json!({"v": 1, "op": "kill", "grace_ms": 20000})).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "the command's own exit, not the grace's end, ended the sandbox"
+    );
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["signal"], 15, "{result}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("got-term"));
 }
 
 #[test]

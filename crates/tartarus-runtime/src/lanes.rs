@@ -183,13 +183,11 @@ pub struct LaneUnavailable {
 /// Opens `name` as a runtime, or says in one line why this host cannot run it.
 pub fn open(name: LaneName, config: &LaneConfig) -> Result<Box<dyn Runtime + Send + Sync>, LaneUnavailable> {
     match name {
-        LaneName::Process => {
-            let report = probe_process();
-            match report.reason {
-                Some(reason) => Err(LaneUnavailable { lane: name, reason }),
-                None => Ok(Box::new(ProcessRuntime::new(config.process.clone()))),
-            }
-        }
+        // One file read: this is on every `tartarus run`'s launch path.
+        LaneName::Process => match process_unavailable() {
+            Some(reason) => Err(LaneUnavailable { lane: name, reason }),
+            None => Ok(Box::new(ProcessRuntime::new(config.process.clone()))),
+        },
         LaneName::Gvisor => match crate::gvisor::GvisorRuntime::open(config) {
             Ok(runtime) => Ok(Box::new(runtime)),
             Err(e) => Err(LaneUnavailable {
@@ -200,15 +198,20 @@ pub fn open(name: LaneName, config: &LaneConfig) -> Result<Box<dyn Runtime + Sen
     }
 }
 
-fn probe_process() -> LaneReport {
-    let version = Some(rustix::system::uname().release().to_string_lossy().into_owned());
-    let detail = Some(cgroup_summary());
-    let reason = match std::fs::read_to_string("/proc/sys/user/max_user_namespaces") {
+/// Why the process lane cannot run here, if it cannot.
+fn process_unavailable() -> Option<String> {
+    match std::fs::read_to_string("/proc/sys/user/max_user_namespaces") {
         Ok(text) if text.trim() == "0" => {
             Some("user namespaces are disabled: set the sysctl user.max_user_namespaces above 0".to_string())
         }
         _ => None,
-    };
+    }
+}
+
+fn probe_process() -> LaneReport {
+    let version = Some(rustix::system::uname().release().to_string_lossy().into_owned());
+    let detail = Some(cgroup_summary());
+    let reason = process_unavailable();
     LaneReport {
         name: LaneName::Process,
         available: reason.is_none(),

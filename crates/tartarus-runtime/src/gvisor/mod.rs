@@ -191,6 +191,8 @@ pub struct GvisorSandbox {
     state: SandboxState,
     spec: SandboxSpec,
     bundle: PathBuf,
+    /// runsc's `--root`.
+    runsc_root: PathBuf,
     invocation: Invocation,
     /// The host overlay of an image root, mounted until `runsc create` has taken its copy.
     overlay: Option<PathBuf>,
@@ -244,6 +246,9 @@ impl GvisorSandbox {
             NetworkMode::Egress(_) => Some(NetworkConfig::from_env()?),
             _ => None,
         };
+        // A supervisor killed outright leaves its sandbox running (runsc's processes are not its
+        // children): the next sandbox removes it, as `tartarus gc` does.
+        runtime.collect_garbage();
         let id =
             tartarus_hostsys::random_hex(6).map_err(host_err("reading random bytes for the sandbox id"))?;
         let owner = std::process::id();
@@ -276,6 +281,7 @@ impl GvisorSandbox {
             cgroups_path,
             spec,
             bundle,
+            runsc_root: runtime.dirs.root.clone(),
             invocation,
             overlay: None,
             created: false,
@@ -557,23 +563,16 @@ impl GvisorSandbox {
         }
     }
 
+    /// The gofer's pid, from runsc's state file for the container (best effort: without it the gofer is
+    /// still reaped once it has exited).
     fn gofer_pid(&self) -> Option<Pid> {
         let state = runsc::read_small(
             &self
-                .invocation_root()
+                .runsc_root
                 .join(format!("{0}_sandbox:{0}.state", self.container)),
         )?;
         let value: serde_json::Value = serde_json::from_str(&state).ok()?;
         Pid::from_raw(value["goferPid"].as_i64()? as i32)
-    }
-
-    fn invocation_root(&self) -> PathBuf {
-        self.invocation
-            .flags
-            .iter()
-            .find_map(|f| f.strip_prefix("--root="))
-            .map(PathBuf::from)
-            .unwrap_or_default()
     }
 
     fn unmount_overlay(&mut self) {

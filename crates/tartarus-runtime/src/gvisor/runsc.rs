@@ -90,6 +90,8 @@ pub fn parse_version(output: &str) -> Option<RunscVersion> {
 pub struct RunscBinary {
     pub path: PathBuf,
     pub version: RunscVersion,
+    /// The platforms it has (`runsc help platforms`).
+    pub platforms: Vec<GvisorPlatform>,
 }
 
 /// The runsc to use: the configured path, else `TARTARUS_RUNSC`, else the first `runsc` on `PATH`.
@@ -114,7 +116,9 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Finds runsc and checks its version against [`MIN_RELEASE`].
+/// Finds runsc and checks its version against [`MIN_RELEASE`]. Its answers (`--version`, `help
+/// platforms`: two Go start-ups, a fifth of a sandbox's launch) are kept for the boot in
+/// `<state>/runsc-info`, keyed by the binary's path, size and modification time.
 pub fn find(config: &GvisorConfig) -> Result<RunscBinary, RunscError> {
     let path = locate(config)?;
     let shown = path.display().to_string();
@@ -123,19 +127,43 @@ pub fn find(config: &GvisorConfig) -> Result<RunscBinary, RunscError> {
             searched: format!("{shown} does not exist"),
         });
     }
-    let mut command = Command::new(&path);
-    command.arg("--version");
-    let output = run_bounded(command, QUERY_TIMEOUT).map_err(|e| match e {
-        BoundedError::Spawn(source) => RunscError::Exec {
-            path: shown.clone(),
-            source,
-        },
-        other => other.into_runsc("--version", QUERY_TIMEOUT),
-    })?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let version = parse_version(&text).ok_or_else(|| RunscError::Version {
+    let cache = config
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| crate::lanes::default_state_dir().join("gvisor"))
+        .join("runsc-info");
+    let key = identity(&path);
+    let cached = key
+        .as_deref()
+        .and_then(|key| read_small(&cache).and_then(|text| cached_info(&text, key)));
+    let (version_text, platforms) = match cached {
+        Some(info) => info,
+        None => {
+            let mut command = Command::new(&path);
+            command.arg("--version");
+            let output = run_bounded(command, QUERY_TIMEOUT).map_err(|e| match e {
+                BoundedError::Spawn(source) => RunscError::Exec {
+                    path: shown.clone(),
+                    source,
+                },
+                other => other.into_runsc("--version", QUERY_TIMEOUT),
+            })?;
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            let platforms = query_platforms(&path);
+            if let (Some(key), Some(version)) = (&key, parse_version(&text)) {
+                let names: Vec<&str> = platforms.iter().map(|p| p.as_str()).collect();
+                let entry = format!("{key}\nrunsc version {}\n{}\n", version.text, names.join(" "));
+                let staged = cache.with_extension(format!("{}", std::process::id()));
+                if std::fs::write(&staged, entry).is_ok() {
+                    let _ = std::fs::rename(&staged, &cache);
+                }
+            }
+            (text, platforms)
+        }
+    };
+    let version = parse_version(&version_text).ok_or_else(|| RunscError::Version {
         path: shown.clone(),
-        output: text.trim().chars().take(120).collect(),
+        output: version_text.trim().chars().take(120).collect(),
     })?;
     if version.release < MIN_RELEASE {
         return Err(RunscError::TooOld {
@@ -143,12 +171,47 @@ pub fn find(config: &GvisorConfig) -> Result<RunscBinary, RunscError> {
             version: version.text,
         });
     }
-    Ok(RunscBinary { path, version })
+    Ok(RunscBinary {
+        path,
+        version,
+        platforms,
+    })
 }
 
-/// The platforms this runsc knows (`runsc help platforms`).
-pub fn platforms(runsc: &RunscBinary) -> Vec<GvisorPlatform> {
-    let mut command = Command::new(&runsc.path);
+/// What identifies one runsc binary for a boot: its canonical path, size and modification time.
+fn identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&canonical).ok()?;
+    let boot = read_small(Path::new("/proc/sys/kernel/random/boot_id"))?;
+    Some(format!(
+        "{} {} {}.{} {}",
+        canonical.display(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        boot.trim()
+    ))
+}
+
+/// The version output and platforms kept for `key`.
+fn cached_info(text: &str, key: &str) -> Option<(String, Vec<GvisorPlatform>)> {
+    let mut lines = text.lines();
+    if lines.next()? != key {
+        return None;
+    }
+    let version = lines.next()?.to_string();
+    let platforms = lines
+        .next()?
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    Some((version, platforms))
+}
+
+/// The platforms `runsc help platforms` lists (ptrace alone if it does not answer).
+fn query_platforms(path: &Path) -> Vec<GvisorPlatform> {
+    let mut command = Command::new(path);
     command.args(["help", "platforms"]);
     let Ok(output) = run_bounded(command, QUERY_TIMEOUT) else {
         return vec![GvisorPlatform::Ptrace];
@@ -174,7 +237,16 @@ pub fn choose_platform(
     wanted: Option<GvisorPlatform>,
     scratch: &Path,
 ) -> Result<PlatformChoice, RunscError> {
-    let known = platforms(runsc);
+    choose(runsc, wanted, || kvm_verdict(runsc, scratch).clone())
+}
+
+/// The choice itself, with the KVM verdict asked for only when it matters.
+fn choose(
+    runsc: &RunscBinary,
+    wanted: Option<GvisorPlatform>,
+    kvm: impl FnOnce() -> KvmVerdict,
+) -> Result<PlatformChoice, RunscError> {
+    let known = &runsc.platforms;
     if let Some(platform) = wanted {
         if !known.contains(&platform) {
             return Err(RunscError::Platform {
@@ -183,11 +255,8 @@ pub fn choose_platform(
             });
         }
         if platform == GvisorPlatform::Kvm {
-            if let KvmVerdict::Unusable(why) = kvm_verdict(runsc, scratch) {
-                return Err(RunscError::Platform {
-                    platform,
-                    why: why.clone(),
-                });
+            if let KvmVerdict::Unusable(why) = kvm() {
+                return Err(RunscError::Platform { platform, why });
             }
         }
         return Ok(PlatformChoice {
@@ -204,7 +273,7 @@ pub fn choose_platform(
     let systrap = format!("systrap: not in runsc {}", runsc.version.text);
     let kvm = match known.contains(&GvisorPlatform::Kvm) {
         false => "kvm: not in this runsc".to_string(),
-        true => match kvm_verdict(runsc, scratch) {
+        true => match kvm() {
             KvmVerdict::Usable => {
                 return Ok(PlatformChoice {
                     platform: GvisorPlatform::Kvm,
@@ -658,6 +727,7 @@ mod tests {
         let runsc = RunscBinary {
             path: "/usr/bin/runsc".into(),
             version: parse_version("runsc version 0.0~20221219.0").expect("version"),
+            platforms: vec![GvisorPlatform::Ptrace, GvisorPlatform::Kvm],
         };
         let none = Invocation::new(
             &runsc,
@@ -689,6 +759,57 @@ mod tests {
         assert_eq!(NetworkFlag::egress_for(&old), NetworkFlag::Sandbox);
     }
 
+    fn binary(platforms: &[GvisorPlatform]) -> RunscBinary {
+        RunscBinary {
+            path: "/usr/bin/runsc".into(),
+            version: parse_version("runsc version 0.0~20221219.0").expect("version"),
+            platforms: platforms.to_vec(),
+        }
+    }
+
+    #[test]
+    fn test_systrap_is_chosen_without_probing_kvm() {
+        use GvisorPlatform::*;
+        let choice = choose(&binary(&[Systrap, Ptrace, Kvm]), None, || panic!("kvm probed")).expect("choice");
+        assert_eq!(choice.platform, Systrap);
+    }
+
+    #[test]
+    fn test_kvm_is_chosen_when_it_runs_guests_and_ptrace_otherwise_with_the_reasons() {
+        use GvisorPlatform::*;
+        let old = binary(&[Kvm, Ptrace]);
+        assert_eq!(
+            choose(&old, None, || KvmVerdict::Usable)
+                .expect("choice")
+                .platform,
+            Kvm
+        );
+        let choice = choose(&old, None, || {
+            KvmVerdict::Unusable("/dev/kvm does not run guests here".into())
+        })
+        .expect("choice");
+        assert_eq!(choice.platform, Ptrace);
+        assert_eq!(
+            choice.detail,
+            "platform ptrace (systrap: not in runsc 0.0~20221219.0; kvm: /dev/kvm does not run guests here)"
+        );
+    }
+
+    #[test]
+    fn test_a_configured_platform_is_checked() {
+        use GvisorPlatform::*;
+        let old = binary(&[Kvm, Ptrace]);
+        let err = choose(&old, Some(Systrap), || KvmVerdict::Usable).expect_err("no systrap");
+        assert_eq!(
+            err.to_string(),
+            "platform systrap does not work here: runsc 0.0~20221219.0 does not have it"
+        );
+        let err = choose(&old, Some(Kvm), || KvmVerdict::Unusable("no /dev/kvm".into())).expect_err("no kvm");
+        assert_eq!(err.to_string(), "platform kvm does not work here: no /dev/kvm");
+        let ok = choose(&old, Some(Ptrace), || panic!("kvm probed")).expect("ptrace");
+        assert_eq!(ok.detail, "platform ptrace (configured)");
+    }
+
     #[test]
     fn test_a_cached_kvm_verdict_counts_only_for_its_boot_and_binary() {
         let text = "boot1 /usr/bin/runsc 0.0~20221219.0\nunusable /dev/kvm does not run guests here\n";
@@ -699,6 +820,15 @@ mod tests {
         assert_eq!(cached_verdict(text, "boot2 /usr/bin/runsc 0.0~20221219.0"), None);
         assert_eq!(cached_verdict("k\nusable\n", "k"), Some(KvmVerdict::Usable));
         assert_eq!(cached_verdict("k\n", "k"), None);
+    }
+
+    #[test]
+    fn test_cached_runsc_answers_count_only_for_the_same_binary_and_boot() {
+        let text = "/usr/bin/runsc 1 2.3 boot\nrunsc version 0.0~20221219.0\nkvm ptrace\n";
+        let (version, platforms) = cached_info(text, "/usr/bin/runsc 1 2.3 boot").expect("hit");
+        assert_eq!(parse_version(&version).map(|v| v.release), Some(20221219));
+        assert_eq!(platforms, [GvisorPlatform::Kvm, GvisorPlatform::Ptrace]);
+        assert_eq!(cached_info(text, "/usr/local/bin/runsc 1 2.3 boot"), None);
     }
 
     #[test]

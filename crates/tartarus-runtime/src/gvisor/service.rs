@@ -284,8 +284,8 @@ impl ServiceSandbox for GvisorSandbox {
     }
 
     fn exec_event_fd(&self) -> Option<BorrowedFd<'_>> {
-        match self.state {
-            SandboxState::Prepared => None,
+        match (self.state, self.spec.service) {
+            (SandboxState::Prepared, _) | (_, false) => None,
             _ => Some(self.execs.epoll.as_fd()),
         }
     }
