@@ -44,10 +44,16 @@ fn create(selector: u8, body: &[u8]) {
     survives_storage(&spec);
     assert!(spec.service, "an API sandbox is a service sandbox");
     if spec.network == NetworkMode::HostLoopback {
-        assert!(role == Role::Admin && host.network, "host network for {role:?} with {host:?}");
+        assert!(
+            role == Role::Admin && host.network,
+            "host network for {role:?} with {host:?}"
+        );
     }
     if let RootSpec::Directory(_) = spec.root {
-        assert!(role == Role::Admin && host.rootfs, "host rootfs for {role:?} with {host:?}");
+        assert!(
+            role == Role::Admin && host.rootfs,
+            "host rootfs for {role:?} with {host:?}"
+        );
     }
     assert!(spec.mounts.is_empty(), "a request cannot bind host paths");
     assert_eq!(spec.command, request.cmd.unwrap_or_default());
@@ -82,7 +88,10 @@ fn template(body: &[u8]) {
     };
     template.validate().expect("an accepted template validates");
     let stored = template.to_json();
-    assert_eq!(serde_json::from_str::<Template>(&stored).expect("a stored template reads"), template);
+    assert_eq!(
+        serde_json::from_str::<Template>(&stored).expect("a stored template reads"),
+        template
+    );
 }
 
 fn policy(body: &[u8]) {
@@ -119,7 +128,11 @@ fn others(selector: u8, body: &[u8]) {
         3 => {
             if let Ok(spec) = fuzzing::node_sandbox(body) {
                 survives_storage(&spec);
-                assert_eq!(spec.root, RootSpec::HostSystem, "a node runs placements on its host root only");
+                assert_eq!(
+                    spec.root,
+                    RootSpec::HostSystem,
+                    "a node runs placements on its host root only"
+                );
             }
         }
         _ => {
@@ -152,10 +165,19 @@ fn dataset(query: &DatasetQuery) {
     assert!(manifest.episodes.len() as u64 <= manifest.matched);
     let unique: BTreeSet<&Cid> = manifest.episodes.iter().collect();
     assert_eq!(unique.len(), manifest.episodes.len(), "an episode taken twice");
-    assert!(manifest.episodes.iter().all(|e| candidates.iter().any(|c| c.episode == *e)));
-    assert_eq!(build_manifest(query, &candidates).expect("the same query again"), manifest);
+    assert!(manifest
+        .episodes
+        .iter()
+        .all(|e| candidates.iter().any(|c| c.episode == *e)));
+    assert_eq!(
+        build_manifest(query, &candidates).expect("the same query again"),
+        manifest
+    );
     let bytes = manifest.to_bytes().expect("a manifest encodes");
-    assert_eq!(Manifest::from_bytes(&bytes).expect("a manifest reads back"), manifest);
+    assert_eq!(
+        Manifest::from_bytes(&bytes).expect("a manifest reads back"),
+        manifest
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -22,7 +22,11 @@ use tartarus_effects::{
 /// Typed decoding accepts only bytes the generic decoder accepts too, and both re-encode them exactly.
 fn typed<T: DeserializeOwned + Serialize>(data: &[u8], accepted_as_ipld: bool) {
     if let Ok(value) = canonical::decode::<T>(data) {
-        assert!(accepted_as_ipld, "{} accepted bytes the generic decoder refuses", std::any::type_name::<T>());
+        assert!(
+            accepted_as_ipld,
+            "{} accepted bytes the generic decoder refuses",
+            std::any::type_name::<T>()
+        );
         assert_eq!(canonical::encode(&value).expect("a decoded value encodes"), data);
     }
 }
@@ -62,12 +66,18 @@ fn objects(data: &[u8]) {
 fn cids(data: &[u8]) {
     if let Ok(cid) = Cid::from_bytes(data) {
         assert_eq!(cid.to_bytes(), data);
-        assert_eq!(cid.to_string().parse::<Cid>().expect("a CID reads its own text"), cid);
+        assert_eq!(
+            cid.to_string().parse::<Cid>().expect("a CID reads its own text"),
+            cid
+        );
     }
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(cid) = text.parse::<Cid>() {
             assert_eq!(cid.to_string(), text);
-            assert_eq!(Cid::from_bytes(&cid.to_bytes()).expect("a CID reads its own bytes"), cid);
+            assert_eq!(
+                Cid::from_bytes(&cid.to_bytes()).expect("a CID reads its own bytes"),
+                cid
+            );
         }
     }
 }
@@ -76,7 +86,10 @@ fn cars(data: &[u8]) {
     let Ok(car) = read_car(data) else {
         // The streaming reader refuses it as well, at the latest at the block the whole reader refused.
         if let Ok(reader) = CarReader::new(data) {
-            assert!(reader.into_iter().any(|block| block.is_err()), "read_car and CarReader disagree");
+            assert!(
+                reader.into_iter().any(|block| block.is_err()),
+                "read_car and CarReader disagree"
+            );
         }
         return;
     };

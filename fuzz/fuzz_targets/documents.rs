@@ -34,7 +34,10 @@ fn policy(text: &str) {
     let json = policy.to_json();
     let from_json = parse_policy(&json, "stored.json").unwrap_or_else(|e| panic!("{e}: {json}"));
     assert_eq!(from_json, policy, "{json}");
-    assert_eq!(serde_json::from_str::<Policy>(&json).expect("stored JSON reads"), policy);
+    assert_eq!(
+        serde_json::from_str::<Policy>(&json).expect("stored JSON reads"),
+        policy
+    );
     let yaml = policy.to_yaml();
     let from_yaml = parse_policy(&yaml, "shown.yaml").unwrap_or_else(|e| panic!("{e}: {yaml}"));
     assert_eq!(from_yaml, policy, "{yaml}");
@@ -68,15 +71,32 @@ fn policy(text: &str) {
         }
         let constraints = compile(&effective, &request);
         if let Some(cpus) = constraints.cpus {
-            assert!(cpus > 0.0 && cpus <= max.max_cpu_cores + 1e-9, "cpus {cpus} over {}", max.max_cpu_cores);
+            assert!(
+                cpus > 0.0 && cpus <= max.max_cpu_cores + 1e-9,
+                "cpus {cpus} over {}",
+                max.max_cpu_cores
+            );
         }
         if let Some(memory) = constraints.memory_mb {
-            assert!(memory <= max.max_memory_mb, "memory {memory} over {}", max.max_memory_mb);
+            assert!(
+                memory <= max.max_memory_mb,
+                "memory {memory} over {}",
+                max.max_memory_mb
+            );
         }
         if let Some(timeout) = constraints.timeout {
-            assert!(timeout <= max.max_duration, "timeout {timeout:?} over {:?}", max.max_duration);
+            assert!(
+                timeout <= max.max_duration,
+                "timeout {timeout:?} over {:?}",
+                max.max_duration
+            );
         }
-        assert!(constraints.pids <= u64::from(max.max_pids), "pids {} over {}", constraints.pids, max.max_pids);
+        assert!(
+            constraints.pids <= u64::from(max.max_pids),
+            "pids {} over {}",
+            constraints.pids,
+            max.max_pids
+        );
     }
 }
 
@@ -89,7 +109,10 @@ fn template(text: &str) {
     let json = template.to_json();
     let from_json = parse_template(&json, "stored.json").unwrap_or_else(|e| panic!("{e}: {json}"));
     assert_eq!(from_json, template, "{json}");
-    assert_eq!(serde_json::from_str::<Template>(&json).expect("stored JSON reads"), template);
+    assert_eq!(
+        serde_json::from_str::<Template>(&json).expect("stored JSON reads"),
+        template
+    );
     let yaml = template.to_yaml();
     let from_yaml = parse_template(&yaml, "shown.yaml").unwrap_or_else(|e| panic!("{e}: {yaml}"));
     assert_eq!(from_yaml, template, "{yaml}");

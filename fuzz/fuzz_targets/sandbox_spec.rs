@@ -63,7 +63,9 @@ fuzz_target!(|data: &[u8]| {
         let normal = normalize_sandbox_path(path);
         assert!(normal.is_absolute());
         assert!(
-            normal.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_))),
+            normal
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_))),
             "{normal:?}"
         );
     }

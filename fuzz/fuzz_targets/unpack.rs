@@ -65,7 +65,9 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
                 rdev: meta.rdev(),
                 mtime: meta.mtime(),
                 content: kind.is_file().then(|| fs::read(&path).unwrap_or_default()),
-                link: kind.is_symlink().then(|| fs::read_link(&path).unwrap_or_default()),
+                link: kind
+                    .is_symlink()
+                    .then(|| fs::read_link(&path).unwrap_or_default()),
             },
         );
     }
@@ -117,7 +119,12 @@ fn check_tree(target: &Path, id_shift: Option<u32>) -> u64 {
     for (rel, node) in snapshot(target) {
         let path = target.join(&rel);
         let kind = fs::symlink_metadata(&path).expect("a listed path").file_type();
-        assert_eq!(node.mode & 0o6000, 0, "{rel:?} is setuid or setgid: {:o}", node.mode);
+        assert_eq!(
+            node.mode & 0o6000,
+            0,
+            "{rel:?} is setuid or setgid: {:o}",
+            node.mode
+        );
         assert!(!kind.is_block_device() && !kind.is_socket(), "{rel:?}: {kind:?}");
         if kind.is_char_device() {
             assert_eq!(node.rdev, 0, "{rel:?} is a device other than a whiteout");
@@ -125,7 +132,12 @@ fn check_tree(target: &Path, id_shift: Option<u32>) -> u64 {
         if let Some(base) = id_shift {
             if !rel.as_os_str().is_empty() {
                 let range = base..base + 65_536;
-                assert!(range.contains(&node.uid) && range.contains(&node.gid), "{rel:?} owned by {}:{}", node.uid, node.gid);
+                assert!(
+                    range.contains(&node.uid) && range.contains(&node.gid),
+                    "{rel:?} owned by {}:{}",
+                    node.uid,
+                    node.gid
+                );
             }
         }
         check_xattrs(&path, &rel, kind.is_dir());
@@ -145,7 +157,10 @@ fn check_xattrs(path: &Path, rel: &Path, is_dir: bool) {
         let shown = String::from_utf8_lossy(name);
         assert!(name.starts_with(b"user."), "{rel:?} carries xattr {shown}");
         if name.starts_with(b"user.overlay.") {
-            assert_eq!(name, b"user.overlay.opaque", "{rel:?} carries overlay xattr {shown}");
+            assert_eq!(
+                name, b"user.overlay.opaque",
+                "{rel:?} carries overlay xattr {shown}"
+            );
             assert!(is_dir, "{rel:?}: opaque marker on a non-directory");
             let mut value = [0u8; 16];
             let len = rustix::fs::lgetxattr(path, "user.overlay.opaque", &mut value).unwrap_or(0);
@@ -176,7 +191,11 @@ fuzz_target!(|data: &[u8]| {
 
     let result = unpack_layer(layer, compression, &target, &options);
 
-    assert_eq!(snapshot(&place.victim), place.before, "the layer changed a directory beside it ({result:?})");
+    assert_eq!(
+        snapshot(&place.victim),
+        place.before,
+        "the layer changed a directory beside it ({result:?})"
+    );
     assert_eq!(
         snapshot(Path::new(SHARED_VICTIM)),
         place.shared_before,
@@ -187,12 +206,26 @@ fuzz_target!(|data: &[u8]| {
         .flatten()
         .map(|e| e.file_name())
         .collect();
-    assert_eq!(beside, BTreeSet::from(["layer".into(), "victim".into()]), "the layer wrote beside itself");
+    assert_eq!(
+        beside,
+        BTreeSet::from(["layer".into(), "victim".into()]),
+        "the layer wrote beside itself"
+    );
     let bytes = check_tree(&target, id_shift);
-    assert!(bytes <= MAX_BYTES, "{bytes} bytes unpacked, over the limit of {MAX_BYTES}");
+    assert!(
+        bytes <= MAX_BYTES,
+        "{bytes} bytes unpacked, over the limit of {MAX_BYTES}"
+    );
     if let Ok(stats) = result {
-        assert!(stats.entries <= MAX_ENTRIES && stats.bytes <= MAX_BYTES, "{stats:?}");
-        assert!(bytes <= stats.bytes, "{bytes} bytes on disk but {} counted", stats.bytes);
+        assert!(
+            stats.entries <= MAX_ENTRIES && stats.bytes <= MAX_BYTES,
+            "{stats:?}"
+        );
+        assert!(
+            bytes <= stats.bytes,
+            "{bytes} bytes on disk but {} counted",
+            stats.bytes
+        );
     }
     let _ = fs::remove_dir_all(&target);
 });

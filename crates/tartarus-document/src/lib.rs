@@ -289,6 +289,11 @@ pub fn find_key(text: &str, key: &str, from: usize, line_start: bool) -> Option<
             },
             _ => (at, after),
         };
+        // A quoted key starts at its quote: one that opens before `from` is not "at or after" it, and
+        // returning it would hand a caller that searches on from `found + 1` the same key forever.
+        if start < from {
+            continue;
+        }
         if !after.trim_start_matches([' ', '\t']).starts_with(':') {
             continue;
         }
@@ -329,6 +334,14 @@ pub fn line_column(text: &str, at: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_find_key_never_returns_a_quoted_key_that_opens_before_from() {
+        let text = "{\"id\": \"a\", \"x\": {\"id\": \"b\"}}";
+        assert_eq!(find_key(text, "id", 0, false), Some(1));
+        // From inside the first quoted key: the next one, not the first again.
+        assert_eq!(find_key(text, "id", 2, false), text.rfind("\"id\""));
+    }
 
     #[test]
     fn test_line_column_counts_the_line_breaks_the_parser_counts() {

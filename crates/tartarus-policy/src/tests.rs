@@ -445,3 +445,19 @@ fn test_contradiction_in_json_points_at_the_quoted_key() {
     assert_eq!(e.location, Some((3, 32)), "{e}");
     assert_eq!(e.key.as_deref(), Some("network.dns"));
 }
+
+#[test]
+fn test_a_json_policy_with_a_bad_second_template_rule_is_located_and_does_not_hang() {
+    // Found by the api_body fuzz target: locating the rule searched on from inside the first quoted
+    // `"id"` key, found that key again, and looped forever (a policy apply held a thread at 100% CPU).
+    let text = "{\n  \"id\": \"p\",\n  \"resources\": {\"max_duration\": \"1m\"},\n  \"templates\": [\n    \
+                {\"id\": \"a\"},\n    {\"id\": \"b\", \"default_timeout\": \"10m\"}\n  ]\n}\n";
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || drop(done.send(parse_policy(text, "p.json"))));
+    let result = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("parse_policy did not return within 10 s");
+    let e = result.unwrap_err();
+    assert_eq!(e.location, Some((6, 17)), "{e}");
+    assert_eq!(e.key.as_deref(), Some("templates[1].default_timeout"));
+}
