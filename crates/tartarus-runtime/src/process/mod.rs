@@ -581,14 +581,8 @@ impl ServiceSandbox for ProcessSandbox {
     /// it, and its exit would end the sandbox at once instead of letting the command finish).
     fn terminate(&mut self) -> Result<(), ServiceError> {
         self.require_running()?;
-        if self.cgroups.dirs.is_empty() {
-            return Err(ServiceError::Unsupported {
-                operation: "terminate",
-                why: "this sandbox has no cgroup to find its processes by",
-            });
-        }
         if self.paused {
-            // Frozen tasks only see the signal once thawed.
+            // Frozen tasks only see the signal once thawed (a paused sandbox has cgroups: the freezer).
             self.resume()?;
         }
         self.terminate_all_but_init()
