@@ -27,13 +27,29 @@ const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Installs the process-wide recorder; `None` if one is already installed.
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the process-wide recorder; `None` if one is already installed. Must be called inside a
+/// Tokio runtime: it spawns the upkeep task that folds histogram samples into their buckets. The
+/// recorder keeps every sample until then, so without it a server nobody scrapes grows with every
+/// request.
 pub fn install() -> Option<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets(BUCKETS)
         .ok()?
         .install_recorder()
-        .ok()
+        .ok()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Some(handle)
 }
 
 /// The `template` label: whether a sandbox came from a template (`template`) or not (`none`), never which.
