@@ -154,33 +154,52 @@ fn auto_puts_untrusted_tenants_behind_gvisor_and_plain_work_on_the_process_lane_
 }
 
 #[test]
-fn quarantine_falls_back_to_the_process_lane_naming_what_gvisor_cannot_honour() {
-    // The quarantine class adds denied syscalls and narrows writable paths, which the gVisor lane does not
-    // honour yet: auto keeps it on the process lane (with those restrictions) and says why.
+fn auto_puts_quarantine_behind_gvisor_with_its_syscall_and_path_restrictions_saying_why() {
     let dir = DataDir::new();
     let server = Server::start(dir.path());
     let user = new_key(dir.path(), "alpha", "user");
     let jailed = create(&server, &user, json!({"class": "quarantine"}));
-    assert_eq!(jailed["runtime"], "process", "{jailed}");
+    assert_eq!(jailed["runtime"], "gvisor", "{jailed}");
     let reason = jailed["runtime_reason"].as_str().unwrap();
     assert!(
-        reason.contains("the quarantine class asks for a strong wall"),
+        reason.contains("the quarantine class requires a strong wall"),
         "{jailed}"
     );
-    assert!(
-        reason.contains("gvisor: the gvisor lane cannot honour"),
-        "{jailed}"
+    let id = jailed["id"].as_str().unwrap();
+    assert_ne!(
+        kernel_release(&server, &user, id),
+        host_release(),
+        "behind the sentry"
     );
+    let out = cli(&server, &user, &["inspect", id], b"");
+    let shown = String::from_utf8_lossy(&out.stderr);
+    assert!(shown.contains("lane: gvisor (the quarantine class"), "{shown}");
+    // Quarantine's seccomp additions hold for every exec (runsc exec starts it under the filter), and
+    // only /tmp is writable.
     let (status, out) = exec(
         &server,
         &user,
-        jailed["id"].as_str().unwrap(),
-        json!({"cmd": ["sh", "-c", "cd /tmp && touch f && chmod 600 f; echo $?"]}),
+        id,
+        json!({"cmd": ["sh", "-c", "cd /tmp && touch f && chmod 600 f; echo chmod=$?; \
+            ln -s f g; echo symlink=$?; touch $HOME/x; echo home=$?; touch /dev/shm/x; echo shm=$?; \
+            echo data > /tmp/ok && cat /tmp/ok"]}),
     );
+    assert_eq!(status, 200, "{out}");
     assert_eq!(
-        (status, &out["stdout"]),
-        (200, &json!("1\n")),
-        "quarantine's seccomp additions hold: {out}"
+        out["stdout"],
+        json!("chmod=1\nsymlink=1\nhome=1\nshm=1\ndata\n"),
+        "quarantine's restrictions hold on gVisor: {out}"
+    );
+    // A command that does not exist is still a 127 with one line.
+    let (status, out) = exec(&server, &user, id, json!({"cmd": ["no-such-command"]}));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["exit_code"], 127, "{out}");
+    assert!(
+        out["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("command not found: no-such-command"),
+        "{out}"
     );
 }
 
@@ -214,7 +233,8 @@ fn bad_runtime_names_and_forbidden_lanes_are_clear_refusals() {
             .contains("isolation.runtimes: process"),
         "{body}"
     );
-    // Under that policy quarantine falls back to the process lane, and the reason says what was missing.
+    // Under that policy quarantine falls back to the process lane (the strong wall is not allowed), and
+    // the reason says so.
     let jailed = create(&server, &user, json!({"class": "quarantine"}));
     assert_eq!(jailed["runtime"], "process", "{jailed}");
     assert!(

@@ -52,6 +52,16 @@ pub struct BundleInputs {
     pub init: Option<PathBuf>,
     /// Host path of the file-operation agent (service sandboxes).
     pub agent: Option<PathBuf>,
+    /// The syscall filter every command starts under (the spec denies extra syscalls).
+    pub syscall_filter: Option<SyscallFilter>,
+}
+
+/// The supervisor's executable in its syscall-filter role ([`super::agent::SYSCALL_FILTER_PATH`]) and the
+/// syscall numbers it adds to the process lane's program.
+#[derive(Debug, Clone)]
+pub struct SyscallFilter {
+    pub executable: PathBuf,
+    pub denied: Vec<i64>,
 }
 
 /// The config could not be built (a builder refused a value).
@@ -115,8 +125,9 @@ fn bind(source: &Path, target: &Path, writable: bool) -> Result<Mount, BundleErr
 /// `config.json` for `spec`.
 pub fn oci_config(spec: &SandboxSpec, inputs: &BundleInputs) -> Result<Spec, BundleError> {
     let user = command_user(spec);
-    let args = match (&inputs.init, spec.command.is_empty()) {
-        (Some(_), true) => vec![INIT_PATH.to_string()],
+    let args = match (&inputs.init, spec.command.is_empty(), &inputs.syscall_filter) {
+        (Some(_), true, _) => vec![INIT_PATH.to_string()],
+        (_, false, Some(filter)) => super::agent::filtered_argv(&filter.denied, &spec.command),
         _ => spec.command.clone(),
     };
     let env: Vec<String> = environment(&spec.hostname, &[&spec.env])
@@ -202,6 +213,9 @@ pub fn oci_config(spec: &SandboxSpec, inputs: &BundleInputs) -> Result<Spec, Bun
             format!("mode={mode}"),
             format!("size={scratch}"),
         ];
+        if !scratch_writable(spec, Path::new(target)) {
+            options.push("ro".to_string());
+        }
         if let Some(owner) = owner {
             options.push(format!("uid={}", owner.uid));
             options.push(format!("gid={}", owner.gid));
@@ -216,6 +230,13 @@ pub fn oci_config(spec: &SandboxSpec, inputs: &BundleInputs) -> Result<Spec, Bun
     }
     if let Some(agent) = &inputs.agent {
         mounts.push(bind(agent, Path::new(super::agent::AGENT_PATH), false)?);
+    }
+    if let Some(filter) = &inputs.syscall_filter {
+        mounts.push(bind(
+            &filter.executable,
+            Path::new(super::agent::SYSCALL_FILTER_PATH),
+            false,
+        )?);
     }
 
     let mut namespaces = Vec::new();
@@ -284,7 +305,7 @@ pub fn oci_config(spec: &SandboxSpec, inputs: &BundleInputs) -> Result<Spec, Bun
             .root(built(
                 RootBuilder::default()
                     .path(inputs.root.clone())
-                    .readonly(!writable_root(&spec.root))
+                    .readonly(!writable_root(spec))
                     .build(),
             )?)
             .hostname(spec.hostname.clone())
@@ -322,9 +343,28 @@ pub fn build_host_root(dir: &Path, spec: &SandboxSpec, resolv: &[u8]) -> std::io
 }
 
 /// Whether the root is made writable in sandbox memory (`--overlay2=root:memory`): image roots, as in the
-/// process lane, where an image's root is an overlay with its upper layer in scratch.
-pub fn writable_root(root: &RootSpec) -> bool {
-    matches!(root, RootSpec::Layers(_))
+/// process lane, where an image's root is an overlay with its upper layer in scratch — unless the spec
+/// narrows the writable paths to a set without `/`, when the root stays read-only.
+pub fn writable_root(spec: &SandboxSpec) -> bool {
+    matches!(spec.root, RootSpec::Layers(_)) && (spec.writable_paths.is_empty() || narrowed_to(spec, "/"))
+}
+
+/// Whether the scratch area at `target` is writable. `writable_paths` (a policy's narrower set, e.g.
+/// quarantine's `/tmp`) is what the process lane grants with Landlock; here the mounts themselves say
+/// it: a scratch area not under one of those paths is mounted read-only. A writable path outside the
+/// scratch areas and writable mounts stays read-only on this lane (stricter than Landlock on an image root).
+fn scratch_writable(spec: &SandboxSpec, target: &Path) -> bool {
+    spec.writable_paths.is_empty()
+        || spec
+            .writable_paths
+            .iter()
+            .any(|path| target.starts_with(normalize_sandbox_path(path)))
+}
+
+fn narrowed_to(spec: &SandboxSpec, path: &str) -> bool {
+    spec.writable_paths
+        .iter()
+        .any(|p| normalize_sandbox_path(p) == Path::new(path))
 }
 
 #[cfg(test)]
@@ -342,6 +382,7 @@ mod tests {
             share_netns: false,
             init: None,
             agent: None,
+            syscall_filter: None,
         }
     }
 
@@ -479,5 +520,63 @@ mod tests {
             .find(|n| n["type"] == "network")
             .expect("network");
         assert_eq!(net["path"], "/run/netns/tartarus-abc");
+    }
+
+    #[test]
+    fn test_denied_syscalls_wrap_the_command_in_the_mounted_filter() {
+        let spec = SandboxSpec::new(vec!["chmod".into(), "600".into(), "f".into()]);
+        let mut with_filter = inputs();
+        with_filter.syscall_filter = Some(SyscallFilter {
+            executable: "/usr/bin/tartarus".into(),
+            denied: vec![90, 91],
+        });
+        let c = config(&spec, &with_filter);
+        assert_eq!(
+            c["process"]["args"],
+            serde_json::json!([
+                super::super::agent::SYSCALL_FILTER_PATH,
+                "90,91",
+                "--",
+                "chmod",
+                "600",
+                "f"
+            ])
+        );
+        let mounts = c["mounts"].as_array().expect("mounts");
+        let filter = mounts
+            .iter()
+            .find(|m| m["destination"] == super::super::agent::SYSCALL_FILTER_PATH)
+            .expect("the filter is mounted");
+        assert_eq!(filter["source"], "/usr/bin/tartarus");
+        assert!(filter["options"]
+            .as_array()
+            .expect("options")
+            .contains(&"ro".into()));
+        let plain = config(&spec, &inputs());
+        assert_eq!(plain["process"]["args"], serde_json::json!(["chmod", "600", "f"]));
+    }
+
+    #[test]
+    fn test_narrowed_writable_paths_make_the_other_scratch_and_an_image_root_read_only() {
+        let mut spec = SandboxSpec::new(vec!["/bin/true".into()]);
+        spec.root = RootSpec::Layers(vec!["/layer".into()]);
+        assert!(writable_root(&spec), "an image root is writable by default");
+        spec.writable_paths = vec!["/tmp".into()];
+        assert!(
+            !writable_root(&spec),
+            "quarantine's /tmp-only leaves the root read-only"
+        );
+        let c = config(&spec, &inputs());
+        assert_eq!(c["root"]["readonly"], true);
+        let mounts = c["mounts"].as_array().expect("mounts");
+        let read_only = |target: &str| {
+            let m = mounts.iter().find(|m| m["destination"] == target).expect(target);
+            m["options"].as_array().expect("options").contains(&"ro".into())
+        };
+        assert!(!read_only("/tmp"));
+        assert!(read_only(SANDBOX_HOME));
+        assert!(read_only("/dev/shm"));
+        spec.writable_paths = vec!["/".into()];
+        assert!(writable_root(&spec));
     }
 }

@@ -51,8 +51,9 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 const CONTAINER_PREFIX: &str = "tartarus-";
 
 /// What the gVisor lane honours. Not (yet): a terminal (runsc's console socket), host-loopback
-/// networking (gVisor's `--network=host` would hand the host's stack to the sandbox), extra seccomp lists
-/// and Landlock paths (the sentry is the filter).
+/// networking (gVisor's `--network=host` would hand the host's stack to the sandbox). Extra denied
+/// syscalls are a seccomp filter installed inside the sentry by the mounted [`agent`]; narrowed writable
+/// paths are read-only mounts (gVisor has no Landlock).
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     service: true,
     terminal: false,
@@ -65,8 +66,8 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     cpu_limit: true,
     pids_limit: true,
     rlimits: true,
-    seccomp_syscall_lists: false,
-    landlock_paths: false,
+    seccomp_syscall_lists: true,
+    landlock_paths: true,
     custom_user: true,
     pause: true,
     file_ops: true,
@@ -207,6 +208,8 @@ pub struct GvisorSandbox {
     paused: bool,
     /// The file-operation agent is mounted (service sandboxes whose supervisor binary could be found).
     agent: bool,
+    /// Extra syscalls denied to every command (the spec's `denied_syscalls`), through the mounted filter.
+    denied_syscalls: Option<Vec<i64>>,
 }
 
 struct Running {
@@ -215,6 +218,21 @@ struct Running {
     gofer: Option<Pid>,
     started: Instant,
     killed: Option<KillReason>,
+}
+
+/// The numbers of the spec's `denied_syscalls`; `None` when it denies none.
+fn denied_syscall_numbers(spec: &SandboxSpec) -> Result<Option<Vec<i64>>, PrepareError> {
+    if spec.denied_syscalls.is_empty() {
+        return Ok(None);
+    }
+    spec.denied_syscalls
+        .iter()
+        .map(|name| {
+            crate::process::seccomp::deniable_syscall(name)
+                .ok_or_else(|| PrepareError::Seccomp(format!("unknown syscall '{name}' in denied_syscalls")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
@@ -264,7 +282,7 @@ impl GvisorSandbox {
             &runtime.dirs.root,
             runtime.platform.platform,
             network_flag,
-            bundle::writable_root(&spec.root),
+            bundle::writable_root(&spec),
             &bundle.join("runsc.log"),
         );
         // The runsc processes this sandbox starts are reparented to us, so we can wait for the sandbox
@@ -291,6 +309,7 @@ impl GvisorSandbox {
             execs: service::Execs::new().map_err(host_err("creating the exec event descriptor"))?,
             paused: false,
             agent: false,
+            denied_syscalls: None,
         };
         let resolvers = match &sandbox.spec.network {
             NetworkMode::Egress(c) if c.dns => tartarus_network::host_resolvers(),
@@ -335,15 +354,25 @@ impl GvisorSandbox {
                     .map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd));
             }
         }
-        // File operations run this very executable inside (static, so any root can run it).
-        let agent = match sandbox.spec.service {
-            true => std::env::current_exe()
-                .and_then(std::fs::canonicalize)
-                .ok()
-                .filter(|p| p.is_file()),
-            false => None,
-        };
+        // File operations and the syscall filter run this very executable inside (static, so any root
+        // can run it).
+        let this_executable = std::env::current_exe()
+            .and_then(std::fs::canonicalize)
+            .ok()
+            .filter(|p| p.is_file());
+        let agent = this_executable.clone().filter(|_| sandbox.spec.service);
         sandbox.agent = agent.is_some();
+        let syscall_filter = match denied_syscall_numbers(&sandbox.spec)? {
+            None => None,
+            Some(denied) => {
+                let executable = this_executable.ok_or_else(|| PrepareError::Host {
+                    what: "denied_syscalls on the gVisor lane run the supervisor's own executable inside, which could not be found",
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                })?;
+                sandbox.denied_syscalls = Some(denied.clone());
+                Some(bundle::SyscallFilter { executable, denied })
+            }
+        };
         let inputs = BundleInputs {
             root,
             mounts,
@@ -359,6 +388,7 @@ impl GvisorSandbox {
             share_netns: network_flag == NetworkFlag::HostInNamespace,
             init,
             agent,
+            syscall_filter,
         };
         let config = bundle::oci_config(&sandbox.spec, &inputs).map_err(|e| PrepareError::Host {
             what: "building the OCI config",

@@ -266,7 +266,11 @@ impl ServiceSandbox for GvisorSandbox {
             .or_else(|| self.spec.workdir.as_deref().map(normalize_sandbox_path))
             .unwrap_or_else(|| SANDBOX_HOME.into());
         let env = environment(&self.spec.hostname, &[&self.spec.env, &request.env]);
-        self.spawn_exec(&request.command, &env, &workdir, stdio)
+        let command = match &self.denied_syscalls {
+            Some(denied) => agent::filtered_argv(denied, &request.command),
+            None => request.command.clone(),
+        };
+        self.spawn_exec(&command, &env, &workdir, stdio)
     }
 
     /// Runs the agent ([`super::agent`]) inside with `runsc exec`, as the command's user.

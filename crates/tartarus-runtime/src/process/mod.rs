@@ -16,7 +16,7 @@ pub(crate) mod file_ops;
 mod landlock;
 mod protocol;
 pub(crate) mod rootfs;
-mod seccomp;
+pub(crate) mod seccomp;
 mod service;
 
 use std::ffi::CString;
