@@ -214,7 +214,10 @@ struct Running {
     pidfd: OwnedFd,
     gofer: Option<Pid>,
     started: Instant,
+    /// Why the sandbox was sent SIGKILL, if it was.
     killed: Option<KillReason>,
+    /// The timeout ended it (possibly by SIGTERM within its grace, before any SIGKILL).
+    timed_out: bool,
 }
 
 fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
@@ -526,6 +529,7 @@ impl GvisorSandbox {
             gofer: self.gofer_pid(),
             started,
             killed: None,
+            timed_out: false,
         });
         self.state = SandboxState::Running;
         // The gofer took its own copy of the root when it started.
@@ -601,7 +605,11 @@ impl GvisorSandbox {
             (None, tartarus_hostsys::ExitStatus::Exited(c)) => Termination::Exited(c),
         };
         let oom = self.cgroups.oom_kills(&HostCgroupFs) > 0;
-        let reason = match (running.killed, oom, termination) {
+        let killed = match running.timed_out {
+            true => Some(KillReason::Timeout),
+            false => running.killed,
+        };
+        let reason = match (killed, oom, termination) {
             (Some(KillReason::Timeout), _, _) => ExitReason::Timeout,
             (_, true, Termination::Signaled(_)) => ExitReason::Oom,
             (Some(KillReason::Requested), _, _) => ExitReason::Killed,
@@ -819,7 +827,7 @@ impl Sandbox for GvisorSandbox {
             .timeout
             .map(|t| t.saturating_sub(running.started.elapsed()));
         if !self.sandbox_ended(remaining)? {
-            self.kill(KillReason::Timeout)?;
+            self.stop_at_timeout()?;
         }
         self.collect()
     }
@@ -841,6 +849,28 @@ impl Sandbox for GvisorSandbox {
                 source: e.into(),
             }),
         }
+    }
+
+    /// SIGTERM to every process of the container (`runsc kill --all`), then SIGKILL if the sandbox has not
+    /// ended within the spec's grace, as the process lane does.
+    fn stop_at_timeout(&mut self) -> Result<(), RuntimeError> {
+        if self.state != SandboxState::Running {
+            return self.kill(KillReason::Timeout);
+        }
+        let grace = self.spec.effective_timeout_grace();
+        if let Some(running) = self.running.as_mut() {
+            running.timed_out = true;
+        }
+        let graceful = !grace.is_zero()
+            && !self.paused
+            && self
+                .invocation
+                .run(&["kill", "--all", &self.container, "TERM"], CONTROL_TIMEOUT)
+                .is_ok();
+        if graceful && self.sandbox_ended(Some(grace))? {
+            return Ok(());
+        }
+        self.kill(KillReason::Timeout)
     }
 
     fn cleanup(&mut self) -> Result<(), RuntimeError> {
