@@ -41,7 +41,7 @@ use crate::sandbox::{
     StdioFds, Termination,
 };
 use crate::service::ServiceSandbox;
-use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec};
+use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SANDBOX_HOME};
 
 /// How long `runsc create` and `runsc start` may take.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -207,6 +207,9 @@ pub struct GvisorSandbox {
     paused: bool,
     /// The file-operation agent is mounted (service sandboxes whose supervisor binary could be found).
     agent: bool,
+    /// The spec's working directory, when the root lacks it: `start` refuses, as the process lane does
+    /// (runsc would create it).
+    missing_workdir: Option<PathBuf>,
 }
 
 struct Running {
@@ -294,7 +297,9 @@ impl GvisorSandbox {
             execs: service::Execs::new().map_err(host_err("creating the exec event descriptor"))?,
             paused: false,
             agent: false,
+            missing_workdir: None,
         };
+        sandbox.missing_workdir = missing_workdir(&sandbox.spec, &mounts)?;
         let resolvers = match &sandbox.spec.network {
             NetworkMode::Egress(c) if c.dns => tartarus_network::host_resolvers(),
             _ => Vec::new(),
@@ -467,6 +472,12 @@ impl GvisorSandbox {
 
     fn start_inner(&mut self, stdio: StdioFds<'_>, restore: Option<&Path>) -> Result<(), StartError> {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
+        if let Some(workdir) = &self.missing_workdir {
+            return Err(StartError::Setup {
+                stage: format!("entering working directory {}", workdir.display()),
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map(Stdio::from);
         let pid_file = self.bundle.join("sandbox.pid");
         let mut args: Vec<std::ffi::OsString> = match restore {
@@ -656,6 +667,66 @@ impl GvisorSandbox {
             let _ = rustix::process::waitpid(Some(gofer), rustix::process::WaitOptions::NOHANG);
         }
     }
+}
+
+/// The spec's working directory if the sandbox's root will not have it when the command starts, judged from
+/// what the root is made of: scratch mounts start empty, bind mounts show their source, the host system
+/// root shows the host's `/usr` and its links, a directory root itself. An image root gets it created, as
+/// in the process lane.
+fn missing_workdir(
+    spec: &SandboxSpec,
+    mounts: &[(PathBuf, PathBuf, bool)],
+) -> Result<Option<PathBuf>, PrepareError> {
+    let Some(workdir) = spec.workdir.as_deref().map(normalize_sandbox_path) else {
+        return Ok(None);
+    };
+    let mut points: Vec<(PathBuf, Option<PathBuf>)> =
+        ["/tmp", SANDBOX_HOME, "/dev/shm", "/dev", "/proc", "/sys"]
+            .iter()
+            .map(|p| (PathBuf::from(p), None))
+            .collect();
+    points.extend(
+        mounts
+            .iter()
+            .map(|(source, target, _)| (target.clone(), Some(source.clone()))),
+    );
+    let exists = if matches!(spec.root, RootSpec::Layers(_))
+        || points.iter().any(|(p, _)| p.starts_with(&workdir))
+    {
+        // Created for an image root; a mount point or one of its parents.
+        true
+    } else if let Some((point, source)) = points
+        .iter()
+        .filter(|(p, _)| workdir.starts_with(p))
+        .max_by_key(|(p, _)| p.components().count())
+    {
+        let rest = workdir.strip_prefix(point).unwrap_or(Path::new(""));
+        match source {
+            Some(source) => source.join(rest).is_dir(),
+            None if point == Path::new("/proc") || point == Path::new("/sys") => point.join(rest).is_dir(),
+            None => false,
+        }
+    } else {
+        let relative = workdir.strip_prefix("/").unwrap_or(&workdir);
+        match &spec.root {
+            RootSpec::HostSystem => {
+                let first = relative
+                    .components()
+                    .next()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned());
+                match first.as_deref() {
+                    Some(name) if crate::process::rootfs::HOST_ENTRY_NAMES.contains(&name) => {
+                        Path::new("/").join(relative).is_dir()
+                    }
+                    Some(_) => relative == Path::new("etc"),
+                    None => true,
+                }
+            }
+            RootSpec::Directory(path) => canonical_dir(path)?.join(relative).is_dir(),
+            RootSpec::Layers(_) => true,
+        }
+    };
+    Ok((!exists).then_some(workdir))
 }
 
 fn canonical_dir(path: &PathBuf) -> Result<PathBuf, PrepareError> {
