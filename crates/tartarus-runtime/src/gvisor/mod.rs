@@ -912,7 +912,16 @@ impl Sandbox for GvisorSandbox {
             return Ok(());
         }
         running.killed.get_or_insert(reason);
-        // SIGKILL to the sentry ends every process of the sandbox at once, paused or not.
+        if self.paused {
+            // runsc keeps the container `paused` in its state after the sentry dies, and then cannot delete
+            // it: resume first (best effort; the SIGKILL below ends the sandbox either way).
+            let _ = self.invocation.run(&["resume", &self.container], CONTROL_TIMEOUT);
+            self.paused = false;
+        }
+        let Some(running) = self.running.as_ref() else {
+            return Err(RuntimeError::State(state));
+        };
+        // SIGKILL to the sentry ends every process of the sandbox at once.
         match rustix::process::pidfd_send_signal(&running.pidfd, Signal::KILL) {
             Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
             Err(e) => Err(RuntimeError::Host {
