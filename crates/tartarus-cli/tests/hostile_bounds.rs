@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bin;
 use common::server::{call, create, exec, new_key, DataDir, Server};
+use common::{bin, poll_until};
 use serde_json::{json, Value};
 
 /// Sends a request with a 15 s timeout; returns the status, the JSON body (or the text as a string), the
@@ -51,15 +51,6 @@ fn raw_request(server: &Server, request: &[u8]) -> String {
 /// Descriptors the process `pid` has open.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
-/// Polls `done` every 50 ms until it holds; panics with `what` after `limit`.
-fn poll_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A v1 pids and memory cgroup standing for the host: the server (and its shims and sandboxes without

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::processes_naming;
 use common::registry::{base_layer, Compression, Format, Image, Registry, RunConfig};
 use common::server::{call, cli, create, new_key, DataDir, Server};
 use serde_json::{json, Value};
@@ -51,26 +52,6 @@ fn start_contained(dir: &Path, stand_in: &HostStandIn, args: &[&str]) -> Server 
 
 fn get(server: &Server, key: &str, path: &str) -> (u16, Value) {
     call("GET", &format!("{}{path}", server.base), Some(key), None)
-}
-
-/// Pids of processes whose command line has `needle` in one of its arguments.
-fn processes_naming(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        if cmdline
-            .split(|b| *b == 0)
-            .any(|arg| String::from_utf8_lossy(arg).contains(needle))
-        {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// Sandbox cgroups (named `<shim pid>-<id>`) of the shim `pid` in any hierarchy.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::bin;
-use common::server::{call, cli, create, exec, new_key, DataDir, Server};
+use common::server::{call, cli, create, exec, exec_stream, new_key, DataDir, Server};
 use serde_json::{json, Value};
 
 fn raw(server: &Server, path: &str, body: &str) -> (u16, Value) {
@@ -908,15 +908,7 @@ fn exec_streams_server_sent_events() {
         .unwrap()
         .to_string();
     let script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second >&2; exit 6";
-    let response = ureq::post(&format!("{}/v1/sandboxes/{id}/exec", server.base))
-        .set("Authorization", &format!("Bearer {key}"))
-        .send_json(json!({"cmd": ["sh", "-c", script], "stream": true}))
-        .unwrap();
-    assert_eq!(response.content_type(), "text/event-stream");
-    let mut lines = BufReader::new(response.into_reader())
-        .lines()
-        .map(|l| l.unwrap())
-        .filter(|l| !l.is_empty());
+    let mut lines = exec_stream(&server, &key, &id, json!({"cmd": ["sh", "-c", script]}));
     assert_eq!(lines.next().unwrap(), "event: stdout");
     assert_eq!(
         lines.next().unwrap(),

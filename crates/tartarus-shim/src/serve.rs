@@ -154,13 +154,15 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         write_result(path, sandbox.id(), &outcome, stopped_by)
             .map_err(io_err("writing the result record"))?;
     }
-    sandbox.cleanup().map_err(LaneError::from)?;
-    // A kill is answered only now, so the requester knows everything is gone.
+    // A kill is answered only now, so the requester knows the sandbox is gone; a cleanup that failed in
+    // part is still answered (the sandbox ended, the result is written) and then reported.
+    let cleaned = sandbox.cleanup().map_err(LaneError::from);
     if let Some(mut stream) = kill_requester {
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
         let _ = stream.write_all(&protocol::encode(&ReplyLine::ok(Done {})));
     }
+    cleaned?;
     Ok(0)
 }
 

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tartarus")
@@ -154,5 +155,34 @@ pub fn leftover_cgroups(parent: &str) -> Vec<PathBuf> {
 pub fn remove_cgroup_parent(parent: &str) {
     for root in cgroup_roots() {
         let _ = std::fs::remove_dir(root.join(parent));
+    }
+}
+
+/// Pids of processes with `needle` in an argument.
+pub fn processes_naming(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if cmdline
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(needle))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls `done` every 50 ms until it holds; panics with `what` after `limit`.
+pub fn poll_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -189,3 +189,18 @@ pub fn wait_for(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Val
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// `POST …/exec` with `"stream": true` added to `body`: the non-empty lines of the Server-Sent Events
+/// answer, as they arrive.
+pub fn exec_stream(server: &Server, key: &str, id: &str, mut body: Value) -> impl Iterator<Item = String> {
+    body["stream"] = json!(true);
+    let response = ureq::post(&format!("{}/v1/sandboxes/{id}/exec", server.base))
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_json(body)
+        .unwrap();
+    assert_eq!(response.content_type(), "text/event-stream");
+    BufReader::new(response.into_reader())
+        .lines()
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty())
+}

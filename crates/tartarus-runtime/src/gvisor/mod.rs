@@ -41,7 +41,7 @@ use crate::sandbox::{
     StdioFds, Termination,
 };
 use crate::service::ServiceSandbox;
-use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec};
+use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SANDBOX_HOME};
 
 /// How long `runsc create` and `runsc start` may take.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -210,6 +210,9 @@ pub struct GvisorSandbox {
     agent: bool,
     /// Extra syscalls denied to every command (the spec's `denied_syscalls`), through the mounted filter.
     denied_syscalls: Option<Vec<i64>>,
+    /// The spec's working directory, when the root lacks it: `start` refuses, as the process lane does
+    /// (runsc would create it).
+    missing_workdir: Option<PathBuf>,
 }
 
 struct Running {
@@ -217,7 +220,10 @@ struct Running {
     pidfd: OwnedFd,
     gofer: Option<Pid>,
     started: Instant,
+    /// Why the sandbox was sent SIGKILL, if it was.
     killed: Option<KillReason>,
+    /// The timeout ended it (possibly by SIGTERM within its grace, before any SIGKILL).
+    timed_out: bool,
 }
 
 /// The numbers of the spec's `denied_syscalls`; `None` when it denies none.
@@ -310,7 +316,9 @@ impl GvisorSandbox {
             paused: false,
             agent: false,
             denied_syscalls: None,
+            missing_workdir: None,
         };
+        sandbox.missing_workdir = missing_workdir(&sandbox.spec, &mounts)?;
         let resolvers = match &sandbox.spec.network {
             NetworkMode::Egress(c) if c.dns => tartarus_network::host_resolvers(),
             _ => Vec::new(),
@@ -494,6 +502,12 @@ impl GvisorSandbox {
 
     fn start_inner(&mut self, stdio: StdioFds<'_>, restore: Option<&Path>) -> Result<(), StartError> {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
+        if let Some(workdir) = &self.missing_workdir {
+            return Err(StartError::Setup {
+                stage: format!("entering working directory {}", workdir.display()),
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map(Stdio::from);
         let pid_file = self.bundle.join("sandbox.pid");
         let mut args: Vec<std::ffi::OsString> = match restore {
@@ -556,6 +570,7 @@ impl GvisorSandbox {
             gofer: self.gofer_pid(),
             started,
             killed: None,
+            timed_out: false,
         });
         self.state = SandboxState::Running;
         // The gofer took its own copy of the root when it started.
@@ -631,7 +646,11 @@ impl GvisorSandbox {
             (None, tartarus_hostsys::ExitStatus::Exited(c)) => Termination::Exited(c),
         };
         let oom = self.cgroups.oom_kills(&HostCgroupFs) > 0;
-        let reason = match (running.killed, oom, termination) {
+        let killed = match running.timed_out {
+            true => Some(KillReason::Timeout),
+            false => running.killed,
+        };
+        let reason = match (killed, oom, termination) {
             (Some(KillReason::Timeout), _, _) => ExitReason::Timeout,
             (_, true, Termination::Signaled(_)) => ExitReason::Oom,
             (Some(KillReason::Requested), _, _) => ExitReason::Killed,
@@ -678,6 +697,66 @@ impl GvisorSandbox {
             let _ = rustix::process::waitpid(Some(gofer), rustix::process::WaitOptions::NOHANG);
         }
     }
+}
+
+/// The spec's working directory if the sandbox's root will not have it when the command starts, judged from
+/// what the root is made of: scratch mounts start empty, bind mounts show their source, the host system
+/// root shows the host's `/usr` and its links, a directory root itself. An image root gets it created, as
+/// in the process lane.
+fn missing_workdir(
+    spec: &SandboxSpec,
+    mounts: &[(PathBuf, PathBuf, bool)],
+) -> Result<Option<PathBuf>, PrepareError> {
+    let Some(workdir) = spec.workdir.as_deref().map(normalize_sandbox_path) else {
+        return Ok(None);
+    };
+    let mut points: Vec<(PathBuf, Option<PathBuf>)> =
+        ["/tmp", SANDBOX_HOME, "/dev/shm", "/dev", "/proc", "/sys"]
+            .iter()
+            .map(|p| (PathBuf::from(p), None))
+            .collect();
+    points.extend(
+        mounts
+            .iter()
+            .map(|(source, target, _)| (target.clone(), Some(source.clone()))),
+    );
+    let exists = if matches!(spec.root, RootSpec::Layers(_))
+        || points.iter().any(|(p, _)| p.starts_with(&workdir))
+    {
+        // Created for an image root; a mount point or one of its parents.
+        true
+    } else if let Some((point, source)) = points
+        .iter()
+        .filter(|(p, _)| workdir.starts_with(p))
+        .max_by_key(|(p, _)| p.components().count())
+    {
+        let rest = workdir.strip_prefix(point).unwrap_or(Path::new(""));
+        match source {
+            Some(source) => source.join(rest).is_dir(),
+            None if point == Path::new("/proc") || point == Path::new("/sys") => point.join(rest).is_dir(),
+            None => false,
+        }
+    } else {
+        let relative = workdir.strip_prefix("/").unwrap_or(&workdir);
+        match &spec.root {
+            RootSpec::HostSystem => {
+                let first = relative
+                    .components()
+                    .next()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned());
+                match first.as_deref() {
+                    Some(name) if crate::process::rootfs::HOST_ENTRY_NAMES.contains(&name) => {
+                        Path::new("/").join(relative).is_dir()
+                    }
+                    Some(_) => relative == Path::new("etc"),
+                    None => true,
+                }
+            }
+            RootSpec::Directory(path) => canonical_dir(path)?.join(relative).is_dir(),
+            RootSpec::Layers(_) => true,
+        }
+    };
+    Ok((!exists).then_some(workdir))
 }
 
 fn canonical_dir(path: &PathBuf) -> Result<PathBuf, PrepareError> {
@@ -849,7 +928,7 @@ impl Sandbox for GvisorSandbox {
             .timeout
             .map(|t| t.saturating_sub(running.started.elapsed()));
         if !self.sandbox_ended(remaining)? {
-            self.kill(KillReason::Timeout)?;
+            self.stop_at_timeout()?;
         }
         self.collect()
     }
@@ -863,7 +942,16 @@ impl Sandbox for GvisorSandbox {
             return Ok(());
         }
         running.killed.get_or_insert(reason);
-        // SIGKILL to the sentry ends every process of the sandbox at once, paused or not.
+        if self.paused {
+            // runsc keeps the container `paused` in its state after the sentry dies, and then cannot delete
+            // it: resume first (best effort; the SIGKILL below ends the sandbox either way).
+            let _ = self.invocation.run(&["resume", &self.container], CONTROL_TIMEOUT);
+            self.paused = false;
+        }
+        let Some(running) = self.running.as_ref() else {
+            return Err(RuntimeError::State(state));
+        };
+        // SIGKILL to the sentry ends every process of the sandbox at once.
         match rustix::process::pidfd_send_signal(&running.pidfd, Signal::KILL) {
             Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
             Err(e) => Err(RuntimeError::Host {
@@ -871,6 +959,28 @@ impl Sandbox for GvisorSandbox {
                 source: e.into(),
             }),
         }
+    }
+
+    /// SIGTERM to every process of the container (`runsc kill --all`), then SIGKILL if the sandbox has not
+    /// ended within the spec's grace, as the process lane does.
+    fn stop_at_timeout(&mut self) -> Result<(), RuntimeError> {
+        if self.state != SandboxState::Running {
+            return self.kill(KillReason::Timeout);
+        }
+        let grace = self.spec.effective_timeout_grace();
+        if let Some(running) = self.running.as_mut() {
+            running.timed_out = true;
+        }
+        let graceful = !grace.is_zero()
+            && !self.paused
+            && self
+                .invocation
+                .run(&["kill", "--all", &self.container, "TERM"], CONTROL_TIMEOUT)
+                .is_ok();
+        if graceful && self.sandbox_ended(Some(grace))? {
+            return Ok(());
+        }
+        self.kill(KillReason::Timeout)
     }
 
     fn cleanup(&mut self) -> Result<(), RuntimeError> {

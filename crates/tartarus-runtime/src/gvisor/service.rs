@@ -207,6 +207,22 @@ impl GvisorSandbox {
         let _ = std::fs::remove_file(&pid_file);
         if !started {
             let _ = child.wait();
+            // runsc logs a missing working directory, and exec fails as if the command were missing.
+            let cwd = workdir.display().to_string();
+            let missing_cwd =
+                |line: &str| line.contains("failed to find initial working directory") && line.contains(&cwd);
+            if runsc::read_small(&self.bundle.join("runsc.log"))
+                .is_some_and(|log| log.lines().any(missing_cwd))
+            {
+                return Err(ExecError::Start {
+                    exit_code: 125,
+                    message: format!(
+                        "entering working directory {}: {}",
+                        workdir.display(),
+                        io::Error::from_raw_os_error(libc::ENOENT)
+                    ),
+                });
+            }
             let exit_code = if self.exists_in_root(program) { 126 } else { 127 };
             let what = if exit_code == 127 {
                 "command not found"
