@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::postgres::Database;
-use common::server::{call, cli, DataDir, Server};
+use common::server::{call, cli, host_release, DataDir, Server};
 use serde_json::{json, Value};
 
 fn start_server(dir: &DataDir, db: &Database) -> Server {
@@ -504,25 +504,6 @@ fn placement_follows_taints_affinity_spreading_and_quarantine() {
     }
 }
 
-/// An API key of `tenant` in the server's database.
-fn tenant_key(db: &Database, tenant: &str) -> String {
-    let out = Command::new(common::bin())
-        .args([
-            "apikey",
-            "create",
-            "--tenant",
-            tenant,
-            "--role",
-            "user",
-            "--database",
-            &db.url,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn lane_names(node: &Value) -> Vec<String> {
     node["lanes"]
         .as_array()
@@ -530,13 +511,6 @@ fn lane_names(node: &Value) -> Vec<String> {
         .iter()
         .map(|l| l["name"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn host_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 #[test]
@@ -587,7 +561,7 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
         })),
     );
     assert!(status == 200 || status == 201, "{status} {body}");
-    let beta = tenant_key(&db, "beta");
+    let beta = common::server::apikey(&["--database".as_ref(), db.url.as_ref()], "beta", "user");
     let create = |key: &str, body: Value| {
         call(
             "POST",

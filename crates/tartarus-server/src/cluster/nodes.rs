@@ -508,8 +508,10 @@ mod tests {
             Some("no live cluster node offers the process lane (no node is reachable)")
         );
         // What a lane cannot honour is its declared capabilities', wherever it runs.
-        let mut tty = SandboxSpec::default();
-        tty.tty = true;
+        let tty = SandboxSpec {
+            tty: true,
+            ..SandboxSpec::default()
+        };
         let walled = lane_offers(&nodes, &tty)
             .into_iter()
             .find(|o| o.lane == LaneName::Gvisor)
