@@ -638,15 +638,62 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
         "{refused}"
     );
 
-    for sandbox in [&id, plain_box["id"].as_str().unwrap()] {
-        let (status, _) = call(
+    let delete = |sandbox: &str| {
+        let (status, body) = call(
             "DELETE",
             &format!("{}/v1/sandboxes/{sandbox}", server.base),
             Some(&server.admin),
             None,
         );
-        assert_eq!(status, 200);
+        assert_eq!(status, 200, "{body}");
+    };
+    delete(plain_box["id"].as_str().unwrap());
+
+    // Only the gVisor node could hold it, and it has no room now: queued with its lane, and dispatched
+    // there on that lane once there is room.
+    let (status, queued) = create(&beta, json!({"resources": {"cpus": 2.0}}));
+    assert_eq!(status, 202, "{queued}");
+    assert_eq!(queued["runtime"], "gvisor", "{queued}");
+    assert!(
+        queued["reason"].as_str().unwrap().contains("1 lacks lane gvisor"),
+        "{queued}"
+    );
+    let queued_id = queued["id"].as_str().unwrap().to_string();
+    delete(&id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, item) = call(
+            "GET",
+            &format!("{}/v1/queue/{queued_id}", server.base),
+            Some(&server.admin),
+            None,
+        );
+        if item["state"] == "done" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dispatched: {item}");
+        std::thread::sleep(Duration::from_millis(100));
     }
+    let (_, dispatched) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{queued_id}", server.base),
+        Some(&beta),
+        None,
+    );
+    assert_eq!(
+        (&dispatched["node"], &dispatched["runtime"]),
+        (&json!("walled"), &json!("gvisor")),
+        "{dispatched}"
+    );
+    assert!(
+        dispatched["runtime_reason"]
+            .as_str()
+            .unwrap()
+            .contains("an untrusted tenant requires a strong wall"),
+        "{dispatched}"
+    );
+    delete(&queued_id);
+
     // The gVisor node gone: no live node offers gVisor.
     let mut walled = walled;
     walled.kill().unwrap();
