@@ -1,7 +1,8 @@
 //! Cluster mode against real processes and a real PostgreSQL: node agents register with per-node tokens,
 //! report capacity and heartbeats, are marked unreachable when killed; bad tokens, nonsense capacity and
 //! duplicate ids are refused; two server replicas on one database elect one leader and hand over when it
-//! is killed.
+//! is killed; nodes report their isolation lanes and placement filters on the lane a create gets (needs
+//! root and runsc, as tests/runtimes.rs).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod common;
@@ -10,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::postgres::Database;
-use common::server::{call, cli, DataDir, Server};
+use common::server::{call, cli, host_release, DataDir, Server};
 use serde_json::{json, Value};
 
 fn start_server(dir: &DataDir, db: &Database) -> Server {
@@ -25,10 +26,22 @@ fn token(server: &Server, id: &str) -> String {
 
 /// Starts an agent and returns it with its listen address and data directory (it prints `listening on ADDR` first).
 fn agent(server: &Server, id: &str, token: &str, extra: &[&str]) -> (Child, String, DataDir) {
+    agent_with_env(server, id, token, extra, &[])
+}
+
+/// [`agent`] with extra environment variables.
+fn agent_with_env(
+    server: &Server,
+    id: &str,
+    token: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, String, DataDir) {
     // The node's own state (its server, sandboxes), removed with the returned guard.
     let dir = DataDir::new();
     let (child, line) = common::spawn_first_line(
         Command::new(common::bin())
+            .envs(env.iter().copied())
             .args(["node", "--control", &server.base, "--token", token, "--id", id])
             .args([
                 "--listen",
@@ -489,4 +502,263 @@ fn placement_follows_taints_affinity_spreading_and_quarantine() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+fn lane_names(node: &Value) -> Vec<String> {
+    node["lanes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no lanes: {node}"))
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
+    let db = Database::new();
+    let dir = DataDir::new();
+    let server = start_server(&dir, &db);
+    // Two nodes: one runs both lanes; the other cannot find runsc, so it runs the process lane only.
+    let walled_token = token(&server, "walled");
+    let plain_token = token(&server, "plain");
+    let (walled, _, _walled_dir) = agent(&server, "walled", &walled_token, &[]);
+    let (plain, plain_addr, plain_dir) = agent_with_env(
+        &server,
+        "plain",
+        &plain_token,
+        &[],
+        &[("TARTARUS_RUNSC", "/nonexistent/runsc")],
+    );
+    let walled_view = wait_node(&server, "walled", |n| n["state"] == "ready");
+    let plain_view = wait_node(&server, "plain", |n| n["state"] == "ready");
+    assert_eq!(lane_names(&walled_view), ["process", "gvisor"], "{walled_view}");
+    assert_eq!(lane_names(&plain_view), ["process"], "{plain_view}");
+    let versions = &walled_view["lanes"];
+    assert_eq!(versions[0]["version"], host_release().as_str(), "{walled_view}");
+    assert!(
+        versions[1]["version"].as_str().unwrap().starts_with("runsc "),
+        "{walled_view}"
+    );
+    let out = cli(&server, &server.admin, &["node", "ls"], b"");
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let line_of = |id: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("{id} not listed: {listing}"))
+            .to_string()
+    };
+    assert!(line_of("walled").contains(" process,gvisor "), "{listing}");
+    assert!(!line_of("plain").contains("gvisor"), "{listing}");
+
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/policies", server.base),
+        Some(&server.admin),
+        Some(json!({
+            "yaml": "id: beta-untrusted\ntenants: [beta]\nisolation: {trust: untrusted}\n",
+            "source": "test.yaml",
+        })),
+    );
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let beta = common::server::apikey(&["--database".as_ref(), db.url.as_ref()], "beta", "user");
+    let create = |key: &str, body: Value| {
+        call(
+            "POST",
+            &format!("{}/v1/sandboxes", server.base),
+            Some(key),
+            Some(body),
+        )
+    };
+
+    // Untrusted: gVisor, so only the node that runs it; the decision names the filter.
+    let (status, walled_box) = create(&beta, json!({}));
+    assert_eq!(status, 201, "{walled_box}");
+    assert_eq!(walled_box["runtime"], "gvisor", "{walled_box}");
+    assert!(
+        walled_box["runtime_reason"]
+            .as_str()
+            .unwrap()
+            .contains("an untrusted tenant requires a strong wall"),
+        "{walled_box}"
+    );
+    assert_eq!(walled_box["node"], "walled", "{walled_box}");
+    let placement = walled_box["placement"].as_str().unwrap();
+    assert!(placement.ends_with("2 nodes: 1 lacks lane gvisor"), "{placement}");
+    let id = walled_box["id"].as_str().unwrap().to_string();
+    // The node started it behind gVisor: the sentry reports its own kernel release, not the host's.
+    let (status, out) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/exec", server.base),
+        Some(&beta),
+        Some(json!({"cmd": ["uname", "-r"]})),
+    );
+    assert_eq!(status, 200, "{out}");
+    let release = out["stdout"].as_str().unwrap().trim().to_string();
+    assert!(!release.is_empty() && release != host_release(), "{out}");
+    let (_, audit) = call(
+        "GET",
+        &format!("{}/v1/audit", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert!(
+        audit.as_array().unwrap().iter().any(|a| {
+            a["action"] == "sandbox.create"
+                && a["target"] == id.as_str()
+                && a["outcome"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("ok (runtime gvisor: an untrusted tenant requires a strong wall")
+        }),
+        "{audit}"
+    );
+
+    // Standard trust naming nothing: the process lane, which both nodes run.
+    let (status, plain_box) = create(&server.admin, json!({}));
+    assert_eq!(status, 201, "{plain_box}");
+    assert_eq!(plain_box["runtime"], "process", "{plain_box}");
+    assert!(
+        !plain_box["placement"].as_str().unwrap().contains("lacks lane"),
+        "{plain_box}"
+    );
+
+    // The node refuses a lane it lacks, naming it, even when asked directly.
+    let node_key = std::fs::read_to_string(plain_dir.path().join("admin.key")).unwrap();
+    let (status, refused) = call(
+        "POST",
+        &format!("http://{plain_addr}/v1/node/sandboxes"),
+        Some(node_key.trim()),
+        Some(json!({"tenant": "beta", "spec": {"command": []}, "template": null, "runtime": "gvisor"})),
+    );
+    assert_eq!(status, 422, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("gvisor lane") && message.contains("runsc"),
+        "{refused}"
+    );
+
+    let delete = |sandbox: &str| {
+        let (status, body) = call(
+            "DELETE",
+            &format!("{}/v1/sandboxes/{sandbox}", server.base),
+            Some(&server.admin),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    delete(plain_box["id"].as_str().unwrap());
+
+    // Only the gVisor node could hold it, and it has no room now: queued with its lane, and dispatched
+    // there on that lane once there is room.
+    let (status, queued) = create(&beta, json!({"resources": {"cpus": 2.0}}));
+    assert_eq!(status, 202, "{queued}");
+    assert_eq!(queued["runtime"], "gvisor", "{queued}");
+    assert!(
+        queued["reason"].as_str().unwrap().contains("1 lacks lane gvisor"),
+        "{queued}"
+    );
+    let queued_id = queued["id"].as_str().unwrap().to_string();
+    delete(&id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, item) = call(
+            "GET",
+            &format!("{}/v1/queue/{queued_id}", server.base),
+            Some(&server.admin),
+            None,
+        );
+        if item["state"] == "done" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dispatched: {item}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, dispatched) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{queued_id}", server.base),
+        Some(&beta),
+        None,
+    );
+    assert_eq!(
+        (&dispatched["node"], &dispatched["runtime"]),
+        (&json!("walled"), &json!("gvisor")),
+        "{dispatched}"
+    );
+    assert!(
+        dispatched["runtime_reason"]
+            .as_str()
+            .unwrap()
+            .contains("an untrusted tenant requires a strong wall"),
+        "{dispatched}"
+    );
+    delete(&queued_id);
+
+    // The gVisor node gone: no live node offers gVisor.
+    let mut walled = walled;
+    walled.kill().unwrap();
+    walled.wait().unwrap();
+    wait_node(&server, "walled", |n| n["state"] == "unreachable");
+    let sandboxes_before = call(
+        "GET",
+        &format!("{}/v1/sandboxes", server.base),
+        Some(&server.admin),
+        None,
+    )
+    .1;
+    // Naming it: 422 naming the lane, and nothing created or queued.
+    let (status, error) = create(&server.admin, json!({"runtime": "gvisor"}));
+    assert_eq!(status, 422, "{error}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("runtime gvisor") && message.contains("no live cluster node offers the gvisor lane"),
+        "{error}"
+    );
+    let (_, queue) = call(
+        "GET",
+        &format!("{}/v1/queue", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(queue["waiting"], json!([]), "{queue}");
+    assert_eq!(queue["dead_letters"], json!([]), "{queue}");
+    let sandboxes_after = call(
+        "GET",
+        &format!("{}/v1/sandboxes", server.base),
+        Some(&server.admin),
+        None,
+    )
+    .1;
+    assert_eq!(
+        sandboxes_before, sandboxes_after,
+        "a refused create left a sandbox"
+    );
+    // An untrusted tenant naming nothing falls back to the process lane, saying what was missing.
+    let (status, fallback) = create(&beta, json!({}));
+    assert_eq!(status, 201, "{fallback}");
+    assert_eq!(
+        (&fallback["runtime"], &fallback["node"]),
+        (&json!("process"), &json!("plain")),
+        "{fallback}"
+    );
+    assert!(
+        fallback["runtime_reason"]
+            .as_str()
+            .unwrap()
+            .contains("no live cluster node offers the gvisor lane"),
+        "{fallback}"
+    );
+    call(
+        "DELETE",
+        &format!(
+            "{}/v1/sandboxes/{}",
+            server.base,
+            fallback["id"].as_str().unwrap()
+        ),
+        Some(&server.admin),
+        None,
+    );
+    let mut plain = plain;
+    plain.kill().unwrap();
+    plain.wait().unwrap();
 }

@@ -15,23 +15,13 @@ use common::server::{call, create, exec, DataDir, Server};
 use serde_json::json;
 
 fn apikey(db: &Database, dir: &DataDir, tenant: &str, role: &str) -> String {
-    let out = Command::new(common::bin())
-        .args([
-            "apikey",
-            "create",
-            "--tenant",
-            tenant,
-            "--role",
-            role,
-            "--database",
-            &db.url,
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    let store = [
+        "--database".as_ref(),
+        db.url.as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+    ];
+    common::server::apikey(&store, tenant, role)
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::server::{call, cli, create, exec, new_key, DataDir, Server};
+use common::server::{call, cli, create, exec, host_release, new_key, DataDir, Server};
 use serde_json::{json, Value};
 
 fn apply(server: &Server, yaml: &str) {
@@ -33,13 +33,6 @@ fn kernel_release(server: &Server, key: &str, id: &str) -> String {
     let (status, out) = exec(server, key, id, json!({"cmd": ["uname", "-r"]}));
     assert_eq!(status, 200, "{out}");
     out["stdout"].as_str().unwrap().trim().to_string()
-}
-
-fn host_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::capabilities::LaneCapabilities;
 use crate::process::{HostCgroupFs, ProcessRuntime, ProcessRuntimeConfig};
 use crate::sandbox::Runtime;
 
@@ -33,6 +34,15 @@ impl LaneName {
         match self {
             LaneName::Process => "process",
             LaneName::Gvisor => "gvisor",
+        }
+    }
+
+    /// What the lane can honour, wherever it runs: the same `LaneCapabilities` its runtime declares, for
+    /// a caller that judges a spec for another machine's lane (the control plane, for its nodes).
+    pub fn capabilities(self) -> LaneCapabilities {
+        match self {
+            LaneName::Process => LaneCapabilities::ALL,
+            LaneName::Gvisor => crate::gvisor::CAPABILITIES,
         }
     }
 }
@@ -285,6 +295,13 @@ mod tests {
             assert_eq!(json, format!("\"{lane}\""));
             assert_eq!(serde_json::from_str::<LaneName>(&json).expect("parse"), lane);
         }
+    }
+
+    #[test]
+    fn test_a_lanes_capabilities_are_its_runtimes() {
+        let process = ProcessRuntime::new(ProcessRuntimeConfig::default());
+        assert_eq!(LaneName::Process.capabilities(), process.capabilities());
+        assert_eq!(LaneName::Gvisor.capabilities(), crate::gvisor::CAPABILITIES);
     }
 
     #[test]

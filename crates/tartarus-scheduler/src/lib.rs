@@ -18,7 +18,8 @@
 //! | 3 | pool | its pools are empty, or contain the request's class (a request without a class needs empty pools) |
 //! | 4 | selector | it has every `key=value` of the request's selector |
 //! | 5 | taints | the request tolerates each of its `NoSchedule` taints |
-//! | 6 | capacity | capacity − allocated covers the request's CPU, memory and GPUs |
+//! | 6 | lane | it runs the isolation lane the request names ([`Request::lane`]; a request naming none skips this) |
+//! | 7 | capacity | capacity − allocated covers the request's CPU, memory and GPUs |
 //!
 //! # Scores
 //!

@@ -1,5 +1,6 @@
 //! Nodes as the scheduler sees them: labels, taints, capacity, what is reserved, which resource classes
-//! they serve, whether they are quarantine nodes, and whether they take new work at all.
+//! they serve, which isolation lanes they run, whether they are quarantine nodes, and whether they take
+//! new work at all.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -126,6 +127,10 @@ pub struct Node {
     /// A quarantine node takes only quarantined work, and quarantined work goes only to quarantine nodes.
     #[serde(default)]
     pub quarantine: bool,
+    /// The isolation lanes it can run sandboxes on (`process`, `gvisor`, …). A request that names a lane
+    /// ([`crate::Request::lane`]) goes only to nodes listing it; one that names none ignores them.
+    #[serde(default)]
+    pub lanes: BTreeSet<String>,
     /// Whether it takes new work.
     pub state: NodeState,
     /// How many reservations of each request group run here (see [`crate::Request::group`]).
@@ -145,6 +150,7 @@ impl Node {
             allocated: Resources::ZERO,
             pools: BTreeSet::new(),
             quarantine: false,
+            lanes: BTreeSet::new(),
             state: NodeState::Ready,
             groups: BTreeMap::new(),
         };
@@ -168,6 +174,17 @@ impl Node {
     pub fn with_pool(mut self, pool: impl Into<String>) -> Self {
         self.pools.insert(pool.into());
         self
+    }
+
+    /// Running the isolation lane `lane` (among the lanes it already runs).
+    pub fn with_lane(mut self, lane: impl Into<String>) -> Self {
+        self.lanes.insert(lane.into());
+        self
+    }
+
+    /// Whether it runs the isolation lane `lane`.
+    pub fn runs(&self, lane: &str) -> bool {
+        self.lanes.contains(lane)
     }
 
     /// With `allocated` reserved.
@@ -215,7 +232,7 @@ impl Node {
     }
 
     /// Checks that the node makes sense: a usable id, some CPU and memory, no more allocated than its
-    /// capacity, no empty label keys, taint keys, pools or group names, and the `quarantine` pool only on
+    /// capacity, no empty label keys, taint keys, pools, lane or group names, and the `quarantine` pool only on
     /// quarantine nodes.
     pub fn validate(&self) -> Result<(), NodeError> {
         check_id(&self.id).map_err(|problem| NodeError::Id {
@@ -247,6 +264,9 @@ impl Node {
         }
         if self.pools.iter().any(String::is_empty) {
             return Err(NodeError::EmptyPool { node: node() });
+        }
+        if self.lanes.iter().any(String::is_empty) {
+            return Err(NodeError::EmptyLane { node: node() });
         }
         if !self.quarantine && self.pools.contains(QUARANTINE_CLASS) {
             return Err(NodeError::QuarantinePool { node: node() });
@@ -353,6 +373,12 @@ pub enum NodeError {
         /// The node.
         node: String,
     },
+    /// A lane name is empty.
+    #[error("node {node}: a lane name is empty")]
+    EmptyLane {
+        /// The node.
+        node: String,
+    },
     /// The node serves the `quarantine` class without being a quarantine node.
     #[error("node {node} serves the quarantine pool but is not a quarantine node (set quarantine: true)")]
     QuarantinePool {
@@ -454,6 +480,7 @@ mod tests {
             "node node-1: a taint has an empty key"
         );
         assert_eq!(error(node().with_pool("")), "node node-1: a pool name is empty");
+        assert_eq!(error(node().with_lane("")), "node node-1: a lane name is empty");
         assert_eq!(
             error(node().with_group("", 1)),
             "node node-1: a group name is empty"
@@ -467,6 +494,14 @@ mod tests {
             .with_quarantine(true)
             .validate()
             .is_ok());
+    }
+
+    #[test]
+    fn test_runs_only_the_lanes_it_lists() {
+        assert!(!node().runs("process"), "a node lists its lanes; none by default");
+        let both = node().with_lane("process").with_lane("gvisor");
+        assert!(both.runs("process") && both.runs("gvisor"));
+        assert!(!both.runs("microvm"));
     }
 
     #[test]

@@ -94,24 +94,27 @@ pub enum RejectReason {
     Selector,
     /// 5. Taints: a `NoSchedule` taint the request does not tolerate.
     Taint,
-    /// 6. Capacity: capacity − allocated is less than the request in some kind.
+    /// 6. Lane: the node does not run the isolation lane the request names.
+    Lane,
+    /// 7. Capacity: capacity − allocated is less than the request in some kind.
     Capacity,
 }
 
 impl RejectReason {
     /// Every reason, in filter order.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::Unreachable,
         RejectReason::Draining,
         RejectReason::Quarantine,
         RejectReason::Pool,
         RejectReason::Selector,
         RejectReason::Taint,
+        RejectReason::Lane,
         RejectReason::Capacity,
     ];
 
     /// The key in [`Placement::rejected`] and [`Unschedulable::reasons`]: `unreachable`, `draining`,
-    /// `quarantine`, `pool`, `selector`, `taint` or `capacity`.
+    /// `quarantine`, `pool`, `selector`, `taint`, `lane` or `capacity`.
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Unreachable => "unreachable",
@@ -120,6 +123,7 @@ impl RejectReason {
             RejectReason::Pool => "pool",
             RejectReason::Selector => "selector",
             RejectReason::Taint => "taint",
+            RejectReason::Lane => "lane",
             RejectReason::Capacity => "capacity",
         }
     }
@@ -168,7 +172,8 @@ pub struct Unschedulable {
 /// it fails ([`RejectReason`]): 1. state is ready; 2. quarantine matches (quarantine nodes take only
 /// quarantined work, quarantined work goes only to quarantine nodes); 3. the node serves the request's
 /// class; 4. the node has every selected label; 5. the request tolerates every `NoSchedule` taint;
-/// 6. capacity − allocated covers the request.
+/// 6. the node runs the request's isolation lane, if it names one; 7. capacity − allocated covers the
+/// request.
 ///
 /// The nodes that pass are scored by `strategy` plus preferences (see the crate docs); the highest score
 /// wins, and the smaller node id breaks ties.
@@ -235,6 +240,8 @@ enum Rejection<'a> {
     Selector(&'a str, &'a str),
     /// The first `NoSchedule` taint not tolerated.
     Taint(&'a Taint),
+    /// The lane the request names, which the node does not run.
+    Lane,
     /// Which kinds are short, in [`ResourceKind::ALL`] order.
     Capacity([bool; 3]),
 }
@@ -247,6 +254,7 @@ impl Rejection<'_> {
             Rejection::Pool => RejectReason::Pool,
             Rejection::Selector(..) => RejectReason::Selector,
             Rejection::Taint(_) => RejectReason::Taint,
+            Rejection::Lane => RejectReason::Lane,
             Rejection::Capacity(_) => RejectReason::Capacity,
         }
     }
@@ -273,7 +281,7 @@ fn filter<'a>(request: &'a Request, quarantined: bool, node: &'a Node) -> Option
     Some(Rejection::Capacity(lacking))
 }
 
-/// The filters that depend only on how the node is configured (2 to 5), not on its state or load: a node
+/// The filters that depend only on how the node is configured (2 to 6), not on its state or load: a node
 /// that fails one of them could not take the request even when ready and empty.
 fn configuration_filter<'a>(
     request: &'a Request,
@@ -291,10 +299,17 @@ fn configuration_filter<'a>(
             return Some(Rejection::Selector(key, value));
         }
     }
-    node.taints
+    if let Some(taint) = node
+        .taints
         .iter()
         .find(|taint| taint.effect == TaintEffect::NoSchedule && !taint.tolerated_by(&request.tolerations))
-        .map(Rejection::Taint)
+    {
+        return Some(Rejection::Taint(taint));
+    }
+    match &request.lane {
+        Some(lane) if !node.runs(lane) => Some(Rejection::Lane),
+        _ => None,
+    }
 }
 
 /// A node's score and its parts.
@@ -483,7 +498,7 @@ impl<'a> Tally<'a> {
                     *count += usize::from(short);
                 }
             }
-            Rejection::State(_) | Rejection::Quarantine | Rejection::Pool => {}
+            Rejection::State(_) | Rejection::Quarantine | Rejection::Pool | Rejection::Lane => {}
         }
     }
 
@@ -527,6 +542,10 @@ impl<'a> Tally<'a> {
                     let details = details(self.taints.iter().map(|(taint, n)| (taint.to_string(), *n)));
                     let taints = plural(self.taints.len(), "taint", "taints");
                     format!("{n} {} untolerated {taints} {details}", plural(n, "has", "have"))
+                }
+                RejectReason::Lane => {
+                    let lane = request.lane.as_deref().unwrap_or_default();
+                    format!("{n} {} lane {lane}", plural(n, "lacks", "lack"))
                 }
                 RejectReason::Capacity => {
                     let kinds: Vec<(String, usize)> = ResourceKind::ALL
@@ -609,6 +628,7 @@ mod tests {
                 "pool",
                 "selector",
                 "taint",
+                "lane",
                 "capacity"
             ]
         );

@@ -119,6 +119,10 @@ pub struct Request {
     /// Quarantined work goes only to quarantine nodes. The class `quarantine` implies it.
     #[serde(default)]
     pub quarantined: bool,
+    /// The isolation lane it runs on: only nodes that run it ([`crate::Node::lanes`]) can take it.
+    /// `None`: any node.
+    #[serde(default)]
+    pub lane: Option<String>,
 }
 
 impl Request {
@@ -135,6 +139,7 @@ impl Request {
             group: None,
             spread: false,
             quarantined: false,
+            lane: None,
         }
     }
 
@@ -175,6 +180,12 @@ impl Request {
         self
     }
 
+    /// Running on the isolation lane `lane`.
+    pub fn with_lane(mut self, lane: impl Into<String>) -> Self {
+        self.lane = Some(lane.into());
+        self
+    }
+
     /// Quarantined, or not.
     pub fn with_quarantined(mut self, quarantined: bool) -> Self {
         self.quarantined = quarantined;
@@ -197,6 +208,9 @@ impl Request {
         let request = || self.id.clone();
         if self.class.as_deref() == Some("") {
             return Err(RequestError::EmptyClass { request: request() });
+        }
+        if self.lane.as_deref() == Some("") {
+            return Err(RequestError::EmptyLane { request: request() });
         }
         if self.selector.keys().any(String::is_empty) {
             return Err(RequestError::EmptyKey {
@@ -257,6 +271,12 @@ pub enum RequestError {
     /// The class is the empty string.
     #[error("request {request}: the class is empty (leave it out instead)")]
     EmptyClass {
+        /// The request.
+        request: String,
+    },
+    /// The lane is the empty string.
+    #[error("request {request}: the lane is empty (leave it out instead)")]
+    EmptyLane {
         /// The request.
         request: String,
     },
@@ -366,5 +386,10 @@ mod tests {
         );
         assert!(request().in_group("", false).validate().is_err());
         assert!(request().with_class("").validate().is_err());
+        assert_eq!(
+            request().with_lane("").validate().unwrap_err().to_string(),
+            "request sbx-1: the lane is empty (leave it out instead)"
+        );
+        assert!(request().with_lane("gvisor").validate().is_ok());
     }
 }

@@ -29,60 +29,62 @@ fn chosen(request: &Request, nodes: &[Node], strategy: Strategy) -> String {
 
 #[test]
 fn test_each_filter_rejects_with_its_reason() {
-    let request = small("r").with_class("flame").with_selector("zone", "eu");
+    let request = small("r")
+        .with_class("flame")
+        .with_selector("zone", "eu")
+        .with_lane("gvisor");
+    let eu = |id: &str| node(id).with_label("zone", "eu").with_lane("gvisor");
     let nodes = [
-        node("a-unreachable")
-            .with_label("zone", "eu")
-            .with_state(NodeState::Unreachable),
-        node("b-draining")
-            .with_label("zone", "eu")
-            .with_state(NodeState::Draining),
-        node("c-quarantine")
-            .with_label("zone", "eu")
-            .with_quarantine(true),
-        node("d-pool").with_label("zone", "eu").with_pool("inferno"),
-        node("e-selector").with_label("zone", "us"),
-        node("f-taint").with_label("zone", "eu").with_taint(Taint::new(
-            "gpu",
-            "true",
-            TaintEffect::NoSchedule,
-        )),
-        node("g-capacity")
-            .with_label("zone", "eu")
-            .with_allocated(Resources::new(7500, GIB, 0)),
-        node("h-fits").with_label("zone", "eu"),
+        eu("a-unreachable").with_state(NodeState::Unreachable),
+        eu("b-draining").with_state(NodeState::Draining),
+        eu("c-quarantine").with_quarantine(true),
+        eu("d-pool").with_pool("inferno"),
+        node("e-selector").with_label("zone", "us").with_lane("gvisor"),
+        eu("f-taint").with_taint(Taint::new("gpu", "true", TaintEffect::NoSchedule)),
+        node("g-lane").with_label("zone", "eu").with_lane("process"),
+        eu("h-capacity").with_allocated(Resources::new(7500, GIB, 0)),
+        eu("i-fits"),
     ];
     let placement = place(&request, &nodes, Strategy::LeastLoaded).unwrap();
-    assert_eq!(placement.node, "h-fits");
-    assert_eq!(placement.considered, 8);
+    assert_eq!(placement.node, "i-fits");
+    assert_eq!(placement.considered, 9);
     let expected: Vec<_> = RejectReason::ALL
         .iter()
         .map(|reason| (reason.as_str(), 1))
         .collect();
     assert_eq!(placement.rejected, reasons(&expected));
+    assert!(
+        placement.explanation.contains("1 lacks lane gvisor"),
+        "{}",
+        placement.explanation
+    );
 
-    let unplaceable = &nodes[..7];
+    let unplaceable = &nodes[..8];
     let err = place(&request, unplaceable, Strategy::LeastLoaded).unwrap_err();
     assert_eq!(err.reasons, reasons(&expected));
     assert_eq!(
         err.message,
         "no node fits: 1 is unreachable, 1 is draining, 1 takes only quarantined work, \
          1 does not serve class flame, 1 fails selector zone=eu, 1 has untolerated taint gpu=true, \
-         1 lacks capacity (cpu)"
+         1 lacks lane gvisor, 1 lacks capacity (cpu)"
     );
-    assert!(!err.never_fits, "g-capacity could take it once emptied");
+    assert!(!err.never_fits, "h-capacity could take it once emptied");
 }
 
 #[test]
 fn test_a_node_counts_under_the_first_filter_it_fails() {
-    // Fails everything: unreachable, quarantine, pool, selector, taint, capacity.
+    // Fails everything: unreachable, quarantine, pool, selector, taint, lane, capacity.
     let worst = node("n")
         .with_state(NodeState::Unreachable)
         .with_quarantine(true)
         .with_pool("inferno")
         .with_taint(Taint::new("gpu", "", TaintEffect::NoSchedule))
+        .with_lane("process")
         .with_allocated(Resources::new(8000, 32 * GIB, 0));
-    let request = small("r").with_class("flame").with_selector("zone", "eu");
+    let request = small("r")
+        .with_class("flame")
+        .with_selector("zone", "eu")
+        .with_lane("gvisor");
     let reason_of = |node: &Node| {
         let err = place(&request, std::slice::from_ref(node), Strategy::LeastLoaded).unwrap_err();
         assert_eq!(
@@ -104,9 +106,62 @@ fn test_a_node_counts_under_the_first_filter_it_fails() {
     node.labels.insert("zone".into(), "eu".into());
     assert_eq!(reason_of(&node), "taint");
     node.taints.clear();
+    assert_eq!(reason_of(&node), "lane");
+    node.lanes.insert("gvisor".into());
     assert_eq!(reason_of(&node), "capacity");
     node.allocated = Resources::ZERO;
     assert!(place(&request, &[node], Strategy::LeastLoaded).is_ok());
+}
+
+#[test]
+fn test_a_request_naming_a_lane_goes_only_to_nodes_that_run_it() {
+    let nodes = [
+        node("big-process-only")
+            .with_lane("process")
+            .with_allocated(Resources::ZERO),
+        node("busy-both")
+            .with_lane("process")
+            .with_lane("gvisor")
+            .with_allocated(Resources::new(6000, 24 * GIB, 0)),
+    ];
+    // Least-loaded alone would pick the idle node; the lane keeps the request off it.
+    let walled = small("r").with_lane("gvisor");
+    let placement = place(&walled, &nodes, Strategy::LeastLoaded).unwrap();
+    assert_eq!(placement.node, "busy-both");
+    assert_eq!(placement.rejected, reasons(&[("lane", 1)]));
+    assert!(
+        placement.explanation.ends_with("2 nodes: 1 lacks lane gvisor"),
+        "{}",
+        placement.explanation
+    );
+    // The process lane is on both; a request naming no lane ignores lanes altogether.
+    assert_eq!(
+        chosen(&small("r").with_lane("process"), &nodes, Strategy::LeastLoaded),
+        "big-process-only"
+    );
+    let bare = [node("lists-nothing")];
+    assert_eq!(chosen(&small("r"), &bare, Strategy::LeastLoaded), "lists-nothing");
+    let err = place(&small("r").with_lane("process"), &bare, Strategy::LeastLoaded).unwrap_err();
+    assert_eq!(err.reasons, reasons(&[("lane", 1)]));
+}
+
+#[test]
+fn test_a_lane_no_node_runs_never_fits_and_says_which_lane() {
+    let nodes = [node("a").with_lane("process"), node("b").with_lane("process")];
+    let err = place(&small("r").with_lane("gvisor"), &nodes, Strategy::BinPack).unwrap_err();
+    assert!(err.never_fits, "no node could ever run it: fail, do not queue");
+    assert_eq!(
+        err.message,
+        "no node fits: 2 lack lane gvisor; no node could take it even if all were ready and empty"
+    );
+    // A lane only an unreachable node runs may come back: wait for it.
+    let nodes = [
+        node("a").with_lane("process"),
+        node("b").with_lane("gvisor").with_state(NodeState::Unreachable),
+    ];
+    let err = place(&small("r").with_lane("gvisor"), &nodes, Strategy::BinPack).unwrap_err();
+    assert!(!err.never_fits, "{err}");
+    assert_eq!(err.reasons, reasons(&[("unreachable", 1), ("lane", 1)]));
 }
 
 #[test]

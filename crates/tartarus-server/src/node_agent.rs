@@ -4,7 +4,9 @@
 //!
 //! On `--listen` it serves this machine's own Tartarus server (its data directory, SQLite, shims): the
 //! control plane starts the sandboxes it places here through `POST /v1/node/sandboxes` and reaches them
-//! with the node's local admin key, which the agent sends when it registers.
+//! with the node's local admin key, which the agent sends when it registers. The isolation lanes it
+//! reports (at registration and in every heartbeat) are the ones that server probed at its start
+//! (`GET /v1/runtimes`): exactly what it will launch sandboxes on.
 //!
 //! Failures: a control plane that cannot be reached is retried with backoff (one log line per attempt);
 //! a refusal (bad token, nonsense capacity, a duplicate node id) ends the agent with the reason.
@@ -16,6 +18,7 @@ use std::time::Duration;
 use tartarus_scheduler::{Resources, Taint};
 
 use crate::cluster::{Heartbeat, NodeReport, Registration};
+use crate::routes::runtimes::RuntimeView;
 
 /// Settings of `tartarus node`.
 #[derive(Debug, Clone)]
@@ -152,6 +155,33 @@ pub async fn run(
     }
 }
 
+/// The lanes this machine's own server can run (it probed them at its start), with their versions.
+async fn own_lanes(
+    http: &reqwest::Client,
+    address: SocketAddr,
+    api_key: &str,
+) -> Result<Vec<tartarus_store::NodeLane>, AgentError> {
+    let failed = |e: String| AgentError::Refused(format!("reading this node's own lanes: {e}"));
+    let views: Vec<RuntimeView> = http
+        .get(format!("http://{address}/v1/runtimes"))
+        .bearer_auth(api_key)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| failed(tartarus_runtime::error_chain(&e)))?
+        .json()
+        .await
+        .map_err(|e| failed(tartarus_runtime::error_chain(&e)))?;
+    Ok(views
+        .into_iter()
+        .filter(|v| v.available)
+        .map(|v| tartarus_store::NodeLane {
+            name: v.name,
+            version: v.version,
+        })
+        .collect())
+}
+
 /// Registers this node and sends heartbeats until refused.
 async fn agent_loop(
     config: &AgentConfig,
@@ -181,6 +211,11 @@ async fn agent_loop(
         Some(c) => c,
         None => machine_capacity()?,
     };
+    let lanes = own_lanes(&http, address, &api_key).await?;
+    tracing::info!(
+        lanes = %lanes.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "),
+        "this node's isolation lanes"
+    );
     let instance = tartarus_hostsys::random_hex(8).unwrap_or_else(|_| std::process::id().to_string());
     let base = config.control.trim_end_matches('/').to_string();
     let mut backoff = Duration::from_millis(500);
@@ -196,6 +231,7 @@ async fn agent_loop(
             api_key: api_key.clone(),
             pools: config.pools.clone(),
             quarantine: config.quarantine,
+            lanes: lanes.clone(),
         };
         let registered = http
             .post(format!("{base}/v1/nodes/register"))
@@ -238,6 +274,7 @@ async fn agent_loop(
                 instance: instance.clone(),
                 epoch: registration.epoch,
                 usage: machine_usage(&capacity),
+                lanes: Some(lanes.clone()),
             };
             // A heartbeat stuck on a dead connection must not outlive the next ones.
             let sent = http

@@ -22,7 +22,7 @@ pub use effects::{
     Claim, ClaimRequest, DatasetRecord, EpisodeRecord, EvaluatorKey, LedgerCommit, LedgerEntry, LedgerState,
     ReceiptRecord, SignalRecord, ToolRecord, TraceRow,
 };
-pub use nodes::{Leadership, NodeRecord, NodeRegistration, Registered, NODE_TOKEN_PREFIX};
+pub use nodes::{Leadership, NodeLane, NodeRecord, NodeRegistration, Registered, NODE_TOKEN_PREFIX};
 pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
 pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem, QueueState};
 

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tartarus_scheduler::{NodeState, Resources, Taint};
 
@@ -22,7 +22,18 @@ use crate::{hash_secret, random_hex, Backend, Store, StoreError};
 /// The prefix of node join tokens (API keys use another).
 pub const NODE_TOKEN_PREFIX: &str = "tn_";
 
-/// A node as its agent last reported it. Labels, taints, resources and pools are stored as JSON text
+/// An isolation lane a node's agent reports it can run, as its own server probed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLane {
+    /// The lane's name, as a create's `runtime` names it (`process`, `gvisor`).
+    pub name: String,
+    /// The engine's version on the node (the kernel's release, `runsc …`).
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// A node as its agent last reported it. Labels, taints, resources, pools and lanes are stored as JSON text
 /// and read back typed: a row that does not read is [`StoreError::Corrupt`], never a node with defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct NodeRecord {
@@ -51,6 +62,9 @@ pub struct NodeRecord {
     /// Takes only quarantined work.
     #[sqlx(try_from = "Flag")]
     pub quarantine: bool,
+    /// The isolation lanes it reported (empty: its agent reports none).
+    #[sqlx(try_from = "JsonText<Vec<NodeLane>>")]
+    pub lanes: Vec<NodeLane>,
 }
 
 /// A registration as an agent sends it (validated by the server).
@@ -68,6 +82,8 @@ pub struct NodeRegistration<'a> {
     /// Resource classes it is dedicated to.
     pub pools: &'a BTreeSet<String>,
     pub quarantine: bool,
+    /// The isolation lanes it can run.
+    pub lanes: &'a [NodeLane],
     pub now_ms: i64,
     /// Another instance that has not sent a heartbeat for this long has lost the id.
     pub stale_after_ms: i64,
@@ -114,7 +130,7 @@ impl Leadership {
 
 const NODE_COLUMNS: &str =
     "id, instance, epoch, address, labels, taints, capacity, usage, state, registered_ms, \
-    last_heartbeat_ms, api_key, pools, quarantine";
+    last_heartbeat_ms, api_key, pools, quarantine, lanes";
 
 impl Record for NodeRecord {
     const TABLE: &'static str = "nodes";
@@ -160,9 +176,10 @@ impl Store {
         let capacity = to_json("node capacity", &r.capacity)?;
         let usage = to_json("node usage", &r.usage)?;
         let pools = to_json("node pools", r.pools)?;
+        let lanes = to_json("node lanes", r.lanes)?;
         for _ in 0..4 {
             let inserted = sqlx::query(&format!(
-                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8, $9, $10, $11) \
+                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, 1, $3, $4, $5, $6, $7, 'ready', $8, $8, $9, $10, $11, $12) \
                  ON CONFLICT (id) DO NOTHING"
             ))
             .bind(r.id)
@@ -176,6 +193,7 @@ impl Store {
             .bind(r.api_key)
             .bind(&pools)
             .bind(i64::from(r.quarantine))
+            .bind(&lanes)
             .execute(&self.pool)
             .await?;
             if inserted.rows_affected() == 1 {
@@ -185,7 +203,7 @@ impl Store {
             let updated = sqlx::query(&format!(
                 "UPDATE nodes SET instance = $2, epoch = epoch + 1, address = $3, labels = $4, taints = $5, \
                  capacity = $6, usage = $7, state = 'ready', registered_ms = $8, last_heartbeat_ms = $8, api_key = $10, \
-                 pools = $11, quarantine = $12 \
+                 pools = $11, quarantine = $12, lanes = $13 \
                  WHERE id = $1 AND (instance = $2 OR state = 'unreachable' OR last_heartbeat_ms < $9) \
                  RETURNING {NODE_COLUMNS}"
             ))
@@ -201,6 +219,7 @@ impl Store {
             .bind(r.api_key)
             .bind(&pools)
             .bind(i64::from(r.quarantine))
+            .bind(&lanes)
             .fetch_optional(&self.pool)
             .await?;
             if let Some(row) = updated {
@@ -226,19 +245,23 @@ impl Store {
         )))
     }
 
-    /// Records a heartbeat; false when this instance and epoch no longer hold the node (re-register).
+    /// Records a heartbeat, with the node's lanes when it reports them (`None` keeps those it registered
+    /// with); false when this instance and epoch no longer hold the node (re-register).
     pub async fn node_heartbeat(
         &self,
         id: &str,
         instance: &str,
         epoch: i64,
         usage: Resources,
+        lanes: Option<&[NodeLane]>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let usage = to_json("node usage", &usage)?;
+        let lanes = lanes.map(|l| to_json("node lanes", l)).transpose()?;
         let done = sqlx::query(
             "UPDATE nodes SET usage = $1, last_heartbeat_ms = $2, \
-             state = CASE WHEN state = 'draining' THEN 'draining' ELSE 'ready' END \
+             state = CASE WHEN state = 'draining' THEN 'draining' ELSE 'ready' END, \
+             lanes = COALESCE($6, lanes) \
              WHERE id = $3 AND instance = $4 AND epoch = $5",
         )
         .bind(&usage)
@@ -246,6 +269,7 @@ impl Store {
         .bind(id)
         .bind(instance)
         .bind(epoch)
+        .bind(lanes)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -365,6 +389,7 @@ mod tests {
             api_key: "tk_node",
             pools: NO_POOLS,
             quarantine: false,
+            lanes: &[],
             now_ms,
             stale_after_ms: 1_000,
         }
@@ -387,7 +412,7 @@ mod tests {
                 Registered::Duplicate { .. }
             ));
             assert!(store
-                .node_heartbeat("n1", "a", 1, Resources::ZERO, 800)
+                .node_heartbeat("n1", "a", 1, Resources::ZERO, None, 800)
                 .await
                 .unwrap());
             // Quiet for longer than the timeout: unreachable, and then another agent may take the id.
@@ -405,11 +430,11 @@ mod tests {
             );
             // The superseded agent's heartbeats no longer count.
             assert!(!store
-                .node_heartbeat("n1", "a", 1, Resources::ZERO, 2_100)
+                .node_heartbeat("n1", "a", 1, Resources::ZERO, None, 2_100)
                 .await
                 .unwrap());
             assert!(store
-                .node_heartbeat("n1", "b", 2, Resources::new(500, 0, 0), 2_100)
+                .node_heartbeat("n1", "b", 2, Resources::new(500, 0, 0), None, 2_100)
                 .await
                 .unwrap());
             let nodes = store.nodes().await.unwrap();
@@ -434,11 +459,20 @@ mod tests {
             let labels = BTreeMap::from([("zone".to_string(), "eu-1".to_string())]);
             let taints = [Taint::new("gpu", "true", TaintEffect::NoSchedule)];
             let pools = BTreeSet::from(["inferno".to_string()]);
+            let lane = |name: &str, version: Option<&str>| NodeLane {
+                name: name.to_string(),
+                version: version.map(str::to_string),
+            };
+            let lanes = [
+                lane("process", Some("6.1.0")),
+                lane("gvisor", Some("runsc 20221219.0")),
+            ];
             let r = NodeRegistration {
                 labels: &labels,
                 taints: &taints,
                 pools: &pools,
                 quarantine: true,
+                lanes: &lanes,
                 ..registration("n1", "a", 0)
             };
             store.register_node(&r).await.unwrap();
@@ -447,6 +481,19 @@ mod tests {
                 (&node.labels, &node.taints[..], &node.pools, node.quarantine),
                 (&labels, &taints[..], &pools, true)
             );
+            assert_eq!(node.lanes, lanes);
+            // A heartbeat without lanes keeps them; one with lanes replaces them.
+            assert!(store
+                .node_heartbeat("n1", "a", 1, Resources::ZERO, None, 1)
+                .await
+                .unwrap());
+            assert_eq!(store.node("n1").await.unwrap().unwrap().lanes, lanes);
+            let fewer = [lane("process", None)];
+            assert!(store
+                .node_heartbeat("n1", "a", 1, Resources::ZERO, Some(&fewer), 2)
+                .await
+                .unwrap());
+            assert_eq!(store.node("n1").await.unwrap().unwrap().lanes, fewer);
             assert_eq!(
                 (node.capacity, node.state),
                 (Resources::new(2000, 1 << 30, 0), NodeState::Ready)

@@ -100,6 +100,20 @@ fn parse_taint(text: &str) -> anyhow::Result<Taint> {
     Ok(Taint::new(key, value, effect))
 }
 
+/// `process,gvisor`: the lanes a node reported (`process` for an agent that reports none).
+fn lanes(node: &serde_json::Value) -> String {
+    let names: Vec<&str> = node["lanes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|lane| lane["name"].as_str())
+        .collect();
+    match names.is_empty() {
+        true => "process".to_string(),
+        false => names.join(","),
+    }
+}
+
 pub fn run_node(args: NodeArgs) -> anyhow::Result<u8> {
     match args.command {
         Some(NodeCommand::Token {
@@ -126,19 +140,20 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<u8> {
                 return Ok(0);
             }
             println!(
-                "{:<20} {:<12} {:>6} {:>10} {:<22} LABELS",
-                "ID", "STATE", "CPUS", "MEMORY", "ADDRESS"
+                "{:<20} {:<12} {:>6} {:>10} {:<22} {:<16} LABELS",
+                "ID", "STATE", "CPUS", "MEMORY", "ADDRESS", "LANES"
             );
             for n in nodes.as_array().into_iter().flatten() {
                 let cpus = n["capacity"]["cpu_millis"].as_u64().unwrap_or(0) as f64 / 1000.0;
                 let memory = n["capacity"]["memory_bytes"].as_u64().unwrap_or(0) >> 20;
                 println!(
-                    "{:<20} {:<12} {:>6} {:>8}Mi {:<22} {}",
+                    "{:<20} {:<12} {:>6} {:>8}Mi {:<22} {:<16} {}",
                     n["id"].as_str().unwrap_or_default(),
                     n["state"].as_str().unwrap_or_default(),
                     cpus,
                     memory,
                     n["address"].as_str().unwrap_or_default(),
+                    lanes(n),
                     n["labels"]
                 );
             }

@@ -114,21 +114,27 @@ pub fn call(method: &str, url: &str, key: Option<&str>, body: Option<Value>) -> 
 }
 
 pub fn new_key(data_dir: &Path, tenant: &str, role: &str) -> String {
+    apikey(&["--data-dir".as_ref(), data_dir.as_os_str()], tenant, role)
+}
+
+/// A key made by `tartarus apikey create` in the state that `store` names (`--data-dir DIR`,
+/// `--database URL`, or both).
+pub fn apikey(store: &[&std::ffi::OsStr], tenant: &str, role: &str) -> String {
     let out = Command::new(bin())
-        .args([
-            "apikey",
-            "create",
-            "--tenant",
-            tenant,
-            "--role",
-            role,
-            "--data-dir",
-        ])
-        .arg(data_dir)
+        .args(["apikey", "create", "--tenant", tenant, "--role", role])
+        .args(store)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The host kernel's release (what a process-lane sandbox sees; gVisor's sentry reports its own).
+pub fn host_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 pub fn create(server: &Server, key: &str, body: Value) -> Value {

@@ -73,6 +73,13 @@ pub enum ClusterError {
     ImageOnNode,
     #[error(transparent)]
     InvalidSpec(#[from] tartarus_runtime::SpecError),
+    /// Node side: the lane the control plane chose is one this node cannot run, or cannot run this
+    /// sandbox on.
+    #[error("this node cannot start the sandbox on the {lane} lane: {reason}")]
+    LaneRefused {
+        lane: tartarus_runtime::lanes::LaneName,
+        reason: String,
+    },
 
     // Calls to nodes.
     #[error("node {node} at {address} did not answer")]
@@ -131,7 +138,8 @@ impl From<ClusterError> for ApiError {
             | E::InvalidRequest(_)
             | E::NeverFits(_)
             | E::ImageOnNode
-            | E::InvalidSpec(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            | E::InvalidSpec(_)
+            | E::LaneRefused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             E::NoCapacity { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity"),
             E::NodeUnreachable { .. } => (StatusCode::BAD_GATEWAY, "node_unreachable"),
             E::NodeFailed { .. } => (StatusCode::BAD_GATEWAY, "node_failed"),

@@ -26,7 +26,7 @@ pub use error::ClusterError;
 pub use leader::spawn_loops;
 pub use node_rpc::{forward, node_call, node_of, sync_from_node};
 pub use nodes::{Heartbeat, NodeReport, Registration};
-pub use placement::{has_nodes, place, place_on_node, PlacementRequest};
+pub use placement::{node_lane_offers, place, place_on_node, PlacementRequest};
 pub use queue::enqueue;
 
 use crate::AppState;

@@ -1,11 +1,14 @@
-//! Node agents: what they report, their join tokens, registration and heartbeats, and how a stored node
-//! record is read back for the scheduler.
+//! Node agents: what they report, their join tokens, registration and heartbeats, how a stored node
+//! record is read back for the scheduler, and the isolation lanes the nodes offer a create.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use tartarus_scheduler::{Node, NodeError, Resources, Taint};
-use tartarus_store::{NewAudit, NodeRecord, NodeRegistration, Registered};
+use tartarus_policy::LaneOffer;
+use tartarus_runtime::lanes::LaneName;
+use tartarus_runtime::SandboxSpec;
+use tartarus_scheduler::{Node, NodeError, NodeState, Resources, Taint};
+use tartarus_store::{NewAudit, NodeLane, NodeRecord, NodeRegistration, Registered};
 use utoipa::ToSchema;
 
 use super::{event, node_rpc, ClusterError};
@@ -40,6 +43,11 @@ pub struct NodeReport {
     /// A quarantine node: it takes only quarantined work, and quarantined work goes only to such nodes.
     #[serde(default)]
     pub quarantine: bool,
+    /// The isolation lanes the node's own server can run, with their versions (an agent that reports
+    /// none runs the process lane only).
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub lanes: Vec<NodeLane>,
 }
 
 /// A heartbeat.
@@ -50,6 +58,10 @@ pub struct Heartbeat {
     pub epoch: i64,
     #[schema(value_type = Object)]
     pub usage: Resources,
+    /// The node's isolation lanes now (left out: those it registered with).
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub lanes: Option<Vec<NodeLane>>,
 }
 
 /// The answer to a registration.
@@ -66,6 +78,10 @@ const MAX_MEMORY_BYTES: u64 = 1 << 50;
 const MAX_GPUS: u32 = 1024;
 /// The longest agent instance name.
 const MAX_INSTANCE_LEN: usize = 128;
+/// The most lanes a node may report, the longest lane name and the longest version text.
+const MAX_LANES: usize = 16;
+const MAX_LANE_NAME_LEN: usize = 32;
+const MAX_LANE_VERSION_LEN: usize = 256;
 
 /// A node report (or heartbeat) that makes no sense.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +100,11 @@ pub enum NodeReportError {
     Instance,
     #[error("address '{address}' is not HOST:PORT")]
     Address { address: String },
+    #[error(
+        "lanes: at most {MAX_LANES}, each named once in 1-{MAX_LANE_NAME_LEN} lowercase letters, digits or \
+         '-', with a version of at most {MAX_LANE_VERSION_LEN} characters ({problem})"
+    )]
+    Lanes { problem: String },
 }
 
 impl NodeReport {
@@ -94,7 +115,9 @@ impl NodeReport {
         node.taints = self.taints.clone();
         node.pools = self.pools.clone();
         node.quarantine = self.quarantine;
+        node.lanes = self.lanes.iter().map(|l| l.name.clone()).collect();
         node.validate()?;
+        check_lanes(&self.lanes)?;
         let c = self.capacity;
         if c.cpu_millis > MAX_CPU_MILLIS || c.memory_bytes > MAX_MEMORY_BYTES || c.gpus > MAX_GPUS {
             return Err(NodeReportError::BeyondAnyMachine { capacity: c });
@@ -110,6 +133,83 @@ impl NodeReport {
         }
         Ok(())
     }
+}
+
+/// Refuses a lane list that makes no sense, saying what is wrong. Names this version does not know are
+/// kept (a newer node's lane): the scheduler matches names, and offers only the lanes it knows.
+pub fn check_lanes(lanes: &[NodeLane]) -> Result<(), NodeReportError> {
+    let problem = |problem: String| Err(NodeReportError::Lanes { problem });
+    if lanes.len() > MAX_LANES {
+        return problem(format!("{} reported", lanes.len()));
+    }
+    for (i, lane) in lanes.iter().enumerate() {
+        let name = &lane.name;
+        let well_formed = !name.is_empty()
+            && name.len() <= MAX_LANE_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !well_formed {
+            return problem(format!("{:?}", name.chars().take(40).collect::<String>()));
+        }
+        if lanes[..i].iter().any(|other| other.name == *name) {
+            return problem(format!("{name} twice"));
+        }
+        if lane
+            .version
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_LANE_VERSION_LEN)
+        {
+            return problem(format!("{name}'s version is too long"));
+        }
+    }
+    Ok(())
+}
+
+/// The lanes a stored node runs, as the scheduler matches them: those it reported, or the process lane
+/// for an agent that reports none (one from before nodes reported lanes ran only that).
+pub fn node_lanes(record: &NodeRecord) -> BTreeSet<String> {
+    match record.lanes.is_empty() {
+        true => BTreeSet::from([LaneName::Process.to_string()]),
+        false => record.lanes.iter().map(|l| l.name.clone()).collect(),
+    }
+}
+
+/// What the cluster's nodes offer a create bound for them, lane by lane: a lane is available when some
+/// node that is not unreachable runs it, and it honours `spec` by the lane's declared capabilities (the
+/// node checks again when it starts the sandbox).
+pub fn lane_offers(records: &[NodeRecord], spec: &SandboxSpec) -> Vec<LaneOffer> {
+    let live: Vec<&NodeRecord> = records
+        .iter()
+        .filter(|n| n.state != NodeState::Unreachable)
+        .collect();
+    LaneName::ALL
+        .into_iter()
+        .map(|lane| {
+            let offered = live.iter().any(|n| node_lanes(n).contains(lane.as_str()));
+            let unavailable = (!offered).then(|| {
+                let mut have: BTreeSet<String> = BTreeSet::new();
+                for node in &live {
+                    have.extend(node_lanes(node));
+                }
+                let have = match have.is_empty() {
+                    true => "no node is reachable".to_string(),
+                    false => format!("they offer {}", have.into_iter().collect::<Vec<_>>().join(", ")),
+                };
+                format!("no live cluster node offers the {lane} lane ({have})")
+            });
+            let unsupported = lane
+                .capabilities()
+                .check(lane.as_str(), spec)
+                .err()
+                .map(|e| e.to_string());
+            LaneOffer {
+                lane,
+                unavailable,
+                unsupported,
+            }
+        })
+        .collect()
 }
 
 /// Refuses a usage the node's capacity cannot hold.
@@ -132,6 +232,7 @@ pub fn scheduler_node(record: &NodeRecord) -> Result<Node, ClusterError> {
     node.state = record.state;
     node.pools = record.pools.clone();
     node.quarantine = record.quarantine;
+    node.lanes = node_lanes(record);
     Ok(node)
 }
 
@@ -199,6 +300,7 @@ pub async fn register(
         api_key: &report.api_key,
         pools: &report.pools,
         quarantine: report.quarantine,
+        lanes: &report.lanes,
         now_ms: tartarus_store::now_ms(),
         stale_after_ms: config.node_timeout.as_millis() as i64,
     };
@@ -244,10 +346,12 @@ pub async fn heartbeat(
         .node(id)
         .await?
         .ok_or_else(|| ClusterError::NotRegistered { node: id.to_string() })?;
-    check_usage(&beat.usage, &record.capacity).map_err(|source| ClusterError::InvalidReport {
-        node: id.to_string(),
-        source,
-    })?;
+    check_usage(&beat.usage, &record.capacity)
+        .and_then(|()| beat.lanes.as_deref().map_or(Ok(()), check_lanes))
+        .map_err(|source| ClusterError::InvalidReport {
+            node: id.to_string(),
+            source,
+        })?;
     let fresh = state
         .store
         .node_heartbeat(
@@ -255,6 +359,7 @@ pub async fn heartbeat(
             &beat.instance,
             beat.epoch,
             beat.usage,
+            beat.lanes.as_deref(),
             tartarus_store::now_ms(),
         )
         .await?;
@@ -300,6 +405,14 @@ mod tests {
             api_key: "tk_local".to_string(),
             pools: BTreeSet::new(),
             quarantine: false,
+            lanes: vec![lane("process"), lane("gvisor")],
+        }
+    }
+
+    fn lane(name: &str) -> NodeLane {
+        NodeLane {
+            name: name.to_string(),
+            version: Some("1".to_string()),
         }
     }
 
@@ -320,7 +433,90 @@ mod tests {
             api_key: "tk_local".to_string(),
             pools: ["inferno".to_string()].into(),
             quarantine: false,
+            lanes: vec![lane("process")],
         }
+    }
+
+    #[test]
+    fn test_lanes_that_make_no_sense_are_refused_saying_which() {
+        let refused = |lanes: Vec<NodeLane>| {
+            let mut report = report();
+            report.lanes = lanes;
+            match report.validate() {
+                Err(NodeReportError::Lanes { problem }) => problem,
+                Err(NodeReportError::Node(e)) => e.to_string(),
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        assert_eq!(refused(vec![lane("gvisor"), lane("gvisor")]), "gvisor twice");
+        assert_eq!(refused(vec![lane("gVisor")]), "\"gVisor\"");
+        assert_eq!(refused(vec![lane("")]), "node node-1: a lane name is empty");
+        assert_eq!(
+            refused((0..17).map(|i| lane(&format!("l{i}"))).collect()),
+            "17 reported"
+        );
+        let mut long = lane("gvisor");
+        long.version = Some("x".repeat(MAX_LANE_VERSION_LEN + 1));
+        assert_eq!(refused(vec![long]), "gvisor's version is too long");
+        // A lane this version does not know is kept: a newer node may run it.
+        let mut newer = report();
+        newer.lanes.push(lane("microvm"));
+        assert_eq!(newer.validate(), Ok(()));
+        let mut none = report();
+        none.lanes.clear();
+        assert_eq!(none.validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_a_node_that_reports_no_lanes_runs_the_process_lane() {
+        let mut old = record();
+        old.lanes.clear();
+        assert_eq!(node_lanes(&old), BTreeSet::from(["process".to_string()]));
+        let mut both = record();
+        both.lanes.push(lane("gvisor"));
+        assert_eq!(scheduler_node(&both).unwrap().lanes, node_lanes(&both));
+        assert!(scheduler_node(&both).unwrap().runs("gvisor"));
+    }
+
+    #[test]
+    fn test_the_cluster_offers_the_lanes_of_its_live_nodes() {
+        let spec = SandboxSpec::default();
+        let offer = |records: &[NodeRecord], lane: LaneName| {
+            lane_offers(records, &spec)
+                .into_iter()
+                .find(|o| o.lane == lane)
+                .unwrap()
+        };
+        let process_only = record();
+        let mut both = record();
+        both.id = "node-2".to_string();
+        both.lanes.push(lane("gvisor"));
+        let nodes = [process_only.clone(), both.clone()];
+        assert_eq!(offer(&nodes, LaneName::Gvisor).unavailable, None);
+        assert_eq!(offer(&nodes, LaneName::Process).unavailable, None);
+        // The only gVisor node unreachable: gVisor is not offered, and the refusal says what is.
+        both.state = NodeState::Unreachable;
+        let nodes = [process_only, both];
+        assert_eq!(
+            offer(&nodes, LaneName::Gvisor).unavailable.as_deref(),
+            Some("no live cluster node offers the gvisor lane (they offer process)")
+        );
+        let mut gone = nodes.clone();
+        gone[0].state = NodeState::Unreachable;
+        assert_eq!(
+            offer(&gone, LaneName::Process).unavailable.as_deref(),
+            Some("no live cluster node offers the process lane (no node is reachable)")
+        );
+        // What a lane cannot honour is its declared capabilities', wherever it runs.
+        let tty = SandboxSpec {
+            tty: true,
+            ..SandboxSpec::default()
+        };
+        let walled = lane_offers(&nodes, &tty)
+            .into_iter()
+            .find(|o| o.lane == LaneName::Gvisor)
+            .unwrap();
+        assert!(walled.unsupported.is_some_and(|u| u.contains("gvisor")));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tartarus_policy::LaneOffer;
+use tartarus_runtime::lanes::LaneName;
 use tartarus_runtime::{RootSpec, SandboxSpec};
 use tartarus_scheduler::{LabelTerm, Node, Resources, Toleration};
 use tartarus_store::{SandboxRecord, SandboxStatus};
@@ -21,9 +23,18 @@ pub struct NodeSandbox {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub template: Option<String>,
+    /// The isolation lane to start it on; left out for the process lane, so that a node from before
+    /// lanes were sent takes process-lane sandboxes and refuses (an unknown field) any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<LaneName>,
 }
 
 impl NodeSandbox {
+    /// The lane to start it on.
+    pub fn lane(&self) -> LaneName {
+        self.runtime.unwrap_or(LaneName::Process)
+    }
+
     /// Node side: the spec to start, refused when it is not one the control plane places (it runs on
     /// the node's host root, as a service).
     pub fn checked_spec(&self) -> Result<SandboxSpec, ClusterError> {
@@ -58,7 +69,20 @@ pub struct PlacementRequest {
     pub node_anti_affinity: Vec<LabelTerm>,
     /// Spread sandboxes that share this label's value over nodes.
     pub spread_by: Option<String>,
+    /// The isolation lane chosen for it (a request queued before lanes were chosen: process).
+    #[serde(default = "process_lane")]
+    pub runtime: LaneName,
+    /// Why that lane.
+    #[serde(default)]
+    pub runtime_reason: Option<String>,
 }
+
+fn process_lane() -> LaneName {
+    LaneName::Process
+}
+
+/// Why a request queued before lanes were chosen runs on the process lane.
+const PROCESS_ONLY_REASON: &str = "cluster nodes ran the process lane only when it was queued";
 
 /// A new sandbox id (the same form as the manager's).
 pub fn new_sandbox_id() -> Result<String, ClusterError> {
@@ -101,13 +125,32 @@ pub async fn place_on_node(
     Ok(place(state, want).await?)
 }
 
-/// Whether the cluster has nodes to place host-root sandboxes on (whatever their state: [`place`] then
-/// decides among them, or queues).
-pub async fn has_nodes(state: &AppState) -> Result<bool, ApiError> {
-    let nodes = state.store.nodes().await?;
-    Ok(nodes
-        .iter()
-        .any(|n| n.as_ref().is_ok_and(|n| !n.api_key.is_empty())))
+/// The nodes placement chooses among: every readable node with a key to call it by. An unreadable one
+/// (its taints, say) is never placed on with defaults: left out, and said why.
+async fn placement_nodes(state: &AppState) -> Result<Vec<tartarus_store::NodeRecord>, ClusterError> {
+    Ok(state
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .filter_map(|node| {
+            node.inspect_err(|e| {
+                tracing::error!("node left out of placement: {}", tartarus_runtime::error_chain(e))
+            })
+            .ok()
+        })
+        .filter(|n| !n.api_key.is_empty())
+        .collect())
+}
+
+/// The isolation lanes the cluster's nodes offer a host-root sandbox of `spec`
+/// ([`nodes::lane_offers`]), or `None` when the cluster has no nodes (it runs on this machine).
+pub async fn node_lane_offers(
+    state: &AppState,
+    spec: &SandboxSpec,
+) -> Result<Option<Vec<LaneOffer>>, ApiError> {
+    let records = placement_nodes(state).await?;
+    Ok((!records.is_empty()).then(|| nodes::lane_offers(&records, spec)))
 }
 
 /// Places a (host-root) sandbox on a ready node when the cluster has any: the scheduler picks the node
@@ -125,6 +168,8 @@ pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<S
         node_affinity,
         node_anti_affinity,
         spread_by,
+        runtime,
+        runtime_reason,
     } = want;
     // The group this sandbox spreads with: its own value of the `spread_by` label.
     let group = match spread_by {
@@ -143,20 +188,7 @@ pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<S
             return Ok(Some(existing));
         }
     }
-    let records: Vec<_> = state
-        .store
-        .nodes()
-        .await?
-        .into_iter()
-        .filter_map(|node| {
-            // An unreadable node (its taints, say) is never placed on with defaults: left out, and said why.
-            node.inspect_err(|e| {
-                tracing::error!("node left out of placement: {}", tartarus_runtime::error_chain(e))
-            })
-            .ok()
-        })
-        .filter(|n| !n.api_key.is_empty())
-        .collect();
+    let records = placement_nodes(state).await?;
     if records.is_empty() {
         if !selector.is_empty() {
             return Err(ClusterError::SelectorWithoutNodes);
@@ -204,6 +236,7 @@ pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<S
     request.anti_affinity = node_anti_affinity.clone();
     request.spread = group.is_some();
     request.group = group;
+    request.lane = Some(runtime.to_string());
     request.validate().map_err(ClusterError::InvalidRequest)?;
     let placement = tartarus_scheduler::place(&request, &nodes, state.cluster.strategy).map_err(|e| {
         if e.never_fits {
@@ -221,6 +254,7 @@ pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<S
         spec: spec.clone(),
         labels: labels.clone(),
         template: None,
+        runtime: (*runtime != LaneName::Process).then_some(*runtime),
     };
     let (status, remote) = node_rpc::node_call(
         state,
@@ -257,8 +291,12 @@ pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<S
         node: Some(node.id.clone()),
         remote_id: Some(remote_id),
         placement: Some(placement.explanation.clone()),
-        runtime: tartarus_runtime::lanes::LaneName::Process.to_string(),
-        runtime_reason: Some("cluster nodes run the process lane".to_string()),
+        runtime: runtime.to_string(),
+        runtime_reason: Some(
+            runtime_reason
+                .clone()
+                .unwrap_or_else(|| PROCESS_ONLY_REASON.to_string()),
+        ),
     };
     state.store.insert_sandbox(&record).await?;
     state.store.mark_running(&record.id, 0).await?;
@@ -332,6 +370,7 @@ mod tests {
             spec: spec_with(Some(1.0), None),
             labels: BTreeMap::new(),
             template: None,
+            runtime: None,
         };
         let spec = placed.checked_spec().unwrap();
         assert!(spec.service);
@@ -349,9 +388,40 @@ mod tests {
             spec: SandboxSpec::new(Vec::new()),
             labels: BTreeMap::new(),
             template: None,
+            runtime: None,
         };
         placed.spec.env.push(("A=B".to_string(), "x".to_string()));
         assert!(matches!(placed.checked_spec(), Err(ClusterError::InvalidSpec(_))));
+    }
+
+    #[test]
+    fn test_the_lane_is_sent_to_a_node_only_when_it_is_not_the_process_lane() {
+        let mut placed = NodeSandbox {
+            tenant: "team-a".to_string(),
+            spec: spec_with(None, None),
+            labels: BTreeMap::new(),
+            template: None,
+            runtime: None,
+        };
+        let sent = serde_json::to_value(&placed).unwrap();
+        assert!(sent.get("runtime").is_none(), "{sent}");
+        let received: NodeSandbox = serde_json::from_value(sent).unwrap();
+        assert_eq!(received.lane(), LaneName::Process);
+        placed.runtime = Some(LaneName::Gvisor);
+        let sent = serde_json::to_value(&placed).unwrap();
+        assert_eq!(sent["runtime"], "gvisor");
+        let received: NodeSandbox = serde_json::from_value(sent).unwrap();
+        assert_eq!(received.lane(), LaneName::Gvisor);
+    }
+
+    #[test]
+    fn test_a_request_queued_before_lanes_were_chosen_runs_on_the_process_lane() {
+        let queued = serde_json::json!({
+            "id": "sb_000000000001", "tenant": "team-a", "spec": spec_with(None, None), "class": null,
+            "spread_by": null,
+        });
+        let want: PlacementRequest = serde_json::from_value(queued).unwrap();
+        assert_eq!((want.runtime, want.runtime_reason), (LaneName::Process, None));
     }
 
     #[test]

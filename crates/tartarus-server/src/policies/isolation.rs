@@ -3,8 +3,7 @@
 //! stronger one is offered, is a 403; a lane this host lacks or that cannot honour the request is a 422.
 
 use axum::http::StatusCode;
-use tartarus_policy::{IsolationFacts, RuntimeChoice, RuntimeDecision, QUARANTINE_CLASS};
-use tartarus_runtime::lanes::LaneName;
+use tartarus_policy::{IsolationFacts, LaneOffer, RuntimeChoice, RuntimeDecision, QUARANTINE_CLASS};
 use tartarus_runtime::SandboxSpec;
 
 use super::effective_policy;
@@ -13,7 +12,8 @@ use crate::error::ApiError;
 use crate::AppState;
 
 /// Chooses the lane for a create that names `requested` (`None`: the policy's default), of `class`. With
-/// `on_nodes` the sandbox goes to a cluster node, and nodes run the process lane only.
+/// `node_offers` the sandbox goes to a cluster node, and the lanes are those the nodes offer
+/// ([`crate::cluster::node_lane_offers`]) instead of this machine's.
 pub fn choose_runtime(
     state: &AppState,
     caller: &Caller,
@@ -21,7 +21,7 @@ pub fn choose_runtime(
     requested: Option<&str>,
     class: Option<&str>,
     spec: &SandboxSpec,
-    on_nodes: bool,
+    node_offers: Option<Vec<LaneOffer>>,
 ) -> Result<RuntimeDecision, ApiError> {
     let requested = requested
         .map(str::parse::<RuntimeChoice>)
@@ -31,12 +31,7 @@ pub fn choose_runtime(
     let facts = IsolationFacts {
         quarantine: class == Some(QUARANTINE_CLASS),
     };
-    let mut offers = state.manager.runtimes().offers(spec);
-    if on_nodes {
-        for offer in offers.iter_mut().filter(|o| o.lane != LaneName::Process) {
-            offer.unavailable = Some("cluster nodes run the process lane only".to_string());
-        }
-    }
+    let offers = node_offers.unwrap_or_else(|| state.manager.runtimes().offers(spec));
     tartarus_policy::choose_runtime(requested, facts, &policy.isolation, &offers).map_err(|refusal| {
         match refusal.is_policy() {
             true => ApiError::new(StatusCode::FORBIDDEN, "runtime_forbidden", refusal.to_string()),

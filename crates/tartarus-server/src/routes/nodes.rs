@@ -16,6 +16,7 @@ use crate::auth::Caller;
 use crate::cluster::leader::LOOPS;
 use crate::cluster::nodes::{self, Heartbeat, NodeReport, Registration};
 use crate::cluster::placement::NodeSandbox;
+use crate::cluster::ClusterError;
 use crate::error::{json_rejection, ApiError};
 use crate::AppState;
 
@@ -93,6 +94,10 @@ pub struct NodeView {
     pub usage: tartarus_scheduler::Resources,
     pub epoch: i64,
     pub last_heartbeat_ms: i64,
+    /// The isolation lanes it reported, with their versions (empty: its agent reports none, and it runs
+    /// the process lane).
+    #[schema(value_type = Vec<Object>)]
+    pub lanes: Vec<tartarus_store::NodeLane>,
 }
 
 impl From<tartarus_store::NodeRecord> for NodeView {
@@ -107,6 +112,7 @@ impl From<tartarus_store::NodeRecord> for NodeView {
             address: n.address,
             epoch: n.epoch,
             last_heartbeat_ms: n.last_heartbeat_ms,
+            lanes: n.lanes,
         }
     }
 }
@@ -206,10 +212,32 @@ pub async fn create_node_sandbox(
     }
     let Json(body) = body.map_err(json_rejection)?;
     let spec = body.checked_spec()?;
-    // The control plane sends only process-lane sandboxes to nodes.
+    // The control plane chose the lane among those this node reported; this machine checks it again.
+    let lane = body.lane();
+    let offer = state
+        .manager
+        .runtimes()
+        .offers(&spec)
+        .into_iter()
+        .find(|o| o.lane == lane);
+    let refusal = match &offer {
+        None => Some("this build does not know it".to_string()),
+        Some(offer) => offer.unavailable.clone().or_else(|| offer.unsupported.clone()),
+    };
+    if let Some(reason) = refusal {
+        crate::audit(
+            &state,
+            &caller,
+            "sandbox.create",
+            None,
+            &format!("refused: the {lane} lane: {reason}"),
+        )
+        .await;
+        return Err(ClusterError::LaneRefused { lane, reason }.into());
+    }
     let runtime = tartarus_policy::RuntimeDecision {
-        runtime: tartarus_runtime::lanes::LaneName::Process,
-        reason: "placed on this node by the control plane".to_string(),
+        runtime: lane,
+        reason: "chosen by the control plane that placed it here".to_string(),
     };
     let record = state
         .manager

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
@@ -13,8 +13,8 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/runtimes", get(list_runtimes))
 }
 
-/// One isolation lane of this server's machine.
-#[derive(Debug, Serialize, ToSchema)]
+/// One isolation lane of this server's machine (a node agent reads its own server's).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RuntimeView {
     /// `process` or `gvisor`: what a create's `runtime` names.
     pub name: String,

@@ -81,10 +81,13 @@ pub(crate) async fn create_sandbox(
         pool_key = None;
     }
     spec.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
-    // Cluster mode: a sandbox on the host root goes to a node when there are nodes (images, templates and
-    // the lanes other than process still run on this machine).
+    // Cluster mode: a sandbox on the host root goes to a node when there are nodes, on a lane some live
+    // node offers (images and templates still run on this machine, on its lanes).
     let on_host_root = body.template.is_none() && body.image.is_none() && body.rootfs.is_none();
-    let on_nodes = on_host_root && cluster::has_nodes(&state).await?;
+    let node_offers = match on_host_root {
+        true => cluster::node_lane_offers(&state, &spec).await?,
+        false => None,
+    };
     let runtime = policies::choose_runtime(
         &state,
         &caller,
@@ -92,7 +95,7 @@ pub(crate) async fn create_sandbox(
         body.runtime.as_deref(),
         facts.class,
         &spec,
-        on_nodes,
+        node_offers,
     );
     let runtime = match runtime {
         Ok(runtime) => runtime,
@@ -126,10 +129,20 @@ pub(crate) async fn create_sandbox(
             node_affinity: body.node_affinity.clone(),
             node_anti_affinity: body.node_anti_affinity.clone(),
             spread_by: body.spread_by.clone(),
+            runtime: runtime.runtime,
+            runtime_reason: Some(runtime.reason.clone()),
         };
+        let chosen = format!("runtime {}: {}", runtime.runtime, runtime.reason);
         match cluster::place_on_node(&state, &want).await {
             Ok(Some(record)) => {
-                audit(&state, &caller, "sandbox.create", Some(&record.id), "ok").await;
+                audit(
+                    &state,
+                    &caller,
+                    "sandbox.create",
+                    Some(&record.id),
+                    &format!("ok ({chosen})"),
+                )
+                .await;
                 return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
             }
             Ok(None) => {}
@@ -153,9 +166,17 @@ pub(crate) async fn create_sandbox(
                     );
                     return Ok(response);
                 };
-                audit(&state, &caller, "sandbox.create", Some(&id), "queued").await;
+                audit(
+                    &state,
+                    &caller,
+                    "sandbox.create",
+                    Some(&id),
+                    &format!("queued ({chosen})"),
+                )
+                .await;
                 let answer = json!({
                     "id": id, "status": "queued", "lane": lane.as_str(), "reason": e.message,
+                    "runtime": runtime.runtime, "runtime_reason": runtime.reason,
                     "queue": format!("/v1/queue/{id}"),
                 });
                 return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
