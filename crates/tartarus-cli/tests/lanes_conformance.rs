@@ -73,5 +73,6 @@ suite! {
         service::a_main_commands_exit_timeout_and_oom_are_its_outcome,
         service::a_delete_ends_background_processes_and_leaves_nothing,
         service::a_fork_bomb_in_an_exec_stops_at_the_pids_limit,
+        service::quarantine_denies_its_syscalls_and_narrows_the_writable_paths,
     ]
 }

@@ -325,3 +325,47 @@ pub fn a_fork_bomb_in_an_exec_stops_at_the_pids_limit(f: &Fixture) {
     assert_eq!(service.exec_ok(&id, json!({"cmd": ["true"]}))["exit_code"], 0);
     service.delete(&id, None);
 }
+
+/// The quarantine class through the API on this lane: its extra denied syscalls hold for every exec
+/// (chmod, symlink), and only `/tmp` stays writable (home and `/dev/shm` do not).
+///
+/// On the process lane, while a stronger lane is here, quarantine is refused (it must not land on the
+/// shared kernel); under a policy that allows only the process lane it runs there, restricted.
+pub fn quarantine_denies_its_syscalls_and_narrows_the_writable_paths(f: &Fixture) {
+    let service = f.service();
+    if f.lane.name() == "process" {
+        let (status, body) = service.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"class": "quarantine", "runtime": "process"})),
+        );
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("runtime_forbidden")),
+            "{body}"
+        );
+        let (status, body) = service.call(
+            "POST",
+            "/v1/policies",
+            Some(json!({"yaml": "id: process-only\nisolation: {runtimes: [process]}\n"})),
+        );
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    let id = service.create(f, json!({"class": "quarantine"}));
+    let probe = "cd /tmp && touch f && chmod 600 f; echo chmod=$?; ln -s f g; echo symlink=$?; \
+                 touch $HOME/x; echo home=$?; touch /dev/shm/x; echo shm=$?; echo ok > /tmp/ok && cat /tmp/ok";
+    let result = service.exec_ok(&id, json!({"cmd": ["sh", "-c", probe]}));
+    assert_eq!(
+        result["stdout"], "chmod=1\nsymlink=1\nhome=1\nshm=1\nok\n",
+        "{result}"
+    );
+    // An ordinary sandbox of the same lane may do all of it: the probe itself is sound.
+    let free = service.create(f, json!({}));
+    let result = service.exec_ok(&free, json!({"cmd": ["sh", "-c", probe]}));
+    assert_eq!(
+        result["stdout"], "chmod=0\nsymlink=0\nhome=0\nshm=0\nok\n",
+        "{result}"
+    );
+    service.delete(&id, None);
+    service.delete(&free, None);
+}
