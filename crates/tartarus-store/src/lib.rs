@@ -723,6 +723,16 @@ pub struct Finish<'a> {
     pub reason: &'a str,
 }
 
+/// What retention needs of an ended sandbox ([`Store::ended_sandboxes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedSandbox {
+    pub id: String,
+    pub dir: String,
+    /// The node it ran on; `None` for this machine's own.
+    pub node: Option<String>,
+    pub finished_ms: i64,
+}
+
 const SANDBOX_COLUMNS: &str =
     "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused, \
      node, remote_id, placement, runtime, runtime_reason";
@@ -828,6 +838,40 @@ impl Store {
         rows.iter().map(decode).collect()
     }
 
+    /// Ended sandboxes whose end is after `after` (by end time, then id) and at most `until_ms`, oldest
+    /// first, at most `limit`: what retention sweeps, a page at a time, without reading whole records.
+    pub async fn ended_sandboxes(
+        &self,
+        after: Option<(i64, &str)>,
+        until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<EndedSandbox>, StoreError> {
+        let (after_ms, after_id) = after.unwrap_or((i64::MIN, ""));
+        let rows = sqlx::query(
+            "SELECT id, dir, node, finished_ms FROM sandboxes \
+             WHERE finished_ms IS NOT NULL AND finished_ms <= $1 \
+             AND (finished_ms > $2 OR (finished_ms = $2 AND id > $3)) \
+             AND status IN ('exited', 'killed', 'failed', 'lost') \
+             ORDER BY finished_ms, id LIMIT $4",
+        )
+        .bind(until_ms)
+        .bind(after_ms)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EndedSandbox {
+                    id: row.try_get("id")?,
+                    dir: row.try_get("dir")?,
+                    node: row.try_get("node")?,
+                    finished_ms: row.try_get("finished_ms")?,
+                })
+            })
+            .collect()
+    }
+
     /// Live sandboxes of all tenants.
     pub async fn live_count_all(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM sandboxes WHERE status IN ('starting', 'running')")
@@ -922,6 +966,50 @@ mod sandbox_tests {
             assert_eq!(store.live_count("a").await.unwrap(), 0);
         }
     }
+    #[tokio::test]
+    async fn test_ended_sandboxes_come_a_page_at_a_time_oldest_first_and_never_live_ones() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            for id in ["sb_1", "sb_2", "sb_3", "sb_4", "sb_5"] {
+                store.insert_sandbox(&record(id, "a")).await.unwrap();
+                store.mark_running(id, 42).await.unwrap();
+            }
+            let exited = Finish {
+                status: SandboxStatus::Exited,
+                exit_code: Some(0),
+                reason: "exited",
+            };
+            for id in ["sb_4", "sb_2", "sb_1", "sb_5"] {
+                store.finish_sandbox(id, &exited).await.unwrap();
+            }
+            let now = now_ms();
+            let mut seen = Vec::new();
+            let mut after: Option<(i64, String)> = None;
+            loop {
+                let page = store
+                    .ended_sandboxes(after.as_ref().map(|(ms, id)| (*ms, id.as_str())), now, 2)
+                    .await
+                    .unwrap();
+                assert!(page.len() <= 2, "{page:?}");
+                let Some(last) = page.last() else { break };
+                after = Some((last.finished_ms, last.id.clone()));
+                seen.extend(page.into_iter().map(|e| e.id));
+            }
+            let mut sorted = seen.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted,
+                ["sb_1", "sb_2", "sb_4", "sb_5"],
+                "every ended one once, no live one"
+            );
+            let before_all = store.ended_sandboxes(None, 0, 10).await.unwrap();
+            assert!(
+                before_all.is_empty(),
+                "nothing ended before the cutoff: {before_all:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn test_unreadable_sandbox_columns_are_errors_naming_the_row_not_defaults() {
         use crate::testing::assert_corrupt;

@@ -26,13 +26,8 @@ pub struct Retention {
     pub max_log_bytes: u64,
 }
 
-/// Ended statuses whose directories retention removes.
-const ENDED: [SandboxStatus; 4] = [
-    SandboxStatus::Exited,
-    SandboxStatus::Killed,
-    SandboxStatus::Failed,
-    SandboxStatus::Lost,
-];
+/// How many ended sandboxes one store read of a sweep returns.
+const SWEEP_PAGE: u32 = 256;
 
 impl Manager {
     /// Runs retention in the background: logs every [`LOG_CHECK_INTERVAL`], ended directories every
@@ -43,12 +38,13 @@ impl Manager {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
             let mut last_sweep: Option<tokio::time::Instant> = None;
+            let mut swept = None;
             loop {
                 tick.tick().await;
                 manager.cap_logs(retention.max_log_bytes).await;
                 if last_sweep.is_none_or(|t| t.elapsed() >= sweep_every) {
                     last_sweep = Some(tokio::time::Instant::now());
-                    manager.remove_ended(retention.keep_ended).await;
+                    manager.remove_ended(retention.keep_ended, &mut swept).await;
                 }
             }
         });
@@ -74,25 +70,28 @@ impl Manager {
         }
     }
 
-    /// Removes the directories of local sandboxes that ended more than `keep` ago (records are kept).
-    async fn remove_ended(&self, keep: Duration) {
+    /// Removes the directories of local sandboxes that ended more than `keep` ago (records are kept),
+    /// in the order they ended from `swept` on, a page at a time, so a store holding many ended
+    /// sandboxes is never read whole; `swept` then marks the last one seen. A directory that cannot be
+    /// removed is logged and left (the next sweeps go on from the mark).
+    async fn remove_ended(&self, keep: Duration, swept: &mut Option<(i64, String)>) {
         let cutoff =
             tartarus_store::now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
-        for status in ENDED {
-            let records = match self.store.sandboxes(None, Some(status)).await {
-                Ok(records) => records,
+        loop {
+            let after = swept.as_ref().map(|(ms, id)| (*ms, id.as_str()));
+            let page = match self.store.ended_sandboxes(after, cutoff, SWEEP_PAGE).await {
+                Ok(page) => page,
                 Err(e) => {
                     tracing::error!(
-                        "retention: listing sandboxes failed: {}",
+                        "retention: listing ended sandboxes failed: {}",
                         tartarus_runtime::error_chain(&e)
                     );
                     return;
                 }
             };
-            for record in records
-                .iter()
-                .filter(|r| r.node.is_none() && r.finished_ms.is_some_and(|t| t <= cutoff))
-            {
+            let Some(last) = page.last() else { return };
+            *swept = Some((last.finished_ms, last.id.clone()));
+            for record in page.iter().filter(|r| r.node.is_none()) {
                 let dir = Path::new(&record.dir);
                 // Only directories under our own sandboxes directory: a record is never a path to delete.
                 if dir.parent() != Some(self.data_dir.join("sandboxes").as_path()) || !dir.exists() {
@@ -107,6 +106,9 @@ impl Manager {
                     }
                 }
                 let _ = tokio::fs::remove_dir_all(self.gateway_dir(&record.id)).await;
+            }
+            if page.len() < SWEEP_PAGE as usize {
+                return;
             }
         }
     }
