@@ -443,13 +443,22 @@ fn a_fork_bomb_stays_inside_its_parent_cgroup(env: &Env) {
 }
 
 fn a_timeout_kills_and_says_so(env: &Env) {
+    // The default grace: SIGTERM first, which ends sleep.
     let mut s = spec(&["sleep", "30"]);
     s.timeout = Some(Duration::from_millis(500));
     let started = Instant::now();
     let ran = run_with(env, s, b"").expect("start");
     assert_eq!(ran.outcome.reason, ExitReason::Timeout);
-    assert_eq!(ran.outcome.termination, Termination::Signaled(libc::SIGKILL));
+    assert_eq!(ran.outcome.termination, Termination::Signaled(libc::SIGTERM));
     assert!(started.elapsed() < Duration::from_secs(20));
+    assert_nothing_left(env);
+    // No grace: SIGKILL at once.
+    let mut s = spec(&["sleep", "30"]);
+    s.timeout = Some(Duration::from_millis(500));
+    s.timeout_grace = Some(Duration::ZERO);
+    let ran = run_with(env, s, b"").expect("start");
+    assert_eq!(ran.outcome.reason, ExitReason::Timeout);
+    assert_eq!(ran.outcome.termination, Termination::Signaled(libc::SIGKILL));
     assert_nothing_left(env);
 }
 

@@ -11,12 +11,17 @@
 //! lives. Cleanup, on every path: kill, reap, `runsc delete --force`, unmount, remove the bundle,
 //! the cgroups and the network.
 //!
-//! Modules: [`runsc`] finding and invoking runsc; [`bundle`] the OCI bundle; `init` the service-mode
-//! init; `service` execs and controls of a service sandbox; [`agent`] file operations inside it.
+//! Modules: [`runsc`] finding and invoking runsc; [`bundle`] the OCI bundle; `root_view` what the root
+//! will hold, judged before runsc runs; `init` the service-mode init; `service` execs and controls of a
+//! service sandbox; [`agent`] file operations and the syscall filter inside it; `cgroups` the sandbox's
+//! cgroups; `gc` what a killed supervisor left.
 
 pub mod agent;
 pub mod bundle;
+mod cgroups;
+mod gc;
 mod init;
+mod root_view;
 pub mod runsc;
 mod service;
 
@@ -30,18 +35,21 @@ use rustix::process::{Pid, Signal};
 use tartarus_network::{NetworkConfig, SandboxNetwork};
 
 use self::bundle::BundleInputs;
+use self::cgroups::{cgroups_for, remove_cgroup_dirs};
+pub use self::gc::collect_garbage;
+use self::root_view::{check_command, missing_workdir, CommandCheck};
 use self::runsc::{Invocation, NetworkFlag};
 pub use self::runsc::{KvmVerdict, PlatformChoice, RunscBinary, RunscError, RunscVersion, MIN_RELEASE};
 use crate::capabilities::LaneCapabilities;
 use crate::lanes::{default_state_dir, LaneConfig};
-use crate::process::cgroup::{CgroupDir, Controller, SandboxCgroups};
-use crate::process::{CgroupLayout, HostCgroupFs};
+use crate::process::cgroup::SandboxCgroups;
+use crate::process::HostCgroupFs;
 use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
 };
 use crate::service::ServiceSandbox;
-use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SANDBOX_HOME};
+use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec};
 
 /// How long `runsc create` and `runsc start` may take.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -213,6 +221,10 @@ pub struct GvisorSandbox {
     /// The spec's working directory, when the root lacks it: `start` refuses, as the process lane does
     /// (runsc would create it).
     missing_workdir: Option<PathBuf>,
+    /// Whether the main command is known to be in the root (then one `runsc run --detach` starts the
+    /// sandbox), known to be missing (refused without runsc), or unknown (`runsc create` + `start`,
+    /// where a start failure does not reach the command's stderr).
+    command: CommandCheck,
 }
 
 struct Running {
@@ -317,6 +329,7 @@ impl GvisorSandbox {
             agent: false,
             denied_syscalls: None,
             missing_workdir: None,
+            command: CommandCheck::Unknown,
         };
         sandbox.missing_workdir = missing_workdir(&sandbox.spec, &mounts)?;
         let resolvers = match &sandbox.spec.network {
@@ -380,6 +393,11 @@ impl GvisorSandbox {
                 sandbox.denied_syscalls = Some(denied.clone());
                 Some(bundle::SyscallFilter { executable, denied })
             }
+        };
+        sandbox.command = match sandbox.spec.command.is_empty() {
+            // The service-mode init, ours.
+            true => CommandCheck::Found,
+            false => check_command(&sandbox.spec, &mounts, &root),
         };
         let inputs = BundleInputs {
             root,
@@ -508,9 +526,25 @@ impl GvisorSandbox {
                 source: io::Error::from_raw_os_error(libc::ENOENT),
             });
         }
+        if restore.is_none() {
+            let command = || self.spec.command.first().cloned().unwrap_or_default();
+            match self.command {
+                CommandCheck::NotFound => return Err(StartError::CommandNotFound(command())),
+                CommandCheck::NotExecutable => {
+                    return Err(StartError::NotExecutable {
+                        command: command(),
+                        source: io::Error::from_raw_os_error(libc::EACCES),
+                    })
+                }
+                CommandCheck::Found | CommandCheck::Unknown => {}
+            }
+        }
+        // One runsc process less (create and start in one) when a start failure is not expected.
+        let run_at_once = restore.is_none() && self.command == CommandCheck::Found;
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map(Stdio::from);
         let pid_file = self.bundle.join("sandbox.pid");
         let mut args: Vec<std::ffi::OsString> = match restore {
+            None if run_at_once => vec!["run".into(), "--detach".into()],
             None => vec!["create".into()],
             Some(image) => vec![
                 "restore".into(),
@@ -533,18 +567,18 @@ impl GvisorSandbox {
             .stderr(dup(stdio.stderr).map_err(host("passing stderr"))?);
         self.created = true;
         let started = Instant::now();
-        let mut child = create.spawn().map_err(host("running runsc create"))?;
+        let mut child = create.spawn().map_err(host("running runsc"))?;
         drop(create);
         let status = runsc::wait_bounded(&mut child, started + START_TIMEOUT).map_err(|e| {
             let _ = child.kill();
             let _ = child.wait();
             match e {
                 Some(e) => StartError::Host {
-                    what: "waiting for runsc create",
+                    what: "waiting for runsc to create the sandbox",
                     source: e,
                 },
                 None => StartError::Host {
-                    what: "runsc create did not finish in time",
+                    what: "runsc did not create the sandbox in time",
                     source: io::Error::from(io::ErrorKind::TimedOut),
                 },
             }
@@ -552,7 +586,10 @@ impl GvisorSandbox {
         if !status.success() {
             let message = self
                 .log_error()
-                .unwrap_or_else(|| format!("runsc create exited with {status}"));
+                .unwrap_or_else(|| format!("runsc {} exited with {status}", args[0].to_string_lossy()));
+            if run_at_once {
+                return Err(self.classify_start_failure(message));
+            }
             return Err(StartError::Host {
                 what: "runsc create failed",
                 source: io::Error::other(message),
@@ -561,7 +598,7 @@ impl GvisorSandbox {
         let pid = runsc::read_small(&pid_file)
             .and_then(|t| t.trim().parse::<i32>().ok())
             .and_then(Pid::from_raw)
-            .ok_or_else(|| StartError::Protocol("runsc create wrote no sandbox pid".into()))?;
+            .ok_or_else(|| StartError::Protocol("runsc wrote no sandbox pid".into()))?;
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
             .map_err(|e| host("watching the sandbox process")(e.into()))?;
         self.running = Some(Running {
@@ -575,7 +612,7 @@ impl GvisorSandbox {
         self.state = SandboxState::Running;
         // The gofer took its own copy of the root when it started.
         self.unmount_overlay();
-        if restore.is_some() {
+        if restore.is_some() || run_at_once {
             return Ok(());
         }
         match self.invocation.run(&["start", &self.container], START_TIMEOUT) {
@@ -699,66 +736,6 @@ impl GvisorSandbox {
     }
 }
 
-/// The spec's working directory if the sandbox's root will not have it when the command starts, judged from
-/// what the root is made of: scratch mounts start empty, bind mounts show their source, the host system
-/// root shows the host's `/usr` and its links, a directory root itself. An image root gets it created, as
-/// in the process lane.
-fn missing_workdir(
-    spec: &SandboxSpec,
-    mounts: &[(PathBuf, PathBuf, bool)],
-) -> Result<Option<PathBuf>, PrepareError> {
-    let Some(workdir) = spec.workdir.as_deref().map(normalize_sandbox_path) else {
-        return Ok(None);
-    };
-    let mut points: Vec<(PathBuf, Option<PathBuf>)> =
-        ["/tmp", SANDBOX_HOME, "/dev/shm", "/dev", "/proc", "/sys"]
-            .iter()
-            .map(|p| (PathBuf::from(p), None))
-            .collect();
-    points.extend(
-        mounts
-            .iter()
-            .map(|(source, target, _)| (target.clone(), Some(source.clone()))),
-    );
-    let exists = if matches!(spec.root, RootSpec::Layers(_))
-        || points.iter().any(|(p, _)| p.starts_with(&workdir))
-    {
-        // Created for an image root; a mount point or one of its parents.
-        true
-    } else if let Some((point, source)) = points
-        .iter()
-        .filter(|(p, _)| workdir.starts_with(p))
-        .max_by_key(|(p, _)| p.components().count())
-    {
-        let rest = workdir.strip_prefix(point).unwrap_or(Path::new(""));
-        match source {
-            Some(source) => source.join(rest).is_dir(),
-            None if point == Path::new("/proc") || point == Path::new("/sys") => point.join(rest).is_dir(),
-            None => false,
-        }
-    } else {
-        let relative = workdir.strip_prefix("/").unwrap_or(&workdir);
-        match &spec.root {
-            RootSpec::HostSystem => {
-                let first = relative
-                    .components()
-                    .next()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned());
-                match first.as_deref() {
-                    Some(name) if crate::process::rootfs::HOST_ENTRY_NAMES.contains(&name) => {
-                        Path::new("/").join(relative).is_dir()
-                    }
-                    Some(_) => relative == Path::new("etc"),
-                    None => true,
-                }
-            }
-            RootSpec::Directory(path) => canonical_dir(path)?.join(relative).is_dir(),
-            RootSpec::Layers(_) => true,
-        }
-    };
-    Ok((!exists).then_some(workdir))
-}
-
 fn canonical_dir(path: &PathBuf) -> Result<PathBuf, PrepareError> {
     let rootfs_err = |source: io::Error| PrepareError::Rootfs {
         path: path.display().to_string(),
@@ -799,61 +776,6 @@ fn write_executable(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .mode(0o555)
         .open(path)?;
     file.write_all(bytes)
-}
-
-/// The memory, pids and cpu cgroups runsc creates for `cgroups_path`, for reading counters and throttling.
-fn cgroups_for(cgroups_path: &str) -> SandboxCgroups {
-    let layout = CgroupLayout::detect(&HostCgroupFs);
-    let relative = cgroups_path.trim_start_matches('/');
-    let mut dirs: Vec<CgroupDir> = Vec::new();
-    for controller in [Controller::Memory, Controller::Pids, Controller::Cpu] {
-        let Some((version, mount)) = layout.placement(controller) else {
-            continue;
-        };
-        let path = mount.join(relative);
-        match dirs.iter_mut().find(|d| d.path == path) {
-            Some(dir) => dir.controllers.push(controller),
-            None => dirs.push(CgroupDir {
-                version,
-                path,
-                controllers: vec![controller],
-            }),
-        }
-    }
-    SandboxCgroups { dirs }
-}
-
-/// Every directory runsc may have made for `cgroups_path`: in each v1 hierarchy and in the v2 tree.
-fn cgroup_dirs_everywhere(cgroups_path: &str) -> Vec<PathBuf> {
-    let relative = cgroups_path.trim_start_matches('/');
-    let root = Path::new("/sys/fs/cgroup");
-    let layout = CgroupLayout::detect(&HostCgroupFs);
-    if layout.v2_mount.as_deref() == Some(root) {
-        return vec![root.join(relative)];
-    }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path().join(relative))
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.retain(|d| d.exists());
-    dirs
-}
-
-fn remove_cgroup_dirs(cgroups_path: &str) -> Option<(PathBuf, io::Error)> {
-    let mut failure = None;
-    for dir in cgroup_dirs_everywhere(cgroups_path) {
-        if let Err(e) = std::fs::remove_dir(&dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                failure.get_or_insert((dir, e));
-            }
-        }
-    }
-    failure
 }
 
 /// Reaps the zombies among our children that we did not spawn ourselves (`keep`): the gofer, the sentry's
@@ -1042,64 +964,9 @@ impl Drop for GvisorSandbox {
     }
 }
 
-/// The owner pid of a container or bundle named `tartarus-<pid>-<id>`.
-fn owner_of(name: &str) -> Option<i32> {
-    name.strip_prefix(CONTAINER_PREFIX)?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Deletes the runsc containers and bundles under `dirs` whose owner died, with their cgroups.
-pub fn collect_garbage(
-    runsc: &RunscBinary,
-    platform: crate::lanes::GvisorPlatform,
-    dirs: &StateDirs,
-    cgroup_parent: &str,
-) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(&dirs.bundles) else {
-        return removed;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(owner) = owner_of(&name) else { continue };
-        if tartarus_hostsys::process_exists(owner) {
-            continue;
-        }
-        let bundle = entry.path();
-        let invocation = Invocation::new(
-            runsc,
-            &dirs.root,
-            platform,
-            NetworkFlag::None,
-            false,
-            Path::new("/dev/null"),
-        );
-        let _ = invocation.run(&["delete", "--force", &name], CONTROL_TIMEOUT);
-        let rootfs = bundle.join("rootfs");
-        let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
-        if let Some(id) = name.rsplit('-').next() {
-            let _ = remove_cgroup_dirs(&format!("/{cgroup_parent}/gvisor-{owner}-{id}"));
-        }
-        if std::fs::remove_dir_all(&bundle).is_ok() {
-            removed.push(bundle);
-        }
-    }
-    removed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_owners_are_read_from_container_names() {
-        assert_eq!(owner_of("tartarus-4242-0a1b2c3d4e5f"), Some(4242));
-        assert_eq!(owner_of("other-1-2"), None);
-        assert_eq!(owner_of("tartarus-x-1"), None);
-    }
 
     #[test]
     fn test_the_lane_declares_what_it_cannot_honour() {
