@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::postgres::Database;
-use common::server::{call, cli, host_release, DataDir, Server};
+use common::server::{admin_audit, call, cli, host_release, DataDir, Server};
 use serde_json::{json, Value};
 
 fn start_server(dir: &DataDir, db: &Database) -> Server {
@@ -175,12 +175,7 @@ fn bad_tokens_nonsense_capacity_and_duplicate_ids_are_refused() {
     let (code, stderr) = finish(child);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("unknown node token"), "{stderr}");
-    let (_, audit) = call(
-        "GET",
-        &format!("{}/v1/audit", server.base),
-        Some(&server.admin),
-        None,
-    );
+    let audit = admin_audit(&server);
     assert!(
         audit
             .as_array()
@@ -596,12 +591,7 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
     assert_eq!(status, 200, "{out}");
     let release = out["stdout"].as_str().unwrap().trim().to_string();
     assert!(!release.is_empty() && release != host_release(), "{out}");
-    let (_, audit) = call(
-        "GET",
-        &format!("{}/v1/audit", server.base),
-        Some(&server.admin),
-        None,
-    );
+    let audit = admin_audit(&server);
     assert!(
         audit.as_array().unwrap().iter().any(|a| {
             a["action"] == "sandbox.create"

@@ -11,7 +11,7 @@ mod common;
 use std::process::Command;
 
 use common::postgres::Database;
-use common::server::{call, create, exec, DataDir, Server};
+use common::server::{admin_audit, call, create, exec, DataDir, Server};
 use serde_json::json;
 
 fn apikey(db: &Database, dir: &DataDir, tenant: &str, role: &str) -> String {
@@ -79,12 +79,7 @@ fn the_server_keeps_its_state_in_postgres() {
     );
     assert_eq!(status, 200, "{episode}");
     assert_eq!(episode["facts"]["label.app"], "pg");
-    let (_, audit) = call(
-        "GET",
-        &format!("{}/v1/audit", server.base),
-        Some(&server.admin),
-        None,
-    );
+    let audit = admin_audit(&server);
     assert!(audit
         .as_array()
         .unwrap()

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::server::{call, cli, create, exec, host_release, new_key, DataDir, Server};
+use common::server::{admin_audit, call, cli, create, exec, host_release, new_key, DataDir, Server};
 use serde_json::{json, Value};
 
 fn apply(server: &Server, yaml: &str) {
@@ -119,12 +119,7 @@ fn auto_puts_untrusted_tenants_behind_gvisor_and_plain_work_on_the_process_lane_
         shown.contains("lane: gvisor (an untrusted tenant requires a strong wall"),
         "{shown}"
     );
-    let (_, audit) = call(
-        "GET",
-        &format!("{}/v1/audit", server.base),
-        Some(&server.admin),
-        None,
-    );
+    let audit = admin_audit(&server);
     assert!(
         audit
             .as_array()
@@ -237,12 +232,7 @@ fn bad_runtime_names_and_forbidden_lanes_are_clear_refusals() {
             .contains("gvisor: not allowed by the policy"),
         "{jailed}"
     );
-    let (_, audit) = call(
-        "GET",
-        &format!("{}/v1/audit", server.base),
-        Some(&server.admin),
-        None,
-    );
+    let audit = admin_audit(&server);
     assert!(
         audit
             .as_array()

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::bin;
-use common::server::{call, cli, create, exec, exec_stream, new_key, DataDir, Server};
+use common::server::{admin_audit, call, cli, create, exec, exec_stream, new_key, DataDir, Server};
 use serde_json::{json, Value};
 
 fn raw(server: &Server, path: &str, body: &str) -> (u16, Value) {
@@ -988,12 +988,7 @@ fn the_audit_trail_records_mutations_per_tenant() {
         None,
     );
     assert_eq!(status, 403, "a tenant cannot read another tenant's trail");
-    let (_, all) = call(
-        "GET",
-        &format!("{}/v1/audit", server.base),
-        Some(&server.admin),
-        None,
-    );
+    let all = admin_audit(&server);
     assert_eq!(
         all.as_array().unwrap().len(),
         6,

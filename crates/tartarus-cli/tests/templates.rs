@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::server::{call, cli, new_key, DataDir, Server};
+use common::server::{admin_audit, call, cli, new_key, DataDir, Server};
 use common::{bin, ok, stderr, stdout};
 use serde_json::{json, Value};
 use tartarus_image::template::parse_template;
@@ -111,12 +111,7 @@ fn test_template_create_ls_inspect_rm_round_trip() {
         "HTTP 404",
     );
 
-    let (_, audit) = call(
-        "GET",
-        &format!("{}/v1/audit", server.base),
-        Some(&server.admin),
-        None,
-    );
+    let audit = admin_audit(&server);
     let actions: Vec<&str> = audit
         .as_array()
         .unwrap()

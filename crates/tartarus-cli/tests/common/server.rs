@@ -210,3 +210,15 @@ pub fn exec_stream(server: &Server, key: &str, id: &str, mut body: Value) -> imp
         .map(|l| l.unwrap())
         .filter(|l| !l.is_empty())
 }
+
+/// The whole audit trail, as the admin reads it.
+pub fn admin_audit(server: &Server) -> Value {
+    let (status, audit) = call(
+        "GET",
+        &format!("{}/v1/audit", server.base),
+        Some(&server.admin),
+        None,
+    );
+    assert_eq!(status, 200, "{audit}");
+    audit
+}

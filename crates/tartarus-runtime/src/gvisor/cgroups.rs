@@ -16,15 +16,7 @@ pub(super) fn cgroups_for(cgroups_path: &str) -> SandboxCgroups {
         let Some((version, mount)) = layout.placement(controller) else {
             continue;
         };
-        let path = mount.join(relative);
-        match dirs.iter_mut().find(|d| d.path == path) {
-            Some(dir) => dir.controllers.push(controller),
-            None => dirs.push(CgroupDir {
-                version,
-                path,
-                controllers: vec![controller],
-            }),
-        }
+        CgroupDir::add(&mut dirs, version, mount.join(relative), controller);
     }
     SandboxCgroups { dirs }
 }

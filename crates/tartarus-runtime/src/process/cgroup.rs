@@ -234,6 +234,21 @@ pub struct CgroupDir {
     pub controllers: Vec<Controller>,
 }
 
+impl CgroupDir {
+    /// Adds `controller` at `path` to `dirs`: to the directory already there (v1 hierarchies mounted
+    /// together, or the one v2 tree), else as a new one.
+    pub fn add(dirs: &mut Vec<CgroupDir>, version: CgroupVersion, path: PathBuf, controller: Controller) {
+        match dirs.iter_mut().find(|d| d.path == path) {
+            Some(dir) => dir.controllers.push(controller),
+            None => dirs.push(CgroupDir {
+                version,
+                path,
+                controllers: vec![controller],
+            }),
+        }
+    }
+}
+
 /// The cgroups of one sandbox. Created by [`SandboxCgroups::create`], removed by
 /// [`SandboxCgroups::remove`] (idempotent).
 #[derive(Debug, Default)]
@@ -312,15 +327,7 @@ pub fn create(
                 "enable the controller (or delegate it to this user) or drop the limit",
             ));
         };
-        let path = mount.join(parent).join(name);
-        match dirs.iter_mut().find(|d| d.path == path) {
-            Some(dir) => dir.controllers.push(controller),
-            None => dirs.push(CgroupDir {
-                version,
-                path,
-                controllers: vec![controller],
-            }),
-        }
+        CgroupDir::add(&mut dirs, version, mount.join(parent).join(name), controller);
     }
     let mut created = SandboxCgroups::default();
     for dir in dirs {
