@@ -171,11 +171,14 @@ impl IsolationPolicy {
 }
 
 /// How strong a lane's wall is: how little of the host kernel the sandbox's code reaches directly. The
-/// process lane (the host kernel behind seccomp) is the weakest; gVisor's user-space kernel is stronger.
+/// process lane (the host kernel behind seccomp) is the weakest; gVisor's user-space kernel is stronger; a
+/// microVM's own guest kernel is the strongest.
 pub fn wall_strength(lane: LaneName) -> u8 {
     match lane {
         LaneName::Process => 0,
         LaneName::Gvisor => 1,
+        // Its own guest kernel: the host kernel sees only the VMM.
+        LaneName::Microvm => 2,
     }
 }
 
