@@ -217,7 +217,9 @@ pub fn initramfs(cache: &Path, agent: &Path, modules: &[PathBuf]) -> Result<Path
         let _ = std::fs::remove_file(&staged);
         return Err(e);
     }
-    remove_siblings(cache, "initramfs-", &path);
+    // Another executable's initramfs may be in use (tests and the CLI share the cache): only day-old
+    // ones go.
+    remove_siblings(cache, "initramfs-", &path, Duration::from_secs(86_400));
     Ok(path)
 }
 
@@ -225,15 +227,20 @@ fn staging(path: &Path) -> PathBuf {
     path.with_extension(format!("tmp-{}", std::process::id()))
 }
 
-/// Removes the older builds next to `keep` (VMs still running keep their open copy).
-fn remove_siblings(cache: &Path, prefix: &str, keep: &Path) {
+/// Removes the other builds next to `keep` not modified for `min_age` (VMs still running keep their open
+/// copy).
+fn remove_siblings(cache: &Path, prefix: &str, keep: &Path, min_age: Duration) {
     let Ok(entries) = std::fs::read_dir(cache) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(prefix) && !name.contains(".tmp-") && entry.path() != keep {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+        if name.starts_with(prefix) && !name.contains(".tmp-") && entry.path() != keep && old {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -428,7 +435,7 @@ pub fn root_image(cache: &Path) -> Result<PathBuf, BootError> {
         });
     }
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
-    remove_siblings(cache, "usr-", &path);
+    remove_siblings(cache, "usr-", &path, Duration::ZERO);
     Ok(path)
 }
 

@@ -285,6 +285,8 @@ pub struct MicrovmSandbox {
 struct Running {
     qemu: Child,
     pidfd: OwnedFd,
+    /// When the agent reported the command started: the timeout and the wall time count from here, the
+    /// boot is [`MicrovmSandbox::boot_time`].
     started: Instant,
     pump: Pump,
     killed: Option<KillReason>,
@@ -481,7 +483,7 @@ impl MicrovmSandbox {
                 self.running = Some(Running {
                     qemu,
                     pidfd,
-                    started,
+                    started: Instant::now(),
                     pump,
                     killed: None,
                 });
