@@ -92,7 +92,8 @@ fn mount(source: &str, target: &str, fstype: &str, flags: MountFlags, data: &str
 
 fn setup_filesystems() -> Result<(), String> {
     let secure = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    mount("proc", "/proc", "proc", secure, "")?;
+    // The sandbox user sees its own processes only: not the agent, not the kernel's threads.
+    mount("proc", "/proc", "proc", secure, "hidepid=invisible")?;
     mount("sysfs", "/sys", "sysfs", secure | MountFlags::RDONLY, "")?;
     mount(
         "devtmpfs",
@@ -101,6 +102,13 @@ fn setup_filesystems() -> Result<(), String> {
         MountFlags::NOSUID | MountFlags::NOEXEC,
         "mode=0755",
     )?;
+    // The initramfs's root directory is writable by anyone until told otherwise.
+    std::fs::set_permissions("/", std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| format!("making / read-only to the sandbox user: {e}"))?;
+    // A large allocation fails with ENOMEM under the default heuristic once it exceeds the guest's RAM,
+    // where a host process would be OOM-killed at its cgroup's limit: the limit is the cgroup's here too.
+    std::fs::write("/proc/sys/vm/overcommit_memory", "1")
+        .map_err(|e| format!("setting vm.overcommit_memory: {e}"))?;
     load_modules()?;
     let disk = wait_for(|| Path::new("/dev/vda").exists().then(|| PathBuf::from("/dev/vda")))
         .ok_or("the root disk /dev/vda did not appear (is virtio_blk loaded?)")?;
@@ -291,10 +299,7 @@ fn read_frame(port: &mut File, lines: &mut LineBuffer) -> Result<Option<HostFram
 fn spawn(request: &RunRequest) -> Result<Child, (FailKind, String)> {
     let setup = |message: String| (FailKind::Setup, message);
     if !Path::new(&request.cwd).is_dir() {
-        return Err(setup(format!(
-            "sandbox setup failed: entering working directory {}: No such file or directory",
-            request.cwd
-        )));
+        return Err(setup(format!("entering working directory {}", request.cwd)));
     }
     let name = request
         .argv
@@ -387,7 +392,7 @@ fn spawn(request: &RunRequest) -> Result<Child, (FailKind, String)> {
             FailKind::NotExecutable,
             format!("command not executable: {name}: {e}"),
         ),
-        _ => setup(format!("sandbox setup failed: {e}")),
+        _ => setup(format!("starting the command: {e}")),
     })
 }
 

@@ -506,9 +506,13 @@ impl MicrovmSandbox {
                     command,
                     source: io::Error::from_raw_os_error(libc::EACCES),
                 },
+                // The agent names the stage; a missing working directory is the one it checks itself.
                 FailKind::Setup => StartError::Setup {
+                    source: match message.starts_with("entering working directory") {
+                        true => io::Error::from_raw_os_error(libc::ENOENT),
+                        false => io::Error::other("in the guest"),
+                    },
                     stage: message,
-                    source: io::Error::from_raw_os_error(libc::ENOENT),
                 },
             },
             HandshakeError::Guest(GuestFrame::Fatal { message }) => {
