@@ -514,7 +514,8 @@ mod tests {
         let refused = choose_runtime(None, PLAIN, &EffectiveIsolation::default(), &offers).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "no lane the policy allows can take this sandbox here: process: process cannot do X; gvisor: no runsc"
+            "no lane the policy allows can take this sandbox here: process: process cannot do X; gvisor: no runsc; \
+             microvm: not offered by this server"
         );
     }
 
@@ -577,7 +578,7 @@ mod tests {
         let bad = "docker".parse::<RuntimeChoice>().unwrap_err();
         assert_eq!(
             bad.to_string(),
-            "unknown runtime 'docker': use auto, process, gvisor"
+            "unknown runtime 'docker': use auto, process, gvisor, microvm"
         );
         assert_eq!(RuntimeChoice::Lane(LaneName::Process).to_string(), "process");
     }

@@ -350,6 +350,7 @@ mod tests {
         let process = ProcessRuntime::new(ProcessRuntimeConfig::default());
         assert_eq!(LaneName::Process.capabilities(), process.capabilities());
         assert_eq!(LaneName::Gvisor.capabilities(), crate::gvisor::CAPABILITIES);
+        assert_eq!(LaneName::Microvm.capabilities(), crate::microvm::CAPABILITIES);
     }
 
     #[test]
@@ -367,9 +368,10 @@ mod tests {
 
     #[test]
     fn test_every_lane_has_a_report_in_order() {
-        // A runsc that is not there keeps this test off the host's engines.
+        // A runsc and a QEMU that are not there keep this test off the host's engines.
         let mut config = LaneConfig::default();
         config.gvisor.runsc = Some("/nonexistent/runsc".into());
+        config.microvm.qemu = Some("/nonexistent/qemu-system-x86_64".into());
         let reports = probe(&config);
         let names: Vec<LaneName> = reports.iter().map(|r| r.name).collect();
         assert_eq!(names, LaneName::ALL);
@@ -385,6 +387,7 @@ mod tests {
                 .is_some_and(|r| r.contains("apt-get install runsc")),
             "{gvisor:?}"
         );
+        assert!(!reports[2].available, "{:?}", reports[2]);
     }
 
     #[test]

@@ -305,6 +305,51 @@ const CASES: &[(&str, Case)] = &[
     ),
 ];
 
+/// `TARTARUS_MICROVM_BENCH=N`: instead of the cases, N cold boots of `echo hi`, timing QEMU's start to
+/// the agent's `ready` (boot), prepare to the first byte of output (create→first output) and the whole
+/// run (docs/benchmarks.md).
+fn bench(env: &Env, runs: usize) {
+    let (mut boots, mut firsts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let begun = Instant::now();
+        let mut sandbox = env
+            .runtime
+            .prepare_sandbox(spec(&["echo", "hi"]))
+            .expect("prepare");
+        let (stdout_read, stdout_write) = pipe();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        sandbox
+            .start(StdioFds {
+                stdin: null.as_fd(),
+                stdout: stdout_write.as_fd(),
+                stderr: null.as_fd(),
+            })
+            .expect("start");
+        drop(stdout_write);
+        let mut byte = [0u8; 1];
+        rustix::io::read(&stdout_read, &mut byte).unwrap();
+        firsts.push(begun.elapsed());
+        sandbox.wait().expect("wait");
+        boots.push(sandbox.boot_time().expect("booted"));
+        sandbox.cleanup().expect("cleanup");
+        totals.push(begun.elapsed());
+    }
+    let show = |name: &str, mut times: Vec<Duration>| {
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
+        println!(
+            "{name}: p50 {:.0} ms, p99 {:.0} ms, min {:.0} ms ({} runs)",
+            at(0.5),
+            at(0.99),
+            at(0.0),
+            times.len()
+        );
+    };
+    show("boot (QEMU start to agent ready)", boots);
+    show("create to first output", firsts);
+    show("whole run (prepare to cleanup)", totals);
+}
+
 fn main() -> ExitCode {
     // This executable is also the guest agent: PID 1 of every VM it boots.
     if let Some(code) = tartarus_runtime::microvm::agent::run_if_invoked() {
@@ -341,6 +386,14 @@ fn main() -> ExitCode {
         state: state.path().to_path_buf(),
         cgroup_parent: cgroup_parent.clone(),
     };
+    if let Some(runs) = std::env::var("TARTARUS_MICROVM_BENCH")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        bench(&env, runs);
+        remove_cgroup_parent(&cgroup_parent);
+        return ExitCode::SUCCESS;
+    }
     println!(
         "running {} microvm cases with qemu {}, kernel {}, {}",
         selected.len(),
@@ -383,5 +436,15 @@ fn main() -> ExitCode {
     } else {
         println!("microvm: failed: {failed:?}");
         ExitCode::FAILURE
+    }
+}
+
+fn remove_cgroup_parent(parent: &str) {
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir(hierarchy.path().join(parent));
     }
 }

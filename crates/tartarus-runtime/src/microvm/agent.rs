@@ -41,11 +41,7 @@ pub fn run_if_invoked() -> Option<i32> {
     if Path::new(&first).file_name()? != AGENT_NAME || std::process::id() != 1 {
         return None;
     }
-    let message = match boot_and_serve() {
-        Ok(()) => None,
-        Err(e) => Some(e),
-    };
-    if let Some(message) = message {
+    if let Err(message) = boot_and_serve() {
         // The console (kernel log) is the only place left when the port is not there.
         eprintln!("tartarus guest agent: {message}");
         if let Some(mut port) = find_port()

@@ -111,7 +111,7 @@ fn newest_cloud_kernel(boot: &Path) -> Option<PathBuf> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
         .collect();
-    names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    names.sort_by_key(|name| version_key(name));
     names.pop().map(|n| boot.join(n))
 }
 

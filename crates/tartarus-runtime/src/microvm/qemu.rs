@@ -238,7 +238,7 @@ pub fn host_tsc_khz() -> Option<u64> {
     let mhz: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1)?.trim().parse().ok())?;
-    (mhz > 0.0).then(|| (mhz * 1000.0) as u64)
+    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
 }
 
 /// The kernel command line: the serial console for kernel messages (quiet), no probing of hardware the
@@ -377,7 +377,13 @@ mod tests {
         assert!(line.contains("-m 256 -smp 1"), "{line}");
         assert!(line.contains("readonly=on,file=/r.erofs"), "{line}");
         assert!(line.contains("rdinit=/.tartarus/guest-agent"), "{line}");
-        for device in args.iter().skip_while(|a| *a != "-device").step_by(2).skip(1) {
+        let devices: Vec<&String> = args
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(devices.len(), 3, "{line}");
+        for device in devices {
             assert!(
                 device.starts_with("virtio-") || device.starts_with("virtserialport"),
                 "{device}"
