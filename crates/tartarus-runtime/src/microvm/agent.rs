@@ -24,7 +24,7 @@ use super::protocol::{
     self, decode, encode, encode_bytes, FailKind, GuestFrame, HostFrame, LineBuffer, RunRequest,
 };
 use crate::process::seccomp::CompiledFilters;
-use crate::spec::DEFAULT_PATH;
+use crate::spec::{ProcessLimits, DEFAULT_PATH};
 
 /// Name of the agent's virtio-serial port (`virtserialport,name=`).
 pub const PORT_NAME: &str = "tartarus.agent";
@@ -339,25 +339,16 @@ fn spawn(request: &RunRequest) -> Result<Child, (FailKind, String)> {
         .stderr(Stdio::piped());
     tartarus_hostsys::join_cgroup_before_exec(&mut command, procs);
     let (uid, gid) = (request.uid, request.gid);
-    let limits = (request.open_files, request.file_size_bytes, request.max_processes);
+    let limits = (
+        ProcessLimits {
+            open_files: request.open_files,
+            file_size_bytes: request.file_size_bytes,
+        },
+        request.max_processes,
+    );
     let drop_privileges = move || -> io::Result<()> {
-        use rustix::process::{Resource, Rlimit};
         rustix::process::setsid()?;
-        let set = |resource, value: u64| {
-            rustix::process::setrlimit(
-                resource,
-                Rlimit {
-                    current: Some(value),
-                    maximum: Some(value),
-                },
-            )
-        };
-        set(Resource::Core, 0)?;
-        set(Resource::Nofile, limits.0)?;
-        set(Resource::Fsize, limits.1)?;
-        if let Some(max) = limits.2 {
-            set(Resource::Nproc, max)?;
-        }
+        crate::process::child::set_rlimits(&limits.0, limits.1).map_err(|e| e.source)?;
         for cap in 0..=last_cap {
             tartarus_hostsys::drop_bounding_capability(cap)?;
         }

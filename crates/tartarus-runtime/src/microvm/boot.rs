@@ -204,18 +204,9 @@ pub fn initramfs(cache: &Path, agent: &Path, modules: &[PathBuf]) -> Result<Path
     parts.push(std::fs::read("/etc/ld.so.cache").unwrap_or_default());
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
     let path = cache.join(format!("initramfs-{}.cpio", digest(&refs)));
-    if path.is_file() {
+    let built = build_once(cache, &path, |staged| write_initramfs(staged, agent, modules))?;
+    if !built {
         return Ok(path);
-    }
-    let _lock = CacheLock::take(cache)?;
-    if path.is_file() {
-        return Ok(path);
-    }
-    let staged = staging(&path);
-    let result = write_initramfs(&staged, agent, modules);
-    if let Err(e) = result.and_then(|()| std::fs::rename(&staged, &path).map_err(io_err("renaming"))) {
-        let _ = std::fs::remove_file(&staged);
-        return Err(e);
     }
     // Another executable's initramfs may be in use (tests and the CLI share the cache): only day-old
     // ones go.
@@ -223,8 +214,27 @@ pub fn initramfs(cache: &Path, agent: &Path, modules: &[PathBuf]) -> Result<Path
     Ok(path)
 }
 
-fn staging(path: &Path) -> PathBuf {
-    path.with_extension(format!("tmp-{}", std::process::id()))
+/// Builds `path` with `build` (into a staging file renamed into place whole) unless it exists, under the
+/// cache's lock; `true` when this call built it.
+fn build_once(
+    cache: &Path,
+    path: &Path,
+    build: impl FnOnce(&Path) -> Result<(), BootError>,
+) -> Result<bool, BootError> {
+    if path.is_file() {
+        return Ok(false);
+    }
+    let _lock = CacheLock::take(cache)?;
+    if path.is_file() {
+        return Ok(false);
+    }
+    let staged = path.with_extension(format!("tmp-{}", std::process::id()));
+    let result =
+        build(&staged).and_then(|()| std::fs::rename(&staged, path).map_err(io_err("renaming a build")));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    result.map(|()| true)
 }
 
 /// Removes the other builds next to `keep` not modified for `min_age` (VMs still running keep their open
@@ -407,32 +417,25 @@ pub fn root_image(cache: &Path) -> Result<PathBuf, BootError> {
     }
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
     let path = cache.join(format!("usr-{}.erofs", digest(&refs)));
-    if path.is_file() {
-        return Ok(path);
-    }
-    let _lock = CacheLock::take(cache)?;
-    if path.is_file() {
-        return Ok(path);
-    }
-    let staged = staging(&path);
-    let mut command = Command::new(mkfs);
-    command.args(["--quiet", "-x-1", "--all-root"]);
-    for exclude in ROOT_EXCLUDES {
-        command.arg(format!("--exclude-regex={exclude}"));
-    }
-    command.arg(&staged).arg("/usr");
-    let output = crate::gvisor::runsc::run_bounded(command, ROOT_BUILD_TIMEOUT);
-    let built = match output {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(crate::gvisor::runsc::last_line(&out.stderr)),
-        Err(e) => Err(crate::error_chain(&e)),
-    };
-    if let Err(message) = built.and_then(|()| std::fs::rename(&staged, &path).map_err(|e| e.to_string())) {
-        let _ = std::fs::remove_file(&staged);
-        return Err(BootError::Build {
+    let built = build_once(cache, &path, |staged| {
+        let mut command = Command::new(mkfs);
+        command.args(["--quiet", "-x-1", "--all-root"]);
+        for exclude in ROOT_EXCLUDES {
+            command.arg(format!("--exclude-regex={exclude}"));
+        }
+        command.arg(staged).arg("/usr");
+        let message = match crate::gvisor::runsc::run_bounded(command, ROOT_BUILD_TIMEOUT) {
+            Ok(out) if out.status.success() => return Ok(()),
+            Ok(out) => crate::gvisor::runsc::last_line(&out.stderr),
+            Err(e) => crate::error_chain(&e),
+        };
+        Err(BootError::Build {
             what: "the guest's root disk (mkfs.erofs of /usr)",
             message,
-        });
+        })
+    })?;
+    if !built {
+        return Ok(path);
     }
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
     remove_siblings(cache, "usr-", &path, Duration::ZERO);
