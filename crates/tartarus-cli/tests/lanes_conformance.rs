@@ -82,8 +82,8 @@ suite! {
 // about; its LaneCapabilities refuse a terminal (asserted by `a_terminal_is_given_or_clearly_refused`).
 // Not here yet, and why: every `service::` check (service sandboxes are declared unsupported: the shim
 // refuses them with the contract's `unsupported`), `a_background_grandchild_dies_with_the_sandbox` (it
-// watches the grandchild through a bind mount, which the lane refuses), and the fork-bomb check (covered
-// by the guest's pids cgroup; left out to keep the suite's TCG time bounded).
+// watches the grandchild through a bind mount, which the lane refuses; here every process of a sandbox
+// lives in its VM, and the leak check after each check asserts that no QEMU is left).
 suite! {
     lanes: [microvm];
     checks: [
@@ -97,6 +97,7 @@ suite! {
         oneshot::a_missing_workdir_is_refused,
         oneshot::a_missing_command_is_127,
         oneshot::a_terminal_is_given_or_clearly_refused,
+        oneshot::a_fork_bomb_stops_at_the_pids_limit,
         hostile::the_network_has_only_loopback,
         hostile::a_host_loopback_listener_is_unreachable,
         hostile::vsock_sockets_cannot_be_created,
