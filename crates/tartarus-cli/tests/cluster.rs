@@ -551,7 +551,10 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
             .unwrap_or_else(|| panic!("{id} not listed: {listing}"))
             .to_string()
     };
-    assert!(line_of("walled").contains(" process,gvisor "), "{listing}");
+    assert!(
+        line_of("walled").contains(" process,gvisor,microvm "),
+        "{listing}"
+    );
     assert!(!line_of("plain").contains("gvisor"), "{listing}");
 
     let (status, body) = call(
