@@ -354,13 +354,7 @@ impl MicrovmSandbox {
             }
         };
         let oom = guest.is_some_and(|g| g.oom) || self.cgroups.oom_kills(&HostCgroupFs) > 0;
-        let reason = match (killed, oom, termination) {
-            (Some(KillReason::Timeout), _, _) => ExitReason::Timeout,
-            (_, true, Termination::Signaled(_)) => ExitReason::Oom,
-            (Some(KillReason::Requested), _, _) => ExitReason::Killed,
-            (None, _, Termination::Signaled(_)) => ExitReason::Killed,
-            (None, _, Termination::Exited(_)) => ExitReason::Exited,
-        };
+        let reason = ExitReason::judge(killed, oom, termination);
         let outcome = Outcome {
             termination,
             reason,
