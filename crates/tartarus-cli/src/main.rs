@@ -25,6 +25,10 @@ fn real_main() -> libc::c_int {
     if let Some(code) = tartarus_runtime::gvisor::agent::run_if_invoked() {
         return code;
     }
+    // As PID 1 of a microVM guest this executable is the guest agent.
+    if let Some(code) = tartarus_runtime::microvm::agent::run_if_invoked() {
+        return code;
+    }
     if commands::zygote::invoked_as_python() {
         return commands::zygote::main();
     }

@@ -513,7 +513,8 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
     let db = Database::new();
     let dir = DataDir::new();
     let server = start_server(&dir, &db);
-    // Two nodes: one runs both lanes; the other cannot find runsc, so it runs the process lane only.
+    // Two nodes: one runs every lane (this host has runsc and QEMU); the other cannot find runsc or QEMU,
+    // so it runs the process lane only.
     let walled_token = token(&server, "walled");
     let plain_token = token(&server, "plain");
     let (walled, _, _walled_dir) = agent(&server, "walled", &walled_token, &[]);
@@ -522,11 +523,18 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
         "plain",
         &plain_token,
         &[],
-        &[("TARTARUS_RUNSC", "/nonexistent/runsc")],
+        &[
+            ("TARTARUS_RUNSC", "/nonexistent/runsc"),
+            ("TARTARUS_QEMU", "/nonexistent/qemu-system-x86_64"),
+        ],
     );
     let walled_view = wait_node(&server, "walled", |n| n["state"] == "ready");
     let plain_view = wait_node(&server, "plain", |n| n["state"] == "ready");
-    assert_eq!(lane_names(&walled_view), ["process", "gvisor"], "{walled_view}");
+    assert_eq!(
+        lane_names(&walled_view),
+        ["process", "gvisor", "microvm"],
+        "{walled_view}"
+    );
     assert_eq!(lane_names(&plain_view), ["process"], "{plain_view}");
     let versions = &walled_view["lanes"];
     assert_eq!(versions[0]["version"], host_release().as_str(), "{walled_view}");
@@ -543,7 +551,10 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
             .unwrap_or_else(|| panic!("{id} not listed: {listing}"))
             .to_string()
     };
-    assert!(line_of("walled").contains(" process,gvisor "), "{listing}");
+    assert!(
+        line_of("walled").contains(" process,gvisor,microvm "),
+        "{listing}"
+    );
     assert!(!line_of("plain").contains("gvisor"), "{listing}");
 
     let (status, body) = call(

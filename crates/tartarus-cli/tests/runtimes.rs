@@ -199,7 +199,7 @@ fn bad_runtime_names_and_forbidden_lanes_are_clear_refusals() {
     let (status, body) = create_status(&server, &user, json!({"runtime": "docker"}));
     assert_eq!(status, 422, "{body}");
     assert_eq!(
-        body["error"]["message"], "unknown runtime 'docker': use auto, process, gvisor",
+        body["error"]["message"], "unknown runtime 'docker': use auto, process, gvisor, microvm",
         "{body}"
     );
     // gVisor cannot share the host's network: asking for both is a 422 naming the knob.
@@ -209,6 +209,17 @@ fn bad_runtime_names_and_forbidden_lanes_are_clear_refusals() {
         json!({"runtime": "gvisor", "network": "host-loopback"}),
     );
     assert!(status == 422 || status == 403, "{status} {body}");
+    // The microVM lane runs one-shot sandboxes only so far: an API sandbox (a service sandbox) asking for
+    // it is refused naming the knob, and nothing is started.
+    let (status, body) = create_status(&server, &user, json!({"runtime": "microvm"}));
+    assert!(status == 422 || status == 503, "{status} {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the microvm lane cannot honour service sandboxes (service)"),
+        "{body}"
+    );
 
     apply(&server, "id: fast-only\nisolation: {runtimes: [process]}\n");
     let (status, body) = create_status(&server, &user, json!({"runtime": "gvisor"}));

@@ -607,6 +607,20 @@ pub fn join_cgroup_before_exec(command: &mut std::process::Command, procs: std::
     }
 }
 
+/// Makes `command`'s process get SIGKILL when the thread that spawned it exits (`PR_SET_PDEATHSIG`), so a
+/// VMM never outlives a supervisor that died without cleaning up.
+pub fn die_with_parent_before_exec(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let hook = || -> io::Result<()> {
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+        Ok(())
+    };
+    // SAFETY: the hook is one prctl, async-signal-safe as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
 /// Makes `command`'s process enter the network namespace `netns` before it executes, so that it and
 /// everything it starts live there. The descriptor must stay open until the spawn returns.
 pub fn enter_netns_before_exec(command: &mut std::process::Command, netns: RawFd) {

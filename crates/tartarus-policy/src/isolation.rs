@@ -171,11 +171,14 @@ impl IsolationPolicy {
 }
 
 /// How strong a lane's wall is: how little of the host kernel the sandbox's code reaches directly. The
-/// process lane (the host kernel behind seccomp) is the weakest; gVisor's user-space kernel is stronger.
+/// process lane (the host kernel behind seccomp) is the weakest; gVisor's user-space kernel is stronger; a
+/// microVM's own guest kernel is the strongest.
 pub fn wall_strength(lane: LaneName) -> u8 {
     match lane {
         LaneName::Process => 0,
         LaneName::Gvisor => 1,
+        // Its own guest kernel: the host kernel sees only the VMM.
+        LaneName::Microvm => 2,
     }
 }
 
@@ -511,7 +514,8 @@ mod tests {
         let refused = choose_runtime(None, PLAIN, &EffectiveIsolation::default(), &offers).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "no lane the policy allows can take this sandbox here: process: process cannot do X; gvisor: no runsc"
+            "no lane the policy allows can take this sandbox here: process: process cannot do X; gvisor: no runsc; \
+             microvm: not offered by this server"
         );
     }
 
@@ -574,7 +578,7 @@ mod tests {
         let bad = "docker".parse::<RuntimeChoice>().unwrap_err();
         assert_eq!(
             bad.to_string(),
-            "unknown runtime 'docker': use auto, process, gvisor"
+            "unknown runtime 'docker': use auto, process, gvisor, microvm"
         );
         assert_eq!(RuntimeChoice::Lane(LaneName::Process).to_string(), "process");
     }

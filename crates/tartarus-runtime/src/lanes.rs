@@ -24,16 +24,19 @@ pub enum LaneName {
     Process,
     /// gVisor's user-space kernel (`runsc`) between the command and the host kernel.
     Gvisor,
+    /// A guest kernel of its own in a QEMU microVM (`microvm/`).
+    Microvm,
 }
 
 impl LaneName {
     /// Every lane, in the order `tartarus runtimes` lists them.
-    pub const ALL: [LaneName; 2] = [LaneName::Process, LaneName::Gvisor];
+    pub const ALL: [LaneName; 3] = [LaneName::Process, LaneName::Gvisor, LaneName::Microvm];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LaneName::Process => "process",
             LaneName::Gvisor => "gvisor",
+            LaneName::Microvm => "microvm",
         }
     }
 
@@ -43,6 +46,7 @@ impl LaneName {
         match self {
             LaneName::Process => LaneCapabilities::ALL,
             LaneName::Gvisor => crate::gvisor::CAPABILITIES,
+            LaneName::Microvm => crate::microvm::CAPABILITIES,
         }
     }
 }
@@ -55,7 +59,7 @@ impl fmt::Display for LaneName {
 
 /// A lane name this build does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown lane '{0}': valid lanes are process, gvisor")]
+#[error("unknown lane '{0}': valid lanes are process, gvisor, microvm")]
 pub struct UnknownLane(pub String);
 
 impl FromStr for LaneName {
@@ -129,11 +133,13 @@ pub struct GvisorConfig {
     pub platform: Option<GvisorPlatform>,
 }
 
-/// Everything a lane needs to be opened: the process runtime's settings and the gVisor lane's.
+/// Everything a lane needs to be opened: the process runtime's settings, the gVisor lane's and the
+/// microVM lane's.
 #[derive(Debug, Clone, Default)]
 pub struct LaneConfig {
     pub process: ProcessRuntimeConfig,
     pub gvisor: GvisorConfig,
+    pub microvm: crate::microvm::MicrovmConfig,
 }
 
 /// Tartarus's directory for volatile host state (runtime state that must not survive a reboot):
@@ -179,6 +185,7 @@ pub fn probe_lane(lane: LaneName, config: &LaneConfig) -> LaneReport {
     match lane {
         LaneName::Process => probe_process(),
         LaneName::Gvisor => probe_gvisor(config),
+        LaneName::Microvm => probe_microvm(config),
     }
 }
 
@@ -199,6 +206,13 @@ pub fn open(name: LaneName, config: &LaneConfig) -> Result<Box<dyn Runtime + Sen
             None => Ok(Box::new(ProcessRuntime::new(config.process.clone()))),
         },
         LaneName::Gvisor => match crate::gvisor::GvisorRuntime::open(config) {
+            Ok(runtime) => Ok(Box::new(runtime)),
+            Err(e) => Err(LaneUnavailable {
+                lane: name,
+                reason: e.to_string(),
+            }),
+        },
+        LaneName::Microvm => match crate::microvm::MicrovmRuntime::open(config) {
             Ok(runtime) => Ok(Box::new(runtime)),
             Err(e) => Err(LaneUnavailable {
                 lane: name,
@@ -283,6 +297,40 @@ fn probe_gvisor(config: &LaneConfig) -> LaneReport {
     }
 }
 
+/// QEMU's version and how guests would run (KVM, or TCG with a warning); opening the lane probes KVM
+/// once per boot (bounded), and builds nothing.
+fn probe_microvm(config: &LaneConfig) -> LaneReport {
+    match crate::microvm::MicrovmRuntime::open(config) {
+        Ok(runtime) => LaneReport {
+            name: LaneName::Microvm,
+            available: true,
+            reason: None,
+            version: Some(format!(
+                "qemu {} ({})",
+                runtime.qemu().version,
+                runtime.qemu().path.display()
+            )),
+            detail: Some(format!(
+                "{}; kernel {}",
+                runtime.accel().detail(),
+                runtime.kernel().path.display()
+            )),
+        },
+        Err(e) => {
+            let version = crate::microvm::qemu::find(config.microvm.qemu.as_deref())
+                .ok()
+                .map(|q| format!("qemu {} ({})", q.version, q.path.display()));
+            LaneReport {
+                name: LaneName::Microvm,
+                available: false,
+                reason: Some(e.to_string()),
+                version,
+                detail: None,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +350,7 @@ mod tests {
         let process = ProcessRuntime::new(ProcessRuntimeConfig::default());
         assert_eq!(LaneName::Process.capabilities(), process.capabilities());
         assert_eq!(LaneName::Gvisor.capabilities(), crate::gvisor::CAPABILITIES);
+        assert_eq!(LaneName::Microvm.capabilities(), crate::microvm::CAPABILITIES);
     }
 
     #[test]
@@ -309,7 +358,7 @@ mod tests {
         let err = "firecracker".parse::<LaneName>().expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown lane 'firecracker': valid lanes are process, gvisor"
+            "unknown lane 'firecracker': valid lanes are process, gvisor, microvm"
         );
         assert!(
             serde_json::from_str::<LaneName>("\"Process\"").is_err(),
@@ -319,9 +368,10 @@ mod tests {
 
     #[test]
     fn test_every_lane_has_a_report_in_order() {
-        // A runsc that is not there keeps this test off the host's engines.
+        // A runsc and a QEMU that are not there keep this test off the host's engines.
         let mut config = LaneConfig::default();
         config.gvisor.runsc = Some("/nonexistent/runsc".into());
+        config.microvm.qemu = Some("/nonexistent/qemu-system-x86_64".into());
         let reports = probe(&config);
         let names: Vec<LaneName> = reports.iter().map(|r| r.name).collect();
         assert_eq!(names, LaneName::ALL);
@@ -337,6 +387,7 @@ mod tests {
                 .is_some_and(|r| r.contains("apt-get install runsc")),
             "{gvisor:?}"
         );
+        assert!(!reports[2].available, "{:?}", reports[2]);
     }
 
     #[test]

@@ -11,12 +11,13 @@
 //! Modules: [`sandbox`] the lifecycle traits and types; [`capabilities`] what a lane can honour;
 //! [`service`] the service-sandbox seam; [`files`] file operations and their encoding; [`spec`] the
 //! validated input; [`lanes`] lanes by name, what this host can run and opening one; [`process`] the Linux
-//! process lane; [`gvisor`] the gVisor lane (runsc); [`testing`] a scriptable fake of the seam.
+//! process lane; [`gvisor`] the gVisor lane (runsc); [`microvm`] the microVM lane (QEMU and a guest agent); [`testing`] a scriptable fake of the seam.
 
 pub mod capabilities;
 pub mod files;
 pub mod gvisor;
 pub mod lanes;
+pub mod microvm;
 pub mod process;
 pub mod sandbox;
 pub mod service;

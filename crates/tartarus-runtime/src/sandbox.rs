@@ -149,6 +149,19 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// Why a sandbox ended, for a lane that learns its command's termination and OOM kills separately:
+    /// the supervisor's timeout wins, then an OOM kill of a command that died by a signal, then a kill the
+    /// supervisor asked for; otherwise a signal is `killed` and an exit `exited`.
+    pub fn judge(killed: Option<KillReason>, oom: bool, termination: Termination) -> ExitReason {
+        match (killed, oom, termination) {
+            (Some(KillReason::Timeout), _, _) => ExitReason::Timeout,
+            (_, true, Termination::Signaled(_)) => ExitReason::Oom,
+            (Some(KillReason::Requested), _, _) => ExitReason::Killed,
+            (None, _, Termination::Signaled(_)) => ExitReason::Killed,
+            (None, _, Termination::Exited(_)) => ExitReason::Exited,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ExitReason::Exited => "exited",

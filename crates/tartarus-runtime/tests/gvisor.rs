@@ -1063,6 +1063,7 @@ fn main() -> ExitCode {
             state_dir: Some(state.path().to_path_buf()),
             platform: None,
         },
+        microvm: Default::default(),
     };
     let runtime = match GvisorRuntime::open(&config) {
         Ok(runtime) => runtime,

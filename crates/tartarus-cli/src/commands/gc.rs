@@ -1,6 +1,7 @@
 //! `tartarus gc`: remove what a crashed supervisor left behind.
 
 use tartarus_runtime::gvisor::GvisorRuntime;
+use tartarus_runtime::microvm::MicrovmRuntime;
 use tartarus_runtime::process::ProcessRuntime;
 
 use super::run::lane_config;
@@ -17,6 +18,10 @@ pub fn run() -> anyhow::Result<u8> {
         }
         Err(e) => Some(e),
     };
+    // MicroVM leftovers: VM directories (sockets, logs) of dead supervisors, whose QEMU died with them.
+    if let Ok(runtime) = MicrovmRuntime::open(&config) {
+        removed.extend(runtime.collect_garbage());
+    }
     for path in &removed {
         println!("removed {}", path.display());
     }
@@ -24,7 +29,7 @@ pub fn run() -> anyhow::Result<u8> {
         .map(|e| format!("; gVisor state not checked: {e}"))
         .unwrap_or_default();
     eprintln!(
-        "tartarus: gc removed {} leftover(s) (cgroups, sandbox networks, gVisor containers){skipped}",
+        "tartarus: gc removed {} leftover(s) (cgroups, sandbox networks, gVisor containers, microVM directories){skipped}",
         removed.len()
     );
     Ok(0)

@@ -140,14 +140,14 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<u8> {
                 return Ok(0);
             }
             println!(
-                "{:<20} {:<12} {:>6} {:>10} {:<22} {:<16} LABELS",
+                "{:<20} {:<12} {:>6} {:>10} {:<22} {:<22} LABELS",
                 "ID", "STATE", "CPUS", "MEMORY", "ADDRESS", "LANES"
             );
             for n in nodes.as_array().into_iter().flatten() {
                 let cpus = n["capacity"]["cpu_millis"].as_u64().unwrap_or(0) as f64 / 1000.0;
                 let memory = n["capacity"]["memory_bytes"].as_u64().unwrap_or(0) >> 20;
                 println!(
-                    "{:<20} {:<12} {:>6} {:>8}Mi {:<22} {:<16} {}",
+                    "{:<20} {:<12} {:>6} {:>8}Mi {:<22} {:<22} {}",
                     n["id"].as_str().unwrap_or_default(),
                     n["state"].as_str().unwrap_or_default(),
                     cpus,

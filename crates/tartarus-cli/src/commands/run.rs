@@ -225,6 +225,7 @@ pub fn lane_config() -> anyhow::Result<LaneConfig> {
             state_dir: None,
             platform,
         },
+        microvm: Default::default(),
     })
 }
 

@@ -18,6 +18,7 @@ pub use crate::common::{poll_until, processes_naming};
 pub enum Lane {
     Process,
     Gvisor,
+    Microvm,
 }
 
 impl Lane {
@@ -25,6 +26,7 @@ impl Lane {
         match name {
             "process" => Lane::Process,
             "gvisor" => Lane::Gvisor,
+            "microvm" => Lane::Microvm,
             other => panic!("no lane {other} in the harness: add a Lane variant"),
         }
     }
@@ -33,6 +35,7 @@ impl Lane {
         match self {
             Lane::Process => "process",
             Lane::Gvisor => "gvisor",
+            Lane::Microvm => "microvm",
         }
     }
 
@@ -210,6 +213,18 @@ impl Fixture {
                 .unwrap();
             let listed = String::from_utf8_lossy(&list.stdout);
             leaks.extend(listed.split_whitespace().map(|c| format!("runsc container {c}")));
+        }
+        if let Ok(vms) = std::fs::read_dir(self.state.path().join("microvm/vms")) {
+            leaks.extend(
+                vms.flatten()
+                    .map(|vm| format!("VM directory {}", vm.path().display())),
+            );
+            let needle = self.state.path().join("microvm").display().to_string();
+            leaks.extend(
+                processes_naming(&needle)
+                    .into_iter()
+                    .map(|p| format!("process {p} naming {needle}")),
+            );
         }
         if let Ok(bundles) = std::fs::read_dir(self.state.path().join("gvisor/bundles")) {
             leaks.extend(

@@ -687,13 +687,7 @@ impl GvisorSandbox {
             true => Some(KillReason::Timeout),
             false => running.killed,
         };
-        let reason = match (killed, oom, termination) {
-            (Some(KillReason::Timeout), _, _) => ExitReason::Timeout,
-            (_, true, Termination::Signaled(_)) => ExitReason::Oom,
-            (Some(KillReason::Requested), _, _) => ExitReason::Killed,
-            (None, _, Termination::Signaled(_)) => ExitReason::Killed,
-            (None, _, Termination::Exited(_)) => ExitReason::Exited,
-        };
+        let reason = ExitReason::judge(killed, oom, termination);
         let outcome = Outcome {
             termination,
             reason,

@@ -493,7 +493,9 @@ fn attach_stdio(stdio: StdioFds<'_>) -> SetupResult<()> {
     Ok(())
 }
 
-fn set_rlimits(limits: &ProcessLimits, max_processes: Option<u64>) -> SetupResult<()> {
+/// The sandbox's rlimits on the calling process (no core dumps, open files, file size, processes); also
+/// the microVM guest agent's, before it executes a command.
+pub(crate) fn set_rlimits(limits: &ProcessLimits, max_processes: Option<u64>) -> SetupResult<()> {
     let set = |resource, value: u64| {
         rustix::process::setrlimit(
             resource,

@@ -11,7 +11,7 @@
 //! clones the sandbox inside it.
 
 pub(crate) mod cgroup;
-mod child;
+pub(crate) mod child;
 pub(crate) mod file_ops;
 mod landlock;
 mod protocol;

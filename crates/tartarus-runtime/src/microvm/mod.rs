@@ -1,0 +1,251 @@
+//! The microVM lane: each sandbox is its own guest kernel in a QEMU `microvm` machine, with the
+//! supervisor's own static executable as the guest's PID 1 (the [`agent`]), so the host kernel sees only
+//! QEMU's system calls and a guest-kernel bug is behind a second wall (the agent's privilege drop).
+//!
+//! One run: `prepare` finds or builds the cached initramfs and root disk ([`boot`]) and creates the VM's
+//! directory and cgroup; `start` listens on the agent socket, starts QEMU ([`qemu`]) in the cgroup, waits
+//! for the agent's `ready` (bounded), sends the command and waits for `started`; a pump thread
+//! ([`channel`]) then carries stdio until the guest reports the exit. QEMU is killed and reaped on every
+//! path (end of the command, timeout, kill, a failed start, drop), then the directory (socket, logs) and
+//! the cgroup are removed.
+//!
+//! This slice runs one-shot sandboxes on the host-system root; service mode, image roots, bind mounts,
+//! egress networking and a terminal are declared unsupported in [`CAPABILITIES`] (docs/microvm.md).
+//!
+//! Modules: [`qemu`] the driver; [`boot`] kernel, initramfs and root disk; [`protocol`] the channel's
+//! frames; [`channel`] the host side of the channel; `sandbox` one VM's lifecycle; [`agent`] the guest
+//! side.
+
+pub mod agent;
+pub mod boot;
+pub mod channel;
+pub mod protocol;
+pub mod qemu;
+mod sandbox;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use self::qemu::{Accel, QemuBinary};
+pub use self::sandbox::MicrovmSandbox;
+use crate::capabilities::LaneCapabilities;
+use crate::lanes::{default_state_dir, LaneConfig};
+use crate::process::cgroup;
+use crate::process::{CgroupLayout, HostCgroupFs};
+use crate::sandbox::{PrepareError, Runtime, Sandbox};
+use crate::service::ServiceSandbox;
+use crate::spec::SandboxSpec;
+
+/// What the microVM lane honours in this slice: one-shot sandboxes on the host-system root, with memory
+/// (guest RAM), CPUs (vCPUs and the VMM's cgroup), pids and rlimits inside the guest, extra denied
+/// syscalls and another user. Not yet: service mode, a terminal, any network but none, bind mounts,
+/// directory or image roots, Landlock paths.
+pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
+    service: false,
+    terminal: false,
+    host_loopback: false,
+    egress_network: false,
+    bind_mounts: false,
+    directory_root: false,
+    image_layers: false,
+    memory_limit: true,
+    cpu_limit: true,
+    pids_limit: true,
+    rlimits: true,
+    seccomp_syscall_lists: true,
+    landlock_paths: false,
+    custom_user: true,
+    pause: false,
+    file_ops: false,
+    cpu_throttle: false,
+    network_isolation: false,
+};
+
+/// Settings of the microVM lane that are not per-sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MicrovmConfig {
+    /// QEMU; otherwise `TARTARUS_QEMU`, then `qemu-system-x86_64` on `PATH`.
+    pub qemu: Option<PathBuf>,
+    /// The guest kernel; otherwise `TARTARUS_MICROVM_KERNEL`, then the newest `/boot/vmlinuz-*-cloud-amd64`.
+    pub kernel: Option<PathBuf>,
+    /// Per-VM directories (sockets, logs) and the KVM verdict; otherwise [`default_state_dir`]`/microvm`.
+    pub state_dir: Option<PathBuf>,
+    /// Built initramfs and root disks (content-named, shared by every VM and state directory); otherwise
+    /// `TARTARUS_MICROVM_CACHE`, then `/var/cache/tartarus/microvm` for root and
+    /// `$XDG_CACHE_HOME/tartarus/microvm` (or `~/.cache/…`) otherwise.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The lane cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum MicrovmError {
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("the microvm lane needs root (cgroups for the VMM)")]
+    NeedsRoot,
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// The microVM runtime: a checked QEMU and kernel, the acceleration verdict, the directories.
+pub struct MicrovmRuntime {
+    qemu: QemuBinary,
+    kernel: boot::Kernel,
+    modules: Vec<PathBuf>,
+    accel: Accel,
+    vms_dir: PathBuf,
+    cache_dir: PathBuf,
+    agent: PathBuf,
+    cgroup_parent: String,
+}
+
+fn cache_dir(config: &MicrovmConfig) -> PathBuf {
+    if let Some(dir) = &config.cache_dir {
+        return dir.clone();
+    }
+    if let Some(dir) = std::env::var_os("TARTARUS_MICROVM_CACHE").filter(|d| !d.is_empty()) {
+        return dir.into();
+    }
+    if rustix::process::geteuid().is_root() {
+        return "/var/cache/tartarus/microvm".into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("tartarus/microvm")
+}
+
+fn private_dir(dir: &Path, what: &'static str) -> Result<(), MicrovmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| MicrovmError::Io {
+            what,
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+impl MicrovmRuntime {
+    /// Finds QEMU and the kernel, resolves the guest's modules, decides KVM or TCG (bounded, cached).
+    pub fn open(config: &LaneConfig) -> Result<MicrovmRuntime, MicrovmError> {
+        if !rustix::process::geteuid().is_root() {
+            return Err(MicrovmError::NeedsRoot);
+        }
+        let mc = &config.microvm;
+        let qemu = qemu::find(mc.qemu.as_deref())?;
+        let configured = mc.kernel.clone().or_else(|| {
+            std::env::var_os("TARTARUS_MICROVM_KERNEL")
+                .filter(|k| !k.is_empty())
+                .map(PathBuf::from)
+        });
+        let kernel = boot::find_kernel(configured.as_deref())?;
+        let modules = match &kernel.release {
+            Some(release) if Path::new("/lib/modules").join(release).is_dir() => {
+                boot::module_files(release, boot::GUEST_MODULES)?
+            }
+            // A kernel without its modules here must have the drivers built in.
+            _ => Vec::new(),
+        };
+        let state = mc
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| default_state_dir().join("microvm"));
+        let vms_dir = state.join("vms");
+        private_dir(&vms_dir, "creating the microvm state directory")?;
+        let cache_dir = cache_dir(mc);
+        private_dir(&cache_dir, "creating the microvm cache directory")?;
+        let agent = std::env::current_exe()
+            .and_then(std::fs::canonicalize)
+            .map_err(|source| MicrovmError::Io {
+                what: "finding the supervisor's own executable (the guest agent)",
+                path: "/proc/self/exe".into(),
+                source,
+            })?;
+        let accel = qemu::accel(&qemu, &kernel.path, &cache_dir).clone();
+        Ok(MicrovmRuntime {
+            qemu,
+            kernel,
+            modules,
+            accel,
+            vms_dir,
+            cache_dir,
+            agent,
+            cgroup_parent: config.process.cgroup_parent.clone(),
+        })
+    }
+
+    pub fn qemu(&self) -> &QemuBinary {
+        &self.qemu
+    }
+
+    pub fn accel(&self) -> &Accel {
+        &self.accel
+    }
+
+    pub fn kernel(&self) -> &boot::Kernel {
+        &self.kernel
+    }
+
+    /// [`Runtime::prepare`] without the trait object.
+    pub fn prepare_sandbox(&self, spec: SandboxSpec) -> Result<MicrovmSandbox, PrepareError> {
+        MicrovmSandbox::prepare(self, spec)
+    }
+
+    /// Removes the VM directories and cgroups of supervisors that died (their QEMU died with them: it
+    /// runs with a parent-death signal).
+    pub fn collect_garbage(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&self.vms_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let owner = name
+                .to_str()
+                .and_then(|n| n.split('-').next()?.parse::<i32>().ok());
+            if owner.is_some_and(|pid| !tartarus_hostsys::process_exists(pid)) {
+                let _ = std::fs::remove_dir_all(entry.path());
+                removed.push(entry.path());
+            }
+        }
+        let layout = CgroupLayout::detect(&HostCgroupFs);
+        removed.extend(cgroup::collect_garbage(
+            &HostCgroupFs,
+            &layout,
+            &self.cgroup_parent,
+        ));
+        removed
+    }
+}
+
+impl Runtime for MicrovmRuntime {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    fn capabilities(&self) -> LaneCapabilities {
+        CAPABILITIES
+    }
+
+    fn prepare(&self, spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError> {
+        Ok(Box::new(MicrovmSandbox::prepare(self, spec)?))
+    }
+
+    fn prepare_service(&self, mut spec: SandboxSpec) -> Result<Box<dyn ServiceSandbox>, PrepareError> {
+        spec.service = true;
+        // CAPABILITIES.service is false: this is the clear refusal.
+        self.supports(&spec)?;
+        Err(PrepareError::Host {
+            what: "the microvm lane has no service sandboxes yet",
+            source: io::Error::from(io::ErrorKind::Unsupported),
+        })
+    }
+}

@@ -1,0 +1,557 @@
+//! One sandbox of the microVM lane: its VM's directory and cgroup, QEMU's start and the bounded
+//! handshake, the outcome from the agent's report, and cleanup of QEMU, directory and cgroup on every path.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::channel::{accept, Channel, GuestExit, HandshakeError, Pump, PumpStdio};
+use super::protocol::{FailKind, GuestFrame, HostFrame, RunRequest};
+use super::qemu::{self, Accel};
+use super::{boot, MicrovmRuntime};
+use crate::process::cgroup::{self, SandboxCgroups};
+use crate::process::{CgroupLayout, HostCgroupFs};
+use crate::sandbox::{
+    ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
+    StdioFds, Termination,
+};
+use crate::spec::{Applied, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
+
+/// How long a boot may take to reach the agent's `ready`: TCG boots take seconds on a loaded host.
+const BOOT_TIMEOUT_TCG: Duration = Duration::from_secs(90);
+const BOOT_TIMEOUT_KVM: Duration = Duration::from_secs(15);
+/// How long the agent may take to answer a run with `started` or `failed`.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Processes QEMU may have in its cgroup (vCPU and I/O threads count).
+const VMM_PIDS: u64 = 64;
+
+/// A sandbox of the microVM lane: one VM, one command.
+pub struct MicrovmSandbox {
+    id: String,
+    state: SandboxState,
+    dir: PathBuf,
+    qemu_path: PathBuf,
+    qemu_args: Vec<std::ffi::OsString>,
+    boot_timeout: Duration,
+    request: RunRequest,
+    timeout: Option<Duration>,
+    grace: Duration,
+    cgroups: SandboxCgroups,
+    running: Option<Running>,
+    outcome: Option<Outcome>,
+    /// From QEMU's start to the agent's `ready`.
+    boot_time: Option<Duration>,
+}
+
+struct Running {
+    qemu: Child,
+    pidfd: OwnedFd,
+    /// When the agent reported the command started: the timeout and the wall time count from here, the
+    /// boot is [`MicrovmSandbox::boot_time`].
+    started: Instant,
+    pump: Pump,
+    killed: Option<KillReason>,
+}
+
+fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
+    move |source| PrepareError::Host { what, source }
+}
+
+impl MicrovmSandbox {
+    pub(super) fn prepare(
+        runtime: &MicrovmRuntime,
+        spec: SandboxSpec,
+    ) -> Result<MicrovmSandbox, PrepareError> {
+        spec.validate()?;
+        runtime.supports(&spec)?;
+        debug_assert!(matches!(spec.root, RootSpec::HostSystem));
+        let boot_error = |e: boot::BootError| PrepareError::Host {
+            what: "preparing the guest's boot files",
+            source: io::Error::other(crate::error_chain(&e)),
+        };
+        let initramfs =
+            boot::initramfs(&runtime.cache_dir, &runtime.agent, &runtime.modules).map_err(boot_error)?;
+        let root_disk = boot::root_image(&runtime.cache_dir).map_err(boot_error)?;
+        let denied_syscalls = spec
+            .denied_syscalls
+            .iter()
+            .map(|name| {
+                crate::process::seccomp::deniable_syscall(name).ok_or_else(|| {
+                    PrepareError::Seccomp(format!("unknown syscall '{name}' in denied_syscalls"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        runtime.collect_garbage();
+        let id =
+            tartarus_hostsys::random_hex(6).map_err(host_err("reading random bytes for the sandbox id"))?;
+        let name = cgroup::cgroup_name(std::process::id(), &id);
+        let dir = runtime.vms_dir.join(&name);
+        std::fs::create_dir(&dir).map_err(host_err("creating the VM's directory"))?;
+        let limits = spec.applied_limits();
+        let guest_mib = qemu::guest_memory_mib(limits.memory_bytes.value());
+        // The VMM's cgroup: the guest's RAM plus QEMU's own bounded overhead, and its threads.
+        let mut vmm_limits = limits;
+        vmm_limits.memory_bytes = Applied::Requested((guest_mib << 20) + qemu::VMM_OVERHEAD_BYTES);
+        vmm_limits.pids = Applied::Requested(VMM_PIDS);
+        let layout = CgroupLayout::detect(&HostCgroupFs);
+        let wanted = cgroup::wanted(&vmm_limits, true, false);
+        let cgroups = cgroup::create(
+            &HostCgroupFs,
+            &layout,
+            &runtime.cgroup_parent,
+            &name,
+            &vmm_limits,
+            &wanted,
+        )
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })?;
+        let accel = &runtime.accel;
+        let vm = qemu::VmConfig {
+            accel,
+            memory_bytes: guest_mib << 20,
+            vcpus: qemu::vcpus(limits.cpu_quota),
+            kernel: &runtime.kernel.path,
+            initramfs: &initramfs,
+            root_disk: &root_disk,
+            agent_socket: &dir.join("agent.sock"),
+            console_log: &dir.join("console.log"),
+        };
+        let mut qemu_args = qemu::vm_args(&vm);
+        append_guest_settings(&mut qemu_args, &spec);
+        let user = spec.user.map_or((SANDBOX_UID, SANDBOX_UID), |u| (u.uid, u.gid));
+        let request = RunRequest {
+            argv: spec.command.clone(),
+            env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: spec
+                .workdir
+                .as_ref()
+                .map_or_else(|| SANDBOX_HOME.to_string(), |w| w.to_string_lossy().into_owned()),
+            uid: user.0,
+            gid: user.1,
+            denied_syscalls,
+            open_files: spec.process_limits.open_files,
+            file_size_bytes: spec.process_limits.file_size_bytes,
+            max_processes: limits.pids.value(),
+            memory_bytes: limits.memory_bytes.value(),
+        };
+        Ok(MicrovmSandbox {
+            id,
+            state: SandboxState::Prepared,
+            dir,
+            qemu_path: runtime.qemu.path.clone(),
+            qemu_args,
+            boot_timeout: match accel {
+                Accel::Kvm => BOOT_TIMEOUT_KVM,
+                Accel::Tcg { .. } => BOOT_TIMEOUT_TCG,
+            },
+            request,
+            timeout: spec.timeout,
+            grace: spec.effective_timeout_grace(),
+            cgroups,
+            running: None,
+            outcome: None,
+            boot_time: None,
+        })
+    }
+
+    /// From QEMU's start to the agent's `ready` (once started).
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_time
+    }
+
+    /// The VM's QEMU process id while it runs.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|r| r.qemu.id())
+    }
+
+    /// The last lines of the guest's console and of QEMU's own output, for errors.
+    fn logs(&self) -> String {
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            lines[lines.len().saturating_sub(3)..].join(" | ")
+        };
+        let (console, vmm) = (tail("console.log"), tail("qemu.log"));
+        match (console.is_empty(), vmm.is_empty()) {
+            (true, true) => "no output from the VM".to_string(),
+            (false, true) => format!("guest console: {console}"),
+            (true, false) => format!("qemu: {vmm}"),
+            (false, false) => format!("guest console: {console}; qemu: {vmm}"),
+        }
+    }
+
+    fn spawn_qemu(&self) -> io::Result<Child> {
+        let log = std::fs::File::create(self.dir.join("qemu.log"))?;
+        let mut command = Command::new(&self.qemu_path);
+        command
+            .args(&self.qemu_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for dir in &self.cgroups.dirs {
+            let procs = std::ffi::CString::new(
+                dir.path
+                    .join("cgroup.procs")
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .map_err(io::Error::other)?;
+            tartarus_hostsys::join_cgroup_before_exec(&mut command, procs);
+        }
+        tartarus_hostsys::die_with_parent_before_exec(&mut command);
+        command.spawn()
+    }
+
+    fn start_inner(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
+        let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
+        let listener =
+            UnixListener::bind(self.dir.join("agent.sock")).map_err(host("listening on the agent socket"))?;
+        let copies = PumpStdio {
+            stdin: stdio.stdin.try_clone_to_owned().map_err(host("passing stdin"))?,
+            stdout: stdio
+                .stdout
+                .try_clone_to_owned()
+                .map_err(host("passing stdout"))?,
+            stderr: stdio
+                .stderr
+                .try_clone_to_owned()
+                .map_err(host("passing stderr"))?,
+        };
+        let started = Instant::now();
+        let qemu = self.spawn_qemu().map_err(host("starting QEMU"))?;
+        let pid = rustix::process::Pid::from_raw(qemu.id() as i32)
+            .ok_or_else(|| StartError::Protocol("QEMU has no pid".into()))?;
+        let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let mut qemu = qemu;
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                return Err(host("watching QEMU")(e.into()));
+            }
+        };
+        let deadline = started + self.boot_timeout;
+        let result = handshake(&listener, pidfd.as_fd(), deadline, &self.request);
+        match result {
+            Ok(channel) => {
+                self.boot_time = channel.1;
+                let pump = Pump::start(channel.0, copies).map_err(host("starting the stdio pump"));
+                let pump = match pump {
+                    Ok(pump) => pump,
+                    Err(e) => {
+                        kill_and_reap(qemu, &pidfd);
+                        return Err(e);
+                    }
+                };
+                self.running = Some(Running {
+                    qemu,
+                    pidfd,
+                    started: Instant::now(),
+                    pump,
+                    killed: None,
+                });
+                self.state = SandboxState::Running;
+                Ok(())
+            }
+            Err(e) => {
+                kill_and_reap(qemu, &pidfd);
+                Err(self.start_error(e))
+            }
+        }
+    }
+
+    fn start_error(&self, e: HandshakeError) -> StartError {
+        let command = self.request.argv.first().cloned().unwrap_or_default();
+        match e {
+            HandshakeError::Guest(GuestFrame::Failed { kind, message }) => match kind {
+                FailKind::NotFound => StartError::CommandNotFound(command),
+                FailKind::NotExecutable => StartError::NotExecutable {
+                    command,
+                    source: io::Error::from_raw_os_error(libc::EACCES),
+                },
+                // The agent names the stage; a missing working directory is the one it checks itself.
+                FailKind::Setup => StartError::Setup {
+                    source: match message.starts_with("entering working directory") {
+                        true => io::Error::from_raw_os_error(libc::ENOENT),
+                        false => io::Error::other("in the guest"),
+                    },
+                    stage: message,
+                },
+            },
+            HandshakeError::Guest(GuestFrame::Fatal { message }) => {
+                StartError::Protocol(format!("the guest agent failed: {message}"))
+            }
+            HandshakeError::Guest(frame) => {
+                StartError::Protocol(format!("unexpected frame from the guest: {frame:?}"))
+            }
+            HandshakeError::VmExited => StartError::Host {
+                what: "the microVM ended before its agent answered",
+                source: io::Error::other(self.logs()),
+            },
+            HandshakeError::TimedOut(what) => StartError::Host {
+                what: "the microVM did not boot in time",
+                source: io::Error::other(format!(
+                    "no answer waiting for {what} after {}s; {}",
+                    self.boot_timeout.as_secs(),
+                    self.logs()
+                )),
+            },
+            HandshakeError::Io(source) => StartError::Host {
+                what: "talking to the guest agent",
+                source,
+            },
+            HandshakeError::Protocol(message) => StartError::Protocol(message),
+        }
+    }
+
+    fn collect(&mut self, guest: Result<Option<GuestExit>, String>) -> Result<Outcome, RuntimeError> {
+        let Some(running) = self.running.take() else {
+            return Err(RuntimeError::State(self.state));
+        };
+        let Running {
+            qemu,
+            pidfd,
+            started,
+            mut pump,
+            killed,
+        } = running;
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+        let pid = rustix::process::Pid::from_raw(qemu.id() as i32);
+        let exit = pid.map(tartarus_hostsys::wait_child);
+        drop(qemu);
+        let _ = pump.join();
+        let wall = started.elapsed();
+        self.state = SandboxState::Finished;
+        let (cpu, max_rss) = match exit {
+            Some(Ok(e)) => (e.user_cpu + e.system_cpu, e.max_rss_bytes),
+            _ => (Duration::ZERO, 0),
+        };
+        let guest = match (guest, killed) {
+            (Ok(exit), _) => exit,
+            (Err(_), Some(_)) => None,
+            (Err(message), None) => {
+                return Err(RuntimeError::Host {
+                    what: "the microVM's agent failed",
+                    source: io::Error::other(message),
+                })
+            }
+        };
+        let termination = match guest {
+            Some(GuestExit { signal: Some(s), .. }) => Termination::Signaled(s),
+            Some(GuestExit { code, .. }) => Termination::Exited(code.unwrap_or(0)),
+            None if killed.is_some() => Termination::Signaled(libc::SIGKILL),
+            // The host's OOM killer ended QEMU at its cgroup's limit: the sandbox's memory, all the same.
+            None if self.cgroups.oom_kills(&HostCgroupFs) > 0 => Termination::Signaled(libc::SIGKILL),
+            None => {
+                return Err(RuntimeError::Host {
+                    what: "the microVM ended without reporting the command's exit",
+                    source: io::Error::other(self.logs()),
+                })
+            }
+        };
+        let oom = guest.is_some_and(|g| g.oom) || self.cgroups.oom_kills(&HostCgroupFs) > 0;
+        let reason = ExitReason::judge(killed, oom, termination);
+        let outcome = Outcome {
+            termination,
+            reason,
+            wall,
+            cpu,
+            peak_memory_bytes: self.cgroups.peak_memory(&HostCgroupFs).unwrap_or(max_rss),
+        };
+        self.outcome = Some(outcome);
+        Ok(outcome)
+    }
+
+    /// Blocks until the pump ends or `deadline`; `true` when it ended.
+    fn wait_pump(&self, deadline: Option<Instant>) -> Result<bool, RuntimeError> {
+        let Some(running) = &self.running else {
+            return Ok(true);
+        };
+        loop {
+            if running.pump.finished() {
+                return Ok(true);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Ok(false);
+            }
+            let ts = left.map(|l| rustix::time::Timespec {
+                tv_sec: l.as_secs() as i64,
+                tv_nsec: l.subsec_nanos() as i64,
+            });
+            let mut fds = [rustix::event::PollFd::new(
+                &running.pump.done,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, ts.as_ref()) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    return Err(RuntimeError::Host {
+                        what: "polling the microVM",
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<Outcome, RuntimeError> {
+        let guest = match self.running.as_mut() {
+            Some(running) => running.pump.join(),
+            None => return self.outcome.ok_or(RuntimeError::State(self.state)),
+        };
+        self.collect(guest)
+    }
+}
+
+/// Settings the agent reads from the kernel command line before any frame: scratch size and hostname.
+fn append_guest_settings(args: &mut [std::ffi::OsString], spec: &SandboxSpec) {
+    if let Some(pos) = args.iter().position(|a| a == "-append") {
+        if let Some(line) = args.get_mut(pos + 1) {
+            line.push(format!(
+                " tartarus.scratch_bytes={} tartarus.hostname={}",
+                spec.scratch_bytes, spec.hostname
+            ));
+        }
+    }
+}
+
+/// Accepts QEMU, waits for `ready`, sends the run and waits for `started`.
+fn handshake(
+    listener: &UnixListener,
+    vm: BorrowedFd<'_>,
+    deadline: Instant,
+    request: &RunRequest,
+) -> Result<(Channel, Option<Duration>), HandshakeError> {
+    let begun = Instant::now();
+    let mut channel = accept(listener, vm, deadline)?;
+    match channel.receive(vm, deadline, "the guest agent's ready")? {
+        GuestFrame::Ready { .. } => {}
+        other => return Err(HandshakeError::Guest(other)),
+    }
+    let boot_time = Some(begun.elapsed());
+    let request = request.clone();
+    channel
+        .send(&HostFrame::Run(request))
+        .map_err(HandshakeError::Io)?;
+    match channel.receive(vm, Instant::now() + START_TIMEOUT, "the command's start")? {
+        GuestFrame::Started => Ok((channel, boot_time)),
+        other => Err(HandshakeError::Guest(other)),
+    }
+}
+
+fn kill_and_reap(mut qemu: Child, pidfd: &OwnedFd) {
+    let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
+    let _ = qemu.wait();
+}
+
+impl Sandbox for MicrovmSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn state(&self) -> SandboxState {
+        self.state
+    }
+
+    fn start(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
+        if !self.state.can_start() {
+            return Err(StartError::State(self.state));
+        }
+        self.start_inner(stdio)
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.running.as_ref().map(|r| r.pump.done.as_fd())
+    }
+
+    fn try_wait(&mut self) -> Result<Option<Outcome>, RuntimeError> {
+        match &self.running {
+            Some(running) if running.pump.finished() => self.finish().map(Some),
+            Some(_) => Ok(None),
+            None => Ok(self.outcome),
+        }
+    }
+
+    fn wait(&mut self) -> Result<Outcome, RuntimeError> {
+        let Some(running) = &self.running else {
+            return self.outcome.ok_or(RuntimeError::State(self.state));
+        };
+        let deadline = self.timeout.map(|t| running.started + t);
+        if !self.wait_pump(deadline)? {
+            self.stop_at_timeout()?;
+        }
+        self.finish()
+    }
+
+    fn kill(&mut self, reason: KillReason) -> Result<(), RuntimeError> {
+        let Some(running) = self.running.as_mut() else {
+            return Err(RuntimeError::State(self.state));
+        };
+        running.killed.get_or_insert(reason);
+        rustix::process::pidfd_send_signal(&running.pidfd, rustix::process::Signal::KILL).map_err(|e| {
+            RuntimeError::Host {
+                what: "killing QEMU",
+                source: e.into(),
+            }
+        })
+    }
+
+    fn stop_at_timeout(&mut self) -> Result<(), RuntimeError> {
+        let grace = self.grace;
+        if let Some(running) = self.running.as_mut() {
+            running.killed.get_or_insert(KillReason::Timeout);
+            if !grace.is_zero()
+                && running
+                    .pump
+                    .send(&HostFrame::Signal {
+                        signal: libc::SIGTERM,
+                    })
+                    .is_ok()
+            {
+                let deadline = Instant::now() + grace;
+                if self.wait_pump(Some(deadline))? {
+                    return Ok(());
+                }
+            }
+        }
+        self.kill(KillReason::Timeout)
+    }
+
+    fn cleanup(&mut self) -> Result<(), RuntimeError> {
+        if self.state == SandboxState::CleanedUp {
+            return Ok(());
+        }
+        if let Some(running) = self.running.as_mut() {
+            running.killed.get_or_insert(KillReason::Requested);
+            let _ = self.finish();
+        }
+        let mut failure = None;
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                failure = Some(RuntimeError::Cleanup {
+                    path: self.dir.display().to_string(),
+                    source: e,
+                });
+            }
+        }
+        if let Some((path, source)) = self.cgroups.remove(&HostCgroupFs).into_iter().next() {
+            failure.get_or_insert(RuntimeError::Cleanup {
+                path: path.display().to_string(),
+                source,
+            });
+        }
+        self.state = SandboxState::CleanedUp;
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for MicrovmSandbox {
+    fn drop(&mut self) {
+        let _ = self.cleanup();
+    }
+}

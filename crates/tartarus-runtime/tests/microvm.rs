@@ -1,0 +1,450 @@
+//! The microVM lane against a real QEMU and guest kernel, as root: exit codes, death by signal, stdin,
+//! stdout and stderr kept apart, the host's python on the erofs root, the privilege drop inside the guest,
+//! the memory limit, a timeout, a kill, a missing command, the knobs the lane refuses, and after every case
+//! nothing left behind (no QEMU, no VM directory or socket, no cgroup).
+//!
+//! Its own `main` (`harness = false`): this executable is also the guest agent (PID 1 of each guest it
+//! boots), and each boot under TCG takes seconds, so cases run one after another and are few. A missing
+//! QEMU or kernel, or a non-root run, fails loudly: these tests never skip. Give a name fragment as an
+//! argument to run only matching cases.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tartarus_runtime::lanes::{self, LaneConfig, LaneName};
+use tartarus_runtime::microvm::{MicrovmConfig, MicrovmRuntime};
+use tartarus_runtime::process::ProcessRuntimeConfig;
+use tartarus_runtime::{
+    ExitReason, KillReason, Outcome, PrepareError, Runtime, Sandbox, SandboxSpec, StartError, StdioFds,
+    Termination,
+};
+
+struct Env {
+    runtime: MicrovmRuntime,
+    state: PathBuf,
+    cgroup_parent: String,
+}
+
+struct Ran {
+    outcome: Outcome,
+    stdout: String,
+    stderr: String,
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap()
+}
+
+fn read_all(fd: OwnedFd) -> String {
+    let mut text = String::new();
+    std::fs::File::from(fd).read_to_string(&mut text).unwrap();
+    text
+}
+
+fn spec(command: &[&str]) -> SandboxSpec {
+    SandboxSpec::new(command.iter().map(|s| s.to_string()).collect())
+}
+
+/// Prepares and starts `spec` with `input` on its stdin (small: it fits in the pipe), waits, cleans up,
+/// and returns the outcome and the output (small too: the pipes hold it until the end).
+fn run_with(env: &Env, spec: SandboxSpec, input: &[u8]) -> Result<Ran, StartError> {
+    let mut sandbox = env.runtime.prepare(spec).expect("prepare");
+    let (stdin_read, stdin_write) = pipe();
+    let (stdout_read, stdout_write) = pipe();
+    let (stderr_read, stderr_write) = pipe();
+    rustix::io::write(&stdin_write, input).unwrap();
+    drop(stdin_write);
+    let started = sandbox.start(StdioFds {
+        stdin: stdin_read.as_fd(),
+        stdout: stdout_write.as_fd(),
+        stderr: stderr_write.as_fd(),
+    });
+    drop((stdin_read, stdout_write, stderr_write));
+    if let Err(e) = started {
+        sandbox.cleanup().expect("cleanup after a failed start");
+        return Err(e);
+    }
+    let outcome = sandbox.wait().expect("wait");
+    sandbox.cleanup().expect("cleanup");
+    Ok(Ran {
+        outcome,
+        stdout: read_all(stdout_read),
+        stderr: read_all(stderr_read),
+    })
+}
+
+fn run(env: &Env, command: &[&str]) -> Ran {
+    run_with(env, spec(command), b"").expect("start")
+}
+
+fn exit_codes_stdin_and_separate_stdout_stderr(env: &Env) {
+    let ran = run_with(
+        env,
+        spec(&[
+            "/bin/sh",
+            "-c",
+            "read line; echo \"out:$line\"; echo err >&2; exit 7",
+        ]),
+        b"hello\n",
+    )
+    .expect("start");
+    assert_eq!(ran.outcome.termination, Termination::Exited(7));
+    assert_eq!(ran.outcome.reason, ExitReason::Exited);
+    assert_eq!(ran.stdout, "out:hello\n");
+    assert_eq!(ran.stderr, "err\n");
+}
+
+fn death_by_signal_is_reported_as_the_signal(env: &Env) {
+    let ran = run(env, &["/bin/sh", "-c", "kill -TERM $$"]);
+    assert_eq!(ran.outcome.termination, Termination::Signaled(libc::SIGTERM));
+    assert_eq!(ran.outcome.termination.exit_code(), 128 + libc::SIGTERM);
+    assert_eq!(ran.outcome.reason, ExitReason::Killed);
+}
+
+fn python_runs_on_the_host_root_as_the_sandbox_user_without_privileges(env: &Env) {
+    let script = "import os\n\
+                  print('hi', os.getuid(), os.getgid(), os.getgroups())\n\
+                  status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n\
+                  print(*(status[k].strip() for k in ('CapEff', 'CapBnd', 'NoNewPrivs', 'Seccomp')))\n\
+                  print(os.uname().release != open('/proc/version').read() and os.uname().release)\n\
+                  try:\n    open('/usr/pwned', 'w')\nexcept OSError as e:\n    print('usr', e.errno)\n";
+    let ran = run(env, &["python3", "-c", script]);
+    assert_eq!(ran.outcome.termination, Termination::Exited(0), "{}", ran.stderr);
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(lines[0], "hi 1000 1000 []", "{}", ran.stdout);
+    assert_eq!(
+        lines[1], "0000000000000000 0000000000000000 1 2",
+        "no capabilities, an empty bounding set, no_new_privs, a seccomp filter"
+    );
+    let host_release = rustix::system::uname().release().to_string_lossy().into_owned();
+    assert_ne!(lines[2], host_release, "the guest runs its own kernel");
+    // Read-only file system (EROFS = 30) or permission denied (13): never written.
+    assert!(lines[3] == "usr 30" || lines[3] == "usr 13", "{}", ran.stdout);
+}
+
+fn the_memory_limit_ends_in_an_oom(env: &Env) {
+    let mut s = spec(&["python3", "-c", "b = bytearray(200 << 20); print('allocated')"]);
+    s.limits.memory_bytes = Some(64 << 20);
+    let ran = run_with(env, s, b"").expect("start");
+    assert_eq!(
+        ran.outcome.reason,
+        ExitReason::Oom,
+        "{:?} {}",
+        ran.outcome,
+        ran.stderr
+    );
+    assert_eq!(ran.outcome.termination, Termination::Signaled(libc::SIGKILL));
+    assert!(!ran.stdout.contains("allocated"));
+}
+
+fn a_timeout_stops_the_vm_with_reason_timeout(env: &Env) {
+    let mut s = spec(&["/bin/sh", "-c", "trap '' TERM; sleep 60"]);
+    // Long enough for the shell to set its trap under TCG.
+    s.timeout = Some(Duration::from_secs(4));
+    s.timeout_grace = Some(Duration::from_millis(500));
+    let started = Instant::now();
+    let ran = run_with(env, s, b"").expect("start");
+    assert_eq!(ran.outcome.reason, ExitReason::Timeout);
+    assert_eq!(ran.outcome.termination, Termination::Signaled(libc::SIGKILL));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+fn a_kill_ends_the_vm_with_reason_killed(env: &Env) {
+    let mut sandbox = env
+        .runtime
+        .prepare_sandbox(spec(&["sleep", "60"]))
+        .expect("prepare");
+    sandbox.start(StdioFds::inherit()).expect("start");
+    let vmm = sandbox.vmm_pid().expect("QEMU runs");
+    assert!(sandbox.boot_time().is_some_and(|t| t < Duration::from_secs(90)));
+    sandbox.kill(KillReason::Requested).expect("kill");
+    let outcome = sandbox.wait().expect("wait");
+    assert_eq!(outcome.reason, ExitReason::Killed);
+    assert_eq!(outcome.termination.exit_code(), 128 + libc::SIGKILL);
+    sandbox.cleanup().expect("cleanup");
+    assert!(!Path::new(&format!("/proc/{vmm}")).exists(), "QEMU was reaped");
+}
+
+fn a_missing_command_is_127_and_leaves_nothing(env: &Env) {
+    let err = match run_with(env, spec(&["no-such-command"]), b"") {
+        Err(e) => e,
+        Ok(ran) => panic!("ran: {:?}", ran.outcome),
+    };
+    assert!(matches!(err, StartError::CommandNotFound(_)), "{err}");
+    assert_eq!(err.exit_code(), 127);
+}
+
+fn what_the_lane_cannot_honour_is_refused_in_one_line(env: &Env) {
+    let mut s = spec(&["/bin/true"]);
+    s.tty = true;
+    let err = env.runtime.prepare(s).err().expect("refused");
+    assert_eq!(err.to_string(), "the microvm lane cannot honour a terminal (tty)");
+    let err = env.runtime.prepare_service(spec(&[])).err().expect("refused");
+    assert!(matches!(err, PrepareError::Unsupported(_)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "the microvm lane cannot honour service sandboxes (service)"
+    );
+}
+
+fn the_lane_opens_by_name_and_reports_qemu_and_the_accelerator(env: &Env) {
+    let config = env.config();
+    let report = lanes::probe_lane(LaneName::Microvm, &config);
+    assert!(report.available, "{report:?}");
+    assert!(
+        report.version.as_deref().is_some_and(|v| v.starts_with("qemu ")),
+        "{report:?}"
+    );
+    let detail = report.detail.unwrap_or_default();
+    assert!(
+        detail.contains("accel kvm") || detail.contains("warning: accel tcg"),
+        "{detail}"
+    );
+    lanes::open(LaneName::Microvm, &config).expect("opens");
+    let mut missing = config.clone();
+    missing.microvm.kernel = Some("/nonexistent/vmlinuz".into());
+    let err = lanes::open(LaneName::Microvm, &missing).err().expect("refused");
+    assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
+}
+
+fn lane_config(state: &Path, cgroup_parent: &str) -> LaneConfig {
+    LaneConfig {
+        process: ProcessRuntimeConfig {
+            cgroup_parent: cgroup_parent.to_string(),
+        },
+        microvm: MicrovmConfig {
+            state_dir: Some(state.to_path_buf()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+impl Env {
+    fn config(&self) -> LaneConfig {
+        lane_config(&self.state, &self.cgroup_parent)
+    }
+
+    /// What a case may have left: VM directories, QEMU processes naming them, cgroups under the parent.
+    fn leaks(&self) -> Vec<String> {
+        let vms = self.state.join("vms");
+        let mut leaks: Vec<String> = std::fs::read_dir(&vms)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| format!("VM directory {}", e.path().display()))
+            .collect();
+        let needle = vms.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                leaks.push(format!("process {}", entry.file_name().to_string_lossy()));
+            }
+        }
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let parent = hierarchy.path().join(&self.cgroup_parent);
+            for child in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if child.file_type().is_ok_and(|t| t.is_dir()) {
+                    leaks.push(format!("cgroup {}", child.path().display()));
+                }
+            }
+        }
+        leaks
+    }
+}
+
+type Case = fn(&Env);
+
+const CASES: &[(&str, Case)] = &[
+    (
+        "what_the_lane_cannot_honour_is_refused_in_one_line",
+        what_the_lane_cannot_honour_is_refused_in_one_line,
+    ),
+    (
+        "the_lane_opens_by_name_and_reports_qemu_and_the_accelerator",
+        the_lane_opens_by_name_and_reports_qemu_and_the_accelerator,
+    ),
+    (
+        "exit_codes_stdin_and_separate_stdout_stderr",
+        exit_codes_stdin_and_separate_stdout_stderr,
+    ),
+    (
+        "death_by_signal_is_reported_as_the_signal",
+        death_by_signal_is_reported_as_the_signal,
+    ),
+    (
+        "python_runs_on_the_host_root_as_the_sandbox_user_without_privileges",
+        python_runs_on_the_host_root_as_the_sandbox_user_without_privileges,
+    ),
+    ("the_memory_limit_ends_in_an_oom", the_memory_limit_ends_in_an_oom),
+    (
+        "a_timeout_stops_the_vm_with_reason_timeout",
+        a_timeout_stops_the_vm_with_reason_timeout,
+    ),
+    (
+        "a_kill_ends_the_vm_with_reason_killed",
+        a_kill_ends_the_vm_with_reason_killed,
+    ),
+    (
+        "a_missing_command_is_127_and_leaves_nothing",
+        a_missing_command_is_127_and_leaves_nothing,
+    ),
+];
+
+/// `TARTARUS_MICROVM_BENCH=N`: instead of the cases, N cold boots of `echo hi`, timing QEMU's start to
+/// the agent's `ready` (boot), prepare to the first byte of output (create→first output) and the whole
+/// run (docs/benchmarks.md).
+fn bench(env: &Env, runs: usize) {
+    let (mut boots, mut firsts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let begun = Instant::now();
+        let mut sandbox = env
+            .runtime
+            .prepare_sandbox(spec(&["echo", "hi"]))
+            .expect("prepare");
+        let (stdout_read, stdout_write) = pipe();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        sandbox
+            .start(StdioFds {
+                stdin: null.as_fd(),
+                stdout: stdout_write.as_fd(),
+                stderr: null.as_fd(),
+            })
+            .expect("start");
+        drop(stdout_write);
+        let mut byte = [0u8; 1];
+        rustix::io::read(&stdout_read, &mut byte).unwrap();
+        firsts.push(begun.elapsed());
+        sandbox.wait().expect("wait");
+        boots.push(sandbox.boot_time().expect("booted"));
+        sandbox.cleanup().expect("cleanup");
+        totals.push(begun.elapsed());
+    }
+    let show = |name: &str, mut times: Vec<Duration>| {
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
+        println!(
+            "{name}: p50 {:.0} ms, p99 {:.0} ms, min {:.0} ms ({} runs)",
+            at(0.5),
+            at(0.99),
+            at(0.0),
+            times.len()
+        );
+    };
+    show("boot (QEMU start to agent ready)", boots);
+    show("create to first output", firsts);
+    show("whole run (prepare to cleanup)", totals);
+}
+
+fn main() -> ExitCode {
+    // This executable is also the guest agent: PID 1 of every VM it boots.
+    if let Some(code) = tartarus_runtime::microvm::agent::run_if_invoked() {
+        return ExitCode::from(code as u8);
+    }
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let selected: Vec<&(&str, Case)> = CASES
+        .iter()
+        .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    // Never skip: a host without QEMU, a kernel or root fails here, loudly.
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the microvm tests need root (cgroups for QEMU)"
+    );
+    let state = tempfile::Builder::new()
+        .prefix("tartarus-microvm-test")
+        .tempdir()
+        .unwrap();
+    let cgroup_parent = format!("tartarus-test-mvm-{}", std::process::id());
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        if hierarchy.path().join("cgroup.procs").exists() {
+            let _ = std::fs::create_dir(hierarchy.path().join(&cgroup_parent));
+        }
+    }
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        let _ = std::fs::create_dir(Path::new("/sys/fs/cgroup").join(&cgroup_parent));
+    }
+    let env = Env {
+        runtime: match MicrovmRuntime::open(&lane_config(state.path(), &cgroup_parent)) {
+            Ok(runtime) => runtime,
+            Err(e) => panic!("the microvm lane cannot run here, so its tests fail: {e}"),
+        },
+        state: state.path().to_path_buf(),
+        cgroup_parent: cgroup_parent.clone(),
+    };
+    if let Some(runs) = std::env::var("TARTARUS_MICROVM_BENCH")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        bench(&env, runs);
+        remove_cgroup_parent(&cgroup_parent);
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "running {} microvm cases with qemu {}, kernel {}, {}",
+        selected.len(),
+        env.runtime.qemu().version,
+        env.runtime.kernel().path.display(),
+        env.runtime.accel().detail()
+    );
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, case) in selected {
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| case(&env)));
+        let leaks = env.leaks();
+        match (result, leaks.is_empty()) {
+            (Ok(()), true) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1}s)", started.elapsed().as_secs_f64());
+            }
+            (result, _) => {
+                if !leaks.is_empty() {
+                    println!("{name} left behind: {leaks:#?}");
+                }
+                println!(
+                    "test {name} ... FAILED{}",
+                    if result.is_ok() { " (leaks)" } else { "" }
+                );
+                failed.push(*name);
+            }
+        }
+    }
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir(hierarchy.path().join(&cgroup_parent));
+    }
+    println!("{passed} passed, {} failed", failed.len());
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("microvm: failed: {failed:?}");
+        ExitCode::FAILURE
+    }
+}
+
+fn remove_cgroup_parent(parent: &str) {
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir(hierarchy.path().join(parent));
+    }
+}
