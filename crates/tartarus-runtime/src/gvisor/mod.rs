@@ -63,24 +63,9 @@ const CONTAINER_PREFIX: &str = "tartarus-";
 /// syscalls are a seccomp filter installed inside the sentry by the mounted [`agent`]; narrowed writable
 /// paths are read-only mounts (gVisor has no Landlock).
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
-    service: true,
     terminal: false,
     host_loopback: false,
-    egress_network: true,
-    bind_mounts: true,
-    directory_root: true,
-    image_layers: true,
-    memory_limit: true,
-    cpu_limit: true,
-    pids_limit: true,
-    rlimits: true,
-    seccomp_syscall_lists: true,
-    landlock_paths: true,
-    custom_user: true,
-    pause: true,
-    file_ops: true,
-    cpu_throttle: true,
-    network_isolation: true,
+    ..LaneCapabilities::ALL
 };
 
 /// Directories of the lane's host state.
@@ -238,21 +223,6 @@ struct Running {
     timed_out: bool,
 }
 
-/// The numbers of the spec's `denied_syscalls`; `None` when it denies none.
-fn denied_syscall_numbers(spec: &SandboxSpec) -> Result<Option<Vec<i64>>, PrepareError> {
-    if spec.denied_syscalls.is_empty() {
-        return Ok(None);
-    }
-    spec.denied_syscalls
-        .iter()
-        .map(|name| {
-            crate::process::seccomp::deniable_syscall(name)
-                .ok_or_else(|| PrepareError::Seccomp(format!("unknown syscall '{name}' in denied_syscalls")))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
-}
-
 fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> PrepareError {
     move |source| PrepareError::Host { what, source }
 }
@@ -383,9 +353,10 @@ impl GvisorSandbox {
             .filter(|p| p.is_file());
         let agent = this_executable.clone().filter(|_| sandbox.spec.service);
         sandbox.agent = agent.is_some();
-        let syscall_filter = match denied_syscall_numbers(&sandbox.spec)? {
-            None => None,
-            Some(denied) => {
+        let denied = crate::process::seccomp::denied_syscall_numbers(&sandbox.spec.denied_syscalls)?;
+        let syscall_filter = match denied.is_empty() {
+            true => None,
+            false => {
                 let executable = this_executable.ok_or_else(|| PrepareError::Host {
                     what: "denied_syscalls on the gVisor lane run the supervisor's own executable inside, which could not be found",
                     source: io::Error::from(io::ErrorKind::NotFound),

@@ -75,15 +75,7 @@ impl MicrovmSandbox {
         let initramfs =
             boot::initramfs(&runtime.cache_dir, &runtime.agent, &runtime.modules).map_err(boot_error)?;
         let root_disk = boot::root_image(&runtime.cache_dir).map_err(boot_error)?;
-        let denied_syscalls = spec
-            .denied_syscalls
-            .iter()
-            .map(|name| {
-                crate::process::seccomp::deniable_syscall(name).ok_or_else(|| {
-                    PrepareError::Seccomp(format!("unknown syscall '{name}' in denied_syscalls"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let denied_syscalls = crate::process::seccomp::denied_syscall_numbers(&spec.denied_syscalls)?;
         runtime.collect_garbage();
         let id =
             tartarus_hostsys::random_hex(6).map_err(host_err("reading random bytes for the sandbox id"))?;

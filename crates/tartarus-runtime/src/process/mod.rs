@@ -208,15 +208,7 @@ impl ProcessSandbox {
             true => None,
             false => Some(ExecPlan::build(&spec.command, &spec.env, &spec.hostname)?),
         };
-        let extra: Vec<i64> = spec
-            .denied_syscalls
-            .iter()
-            .map(|name| {
-                seccomp::deniable_syscall(name).ok_or_else(|| {
-                    PrepareError::Seccomp(format!("unknown syscall '{name}' in denied_syscalls"))
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        let extra = seccomp::denied_syscall_numbers(&spec.denied_syscalls)?;
         let filters =
             CompiledFilters::build_with(&extra).map_err(|e| PrepareError::Seccomp(e.to_string()))?;
         let workdir = spec

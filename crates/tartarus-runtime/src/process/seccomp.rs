@@ -137,6 +137,18 @@ pub fn deniable_syscall(name: &str) -> Option<i64> {
         .map(|&(_, nr)| nr)
 }
 
+/// The numbers of a spec's `denied_syscalls`, or the first name that is not a deniable syscall.
+pub fn denied_syscall_numbers(names: &[String]) -> Result<Vec<i64>, crate::sandbox::PrepareError> {
+    names
+        .iter()
+        .map(|name| {
+            deniable_syscall(name).ok_or_else(|| {
+                crate::sandbox::PrepareError::Seccomp(format!("unknown syscall '{name}' in denied_syscalls"))
+            })
+        })
+        .collect()
+}
+
 /// The deny-list filter plus `extra` syscall numbers.
 pub fn build_filter_with(extra: &[i64]) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
