@@ -73,25 +73,9 @@ pub struct Client {
 impl Client {
     /// From `TARTARUS_HOST`/`TARTARUS_API_KEY`, else the config file.
     pub fn from_env() -> anyhow::Result<Client> {
-        let config = Config::load()?;
-        let host = std::env::var("TARTARUS_HOST").ok().or(config.host).ok_or_else(|| {
-            anyhow::anyhow!("no server configured: set TARTARUS_HOST or run `tartarus config set host http://HOST:PORT`")
-        })?;
-        let key = std::env::var("TARTARUS_API_KEY")
-            .ok()
-            .or(config.api_key)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no API key configured: set TARTARUS_API_KEY or run `tartarus config set api-key KEY`"
-                )
-            })?;
-        let base = if host.contains("://") {
-            host
-        } else {
-            format!("http://{host}")
-        };
+        let (base, key) = host_and_key(None, None)?;
         Ok(Client {
-            base: base.trim_end_matches('/').to_string(),
+            base,
             key,
             agent: ureq::AgentBuilder::new().build(),
         })
@@ -192,4 +176,32 @@ pub fn encode(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The server's base URL and the API key: `host`/`key` when given, else `TARTARUS_HOST`/`TARTARUS_API_KEY`,
+/// else the config file.
+pub fn host_and_key(host: Option<String>, key: Option<String>) -> anyhow::Result<(String, String)> {
+    let config = Config::load()?;
+    let host = host
+        .or_else(|| std::env::var("TARTARUS_HOST").ok())
+        .or(config.host)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no server configured: set TARTARUS_HOST or run `tartarus config set host http://HOST:PORT`"
+            )
+        })?;
+    let key = key
+        .or_else(|| std::env::var("TARTARUS_API_KEY").ok())
+        .or(config.api_key)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no API key configured: set TARTARUS_API_KEY or run `tartarus config set api-key KEY`"
+            )
+        })?;
+    let base = if host.contains("://") {
+        host
+    } else {
+        format!("http://{host}")
+    };
+    Ok((base.trim_end_matches('/').to_string(), key))
 }

@@ -121,6 +121,8 @@ pub mod cli {
         Policy(commands::policy::PolicyArgs),
         /// Show the server's event stream (enforcement, admission rejections, dead letters)
         Events(commands::policy::EventsArgs),
+        /// Use the unmodified E2B SDKs with this server: `eval "$(tartarus e2b env)"`
+        E2b(commands::e2b::E2bArgs),
         /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
         #[command(hide = true)]
         Shim(commands::shim::ShimArgs),
@@ -163,6 +165,7 @@ pub mod cli {
             Command::Keys(args) => commands::effects::keys(args),
             Command::Node(args) => commands::node::run_node(args),
             Command::Events(args) => commands::policy::events(args),
+            Command::E2b(args) => commands::e2b::run(args),
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());

@@ -36,6 +36,8 @@ pub struct LaneCapabilities {
     pub landlock_paths: bool,
     /// A user other than the sandbox user (`spec.user`).
     pub custom_user: bool,
+    /// Another name (and home) for the sandbox user (`spec.user_name`).
+    pub user_name: bool,
     /// Freezing and thawing every process of a service sandbox.
     pub pause: bool,
     /// Reading, writing and listing files inside a service sandbox.
@@ -63,6 +65,7 @@ impl LaneCapabilities {
         seccomp_syscall_lists: true,
         landlock_paths: true,
         custom_user: true,
+        user_name: true,
         pause: true,
         file_ops: true,
         cpu_throttle: true,
@@ -71,7 +74,7 @@ impl LaneCapabilities {
 
     /// The first knob of `spec` that `lane` (with these capabilities) cannot honour.
     pub fn check(&self, lane: &'static str, spec: &SandboxSpec) -> Result<(), Unsupported> {
-        let asked: [(bool, bool, &'static str); 14] = [
+        let asked: [(bool, bool, &'static str); 15] = [
             (spec.service, self.service, "service sandboxes (service)"),
             (spec.tty, self.terminal, "a terminal (tty)"),
             (
@@ -126,6 +129,11 @@ impl LaneCapabilities {
                 "Landlock writable paths (writable_paths)",
             ),
             (spec.user.is_some(), self.custom_user, "a custom user (user)"),
+            (
+                spec.user_name.is_some(),
+                self.user_name,
+                "another name for the sandbox user (user_name)",
+            ),
         ];
         match asked
             .into_iter()

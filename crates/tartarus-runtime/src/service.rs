@@ -8,7 +8,7 @@
 //! except `wait_exec` with a timeout, and `exec`/`start_file_op` until the process has started.
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,17 @@ pub trait ServiceSandbox: Sandbox {
     fn throttle_cpu(&mut self, cpus: f64) -> Result<bool, ServiceError>;
     /// Cuts the sandbox's egress network off (quarantine); false when it has none to cut.
     fn isolate_network(&mut self) -> Result<bool, ServiceError>;
+    /// A TCP connection to `127.0.0.1:port` inside the sandbox's own network namespace, made from outside
+    /// it (preview URLs, the in-sandbox daemons): the sandbox is never opened to the host's network, and a
+    /// `network: none` sandbox is reachable this way too. Nothing listening is [`ServiceError::Connect`]
+    /// with `ConnectionRefused`; [`ServiceErrorKind::Unsupported`] when the lane has no namespace to enter.
+    fn connect_port(&mut self, port: u16) -> Result<OwnedFd, ServiceError> {
+        let _ = port;
+        Err(ServiceError::Unsupported {
+            operation: "connecting to a port",
+            why: "this lane has no network namespace the host can enter",
+        })
+    }
 }
 
 /// One exec or file operation of a service sandbox; unique for the sandbox's life.
@@ -148,6 +159,13 @@ pub enum ServiceError {
     },
     #[error("changing the sandbox's network failed")]
     Network(#[source] tartarus_network::NetworkError),
+    /// Connecting to a port inside the sandbox failed (`ConnectionRefused`: nothing listens there).
+    #[error("connecting to port {port} inside the sandbox failed")]
+    Connect {
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// How a caller should treat a [`ServiceError`].
@@ -166,7 +184,9 @@ impl ServiceError {
         match self {
             ServiceError::State(_) => ServiceErrorKind::State,
             ServiceError::Unsupported { .. } => ServiceErrorKind::Unsupported,
-            ServiceError::Host { .. } | ServiceError::Network(_) => ServiceErrorKind::Unavailable,
+            ServiceError::Host { .. } | ServiceError::Network(_) | ServiceError::Connect { .. } => {
+                ServiceErrorKind::Unavailable
+            }
         }
     }
 }

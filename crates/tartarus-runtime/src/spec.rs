@@ -224,6 +224,10 @@ pub struct SandboxSpec {
     /// predate it keep executing every spec that lifts nothing (and refuse, as unknown, one that does).
     #[serde(skip_serializing_if = "Unlimited::is_none")]
     pub unlimited: Unlimited,
+    /// The sandbox user's name in the generated `/etc/passwd` (host-system root), with the home
+    /// `/home/NAME`; `sandbox` (home [`SANDBOX_HOME`]) when `None`. Written only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_name: Option<String>,
 }
 
 /// How serde reads a [`SandboxSpec`]'s fields, with no check for unknown ones: both readings start here.
@@ -249,6 +253,7 @@ struct SpecFields {
     denied_syscalls: Vec<String>,
     writable_paths: Vec<PathBuf>,
     unlimited: Unlimited,
+    user_name: Option<String>,
 }
 
 /// Reads a spec and the paths of the fields it ignored (`mounts.0.recursive`).
@@ -302,6 +307,8 @@ pub enum SpecDecodeError {
 pub const SANDBOX_UID: u32 = 1000;
 /// Home directory of the sandbox user.
 pub const SANDBOX_HOME: &str = "/home/sandbox";
+/// The sandbox user's name unless the spec names it ([`SandboxSpec::user_name`]).
+pub const SANDBOX_USER_NAME: &str = "sandbox";
 /// Most image layers one root may stack (overlayfs takes up to 500; the mount options must fit a page).
 pub const MAX_LAYERS: usize = 128;
 /// `PATH` given to the command when the caller sets none.
@@ -339,6 +346,8 @@ pub const MAX_TIMEOUT_GRACE: Duration = Duration::from_secs(300);
 pub enum SpecError {
     #[error("no command given: put it after `--`, e.g. `tartarus run -- /bin/echo hi`")]
     EmptyCommand,
+    #[error("invalid user name '{0}': 1-32 of a-z, 0-9, '_' and '-', starting with a letter or '_', and not root or nobody")]
+    UserName(String),
     #[error("{what} contains a NUL byte")]
     NulByte { what: &'static str },
     #[error("invalid environment variable name '{0}': it must be non-empty and contain no '='")]
@@ -393,6 +402,7 @@ impl SandboxSpec {
             denied_syscalls: Vec::new(),
             writable_paths: Vec::new(),
             unlimited: Unlimited::default(),
+            user_name: None,
         }
     }
 
@@ -436,9 +446,33 @@ impl SandboxSpec {
     }
 
     /// Checks everything that can be checked without touching the host.
+    /// The sandbox user's name (`sandbox` by default).
+    pub fn user_name(&self) -> &str {
+        self.user_name.as_deref().unwrap_or(SANDBOX_USER_NAME)
+    }
+
+    /// The sandbox user's home: [`SANDBOX_HOME`], or `/home/NAME` for a [`SandboxSpec::user_name`].
+    pub fn home(&self) -> String {
+        match &self.user_name {
+            Some(name) => format!("/home/{name}"),
+            None => SANDBOX_HOME.to_string(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.command.is_empty() && !self.service {
             return Err(SpecError::EmptyCommand);
+        }
+        if let Some(name) = &self.user_name {
+            let mut chars = name.chars();
+            let valid = name.len() <= 32
+                && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+                && name != "root"
+                && name != "nobody";
+            if !valid {
+                return Err(SpecError::UserName(name.clone()));
+            }
         }
         if self.command.iter().any(|a| a.contains('\0')) {
             return Err(SpecError::NulByte { what: "the command" });

@@ -93,7 +93,10 @@ pub async fn serve<L: Listener>(
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout);
-            let connection = builder.serve_connection(TokioIo::new(io), service);
+            // With upgrades: WebSocket connections forwarded into sandboxes (`sandbox_ports`).
+            let connection = builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 // Timeouts and clients that go away end here; nothing to report.

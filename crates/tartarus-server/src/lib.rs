@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod connections;
+pub mod e2b;
 pub mod effects;
 pub mod error;
 #[doc(hidden)]
@@ -20,6 +21,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node_agent;
 pub mod policies;
+pub mod sandbox_ports;
 pub mod sandboxes;
 
 mod openapi;

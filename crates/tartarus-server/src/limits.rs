@@ -26,6 +26,10 @@ pub const PARSE_BUDGET: Duration = Duration::from_secs(10);
 /// Concurrent execs per sandbox (buffered or streamed, until their end).
 pub const EXECS_PER_SANDBOX: usize = 16;
 
+/// Concurrent connections forwarded into one sandbox's ports (preview URLs, the E2B daemons), until each
+/// connection closes.
+pub const PORT_CONNECTIONS_PER_SANDBOX: usize = 128;
+
 /// Concurrent tool calls per sandbox (until each call's end, even if its caller hung up).
 pub const TOOL_CALLS_PER_SANDBOX: usize = 16;
 

@@ -289,6 +289,7 @@ pub async fn serve_on(
         .map_err(ServerError::Config)?;
     spawn_event_retention(store.clone(), config.event_retention);
     manager.spawn_retention(config.retention);
+    manager.spawn_deadlines();
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
     let replica = format!(
         "{}:{}:{}",
@@ -323,6 +324,10 @@ pub async fn serve_on(
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?,
         host_access: config.host_access,
+        e2b: Arc::new(
+            crate::e2b::E2bState::open(&config.data_dir)
+                .map_err(|e| ServerError::Config(format!("the E2B API's state: {e}")))?,
+        ),
     };
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);

@@ -33,6 +33,8 @@ pub struct AppState {
     pub stream_http: reqwest::Client,
     /// What of the host admin keys may give a sandbox (off unless the server was started to allow it).
     pub host_access: crate::sandboxes::HostAccess,
+    /// The E2B-compatible surface's keys and files.
+    pub e2b: Arc<crate::e2b::E2bState>,
 }
 
 pub(crate) fn view(record: &SandboxRecord) -> SandboxView {

@@ -91,9 +91,16 @@ impl From<RuntimeError> for LaneError {
 
 impl From<ServiceError> for LaneError {
     fn from(e: ServiceError) -> Self {
-        let code = match e.kind() {
-            ServiceErrorKind::Unsupported => ErrorCode::Unsupported,
-            ServiceErrorKind::State | ServiceErrorKind::Unavailable => ErrorCode::Unavailable,
+        let code = match (&e, e.kind()) {
+            (ServiceError::Connect { source, .. }, _)
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                ErrorCode::PortClosed
+            }
+            (_, kind) => match kind {
+                ServiceErrorKind::Unsupported => ErrorCode::Unsupported,
+                ServiceErrorKind::State | ServiceErrorKind::Unavailable => ErrorCode::Unavailable,
+            },
         };
         LaneError {
             code,

@@ -75,6 +75,9 @@ pub enum Request {
     },
     /// List a directory inside the sandbox, as the sandbox user. → [`DirListing`].
     ListDir { path: String },
+    /// Connect to `127.0.0.1:port` inside the sandbox's network namespace. → [`Done`], with the connected
+    /// TCP socket passed along the reply line (`SCM_RIGHTS`); the caller then owns the connection.
+    ConnectPort { port: u16 },
 }
 
 /// A command to run in a running sandbox.
@@ -175,6 +178,8 @@ pub enum ErrorCode {
     Unsupported,
     /// The host failed to do it (a cgroup write, the sandbox's control channel).
     Unavailable,
+    /// Nothing listens on the port inside the sandbox.
+    PortClosed,
 }
 
 impl ErrorCode {
@@ -191,6 +196,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::PortClosed => "port_closed",
         }
     }
 }

@@ -676,6 +676,7 @@ impl Shim {
             | Request::ReadFile { .. }
             | Request::WriteFile { .. }
             | Request::ListDir { .. }
+            | Request::ConnectPort { .. }
                 if self.sandbox.is_paused() =>
             {
                 self.answer(
@@ -709,6 +710,13 @@ impl Shim {
                 let started = self.start(Work::File(&FileOp::List { path }), Vec::new());
                 self.attach(stream, Purpose::File(FileOpKind::List), None, started);
             }
+            Request::ConnectPort { port } => match self.sandbox.connect_port(port) {
+                Ok(connection) => send_with_fd(&stream, &ReplyLine::ok(Done {}), connection),
+                Err(e) => {
+                    let e = LaneError::from(e);
+                    self.answer(stream, &ReplyLine::<Done>::error(e.code(), e.to_string()));
+                }
+            },
         }
         Ok(false)
     }
@@ -986,4 +994,28 @@ impl RunningExec {
         };
         self.client.queue(&StreamLine::new(event));
     }
+}
+
+/// Writes `reply` with `fd` attached (`SCM_RIGHTS`) in one message, then closes the connection (dropping
+/// `stream` and the shim's copy of `fd`). The line is a few dozen bytes on a fresh connection, so it fits
+/// the socket's buffer; a client that went away just loses the connection.
+fn send_with_fd<T: serde::Serialize>(stream: &UnixStream, reply: &ReplyLine<T>, fd: std::os::fd::OwnedFd) {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::os::fd::AsFd;
+    let Ok(mut line) = serde_json::to_vec(reply) else {
+        return;
+    };
+    line.push(b'\n');
+    let fds = [fd.as_fd()];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return;
+    }
+    let _ = rustix::net::sendmsg(
+        stream,
+        &[std::io::IoSlice::new(&line)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    );
 }

@@ -793,6 +793,51 @@ impl Store {
         Ok(())
     }
 
+    /// Sets (or moves) the time a sandbox is stopped at unless moved again.
+    pub async fn set_deadline(&self, id: &str, deadline_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sandbox_deadlines (id, deadline_ms) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET deadline_ms = excluded.deadline_ms",
+        )
+        .bind(id)
+        .bind(deadline_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a sandbox's deadline (it then lives until stopped, or its spec's timeout).
+    pub async fn clear_deadline(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sandbox_deadlines WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A sandbox's deadline, if it has one.
+    pub async fn deadline(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT deadline_ms FROM sandbox_deadlines WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|(ms,)| ms))
+    }
+
+    /// Live sandboxes whose deadline is at or before `now_ms`, at most `limit`, earliest first.
+    pub async fn due_sandboxes(&self, now_ms: i64, limit: i64) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT d.id FROM sandbox_deadlines d JOIN sandboxes s ON s.id = d.id \
+             WHERE d.deadline_ms <= $1 AND s.status IN ('starting', 'running') \
+             ORDER BY d.deadline_ms, d.id LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
     /// Records how a live sandbox ended; a sandbox that already ended keeps its first outcome.
     pub async fn finish_sandbox(&self, id: &str, finish: &Finish<'_>) -> Result<(), StoreError> {
         sqlx::query(

@@ -1,5 +1,6 @@
 pub mod apikey;
 pub mod conformance;
+pub mod e2b;
 pub mod effects;
 pub mod gc;
 pub mod image;

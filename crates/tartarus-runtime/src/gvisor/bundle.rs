@@ -336,7 +336,7 @@ pub fn build_host_root(dir: &Path, spec: &SandboxSpec, resolv: &[u8]) -> std::io
             binds.push(host);
         }
     }
-    for (name, content) in rootfs::generated_etc(&spec.hostname, resolv) {
+    for (name, content) in rootfs::generated_etc(&spec.hostname, resolv, spec.user_name(), &spec.home()) {
         std::fs::write(dir.join("etc").join(name), content)?;
     }
     Ok(binds)

@@ -59,12 +59,14 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 const CONTAINER_PREFIX: &str = "tartarus-";
 
 /// What the gVisor lane honours. Not (yet): a terminal (runsc's console socket), host-loopback
-/// networking (gVisor's `--network=host` would hand the host's stack to the sandbox). Extra denied
+/// networking (gVisor's `--network=host` would hand the host's stack to the sandbox), another name for
+/// the sandbox user. Extra denied
 /// syscalls are a seccomp filter installed inside the sentry by the mounted [`agent`]; narrowed writable
 /// paths are read-only mounts (gVisor has no Landlock).
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     terminal: false,
     host_loopback: false,
+    user_name: false,
     ..LaneCapabilities::ALL
 };
 

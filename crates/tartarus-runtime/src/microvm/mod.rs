@@ -55,6 +55,7 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     seccomp_syscall_lists: true,
     landlock_paths: false,
     custom_user: true,
+    user_name: false,
     pause: false,
     file_ops: false,
     cpu_throttle: false,

@@ -49,9 +49,7 @@ use crate::sandbox::{
 };
 pub use crate::service::{ExecError, ExecRequest, LimitHits};
 use crate::service::{ExecId, ServiceError, ServiceSandbox, Usage};
-use crate::spec::{
-    normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SandboxUser, SANDBOX_HOME, SANDBOX_UID,
-};
+use crate::spec::{normalize_sandbox_path, NetworkMode, RootSpec, SandboxSpec, SandboxUser, SANDBOX_UID};
 
 /// First host id of the range the sandbox's ids map to when the supervisor is root: sandbox root is host
 /// uid 100000000, the sandbox user host uid 100001000. Nothing on the host is owned by these ids.
@@ -215,14 +213,14 @@ impl ProcessSandbox {
             .workdir
             .as_deref()
             .map(normalize_sandbox_path)
-            .unwrap_or_else(|| SANDBOX_HOME.into());
+            .unwrap_or_else(|| spec.home().into());
         let workdir = to_cstring(workdir.into_os_string().into_encoded_bytes())?;
         let mut writable_dirs: Vec<PathBuf> = match spec.root {
             // A policy's narrower set (quarantine: /tmp only).
             _ if !spec.writable_paths.is_empty() => spec.writable_paths.clone(),
             // The whole root is an ephemeral overlay upper in scratch.
             RootSpec::Layers(_) => vec!["/".into()],
-            _ => vec!["/tmp".into(), SANDBOX_HOME.into(), "/dev/shm".into()],
+            _ => vec!["/tmp".into(), spec.home().into(), "/dev/shm".into()],
         };
         writable_dirs.extend(
             spec.mounts
@@ -649,7 +647,47 @@ impl ServiceSandbox for ProcessSandbox {
             None => Ok(false),
         }
     }
+
+    fn connect_port(&mut self, port: u16) -> Result<OwnedFd, ServiceError> {
+        self.require_running()?;
+        let connect_error = |source| ServiceError::Connect { port, source };
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if self.spec.network == NetworkMode::HostLoopback {
+            let stream = std::net::TcpStream::connect_timeout(&loopback, PORT_CONNECT_TIMEOUT)
+                .map_err(connect_error)?;
+            return Ok(stream.into());
+        }
+        let init = self.running.as_ref().ok_or(ServiceError::State(self.state))?.init;
+        // The sandbox's init lives in the sandbox's network namespace for the sandbox's whole life (it is
+        // not reaped before the sandbox ends), so its namespace is the sandbox's.
+        let netns = rustix::fs::open(
+            format!("/proc/{}/ns/net", init.as_raw_nonzero()),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| connect_error(e.into()))?;
+        // A socket stays in the namespace it was created in: a short-lived thread enters the namespace,
+        // creates and connects it, and ends (the shim's own threads never change namespace).
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    rustix::thread::move_into_link_name_space(
+                        netns.as_fd(),
+                        Some(LinkNameSpaceType::Network),
+                    )?;
+                    std::net::TcpStream::connect_timeout(&loopback, PORT_CONNECT_TIMEOUT)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the connecting thread panicked")))
+        })
+        .map(OwnedFd::from)
+        .map_err(connect_error)
+    }
 }
+
+/// Longest wait for a connection to a port inside a sandbox (on loopback: only a frozen or overloaded
+/// sandbox makes it wait at all).
+const PORT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Sandbox for ProcessSandbox {
     fn id(&self) -> &str {
@@ -889,7 +927,7 @@ fn root_inputs(spec: &SandboxSpec, ids: IdMode, resolvers: &[IpAddr]) -> Result<
             Vec::new(),
             rootfs::host_entries(),
             rootfs::SHARED_ETC.to_vec(),
-            rootfs::generated_etc(&spec.hostname, &resolv),
+            rootfs::generated_etc(&spec.hostname, &resolv, spec.user_name(), &spec.home()),
         ),
         RootSpec::Directory(path) => (vec![canonical_dir(path)?], Vec::new(), Vec::new(), Vec::new()),
         RootSpec::Layers(layers) => {
@@ -902,6 +940,7 @@ fn root_inputs(spec: &SandboxSpec, ids: IdMode, resolvers: &[IpAddr]) -> Result<
         lowers,
         writable_root: matches!(spec.root, RootSpec::Layers(_)),
         home_owner: command_user(spec, ids).uid,
+        home: spec.home().into(),
         create_workdir: spec.workdir.as_deref().map(|w| {
             normalize_sandbox_path(w)
                 .strip_prefix("/")

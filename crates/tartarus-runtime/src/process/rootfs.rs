@@ -21,7 +21,7 @@ use rustix::mount::{
 };
 use tartarus_hostsys::mount_attr;
 
-use crate::spec::{RootSpec, SANDBOX_HOME, SANDBOX_UID};
+use crate::spec::{RootSpec, SANDBOX_UID};
 
 /// Where the new root is assembled inside the private mount namespace.
 const STAGE: &str = "/tmp";
@@ -67,6 +67,8 @@ pub struct RootInputs {
     pub writable_root: bool,
     /// Owner of the home directory (the command's user).
     pub home_owner: u32,
+    /// The home directory (absolute), created in the root as a tmpfs.
+    pub home: PathBuf,
     /// Created if missing (relative to the new root) when the root is writable: an image's working
     /// directory, which Docker creates too.
     pub create_workdir: Option<PathBuf>,
@@ -116,21 +118,26 @@ pub fn host_entries() -> Vec<HostEntry> {
 }
 
 /// The minimal generated `/etc`: a passwd/group with the sandbox user, loopback-only hosts, no resolvers.
-pub fn generated_etc(hostname: &str, resolv_conf: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+pub fn generated_etc(
+    hostname: &str,
+    resolv_conf: &[u8],
+    user_name: &str,
+    home: &str,
+) -> Vec<(&'static str, Vec<u8>)> {
     let uid = SANDBOX_UID;
     vec![
         (
             "passwd",
             format!(
                 "root:x:0:0:root:/root:/usr/sbin/nologin\n\
-                 sandbox:x:{uid}:{uid}:sandbox:{SANDBOX_HOME}:/bin/sh\n\
+                 {user_name}:x:{uid}:{uid}:{user_name}:{home}:/bin/sh\n\
                  nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
             )
             .into_bytes(),
         ),
         (
             "group",
-            format!("root:x:0:\nsandbox:x:{uid}:\nnogroup:x:65534:\n").into_bytes(),
+            format!("root:x:0:\n{user_name}:x:{uid}:\nnogroup:x:65534:\n").into_bytes(),
         ),
         (
             "hosts",
@@ -285,7 +292,8 @@ pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
         pts_opts,
         "/dev/pts",
     )?;
-    let home = Path::new(SANDBOX_HOME.trim_start_matches('/'));
+    let home_path = inputs.home.display().to_string();
+    let home = Path::new(home_path.trim_start_matches('/'));
     for (path, mode) in [
         (Path::new("tmp"), 0o1777),
         (Path::new("dev/shm"), 0o1777),
@@ -296,7 +304,7 @@ pub fn build_and_pivot(inputs: &RootInputs) -> SetupResult<()> {
             let id = Some(rustix::process::Uid::from_raw(inputs.home_owner));
             let gid = Some(rustix::process::Gid::from_raw(inputs.home_owner));
             rustix::fs::chownat(&dir, "", id, gid, rustix::fs::AtFlags::EMPTY_PATH)
-                .stage(|| format!("giving {SANDBOX_HOME} to the sandbox user"))?;
+                .stage(|| format!("giving {home_path} to the sandbox user"))?;
         }
         let fd_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
         bind_at(&fd_path, &dir).map_err(|e| SetupError {

@@ -31,7 +31,7 @@ use super::rootfs::{self, Context, SetupError, SetupResult};
 use crate::files::{self, FileOp};
 use crate::sandbox::{StdioFds, Termination};
 use crate::service::{ExecError, ExecId, ExecRequest};
-use crate::spec::{NetworkMode, SANDBOX_HOME};
+use crate::spec::NetworkMode;
 
 /// Largest control message (the JSON of one request).
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -280,7 +280,7 @@ fn start_exec(plan: &ChildPlan<'_>, request: &ExecRequest, fds: Vec<OwnedFd>) ->
     let workdir = request
         .workdir
         .clone()
-        .unwrap_or_else(|| SANDBOX_HOME.to_string());
+        .unwrap_or_else(|| plan.root.home.display().to_string());
     let workdir =
         CString::new(workdir).map_err(|_| (125, "working directory contains a NUL byte".to_string()))?;
     start_target(plan, Program::Exec(&exec), &workdir, fds)

@@ -96,6 +96,7 @@ pub fn router(state: AppState) -> Router {
                 .put(files::put_file)
                 .layer(DefaultBodyLimit::max(files::MAX_FILE)),
         )
+        .nest(crate::e2b::PREFIX, crate::e2b::routes(state.clone()))
         .fallback(|| async { ApiError::not_found("no such route; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(crate::error::json_client_errors))

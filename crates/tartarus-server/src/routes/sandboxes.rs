@@ -27,10 +27,23 @@ pub(crate) async fn create_sandbox(
     caller: Caller,
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
+    create(state, caller, body, |_| {}).await
+}
+
+/// Creates the sandbox `body` asks for, with `shape` applied to its spec before templates, images and
+/// policies (other front ends, such as `crate::e2b`, add what their protocol needs there): what
+/// `POST /v1/sandboxes` answers.
+pub(crate) async fn create(
+    state: AppState,
+    caller: Caller,
+    body: CreateSandbox,
+    shape: impl FnOnce(&mut tartarus_runtime::SandboxSpec),
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let mut spec = spec_from(&body, &caller, state.host_access)?;
+    shape(&mut spec);
     let mut pool_key = None;
     if let Some(id) = &body.template {
         let record = state

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 pub use self::shim_client::{CallError, ExecEvents, SandboxDir, ShimClient, ShimLauncher};
 use crate::error::ApiError;
 
+mod deadlines;
 mod pools;
 mod reconcile;
 mod request;
@@ -50,6 +51,9 @@ pub struct Manager {
     lifecycle: std::sync::OnceLock<Arc<dyn Lifecycle>>,
     /// Execs running per local sandbox, at most [`crate::limits::EXECS_PER_SANDBOX`] each.
     pub execs: crate::limits::PerKey,
+    /// Connections forwarded into each local sandbox's ports, at most
+    /// [`crate::limits::PORT_CONNECTIONS_PER_SANDBOX`] each.
+    pub port_connections: crate::limits::PerKey,
 }
 
 /// What else happens when a sandbox starts belonging to a tenant and when its outcome is recorded: the
@@ -135,6 +139,7 @@ impl Manager {
             pools: Mutex::new(HashMap::from([(DEFAULT_POOL.to_string(), default_pool)])),
             lifecycle: std::sync::OnceLock::new(),
             execs: crate::limits::PerKey::new(crate::limits::EXECS_PER_SANDBOX),
+            port_connections: crate::limits::PerKey::new(crate::limits::PORT_CONNECTIONS_PER_SANDBOX),
         })
     }
 
@@ -523,6 +528,7 @@ pub fn call_error(id: &str, e: CallError) -> ApiError {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
         }
         ErrorCode::ExecFailed => ApiError::internal(format!("sandbox {id}: {message}")),
+        ErrorCode::PortClosed => ApiError::new(StatusCode::BAD_GATEWAY, "port_closed", message),
     }
 }
 

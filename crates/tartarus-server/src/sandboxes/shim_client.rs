@@ -283,6 +283,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::ReadFile { .. } => "read_file",
         Request::WriteFile { .. } => "write_file",
         Request::ListDir { .. } => "list_dir",
+        Request::ConnectPort { .. } => "connect_port",
     }
 }
 
@@ -328,6 +329,51 @@ impl ShimClient {
         tokio::time::timeout(deadline, exchange)
             .await
             .map_err(|_| CallError::Timeout { op, deadline })?
+    }
+
+    /// A TCP connection to `port` inside the sandbox's network namespace, made by the shim and passed over
+    /// (`SCM_RIGHTS`) with its reply.
+    pub async fn connect_port(&self, port: u16) -> Result<tokio::net::TcpStream, CallError> {
+        let op = "connect_port";
+        let exchange = async {
+            let stream = self.send(Request::ConnectPort { port }).await?;
+            let (line, fd) = loop {
+                stream
+                    .readable()
+                    .await
+                    .map_err(|source| CallError::Io { op, source })?;
+                match stream.try_io(tokio::io::Interest::READABLE, || receive_with_fd(&stream)) {
+                    Ok(received) => break received,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(source) => return Err(CallError::Io { op, source }),
+                }
+            };
+            if line.is_empty() {
+                return Err(CallError::NotRunning);
+            }
+            protocol::decode::<ReplyLine<Done>>(line.trim_ascii_end())
+                .map_err(|source| CallError::Protocol { op, source })?
+                .into_result()
+                .map_err(|e| match e {
+                    ReplyError::Shim(refusal) => CallError::Refused(refusal),
+                    source => CallError::Protocol { op, source },
+                })?;
+            let fd = fd.ok_or_else(|| CallError::Io {
+                op,
+                source: std::io::Error::other("the shim's reply carried no connection"),
+            })?;
+            let connection = std::net::TcpStream::from(fd);
+            connection
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(connection))
+                .map_err(|source| CallError::Io { op, source })
+        };
+        tokio::time::timeout(CONTROL_DEADLINE, exchange)
+            .await
+            .map_err(|_| CallError::Timeout {
+                op,
+                deadline: CONTROL_DEADLINE,
+            })?
     }
 
     pub async fn status(&self) -> Result<Status, CallError> {
@@ -548,4 +594,27 @@ mod tests {
         let client = ShimClient::new(&SandboxDir::new(dir.path()));
         assert!(matches!(client.status().await, Err(CallError::NotRunning)));
     }
+}
+
+/// One message of the shim's reply (a short line sent whole) and the descriptor it carries, if any.
+fn receive_with_fd(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Option<std::os::fd::OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut line = vec![0u8; 4096];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        stream,
+        &mut [std::io::IoSliceMut::new(&mut line)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    line.truncate(received.bytes);
+    let mut fd = None;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            // Any descriptor beyond the first is dropped (closed) here.
+            fd = fds.into_iter().next().or(fd);
+        }
+    }
+    Ok((line, fd))
 }

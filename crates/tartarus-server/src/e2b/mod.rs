@@ -1,0 +1,247 @@
+//! The E2B-compatible surface: the unmodified E2B SDKs (`e2b`, `e2b-code-interpreter`) work against a
+//! Tartarus server with `E2B_API_URL` and `E2B_SANDBOX_URL` set to `http://HOST:PORT/e2b`
+//! (`tartarus e2b env` prints the lines; docs/e2b.md).
+//!
+//! - [`control`]: E2B's control-plane REST calls (create, list, get, kill, timeout, pause, resume,
+//!   connect), translated to Tartarus sandboxes: the same admission, policies, lanes, quotas and audit as
+//!   `POST /v1/sandboxes`, with the SDK's `X-API-Key` mapped to a Tartarus API key.
+//! - [`traffic`]: the SDK's in-sandbox calls (its daemon on port 49983, the code interpreter on 49999, any
+//!   port), routed by the `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers and authorised by the sandbox's
+//!   access token, forwarded into the sandbox by [`crate::sandbox_ports`]. Inside the sandbox the E2B
+//!   daemon protocol is served by `tartarus envd` (crate `tartarus-envd`), the sandbox's main command, under
+//!   the sandbox's own walls.
+//!
+//! Errors answer E2B's shape, `{"code": STATUS, "message": "..."}`, with the status the SDK maps to its
+//! exceptions (404 not found, 401/403 authentication, 429 rate limit).
+
+pub mod control;
+pub mod traffic;
+mod wire;
+
+use std::path::Path;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Where the E2B surface is served on the API's listener.
+pub const PREFIX: &str = "/e2b";
+/// The port of the E2B daemon inside a sandbox.
+pub const ENVD_PORT: u16 = 49983;
+/// The port of the code interpreter's server inside a `code-interpreter-v1` sandbox.
+pub const CODE_INTERPRETER_PORT: u16 = 49999;
+/// The E2B daemon version Tartarus's daemon (`tartarus envd`) speaks: the SDK enables features by it.
+pub const ENVD_VERSION: &str = "0.4.0";
+
+/// What the E2B surface needs of the server: the token key and the code interpreter's server file.
+#[derive(Debug)]
+pub struct E2bState {
+    pub tokens: TokenKey,
+    /// Host path of the code interpreter's server, mounted into `code-interpreter-v1` sandboxes.
+    pub code_interpreter: std::path::PathBuf,
+}
+
+impl E2bState {
+    /// Loads (or creates) the token key and writes the code interpreter's server under `data_dir`.
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        let tokens = TokenKey::load_or_create(data_dir)?;
+        let dir = data_dir.join("e2b");
+        std::fs::create_dir_all(&dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        // Sandboxes' unprivileged ids open it as a mount source.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+        let code_interpreter = dir.join("code-interpreter.py");
+        let staging = dir.join(format!("code-interpreter.py.{}", std::process::id()));
+        std::fs::write(&staging, CODE_INTERPRETER_SERVER)?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o644))?;
+        std::fs::rename(&staging, &code_interpreter)?;
+        Ok(E2bState {
+            tokens,
+            code_interpreter,
+        })
+    }
+}
+
+/// The code interpreter's server (Python, Jupyter's kernels), run inside `code-interpreter-v1` sandboxes.
+const CODE_INTERPRETER_SERVER: &str = "";
+
+/// What the SDK's key check accepts: `e2b_` and hex. `tartarus e2b env` writes a Tartarus key this way
+/// (its bytes in hex), which [`api_key_from_header`] turns back.
+pub const KEY_PREFIX: &str = "e2b_";
+
+/// The routes under [`PREFIX`]: the control plane, and in-sandbox traffic for requests that name a sandbox.
+pub fn routes(state: AppState) -> Router<AppState> {
+    control::routes().layer(axum::middleware::from_fn_with_state(
+        state,
+        traffic::route_sandbox_traffic,
+    ))
+}
+
+/// A Tartarus API key as E2B's SDK carries it: `e2b_` followed by the key's bytes in hex.
+pub fn e2b_api_key(key: &str) -> String {
+    format!("{KEY_PREFIX}{}", hex::encode(key.as_bytes()))
+}
+
+/// The Tartarus key in an `X-API-Key` value: decoded from [`e2b_api_key`]'s form, else taken as it is.
+pub fn api_key_from_header(value: &str) -> String {
+    value
+        .strip_prefix(KEY_PREFIX)
+        .and_then(|hex_part| hex::decode(hex_part).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_else(|| value.to_string())
+}
+
+/// The secret behind sandboxes' access tokens, kept in `DATA_DIR/e2b-token.key` (created on first use,
+/// mode 0600).
+#[derive(Clone)]
+pub struct TokenKey([u8; 32]);
+
+impl TokenKey {
+    pub fn load_or_create(data_dir: &Path) -> std::io::Result<Self> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = data_dir.join("e2b-token.key");
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.len() == 32 => {
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&bytes);
+                return Ok(TokenKey(key));
+            }
+            Ok(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is not 32 bytes",
+                    path.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let hex_key = tartarus_hostsys::random_hex(32)?;
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(&hex_key, &mut key).map_err(std::io::Error::other)?;
+        let staging = data_dir.join(format!("e2b-token.key.{}", std::process::id()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staging)?;
+        file.write_all(&key)?;
+        file.sync_all()?;
+        // Two servers starting at once on one data directory: the first rename wins, both read it back.
+        match std::fs::hard_link(&staging, &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                let _ = std::fs::remove_file(&staging);
+                return Err(e);
+            }
+        }
+        let _ = std::fs::remove_file(&staging);
+        Self::load_or_create(data_dir)
+    }
+
+    /// The access token of sandbox `id`: what the SDK sends as `X-Access-Token` on its in-sandbox calls.
+    /// Derived, so every create and connect answers the same one and nothing secret is stored per sandbox.
+    pub fn access_token(&self, id: &str) -> String {
+        let mac = blake3::keyed_hash(&self.0, format!("e2b-access-token:{id}").as_bytes());
+        format!("ea_{}", &mac.to_hex()[..40])
+    }
+
+    /// Whether `token` is sandbox `id`'s, compared in constant time.
+    pub fn verify(&self, id: &str, token: &str) -> bool {
+        let expected = self.access_token(id);
+        expected.len() == token.len()
+            && expected
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
+/// An error in E2B's shape.
+#[derive(Debug)]
+pub struct E2bError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl E2bError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        E2bError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for E2bError {
+    fn from(e: ApiError) -> Self {
+        // E2B answers a malformed request 400, where Tartarus says 422.
+        let status = match e.status {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            status => status,
+        };
+        E2bError {
+            status,
+            message: e.message,
+        }
+    }
+}
+
+impl IntoResponse for E2bError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"code": self.status.as_u16(), "message": self.message});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_round_trips_through_the_sdk_form_and_a_plain_key_is_taken_as_it_is() {
+        let key = "tk_abc.DEF-123";
+        let sdk_form = e2b_api_key(key);
+        assert!(sdk_form.starts_with("e2b_"));
+        assert!(sdk_form[4..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(api_key_from_header(&sdk_form), key);
+        assert_eq!(api_key_from_header(key), key);
+        // `e2b_` with something that is not hex of UTF-8 stays as sent (an unknown key, refused later).
+        assert_eq!(api_key_from_header("e2b_zz"), "e2b_zz");
+    }
+
+    #[test]
+    fn access_tokens_are_per_sandbox_and_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TokenKey::load_or_create(dir.path()).unwrap();
+        let again = TokenKey::load_or_create(dir.path()).unwrap();
+        assert_eq!(
+            key.access_token("sb_1"),
+            again.access_token("sb_1"),
+            "the key persists"
+        );
+        assert_ne!(key.access_token("sb_1"), key.access_token("sb_2"));
+        assert!(key.verify("sb_1", &key.access_token("sb_1")));
+        assert!(!key.verify("sb_2", &key.access_token("sb_1")));
+        assert!(!key.verify("sb_1", ""));
+        let other = tempfile::tempdir().unwrap();
+        let other = TokenKey::load_or_create(other.path()).unwrap();
+        assert!(!other.verify("sb_1", &key.access_token("sb_1")));
+        let mode = std::fs::metadata(dir.path().join("e2b-token.key")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! E2B's JSON, as its SDKs send and read it (field names from the SDK's generated models, `e2b==2.45.1`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /sandboxes` (and `/v2/sandboxes`). Fields Tartarus does not act on are ignored: `secure` (every
+/// sandbox has an access token), `allow_internet_access` and `network` (E2B sandboxes have no network
+/// but their own loopback), `autoPause`/`autoResume` (a sandbox is stopped at its timeout). The ones that
+/// would change what the sandbox is refuse when they ask for something Tartarus cannot give
+/// (`control::check_unsupported`).
+#[derive(Debug, Deserialize)]
+pub struct NewSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Seconds until the sandbox is stopped (E2B's default when absent: 15).
+    pub timeout: Option<u64>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(rename = "envVars", default)]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    #[serde(rename = "volumeMounts", default)]
+    pub volume_mounts: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub mcp: Option<serde_json::Value>,
+}
+
+/// The answer to create, connect and resume.
+#[derive(Debug, Serialize)]
+pub struct Sandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(rename = "envdAccessToken")]
+    pub envd_access_token: String,
+    pub domain: Option<String>,
+}
+
+/// One sandbox of `GET /sandboxes` and `GET /v2/sandboxes`; with the token and lifecycle, `GET
+/// /sandboxes/{id}`.
+#[derive(Debug, Serialize)]
+pub struct SandboxDetail {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(rename = "startedAt")]
+    pub started_at: String,
+    #[serde(rename = "endAt")]
+    pub end_at: String,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u64,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    /// `running` or `paused`.
+    pub state: &'static str,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(rename = "envdAccessToken", skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// `POST /sandboxes/{id}/timeout`.
+#[derive(Debug, Deserialize)]
+pub struct TimeoutRequest {
+    pub timeout: u64,
+}
+
+/// `POST /sandboxes/{id}/connect` and `/resume`.
+#[derive(Debug, Deserialize, Default)]
+pub struct ConnectRequest {
+    pub timeout: Option<u64>,
+}
+
+/// `GET /v2/sandboxes` (and the v1 list's `metadata`).
+#[derive(Debug, Deserialize, Default)]
+pub struct ListQuery {
+    /// URL-encoded `key=value&key2=value2`: sandboxes with all of these.
+    pub metadata: Option<String>,
+    /// Comma-separated `running`, `paused`.
+    pub state: Option<String>,
+    pub limit: Option<u32>,
+    #[serde(rename = "nextToken")]
+    pub next_token: Option<String>,
+}
