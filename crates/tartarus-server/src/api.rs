@@ -50,6 +50,10 @@ pub struct CreateSandbox {
     pub network: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Ports inside the sandbox that preview URLs may reach (`/v1/sandboxes/{id}/ports/{port}/…`); none by
+    /// default. Kept as the label `tartarus.ports` (comma-separated).
+    #[serde(default)]
+    pub ports: Vec<u16>,
     /// Cluster mode: node labels the sandbox's node must have.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,

@@ -25,14 +25,16 @@ use crate::{api, cluster, gateway, routes};
           routes::datasets::build_dataset, routes::datasets::list_datasets, routes::nodes::register, routes::nodes::heartbeat,
           routes::nodes::list_nodes, routes::nodes::create_token, routes::nodes::cluster_status,
           routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node,
-          routes::keys::public_keys, routes::keys::rotate_key, routes::runtimes::list_runtimes),
+          routes::keys::public_keys, routes::keys::rotate_key, routes::runtimes::list_runtimes,
+          routes::ports::signed_url, routes::ports::forward_path),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
                        blobs::GcView, gateway::ToolDefinition, routes::receipts::ReceiptView, routes::episodes::EpisodeView,
                        routes::evaluators::AddEvaluator, routes::signals::SignalView, routes::datasets::DatasetView,
                        cluster::NodeReport, cluster::Heartbeat, cluster::Registration, routes::nodes::NodeView,
-                       routes::nodes::CreateNodeToken, routes::runtimes::RuntimeView)),
+                       routes::nodes::CreateNodeToken, routes::runtimes::RuntimeView,
+                       routes::ports::SignedUrlRequest, routes::ports::SignedUrl)),
     modifiers(&BearerAuth, &LayerResponses)
 )]
 pub struct ApiDoc;

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod logs;
 pub mod nodes;
 pub mod policies;
+pub mod ports;
 pub mod queue;
 pub mod receipts;
 pub mod runtimes;
@@ -88,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .merge(nodes::routes())
         .merge(queue::routes())
         .merge(runtimes::routes())
+        .merge(ports::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))
         .route(

@@ -28,7 +28,8 @@ pub(crate) async fn create_sandbox(
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<axum::response::Response, ApiError> {
     caller.require_mutate()?;
-    let Json(body) = body.map_err(json_rejection)?;
+    let Json(mut body) = body.map_err(json_rejection)?;
+    super::ports::opt_in(&mut body)?;
     create(state, caller, body, |_| {}).await
 }
 

@@ -511,6 +511,29 @@ impl ShimClient {
 /// The longest exec the API accepts (`timeout_s` ≤ 86400); an exec without a timeout gets this one.
 pub const MAX_EXEC: Duration = Duration::from_secs(86_400);
 
+/// One message of the shim's reply (a short line sent whole) and the descriptor it carries, if any.
+fn receive_with_fd(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Option<std::os::fd::OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut line = vec![0u8; 4096];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        stream,
+        &mut [std::io::IoSliceMut::new(&mut line)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    line.truncate(received.bytes);
+    let mut fd = None;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            // Any descriptor beyond the first is dropped (closed) here.
+            fd = fds.into_iter().next().or(fd);
+        }
+    }
+    Ok((line, fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,27 +617,4 @@ mod tests {
         let client = ShimClient::new(&SandboxDir::new(dir.path()));
         assert!(matches!(client.status().await, Err(CallError::NotRunning)));
     }
-}
-
-/// One message of the shim's reply (a short line sent whole) and the descriptor it carries, if any.
-fn receive_with_fd(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Option<std::os::fd::OwnedFd>)> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-    let mut line = vec![0u8; 4096];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = rustix::net::recvmsg(
-        stream,
-        &mut [std::io::IoSliceMut::new(&mut line)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
-    line.truncate(received.bytes);
-    let mut fd = None;
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(fds) = message {
-            // Any descriptor beyond the first is dropped (closed) here.
-            fd = fds.into_iter().next().or(fd);
-        }
-    }
-    Ok((line, fd))
 }
