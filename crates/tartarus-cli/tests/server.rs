@@ -1008,3 +1008,40 @@ fn the_audit_trail_records_mutations_per_tenant() {
         "{text}"
     );
 }
+
+#[test]
+fn a_movable_timeout_stops_the_sandbox_once_it_passes_and_survives_a_restart() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let key = new_key(dir.path(), "alice", "user");
+    let sandbox = create(&server, &key, json!({}));
+    let id = sandbox["id"].as_str().unwrap().to_string();
+    let set = |server: &Server, timeout_s: u64| {
+        call(
+            "POST",
+            &format!("{}/v1/sandboxes/{id}/timeout", server.base),
+            Some(&key),
+            Some(json!({"timeout_s": timeout_s})),
+        )
+    };
+    let (status, reply) = set(&server, 3600);
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply["deadline_ms"].as_i64().unwrap() > 0);
+    assert_eq!(set(&server, 0).0, 422);
+    assert_eq!(set(&server, 86_401).0, 422);
+    // Another tenant sees no such sandbox.
+    let other = new_key(dir.path(), "mallory", "user");
+    let (status, _) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/timeout", server.base),
+        Some(&other),
+        Some(json!({"timeout_s": 1})),
+    );
+    assert_eq!(status, 404);
+    // The deadline is in the store: a restarted server still enforces it.
+    drop(server);
+    let server = Server::start(dir.path());
+    assert_eq!(set(&server, 1).0, 200);
+    let ended = common::server::wait_for(&server, &id, |r| r["status"] != "running");
+    assert_eq!(ended["status"], "killed", "{ended}");
+}

@@ -26,7 +26,7 @@ use crate::{api, cluster, gateway, routes};
           routes::nodes::list_nodes, routes::nodes::create_token, routes::nodes::cluster_status,
           routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node,
           routes::keys::public_keys, routes::keys::rotate_key, routes::runtimes::list_runtimes,
-          routes::ports::signed_url, routes::ports::forward_path),
+          routes::ports::signed_url, routes::ports::forward_path, sandboxes::set_timeout),
     components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
@@ -34,7 +34,8 @@ use crate::{api, cluster, gateway, routes};
                        routes::evaluators::AddEvaluator, routes::signals::SignalView, routes::datasets::DatasetView,
                        cluster::NodeReport, cluster::Heartbeat, cluster::Registration, routes::nodes::NodeView,
                        routes::nodes::CreateNodeToken, routes::runtimes::RuntimeView,
-                       routes::ports::SignedUrlRequest, routes::ports::SignedUrl)),
+                       routes::ports::SignedUrlRequest, routes::ports::SignedUrl,
+                       sandboxes::SetTimeout, sandboxes::Deadline)),
     modifiers(&BearerAuth, &LayerResponses)
 )]
 pub struct ApiDoc;

@@ -470,3 +470,55 @@ pub(crate) async fn resume_sandbox(
 ) -> Result<Json<SandboxView>, ApiError> {
     set_paused(state, caller, id, false).await
 }
+
+/// `POST /v1/sandboxes/{id}/timeout`.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetTimeout {
+    /// Seconds from now after which the sandbox is stopped (SIGTERM, then SIGKILL after 1 s), unless
+    /// set again: a keep-alive. At most 86400. The spec's own `timeout_s`, if any, still applies.
+    pub timeout_s: u64,
+}
+
+/// The answer of `POST /v1/sandboxes/{id}/timeout`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Deadline {
+    /// When the sandbox will be stopped, in milliseconds since the epoch.
+    pub deadline_ms: i64,
+}
+
+/// Set (or move) when a running sandbox is stopped: a keep-alive that survives server restarts.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", request_body = SetTimeout, security(("api_key" = [])),
+    responses((status = 200, body = Deadline), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+               (status = 422, body = ErrorBody)))]
+pub(crate) async fn set_timeout(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<SetTimeout>, JsonRejection>,
+) -> Result<Json<Deadline>, ApiError> {
+    let record = find(&state, &caller, &id).await?;
+    caller.require_mutate()?;
+    let Json(body) = body.map_err(json_rejection)?;
+    if !(1..=86_400).contains(&body.timeout_s) {
+        return Err(ApiError::invalid("timeout_s must be between 1 and 86400"));
+    }
+    crate::local_only(&record, "a movable timeout")?;
+    if !record.status.is_live() {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id} is {}",
+            record.status.as_str()
+        )));
+    }
+    let deadline_ms = tartarus_store::now_ms() + (body.timeout_s as i64) * 1000;
+    state.store.set_deadline(&id, deadline_ms).await?;
+    audit(
+        &state,
+        &caller,
+        "sandbox.timeout",
+        Some(&id),
+        &format!("ok ({} s)", body.timeout_s),
+    )
+    .await;
+    Ok(Json(Deadline { deadline_ms }))
+}
