@@ -368,7 +368,7 @@ def watch(sb, home):
 def main():
     home = tempfile.mkdtemp(prefix="envd-sdk-")
     port = free_port()
-    exe = daemon_path()
+    exe = os.path.abspath(daemon_path())
     args = [exe, f"127.0.0.1:{port}"]
     if os.path.basename(exe) == "tartarus":
         args = [exe, "envd", "--listen", f"127.0.0.1:{port}"]

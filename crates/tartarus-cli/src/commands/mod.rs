@@ -1,6 +1,7 @@
 pub mod apikey;
 pub mod conformance;
 pub mod effects;
+pub mod envd;
 pub mod gc;
 pub mod image;
 pub mod node;
