@@ -52,7 +52,63 @@ pub async fn envs() -> Response {
     axum::Json(map).into_response()
 }
 
-pub async fn download(State(state): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
+/// Whether the client accepts a gzip-encoded body (`Accept-Encoding: gzip`, q not 0).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| matches!(p.trim(), "q=0" | "q=0.0" | "q=0.00" | "q=0.000"));
+            coding.eq_ignore_ascii_case("gzip") && !q_zero
+        })
+}
+
+/// A writer that hands each compressed block to the response body.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The file gzip-compressed on a blocking thread, block by block (never whole in memory).
+fn gzip_body(file: std::fs::File) -> Body {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        let err_tx = tx.clone();
+        let mut enc = flate2::write::GzEncoder::new(
+            std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter(tx)),
+            flate2::Compression::fast(),
+        );
+        let result = std::io::copy(&mut file, &mut enc)
+            .and_then(|_| enc.finish())
+            .and_then(|mut w| w.flush());
+        if let Err(e) = result {
+            // The body ends with an error, so the client sees a broken transfer, not a short file.
+            let _ = err_tx.blocking_send(Err(e));
+        }
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Body::from_stream(stream)
+}
+
+pub async fn download(
+    State(state): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
     let Some(p) = q.get("path").filter(|p| !p.is_empty()) else {
         return error(StatusCode::BAD_REQUEST, "missing path");
     };
@@ -77,13 +133,21 @@ pub async fn download(State(state): State<Shared>, Query(q): Query<HashMap<Strin
         "inline; filename=\"{}\"",
         name.replace(['"', '\\', '\r', '\n'], "_")
     );
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
-    Response::builder()
+    let builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_DISPOSITION, disposition)
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        .header(header::VARY, "Accept-Encoding");
+    let response = if accepts_gzip(&headers) {
+        let file = file.into_std().await;
+        builder
+            .header(header::CONTENT_ENCODING, "gzip")
+            .body(gzip_body(file))
+    } else {
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
+        builder.body(Body::from_stream(stream))
+    };
+    response.unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// The `X-Metadata-*` headers: keys must be HTTP tokens, values printable ASCII.

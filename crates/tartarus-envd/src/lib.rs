@@ -18,7 +18,8 @@
 //!   StreamInput (client streaming, unused by the Python SDK) answers unimplemented.
 //! - `filesystem.Filesystem`: Stat, MakeDir, Move, ListDir, Remove, WatchDir and the polling
 //!   CreateWatcher / GetWatcherEvents / RemoveWatcher (inotify).
-//! - Plain HTTP: `GET /health` (204), `GET /files?path=` (download, streamed), `POST /files?path=`
+//! - Plain HTTP: `GET /health` (204), `GET /files?path=` (download, streamed, gzip-encoded when the
+//!   request accepts gzip), `POST /files?path=`
 //!   (`multipart/form-data` with one or more `file` parts, or `application/octet-stream` with optional
 //!   `Content-Encoding: gzip`, streamed to disk; `X-Metadata-<key>` headers are stored as `user.e2b.<key>`
 //!   extended attributes), `GET /envs`.
@@ -36,10 +37,11 @@
 //! the user started is timed out. Malformed JSON or envelopes are invalid_argument errors, never a crash.
 //!
 //! # Unsupported
-//! Running as another user, StreamInput, the binary protobuf codec, gzip on downloads (served
-//! identity), reaping orphaned grandchildren when running as PID 1, and refusing network mounts for
-//! watching (every directory may be watched, so `allow_network_mounts` changes nothing). Metadata
-//! keys arrive lowercased (HTTP header names are case-insensitive).
+//! Running as another user, StreamInput, the binary protobuf codec, signed download URLs (the
+//! `signature` query parameters are the server's to check), reaping orphaned grandchildren when
+//! running as PID 1, and refusing network mounts for watching (every directory may be watched, so
+//! `allow_network_mounts` changes nothing). Metadata keys arrive lowercased (HTTP header names are
+//! case-insensitive).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

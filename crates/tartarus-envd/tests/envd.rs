@@ -525,6 +525,19 @@ fn files_upload_and_download_round_trip() {
     );
     assert_eq!(mode & 0o777, 0o644);
 
+    // A gzip download, when asked for.
+    let resp = ureq::get(&format!("{}/files", d.base))
+        .query("path", "deep/dir/big.bin")
+        .set("Accept-Encoding", "gzip")
+        .call()
+        .expect("gzip download");
+    assert_eq!(resp.header("content-encoding"), Some("gzip"));
+    let mut got = Vec::new();
+    flate2::read::GzDecoder::new(resp.into_reader())
+        .read_to_end(&mut got)
+        .expect("gunzip");
+    assert!(got == data, "gzip download differs from upload");
+
     // gzip-encoded octet-stream.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, &data[..1 << 20]).expect("gzip");

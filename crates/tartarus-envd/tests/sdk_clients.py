@@ -275,6 +275,9 @@ def octet_stream_gzip_and_big(sb, home):
     assert sb.files.read("gz.txt") == "compressed content"
     got = b"".join(sb.files.read("big.bin", format="stream"))
     assert got == data
+    got = b"".join(sb.files.read("big.bin", format="stream", gzip=True))
+    assert got == data
+    assert bytes(sb.files.read("big.bin", format="bytes", gzip=True)) == data
 
 
 @check
