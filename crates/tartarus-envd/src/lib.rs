@@ -119,6 +119,16 @@ pub fn router(config: Config) -> Router {
         .with_state(state)
 }
 
+/// A write to the stdin pipe of a process that has closed it must be an EPIPE error, not the death of
+/// the daemon: the `tartarus` binary has no Rust runtime start-up, which would otherwise ignore
+/// SIGPIPE. Started processes get the default disposition back (see `process::start`).
+fn ignore_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// Serves on a bound listener until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, config: Config) -> std::io::Result<()> {
     axum::serve(listener, router(config)).await
@@ -126,6 +136,7 @@ pub async fn serve(listener: tokio::net::TcpListener, config: Config) -> std::io
 
 /// The `tartarus envd` entry point: binds `listen` and serves until killed.
 pub fn run(listen: SocketAddr) -> ExitCode {
+    ignore_sigpipe();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

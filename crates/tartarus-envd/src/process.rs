@@ -316,10 +316,11 @@ pub async fn start(state: &Shared, req: Value, keepalive: Option<Duration>) -> R
             .stdout(Stdio::from(dup(&slave)?))
             .stderr(Stdio::from(slave));
         master = Some(Arc::new(m));
-        // SAFETY: between fork and exec only async-signal-safe calls: setsid and ioctl on fd 0,
-        // which is the pty's slave end set up above.
+        // SAFETY: between fork and exec only async-signal-safe calls: signal, setsid and ioctl on
+        // fd 0, which is the pty's slave end set up above.
         unsafe {
             cmd.pre_exec(|| {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -333,9 +334,10 @@ pub async fn start(state: &Shared, req: Value, keepalive: Option<Duration>) -> R
         cmd.stdin(if want_stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: between fork and exec only setsid, which is async-signal-safe.
+        // SAFETY: between fork and exec only signal and setsid, which are async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
