@@ -43,11 +43,14 @@ pub mod cli {
         Gc,
         Shim(commands::shim::ShimArgs),
         Runtimes(commands::runtimes::RuntimesArgs),
+        /// The E2B-compatible in-sandbox daemon (run inside a sandbox by the server)
+        #[command(hide = true)]
+        Envd(commands::envd::EnvdArgs),
     }
 
     /// Whether the lean binary handles this first argument itself.
     pub fn is_lean_command(first: &std::ffi::OsStr) -> bool {
-        first == "run" || first == "gc" || first == "shim" || first == "runtimes"
+        first == "run" || first == "gc" || first == "shim" || first == "runtimes" || first == "envd"
     }
 
     #[derive(Subcommand)]
@@ -126,6 +129,9 @@ pub mod cli {
         /// Supervise one long-lived sandbox and serve requests for it on a unix socket (used by the server)
         #[command(hide = true)]
         Shim(commands::shim::ShimArgs),
+        /// The E2B-compatible in-sandbox daemon (run inside a sandbox by the server)
+        #[command(hide = true)]
+        Envd(commands::envd::EnvdArgs),
         /// Print a shell completion script
         Completions {
             #[arg(value_enum)]
@@ -171,7 +177,7 @@ pub mod cli {
                 clap_complete::generate(shell, &mut Cli::command(), "tartarus", &mut std::io::stdout());
                 Ok(0)
             }
-            Command::Run(_) | Command::Gc | Command::Shim(_) | Command::Runtimes(_) => {
+            Command::Run(_) | Command::Gc | Command::Shim(_) | Command::Runtimes(_) | Command::Envd(_) => {
                 anyhow::bail!("this command belongs to the tartarus binary")
             }
         }

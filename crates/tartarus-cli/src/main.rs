@@ -47,6 +47,7 @@ fn real_main() -> libc::c_int {
         LeanCommand::Gc => commands::gc::run(),
         LeanCommand::Shim(args) => commands::shim::run(args),
         LeanCommand::Runtimes(args) => commands::runtimes::run(args),
+        LeanCommand::Envd(args) => commands::envd::run(args),
     })
 }
 

@@ -2,6 +2,7 @@ pub mod apikey;
 pub mod conformance;
 pub mod e2b;
 pub mod effects;
+pub mod envd;
 pub mod gc;
 pub mod image;
 pub mod node;
