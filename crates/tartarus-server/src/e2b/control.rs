@@ -181,10 +181,11 @@ async fn create_sandbox(
         ..CreateSandbox::default()
     };
     let executable = state.manager.shim_exe().to_path_buf();
+    let compat_bin = state.e2b.compat_bin.clone();
     let code_interpreter =
         matches!(choice, TemplateChoice::CodeInterpreter).then(|| state.e2b.code_interpreter.clone());
     let shape = move |spec: &mut tartarus_runtime::SandboxSpec| {
-        shape_spec(spec, executable, code_interpreter.as_deref())
+        shape_spec(spec, executable, compat_bin, code_interpreter.as_deref())
     };
     let response = crate::routes::sandboxes::create(state.clone(), caller.clone(), native, shape).await?;
     let status = response.status();
@@ -219,11 +220,23 @@ async fn create_sandbox(
 fn shape_spec(
     spec: &mut tartarus_runtime::SandboxSpec,
     executable: std::path::PathBuf,
+    compat_bin: std::path::PathBuf,
     code_interpreter: Option<&std::path::Path>,
 ) {
     spec.user_name = Some("user".to_string());
     let home = spec.home();
-    for (key, value) in [("HOME", home.as_str()), ("USER", "user"), ("LOGNAME", "user")] {
+    let path = format!("{}:{}", super::COMPAT_BIN, tartarus_runtime::spec::DEFAULT_PATH);
+    spec.mounts.push(tartarus_runtime::BindMount {
+        source: compat_bin,
+        target: super::COMPAT_BIN.into(),
+        writable: false,
+    });
+    for (key, value) in [
+        ("HOME", home.as_str()),
+        ("USER", "user"),
+        ("LOGNAME", "user"),
+        ("PATH", path.as_str()),
+    ] {
         if !spec.env.iter().any(|(k, _)| k == key) {
             spec.env.push((key.to_string(), value.to_string()));
         }
@@ -357,26 +370,16 @@ fn metadata(record: &SandboxRecord) -> BTreeMap<String, String> {
 
 /// Milliseconds since the epoch as RFC 3339 in UTC (`2026-12-03T18:00:00.123Z`).
 fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rest = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// An RFC 3339 time as milliseconds since the epoch.
+fn parse_rfc3339(text: &str) -> Result<i64, E2bError> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("'{text}' is not an RFC 3339 time: {e}")))
 }
 
 /// Parses E2B's metadata filter, `key=value&key2=value2` (URL-encoded once more in the query).
@@ -412,17 +415,35 @@ async fn matching(
             format!("unknown state '{bad}': use running or paused"),
         ));
     }
-    let records = state
+    let started_after = query.started_after.as_deref().map(parse_rfc3339).transpose()?;
+    let ascending = match query.order.as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(other) => {
+            return Err(E2bError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown order '{other}': use asc or desc"),
+            ))
+        }
+    };
+    let mut records: Vec<SandboxRecord> = state
         .store
         .sandboxes(caller.scope(), Some(SandboxStatus::Running))
         .await
-        .map_err(crate::error::ApiError::from)?;
-    Ok(records
+        .map_err(crate::error::ApiError::from)?
         .into_iter()
         .filter(|r| r.labels.contains_key(TEMPLATE_LABEL))
         .filter(|r| states.contains(&if r.paused { "paused" } else { "running" }))
         .filter(|r| filter.iter().all(|(k, v)| r.labels.get(k) == Some(v)))
-        .collect())
+        .filter(|r| started_after.is_none_or(|after| r.created_ms >= after))
+        .filter(|r| query.template.as_deref().is_none_or(|t| template_id(r) == t))
+        .collect();
+    // Newest first (the store's order), ties by id, so pages are stable.
+    records.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
+    if ascending {
+        records.reverse();
+    }
+    Ok(records)
 }
 
 async fn list_sandboxes_v1(
@@ -652,6 +673,13 @@ async fn sandbox_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_round_trips_and_refuses_garbage() {
+        assert_eq!(parse_rfc3339("2026-12-03T17:30:00.000Z").unwrap(), 1_796_319_000_000);
+        assert_eq!(parse_rfc3339("2026-12-03T18:30:00+01:00").unwrap(), 1_796_319_000_000);
+        assert_eq!(parse_rfc3339("yesterday").unwrap_err().status, StatusCode::BAD_REQUEST);
+    }
 
     #[test]
     fn rfc3339_matches_known_instants() {

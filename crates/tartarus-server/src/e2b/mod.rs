@@ -34,7 +34,7 @@ pub const ENVD_PORT: u16 = 49983;
 /// The port of the code interpreter's server inside a `code-interpreter-v1` sandbox.
 pub const CODE_INTERPRETER_PORT: u16 = 49999;
 /// The E2B daemon version Tartarus's daemon (`tartarus envd`) speaks: the SDK enables features by it.
-pub const ENVD_VERSION: &str = "0.4.0";
+pub use tartarus_envd::ENVD_VERSION;
 
 /// What the E2B surface needs of the server: the token key and the code interpreter's server file.
 #[derive(Debug)]
@@ -42,7 +42,36 @@ pub struct E2bState {
     pub tokens: TokenKey,
     /// Host path of the code interpreter's server, mounted into `code-interpreter-v1` sandboxes.
     pub code_interpreter: std::path::PathBuf,
+    /// Host directory of the commands E2B's `base` template has and the host system lacks
+    /// ([`COMPAT_COMMANDS`]), mounted at [`COMPAT_BIN`] and first in `PATH`.
+    pub compat_bin: std::path::PathBuf,
 }
+
+/// Where E2B sandboxes see [`E2bState::compat_bin`].
+pub const COMPAT_BIN: &str = "/.tartarus/bin";
+
+/// Commands of E2B's `base` template that a Debian host system lacks: `python` (E2B's is Python 3), and
+/// `sudo`, which in a Tartarus sandbox cannot give root: it says so on stderr and runs the command as the
+/// sandbox user with the reset environment sudo would give it.
+const COMPAT_COMMANDS: [(&str, &str); 2] = [
+    ("python", "#!/bin/sh\nexec python3 \"$@\"\n"),
+    (
+        "sudo",
+        "#!/bin/sh\n\
+         # Tartarus sandboxes have no root: run the command as the sandbox user, with sudo's reset environment.\n\
+         while [ $# -gt 0 ]; do\n\
+           case \"$1\" in\n\
+             -u|-g|-C|-h|-p|-r|-t|-U|-D) shift 2 ;;\n\
+             --) shift; break ;;\n\
+             -*) shift ;;\n\
+             *) break ;;\n\
+           esac\n\
+         done\n\
+         [ $# -gt 0 ] || { echo 'usage: sudo COMMAND' >&2; exit 1; }\n\
+         echo 'sudo: Tartarus sandboxes have no root; running as' \"$(id -un)\" >&2\n\
+         exec env -i PATH=\"$PATH\" HOME=\"$HOME\" USER=\"$USER\" LOGNAME=\"$LOGNAME\" SHELL=/bin/bash \"$@\"\n",
+    ),
+];
 
 impl E2bState {
     /// Loads (or creates) the token key and writes the code interpreter's server under `data_dir`.
@@ -58,9 +87,19 @@ impl E2bState {
         std::fs::write(&staging, CODE_INTERPRETER_SERVER)?;
         std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o644))?;
         std::fs::rename(&staging, &code_interpreter)?;
+        let compat_bin = dir.join("bin");
+        std::fs::create_dir_all(&compat_bin)?;
+        std::fs::set_permissions(&compat_bin, std::fs::Permissions::from_mode(0o755))?;
+        for (name, script) in COMPAT_COMMANDS {
+            let staging = compat_bin.join(format!(".{name}.{}", std::process::id()));
+            std::fs::write(&staging, script)?;
+            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::rename(&staging, compat_bin.join(name))?;
+        }
         Ok(E2bState {
             tokens,
             code_interpreter,
+            compat_bin,
         })
     }
 }

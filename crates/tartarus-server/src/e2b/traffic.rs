@@ -70,3 +70,103 @@ async fn forward(state: &AppState, id: String, request: Request) -> Result<Respo
             _ => E2bError::from(e),
         })
 }
+
+/// `GET`/`POST /files?path=…&signature=v1_…`: the SDK's signed file URLs (`download_url`, `upload_url`).
+///
+/// With `E2B_SANDBOX_URL` set, the SDK builds them on the server's root, without any sandbox id: the
+/// signature, SHA-256 over `path:operation:username:access_token[:expiration]`, is what names the
+/// sandbox, since only its access token produces it. The live E2B sandboxes are tried in turn (one hash
+/// each); an expired, tampered or unknown signature is a 401 that tells nothing more.
+pub async fn signed_files(State(state): State<AppState>, request: Request) -> Response {
+    match signed_files_inner(&state, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn signed_files_inner(state: &AppState, request: Request) -> Result<Response, E2bError> {
+    let refused = || E2bError::new(StatusCode::UNAUTHORIZED, "the file URL's signature is invalid or has expired");
+    let query = request.uri().query().unwrap_or("").to_string();
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let (Some(path), Some(signature)) = (param("path"), param("signature")) else {
+        return Err(E2bError::new(
+            StatusCode::BAD_REQUEST,
+            "a signed file URL needs 'path' and 'signature' (made by the SDK's download_url/upload_url)",
+        ));
+    };
+    let operation = match *request.method() {
+        axum::http::Method::GET => "read",
+        axum::http::Method::POST => "write",
+        _ => return Err(E2bError::new(StatusCode::METHOD_NOT_ALLOWED, "signed file URLs are GET or POST")),
+    };
+    let user = param("username").unwrap_or("");
+    let expiration = param("signature_expiration");
+    if let Some(expiration) = expiration {
+        let at: i64 = expiration.parse().map_err(|_| refused())?;
+        if at.saturating_mul(1000) < tartarus_store::now_ms() {
+            // E2B's daemon's own words, which clients match.
+            return Err(E2bError::new(StatusCode::UNAUTHORIZED, "signature is already expired"));
+        }
+    }
+    let live = state
+        .store
+        .sandboxes(None, Some(tartarus_store::SandboxStatus::Running))
+        .await
+        .map_err(|e| E2bError::from(crate::error::ApiError::from(e)))?;
+    let record = live
+        .into_iter()
+        .filter(|r| r.labels.contains_key(TEMPLATE_LABEL))
+        .find(|r| {
+            let token = state.e2b.tokens.access_token(&r.id);
+            let expected = file_signature(path, operation, user, &token, expiration);
+            super::constant_time_eq(&expected, signature)
+        })
+        .ok_or_else(refused)?;
+    let kept: Vec<&(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "signature" && k != "signature_expiration")
+        .collect();
+    let target = format!(
+        "/files?{}",
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(kept.iter().map(|(k, v)| (k, v)))
+            .finish()
+    );
+    crate::sandbox_ports::forward(state, &record, ENVD_PORT, &target, request)
+        .await
+        .map_err(E2bError::from)
+}
+
+/// The SDK's v1 file-URL signature.
+fn file_signature(path: &str, operation: &str, user: &str, token: &str, expiration: Option<&str>) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let raw = match expiration {
+        Some(at) => format!("{path}:{operation}:{user}:{token}:{at}"),
+        None => format!("{path}:{operation}:{user}:{token}"),
+    };
+    let digest = sha2::Sha256::digest(raw.as_bytes());
+    format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_file_signature_is_the_sdks() {
+        // From the SDK: get_signature("a.txt", "read", "user", "tok", None) with hashlib and base64.
+        let expected = {
+            use base64::Engine;
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(b"a.txt:read:user:tok");
+            format!("v1_{}", base64::engine::general_purpose::STANDARD.encode(digest).trim_end_matches('='))
+        };
+        assert_eq!(super::file_signature("a.txt", "read", "user", "tok", None), expected);
+        assert_ne!(
+            super::file_signature("a.txt", "read", "user", "tok", Some("5")),
+            super::file_signature("a.txt", "read", "user", "tok", None)
+        );
+    }
+}

@@ -94,4 +94,11 @@ pub struct ListQuery {
     pub limit: Option<u32>,
     #[serde(rename = "nextToken")]
     pub next_token: Option<String>,
+    /// `asc` or `desc` (default) by start time.
+    pub order: Option<String>,
+    /// RFC 3339: sandboxes started at or after it.
+    #[serde(rename = "startedAfter")]
+    pub started_after: Option<String>,
+    /// Sandboxes made from this template id.
+    pub template: Option<String>,
 }

@@ -100,6 +100,13 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(files::MAX_FILE)),
         )
         .nest(crate::e2b::PREFIX, crate::e2b::routes(state.clone()))
+        // The E2B SDK builds signed file URLs on the server's root (see `e2b::traffic::signed_files`).
+        .route(
+            "/files",
+            get(crate::e2b::traffic::signed_files)
+                .post(crate::e2b::traffic::signed_files)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .fallback(|| async { ApiError::not_found("no such route; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(crate::error::json_client_errors))
