@@ -20,7 +20,7 @@ use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 
 use crate::connect::{self, b64, field, get_bool, get_bytes, get_str, get_u32, Code, RpcError, RpcResult};
-use crate::{Shared, MAX_PROCESSES, MAX_REPLAY_BYTES};
+use crate::{Shared, MAX_ATTACHED_STREAMS, MAX_PROCESSES, MAX_REPLAY_BYTES};
 
 /// Events queued per attached stream before the output readers wait for it.
 const SUBSCRIBER_QUEUE: usize = 64;
@@ -100,21 +100,33 @@ impl Proc {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attaches a stream; with `replay`, also returns the buffered output. None once it has ended.
-    fn subscribe(&self, replay: bool) -> Option<(mpsc::Receiver<Event>, Vec<Event>)> {
+    /// Attaches a stream; with `replay`, also returns the buffered output.
+    fn subscribe(&self, replay: bool) -> RpcResult<(mpsc::Receiver<Event>, Vec<Event>)> {
         let mut st = self.lock();
         if st.ended {
-            return None;
+            return Err(RpcError::not_found(format!(
+                "process with pid {} not found",
+                self.pid
+            )));
+        }
+        st.subscribers.retain(|s| !s.is_closed());
+        if st.subscribers.len() >= MAX_ATTACHED_STREAMS {
+            return Err(RpcError::new(
+                Code::ResourceExhausted,
+                format!(
+                    "too many streams attached to process {} (at most {MAX_ATTACHED_STREAMS})",
+                    self.pid
+                ),
+            ));
         }
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        st.subscribers.retain(|s| !s.is_closed());
         st.subscribers.push(tx);
         let snapshot = if replay {
             st.replay.iter().cloned().collect()
         } else {
             Vec::new()
         };
-        Some((rx, snapshot))
+        Ok((rx, snapshot))
     }
 
     async fn publish(&self, ev: Event) {
@@ -368,9 +380,7 @@ pub async fn start(state: &Shared, req: Value, keepalive: Option<Duration>) -> R
         state: Mutex::new(ProcState::default()),
     });
     state.processes.lock().insert(pid, proc.clone());
-    let Some((rx, _)) = proc.subscribe(false) else {
-        return Err(RpcError::internal("the process ended before it was attached"));
-    };
+    let (rx, _) = proc.subscribe(false)?;
 
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -521,9 +531,7 @@ fn stream_events(
 
 pub async fn connect(state: &Shared, req: Value, keepalive: Option<Duration>) -> RpcResult<Response> {
     let proc = selected(state, &req)?;
-    let (rx, replay) = proc
-        .subscribe(true)
-        .ok_or_else(|| RpcError::not_found(format!("process with pid {} not found", proc.pid)))?;
+    let (rx, replay) = proc.subscribe(true)?;
     Ok(stream_events(proc.pid, rx, replay, keepalive))
 }
 

@@ -266,11 +266,27 @@ fn pty_output_and_resize() {
     assert_eq!(end_of(&events)["exitCode"], 3);
 }
 
+/// Whether `pid` is gone (or a zombie waiting for its reaper).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
 #[test]
 fn signal_kills_the_process_group() {
     let d = daemon();
-    let mut s = d.stream("process.Process/Start", bash("sleep 30 & sleep 30; echo never"));
+    let mut s = d.stream(
+        "process.Process/Start",
+        bash("sleep 30 & echo $!; wait; echo never"),
+    );
     let pid = s.start_pid();
+    let background: u32 = s.read_until("\n").trim().parse().expect("background pid");
+    assert!(!dead(background));
     d.ok(
         "process.Process/SendSignal",
         json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
@@ -280,6 +296,14 @@ fn signal_kills_the_process_group() {
     assert_eq!(end["exited"], false, "{end}");
     assert_eq!(end["status"], "signal: killed");
     assert_eq!(output(&events, "stdout"), "");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dead(background) {
+        assert!(
+            Instant::now() < deadline,
+            "the background child {background} survived the group kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (status, v) = d.unary(
         "process.Process/SendSignal",
         json!({"process": {"pid": 999_999_999u32}, "signal": "SIGNAL_SIGKILL"}),
