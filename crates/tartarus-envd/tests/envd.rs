@@ -600,6 +600,26 @@ fn files_upload_and_download_round_trip() {
     assert_eq!(download(&d, "one.txt").1, b"first");
     assert!(download(&d, "sub/two.bin").1 == data[..3 << 20]);
 
+    // A FIFO is refused both ways instead of hanging the request.
+    let fifo = d.home().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    assert_eq!(download(&d, "fifo").0, 400);
+    let status = match ureq::post(&format!("{}/files", d.base))
+        .query("path", "fifo")
+        .set("Content-Type", "application/octet-stream")
+        .timeout(Duration::from_secs(10))
+        .send_bytes(b"x")
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(status, 400);
+
     // Missing file: 404 with a JSON message.
     let (status, body) = download(&d, "nope.txt");
     assert_eq!(status, 404);
