@@ -33,7 +33,8 @@
 //! # Limits (hostile input is expected)
 //! At most [`MAX_PROCESSES`] live processes with at most [`MAX_ATTACHED_STREAMS`] streams each; a
 //! replay buffer of [`MAX_REPLAY_BYTES`] per process (oldest output dropped) that a late `Connect`
-//! receives first; at most [`MAX_WATCHERS`] watchers with at most [`MAX_WATCHER_EVENTS`] queued
+//! receives first, also for the last [`EXITED_KEPT`] processes that exited in the last
+//! [`EXITED_KEPT_FOR`] (then with their end event); at most [`MAX_WATCHERS`] watchers with at most [`MAX_WATCHER_EVENTS`] queued
 //! events each; at most [`MAX_LIST_ENTRIES`] entries per listing; unary request bodies of at most
 //! [`MAX_UNARY_BODY`]. Nothing the user started is timed out. Malformed JSON or envelopes are
 //! invalid_argument errors, never a crash. Output is backpressured: a stream that stops reading
@@ -71,6 +72,10 @@ pub const ENVD_VERSION: &str = "0.6.4";
 pub const MAX_PROCESSES: usize = 512;
 /// Output kept per process for a late Connect (oldest chunks dropped beyond it).
 pub const MAX_REPLAY_BYTES: usize = 1 << 20;
+/// Exited processes whose output and exit status a Connect still gets, for [`EXITED_KEPT_FOR`].
+pub const EXITED_KEPT: usize = 16;
+/// How long an exited process can still be connected to.
+pub const EXITED_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 /// Streams attached to one process at once (Start plus Connects).
 pub const MAX_ATTACHED_STREAMS: usize = 64;
 /// Entries one ListDir answers with at most (a deep listing of a huge tree is refused).

@@ -10,7 +10,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::response::Response;
@@ -84,6 +84,7 @@ struct ProcState {
     replay_bytes: usize,
     subscribers: Vec<mpsc::Sender<Event>>,
     ended: bool,
+    end: Option<Event>,
 }
 
 struct Proc {
@@ -104,10 +105,15 @@ impl Proc {
     fn subscribe(&self, replay: bool) -> RpcResult<(mpsc::Receiver<Event>, Vec<Event>)> {
         let mut st = self.lock();
         if st.ended {
-            return Err(RpcError::not_found(format!(
-                "process with pid {} not found",
-                self.pid
-            )));
+            // A process that has just exited: its output and end, on a stream that then closes.
+            let (_, rx) = mpsc::channel(1);
+            let mut snapshot: Vec<Event> = if replay {
+                st.replay.iter().cloned().collect()
+            } else {
+                Vec::new()
+            };
+            snapshot.extend(st.end.clone());
+            return Ok((rx, snapshot));
         }
         st.subscribers.retain(|s| !s.is_closed());
         if st.subscribers.len() >= MAX_ATTACHED_STREAMS {
@@ -134,6 +140,7 @@ impl Proc {
             let mut st = self.lock();
             if let Event::End { .. } = ev {
                 st.ended = true;
+                st.end = Some(ev.clone());
                 std::mem::take(&mut st.subscribers)
             } else {
                 st.replay_bytes += ev.len();
@@ -175,12 +182,58 @@ impl Proc {
 #[derive(Default)]
 pub struct Table {
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
+    /// Recently exited processes, newest last: a Connect just after the exit still gets the output
+    /// and the exit status (List, SendInput and SendSignal no longer see them).
+    exited: Mutex<VecDeque<(Instant, Arc<Proc>)>>,
 }
 
 impl Table {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Proc>>> {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_exited(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Arc<Proc>)>> {
+        let mut exited = self.exited.lock().unwrap_or_else(|p| p.into_inner());
+        while exited
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > crate::EXITED_KEPT_FOR)
+        {
+            exited.pop_front();
+        }
+        exited
+    }
+
+    fn retire(&self, proc: Arc<Proc>) {
+        let mut exited = self.lock_exited();
+        if exited.len() >= crate::EXITED_KEPT {
+            exited.pop_front();
+        }
+        exited.push_back((Instant::now(), proc));
+    }
+}
+
+/// The process a Connect names: a live one, else one that exited moments ago.
+fn selected_for_connect(state: &Shared, req: &Value) -> RpcResult<Arc<Proc>> {
+    let err = match selected(state, req) {
+        Ok(p) => return Ok(p),
+        Err(e) if e.code == Code::NotFound => e,
+        Err(e) => return Err(e),
+    };
+    let sel = field(req, "process", "process").ok_or_else(|| err.clone())?;
+    let pid = get_u32(sel, "pid", "pid")?;
+    let tag = get_str(sel, "tag", "tag")?;
+    let exited = state.processes.lock_exited();
+    exited
+        .iter()
+        .rev()
+        .map(|(_, p)| p)
+        .find(|p| match (pid, &tag) {
+            (Some(pid), _) => p.pid == pid,
+            (None, Some(tag)) => p.tag.as_deref() == Some(tag.as_str()),
+            (None, None) => false,
+        })
+        .cloned()
+        .ok_or(err)
 }
 
 fn selected(state: &Shared, req: &Value) -> RpcResult<Arc<Proc>> {
@@ -437,6 +490,7 @@ pub async fn start(state: &Shared, req: Value, keepalive: Option<Duration>) -> R
         };
         st.processes.lock().remove(&waited.pid);
         waited.publish(end).await;
+        st.processes.retire(waited);
     });
 
     Ok(stream_events(pid, rx, Vec::new(), keepalive))
@@ -530,7 +584,7 @@ fn stream_events(
 }
 
 pub async fn connect(state: &Shared, req: Value, keepalive: Option<Duration>) -> RpcResult<Response> {
-    let proc = selected(state, &req)?;
+    let proc = selected_for_connect(state, &req)?;
     let (rx, replay) = proc.subscribe(true)?;
     Ok(stream_events(proc.pid, rx, replay, keepalive))
 }

@@ -343,8 +343,32 @@ fn connect_reattaches_with_replay_and_list_shows_processes() {
     assert_eq!(output(&events, "stdout"), "early\nlate\n");
     assert_eq!(end_of(&events)["exitCode"], 0);
 
-    // Once it has ended it is gone.
-    let mut gone = d.stream("process.Process/Connect", json!({"process": {"pid": pid}}));
+    // Just after it ended, a Connect still gets its output and exit status; List and signals no
+    // longer see it.
+    let mut late = d.stream("process.Process/Connect", json!({"process": {"pid": pid}}));
+    assert_eq!(late.start_pid(), pid);
+    let (events, eos) = late.collect();
+    assert_eq!(eos, json!({}));
+    assert_eq!(output(&events, "stdout"), "early\nlate\n");
+    assert_eq!(end_of(&events)["exitCode"], 0);
+    let list = d.ok("process.Process/List", json!({}));
+    assert!(
+        list["processes"]
+            .as_array()
+            .is_none_or(|a| a.iter().all(|p| p["pid"] != pid)),
+        "{list}"
+    );
+    let (status, _) = d.unary(
+        "process.Process/SendSignal",
+        json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGTERM"}),
+    );
+    assert_eq!(status, 404);
+
+    // A process never seen is not found.
+    let mut gone = d.stream(
+        "process.Process/Connect",
+        json!({"process": {"pid": 999_999_999u32}}),
+    );
     let (end, v) = gone.next().expect("end frame");
     assert!(end);
     assert_eq!(v["error"]["code"], "not_found");
