@@ -83,7 +83,7 @@ pub const MAX_LIST_ENTRIES: usize = 100_000;
 /// Filesystem watchers (streaming and polling) at once.
 pub const MAX_WATCHERS: usize = 64;
 /// Events a polling watcher queues between two GetWatcherEvents calls (older ones dropped).
-pub const MAX_WATCHER_EVENTS: usize = 10_000;
+pub const MAX_WATCHER_EVENTS: usize = 4096;
 /// Largest unary (and stream-request) body.
 pub const MAX_UNARY_BODY: usize = 16 << 20;
 
