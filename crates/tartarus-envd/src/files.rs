@@ -114,13 +114,25 @@ pub async fn download(
     };
     let path = resolve(&state.config.home, p);
     let shown = path.display().to_string();
-    let file = match tokio::fs::File::open(&path).await {
+    // O_NONBLOCK: opening a FIFO must not hang the request (it is refused below, not read).
+    let file = match tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .await
+    {
         Ok(f) => f,
         Err(e) => return io_error(&shown, &e),
     };
     match file.metadata().await {
         Ok(m) if m.is_dir() => {
             return error(StatusCode::BAD_REQUEST, format!("path is a directory: {shown}"))
+        }
+        Ok(m) if !m.is_file() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("path is not a regular file: {shown}"),
+            )
         }
         Ok(_) => {}
         Err(e) => return io_error(&shown, &e),
@@ -227,11 +239,21 @@ where
         if let Some(parent) = p.parent() {
             make_dirs(parent)?;
         }
-        if std::fs::metadata(&p).map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "path is a directory",
-            ));
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::IsADirectory,
+                    "path is a directory",
+                ))
+            }
+            // A FIFO or device would block or misbehave; only regular files are written.
+            Ok(m) if !m.is_file() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "path is not a regular file",
+                ))
+            }
+            _ => {}
         }
         std::fs::OpenOptions::new()
             .write(true)

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::connect::{get_str, get_u32, RpcError, RpcResult};
 use crate::users::Names;
-use crate::Shared;
+use crate::{Shared, MAX_LIST_ENTRIES};
 
 /// The extended-attribute namespace that holds a file's user metadata.
 pub const METADATA_XATTR_PREFIX: &str = "user.e2b.";
@@ -294,6 +294,12 @@ pub async fn list_dir(state: &Shared, req: Value) -> RpcResult<Value> {
         let names = Names::load();
         let mut entries = Vec::new();
         walk(&path, depth, &names, &mut entries).map_err(|e| RpcError::io(&shown, &e))?;
+        if entries.len() > MAX_LIST_ENTRIES {
+            return Err(RpcError::new(
+                crate::connect::Code::ResourceExhausted,
+                format!("more than {MAX_LIST_ENTRIES} entries under {shown}; list with a smaller depth"),
+            ));
+        }
         Ok(json!({"entries": entries}))
     })
     .await
@@ -307,6 +313,9 @@ fn walk(dir: &Path, depth: u32, names: &Names, out: &mut Vec<Value>) -> std::io:
         .collect();
     children.sort();
     for child in children {
+        if out.len() > MAX_LIST_ENTRIES {
+            return Ok(());
+        }
         let Ok(info) = entry_info(&child, names) else {
             continue;
         };

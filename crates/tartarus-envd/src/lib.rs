@@ -31,17 +31,21 @@
 //! here. Relative paths resolve against the daemon's `HOME`.
 //!
 //! # Limits (hostile input is expected)
-//! At most [`MAX_PROCESSES`] live processes, a replay buffer of [`MAX_REPLAY_BYTES`] per process (oldest
-//! output dropped) that a late `Connect` receives first, at most [`MAX_WATCHERS`] watchers with at most
-//! [`MAX_WATCHER_EVENTS`] queued events each, unary request bodies of at most [`MAX_UNARY_BODY`]. Nothing
-//! the user started is timed out. Malformed JSON or envelopes are invalid_argument errors, never a crash.
+//! At most [`MAX_PROCESSES`] live processes with at most [`MAX_ATTACHED_STREAMS`] streams each; a
+//! replay buffer of [`MAX_REPLAY_BYTES`] per process (oldest output dropped) that a late `Connect`
+//! receives first, also for the last [`EXITED_KEPT`] processes that exited in the last
+//! [`EXITED_KEPT_FOR`] (then with their end event); at most [`MAX_WATCHERS`] watchers with at most [`MAX_WATCHER_EVENTS`] queued
+//! events each; at most [`MAX_LIST_ENTRIES`] entries per listing; unary request bodies of at most
+//! [`MAX_UNARY_BODY`]. Nothing the user started is timed out. Malformed JSON or envelopes are
+//! invalid_argument errors, never a crash. Output is backpressured: a stream that stops reading
+//! slows the process's output once its queue is full (as in E2B's envd).
 //!
-//! # Unsupported
+//! # Not supported
 //! Running as another user, StreamInput, the binary protobuf codec, signed download URLs (the
-//! `signature` query parameters are the server's to check), reaping orphaned grandchildren when
-//! running as PID 1, and refusing network mounts for watching (every directory may be watched, so
-//! `allow_network_mounts` changes nothing). Metadata keys arrive lowercased (HTTP header names are
-//! case-insensitive).
+//! `signature` query parameters are the server's to check), and refusing network mounts for
+//! watching (every directory may be watched, so `allow_network_mounts` changes nothing). Metadata
+//! keys arrive lowercased (HTTP header names are case-insensitive). Orphaned grandchildren are
+//! reaped by the sandbox's own init (pid 1 of a Tartarus sandbox), not by envd.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,10 +72,18 @@ pub const ENVD_VERSION: &str = "0.6.4";
 pub const MAX_PROCESSES: usize = 512;
 /// Output kept per process for a late Connect (oldest chunks dropped beyond it).
 pub const MAX_REPLAY_BYTES: usize = 1 << 20;
+/// Exited processes whose output and exit status a Connect still gets, for [`EXITED_KEPT_FOR`].
+pub const EXITED_KEPT: usize = 16;
+/// How long an exited process can still be connected to.
+pub const EXITED_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// Streams attached to one process at once (Start plus Connects).
+pub const MAX_ATTACHED_STREAMS: usize = 64;
+/// Entries one ListDir answers with at most (a deep listing of a huge tree is refused).
+pub const MAX_LIST_ENTRIES: usize = 100_000;
 /// Filesystem watchers (streaming and polling) at once.
 pub const MAX_WATCHERS: usize = 64;
 /// Events a polling watcher queues between two GetWatcherEvents calls (older ones dropped).
-pub const MAX_WATCHER_EVENTS: usize = 10_000;
+pub const MAX_WATCHER_EVENTS: usize = 4096;
 /// Largest unary (and stream-request) body.
 pub const MAX_UNARY_BODY: usize = 16 << 20;
 

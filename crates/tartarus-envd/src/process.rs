@@ -10,7 +10,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::response::Response;
@@ -20,7 +20,7 @@ use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 
 use crate::connect::{self, b64, field, get_bool, get_bytes, get_str, get_u32, Code, RpcError, RpcResult};
-use crate::{Shared, MAX_PROCESSES, MAX_REPLAY_BYTES};
+use crate::{Shared, MAX_ATTACHED_STREAMS, MAX_PROCESSES, MAX_REPLAY_BYTES};
 
 /// Events queued per attached stream before the output readers wait for it.
 const SUBSCRIBER_QUEUE: usize = 64;
@@ -84,6 +84,7 @@ struct ProcState {
     replay_bytes: usize,
     subscribers: Vec<mpsc::Sender<Event>>,
     ended: bool,
+    end: Option<Event>,
 }
 
 struct Proc {
@@ -100,21 +101,38 @@ impl Proc {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attaches a stream; with `replay`, also returns the buffered output. None once it has ended.
-    fn subscribe(&self, replay: bool) -> Option<(mpsc::Receiver<Event>, Vec<Event>)> {
+    /// Attaches a stream; with `replay`, also returns the buffered output.
+    fn subscribe(&self, replay: bool) -> RpcResult<(mpsc::Receiver<Event>, Vec<Event>)> {
         let mut st = self.lock();
         if st.ended {
-            return None;
+            // A process that has just exited: its output and end, on a stream that then closes.
+            let (_, rx) = mpsc::channel(1);
+            let mut snapshot: Vec<Event> = if replay {
+                st.replay.iter().cloned().collect()
+            } else {
+                Vec::new()
+            };
+            snapshot.extend(st.end.clone());
+            return Ok((rx, snapshot));
+        }
+        st.subscribers.retain(|s| !s.is_closed());
+        if st.subscribers.len() >= MAX_ATTACHED_STREAMS {
+            return Err(RpcError::new(
+                Code::ResourceExhausted,
+                format!(
+                    "too many streams attached to process {} (at most {MAX_ATTACHED_STREAMS})",
+                    self.pid
+                ),
+            ));
         }
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        st.subscribers.retain(|s| !s.is_closed());
         st.subscribers.push(tx);
         let snapshot = if replay {
             st.replay.iter().cloned().collect()
         } else {
             Vec::new()
         };
-        Some((rx, snapshot))
+        Ok((rx, snapshot))
     }
 
     async fn publish(&self, ev: Event) {
@@ -122,6 +140,7 @@ impl Proc {
             let mut st = self.lock();
             if let Event::End { .. } = ev {
                 st.ended = true;
+                st.end = Some(ev.clone());
                 std::mem::take(&mut st.subscribers)
             } else {
                 st.replay_bytes += ev.len();
@@ -163,12 +182,58 @@ impl Proc {
 #[derive(Default)]
 pub struct Table {
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
+    /// Recently exited processes, newest last: a Connect just after the exit still gets the output
+    /// and the exit status (List, SendInput and SendSignal no longer see them).
+    exited: Mutex<VecDeque<(Instant, Arc<Proc>)>>,
 }
 
 impl Table {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Proc>>> {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_exited(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Arc<Proc>)>> {
+        let mut exited = self.exited.lock().unwrap_or_else(|p| p.into_inner());
+        while exited
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > crate::EXITED_KEPT_FOR)
+        {
+            exited.pop_front();
+        }
+        exited
+    }
+
+    fn retire(&self, proc: Arc<Proc>) {
+        let mut exited = self.lock_exited();
+        if exited.len() >= crate::EXITED_KEPT {
+            exited.pop_front();
+        }
+        exited.push_back((Instant::now(), proc));
+    }
+}
+
+/// The process a Connect names: a live one, else one that exited moments ago.
+fn selected_for_connect(state: &Shared, req: &Value) -> RpcResult<Arc<Proc>> {
+    let err = match selected(state, req) {
+        Ok(p) => return Ok(p),
+        Err(e) if e.code == Code::NotFound => e,
+        Err(e) => return Err(e),
+    };
+    let sel = field(req, "process", "process").ok_or_else(|| err.clone())?;
+    let pid = get_u32(sel, "pid", "pid")?;
+    let tag = get_str(sel, "tag", "tag")?;
+    let exited = state.processes.lock_exited();
+    exited
+        .iter()
+        .rev()
+        .map(|(_, p)| p)
+        .find(|p| match (pid, &tag) {
+            (Some(pid), _) => p.pid == pid,
+            (None, Some(tag)) => p.tag.as_deref() == Some(tag.as_str()),
+            (None, None) => false,
+        })
+        .cloned()
+        .ok_or(err)
 }
 
 fn selected(state: &Shared, req: &Value) -> RpcResult<Arc<Proc>> {
@@ -368,9 +433,7 @@ pub async fn start(state: &Shared, req: Value, keepalive: Option<Duration>) -> R
         state: Mutex::new(ProcState::default()),
     });
     state.processes.lock().insert(pid, proc.clone());
-    let Some((rx, _)) = proc.subscribe(false) else {
-        return Err(RpcError::internal("the process ended before it was attached"));
-    };
+    let (rx, _) = proc.subscribe(false)?;
 
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -427,6 +490,7 @@ pub async fn start(state: &Shared, req: Value, keepalive: Option<Duration>) -> R
         };
         st.processes.lock().remove(&waited.pid);
         waited.publish(end).await;
+        st.processes.retire(waited);
     });
 
     Ok(stream_events(pid, rx, Vec::new(), keepalive))
@@ -520,10 +584,8 @@ fn stream_events(
 }
 
 pub async fn connect(state: &Shared, req: Value, keepalive: Option<Duration>) -> RpcResult<Response> {
-    let proc = selected(state, &req)?;
-    let (rx, replay) = proc
-        .subscribe(true)
-        .ok_or_else(|| RpcError::not_found(format!("process with pid {} not found", proc.pid)))?;
+    let proc = selected_for_connect(state, &req)?;
+    let (rx, replay) = proc.subscribe(true)?;
     Ok(stream_events(proc.pid, rx, replay, keepalive))
 }
 

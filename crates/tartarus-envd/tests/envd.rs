@@ -266,11 +266,27 @@ fn pty_output_and_resize() {
     assert_eq!(end_of(&events)["exitCode"], 3);
 }
 
+/// Whether `pid` is gone (or a zombie waiting for its reaper).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
 #[test]
 fn signal_kills_the_process_group() {
     let d = daemon();
-    let mut s = d.stream("process.Process/Start", bash("sleep 30 & sleep 30; echo never"));
+    let mut s = d.stream(
+        "process.Process/Start",
+        bash("sleep 30 & echo $!; wait; echo never"),
+    );
     let pid = s.start_pid();
+    let background: u32 = s.read_until("\n").trim().parse().expect("background pid");
+    assert!(!dead(background));
     d.ok(
         "process.Process/SendSignal",
         json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
@@ -280,6 +296,14 @@ fn signal_kills_the_process_group() {
     assert_eq!(end["exited"], false, "{end}");
     assert_eq!(end["status"], "signal: killed");
     assert_eq!(output(&events, "stdout"), "");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dead(background) {
+        assert!(
+            Instant::now() < deadline,
+            "the background child {background} survived the group kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (status, v) = d.unary(
         "process.Process/SendSignal",
         json!({"process": {"pid": 999_999_999u32}, "signal": "SIGNAL_SIGKILL"}),
@@ -319,8 +343,32 @@ fn connect_reattaches_with_replay_and_list_shows_processes() {
     assert_eq!(output(&events, "stdout"), "early\nlate\n");
     assert_eq!(end_of(&events)["exitCode"], 0);
 
-    // Once it has ended it is gone.
-    let mut gone = d.stream("process.Process/Connect", json!({"process": {"pid": pid}}));
+    // Just after it ended, a Connect still gets its output and exit status; List and signals no
+    // longer see it.
+    let mut late = d.stream("process.Process/Connect", json!({"process": {"pid": pid}}));
+    assert_eq!(late.start_pid(), pid);
+    let (events, eos) = late.collect();
+    assert_eq!(eos, json!({}));
+    assert_eq!(output(&events, "stdout"), "early\nlate\n");
+    assert_eq!(end_of(&events)["exitCode"], 0);
+    let list = d.ok("process.Process/List", json!({}));
+    assert!(
+        list["processes"]
+            .as_array()
+            .is_none_or(|a| a.iter().all(|p| p["pid"] != pid)),
+        "{list}"
+    );
+    let (status, _) = d.unary(
+        "process.Process/SendSignal",
+        json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGTERM"}),
+    );
+    assert_eq!(status, 404);
+
+    // A process never seen is not found.
+    let mut gone = d.stream(
+        "process.Process/Connect",
+        json!({"process": {"pid": 999_999_999u32}}),
+    );
     let (end, v) = gone.next().expect("end frame");
     assert!(end);
     assert_eq!(v["error"]["code"], "not_found");
@@ -575,6 +623,26 @@ fn files_upload_and_download_round_trip() {
     assert_eq!(v[0]["metadata"], json!({"author": "me"}));
     assert_eq!(download(&d, "one.txt").1, b"first");
     assert!(download(&d, "sub/two.bin").1 == data[..3 << 20]);
+
+    // A FIFO is refused both ways instead of hanging the request.
+    let fifo = d.home().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    assert_eq!(download(&d, "fifo").0, 400);
+    let status = match ureq::post(&format!("{}/files", d.base))
+        .query("path", "fifo")
+        .set("Content-Type", "application/octet-stream")
+        .timeout(Duration::from_secs(10))
+        .send_bytes(b"x")
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(status, 400);
 
     // Missing file: 404 with a JSON message.
     let (status, body) = download(&d, "nope.txt");
