@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
+use std::os::fd::{AsRawFd, RawFd};
+
 use axum::serve::Listener;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -59,7 +61,7 @@ impl ConnectionLimits {
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves; then stops accepting, lets
 /// every open connection finish its request in flight, and returns once all are closed. Dropping the
 /// returned future closes connections too (each after its request in flight).
-pub async fn serve<L: Listener>(
+pub async fn serve<L: Listener<Io: AsRawFd>>(
     mut listener: L,
     router: Router,
     limits: ConnectionLimits,
@@ -85,7 +87,11 @@ pub async fn serve<L: Listener>(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(router.clone());
+        // Each request knows its connection's socket, so a forwarded stream cut off by its source can
+        // reset the connection ([`ClientConnection::reset`]).
+        let client = ClientConnection(io.as_raw_fd());
+        let router = router.clone().layer(axum::Extension(client));
+        let service = TowerToHyperService::new(router);
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -113,6 +119,32 @@ pub async fn serve<L: Listener>(
     // Every slot back: every connection closed.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
+}
+
+/// The client connection a request arrived on (its socket, valid while the request is being answered).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConnection(RawFd);
+
+impl ClientConnection {
+    /// Makes the connection's close a reset (`SO_LINGER` 0) instead of an orderly end: a response whose
+    /// source died mid-stream must not look, to the client, like one the server chose to end. Called
+    /// while the response is still being written, so the descriptor is still this connection's.
+    pub fn reset(self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads `linger` for its size; an fd that is no longer a socket just fails.
+        unsafe {
+            libc::setsockopt(
+                self.0,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// A request body that fails when no piece of it arrives within `timeout` while the handler waits for one.

@@ -80,6 +80,10 @@ pub async fn forward(
         let _ = exchange.with_upgrades().await;
     });
     let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let client = request
+        .extensions()
+        .get::<crate::connections::ClientConnection>()
+        .copied();
     let headers = request.headers_mut();
     for name in CREDENTIAL_HEADERS {
         headers.remove(HeaderName::from_static(name));
@@ -126,7 +130,42 @@ pub async fn forward(
             }
         });
     }
-    Ok(response.map(Body::new).into_response())
+    Ok(response
+        .map(|body| Body::new(ResetOnError { inner: body, client }))
+        .into_response())
+}
+
+/// The sandbox's answer body; if it breaks off (the sandbox died, its program crashed), the client's
+/// connection is reset rather than ended, so the client sees a dropped connection, not a short answer.
+struct ResetOnError {
+    inner: hyper::body::Incoming,
+    client: Option<crate::connections::ClientConnection>,
+}
+
+impl http_body::Body for ResetOnError {
+    type Data = axum::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            if let Some(client) = self.client.take() {
+                client.reset();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn is_upgrade(request: &Request) -> bool {

@@ -737,6 +737,31 @@ const SANDBOX_COLUMNS: &str =
     "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused, \
      node, remote_id, placement, runtime, runtime_reason";
 
+/// What happens to a sandbox at its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Stop,
+    /// Freeze it, kept until resumed or deleted (E2B's auto-pause).
+    Pause,
+}
+
+impl Expiry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expiry::Stop => "stop",
+            Expiry::Pause => "pause",
+        }
+    }
+
+    /// The stored word; anything but `pause` stops (the safe reading).
+    fn parse(word: &str) -> Expiry {
+        match word {
+            "pause" => Expiry::Pause,
+            _ => Expiry::Stop,
+        }
+    }
+}
+
 impl Record for SandboxRecord {
     const TABLE: &'static str = "sandboxes";
     const KEY: &'static [&'static str] = &["id"];
@@ -793,14 +818,16 @@ impl Store {
         Ok(())
     }
 
-    /// Sets (or moves) the time a sandbox is stopped at unless moved again.
-    pub async fn set_deadline(&self, id: &str, deadline_ms: i64) -> Result<(), StoreError> {
+    /// Sets (or moves) the time a sandbox is stopped (or, with [`Expiry::Pause`], paused) at unless moved
+    /// again.
+    pub async fn set_deadline(&self, id: &str, deadline_ms: i64, expiry: Expiry) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO sandbox_deadlines (id, deadline_ms) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET deadline_ms = excluded.deadline_ms",
+            "INSERT INTO sandbox_deadlines (id, deadline_ms, expiry) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET deadline_ms = excluded.deadline_ms, expiry = excluded.expiry",
         )
         .bind(id)
         .bind(deadline_ms)
+        .bind(expiry.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -815,19 +842,21 @@ impl Store {
         Ok(())
     }
 
-    /// A sandbox's deadline, if it has one.
-    pub async fn deadline(&self, id: &str) -> Result<Option<i64>, StoreError> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT deadline_ms FROM sandbox_deadlines WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|(ms,)| ms))
+    /// A sandbox's deadline and what happens then, if it has one.
+    pub async fn deadline(&self, id: &str) -> Result<Option<(i64, Expiry)>, StoreError> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT deadline_ms, expiry FROM sandbox_deadlines WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(ms, expiry)| (ms, Expiry::parse(&expiry))))
     }
 
-    /// Live sandboxes whose deadline is at or before `now_ms`, at most `limit`, earliest first.
-    pub async fn due_sandboxes(&self, now_ms: i64, limit: i64) -> Result<Vec<String>, StoreError> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT d.id FROM sandbox_deadlines d JOIN sandboxes s ON s.id = d.id \
+    /// Live sandboxes whose deadline is at or before `now_ms`, at most `limit`, earliest first, with what
+    /// happens to each.
+    pub async fn due_sandboxes(&self, now_ms: i64, limit: i64) -> Result<Vec<(String, Expiry)>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT d.id, d.expiry FROM sandbox_deadlines d JOIN sandboxes s ON s.id = d.id \
              WHERE d.deadline_ms <= $1 AND s.status IN ('starting', 'running') \
              ORDER BY d.deadline_ms, d.id LIMIT $2",
         )
@@ -835,7 +864,7 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|(id,)| id).collect())
+        Ok(rows.into_iter().map(|(id, e)| (id, Expiry::parse(&e))).collect())
     }
 
     /// Records how a live sandbox ended; a sandbox that already ended keeps its first outcome.

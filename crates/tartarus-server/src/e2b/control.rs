@@ -17,7 +17,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tartarus_store::{SandboxRecord, SandboxStatus};
 
-use super::wire::{ConnectRequest, ListQuery, NewSandbox, Sandbox, SandboxDetail, TimeoutRequest};
+use super::wire::{
+    ConnectRequest, Lifecycle, ListQuery, NewSandbox, PauseRequest, Sandbox, SandboxDetail, TimeoutRequest,
+};
 use super::{E2bError, ENVD_PORT};
 use crate::api::{CreateSandbox, SandboxView};
 use crate::auth::Caller;
@@ -26,7 +28,14 @@ use crate::{audit, AppState};
 /// Where a sandbox sees the supervisor's executable, which serves the E2B daemon.
 pub const ENVD_EXECUTABLE: &str = "/.tartarus/tartarus";
 /// The label that marks a sandbox made through this API, holding the E2B template id it was made from.
+/// Labels starting `e2b.` are this API's (not the sandbox's metadata).
 pub const TEMPLATE_LABEL: &str = "e2b.template";
+/// `pause` when the sandbox pauses at its timeout instead of stopping (E2B's auto-pause).
+const ON_TIMEOUT_LABEL: &str = "e2b.on_timeout";
+/// `true` when traffic to the paused sandbox resumes it (E2B's auto-resume).
+const AUTO_RESUME_LABEL: &str = "e2b.auto_resume";
+/// Prefix of this API's own labels.
+const OWN_LABELS: &str = "e2b.";
 /// E2B's default sandbox timeout, when a create names none.
 const DEFAULT_TIMEOUT_S: u64 = 15;
 /// The longest timeout accepted (E2B's own cap for its paid tier).
@@ -123,13 +132,20 @@ fn check_unsupported(body: &NewSandbox) -> Result<(), E2bError> {
         return refuse("volume mounts");
     }
     if body.mcp.as_ref().is_some_and(|m| !m.is_null()) {
-        return refuse("MCP gateways");
+        // E2B answers a gateway that cannot start this way; here none can.
+        return Err(E2bError::new(
+            StatusCode::BAD_REQUEST,
+            "Failed to start MCP gateway: MCP gateways are not supported by Tartarus's E2B API",
+        ));
+    }
+    if body.auto_pause_memory == Some(false) {
+        return refuse("filesystem-only pauses (autoPauseMemory: false)");
     }
     if let Some(metadata) = &body.metadata {
-        if metadata.contains_key(TEMPLATE_LABEL) {
+        if let Some(key) = metadata.keys().find(|k| k.starts_with(OWN_LABELS)) {
             return Err(E2bError::new(
                 StatusCode::BAD_REQUEST,
-                format!("metadata key '{TEMPLATE_LABEL}' is reserved"),
+                format!("metadata key '{key}' is reserved: keys starting '{OWN_LABELS}' are Tartarus's"),
             ));
         }
     }
@@ -170,6 +186,12 @@ async fn create_sandbox(
     let choice = template_choice(&body.template_id);
     let mut labels = body.metadata.clone().unwrap_or_default();
     labels.insert(TEMPLATE_LABEL.to_string(), body.template_id.clone());
+    if body.auto_pause == Some(true) {
+        labels.insert(ON_TIMEOUT_LABEL.to_string(), "pause".to_string());
+    }
+    if body.auto_resume.as_ref().is_some_and(|a| a.enabled) {
+        labels.insert(AUTO_RESUME_LABEL.to_string(), "true".to_string());
+    }
     let native = CreateSandbox {
         template: match &choice {
             TemplateChoice::Tartarus(id) => Some(id.clone()),
@@ -207,11 +229,7 @@ async fn create_sandbox(
         let _ = state.manager.kill(&record).await;
         return Err(e);
     }
-    state
-        .store
-        .set_deadline(&record.id, deadline_after(timeout))
-        .await
-        .map_err(crate::error::ApiError::from)?;
+    set_deadline(&state, &record, deadline_after(timeout)).await?;
     let answer = sandbox_answer(&state, &record);
     Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
@@ -304,6 +322,47 @@ async fn wait_for_envd(state: &AppState, record: &SandboxRecord) -> Result<(), E
     }
 }
 
+/// What the sandbox's timeout does: pause (auto-pause) or stop.
+fn expiry(record: &SandboxRecord) -> tartarus_store::Expiry {
+    match record.labels.get(ON_TIMEOUT_LABEL).map(String::as_str) {
+        Some("pause") => tartarus_store::Expiry::Pause,
+        _ => tartarus_store::Expiry::Stop,
+    }
+}
+
+/// Whether traffic resumes this sandbox when it is paused.
+pub fn auto_resumes(record: &SandboxRecord) -> bool {
+    record.labels.get(AUTO_RESUME_LABEL).is_some_and(|v| v == "true")
+}
+
+/// How long a sandbox woken by traffic runs before its timeout acts again (the SDK's default timeout).
+const AUTO_RESUME_TIMEOUT_S: u64 = 300;
+
+/// Resumes a paused sandbox that traffic reached (E2B's auto-resume); returns its record as it is now.
+pub async fn auto_resume(state: &AppState, record: SandboxRecord) -> Result<SandboxRecord, E2bError> {
+    state.manager.set_paused(&record, false).await?;
+    set_deadline(state, &record, deadline_after(AUTO_RESUME_TIMEOUT_S)).await?;
+    state
+        .store
+        .sandbox(&record.id, None)
+        .await
+        .map_err(|e| E2bError::from(crate::error::ApiError::from(e)))?
+        .ok_or_else(|| {
+            E2bError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("sandbox {} is not running", record.id),
+            )
+        })
+}
+
+async fn set_deadline(state: &AppState, record: &SandboxRecord, deadline_ms: i64) -> Result<(), E2bError> {
+    state
+        .store
+        .set_deadline(&record.id, deadline_ms, expiry(record))
+        .await
+        .map_err(|e| E2bError::from(crate::error::ApiError::from(e)))
+}
+
 fn deadline_after(timeout_s: u64) -> i64 {
     tartarus_store::now_ms().saturating_add(i64::try_from(timeout_s.saturating_mul(1000)).unwrap_or(i64::MAX))
 }
@@ -338,7 +397,13 @@ async fn find_e2b(state: &AppState, caller: &Caller, id: &str) -> Result<Sandbox
 }
 
 async fn detail(state: &AppState, record: &SandboxRecord, with_token: bool) -> SandboxDetail {
-    let deadline = state.store.deadline(&record.id).await.ok().flatten();
+    let deadline = state
+        .store
+        .deadline(&record.id)
+        .await
+        .ok()
+        .flatten()
+        .map(|(ms, _)| ms);
     let spec = crate::sandboxes::stored_spec(record).ok();
     let limits = spec.as_ref().map(|s| s.applied_limits());
     let cpus = limits.as_ref().and_then(|l| l.cpu_quota).unwrap_or(1.0);
@@ -358,13 +423,20 @@ async fn detail(state: &AppState, record: &SandboxRecord, with_token: bool) -> S
         metadata: metadata(record),
         envd_access_token: with_token.then(|| state.e2b.tokens.access_token(&record.id)),
         domain: None,
+        lifecycle: Lifecycle {
+            on_timeout: match expiry(record) {
+                tartarus_store::Expiry::Pause => "pause",
+                tartarus_store::Expiry::Stop => "kill",
+            },
+            auto_resume: auto_resumes(record),
+        },
     }
 }
 
-/// The sandbox's labels as E2B metadata (without the label this API adds).
+/// The sandbox's labels as E2B metadata (without this API's own).
 fn metadata(record: &SandboxRecord) -> BTreeMap<String, String> {
     let mut metadata = record.labels.clone();
-    metadata.remove(TEMPLATE_LABEL);
+    metadata.retain(|k, _| !k.starts_with(OWN_LABELS));
     metadata
 }
 
@@ -379,7 +451,12 @@ fn rfc3339(ms: i64) -> String {
 fn parse_rfc3339(text: &str) -> Result<i64, E2bError> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
-        .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("'{text}' is not an RFC 3339 time: {e}")))
+        .map_err(|e| {
+            E2bError::new(
+                StatusCode::BAD_REQUEST,
+                format!("'{text}' is not an RFC 3339 time: {e}"),
+            )
+        })
 }
 
 /// Parses E2B's metadata filter, `key=value&key2=value2` (URL-encoded once more in the query).
@@ -541,18 +618,15 @@ async fn set_timeout(
     E2bJson(body): E2bJson<TimeoutRequest>,
 ) -> Result<StatusCode, E2bError> {
     caller.require_mutate()?;
-    if !(1..=MAX_TIMEOUT_S).contains(&body.timeout) {
+    // 0 is "now", as in E2B.
+    if body.timeout > MAX_TIMEOUT_S {
         return Err(E2bError::new(
             StatusCode::BAD_REQUEST,
-            format!("timeout must be between 1 and {MAX_TIMEOUT_S} seconds"),
+            format!("timeout must be at most {MAX_TIMEOUT_S} seconds"),
         ));
     }
     let record = find_e2b(&state, &caller, &id).await?;
-    state
-        .store
-        .set_deadline(&record.id, deadline_after(body.timeout))
-        .await
-        .map_err(crate::error::ApiError::from)?;
+    set_deadline(&state, &record, deadline_after(body.timeout)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -560,8 +634,20 @@ async fn pause_sandbox(
     State(state): State<AppState>,
     E2bCaller(caller): E2bCaller,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<StatusCode, E2bError> {
     caller.require_mutate()?;
+    let request: PauseRequest = match body.iter().all(u8::is_ascii_whitespace) {
+        true => PauseRequest::default(),
+        false => serde_json::from_slice(&body)
+            .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?,
+    };
+    if request.memory == Some(false) {
+        return Err(E2bError::new(
+            StatusCode::BAD_REQUEST,
+            "filesystem-only pauses (memory: false) are not supported by Tartarus's E2B API",
+        ));
+    }
     let record = find_e2b(&state, &caller, &id).await?;
     if record.paused {
         return Err(E2bError::new(
@@ -606,11 +692,7 @@ async fn resume_sandbox(
     }
     let timeout = connect_request(&body)?.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
     state.manager.set_paused(&record, false).await?;
-    state
-        .store
-        .set_deadline(&record.id, deadline_after(timeout.clamp(1, MAX_TIMEOUT_S)))
-        .await
-        .map_err(crate::error::ApiError::from)?;
+    set_deadline(&state, &record, deadline_after(timeout.clamp(1, MAX_TIMEOUT_S))).await?;
     audit(&state, &caller, "sandbox.resume", Some(&id), "ok (e2b)").await;
     Ok((StatusCode::CREATED, Json(sandbox_answer(&state, &record))).into_response())
 }
@@ -638,13 +720,11 @@ async fn connect_sandbox(
         .store
         .deadline(&record.id)
         .await
-        .map_err(crate::error::ApiError::from)?;
-    if current.is_none_or(|c| c < wanted) {
-        state
-            .store
-            .set_deadline(&record.id, wanted)
-            .await
-            .map_err(crate::error::ApiError::from)?;
+        .map_err(crate::error::ApiError::from)?
+        .map(|(ms, _)| ms);
+    // A resumed sandbox had no deadline (a pause clears it); a running one keeps a later one.
+    if status == StatusCode::CREATED || current.is_none_or(|c| c < wanted) {
+        set_deadline(&state, &record, wanted).await?;
     }
     Ok((status, Json(sandbox_answer(&state, &record))).into_response())
 }
@@ -676,9 +756,18 @@ mod tests {
 
     #[test]
     fn rfc3339_round_trips_and_refuses_garbage() {
-        assert_eq!(parse_rfc3339("2026-12-03T17:30:00.000Z").unwrap(), 1_796_319_000_000);
-        assert_eq!(parse_rfc3339("2026-12-03T18:30:00+01:00").unwrap(), 1_796_319_000_000);
-        assert_eq!(parse_rfc3339("yesterday").unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            parse_rfc3339("2026-12-03T17:30:00.000Z").unwrap(),
+            1_796_319_000_000
+        );
+        assert_eq!(
+            parse_rfc3339("2026-12-03T18:30:00+01:00").unwrap(),
+            1_796_319_000_000
+        );
+        assert_eq!(
+            parse_rfc3339("yesterday").unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
     }
 
     #[test]

@@ -57,6 +57,10 @@ async fn forward(state: &AppState, id: String, request: Request) -> Result<Respo
         .map_err(|e| E2bError::from(crate::error::ApiError::from(e)))?
         .filter(|r| r.status.is_live() && r.labels.contains_key(TEMPLATE_LABEL))
         .ok_or_else(not_running)?;
+    let record = match record.paused && super::control::auto_resumes(&record) {
+        true => super::control::auto_resume(state, record).await?,
+        false => record,
+    };
     let path_and_query = request
         .uri()
         .path_and_query()
@@ -85,7 +89,12 @@ pub async fn signed_files(State(state): State<AppState>, request: Request) -> Re
 }
 
 async fn signed_files_inner(state: &AppState, request: Request) -> Result<Response, E2bError> {
-    let refused = || E2bError::new(StatusCode::UNAUTHORIZED, "the file URL's signature is invalid or has expired");
+    let refused = || {
+        E2bError::new(
+            StatusCode::UNAUTHORIZED,
+            "the file URL's signature is invalid or has expired",
+        )
+    };
     let query = request.uri().query().unwrap_or("").to_string();
     let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -100,7 +109,12 @@ async fn signed_files_inner(state: &AppState, request: Request) -> Result<Respon
     let operation = match *request.method() {
         axum::http::Method::GET => "read",
         axum::http::Method::POST => "write",
-        _ => return Err(E2bError::new(StatusCode::METHOD_NOT_ALLOWED, "signed file URLs are GET or POST")),
+        _ => {
+            return Err(E2bError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "signed file URLs are GET or POST",
+            ))
+        }
     };
     let user = param("username").unwrap_or("");
     let expiration = param("signature_expiration");
@@ -108,7 +122,10 @@ async fn signed_files_inner(state: &AppState, request: Request) -> Result<Respon
         let at: i64 = expiration.parse().map_err(|_| refused())?;
         if at.saturating_mul(1000) < tartarus_store::now_ms() {
             // E2B's daemon's own words, which clients match.
-            return Err(E2bError::new(StatusCode::UNAUTHORIZED, "signature is already expired"));
+            return Err(E2bError::new(
+                StatusCode::UNAUTHORIZED,
+                "signature is already expired",
+            ));
         }
     }
     let live = state
@@ -149,7 +166,10 @@ fn file_signature(path: &str, operation: &str, user: &str, token: &str, expirati
         None => format!("{path}:{operation}:{user}:{token}"),
     };
     let digest = sha2::Sha256::digest(raw.as_bytes());
-    format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
 }
 
 #[cfg(test)]
@@ -161,9 +181,17 @@ mod tests {
             use base64::Engine;
             use sha2::Digest;
             let digest = sha2::Sha256::digest(b"a.txt:read:user:tok");
-            format!("v1_{}", base64::engine::general_purpose::STANDARD.encode(digest).trim_end_matches('='))
+            format!(
+                "v1_{}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(digest)
+                    .trim_end_matches('=')
+            )
         };
-        assert_eq!(super::file_signature("a.txt", "read", "user", "tok", None), expected);
+        assert_eq!(
+            super::file_signature("a.txt", "read", "user", "tok", None),
+            expected
+        );
         assert_ne!(
             super::file_signature("a.txt", "read", "user", "tok", Some("5")),
             super::file_signature("a.txt", "read", "user", "tok", None)

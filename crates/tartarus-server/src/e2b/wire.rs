@@ -19,10 +19,31 @@ pub struct NewSandbox {
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(rename = "envVars", default)]
     pub env_vars: Option<BTreeMap<String, String>>,
+    /// Pause (freeze) instead of stopping at the timeout.
+    #[serde(rename = "autoPause", default)]
+    pub auto_pause: Option<bool>,
+    /// `false` asks for a filesystem-only pause, which Tartarus cannot do.
+    #[serde(rename = "autoPauseMemory", default)]
+    pub auto_pause_memory: Option<bool>,
+    /// `{"enabled": true}`: traffic to a paused sandbox resumes it.
+    #[serde(rename = "autoResume", default)]
+    pub auto_resume: Option<AutoResume>,
     #[serde(rename = "volumeMounts", default)]
     pub volume_mounts: Option<Vec<serde_json::Value>>,
     #[serde(default)]
     pub mcp: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AutoResume {
+    pub enabled: bool,
+}
+
+/// `POST /sandboxes/{id}/pause`.
+#[derive(Debug, Deserialize, Default)]
+pub struct PauseRequest {
+    /// `false` asks for a filesystem-only pause, which Tartarus cannot do.
+    pub memory: Option<bool>,
 }
 
 /// The answer to create, connect and resume.
@@ -70,6 +91,16 @@ pub struct SandboxDetail {
     pub envd_access_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    pub lifecycle: Lifecycle,
+}
+
+/// What happens at the timeout, and whether traffic resumes a paused sandbox.
+#[derive(Debug, Serialize)]
+pub struct Lifecycle {
+    #[serde(rename = "onTimeout")]
+    pub on_timeout: &'static str,
+    #[serde(rename = "autoResume")]
+    pub auto_resume: bool,
 }
 
 /// `POST /sandboxes/{id}/timeout`.

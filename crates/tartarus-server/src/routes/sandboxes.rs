@@ -511,7 +511,10 @@ pub(crate) async fn set_timeout(
         )));
     }
     let deadline_ms = tartarus_store::now_ms() + (body.timeout_s as i64) * 1000;
-    state.store.set_deadline(&id, deadline_ms).await?;
+    state
+        .store
+        .set_deadline(&id, deadline_ms, tartarus_store::Expiry::Stop)
+        .await?;
     audit(
         &state,
         &caller,

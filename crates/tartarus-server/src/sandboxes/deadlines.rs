@@ -1,5 +1,5 @@
-//! Deadlines the API can move: a sandbox with a row in the store's deadlines is stopped once its
-//! deadline has passed (E2B's `timeout`, `set_timeout` and `connect`, which move it). Unlike the spec's
+//! Deadlines the API can move: a sandbox with a row in the store's deadlines is stopped (or paused, for
+//! E2B's auto-pause) once its deadline has passed (E2B's `timeout`, `set_timeout` and `connect`, which move it). Unlike the spec's
 //! fixed `timeout`, which the shim enforces, a deadline lives in the store, so it survives a server
 //! restart and is moved without touching the running sandbox.
 
@@ -40,7 +40,7 @@ impl Manager {
                         continue;
                     }
                 };
-                for id in due {
+                for (id, expiry) in due {
                     let Ok(Some(record)) = manager.store.sandbox(&id, None).await else {
                         continue;
                     };
@@ -58,11 +58,31 @@ impl Manager {
                     let stopping = Arc::clone(&stopping);
                     // Each stop on its own: one slow sandbox never delays another's.
                     tokio::spawn(async move {
-                        if record.paused {
-                            let _ = manager.set_paused(&record, false).await;
-                        }
-                        if let Err(e) = manager.stop(&record, Some(DEADLINE_GRACE)).await {
-                            tracing::warn!(sandbox = %record.id, "stopping at its deadline failed: {}", e.message);
+                        match expiry {
+                            tartarus_store::Expiry::Pause => {
+                                let paused = match record.paused {
+                                    true => Ok(()),
+                                    false => manager.set_paused(&record, true).await,
+                                };
+                                match paused {
+                                    // Paused: kept until resumed (which sets a new deadline) or deleted.
+                                    Ok(()) => {
+                                        let _ = manager.store.clear_deadline(&record.id).await;
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(sandbox = %record.id, "pausing at its deadline failed, stopping it: {}", e.message);
+                                        let _ = manager.stop(&record, Some(DEADLINE_GRACE)).await;
+                                    }
+                                }
+                            }
+                            tartarus_store::Expiry::Stop => {
+                                if record.paused {
+                                    let _ = manager.set_paused(&record, false).await;
+                                }
+                                if let Err(e) = manager.stop(&record, Some(DEADLINE_GRACE)).await {
+                                    tracing::warn!(sandbox = %record.id, "stopping at its deadline failed: {}", e.message);
+                                }
+                            }
                         }
                         stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     });
