@@ -44,7 +44,8 @@ Every *context* is one backend, state kept between calls:
 Protocol (HTTP/1.1, JSON)
 =========================
 ``GET /health``
-    200 ``"OK"``.
+    200 ``"OK"`` once the default python context has been started (E2B's
+    server also creates it before serving); 503 while it is starting.
 ``POST /execute`` ``{code, context_id?, language?, env_vars?}``
     200, ``Transfer-Encoding: chunked``, ``application/x-ndjson``: one JSON
     object per line, in order:
@@ -1087,6 +1088,8 @@ class Handler(BaseHTTPRequestHandler):
             if parts == ["health"]:
                 if method != "GET":
                     raise ApiError(405, "method not allowed")
+                if not self.server.warm.is_set():
+                    raise ApiError(503, "starting: the default python context is not ready yet")
                 return self._send_json(200, "OK")
             if parts == ["execute"]:
                 if method != "POST":
@@ -1214,6 +1217,7 @@ class Server(ThreadingHTTPServer):
         super().__init__(addr, Handler)
         self.registry = registry
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.warm = threading.Event()  # set once the default context is up (or failed)
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -1260,12 +1264,16 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
-    if not args.no_default_context:
+    if args.no_default_context:
+        server.warm.set()
+    else:
         def warm():
             try:
                 registry.default("python")
             except Exception:
                 log.exception("default python context failed to start")
+            finally:
+                server.warm.set()
         threading.Thread(target=warm, name="default-context", daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.5)
