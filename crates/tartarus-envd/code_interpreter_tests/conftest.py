@@ -61,20 +61,20 @@ class ServerInfo:
             return ""
 
 
-@pytest.fixture(scope="session")
-def server():
-    external = os.environ.get("CI_SERVER_URL")
-    if external:
-        wait_healthy(external)
-        yield ServerInfo(external, os.environ.get("CI_SERVER_HOME", "/home/user"), "/dev/null")
-        return
+import contextlib
+
+
+@contextlib.contextmanager
+def run_server(extra_env=None):
+    """A fresh server (fresh contexts) on a free port; yields ServerInfo."""
     home = tempfile.mkdtemp(prefix="ci-home-")
     port = free_port()
-    log_path = os.path.join(home, "..", os.path.basename(home) + "-server.log")
+    log_path = home + "-server.log"
     env = dict(os.environ)
     env["HOME"] = home
     env["CI_GLOBAL_VAR"] = "from-server-env"
     env.pop("MPLBACKEND", None)
+    env.update(extra_env or {})
     logf = open(log_path, "w")
     proc = subprocess.Popen(
         [SERVER_PYTHON, SERVER, "--port", str(port)],
@@ -83,9 +83,12 @@ def server():
     url = "http://127.0.0.1:%d" % port
     try:
         wait_healthy(url, proc)
-        yield ServerInfo(url, home, log_path)
+        info = ServerInfo(url, home, log_path)
+        info.proc = proc
+        yield info
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -94,3 +97,14 @@ def server():
         logf.close()
         if proc.returncode not in (0, -15):
             sys.stderr.write(open(log_path).read())
+
+
+@pytest.fixture(scope="session")
+def server():
+    external = os.environ.get("CI_SERVER_URL")
+    if external:
+        wait_healthy(external)
+        yield ServerInfo(external, os.environ.get("CI_SERVER_HOME", "/home/user"), "/dev/null")
+        return
+    with run_server() as info:
+        yield info
