@@ -301,3 +301,55 @@ def test_stream_parsed_by_sdk(server):
     assert ex.execution_count and ex.error is None
     ex = execute_sdk(server, "1/0")
     assert ex.error.name == "ZeroDivisionError"
+
+
+def test_chunked_request_body(server):
+    import http.client
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    body = json.dumps({"code": "'chunked ok'"}).encode()
+    conn.request("POST", "/execute", body=iter([body[:5], body[5:]]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    lines = [json.loads(l) for l in resp.read().decode().splitlines() if l]
+    conn.close()
+    assert resp.status == 200
+    assert [e["text"] for e in lines if e["type"] == "result"] == ["chunked ok"]
+
+
+def test_concurrent_executions_in_one_context_are_serialised(server):
+    import threading
+    ctx = new_context(server)
+    execute_events(server, "log = []", context_id=ctx["id"])
+    code = "import time\nlog.append('start %d')\ntime.sleep(0.5)\nlog.append('end %d')"
+    threads = [threading.Thread(target=execute_events, args=(server, code % (i, i)),
+                                kwargs={"context_id": ctx["id"]}) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    log = [e for e in execute_events(server, "log", context_id=ctx["id"]) if e["type"] == "result"][0]["json"]
+    assert len(log) == 6
+    for i in range(0, 6, 2):  # never interleaved
+        assert log[i].split()[1] == log[i + 1].split()[1]
+
+
+def test_keepalive_lines_while_quiet(server):
+    lines = execute_lines(server, "import time; time.sleep(4.5)")
+    kinds = [json.loads(l)["type"] for _, l in lines]
+    assert kinds.count("keepalive") >= 1
+    assert kinds[-1] == "end_of_execution"
+
+
+def test_keep_alive_connection_reused(server):
+    import http.client
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    for i in range(3):
+        conn.request("POST", "/execute", body=json.dumps({"code": str(i)}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        events = [json.loads(l) for l in resp.read().decode().splitlines() if l]
+        assert [e["text"] for e in events if e["type"] == "result"] == [str(i)]
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.read() == b'"OK"'
+    conn.close()

@@ -98,8 +98,9 @@ Protocol (HTTP/1.1, JSON)
     with error ``ContextRestarting``.
 
 Errors are ``{"code": HTTP status, "message": text}``: 400 bad JSON / bad
-fields / unsupported language, 404 unknown path or context, 405, 411, 413
-body over 8 MiB, 429 context limit, 503 too many queued executions or
+fields / unsupported language, 404 unknown path or context, 405, 413 body
+over 8 MiB (request bodies may use Content-Length or chunked encoding), 429
+context limit, 503 server starting / too many queued executions or
 connections, 500 kernel start failure.
 
 Interrupts and disconnects
@@ -1037,24 +1038,50 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s -> %d %s", self.command, self.path, status, message)
         self._send_json(status, {"code": status, "message": message})
 
+    def _read_chunked(self):
+        parts, total = [], 0
+        while True:
+            size_line = self.rfile.readline(1024)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "bad chunked request body")
+            if size < 0:
+                self.close_connection = True
+                raise ApiError(400, "bad chunked request body")
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            total += size
+            if total > MAX_BODY:
+                self.close_connection = True
+                raise ApiError(413, "request body over %d bytes" % MAX_BODY)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)
+
     def _read_json(self):
-        te = self.headers.get("Transfer-Encoding")
-        if te and te.lower() != "identity":
-            self.close_connection = True
-            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
-        length = self.headers.get("Content-Length")
-        try:
-            length = int(length) if length is not None else 0
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "bad Content-Length")
-        if length < 0:
-            self.close_connection = True
-            raise ApiError(400, "bad Content-Length")
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise ApiError(413, "request body over %d bytes" % MAX_BODY)
-        raw = self.rfile.read(length) if length else b""
+        te = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+        if te and te != "identity":
+            if te != "chunked":
+                self.close_connection = True
+                raise ApiError(400, "unsupported Transfer-Encoding %r" % te)
+            raw = self._read_chunked()
+        else:
+            length = self.headers.get("Content-Length")
+            try:
+                length = int(length) if length is not None else 0
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "bad Content-Length")
+            if length < 0:
+                self.close_connection = True
+                raise ApiError(400, "bad Content-Length")
+            if length > MAX_BODY:
+                self.close_connection = True
+                raise ApiError(413, "request body over %d bytes" % MAX_BODY)
+            raw = self.rfile.read(length) if length else b""
         if not raw.strip():
             return {}
         try:
