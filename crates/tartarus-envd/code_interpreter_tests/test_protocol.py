@@ -232,11 +232,11 @@ def test_restart_and_delete(server):
     assert request(server, "POST", "/contexts/nope/restart")[0] == 404
 
 
-def test_cwd_option_and_unusable_cwd(server, tmp_path):
-    ctx = new_context(server, cwd=str(tmp_path))
-    assert ctx["cwd"] == str(tmp_path)
+def test_cwd_option_and_unusable_cwd(server):
+    ctx = new_context(server, cwd="/tmp")
+    assert ctx["cwd"] == "/tmp" and "cwd_error" not in ctx
     events = execute_events(server, "import os; os.getcwd()", context_id=ctx["id"])
-    assert [e["text"] for e in events if e["type"] == "result"] == [str(tmp_path)]
+    assert [e["text"] for e in events if e["type"] == "result"] == ["/tmp"]
     bad = new_context(server, cwd="/does/not/exist")
     assert bad["cwd"] == server.home and "does not exist" in bad["cwd_error"]
     request(server, "DELETE", "/contexts/%s" % ctx["id"])
@@ -353,3 +353,44 @@ def test_keep_alive_connection_reused(server):
         resp = conn.getresponse()
         assert resp.read() == b'"OK"'
     conn.close()
+
+
+def test_unicode_output(server):
+    events = execute_events(server, "print('h\u00e9llo \u2713')")
+    assert [e["text"] for e in events if e["type"] == "stdout"] == ["h\u00e9llo \u2713\n"]
+    events = execute_events(server, "echo 'h\u00e9llo \u2713'; printf '\\xff\\n'", language="bash")
+    assert [e["text"] for e in events if e["type"] == "stdout"] == ["h\u00e9llo \u2713\n", "\ufffd\n"]
+
+
+def test_many_output_lines(server):
+    t = time.monotonic()
+    events = execute_events(server, "for i in range(100000): print(i)")
+    text = "".join(e["text"] for e in events if e["type"] == "stdout")
+    assert text == "".join("%d\n" % i for i in range(100000))
+    assert time.monotonic() - t < 60
+    events = execute_events(server, "seq 1 100000", language="bash")
+    text = "".join(e["text"] for e in events if e["type"] == "stdout")
+    assert text == "".join("%d\n" % i for i in range(1, 100001))
+
+
+def test_kernel_ignoring_interrupt_is_restarted(server):
+    ctx = new_context(server)
+    code = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "print('started', flush=True)\ntime.sleep(300)")
+    _start_and_drop(server, code, ctx["id"], "started")
+    t = time.monotonic()
+    events = execute_events(server, "'fresh'", context_id=ctx["id"], timeout=60)
+    took = time.monotonic() - t
+    assert [e["text"] for e in events if e["type"] == "result"] == ["fresh"], events
+    assert 5 < took < 30, took  # waited for the 10 s grace, then a new kernel
+    request(server, "DELETE", "/contexts/%s" % ctx["id"])
+
+
+def test_kernel_death_is_reported_and_recovered(server):
+    ctx = new_context(server)
+    events = execute_events(server, "import os; os._exit(1)", context_id=ctx["id"], timeout=60)
+    err = [e for e in events if e["type"] == "error"]
+    assert err and err[0]["name"] == "KernelDied", events
+    events = execute_events(server, "1 + 1", context_id=ctx["id"], timeout=60)
+    assert [e["text"] for e in events if e["type"] == "result"] == ["2"]
+    request(server, "DELETE", "/contexts/%s" % ctx["id"])
