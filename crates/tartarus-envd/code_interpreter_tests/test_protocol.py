@@ -394,3 +394,13 @@ def test_kernel_death_is_reported_and_recovered(server):
     events = execute_events(server, "1 + 1", context_id=ctx["id"], timeout=60)
     assert [e["text"] for e in events if e["type"] == "result"] == ["2"]
     request(server, "DELETE", "/contexts/%s" % ctx["id"])
+
+
+def test_bash_closing_control_fd_restarts_shell(server):
+    ctx = new_context(server, language="bash")
+    # output after the close may be lost: the end of the cell is unknowable
+    events = execute_events(server, "exec 61>&-; echo closed", context_id=ctx["id"], timeout=30)
+    assert [e["name"] for e in events if e["type"] == "error"] == ["ShellExited"]
+    events = execute_events(server, "echo ok", context_id=ctx["id"], timeout=30)
+    assert [e["text"] for e in events if e["type"] == "stdout"] == ["ok\n"]
+    request(server, "DELETE", "/contexts/%s" % ctx["id"])

@@ -786,7 +786,14 @@ class BashBackend:
                     continue
                 if fd == self.marker_r:
                     if not data:
-                        break
+                        # The code closed fd 61: the end of this execution
+                        # can no longer be seen.  Start a fresh shell.
+                        self._drain_into(job, fds)
+                        job.emit(error_event("ShellExited",
+                                             "the shell's control pipe (fd %d) was closed; the context was "
+                                             "restarted and its state is lost" % MARKER_FD))
+                        self.ctx.restart_backend()
+                        return
                     mbuf += data.decode("utf-8", "replace")
                     m = re.search(re.escape(marker) + r":(\d+)\n", mbuf)
                     if m:
