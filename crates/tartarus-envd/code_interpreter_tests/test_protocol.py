@@ -404,3 +404,22 @@ def test_bash_closing_control_fd_restarts_shell(server):
     events = execute_events(server, "echo ok", context_id=ctx["id"], timeout=30)
     assert [e["text"] for e in events if e["type"] == "stdout"] == ["ok\n"]
     request(server, "DELETE", "/contexts/%s" % ctx["id"])
+
+
+def test_http10_client_gets_unchunked_stream(server):
+    body = json.dumps({"code": "'one-oh'"}).encode()
+    s = socket.create_connection((server.host, server.port), timeout=60)
+    s.sendall(b"POST /execute HTTP/1.0\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    buf = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        buf += data
+    s.close()
+    head, _, payload = buf.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+    events = [json.loads(l) for l in payload.decode().splitlines() if l]
+    assert [e["text"] for e in events if e["type"] == "result"] == ["one-oh"]
+    assert events[-1]["type"] == "end_of_execution"

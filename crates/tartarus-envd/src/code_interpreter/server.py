@@ -1112,7 +1112,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chunk(self, line):
         data = (line + "\n").encode("utf-8")
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.wfile.write(data)
 
     # -- dispatch --
     def _dispatch(self, method):
@@ -1212,10 +1215,17 @@ class Handler(BaseHTTPRequestHandler):
         job = ExecJob(code, clean_env)
         ctx.submit(job)
 
+        # HTTP/1.1: chunked.  An HTTP/1.0 client gets the raw lines and the
+        # end of the body is the end of the connection.
+        self._chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self._peek_ok = True
         last_write = time.monotonic()
@@ -1232,7 +1242,8 @@ class Handler(BaseHTTPRequestHandler):
                     continue
                 if line is ExecJob.END:
                     self._chunk('{"type": "end_of_execution"}')
-                    self.wfile.write(b"0\r\n\r\n")
+                    if self._chunked:
+                        self.wfile.write(b"0\r\n\r\n")
                     return
                 self._chunk(line)
                 last_write = time.monotonic()
