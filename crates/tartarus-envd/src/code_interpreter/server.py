@@ -134,7 +134,38 @@ raises, bash code reads /dev/null); ``timestamp`` is integer nanoseconds;
 tracebacks are newline-joined; a bash context is a plain shell, not a Jupyter
 kernel (no rich results; ``number_of_executions`` counts its cells).  There is
 no authentication: the server listens on loopback and trusts the Tartarus
-proxy in front of it.
+proxy in front of it.  ``env_vars`` names must be shell identifiers
+(``[A-Za-z_][A-Za-z0-9_]*``), values strings (numbers are stringified).
+
+Known caveats
+=============
+* Disconnect detection reads EOF on the client socket: a client (or proxy)
+  that half-closes its sending side right after the request would be taken
+  for gone.  HTTP/1.1 clients, the SDK and ordinary proxies do not do that.
+  When a proxy keeps its upstream connection open after its own client left,
+  nothing can be noticed until the proxy closes it.
+* bash: ``set -e`` in a cell applies to the shell, so a later failing
+  command ends the shell (reported as ``ShellExited``, shell restarted);
+  SIGINT only aborts the innermost ``source``/function level; output after
+  the code closes fd 61 is lost (context restarted); a process that ignores
+  SIGINT is killed with the shell after the grace period.
+* If the server itself is SIGKILLed, ipykernel's parent poller ends the
+  kernels; a bash shell ends at EOF on its stdin once its current command
+  ends.  SIGTERM/SIGINT shut every context down cleanly.
+
+Tests
+=====
+``crates/tartarus-envd/code_interpreter_tests/`` (pytest).  They start this
+server on a free loopback port with ``HOME`` set to a temporary directory and
+test it over real HTTP; the streamed lines are also parsed with the SDK's
+``e2b_code_interpreter.models.parse_output``, and ``test_sdk.py`` drives the
+SDK's own ``Sandbox`` object (constructed directly, ``sandbox_url`` pointing
+at the server) through the peer acceptance tests::
+
+    /opt/e2b/venv/bin/python -m pytest crates/tartarus-envd/code_interpreter_tests -v
+
+(``/usr/bin/python3 -m pytest ...`` runs the raw-HTTP tests only; set
+``CI_SERVER_URL`` / ``CI_SERVER_HOME`` to test an already running server.)
 """
 
 import argparse
