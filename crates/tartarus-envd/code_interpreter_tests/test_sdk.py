@@ -14,7 +14,7 @@ from e2b import ConnectionConfig, InvalidArgumentException, SandboxException, Ti
 from e2b_code_interpreter import Sandbox  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
-from conftest import run_server  # noqa: E402
+from ci_server import run_server  # noqa: E402
 
 
 def make_sandbox(url):
@@ -277,3 +277,12 @@ def test_server_killed_during_execution(fresh):
             fresh.sandbox.run_code("import time; time.sleep(300)", timeout=60)
     finally:
         timer.cancel()
+
+
+def test_reconnect_second_client_shares_state(fresh):
+    """Stand-in for the peer test_reconnect (Sandbox.connect needs the control
+    plane): a second SDK client on the same server sees the same contexts."""
+    fresh.sandbox.run_code("shared = 'yes'")
+    other = make_sandbox(fresh.url)
+    assert other.run_code("shared").text == "yes"
+    assert other.run_code("x =1; x").text == "1"
