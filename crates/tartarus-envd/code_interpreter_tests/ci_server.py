@@ -3,6 +3,7 @@ HOME set to a temporary directory.
 CI_SERVER_PYTHON chooses the server's interpreter (default /usr/bin/python3).
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -58,9 +59,11 @@ import contextlib
 def run_server(extra_env=None, home=None):
     """A fresh server (fresh contexts) on a free port; yields ServerInfo.
     HOME (and the default cwd) is ``home``, else a new temporary directory."""
+    own_home = home is None
     home = home or tempfile.mkdtemp(prefix="ci-home-")
     port = free_port()
-    log_path = tempfile.mkstemp(prefix="ci-server-", suffix=".log")[1]
+    fd, log_path = tempfile.mkstemp(prefix="ci-server-", suffix=".log")
+    os.close(fd)
     env = dict(os.environ)
     env["HOME"] = home
     env["CI_GLOBAL_VAR"] = "from-server-env"
@@ -86,7 +89,11 @@ def run_server(extra_env=None, home=None):
             proc.kill()
             proc.wait()
         logf.close()
-        if proc.returncode not in (0, -15):
+        if proc.returncode not in (0, -15) or os.environ.get("CI_SHOW_SERVER_LOG"):
             sys.stderr.write(open(log_path).read())
+        if not os.environ.get("CI_KEEP_SERVER_LOG"):
+            os.unlink(log_path)
+        if own_home:
+            shutil.rmtree(home, ignore_errors=True)
 
 

@@ -1157,7 +1157,8 @@ class Handler(BaseHTTPRequestHandler):
                 if method != "GET":
                     raise ApiError(405, "method not allowed")
                 if not self.server.warm.is_set():
-                    raise ApiError(503, "starting: the default python context is not ready yet")
+                    return self._send_json(503, {"code": 503, "message":
+                                                 "starting: the default python context is not ready yet"})
                 return self._send_json(200, "OK")
             if parts == ["execute"]:
                 if method != "POST":
