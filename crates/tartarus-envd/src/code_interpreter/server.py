@@ -1239,6 +1239,12 @@ class Handler(BaseHTTPRequestHandler):
             if "\0" in v:
                 raise ApiError(400, "environment variable %s contains a NUL byte" % k)
             clean_env[k] = v
+        try:
+            code.encode("utf-8")
+            for k, v in clean_env.items():
+                v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request contains text that is not valid Unicode (a lone surrogate)")
         registry = self.server.registry
         if context_id:
             ctx = registry.get(context_id)
