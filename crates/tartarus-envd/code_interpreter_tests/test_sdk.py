@@ -286,3 +286,24 @@ def test_reconnect_second_client_shares_state(fresh):
     other = make_sandbox(fresh.url)
     assert other.run_code("shared").text == "yes"
     assert other.run_code("x =1; x").text == "1"
+
+
+def test_async_sdk(fresh):
+    """The async SDK client speaks the same protocol."""
+    import asyncio
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def main():
+        cfg = ConnectionConfig(sandbox_url=fresh.url, api_key="unused-no-control-plane")
+        sbx = AsyncSandbox(sandbox_id="local", envd_version=Version("0.4.0"), envd_access_token=None,
+                           sandbox_domain=None, connection_config=cfg)
+        out = []
+        ex = await sbx.run_code("print('async'); 6 * 7", on_stdout=out.append)
+        assert ex.text == "42" and [m.line for m in out] == ["async\n"]
+        ctx = await sbx.create_code_context(language="bash")
+        ex = await sbx.run_code("echo $((6 * 7))", context=ctx)
+        assert ex.logs.stdout == ["42\n"]
+        assert ctx.id in [c.id for c in await sbx.list_code_contexts()]
+        await sbx.remove_code_context(ctx)
+
+    asyncio.run(main())
