@@ -439,3 +439,20 @@ def test_multiline_env_value_and_odd_input(server):
     assert [e["text"] for e in execute_events(server, "'still fine'") if e["type"] == "result"] == ["still fine"]
     assert [e["text"] for e in execute_events(server, "echo fine", language="bash")
             if e["type"] == "stdout"] == ["fine\n"]
+
+
+def test_contexts_run_in_parallel(server):
+    import threading
+    a, b = new_context(server), new_context(server, language="bash")
+    t = threading.Thread(target=execute_events, args=(server, "import time; time.sleep(4)"),
+                         kwargs={"context_id": a["id"]})
+    t.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    assert [e["text"] for e in execute_events(server, "echo quick", context_id=b["id"])
+            if e["type"] == "stdout"] == ["quick\n"]
+    assert request(server, "GET", "/contexts")[0] == 200
+    assert time.monotonic() - start < 2.5
+    t.join(30)
+    for c in (a, b):
+        request(server, "DELETE", "/contexts/%s" % c["id"])
