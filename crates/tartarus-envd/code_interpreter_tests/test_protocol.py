@@ -456,3 +456,30 @@ def test_contexts_run_in_parallel(server):
     t.join(30)
     for c in (a, b):
         request(server, "DELETE", "/contexts/%s" % c["id"])
+
+
+@pytest.mark.parametrize("language", ["python", "bash"])
+def test_restart_and_delete_during_execution(server, language):
+    import threading
+    sleep = "import time; time.sleep(300)" if language == "python" else "sleep 300"
+    for action in ("restart", "delete"):
+        ctx = new_context(server, language=language)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault(
+            "events", execute_events(server, sleep, context_id=ctx["id"], timeout=60)))
+        t.start()
+        time.sleep(1.0)
+        start = time.monotonic()
+        if action == "restart":
+            assert request(server, "POST", "/contexts/%s/restart" % ctx["id"]) == (200, None)
+        else:
+            assert request(server, "DELETE", "/contexts/%s" % ctx["id"]) == (200, None)
+        t.join(30)
+        assert time.monotonic() - start < 15
+        errors = [e["name"] for e in box["events"] if e["type"] == "error"]
+        assert errors == ["ContextRestarting"], box["events"]
+        if action == "restart":
+            code = "'up'" if language == "python" else "echo up"
+            events = execute_events(server, code, context_id=ctx["id"])
+            assert "up" in [e.get("text", "").strip() for e in events]
+            request(server, "DELETE", "/contexts/%s" % ctx["id"])
