@@ -236,6 +236,15 @@ def normalize_language(language):
     return lang
 
 
+def wait_readable(fds, timeout):
+    """The fds of ``fds`` that are readable (or at EOF/error) within
+    ``timeout`` seconds; poll(), so any fd number works."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    return [fd for fd, _ in poller.poll(timeout * 1000)]
+
+
 def now_ns():
     return time.time_ns()
 
@@ -689,8 +698,7 @@ class BashBackend:
         deadline = time.monotonic() + START_TIMEOUT
         buf = ""
         while time.monotonic() < deadline:
-            rl, _, _ = select.select([r], [], [], 0.5)
-            if rl:
+            if wait_readable([r], 0.5):
                 data = os.read(r, 4096)
                 if not data:
                     break
@@ -809,8 +817,7 @@ class BashBackend:
                     self.ctx.restart_backend()
                     return
             watch = [fd for fd, s in fds.items() if not s.eof] + [self.marker_r]
-            rl, _, _ = select.select(watch, [], [], 0.1)
-            for fd in rl:
+            for fd in wait_readable(watch, 0.1):
                 try:
                     data = os.read(fd, 65536)
                 except BlockingIOError:
@@ -1132,8 +1139,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self):
         try:
-            rl, _, _ = select.select([self.connection], [], [], 0)
-            if rl:
+            poller = select.poll()  # not select(): fds may exceed FD_SETSIZE
+            poller.register(self.connection, select.POLLIN | select.POLLPRI)
+            if poller.poll(0):
                 if self.connection.recv(1, socket.MSG_PEEK) == b"":
                     return True
                 self._peek_ok = False  # pipelined bytes: rely on write errors
