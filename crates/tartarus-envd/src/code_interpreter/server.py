@@ -44,8 +44,11 @@ Every *context* is one backend, state kept between calls:
 Protocol (HTTP/1.1, JSON)
 =========================
 ``GET /health``
-    200 ``"OK"`` once the default python context has been started (E2B's
-    server also creates it before serving); 503 while it is starting.
+    200 ``"OK"`` once the start of the default python context has finished
+    (E2B's server also creates it before serving); 503 while it is starting.
+    If that start failed (e.g. the server runs with an interpreter without
+    ipykernel) health is still 200, bash works, and python executions answer
+    500 with the reason.
 ``POST /execute`` ``{code, context_id?, language?, env_vars?}``
     200, ``Transfer-Encoding: chunked``, ``application/x-ndjson``: one JSON
     object per line, in order:
@@ -437,8 +440,14 @@ class PythonBackend:
         self.kc = None
 
     def start(self):
-        from jupyter_client import KernelManager
-        from jupyter_client.kernelspec import KernelSpec
+        try:
+            import ipykernel  # noqa: F401  (the kernel runs with this interpreter)
+            from jupyter_client import KernelManager
+            from jupyter_client.kernelspec import KernelSpec
+        except ImportError as e:
+            raise RuntimeError("%s cannot import jupyter_client/ipykernel (%s); run the server with "
+                               "the interpreter that has python3-ipykernel (/usr/bin/python3)"
+                               % (sys.executable, e))
 
         conn = os.path.join(self.ctx.runtime_dir, "kernel-%s.json" % uuid.uuid4().hex)
         km = KernelManager(connection_file=conn)
