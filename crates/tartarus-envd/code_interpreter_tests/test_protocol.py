@@ -483,3 +483,15 @@ def test_restart_and_delete_during_execution(server, language):
             events = execute_events(server, code, context_id=ctx["id"])
             assert "up" in [e.get("text", "").strip() for e in events]
             request(server, "DELETE", "/contexts/%s" % ctx["id"])
+
+
+def test_backend_dead_between_executions_is_restarted(server):
+    ctx = new_context(server, language="bash")
+    # the shell kills itself after this execution has reported its end
+    execute_events(server, "(sleep 0.5; kill -9 $$) &", context_id=ctx["id"])
+    time.sleep(1.5)
+    events = execute_events(server, "echo back", context_id=ctx["id"])
+    assert [e["text"] for e in events if e["type"] == "stdout"] == ["back\n"]
+    assert any("restarted" in e["text"] for e in events if e["type"] == "stderr")
+    assert not [e for e in events if e["type"] == "error"]
+    request(server, "DELETE", "/contexts/%s" % ctx["id"])

@@ -71,7 +71,14 @@ Protocol (HTTP/1.1, JSON)
       (E2B's matplotlib chart extraction, ``e2b_charts``) is NOT produced.
       ``update_display_data`` and ``clear_output`` are ignored (as E2B).
     * ``{"type":"error","name","value","traceback"}`` (traceback: the
-      kernel's traceback lines joined with newlines, no ANSI colours),
+      kernel's traceback lines joined with newlines, no ANSI colours).
+      Besides the code's own exceptions the server reports:
+      ``ContextRestarting`` (restart/delete while running), ``KernelDied``,
+      ``ShellExited``, ``NonZeroExitCode`` (bash), ``KeyboardInterrupt``
+      (bash cell interrupted), ``ContextRemoved`` (queued when deleted),
+      ``ContextUnavailable`` (backend cannot start), ``InternalError``.  A
+      backend found dead *between* executions is restarted and only a
+      ``[tartarus] ... restarted`` stderr line says so,
     * ``{"type":"keepalive"}`` every 2 s while nothing else is sent (E2B
       sends these too; the SDK ignores unknown types) - it makes a vanished
       client visible,
@@ -989,8 +996,12 @@ class Context:
                         job.emit(error_event("ContextUnavailable", "the %s backend could not be started: %s"
                                              % (self.language, err)))
                         continue
-                    job.emit(error_event("ContextRestarted",
-                                         "the %s backend had died and was restarted; state is lost" % self.language))
+                    # A notice, not an error: the code itself still runs.
+                    for line in text_events("stderr", "[tartarus] the %s %s had exited and was restarted; "
+                                            "earlier state is lost\n"
+                                            % (self.language, "kernel" if self.language == "python" else "shell"),
+                                            now_ns()):
+                        job.emit(line)
                 self.backend.execute(job)
             except Exception as e:
                 log.exception("context %s: execution failed", self.id)
