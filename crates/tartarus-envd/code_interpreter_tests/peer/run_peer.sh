@@ -14,4 +14,4 @@ cp -r "$peer" "$work/sync"
 find "$work/sync" -name '__pycache__' -prune -exec rm -rf {} +
 cp "$here/peer_conftest.py" "$work/sync/conftest.py"
 cd "$work"
-CI_TESTS_DIR="$here/.." "$sdk_python" -m pytest sync --import-mode=importlib -p no:cacheprovider -rsx "$@"
+PYTHONDONTWRITEBYTECODE=1 CI_TESTS_DIR="$here/.." "$sdk_python" -m pytest sync --import-mode=importlib -p no:cacheprovider -rsx "$@"
