@@ -175,3 +175,8 @@ pub fn run(listen: SocketAddr) -> ExitCode {
         }
     })
 }
+
+/// The code interpreter's server (`e2b-code-interpreter`'s `run_code`: Jupyter kernels behind port
+/// 49999), run with the system's `python3` inside `code-interpreter-v1` sandboxes; its docstring says
+/// what it speaks and bounds.
+pub const CODE_INTERPRETER_SERVER: &str = include_str!("code_interpreter/server.py");

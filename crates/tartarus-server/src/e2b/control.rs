@@ -225,7 +225,12 @@ async fn create_sandbox(
     let view: SandboxView = serde_json::from_slice(&bytes)
         .map_err(|e| E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let record = crate::find(&state, &caller, &view.id).await?;
-    if let Err(e) = wait_for_envd(&state, &record).await {
+    let mut ready = wait_for_port(&state, &record, ENVD_PORT, "E2B daemon", ENVD_READY_TIMEOUT).await;
+    if ready.is_ok() && matches!(choice, TemplateChoice::CodeInterpreter) {
+        let port = super::CODE_INTERPRETER_PORT;
+        ready = wait_for_port(&state, &record, port, "code interpreter", CODE_INTERPRETER_READY_TIMEOUT).await;
+    }
+    if let Err(e) = ready {
         let _ = state.manager.kill(&record).await;
         return Err(e);
     }
@@ -294,16 +299,25 @@ fn shape_spec(
 /// Where a code-interpreter sandbox sees the code interpreter's server.
 pub const CODE_INTERPRETER_SERVER: &str = "/.tartarus/code-interpreter.py";
 
-/// Waits until the sandbox's daemon accepts connections (it starts in milliseconds; the bound is for a
-/// sandbox that never gets there).
-async fn wait_for_envd(state: &AppState, record: &SandboxRecord) -> Result<(), E2bError> {
+/// How long the code interpreter's server may take to listen (it starts its first Jupyter kernel first).
+const CODE_INTERPRETER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until a program of the sandbox accepts connections on `port` (the daemon starts in
+/// milliseconds; the bound is for a sandbox that never gets there).
+async fn wait_for_port(
+    state: &AppState,
+    record: &SandboxRecord,
+    port: u16,
+    what: &str,
+    limit: Duration,
+) -> Result<(), E2bError> {
     let shim = state.manager.shim(record);
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {
-        match shim.connect_port(ENVD_PORT).await {
+        match shim.connect_port(port).await {
             Ok(_) => return Ok(()),
-            Err(e) if started.elapsed() < ENVD_READY_TIMEOUT => {
+            Err(e) if started.elapsed() < limit => {
                 tracing::trace!(sandbox = %record.id, "daemon not listening yet: {e}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(100));
@@ -312,8 +326,8 @@ async fn wait_for_envd(state: &AppState, record: &SandboxRecord) -> Result<(), E
                 return Err(E2bError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
-                        "the sandbox's E2B daemon did not start within {} s: {}",
-                        ENVD_READY_TIMEOUT.as_secs(),
+                        "the sandbox's {what} did not start within {} s: {}",
+                        limit.as_secs(),
                         tartarus_runtime::error_chain(&e)
                     ),
                 ))
@@ -374,6 +388,7 @@ fn sandbox_answer(state: &AppState, record: &SandboxRecord) -> Sandbox {
         client_id: CLIENT_ID.to_string(),
         envd_version: super::ENVD_VERSION.to_string(),
         envd_access_token: state.e2b.tokens.access_token(&record.id),
+        traffic_access_token: state.e2b.tokens.traffic_token(&record.id),
         domain: None,
     }
 }

@@ -104,8 +104,7 @@ impl E2bState {
     }
 }
 
-/// The code interpreter's server (Python, Jupyter's kernels), run inside `code-interpreter-v1` sandboxes.
-const CODE_INTERPRETER_SERVER: &str = "";
+use tartarus_envd::CODE_INTERPRETER_SERVER;
 
 /// What the SDK's key check accepts: `e2b_` and hex. `tartarus e2b env` writes a Tartarus key this way
 /// (its bytes in hex), which [`api_key_from_header`] turns back.
@@ -187,6 +186,18 @@ impl TokenKey {
     pub fn access_token(&self, id: &str) -> String {
         let mac = blake3::keyed_hash(&self.0, format!("e2b-access-token:{id}").as_bytes());
         format!("ea_{}", &mac.to_hex()[..40])
+    }
+
+    /// The traffic token of sandbox `id`: what the SDK sends as `E2B-Traffic-Access-Token` to the
+    /// sandbox's ports other than the daemon's (the code interpreter's).
+    pub fn traffic_token(&self, id: &str) -> String {
+        let mac = blake3::keyed_hash(&self.0, format!("e2b-traffic-token:{id}").as_bytes());
+        format!("et_{}", &mac.to_hex()[..40])
+    }
+
+    /// Whether `token` is sandbox `id`'s traffic token.
+    pub fn verify_traffic(&self, id: &str, token: &str) -> bool {
+        constant_time_eq(&self.traffic_token(id), token)
     }
 
     /// Whether `token` is sandbox `id`'s, compared in constant time.
@@ -279,6 +290,9 @@ mod tests {
         assert!(key.verify("sb_1", &key.access_token("sb_1")));
         assert!(!key.verify("sb_2", &key.access_token("sb_1")));
         assert!(!key.verify("sb_1", ""));
+        assert!(key.verify_traffic("sb_1", &key.traffic_token("sb_1")));
+        assert!(!key.verify("sb_1", &key.traffic_token("sb_1")), "the traffic token is not the access token");
+        assert!(!key.verify_traffic("sb_1", &key.access_token("sb_1")));
         let other = tempfile::tempdir().unwrap();
         let other = TokenKey::load_or_create(other.path()).unwrap();
         assert!(!other.verify("sb_1", &key.access_token("sb_1")));

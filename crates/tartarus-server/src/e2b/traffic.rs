@@ -3,7 +3,8 @@
 //! [`super::ENVD_PORT`], when absent) inside that sandbox.
 //!
 //! The credential is the sandbox's access token (`X-Access-Token`, from the create or connect answer),
-//! not an API key: the SDK sends no API key on these calls. A missing sandbox, one that has ended, one not
+//! or for ports other than the daemon's its traffic token (`E2B-Traffic-Access-Token`), not an API key:
+//! the SDK sends no API key on these calls. A missing sandbox, one that has ended, one not
 //! made through the E2B API and a wrong token all answer the same `502` the SDK reads as "not running",
 //! so the answer tells nothing about other tenants' sandboxes.
 
@@ -46,8 +47,13 @@ async fn forward(state: &AppState, id: String, request: Request) -> Result<Respo
         })?,
     };
     let not_running = || E2bError::new(StatusCode::BAD_GATEWAY, format!("sandbox {id} is not running"));
-    let token = header(&request, "x-access-token").unwrap_or_default();
-    if !state.e2b.tokens.verify(&id, &token) {
+    // The daemon's port takes the access token; the sandbox's other ports take it or the traffic token
+    // (which is all the code interpreter's SDK sends).
+    let access = header(&request, "x-access-token").unwrap_or_default();
+    let traffic = header(&request, "e2b-traffic-access-token").unwrap_or_default();
+    let allowed = state.e2b.tokens.verify(&id, &access)
+        || (port != ENVD_PORT && state.e2b.tokens.verify_traffic(&id, &traffic));
+    if !allowed {
         return Err(not_running());
     }
     let record = state
@@ -68,9 +74,11 @@ async fn forward(state: &AppState, id: String, request: Request) -> Result<Respo
         .unwrap_or_else(|| "/".to_string());
     crate::sandbox_ports::forward(state, &record, port, &path_and_query, request)
         .await
-        .map_err(|e| match e.code {
-            // Paused: E2B's proxy answers a paused sandbox like a stopped one.
-            "conflict" => not_running(),
+        .map_err(|e| match e.status {
+            // Paused, ending, its shim gone or busy ending it, nothing on the port: E2B's proxy answers all
+            // of these 502, which the SDK reads as "not running".
+            StatusCode::CONFLICT => not_running(),
+            status if status.is_server_error() => E2bError::new(StatusCode::BAD_GATEWAY, e.message),
             _ => E2bError::from(e),
         })
 }

@@ -59,6 +59,8 @@ pub struct Sandbox {
     pub envd_version: String,
     #[serde(rename = "envdAccessToken")]
     pub envd_access_token: String,
+    #[serde(rename = "trafficAccessToken")]
+    pub traffic_access_token: String,
     pub domain: Option<String>,
 }
 
