@@ -19,6 +19,7 @@ RECEIPT_KEYS = {
     "format", "tool", "request_hash", "response_hash", "idempotency_key", "sandbox", "tenant",
     "started_at", "finished_at", "status", "code",
 }  # fmt: skip
+NULLABLE = {"response_hash", "idempotency_key", "code"}
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,12 @@ def _check_receipt(p: Any) -> Dict[str, Any]:
     keys = set(p)
     missing = RECEIPT_KEYS - keys
     unknown = keys - RECEIPT_KEYS - {"nonce"}
-    if missing or unknown:
+    if unknown or (missing - NULLABLE):
         raise _fail("malformed", f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+    if missing:
+        raise _fail("not_canonical", f"nullable keys left out instead of null: {sorted(missing)}")
+    if "nonce" in p and p["nonce"] is None:
+        raise _fail("not_canonical", "nonce written as null instead of left out")
     if p["format"] != RECEIPT_FORMAT:
         raise _fail("invalid_object", f"format {p['format']!r}")
     for k in ("tool", "sandbox", "tenant"):
