@@ -229,11 +229,11 @@ class SSEParser:
 class OutputCollector:
     """Routes streamed chunks to callbacks and keeps at most ``limit`` characters of each stream."""
 
-    def __init__(self, on_stdout: Any, on_stderr: Any, limit: int = MAX_STREAM_OUTPUT) -> None:
+    def __init__(self, on_stdout: Any, on_stderr: Any, limit: Optional[int] = None) -> None:
         self.on = {"stdout": on_stdout, "stderr": on_stderr}
         self.kept: Dict[str, List[str]] = {"stdout": [], "stderr": []}
         self.size = {"stdout": 0, "stderr": 0}
-        self.limit = limit
+        self.limit = MAX_STREAM_OUTPUT if limit is None else limit
         self.truncated = False
         self.exit: Optional[Dict[str, Any]] = None
 
