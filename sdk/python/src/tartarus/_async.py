@@ -562,12 +562,13 @@ class AsyncPorts:
 
     async def request(self, method: str, port: int, path: str = "/", **kwargs: Any) -> httpx.Response:
         """Any method; keyword arguments go to ``httpx`` (``params``, ``json``, ``content``, ``headers``...).
-        Error statuses of the sandbox's own server are returned, not raised; the gateway's own refusals
-        (409 not opened, 502 nothing listening) raise."""
+        Error statuses of the sandbox's own server are returned, not raised (note: the server currently
+        rewrites their bodies into its ``{"error": ...}`` form); the forwarder's own refusals (401, 409 port
+        not opened or sandbox paused, 429, 502 nothing listening) raise."""
         c = self._sb.client
         with _mapped_errors():
             r = await c._http.request(method, self.path(port, path), **kwargs)
-        if r.status_code in (401, 404, 409, 429, 502) and "json" in r.headers.get("content-type", ""):
+        if r.status_code in (401, 409, 429, 502) and "json" in r.headers.get("content-type", ""):
             body = decode_body(r)
             if isinstance(body, dict) and "error" in body:
                 raise_for_status(r, body)
