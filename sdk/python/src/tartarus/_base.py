@@ -336,3 +336,39 @@ def tool_call_result(result: CommandResult) -> Any:
 
 def quote(cmd: Iterable[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
+
+
+# Every route the SDK calls, as the OpenAPI document spells it (checked by tests/test_openapi_drift.py).
+ROUTES: List[Tuple[str, str]] = [
+    ("GET", "/healthz"),
+    ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/sandboxes"),
+    ("POST", "/v1/sandboxes"),
+    ("GET", "/v1/sandboxes/{id}"),
+    ("DELETE", "/v1/sandboxes/{id}"),
+    ("POST", "/v1/sandboxes/{id}/pause"),
+    ("POST", "/v1/sandboxes/{id}/resume"),
+    ("POST", "/v1/sandboxes/{id}/wait"),
+    ("GET", "/v1/sandboxes/{id}/logs"),
+    ("POST", "/v1/sandboxes/{id}/exec"),
+    ("GET", "/v1/sandboxes/{id}/files"),
+    ("PUT", "/v1/sandboxes/{id}/files"),
+    ("POST", "/v1/sandboxes/{id}/preview-urls"),
+    ("GET", "/v1/sandboxes/{id}/ports/{port}/{path}"),
+    ("GET", "/v1/receipts"),
+    ("GET", "/v1/receipts/{id}"),
+    ("GET", "/v1/keys"),
+    ("GET", "/v1/tools"),
+    ("GET", "/v1/runtimes"),
+    ("GET", "/v1/templates"),
+]
+
+# Query parameters the SDK sends, per route.
+QUERY_PARAMS: Dict[Tuple[str, str], List[str]] = {
+    ("GET", "/v1/sandboxes"): ["status", "label"],
+    ("POST", "/v1/sandboxes/{id}/wait"): ["timeout_s"],
+    ("GET", "/v1/sandboxes/{id}/logs"): ["follow"],
+    ("GET", "/v1/sandboxes/{id}/files"): ["path", "list"],
+    ("PUT", "/v1/sandboxes/{id}/files"): ["path"],
+    ("GET", "/v1/receipts"): ["sandbox", "tenant"],
+}
