@@ -94,3 +94,23 @@ def test_status_mapping_without_a_server() -> None:
     for cls in (NotFoundError, RateLimitError, ServerError, tartarus.TimeoutError, tartarus.CommandExitError):
         assert issubclass(cls, tartarus.TartarusError)
     assert issubclass(tartarus.TimeoutError, TimeoutError)  # the builtin, too
+
+
+def test_transport_timeout_is_timeout_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("read timed out", request=request)
+
+    http = httpx.Client(base_url="http://sdk.test", transport=httpx.MockTransport(handler))
+    with tartarus.Client("http://sdk.test", "k", http_client=http) as c:
+        with pytest.raises(tartarus.TimeoutError, match="timed out"):
+            c.list_sandboxes()
+
+
+def test_every_call_has_a_deadline(server) -> None:  # type: ignore[no-untyped-def]
+    with tartarus.Client(server.host, server.user_key) as c:
+        t = c._http.timeout
+        assert (t.connect, t.read, t.write, t.pool) == (60.0, 60.0, 60.0, 60.0)
+    from tartarus._base import exec_http_timeout
+
+    t = exec_http_timeout(300, 60)
+    assert t.read == 310 and t.connect == 60

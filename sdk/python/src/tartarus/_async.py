@@ -162,7 +162,7 @@ class AsyncClient:
 
     async def health(self) -> bool:
         r = await self.request("GET", "/healthz", raw=True)
-        return r.status_code == 200
+        return bool(r.status_code == 200)
 
     async def openapi(self) -> Dict[str, Any]:
         return await self.request("GET", "/v1/openapi.json")  # type: ignore[no-any-return]
@@ -193,7 +193,7 @@ class AsyncReceipts:
         """The server's public keyring (``GET /v1/keys``), cached; ``refresh=True`` after a rotation."""
         if self._keys is None or refresh:
             self._keys = await self._c.request("GET", "/v1/keys")
-        return self._keys  # type: ignore[return-value]
+        return self._keys
 
     async def verify(
         self,

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import httpx
 
 from ._exceptions import ConfigurationError, TartarusError, error_from_response
-from ._models import CommandResult, Resources
+from ._models import CommandResult, Resources, ToolCallResult
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds for every call that is not an exec (connect, read, write and pool each)."""
@@ -315,9 +315,7 @@ def tool_call_exec(
     return ["python3", "-c", script], stdin
 
 
-def tool_call_result(result: CommandResult) -> Any:
-    from ._models import ToolCallResult
-
+def tool_call_result(result: CommandResult) -> ToolCallResult:
     if result.exit_code != 0:
         raise TartarusError(
             "tools.call: the in-sandbox client failed (it needs python3 in the sandbox): "

@@ -59,7 +59,7 @@ class _Model:
             if api in data:
                 kwargs[name] = data[api]
         kwargs.update(local)
-        obj = cls(**kwargs)  # type: ignore[call-arg]
+        obj = cls(**kwargs)
         object.__setattr__(obj, "raw", dict(data))
         return obj
 

@@ -251,7 +251,7 @@ def verify_envelope(envelope: bytes, keys: Mapping[str, Any]) -> bytes:
         Ed25519PublicKey.from_public_bytes(pubs[kid]).verify(sig, signing_input)
     except InvalidSignature:
         raise _fail("bad_signature", "the signature does not verify") from None
-    return payload  # type: ignore[no-any-return]
+    return payload
 
 
 def _check_receipt(p: Any) -> Dict[str, Any]:

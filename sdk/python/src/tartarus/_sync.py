@@ -160,7 +160,7 @@ class Client:
 
     def health(self) -> bool:
         r = self.request("GET", "/healthz", raw=True)
-        return r.status_code == 200
+        return bool(r.status_code == 200)
 
     def openapi(self) -> Dict[str, Any]:
         return self.request("GET", "/v1/openapi.json")  # type: ignore[no-any-return]
@@ -191,7 +191,7 @@ class Receipts:
         """The server's public keyring (``GET /v1/keys``), cached; ``refresh=True`` after a rotation."""
         if self._keys is None or refresh:
             self._keys = self._c.request("GET", "/v1/keys")
-        return self._keys  # type: ignore[return-value]
+        return self._keys
 
     def verify(
         self,
