@@ -114,3 +114,20 @@ def test_every_call_has_a_deadline(server) -> None:  # type: ignore[no-untyped-d
 
     t = exec_http_timeout(300, 60)
     assert t.read == 310 and t.connect == 60
+
+
+def test_queued_create_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, json={"id": "q_1", "status": "queued", "lane": "main", "reason": "no room"})
+
+    http = httpx.Client(base_url="http://sdk.test", transport=httpx.MockTransport(handler))
+    with tartarus.Client("http://sdk.test", "k", http_client=http) as c:
+        with pytest.raises(tartarus.SandboxQueuedError) as e:
+            Sandbox.create(client=c)
+    assert e.value.queue_id == "q_1" and e.value.lane == "main" and "no room" in str(e.value)
+
+
+def test_api_key_is_not_in_reprs() -> None:
+    c = tartarus.Client("http://127.0.0.1:9", "tk_secret_value")
+    assert "tk_secret_value" not in repr(c.config)
+    c.close()

@@ -22,6 +22,7 @@ from ._exceptions import (
     PermissionDeniedError,
     RateLimitError,
     ReceiptVerificationError,
+    SandboxQueuedError,
     ServerError,
     TartarusError,
     TimeoutError,
@@ -70,5 +71,6 @@ __all__ = [
     "ConnectionError",
     "CommandExitError",
     "ReceiptVerificationError",
+    "SandboxQueuedError",
     "ConfigurationError",
 ]

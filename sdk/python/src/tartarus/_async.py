@@ -29,7 +29,13 @@ from ._base import (
     tool_call_exec,
     tool_call_result,
 )
-from ._exceptions import CommandExitError, ConnectionError, NotFoundError, TimeoutError
+from ._exceptions import (
+    CommandExitError,
+    ConnectionError,
+    NotFoundError,
+    SandboxQueuedError,
+    TimeoutError,
+)
 from ._models import (
     CommandResult,
     EntryInfo,
@@ -309,7 +315,10 @@ class AsyncSandbox:
         owns = client is None
         c = client or AsyncClient(host, api_key)
         try:
-            data = await c.request("POST", "/v1/sandboxes", json=create_body(fields, extra))
+            r = await c.request("POST", "/v1/sandboxes", json=create_body(fields, extra), raw=True)
+            data = r.json()
+            if r.status_code == 202:
+                raise SandboxQueuedError(data)
         except BaseException:
             if owns:
                 await c.close()

@@ -7,7 +7,7 @@ import json
 import os
 import posixpath
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import httpx
@@ -68,7 +68,7 @@ Command = Union[str, Sequence[str]]
 @dataclass(frozen=True)
 class Config:
     host: str
-    api_key: str
+    api_key: str = field(repr=False)
     timeout: float = DEFAULT_TIMEOUT
 
     @property

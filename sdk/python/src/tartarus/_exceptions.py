@@ -20,6 +20,7 @@ __all__ = [
     "ConnectionError",
     "CommandExitError",
     "ReceiptVerificationError",
+    "SandboxQueuedError",
     "ConfigurationError",
 ]
 
@@ -124,6 +125,18 @@ class CommandExitError(TartarusError):
         if tail:
             msg += ": " + " | ".join(tail)
         super().__init__(msg)
+
+
+class SandboxQueuedError(TartarusError):
+    """Cluster mode: no node had room, so the create was queued (202) rather than started. ``queue_id`` is the
+    request's id (``GET /v1/queue/{id}`` tells when it is placed); ``body`` is the server's answer."""
+
+    def __init__(self, body: Dict[str, Any]) -> None:
+        self.body = body
+        self.queue_id = str(body.get("id", ""))
+        self.lane = body.get("lane")
+        self.reason = body.get("reason")
+        super().__init__(f"sandbox create queued as {self.queue_id} (lane {self.lane}): {self.reason}")
 
 
 class ReceiptVerificationError(TartarusError):

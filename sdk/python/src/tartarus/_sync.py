@@ -27,7 +27,13 @@ from ._base import (
     tool_call_exec,
     tool_call_result,
 )
-from ._exceptions import CommandExitError, ConnectionError, NotFoundError, TimeoutError
+from ._exceptions import (
+    CommandExitError,
+    ConnectionError,
+    NotFoundError,
+    SandboxQueuedError,
+    TimeoutError,
+)
 from ._models import (
     CommandResult,
     EntryInfo,
@@ -301,7 +307,10 @@ class Sandbox:
         owns = client is None
         c = client or Client(host, api_key)
         try:
-            data = c.request("POST", "/v1/sandboxes", json=create_body(fields, extra))
+            r = c.request("POST", "/v1/sandboxes", json=create_body(fields, extra), raw=True)
+            data = r.json()
+            if r.status_code == 202:
+                raise SandboxQueuedError(data)
         except BaseException:
             if owns:
                 c.close()
