@@ -65,3 +65,30 @@ async def test_async_pause_resume_wait(server) -> None:  # type: ignore[no-untyp
         await sb2.kill()
         await sb2.close()
     assert any(s.id == sb2.id for s in await AsyncSandbox.list(status="exited"))
+
+
+async def test_async_ports_preview_logs_receipts(server) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    async with AsyncClient(server.host, server.user_key) as c:
+        async with AsyncSandbox.create(ports=[8000], client=c) as sb:
+            await sb.commands.run(
+                "mkdir -p /tmp/w && echo async-web > /tmp/w/i.txt && cd /tmp/w && "
+                "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &"
+            )
+            r = await sb.ports.wait_until_ready(8000, "/i.txt", timeout=30)
+            assert r.status_code == 200 and r.text == "async-web\n"
+            url = await sb.preview_url(8000, ttl_s=60)
+            async with httpx.AsyncClient() as plain:
+                assert (await plain.get(url.url, timeout=10)).status_code == 200
+            assert await sb.files.exists("/tmp/w/i.txt")
+            assert await sb.receipts() == []
+            assert isinstance(await c.receipts.list(), list)
+            assert (await c.receipts.public_keys())["keys"]
+            assert any(t.name == "process" for t in await c.runtimes())
+        job = await c.create_sandbox(cmd="for i in 1 2; do echo t$i; sleep 0.2; done")
+        try:
+            text = "".join([chunk async for chunk in job.follow_logs(timeout=30)])
+            assert text.split() == ["t1", "t2"]
+        finally:
+            await job.kill()
