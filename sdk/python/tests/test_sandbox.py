@@ -198,3 +198,11 @@ def test_resources_and_runtime(client: tartarus.Client) -> None:
     ) as sb:
         assert sb.last_info.runtime == "process"
         assert sb.commands.run("echo ok").ok
+
+
+def test_file_over_the_limit_is_payload_too_large(sandbox: Sandbox) -> None:
+    with pytest.raises(tartarus.PayloadTooLargeError) as e:
+        sandbox.files.write("/tmp/big", b"x" * (4 * 1024 * 1024 + 1))
+    assert e.value.status == 413
+    sandbox.files.write("/tmp/big", b"x" * (4 * 1024 * 1024))  # exactly the limit is fine
+    assert len(sandbox.files.read("/tmp/big")) == 4 * 1024 * 1024
