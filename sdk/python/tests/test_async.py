@@ -92,3 +92,11 @@ async def test_async_ports_preview_logs_receipts(server) -> None:  # type: ignor
             assert text.split() == ["t1", "t2"]
         finally:
             await job.kill()
+
+
+async def test_async_commands_stream(server) -> None:  # type: ignore[no-untyped-def]
+    async with AsyncSandbox.create() as sb:
+        async with sb.commands.stream("echo x; echo y >&2") as events:
+            got = [(ev.stream, ev.text) async for ev in events]
+        assert sorted(got) == [("stderr", "y\n"), ("stdout", "x\n")]
+        assert events.result is not None and events.result.exit_code == 0

@@ -206,3 +206,30 @@ def test_file_over_the_limit_is_payload_too_large(sandbox: Sandbox) -> None:
     assert e.value.status == 413
     sandbox.files.write("/tmp/big", b"x" * (4 * 1024 * 1024))  # exactly the limit is fine
     assert len(sandbox.files.read("/tmp/big")) == 4 * 1024 * 1024
+
+
+def test_commands_stream_iterator(sandbox: Sandbox) -> None:
+    with sandbox.commands.stream("echo a; echo b >&2; echo c; exit 5") as events:
+        got = [(ev.stream, ev.text) for ev in events]
+    assert "".join(t for s, t in got if s == "stdout") == "a\nc\n"
+    assert [t for s, t in got if s == "stderr"] == ["b\n"]
+    assert events.result is not None and events.result.exit_code == 5
+    assert events.result.stdout == "a\nc\n" and events.result.stderr == "b\n"
+
+
+def test_leaving_a_stream_early_kills_the_command(sandbox: Sandbox) -> None:
+    import time
+
+    with sandbox.commands.stream("echo started; exec sleep 31.5", timeout=60) as events:
+        for ev in events:
+            assert ev.text == "started\n"
+            break
+    assert events.result is None
+    # The server kills the command when the connection closes; poll (bounded) until it is gone.
+    deadline = time.monotonic() + 20
+    while True:
+        left = sandbox.commands.run("ps -eo args | grep -c '^sleep 31[.]5' || true").stdout.strip()
+        if left == "0":
+            break
+        assert time.monotonic() < deadline, "the streamed command survived its connection"
+        time.sleep(0.2)

@@ -30,6 +30,7 @@ from ._exceptions import (
 from ._models import (
     CommandResult,
     EntryInfo,
+    OutputEvent,
     PreviewUrl,
     Receipt,
     Resources,
@@ -49,6 +50,7 @@ __all__ = [
     "AsyncSandbox",
     "CommandResult",
     "EntryInfo",
+    "OutputEvent",
     "PreviewUrl",
     "Receipt",
     "Resources",

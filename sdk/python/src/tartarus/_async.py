@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import contextlib
 import time
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import httpx
 
@@ -39,6 +39,7 @@ from ._exceptions import (
 from ._models import (
     CommandResult,
     EntryInfo,
+    OutputEvent,
     PreviewUrl,
     Receipt,
     Resources,
@@ -495,23 +496,85 @@ class AsyncCommands:
         on_stdout: Optional[OutputCallback],
         on_stderr: Optional[OutputCallback],
     ) -> CommandResult:
-        deadline = time.monotonic() + timeout + EXEC_SLACK
-        collector = OutputCollector(on_stdout, on_stderr)
-        parser = SSEParser()
-        async with self._sb.client.stream("POST", path, json=body, timeout=http_t) as r:
-            async for line in r.aiter_lines():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"exec stream still open {timeout + EXEC_SLACK}s after it started")
-                ev = parser.feed(line)
-                if ev is None:
-                    continue
-                for cb, text in collector.handle(*ev):
-                    out = cb(text)
+        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        async with AsyncCommandStream(self._sb.client, path, body, http_t, timeout) as stream:
+            async for ev in stream:
+                cb = callbacks[ev.stream]
+                if cb is not None:
+                    out = cb(ev.text)
                     if inspect.isawaitable(out):
                         await out
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        cmd: Command,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        stdin: Union[str, bytes, None] = None,
+        timeout: float = EXEC_DEFAULT_TIMEOUT,
+    ) -> "AsyncCommandStream":
+        """Run ``cmd`` and iterate over its output as it is written::
+
+            async with sb.commands.stream("make test") as events:
+                async for ev in events:    # OutputEvent(stream="stdout" or "stderr", text=...)
+                    print(ev.stream, ev.text, end="")
+            print(events.result.exit_code)
+
+        Leaving the block early closes the connection, which kills the command."""
+        body = exec_body(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, stream=True)
+        c = self._sb.client
+        http_t = exec_http_timeout(timeout, c.config.timeout)
+        return AsyncCommandStream(c, self._sb._path + "/exec", body, http_t, timeout)
+
+
+class AsyncCommandStream:
+    """A streamed command: iterate it (``async for``) for ``OutputEvent``s; ``result`` is set once it has
+    exited."""
+
+    def __init__(
+        self, client: AsyncClient, path: str, body: Dict[str, Any], http_t: httpx.Timeout, timeout: float
+    ) -> None:
+        self._client, self._path, self._body, self._http_t = client, path, body, http_t
+        self._timeout = timeout
+        self._gen: Optional[AsyncGenerator[OutputEvent, None]] = None
+        self.result: Optional[CommandResult] = None
+
+    async def _events(self) -> AsyncGenerator[OutputEvent, None]:
+        deadline = time.monotonic() + self._timeout + EXEC_SLACK
+        collector = OutputCollector()
+        parser = SSEParser()
+        async with self._client.stream("POST", self._path, json=self._body, timeout=self._http_t) as r:
+            async for line in r.aiter_lines():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"exec stream still open {self._timeout + EXEC_SLACK}s after it started")
+                sse = parser.feed(line)
+                if sse is None:
+                    continue
+                ev = collector.handle(*sse)
+                if ev is not None:
+                    yield ev
                 if collector.exit is not None:
                     break
-        return collector.result()
+        self.result = collector.result()
+
+    def __aiter__(self) -> AsyncIterator[OutputEvent]:
+        if self._gen is None:
+            self._gen = self._events()
+        return self._gen
+
+    async def __aenter__(self) -> "AsyncCommandStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading (the server kills the command when the connection closes)."""
+        if self._gen is not None:
+            await self._gen.aclose()
 
 
 class AsyncFiles:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import httpx
 
 from ._exceptions import ConfigurationError, TartarusError, error_from_response
-from ._models import CommandResult, Resources, ToolCallResult
+from ._models import CommandResult, OutputEvent, Resources, ToolCallResult
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds for every call that is not an exec (connect, read, write and pool each)."""
@@ -227,18 +227,17 @@ class SSEParser:
 
 
 class OutputCollector:
-    """Routes streamed chunks to callbacks and keeps at most ``limit`` characters of each stream."""
+    """Parses streamed output events and keeps at most ``limit`` characters of each stream for the result."""
 
-    def __init__(self, on_stdout: Any, on_stderr: Any, limit: Optional[int] = None) -> None:
-        self.on = {"stdout": on_stdout, "stderr": on_stderr}
+    def __init__(self, limit: Optional[int] = None) -> None:
         self.kept: Dict[str, List[str]] = {"stdout": [], "stderr": []}
         self.size = {"stdout": 0, "stderr": 0}
         self.limit = MAX_STREAM_OUTPUT if limit is None else limit
         self.truncated = False
         self.exit: Optional[Dict[str, Any]] = None
 
-    def handle(self, event: str, data: str) -> List[Tuple[Any, str]]:
-        """Returns the callbacks to call (the async client awaits the coroutine ones)."""
+    def handle(self, event: str, data: str) -> Optional[OutputEvent]:
+        """Keeps what fits and returns the output event (stdout/stderr), if this SSE event is one."""
         if event in ("stdout", "stderr"):
             text = json.loads(data)
             room = self.limit - self.size[event]
@@ -248,8 +247,7 @@ class OutputCollector:
                 self.size[event] += len(piece)
             if len(text) > max(room, 0):
                 self.truncated = True
-            cb = self.on[event]
-            return [(cb, text)] if cb is not None else []
+            return OutputEvent(event, text)
         if event == "exit":
             self.exit = json.loads(data)
         elif event == "error":
@@ -258,7 +256,7 @@ class OutputCollector:
             except ValueError:
                 err = {"message": data}
             raise TartarusError(f"exec stream failed: {err}")
-        return []
+        return None
 
     def result(self) -> CommandResult:
         if self.exit is None:

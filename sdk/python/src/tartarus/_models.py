@@ -23,6 +23,7 @@ __all__ = [
     "Template",
     "Resources",
     "ToolCallResult",
+    "OutputEvent",
     "MODELS",
 ]
 
@@ -235,6 +236,14 @@ class Resources(_Model):
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    """A piece of a streamed command's output: ``stream`` is ``"stdout"`` or ``"stderr"``."""
+
+    stream: str
+    text: str
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import httpx
 
@@ -37,6 +37,7 @@ from ._exceptions import (
 from ._models import (
     CommandResult,
     EntryInfo,
+    OutputEvent,
     PreviewUrl,
     Receipt,
     Resources,
@@ -487,21 +488,82 @@ class Commands:
         on_stdout: Optional[OutputCallback],
         on_stderr: Optional[OutputCallback],
     ) -> CommandResult:
-        deadline = time.monotonic() + timeout + EXEC_SLACK
-        collector = OutputCollector(on_stdout, on_stderr)
+        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        with CommandStream(self._sb.client, path, body, http_t, timeout) as stream:
+            for ev in stream:
+                cb = callbacks[ev.stream]
+                if cb is not None:
+                    cb(ev.text)
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        cmd: Command,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        stdin: Union[str, bytes, None] = None,
+        timeout: float = EXEC_DEFAULT_TIMEOUT,
+    ) -> "CommandStream":
+        """Run ``cmd`` and iterate over its output as it is written::
+
+            with sb.commands.stream("make test") as events:
+                for ev in events:          # OutputEvent(stream="stdout" or "stderr", text=...)
+                    print(ev.stream, ev.text, end="")
+            print(events.result.exit_code)
+
+        Leaving the block early closes the connection, which kills the command."""
+        body = exec_body(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, stream=True)
+        c = self._sb.client
+        http_t = exec_http_timeout(timeout, c.config.timeout)
+        return CommandStream(c, self._sb._path + "/exec", body, http_t, timeout)
+
+
+class CommandStream:
+    """A streamed command: iterate it for ``OutputEvent``s; ``result`` is set once it has exited."""
+
+    def __init__(
+        self, client: Client, path: str, body: Dict[str, Any], http_t: httpx.Timeout, timeout: float
+    ) -> None:
+        self._client, self._path, self._body, self._http_t = client, path, body, http_t
+        self._timeout = timeout
+        self._gen: Optional[Generator[OutputEvent, None, None]] = None
+        self.result: Optional[CommandResult] = None
+
+    def _events(self) -> Generator[OutputEvent, None, None]:
+        deadline = time.monotonic() + self._timeout + EXEC_SLACK
+        collector = OutputCollector()
         parser = SSEParser()
-        with self._sb.client.stream("POST", path, json=body, timeout=http_t) as r:
+        with self._client.stream("POST", self._path, json=self._body, timeout=self._http_t) as r:
             for line in r.iter_lines():
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"exec stream still open {timeout + EXEC_SLACK}s after it started")
-                ev = parser.feed(line)
-                if ev is None:
+                    raise TimeoutError(f"exec stream still open {self._timeout + EXEC_SLACK}s after it started")
+                sse = parser.feed(line)
+                if sse is None:
                     continue
-                for cb, text in collector.handle(*ev):
-                    cb(text)
+                ev = collector.handle(*sse)
+                if ev is not None:
+                    yield ev
                 if collector.exit is not None:
                     break
-        return collector.result()
+        self.result = collector.result()
+
+    def __iter__(self) -> Iterator[OutputEvent]:
+        if self._gen is None:
+            self._gen = self._events()
+        return self._gen
+
+    def __enter__(self) -> "CommandStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading (the server kills the command when the connection closes)."""
+        if self._gen is not None:
+            self._gen.close()
 
 
 class Files:
