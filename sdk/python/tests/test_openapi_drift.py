@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 import pytest
 
 import tartarus
-from tartarus._base import CREATE_FIELDS, EXEC_FIELDS, QUERY_PARAMS, ROUTES
+from tartarus._base import CREATE_FIELDS, EXEC_FIELDS, NEWER_ROUTES, QUERY_PARAMS, ROUTES
 from tartarus._models import MODELS
 
 
@@ -92,3 +92,19 @@ def test_route_exists(openapi: Dict[str, Any], method: str, path: str) -> None:
     documented = {p["name"] for p in paths[path][method.lower()].get("parameters", []) if p["in"] == "query"}
     missing = sorted(set(params) - documented)
     assert not missing, f"{method} {path}: the SDK sends query parameters {missing}; documented: {sorted(documented)}"
+
+
+@pytest.mark.parametrize("method,path", NEWER_ROUTES, ids=lambda x: str(x))
+def test_newer_route(openapi: Dict[str, Any], method: str, path: str) -> None:
+    paths = openapi["paths"]
+    if path not in paths:
+        pytest.skip(f"{method} {path}: this server predates it")
+    assert method.lower() in paths[path]
+
+
+def test_set_timeout_schema(openapi: Dict[str, Any]) -> None:
+    schemas = openapi["components"]["schemas"]
+    if "SetTimeout" not in schemas:
+        pytest.skip("this server has no POST /v1/sandboxes/{id}/timeout")
+    assert set(schemas["SetTimeout"]["properties"]) == {"timeout_s"}
+    assert "deadline_ms" in schemas["Deadline"]["properties"]

@@ -233,3 +233,13 @@ def test_leaving_a_stream_early_kills_the_command(sandbox: Sandbox) -> None:
             break
         assert time.monotonic() < deadline, "the streamed command survived its connection"
         time.sleep(0.2)
+
+
+def test_set_timeout(sandbox: Sandbox) -> None:
+    if "/v1/sandboxes/{id}/timeout" not in sandbox.client.openapi()["paths"]:
+        pytest.skip("this server has no POST /v1/sandboxes/{id}/timeout")
+    import time
+
+    deadline = sandbox.set_timeout(120)
+    assert abs(deadline - (time.time() * 1000 + 120_000)) < 30_000
+    assert sandbox.info().is_running

@@ -359,6 +359,11 @@ ROUTES: List[Tuple[str, str]] = [
     ("GET", "/v1/templates"),
 ]
 
+# Routes newer than some servers the SDK still talks to: checked when the server documents them.
+NEWER_ROUTES: List[Tuple[str, str]] = [
+    ("POST", "/v1/sandboxes/{id}/timeout"),
+]
+
 # Query parameters the SDK sends, per route.
 QUERY_PARAMS: Dict[Tuple[str, str], List[str]] = {
     ("GET", "/v1/sandboxes"): ["status", "label"],

@@ -373,6 +373,15 @@ class Sandbox:
         self.last_info = SandboxInfo.from_dict(self._client.request("POST", self._path + "/resume"))
         return self.last_info
 
+    def set_timeout(self, seconds: int) -> int:
+        """Stop the sandbox ``seconds`` from now (1-86400) unless called again: a keep-alive
+        (``POST /v1/sandboxes/{id}/timeout``). Returns the new deadline in ms since the epoch. Needs a server
+        with that route (newer than 1d5d9d5); an older one answers 404 (``NotFoundError``)."""
+        data = self._client.request(
+            "POST", self._path + "/timeout", json={"timeout_s": int(seconds)}
+        )
+        return int(data["deadline_ms"])
+
     def wait(self, timeout: float = 60.0) -> SandboxInfo:
         """Wait until the sandbox has ended (its main command exited, it timed out or was killed); raises
         ``TimeoutError`` if it is still running after ``timeout`` seconds."""
