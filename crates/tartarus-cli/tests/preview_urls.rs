@@ -35,6 +35,10 @@ def serve(c):
             if not chunk: break
             c.sendall(chunk)
         return
+    if path.startswith("/missing"):
+        c.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nno such page")
+        c.close()
+        return
     seen = "credentials:" + ",".join(h for h in ("x-api-key", "x-access-token", "authorization") if h in headers)
     body = ("path=" + path + " host=" + headers.get("host", "") + " " + seen).encode()
     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
@@ -91,6 +95,14 @@ fn http_and_websocket_reach_an_opted_in_port_of_a_network_none_sandbox_without_c
         format!("path=/some/page?q=1 host={host} credentials:"),
         "path, query and Host kept; key removed"
     );
+
+    // The sandbox's own error answers pass unchanged (the API's error shaping is for its own answers).
+    let (status, body) = raw_get(
+        &server,
+        &format!("/v1/sandboxes/{id}/ports/8000/missing"),
+        Some(&alice),
+    );
+    assert_eq!((status, body.as_str()), (404, "no such page"));
 
     // A WebSocket upgrade: the 101 comes back and bytes flow both ways.
     let mut stream = TcpStream::connect(host).unwrap();

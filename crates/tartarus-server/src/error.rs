@@ -103,11 +103,19 @@ pub fn json_rejection(rejection: axum::extract::rejection::JsonRejection) -> Api
     ApiError::new(status, code, rejection.body_text())
 }
 
-/// Gives every client error the JSON shape: axum's own rejections (a query string or path that does not
+/// Gives every client error the JSON shape (except answers forwarded from a sandbox): axum's own rejections (a query string or path that does not
 /// parse, a method the route does not have, a body over the limit) answer plain text or nothing; their
 /// status stays, the text becomes the message.
 pub async fn json_client_errors(response: Response) -> Response {
     use axum::http::header::CONTENT_TYPE;
+    // A sandbox's own answer (preview URLs, the E2B daemons) is passed on as it is.
+    if response
+        .extensions()
+        .get::<crate::sandbox_ports::Forwarded>()
+        .is_some()
+    {
+        return response;
+    }
     let status = response.status();
     let is_json = response
         .headers()

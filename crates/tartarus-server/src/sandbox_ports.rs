@@ -130,10 +130,16 @@ pub async fn forward(
             }
         });
     }
-    Ok(response
+    let mut response = response
         .map(|body| Body::new(ResetOnError { inner: body, client }))
-        .into_response())
+        .into_response();
+    response.extensions_mut().insert(Forwarded);
+    Ok(response)
 }
+
+/// Marks a response as the sandbox's own answer, which the API's error shaping leaves alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded;
 
 /// The sandbox's answer body; if it breaks off (the sandbox died, its program crashed), the client's
 /// connection is reset rather than ended, so the client sees a dropped connection, not a short answer.

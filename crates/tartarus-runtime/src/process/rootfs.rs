@@ -98,7 +98,12 @@ const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 pub const HOST_ENTRY_NAMES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 /// `/etc` entries shared read-only when present: library cache, alternatives symlinks, CA certificates.
 /// (`matplotlibrc`: Debian's matplotlib reads its defaults from there.)
-pub const SHARED_ETC: &[&str] = &["etc/ld.so.cache", "etc/alternatives", "etc/ssl/certs", "etc/matplotlibrc"];
+pub const SHARED_ETC: &[&str] = &[
+    "etc/ld.so.cache",
+    "etc/alternatives",
+    "etc/ssl/certs",
+    "etc/matplotlibrc",
+];
 
 /// Inspects the host's top-level entries (run in the supervisor).
 pub fn host_entries() -> Vec<HostEntry> {

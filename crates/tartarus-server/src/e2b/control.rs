@@ -228,7 +228,14 @@ async fn create_sandbox(
     let mut ready = wait_for_port(&state, &record, ENVD_PORT, "E2B daemon", ENVD_READY_TIMEOUT).await;
     if ready.is_ok() && matches!(choice, TemplateChoice::CodeInterpreter) {
         let port = super::CODE_INTERPRETER_PORT;
-        ready = wait_for_port(&state, &record, port, "code interpreter", CODE_INTERPRETER_READY_TIMEOUT).await;
+        ready = wait_for_port(
+            &state,
+            &record,
+            port,
+            "code interpreter",
+            CODE_INTERPRETER_READY_TIMEOUT,
+        )
+        .await;
     }
     if let Err(e) = ready {
         let _ = state.manager.kill(&record).await;

@@ -291,7 +291,10 @@ mod tests {
         assert!(!key.verify("sb_2", &key.access_token("sb_1")));
         assert!(!key.verify("sb_1", ""));
         assert!(key.verify_traffic("sb_1", &key.traffic_token("sb_1")));
-        assert!(!key.verify("sb_1", &key.traffic_token("sb_1")), "the traffic token is not the access token");
+        assert!(
+            !key.verify("sb_1", &key.traffic_token("sb_1")),
+            "the traffic token is not the access token"
+        );
         assert!(!key.verify_traffic("sb_1", &key.access_token("sb_1")));
         let other = tempfile::tempdir().unwrap();
         let other = TokenKey::load_or_create(other.path()).unwrap();
