@@ -57,6 +57,8 @@ pub fn routes() -> Router<AppState> {
         .route("/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/sandboxes/{id}/connect", post(connect_sandbox))
+        .route("/v2/sandboxes/{id}/connect", post(connect_sandbox))
+        .route("/sandboxes/{id}/refreshes", post(refresh_sandbox))
         .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
         .route("/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/v2/sandboxes/{id}/logs", get(sandbox_logs))
@@ -729,7 +731,14 @@ async fn connect_sandbox(
 ) -> Result<Response, E2bError> {
     caller.require_mutate()?;
     let record = find_e2b(&state, &caller, &id).await?;
-    let timeout = connect_request(&body)?.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
+    let request = connect_request(&body)?;
+    if request.memory == Some(false) {
+        return Err(E2bError::new(
+            StatusCode::BAD_REQUEST,
+            "resuming with a cold boot (memory: false) is not supported by Tartarus's E2B API",
+        ));
+    }
+    let timeout = request.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
     let wanted = deadline_after(timeout.clamp(1, MAX_TIMEOUT_S));
     let status = match record.paused {
         true => {
@@ -749,6 +758,42 @@ async fn connect_sandbox(
         set_deadline(&state, &record, wanted).await?;
     }
     Ok((status, Json(sandbox_answer(&state, &record))).into_response())
+}
+
+/// `refreshes`: the timeout becomes at least `duration` seconds from now (older SDKs' keep-alive).
+async fn refresh_sandbox(
+    State(state): State<AppState>,
+    E2bCaller(caller): E2bCaller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, E2bError> {
+    caller.require_mutate()?;
+    #[derive(serde::Deserialize, Default)]
+    struct Refresh {
+        duration: Option<u64>,
+    }
+    let refresh: Refresh = match body.iter().all(u8::is_ascii_whitespace) {
+        true => Refresh::default(),
+        false => serde_json::from_slice(&body)
+            .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?,
+    };
+    let record = find_e2b(&state, &caller, &id).await?;
+    let wanted = deadline_after(
+        refresh
+            .duration
+            .unwrap_or(DEFAULT_TIMEOUT_S)
+            .clamp(1, MAX_TIMEOUT_S),
+    );
+    let current = state
+        .store
+        .deadline(&record.id)
+        .await
+        .map_err(crate::error::ApiError::from)?
+        .map(|(ms, _)| ms);
+    if !record.paused && current.is_none_or(|c| c < wanted) {
+        set_deadline(&state, &record, wanted).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Metrics over time are not collected for E2B's API yet: an empty series (the SDK accepts it).

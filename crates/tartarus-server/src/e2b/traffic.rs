@@ -46,7 +46,8 @@ async fn forward(state: &AppState, id: String, request: Request) -> Result<Respo
             )
         })?,
     };
-    let not_running = || E2bError::new(StatusCode::BAD_GATEWAY, format!("sandbox {id} is not running"));
+    // E2B's proxy's words, which the SDKs match ("was not found": killed or timed out).
+    let not_running = || E2bError::new(StatusCode::BAD_GATEWAY, format!("The sandbox {id} was not found"));
     // The daemon's port takes the access token; the sandbox's other ports take it or the traffic token
     // (which is all the code interpreter's SDK sends).
     let access = header(&request, "x-access-token").unwrap_or_default();
@@ -72,15 +73,31 @@ async fn forward(state: &AppState, id: String, request: Request) -> Result<Respo
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
-    crate::sandbox_ports::forward(state, &record, port, &path_and_query, request)
-        .await
-        .map_err(|e| match e.status {
-            // Paused, ending, its shim gone or busy ending it, nothing on the port: E2B's proxy answers all
-            // of these 502, which the SDK reads as "not running".
-            StatusCode::CONFLICT => not_running(),
-            status if status.is_server_error() => E2bError::new(StatusCode::BAD_GATEWAY, e.message),
-            _ => E2bError::from(e),
-        })
+    let forwarded = crate::sandbox_ports::forward(state, &record, port, &path_and_query, request).await;
+    match forwarded {
+        Ok(response) => Ok(response),
+        // Paused or ending: E2B's proxy answers a sandbox it cannot serve like a stopped one.
+        Err(e) if e.status == StatusCode::CONFLICT => Err(not_running()),
+        Err(e) if e.code == "port_closed" => Err(E2bError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {id} is running but port {port} is not open"),
+        )),
+        Err(e) if e.status.is_server_error() => {
+            // The shim gone or busy ending the sandbox: "not found" once the store says it ended.
+            let ended = state
+                .store
+                .sandbox(&id, None)
+                .await
+                .ok()
+                .flatten()
+                .is_none_or(|r| !r.status.is_live());
+            match ended {
+                true => Err(not_running()),
+                false => Err(E2bError::new(StatusCode::BAD_GATEWAY, e.message)),
+            }
+        }
+        Err(e) => Err(E2bError::from(e)),
+    }
 }
 
 /// `GET`/`POST /files?path=…&signature=v1_…`: the SDK's signed file URLs (`download_url`, `upload_url`).

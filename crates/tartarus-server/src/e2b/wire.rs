@@ -111,10 +111,12 @@ pub struct TimeoutRequest {
     pub timeout: u64,
 }
 
-/// `POST /sandboxes/{id}/connect` and `/resume`.
+/// `POST /sandboxes/{id}/connect` (v1 and v2) and `/resume`.
 #[derive(Debug, Deserialize, Default)]
 pub struct ConnectRequest {
     pub timeout: Option<u64>,
+    /// v2: `false` asks to resume with a cold boot, which Tartarus cannot do.
+    pub memory: Option<bool>,
 }
 
 /// `GET /v2/sandboxes` (and the v1 list's `metadata`).
