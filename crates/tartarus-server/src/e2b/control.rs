@@ -229,15 +229,7 @@ async fn create_sandbox(
     let record = crate::find(&state, &caller, &view.id).await?;
     let mut ready = wait_for_port(&state, &record, ENVD_PORT, "E2B daemon", ENVD_READY_TIMEOUT).await;
     if ready.is_ok() && matches!(choice, TemplateChoice::CodeInterpreter) {
-        let port = super::CODE_INTERPRETER_PORT;
-        ready = wait_for_port(
-            &state,
-            &record,
-            port,
-            "code interpreter",
-            CODE_INTERPRETER_READY_TIMEOUT,
-        )
-        .await;
+        ready = wait_for_code_interpreter(&state, &record).await;
     }
     if let Err(e) = ready {
         let _ = state.manager.kill(&record).await;
@@ -308,8 +300,55 @@ fn shape_spec(
 /// Where a code-interpreter sandbox sees the code interpreter's server.
 pub const CODE_INTERPRETER_SERVER: &str = "/.tartarus/code-interpreter.py";
 
-/// How long the code interpreter's server may take to listen (it starts its first Jupyter kernel first).
+/// How long the code interpreter's server may take to be ready (its default Jupyter kernel started).
 const CODE_INTERPRETER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the code interpreter answers `GET /health` with 2xx: it listens at once, and is ready once
+/// its default context's kernel runs (503 until then), so the first `run_code` neither fails nor waits
+/// and the default context is the first in its list, as in E2B.
+async fn wait_for_code_interpreter(state: &AppState, record: &SandboxRecord) -> Result<(), E2bError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = super::CODE_INTERPRETER_PORT;
+    let started = tokio::time::Instant::now();
+    wait_for_port(
+        state,
+        record,
+        port,
+        "code interpreter",
+        CODE_INTERPRETER_READY_TIMEOUT,
+    )
+    .await?;
+    let shim = state.manager.shim(record);
+    let mut pause = Duration::from_millis(10);
+    let mut last = String::new();
+    while started.elapsed() < CODE_INTERPRETER_READY_TIMEOUT {
+        let probe = async {
+            let mut stream = shim.connect_port(port).await.map_err(|e| e.to_string())?;
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(String::from_utf8_lossy(&head[9..12]).into_owned())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(status)) if status.starts_with('2') => return Ok(()),
+            Ok(Ok(status)) => last = format!("/health answered {status}"),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "/health did not answer within 5 s".to_string(),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    Err(E2bError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the sandbox's code interpreter was not ready within {} s ({last})",
+            CODE_INTERPRETER_READY_TIMEOUT.as_secs()
+        ),
+    ))
+}
 
 /// Waits until a program of the sandbox accepts connections on `port` (the daemon starts in
 /// milliseconds; the bound is for a sandbox that never gets there).
