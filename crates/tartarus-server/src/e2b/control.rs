@@ -700,11 +700,7 @@ async fn pause_sandbox(
     body: axum::body::Bytes,
 ) -> Result<StatusCode, E2bError> {
     caller.require_mutate()?;
-    let request: PauseRequest = match body.iter().all(u8::is_ascii_whitespace) {
-        true => PauseRequest::default(),
-        false => serde_json::from_slice(&body)
-            .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?,
-    };
+    let request: PauseRequest = optional_body(&body)?;
     if request.memory == Some(false) {
         return Err(E2bError::new(
             StatusCode::BAD_REQUEST,
@@ -729,13 +725,27 @@ async fn pause_sandbox(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The optional body of `connect` and `resume`.
-fn connect_request(body: &[u8]) -> Result<ConnectRequest, E2bError> {
+/// An optional JSON body (`connect`, `resume`, `pause`, `refreshes`): empty is the default.
+fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, E2bError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(ConnectRequest::default());
+        return Ok(T::default());
     }
     serde_json::from_slice(body)
         .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
+}
+
+/// Moves the deadline to `wanted` unless it is already later (`connect` and `refreshes` never shorten).
+async fn extend_deadline(state: &AppState, record: &SandboxRecord, wanted: i64) -> Result<(), E2bError> {
+    let current = state
+        .store
+        .deadline(&record.id)
+        .await
+        .map_err(crate::error::ApiError::from)?
+        .map(|(ms, _)| ms);
+    if current.is_none_or(|c| c < wanted) {
+        set_deadline(state, record, wanted).await?;
+    }
+    Ok(())
 }
 
 /// `resume`: a paused sandbox runs again with a new timeout; a running one is a conflict.
@@ -753,7 +763,9 @@ async fn resume_sandbox(
             format!("sandbox {id} is already running"),
         ));
     }
-    let timeout = connect_request(&body)?.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
+    let timeout = optional_body::<ConnectRequest>(&body)?
+        .timeout
+        .unwrap_or(DEFAULT_TIMEOUT_S);
     state.manager.set_paused(&record, false).await?;
     set_deadline(&state, &record, deadline_after(timeout.clamp(1, MAX_TIMEOUT_S))).await?;
     audit(&state, &caller, "sandbox.resume", Some(&id), "ok (e2b)").await;
@@ -770,7 +782,7 @@ async fn connect_sandbox(
 ) -> Result<Response, E2bError> {
     caller.require_mutate()?;
     let record = find_e2b(&state, &caller, &id).await?;
-    let request = connect_request(&body)?;
+    let request: ConnectRequest = optional_body(&body)?;
     if request.memory == Some(false) {
         return Err(E2bError::new(
             StatusCode::BAD_REQUEST,
@@ -786,15 +798,10 @@ async fn connect_sandbox(
         }
         false => StatusCode::OK,
     };
-    let current = state
-        .store
-        .deadline(&record.id)
-        .await
-        .map_err(crate::error::ApiError::from)?
-        .map(|(ms, _)| ms);
-    // A resumed sandbox had no deadline (a pause clears it); a running one keeps a later one.
-    if status == StatusCode::CREATED || current.is_none_or(|c| c < wanted) {
-        set_deadline(&state, &record, wanted).await?;
+    match status {
+        // A resumed sandbox had no deadline (a pause clears it).
+        StatusCode::CREATED => set_deadline(&state, &record, wanted).await?,
+        _ => extend_deadline(&state, &record, wanted).await?,
     }
     Ok((status, Json(sandbox_answer(&state, &record))).into_response())
 }
@@ -811,11 +818,7 @@ async fn refresh_sandbox(
     struct Refresh {
         duration: Option<u64>,
     }
-    let refresh: Refresh = match body.iter().all(u8::is_ascii_whitespace) {
-        true => Refresh::default(),
-        false => serde_json::from_slice(&body)
-            .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?,
-    };
+    let refresh: Refresh = optional_body(&body)?;
     let record = find_e2b(&state, &caller, &id).await?;
     let wanted = deadline_after(
         refresh
@@ -823,14 +826,9 @@ async fn refresh_sandbox(
             .unwrap_or(DEFAULT_TIMEOUT_S)
             .clamp(1, MAX_TIMEOUT_S),
     );
-    let current = state
-        .store
-        .deadline(&record.id)
-        .await
-        .map_err(crate::error::ApiError::from)?
-        .map(|(ms, _)| ms);
-    if !record.paused && current.is_none_or(|c| c < wanted) {
-        set_deadline(&state, &record, wanted).await?;
+    // A paused sandbox's timeout does not run.
+    if !record.paused {
+        extend_deadline(&state, &record, wanted).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
