@@ -141,8 +141,14 @@ fn ignore_sigpipe() {
     }
 }
 
-/// Serves on a bound listener until the process ends.
+/// Serves on a bound listener until the process ends. `TCP_NODELAY` on every connection: requests and
+/// stream frames are small writes, which Nagle's algorithm would hold back for the peer's delayed ACK
+/// (40 ms a call).
 pub async fn serve(listener: tokio::net::TcpListener, config: Config) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     axum::serve(listener, router(config)).await
 }
 

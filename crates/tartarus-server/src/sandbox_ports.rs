@@ -71,6 +71,8 @@ pub async fn forward(
             e => e,
         }
     })?;
+    // Small writes (a request head, then its body) must not wait for the sandbox's delayed ACK.
+    let _ = connection.set_nodelay(true);
     let (mut sender, exchange) = hyper::client::conn::http1::handshake(TokioIo::new(connection))
         .await
         .map_err(|e| unreachable_port(record, port, &e))?;

@@ -333,6 +333,10 @@ pub async fn serve_on(
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
     let app = router(state);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Streams (exec events, forwarded answers) are small writes that must not wait on delayed ACKs.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+        let _ = stream.set_nodelay(true);
+    });
     let serving = crate::connections::serve(listener, app, config.connections, async {
         let _ = stopped.await;
     });
