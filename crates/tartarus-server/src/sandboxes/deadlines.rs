@@ -44,7 +44,9 @@ impl Manager {
                     let Ok(Some(record)) = manager.store.sandbox(&id, None).await else {
                         continue;
                     };
-                    if record.node.is_some() || !record.status.is_live() {
+                    // Another replica's sandbox (its shim's socket is on that machine) is that replica's.
+                    let here = super::SandboxDir::new(&record.dir).socket().exists();
+                    if record.node.is_some() || !record.status.is_live() || !here {
                         continue;
                     }
                     if !stopping
