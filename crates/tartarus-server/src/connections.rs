@@ -90,8 +90,10 @@ pub async fn serve<L: Listener<Io: AsRawFd>>(
         // Each request knows its connection's socket, so a forwarded stream cut off by its source can
         // reset the connection ([`ClientConnection::reset`]).
         let client = ClientConnection(io.as_raw_fd());
-        let router = router.clone().layer(axum::Extension(client));
-        let service = TowerToHyperService::new(router);
+        let service = TowerToHyperService::new(WithClient {
+            router: router.clone(),
+            client,
+        });
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -144,6 +146,32 @@ impl ClientConnection {
                 std::mem::size_of::<libc::linger>() as libc::socklen_t,
             );
         }
+    }
+}
+
+/// The router with each request tagged with its connection (an extension), without rebuilding the
+/// router per connection.
+#[derive(Clone)]
+struct WithClient {
+    router: Router,
+    client: ClientConnection,
+}
+
+impl<B> tower_service::Service<axum::http::Request<B>> for WithClient
+where
+    Router: tower_service::Service<axum::http::Request<B>>,
+{
+    type Response = <Router as tower_service::Service<axum::http::Request<B>>>::Response;
+    type Error = <Router as tower_service::Service<axum::http::Request<B>>>::Error;
+    type Future = <Router as tower_service::Service<axum::http::Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::<axum::http::Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.client);
+        self.router.call(request)
     }
 }
 
