@@ -265,3 +265,53 @@ fn set_timeout_and_auto_pause_act_at_the_deadline() {
     assert_eq!(status, 201, "{resumed}");
     assert_eq!(state(&paused).1["state"], "running");
 }
+
+#[test]
+fn sandbox_host_names_route_to_the_sandbox_with_its_token_only() {
+    use std::io::{Read, Write};
+    let dir = DataDir::new();
+    let server = Server::start_with(dir.path(), &[], &["--sandbox-domain", "sbx.test"]);
+    let alice = sdk_key(&new_key(dir.path(), "alice", "user"));
+    let (status, created, _) = e2b(
+        &server,
+        "POST",
+        "/sandboxes",
+        &[("X-API-Key", alice.as_str())],
+        Some(json!({"templateID": "base", "timeout": 60})),
+    );
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        created["domain"], "sbx.test",
+        "the SDK's get_host builds names under it"
+    );
+    let id = created["sandboxID"].as_str().unwrap();
+    let token = created["envdAccessToken"].as_str().unwrap();
+    let addr = server.base.trim_start_matches("http://");
+    let status_of = |host: &str, token: Option<&str>| {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let auth = token
+            .map(|t| format!("X-Access-Token: {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "GET /health HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        String::from_utf8_lossy(&head[9..12]).into_owned()
+    };
+    assert_eq!(status_of(&format!("49983-{id}.sbx.test"), Some(token)), "204");
+    assert_eq!(status_of(&format!("49983-{id}.sbx.test:443"), Some(token)), "204");
+    assert_eq!(
+        status_of(&format!("49983-{id}.sbx.test"), None),
+        "502",
+        "no token: not running"
+    );
+    assert_eq!(
+        status_of(&format!("49983-{id}.other.test"), Some(token)),
+        "404",
+        "another domain is the API's"
+    );
+}

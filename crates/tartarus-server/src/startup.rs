@@ -56,6 +56,8 @@ pub struct ServerConfig {
     /// Registries (HOST[:PORT]) user keys may pull images from (`--registry`; the insecure registries count
     /// too). Empty: only admin keys pull by reference.
     pub registries: Vec<String>,
+    /// E2B's sandbox host names are `{port}-{id}.DOMAIN` (`--sandbox-domain`); `None`: not served.
+    pub sandbox_domain: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +327,7 @@ pub async fn serve_on(
             .map_err(|e| ServerError::Config(e.to_string()))?,
         host_access: config.host_access,
         e2b: Arc::new(
-            crate::e2b::E2bState::open(&config.data_dir)
+            crate::e2b::E2bState::open(&config.data_dir, config.sandbox_domain.clone())
                 .map_err(|e| ServerError::Config(format!("the E2B API's state: {e}")))?,
         ),
     };

@@ -26,6 +26,11 @@ pub struct ServerArgs {
     /// insecure registries count too). Without any, only admin keys pull images by reference
     #[arg(long = "registry", value_name = "HOST[:PORT]")]
     registries: Vec<String>,
+    /// The domain of E2B's sandbox host names (`{port}-{id}.DOMAIN`, what the SDK's `get_host` returns):
+    /// requests with such a Host header go to that port of that sandbox (docs/e2b.md). Needs wildcard DNS
+    /// (and TLS in front, for the SDK's https) for the names to reach this server
+    #[arg(long, value_name = "DOMAIN")]
+    sandbox_domain: Option<String>,
     /// Let admin keys create sandboxes on the host's network namespace (`network: host-loopback`), which
     /// reach everything the host reaches: the API, /metrics, the database, other tenants' sandboxes
     #[arg(long)]
@@ -154,6 +159,7 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
             rootfs: args.allow_host_rootfs,
         },
         registries: args.registries,
+        sandbox_domain: args.sandbox_domain,
         runtime: super::run::runtime_config(),
     })
 }

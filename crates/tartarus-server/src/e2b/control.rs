@@ -437,7 +437,7 @@ fn sandbox_answer(state: &AppState, record: &SandboxRecord) -> Sandbox {
         envd_version: super::ENVD_VERSION.to_string(),
         envd_access_token: state.e2b.tokens.access_token(&record.id),
         traffic_access_token: state.e2b.tokens.traffic_token(&record.id),
-        domain: None,
+        domain: state.e2b.domain.clone(),
     }
 }
 
@@ -485,7 +485,7 @@ async fn detail(state: &AppState, record: &SandboxRecord, with_token: bool) -> S
         state: if record.paused { "paused" } else { "running" },
         metadata: metadata(record),
         envd_access_token: with_token.then(|| state.e2b.tokens.access_token(&record.id)),
-        domain: None,
+        domain: state.e2b.domain.clone(),
         lifecycle: Lifecycle {
             on_timeout: match expiry(record) {
                 tartarus_store::Expiry::Pause => "pause",

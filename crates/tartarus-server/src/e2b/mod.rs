@@ -42,6 +42,8 @@ pub struct E2bState {
     pub tokens: TokenKey,
     /// Host path of the code interpreter's server, mounted into `code-interpreter-v1` sandboxes.
     pub code_interpreter: std::path::PathBuf,
+    /// The domain of sandbox host names (`{port}-{id}.DOMAIN`), when the server serves them.
+    pub domain: Option<String>,
     /// Host directory of the commands E2B's `base` template has and the host system lacks
     /// ([`COMPAT_COMMANDS`]), mounted at [`COMPAT_BIN`] and first in `PATH`.
     pub compat_bin: std::path::PathBuf,
@@ -75,7 +77,7 @@ const COMPAT_COMMANDS: [(&str, &str); 2] = [
 
 impl E2bState {
     /// Loads (or creates) the token key and writes the code interpreter's server under `data_dir`.
-    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+    pub fn open(data_dir: &Path, domain: Option<String>) -> std::io::Result<Self> {
         let tokens = TokenKey::load_or_create(data_dir)?;
         let dir = data_dir.join("e2b");
         std::fs::create_dir_all(&dir)?;
@@ -99,6 +101,7 @@ impl E2bState {
         Ok(E2bState {
             tokens,
             code_interpreter,
+            domain: domain.map(|d| d.trim_matches('.').to_ascii_lowercase()),
             compat_bin,
         })
     }

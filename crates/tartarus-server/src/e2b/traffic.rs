@@ -28,6 +28,50 @@ pub async fn route_sandbox_traffic(State(state): State<AppState>, request: Reque
     }
 }
 
+/// The middleware in front of every route: with `--sandbox-domain D`, a request whose Host is
+/// `{port}-{id}.D` (what the SDK's `get_host` returns) goes to that port of that sandbox, with the same
+/// tokens as above. Other hosts pass.
+pub async fn route_sandbox_hosts(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(domain) = state.e2b.domain.as_deref() else {
+        return next.run(request).await;
+    };
+    let named = header(&request, "host").and_then(|host| sandbox_host(&host, domain));
+    let Some((port, id)) = named else {
+        return next.run(request).await;
+    };
+    let mut request = request;
+    // What `forward` reads: the same headers the SDK sends to `E2B_SANDBOX_URL`.
+    if let (Ok(id), Ok(port)) = (
+        axum::http::HeaderValue::from_str(&id),
+        axum::http::HeaderValue::from_str(&port.to_string()),
+    ) {
+        request.headers_mut().insert("e2b-sandbox-id", id);
+        request.headers_mut().insert("e2b-sandbox-port", port);
+    }
+    let id = header(&request, "e2b-sandbox-id").unwrap_or_default();
+    match forward(&state, id, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `{port}-{id}.DOMAIN[:listen port]` → the port and the sandbox id.
+fn sandbox_host(host: &str, domain: &str) -> Option<(u16, String)> {
+    let name = host
+        .rsplit_once(':')
+        .map_or(host, |(name, port)| match port.parse::<u16>() {
+            Ok(_) => name,
+            Err(_) => host,
+        });
+    let name = name.to_ascii_lowercase();
+    let label = name.strip_suffix(domain)?.strip_suffix('.')?;
+    let (port, id) = label.split_once('-')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let valid_id =
+        id.len() <= 64 && !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    valid_id.then(|| (port, id.to_string()))
+}
+
 fn header(request: &Request, name: &str) -> Option<String> {
     request
         .headers()
@@ -199,6 +243,29 @@ fn file_signature(path: &str, operation: &str, user: &str, token: &str, expirati
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sandbox_host_names_are_port_dash_id_under_the_domain() {
+        let d = "sbx.example.org";
+        assert_eq!(
+            super::sandbox_host("8000-sb_0a1b.sbx.example.org", d),
+            Some((8000, "sb_0a1b".into()))
+        );
+        assert_eq!(
+            super::sandbox_host("49983-SB_0A1B.SBX.example.org:443", d),
+            Some((49983, "sb_0a1b".into()))
+        );
+        assert_eq!(super::sandbox_host("sbx.example.org", d), None);
+        assert_eq!(super::sandbox_host("8000-sb_0a1b.evil.org", d), None);
+        assert_eq!(
+            super::sandbox_host("8000-sb_0a1b.xsbx.example.org", d),
+            None,
+            "a label boundary"
+        );
+        assert_eq!(super::sandbox_host("0-sb_0a1b.sbx.example.org", d), None);
+        assert_eq!(super::sandbox_host("99999-sb_0a1b.sbx.example.org", d), None);
+        assert_eq!(super::sandbox_host("8000-sb/../x.sbx.example.org", d), None);
+    }
+
     #[test]
     fn the_file_signature_is_the_sdks() {
         // From the SDK: get_signature("a.txt", "read", "user", "tok", None) with hashlib and base64.

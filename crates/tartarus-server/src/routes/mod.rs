@@ -109,6 +109,11 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::not_found("no such route; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // E2B's sandbox host names (`--sandbox-domain`) before any route.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::e2b::traffic::route_sandbox_hosts,
+        ))
         .layer(axum::middleware::map_response(crate::error::json_client_errors))
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
