@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -21,8 +21,8 @@ use tartarus_runtime::lanes::{self, LaneConfig, LaneName};
 use tartarus_runtime::microvm::{MicrovmConfig, MicrovmRuntime};
 use tartarus_runtime::process::ProcessRuntimeConfig;
 use tartarus_runtime::{
-    ExitReason, KillReason, Outcome, PrepareError, Runtime, Sandbox, SandboxSpec, StartError, StdioFds,
-    Termination,
+    ExecError, ExecId, ExecRequest, ExitReason, FileErrorKind, FileOp, FileOpError, KillReason, Outcome,
+    PrepareError, Runtime, Sandbox, SandboxSpec, ServiceSandbox, StartError, StdioFds, Termination,
 };
 
 struct Env {
@@ -189,12 +189,341 @@ fn what_the_lane_cannot_honour_is_refused_in_one_line(env: &Env) {
     s.tty = true;
     let err = env.runtime.prepare(s).err().expect("refused");
     assert_eq!(err.to_string(), "the microvm lane cannot honour a terminal (tty)");
-    let err = env.runtime.prepare_service(spec(&[])).err().expect("refused");
+    let mut s = spec(&[]);
+    s.network = tartarus_runtime::NetworkMode::HostLoopback;
+    let err = env.runtime.prepare_service(s).err().expect("refused");
     assert!(matches!(err, PrepareError::Unsupported(_)), "{err}");
     assert_eq!(
         err.to_string(),
-        "the microvm lane cannot honour service sandboxes (service)"
+        "the microvm lane cannot honour host loopback networking (network: host-loopback)"
     );
+}
+
+/// An exec's end and everything it wrote (read by threads, so a large output never blocks the test).
+struct Execd {
+    termination: Termination,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+fn reader(fd: OwnedFd) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        std::fs::File::from(fd).read_to_end(&mut bytes).unwrap();
+        bytes
+    })
+}
+
+/// Starts `command` in `sandbox` with `input` on its stdin; the id and the readers of its output.
+fn start_exec(
+    sandbox: &mut dyn ServiceSandbox,
+    command: &[&str],
+    input: &[u8],
+) -> Result<(ExecId, OwnedFd, OwnedFd), ExecError> {
+    let (stdin_read, stdin_write) = pipe();
+    let (stdout_read, stdout_write) = pipe();
+    let (stderr_read, stderr_write) = pipe();
+    let request = ExecRequest {
+        command: command.iter().map(|s| s.to_string()).collect(),
+        env: vec![("GREETING".into(), "hello".into())],
+        workdir: None,
+    };
+    let id = sandbox.exec(
+        &request,
+        StdioFds {
+            stdin: stdin_read.as_fd(),
+            stdout: stdout_write.as_fd(),
+            stderr: stderr_write.as_fd(),
+        },
+    )?;
+    let input = input.to_vec();
+    std::thread::spawn(move || {
+        let _ = std::fs::File::from(stdin_write).write_all(&input);
+    });
+    Ok((id, stdout_read, stderr_read))
+}
+
+fn exec_in(sandbox: &mut dyn ServiceSandbox, command: &[&str], input: &[u8]) -> Execd {
+    let (id, stdout, stderr) = start_exec(sandbox, command, input).expect("exec starts");
+    let (stdout, stderr) = (reader(stdout), reader(stderr));
+    let termination = sandbox
+        .wait_exec(id, Some(Duration::from_secs(120)))
+        .expect("wait")
+        .expect("the exec ended in time");
+    Execd {
+        termination,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Runs a file operation with `input`; its outcome and stdout.
+fn file_op(sandbox: &mut dyn ServiceSandbox, op: FileOp, input: &[u8]) -> (Result<(), FileOpError>, Vec<u8>) {
+    let (stdin_read, stdin_write) = pipe();
+    let (stdout_read, stdout_write) = pipe();
+    let (stderr_read, stderr_write) = pipe();
+    let id = sandbox
+        .start_file_op(
+            &op,
+            StdioFds {
+                stdin: stdin_read.as_fd(),
+                stdout: stdout_write.as_fd(),
+                stderr: stderr_write.as_fd(),
+            },
+        )
+        .expect("file operation starts");
+    drop((stdin_read, stdout_write, stderr_write));
+    let input = input.to_vec();
+    std::thread::spawn(move || {
+        let _ = std::fs::File::from(stdin_write).write_all(&input);
+    });
+    let (stdout, stderr) = (reader(stdout_read), reader(stderr_read));
+    let termination = sandbox
+        .wait_exec(id, Some(Duration::from_secs(120)))
+        .expect("wait")
+        .expect("ended in time");
+    let stderr = stderr.join().unwrap();
+    (
+        tartarus_runtime::files::decode_outcome(termination, &stderr),
+        stdout.join().unwrap(),
+    )
+}
+
+fn service_sandbox(env: &Env, spec: SandboxSpec) -> Box<dyn ServiceSandbox> {
+    let mut sandbox = env.runtime.prepare_service(spec).expect("prepare");
+    sandbox.start(StdioFds::inherit()).expect("boots");
+    sandbox
+}
+
+/// One booted VM serves these checks in turn (a TCG boot takes seconds); each check leaves the sandbox as
+/// it found it.
+fn a_service_sandbox_serves_execs_and_files_behind_the_same_walls(env: &Env) {
+    let mut sandbox = service_sandbox(env, spec(&[]));
+    let sandbox = sandbox.as_mut();
+    // An exec: stdin in, stdout and stderr apart, its exit code, the sandbox's environment and the request's.
+    let ran = exec_in(
+        sandbox,
+        &[
+            "/bin/sh",
+            "-c",
+            "read l; echo \"$GREETING:$l:$(id -u):$PWD\"; echo err >&2; exit 3",
+        ],
+        b"world\n",
+    );
+    assert_eq!(ran.termination, Termination::Exited(3));
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "hello:world:1000:/home/sandbox\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&ran.stderr), "err\n");
+    // The same privilege drop as the main command.
+    let ran = exec_in(
+        sandbox,
+        &[
+            "/bin/sh",
+            "-c",
+            "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t' ' '",
+        ],
+        b"",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "CapEff: 0000000000000000\nCapBnd: 0000000000000000\nNoNewPrivs: 1\nSeccomp: 2\n"
+    );
+    // A missing command is refused with a shell's code; the sandbox still serves.
+    let err = start_exec(sandbox, &["no-such-command"], b"")
+        .err()
+        .expect("refused");
+    assert_eq!(err.exit_code(), 127, "{err}");
+    // Files: written, read back, listed; a path outside what the sandbox user may touch is refused.
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (written, _) = file_op(
+        sandbox,
+        FileOp::Write {
+            path: "/home/sandbox/data.bin".into(),
+        },
+        &content,
+    );
+    written.expect("written");
+    let (read, bytes) = file_op(
+        sandbox,
+        FileOp::Read {
+            path: "/home/sandbox/data.bin".into(),
+        },
+        b"",
+    );
+    read.expect("read");
+    assert!(bytes == content, "read back {} bytes", bytes.len());
+    let (listed, listing) = file_op(
+        sandbox,
+        FileOp::List {
+            path: "/home/sandbox".into(),
+        },
+        b"",
+    );
+    listed.expect("listed");
+    let entries = tartarus_runtime::files::decode_listing(&listing).expect("listing");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.name == "data.bin" && e.size == content.len() as u64),
+        "{entries:?}"
+    );
+    let (denied, _) = file_op(
+        sandbox,
+        FileOp::Write {
+            path: "/usr/bin/pwned".into(),
+        },
+        b"x",
+    );
+    let denied = denied.expect_err("a read-only root");
+    assert!(
+        matches!(denied.kind, FileErrorKind::Forbidden | FileErrorKind::NotFound),
+        "{denied:?}"
+    );
+    let ran = exec_in(sandbox, &["cat", "/home/sandbox/data.bin"], b"");
+    assert!(ran.stdout == content, "the exec sees the file op's file");
+    sandbox.kill(KillReason::Requested).expect("kill");
+    sandbox.wait().expect("ends");
+    sandbox.cleanup().expect("cleanup");
+}
+
+/// One exec whose reader does not read does not stall its neighbours, and loses nothing once read; a
+/// killed exec takes everything it started (even what left its session); a paused VM runs nothing until
+/// resumed; a graceful stop ends every process.
+fn one_exec_never_stalls_another_and_controls_reach_the_whole_vm(env: &Env) {
+    let mut sandbox = service_sandbox(env, spec(&[]));
+    let sandbox = sandbox.as_mut();
+    const FLOOD: usize = 6 << 20;
+    let (flood, flood_out, flood_err) = start_exec(
+        sandbox,
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("head -c {FLOOD} /dev/zero; echo done >&2"),
+        ],
+        b"",
+    )
+    .expect("flood starts");
+    // Nobody reads the flood yet: its pipe and the host's buffer fill, and the guest holds its output.
+    let ran = exec_in(sandbox, &["echo", "neighbour"], b"");
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "neighbour\n");
+    assert_eq!(
+        sandbox.wait_exec(flood, Some(Duration::ZERO)).expect("wait"),
+        None,
+        "the flood cannot end while its output is unread"
+    );
+    let (flood_out, flood_err) = (reader(flood_out), reader(flood_err));
+    let end = sandbox
+        .wait_exec(flood, Some(Duration::from_secs(180)))
+        .expect("wait")
+        .expect("the flood ends once read");
+    assert_eq!(end, Termination::Exited(0));
+    assert_eq!(flood_out.join().unwrap().len(), FLOOD, "no byte lost");
+    assert_eq!(flood_err.join().unwrap(), b"done\n");
+
+    // A kill reaches a process that left the exec's session and process group.
+    let (victim, out, _err) = start_exec(
+        sandbox,
+        &["/bin/sh", "-c", "setsid sleep 1000 & echo started; sleep 1000"],
+        b"",
+    )
+    .expect("starts");
+    let mut line = [0u8; 8];
+    rustix::io::read(&out, &mut line).unwrap();
+    assert_eq!(&line, b"started\n");
+    sandbox.kill_exec(victim).expect("kill");
+    let end = sandbox
+        .wait_exec(victim, Some(Duration::from_secs(60)))
+        .expect("wait")
+        .expect("killed");
+    assert_eq!(end, Termination::Signaled(libc::SIGKILL));
+    let ran = exec_in(sandbox, &["pgrep", "-c", "sleep"], b"");
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "0\n",
+        "every sleep was killed"
+    );
+
+    // Paused: execs are refused, and a running one makes no progress until the thaw.
+    let (ticker, ticks, _err) = start_exec(
+        sandbox,
+        &["/bin/sh", "-c", "while :; do echo tick; sleep 0.05; done"],
+        b"",
+    )
+    .expect("starts");
+    let mut tick = [0u8; 5];
+    rustix::io::read(&ticks, &mut tick).unwrap();
+    sandbox.pause().expect("pause");
+    assert!(sandbox.is_paused());
+    let err = start_exec(sandbox, &["true"], b"")
+        .err()
+        .expect("refused while paused");
+    assert!(err.to_string().contains("paused"), "{err}");
+    // Whatever was written before the freeze is drained; after that nothing comes for a second.
+    rustix::io::ioctl_fionbio(&ticks, true).unwrap();
+    let mut sink = [0u8; 4096];
+    while rustix::io::read(&ticks, &mut sink).is_ok_and(|n| n > 0) {}
+    let mut fds = [rustix::event::PollFd::new(&ticks, rustix::event::PollFlags::IN)];
+    let second = rustix::time::Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        rustix::event::poll(&mut fds, Some(&second)).unwrap(),
+        0,
+        "a frozen VM writes nothing"
+    );
+    sandbox.resume().expect("resume");
+    rustix::io::ioctl_fionbio(&ticks, false).unwrap();
+    rustix::io::read(&ticks, &mut tick).unwrap();
+    assert_eq!(&tick, b"tick\n", "the thawed VM runs on");
+    assert!(sandbox.throttle_cpu(0.5).expect("throttle"));
+
+    // A graceful stop: SIGTERM to every process, then nothing but the agent is left.
+    sandbox.terminate().expect("terminate");
+    let end = sandbox
+        .wait_exec(ticker, Some(Duration::from_secs(60)))
+        .expect("wait")
+        .expect("the ticker ended at the SIGTERM");
+    assert_eq!(end, Termination::Signaled(libc::SIGTERM));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sandbox.terminated() {
+        assert!(Instant::now() < deadline, "the guest never reported it was empty");
+        std::thread::yield_now();
+    }
+    sandbox.kill(KillReason::Requested).expect("kill");
+    assert_eq!(sandbox.wait().expect("ends").reason, ExitReason::Killed);
+    assert!(matches!(
+        start_exec(sandbox, &["true"], b""),
+        Err(ExecError::NotRunning)
+    ));
+    sandbox.cleanup().expect("cleanup");
+}
+
+/// An exec past the sandbox's memory limit is OOM-killed inside the guest and counted; the sandbox lives.
+fn an_exec_over_the_memory_limit_is_counted_and_the_sandbox_lives(env: &Env) {
+    let mut s = spec(&[]);
+    s.limits.memory_bytes = Some(64 << 20);
+    let mut sandbox = service_sandbox(env, s);
+    let sandbox = sandbox.as_mut();
+    let ran = exec_in(
+        sandbox,
+        &["python3", "-c", "b = bytearray(200 << 20); print('allocated')"],
+        b"",
+    );
+    assert_eq!(ran.termination, Termination::Signaled(libc::SIGKILL));
+    assert!(ran.stdout.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sandbox.usage().limit_hits.oom_kills == 0 {
+        assert!(Instant::now() < deadline, "the guest never reported the OOM kill");
+        std::thread::yield_now();
+    }
+    let ran = exec_in(sandbox, &["echo", "alive"], b"");
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "alive\n");
+    sandbox.kill(KillReason::Requested).expect("kill");
+    sandbox.wait().expect("ends");
+    sandbox.cleanup().expect("cleanup");
 }
 
 fn the_lane_opens_by_name_and_reports_qemu_and_the_accelerator(env: &Env) {
@@ -303,6 +632,18 @@ const CASES: &[(&str, Case)] = &[
         "a_missing_command_is_127_and_leaves_nothing",
         a_missing_command_is_127_and_leaves_nothing,
     ),
+    (
+        "a_service_sandbox_serves_execs_and_files_behind_the_same_walls",
+        a_service_sandbox_serves_execs_and_files_behind_the_same_walls,
+    ),
+    (
+        "one_exec_never_stalls_another_and_controls_reach_the_whole_vm",
+        one_exec_never_stalls_another_and_controls_reach_the_whole_vm,
+    ),
+    (
+        "an_exec_over_the_memory_limit_is_counted_and_the_sandbox_lives",
+        an_exec_over_the_memory_limit_is_counted_and_the_sandbox_lives,
+    ),
 ];
 
 /// `TARTARUS_MICROVM_BENCH=N`: instead of the cases, N cold boots of `echo hi`, timing QEMU's start to
@@ -351,8 +692,12 @@ fn bench(env: &Env, runs: usize) {
 }
 
 fn main() -> ExitCode {
-    // This executable is also the guest agent: PID 1 of every VM it boots.
+    // This executable is also the guest agent: PID 1 of every VM it boots, and the file-operation agent
+    // its service sandboxes run.
     if let Some(code) = tartarus_runtime::microvm::agent::run_if_invoked() {
+        return ExitCode::from(code as u8);
+    }
+    if let Some(code) = tartarus_runtime::gvisor::agent::run_if_invoked() {
         return ExitCode::from(code as u8);
     }
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

@@ -19,12 +19,14 @@ use std::time::Duration;
 /// the guest agent.
 pub const AGENT_PATH: &str = "/.tartarus/guest-agent";
 pub const AGENT_NAME: &str = "guest-agent";
+/// The file-operation agent inside the guest: a link to [`AGENT_PATH`] under the name that role answers to.
+pub const FILE_OP_AGENT_PATH: &str = crate::gvisor::agent::AGENT_PATH;
 /// Where the initramfs holds the modules, loaded in the order of their file names.
 pub const MODULES_DIR: &str = "/.tartarus/modules";
 /// Kernel modules the guest needs, by name (dependencies are added from `modules.dep`).
 pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "erofs"];
 /// Bumped when the initramfs layout or the agent's expectations of it change.
-const INITRAMFS_FORMAT: u32 = 1;
+const INITRAMFS_FORMAT: u32 = 2;
 /// Bumped when the root image's contents rules change.
 const ROOT_FORMAT: u32 = 1;
 /// Trees of the host's `/usr` left out of the root image: documentation, headers, toolchains and SDKs a
@@ -283,6 +285,9 @@ fn write_initramfs(out: &Path, agent: &Path, modules: &[PathBuf]) -> Result<(), 
         }
     }
     w(cpio.file(&AGENT_PATH[1..], 0o755, &agent_bytes))?;
+    // The same executable under the file-operation agent's name, which is how it knows its role
+    // (`crate::gvisor::agent`): service sandboxes' file operations run it as the sandbox user.
+    w(cpio.symlink(&FILE_OP_AGENT_PATH[1..], AGENT_NAME))?;
     for (i, module) in modules.iter().enumerate() {
         let bytes = std::fs::read(module).map_err(io_err("reading a kernel module"))?;
         let name = module.file_name().unwrap_or_default().to_string_lossy();

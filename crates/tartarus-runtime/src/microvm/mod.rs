@@ -2,26 +2,30 @@
 //! supervisor's own static executable as the guest's PID 1 (the [`agent`]), so the host kernel sees only
 //! QEMU's system calls and a guest-kernel bug is behind a second wall (the agent's privilege drop).
 //!
-//! One run: `prepare` finds or builds the cached initramfs and root disk ([`boot`]) and creates the VM's
-//! directory and cgroup; `start` listens on the agent socket, starts QEMU ([`qemu`]) in the cgroup, waits
-//! for the agent's `ready` (bounded), sends the command and waits for `started`; a pump thread
-//! ([`channel`]) then carries stdio until the guest reports the exit. QEMU is killed and reaped on every
-//! path (end of the command, timeout, kill, a failed start, drop), then the directory (socket, logs) and
-//! the cgroup are removed.
+//! One sandbox: `prepare` finds or builds the cached initramfs and root disk ([`boot`]) and creates the
+//! VM's directory and cgroup; `start` listens on the agent socket, starts QEMU ([`qemu`]) in the cgroup,
+//! waits for the agent's `ready` (bounded) and hands the channel to the exec multiplexer ([`mux`]), which
+//! starts the command (one-shot) and, for a service sandbox, every exec and file operation after it,
+//! carrying their stdio until the guest reports each end. QEMU is killed and reaped on every path (end of
+//! the command, timeout, kill, a failed start, drop), then the directory (socket, logs) and the cgroup are
+//! removed.
 //!
-//! This slice runs one-shot sandboxes on the host-system root; service mode, image roots, bind mounts,
+//! This slice runs one-shot and service sandboxes on the host-system root; image roots, bind mounts,
 //! egress networking and a terminal are declared unsupported in [`CAPABILITIES`] (docs/microvm.md).
 //!
 //! Modules: [`qemu`] the driver; [`boot`] kernel, initramfs and root disk; [`protocol`] the channel's
-//! frames; [`channel`] the host side of the channel; `sandbox` one VM's lifecycle; [`agent`] the guest
+//! frames; [`channel`] accepting QEMU and the boot handshake; [`mux`] the host side of the execs;
+//! `sandbox` one VM's lifecycle; `service` execs and controls of a service sandbox; [`agent`] the guest
 //! side.
 
 pub mod agent;
 pub mod boot;
 pub mod channel;
+pub mod mux;
 pub mod protocol;
 pub mod qemu;
 mod sandbox;
+mod service;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -36,12 +40,13 @@ use crate::sandbox::{PrepareError, Runtime, Sandbox};
 use crate::service::ServiceSandbox;
 use crate::spec::SandboxSpec;
 
-/// What the microVM lane honours in this slice: one-shot sandboxes on the host-system root, with memory
-/// (guest RAM), CPUs (vCPUs and the VMM's cgroup), pids and rlimits inside the guest, extra denied
-/// syscalls and another user. Not yet: service mode, a terminal, any network but none, bind mounts,
-/// directory or image roots, Landlock paths.
+/// What the microVM lane honours in this slice: one-shot and service sandboxes on the host-system root,
+/// with memory (guest RAM and the guest's cgroup), CPUs (vCPUs and the VMM's cgroup), pids and rlimits
+/// inside the guest, extra denied syscalls and another user; execs, file operations, pause (the VMM's
+/// cgroup frozen) and CPU throttling. Not yet: a terminal, any network but none, bind mounts, directory or
+/// image roots, Landlock paths.
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
-    service: false,
+    service: true,
     terminal: false,
     host_loopback: false,
     egress_network: false,
@@ -56,9 +61,9 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     landlock_paths: false,
     custom_user: true,
     user_name: false,
-    pause: false,
-    file_ops: false,
-    cpu_throttle: false,
+    pause: true,
+    file_ops: true,
+    cpu_throttle: true,
     network_isolation: false,
 };
 
@@ -242,11 +247,6 @@ impl Runtime for MicrovmRuntime {
 
     fn prepare_service(&self, mut spec: SandboxSpec) -> Result<Box<dyn ServiceSandbox>, PrepareError> {
         spec.service = true;
-        // CAPABILITIES.service is false: this is the clear refusal.
-        self.supports(&spec)?;
-        Err(PrepareError::Host {
-            what: "the microvm lane has no service sandboxes yet",
-            source: io::Error::from(io::ErrorKind::Unsupported),
-        })
+        Ok(Box::new(MicrovmSandbox::prepare(self, spec)?))
     }
 }

@@ -1,34 +1,71 @@
 //! The channel between the supervisor and the guest agent: one JSON object per line over a virtio-serial
 //! port (`/dev/vport*` in the guest, a unix socket QEMU connects to on the host).
 //!
-//! Both sides compile against these types; output and input bytes travel base64-encoded. A frame of an
-//! unknown version is refused by both sides naming both versions. Order of one run: the agent sends
-//! [`GuestFrame::Ready`] once its root is mounted; the host sends one [`HostFrame::Run`], then stdin as
-//! [`HostFrame::Stdin`] frames and [`HostFrame::StdinClosed`]; the agent answers [`GuestFrame::Started`]
-//! (or [`GuestFrame::Failed`]), output frames, and one [`GuestFrame::Exit`].
+//! Both sides compile against these types (the agent is the supervisor's own executable); output and input
+//! bytes travel base64-encoded. A frame of an unknown version is refused by both sides naming both
+//! versions. The agent sends [`GuestFrame::Ready`] once its root is mounted; from then on the host starts
+//! execs, each with an id of its choosing ([`HostFrame::Exec`]; a one-shot sandbox's command is exec
+//! [`MAIN_EXEC`]), and every other frame names the exec it is about. For one exec: `exec`, then stdin as
+//! `stdin` frames and `stdin_closed`; the agent answers `started` (or `failed`), output frames, and one
+//! `exit` once the command has ended and its output has been read.
+//!
+//! Flow control both ways, so one exec's reader or writer never stalls the others or grows the other
+//! side's memory without bound: the host sends [`HostFrame::HoldOutput`] when it holds more of an exec's
+//! output than its reader has taken (the agent then stops reading that exec's pipes, and the command
+//! blocks on them) and [`HostFrame::ReleaseOutput`] once it is written; the agent sends
+//! [`GuestFrame::HoldInput`] and [`GuestFrame::ReleaseInput`] the same way for stdin the command has not
+//! read.
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 /// Version of the frames; bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest line either side accepts (an output chunk of 64 KiB is about 88 KiB encoded).
 pub const MAX_LINE: usize = 256 << 10;
 /// Output and input are sent in chunks of at most this many bytes.
 pub const CHUNK: usize = 32 << 10;
+/// The exec id of a sandbox's own command (the one-shot command, or a service sandbox's main command);
+/// the host numbers other execs from 1.
+pub const MAIN_EXEC: u64 = 0;
 
 /// What the host asks of the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HostFrame {
-    /// Run the sandbox's command (once per boot in this slice).
-    Run(RunRequest),
-    /// Bytes for the command's stdin.
-    Stdin { data: String },
-    /// The caller's stdin reached its end.
-    StdinClosed,
-    /// Send `signal` to the command's process group (the timeout's SIGTERM).
-    Signal { signal: i32 },
+    /// Start a command as exec `id` (unique for the VM's life).
+    Exec {
+        id: u64,
+        run: RunRequest,
+    },
+    /// Bytes for exec `id`'s stdin.
+    Stdin {
+        id: u64,
+        data: String,
+    },
+    /// The caller's stdin of exec `id` reached its end.
+    StdinClosed {
+        id: u64,
+    },
+    /// Send `signal` to exec `id`'s process group (the timeout's SIGTERM).
+    Signal {
+        id: u64,
+        signal: i32,
+    },
+    /// Kill exec `id` and every process it started (its cgroup in the guest).
+    Kill {
+        id: u64,
+    },
+    /// SIGTERM to every process but the agent: the first step of a graceful stop. The agent answers
+    /// [`GuestFrame::Terminated`] once nothing but itself is left.
+    Terminate,
+    /// Stop reading exec `id`'s output until [`HostFrame::ReleaseOutput`].
+    HoldOutput {
+        id: u64,
+    },
+    ReleaseOutput {
+        id: u64,
+    },
 }
 
 /// One command and the walls it runs behind.
@@ -45,39 +82,58 @@ pub struct RunRequest {
     pub denied_syscalls: Vec<i64>,
     pub open_files: u64,
     pub file_size_bytes: u64,
-    /// The command's pids limit (its cgroup's `pids.max` and `RLIMIT_NPROC`), if any.
+    /// `RLIMIT_NPROC` of the command, if any (the sandbox's cgroup has the pids limit itself).
     pub max_processes: Option<u64>,
-    /// The command's memory limit (its cgroup's `memory.max`), if any.
-    pub memory_bytes: Option<u64>,
 }
 
 /// What the agent tells the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 pub enum GuestFrame {
-    /// The root is mounted and the agent waits for a run; `kernel` is the guest's release.
+    /// The root is mounted and the agent takes execs; `kernel` is the guest's release.
     Ready {
         kernel: String,
     },
-    /// The command was executed.
-    Started,
-    /// The command could not be started.
+    /// Exec `id`'s command was executed.
+    Started {
+        id: u64,
+    },
+    /// Exec `id`'s command could not be started.
     Failed {
+        id: u64,
         kind: FailKind,
         message: String,
     },
     Stdout {
+        id: u64,
         data: String,
     },
     Stderr {
+        id: u64,
         data: String,
     },
-    /// The command ended; `oom` when the guest kernel's OOM killer ran during the command.
+    /// Exec `id`'s command ended; `oom` when the guest kernel's OOM killer killed one of its processes.
     Exit {
+        id: u64,
         code: Option<i32>,
         signal: Option<i32>,
         oom: bool,
     },
+    /// The agent holds more of exec `id`'s stdin than the command has read: send no more until
+    /// [`GuestFrame::ReleaseInput`].
+    HoldInput {
+        id: u64,
+    },
+    ReleaseInput {
+        id: u64,
+    },
+    /// The sandbox's limit counters changed (sent when they do).
+    Usage {
+        oom_kills: u64,
+        pids_limit_hits: u64,
+    },
+    /// After [`HostFrame::Terminate`]: nothing but the agent is left.
+    Terminated,
     /// The agent itself failed (mounting the root, a broken frame); the message says what.
     Fatal {
         message: String,
@@ -166,6 +222,7 @@ mod tests {
     #[test]
     fn test_frames_round_trip_with_their_version() {
         let frame = GuestFrame::Exit {
+            id: 3,
             code: None,
             signal: Some(9),
             oom: true,
@@ -173,15 +230,16 @@ mod tests {
         let line = encode(&frame);
         assert_eq!(
             String::from_utf8_lossy(&line),
-            "{\"v\":1,\"event\":\"exit\",\"code\":null,\"signal\":9,\"oom\":true}\n"
+            "{\"v\":2,\"event\":\"exit\",\"id\":3,\"code\":null,\"signal\":9,\"oom\":true}\n"
         );
         let back: GuestFrame = decode(&line[..line.len() - 1]).expect("decodes");
         assert_eq!(back, frame);
         let stdin = HostFrame::Stdin {
+            id: 1,
             data: encode_bytes(b"\x00\xffhi"),
         };
         let line = encode(&stdin);
-        let HostFrame::Stdin { data } = decode(&line[..line.len() - 1]).expect("decodes") else {
+        let HostFrame::Stdin { data, .. } = decode(&line[..line.len() - 1]).expect("decodes") else {
             panic!("not stdin");
         };
         assert_eq!(decode_bytes(&data).as_deref(), Some(&b"\x00\xffhi"[..]));
@@ -189,9 +247,10 @@ mod tests {
 
     #[test]
     fn test_a_frame_of_another_version_is_refused_naming_both() {
-        let err = decode::<HostFrame>(br#"{"v":2,"op":"stdin_closed"}"#).expect_err("refused");
-        assert_eq!(err.to_string(), "frame of version 2, this side speaks version 1");
-        assert!(decode::<HostFrame>(br#"{"v":1,"op":"format_disk"}"#).is_err());
+        let err = decode::<HostFrame>(br#"{"v":1,"op":"stdin_closed","id":0}"#).expect_err("refused");
+        assert_eq!(err.to_string(), "frame of version 1, this side speaks version 2");
+        assert!(decode::<HostFrame>(br#"{"v":2,"op":"format_disk"}"#).is_err());
+        assert!(decode::<HostFrame>(br#"{"v":2,"op":"stdin_closed","id":0}"#).is_ok());
     }
 
     #[test]

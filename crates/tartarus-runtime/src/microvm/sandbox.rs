@@ -1,5 +1,7 @@
 //! One sandbox of the microVM lane: its VM's directory and cgroup, QEMU's start and the bounded
-//! handshake, the outcome from the agent's report, and cleanup of QEMU, directory and cgroup on every path.
+//! handshake, the main command through the exec multiplexer, the outcome from the agent's report, and
+//! cleanup of QEMU, directory and cgroup on every path. A service sandbox's execs and controls are in
+//! `service.rs`.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -8,8 +10,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::channel::{accept, Channel, GuestExit, HandshakeError, Pump, PumpStdio};
-use super::protocol::{FailKind, GuestFrame, HostFrame, RunRequest};
+use super::channel::{accept, Channel, HandshakeError};
+use super::mux::{ExecStdio, GuestExit, Mux, StartFailure};
+use super::protocol::{FailKind, GuestFrame, HostFrame, RunRequest, MAIN_EXEC};
 use super::qemu::{self, Accel};
 use super::{boot, MicrovmRuntime};
 use crate::process::cgroup::{self, SandboxCgroups};
@@ -24,35 +27,40 @@ use crate::spec::{Applied, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
 const BOOT_TIMEOUT_TCG: Duration = Duration::from_secs(90);
 const BOOT_TIMEOUT_KVM: Duration = Duration::from_secs(15);
 /// How long the agent may take to answer a run with `started` or `failed`.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Processes QEMU may have in its cgroup (vCPU and I/O threads count).
 const VMM_PIDS: u64 = 64;
 
-/// A sandbox of the microVM lane: one VM, one command.
+/// A sandbox of the microVM lane: one VM, its command (one-shot) or its execs (service).
 pub struct MicrovmSandbox {
     id: String,
-    state: SandboxState,
+    pub(super) state: SandboxState,
     dir: PathBuf,
     qemu_path: PathBuf,
     qemu_args: Vec<std::ffi::OsString>,
     boot_timeout: Duration,
-    request: RunRequest,
+    /// The main command (empty for a service sandbox without one); execs start from its walls.
+    pub(super) request: RunRequest,
+    pub(super) spec: SandboxSpec,
     timeout: Option<Duration>,
     grace: Duration,
-    cgroups: SandboxCgroups,
-    running: Option<Running>,
+    pub(super) cgroups: SandboxCgroups,
+    pub(super) running: Option<Running>,
     outcome: Option<Outcome>,
     /// From QEMU's start to the agent's `ready`.
     boot_time: Option<Duration>,
+    /// The next exec id of a service sandbox (the main command is [`MAIN_EXEC`]).
+    pub(super) next_exec: u64,
+    pub(super) paused: bool,
 }
 
-struct Running {
+pub(super) struct Running {
     qemu: Child,
     pidfd: OwnedFd,
-    /// When the agent reported the command started: the timeout and the wall time count from here, the
-    /// boot is [`MicrovmSandbox::boot_time`].
+    /// When the VM was ready (and the main command started): the timeout and the wall time count from
+    /// here, the boot is [`MicrovmSandbox::boot_time`].
     started: Instant,
-    pump: Pump,
+    pub(super) mux: Mux,
     killed: Option<KillReason>,
 }
 
@@ -89,7 +97,7 @@ impl MicrovmSandbox {
         vmm_limits.memory_bytes = Applied::Requested((guest_mib << 20) + qemu::VMM_OVERHEAD_BYTES);
         vmm_limits.pids = Applied::Requested(VMM_PIDS);
         let layout = CgroupLayout::detect(&HostCgroupFs);
-        let wanted = cgroup::wanted(&vmm_limits, true, false);
+        let wanted = cgroup::wanted(&vmm_limits, true, spec.service);
         let cgroups = cgroup::create(
             &HostCgroupFs,
             &layout,
@@ -113,11 +121,14 @@ impl MicrovmSandbox {
             console_log: &dir.join("console.log"),
         };
         let mut qemu_args = qemu::vm_args(&vm);
-        append_guest_settings(&mut qemu_args, &spec);
+        append_guest_settings(&mut qemu_args, &spec, &limits);
         let user = spec.user.map_or((SANDBOX_UID, SANDBOX_UID), |u| (u.uid, u.gid));
         let request = RunRequest {
             argv: spec.command.clone(),
-            env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            env: crate::gvisor::bundle::environment(&spec.hostname, &[&spec.env])
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
             cwd: spec
                 .workdir
                 .as_ref()
@@ -128,7 +139,6 @@ impl MicrovmSandbox {
             open_files: spec.process_limits.open_files,
             file_size_bytes: spec.process_limits.file_size_bytes,
             max_processes: limits.pids.value(),
-            memory_bytes: limits.memory_bytes.value(),
         };
         Ok(MicrovmSandbox {
             id,
@@ -143,10 +153,13 @@ impl MicrovmSandbox {
             request,
             timeout: spec.timeout,
             grace: spec.effective_timeout_grace(),
+            spec,
             cgroups,
             running: None,
             outcome: None,
             boot_time: None,
+            next_exec: MAIN_EXEC + 1,
+            paused: false,
         })
     }
 
@@ -202,7 +215,7 @@ impl MicrovmSandbox {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
         let listener =
             UnixListener::bind(self.dir.join("agent.sock")).map_err(host("listening on the agent socket"))?;
-        let copies = PumpStdio {
+        let copies = ExecStdio {
             stdin: stdio.stdin.try_clone_to_owned().map_err(host("passing stdin"))?,
             stdout: stdio
                 .stdout
@@ -212,6 +225,9 @@ impl MicrovmSandbox {
                 .stderr
                 .try_clone_to_owned()
                 .map_err(host("passing stderr"))?,
+            // A one-shot command's descriptors are the caller's own (a terminal, say): they stay as they
+            // are. A service sandbox's are the shim's, and its execs share the multiplexer.
+            blocking: !self.spec.service,
         };
         let started = Instant::now();
         let qemu = self.spawn_qemu().map_err(host("starting QEMU"))?;
@@ -227,39 +243,49 @@ impl MicrovmSandbox {
             }
         };
         let deadline = started + self.boot_timeout;
-        let result = handshake(&listener, pidfd.as_fd(), deadline, &self.request);
-        match result {
-            Ok(channel) => {
-                self.boot_time = channel.1;
-                let pump = Pump::start(channel.0, copies).map_err(host("starting the stdio pump"));
-                let pump = match pump {
-                    Ok(pump) => pump,
-                    Err(e) => {
-                        kill_and_reap(qemu, &pidfd);
-                        return Err(e);
-                    }
-                };
-                self.running = Some(Running {
-                    qemu,
-                    pidfd,
-                    started: Instant::now(),
-                    pump,
-                    killed: None,
-                });
-                self.state = SandboxState::Running;
-                Ok(())
-            }
+        let channel = match ready(&listener, pidfd.as_fd(), deadline) {
+            Ok(channel) => channel,
             Err(e) => {
                 kill_and_reap(qemu, &pidfd);
-                Err(self.start_error(e))
+                return Err(self.start_error(e));
             }
+        };
+        self.boot_time = Some(started.elapsed());
+        let mux = match Mux::start(channel) {
+            Ok(mux) => mux,
+            Err(e) => {
+                kill_and_reap(qemu, &pidfd);
+                return Err(host("starting the exec thread")(e));
+            }
+        };
+        let mut running = Running {
+            qemu,
+            pidfd,
+            started: Instant::now(),
+            mux,
+            killed: None,
+        };
+        if !self.request.argv.is_empty() {
+            let deadline = Instant::now() + START_TIMEOUT;
+            let started = running
+                .mux
+                .start_exec(MAIN_EXEC, self.request.clone(), copies, deadline);
+            if let Err(failure) = started {
+                kill_and_reap(running.qemu, &running.pidfd);
+                let _ = running.mux.join();
+                return Err(self.start_error(failure.into()));
+            }
+            running.started = Instant::now();
         }
+        self.running = Some(running);
+        self.state = SandboxState::Running;
+        Ok(())
     }
 
     fn start_error(&self, e: HandshakeError) -> StartError {
         let command = self.request.argv.first().cloned().unwrap_or_default();
         match e {
-            HandshakeError::Guest(GuestFrame::Failed { kind, message }) => match kind {
+            HandshakeError::Guest(GuestFrame::Failed { kind, message, .. }) => match kind {
                 FailKind::NotFound => StartError::CommandNotFound(command),
                 FailKind::NotExecutable => StartError::NotExecutable {
                     command,
@@ -308,14 +334,14 @@ impl MicrovmSandbox {
             qemu,
             pidfd,
             started,
-            mut pump,
+            mut mux,
             killed,
         } = running;
         let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
         let pid = rustix::process::Pid::from_raw(qemu.id() as i32);
         let exit = pid.map(tartarus_hostsys::wait_child);
         drop(qemu);
-        let _ = pump.join();
+        let _ = mux.join();
         let wall = started.elapsed();
         self.state = SandboxState::Finished;
         let (cpu, max_rss) = match exit {
@@ -358,13 +384,14 @@ impl MicrovmSandbox {
         Ok(outcome)
     }
 
-    /// Blocks until the pump ends or `deadline`; `true` when it ended.
-    fn wait_pump(&self, deadline: Option<Instant>) -> Result<bool, RuntimeError> {
+    /// Blocks until the sandbox is over (its main command ended, or the VM) or `deadline`; `true` when
+    /// it is.
+    fn wait_over(&self, deadline: Option<Instant>) -> Result<bool, RuntimeError> {
         let Some(running) = &self.running else {
             return Ok(true);
         };
         loop {
-            if running.pump.finished() {
+            if running.mux.is_over() {
                 return Ok(true);
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -375,10 +402,8 @@ impl MicrovmSandbox {
                 tv_sec: l.as_secs() as i64,
                 tv_nsec: l.subsec_nanos() as i64,
             });
-            let mut fds = [rustix::event::PollFd::new(
-                &running.pump.done,
-                rustix::event::PollFlags::IN,
-            )];
+            let ended = running.mux.ended();
+            let mut fds = [rustix::event::PollFd::new(&ended, rustix::event::PollFlags::IN)];
             match rustix::event::poll(&mut fds, ts.as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
@@ -392,47 +417,61 @@ impl MicrovmSandbox {
     }
 
     fn finish(&mut self) -> Result<Outcome, RuntimeError> {
-        let guest = match self.running.as_mut() {
-            Some(running) => running.pump.join(),
-            None => return self.outcome.ok_or(RuntimeError::State(self.state)),
+        let Some(running) = self.running.as_mut() else {
+            return self.outcome.ok_or(RuntimeError::State(self.state));
         };
+        // The main command's end is in; the rest of the VM goes with it.
+        let _ = rustix::process::pidfd_send_signal(&running.pidfd, rustix::process::Signal::KILL);
+        let guest = running.mux.join();
         self.collect(guest)
     }
 }
 
-/// Settings the agent reads from the kernel command line before any frame: scratch size and hostname.
-fn append_guest_settings(args: &mut [std::ffi::OsString], spec: &SandboxSpec) {
+/// Settings the agent reads from the kernel command line before any frame: scratch size, hostname, and
+/// the sandbox cgroup's memory and pids limits.
+fn append_guest_settings(
+    args: &mut [std::ffi::OsString],
+    spec: &SandboxSpec,
+    limits: &crate::spec::AppliedLimits,
+) {
     if let Some(pos) = args.iter().position(|a| a == "-append") {
         if let Some(line) = args.get_mut(pos + 1) {
             line.push(format!(
                 " tartarus.scratch_bytes={} tartarus.hostname={}",
                 spec.scratch_bytes, spec.hostname
             ));
+            if let Some(bytes) = limits.memory_bytes.value() {
+                line.push(format!(" tartarus.memory_bytes={bytes}"));
+            }
+            if let Some(pids) = limits.pids.value() {
+                line.push(format!(" tartarus.max_processes={pids}"));
+            }
         }
     }
 }
 
-/// Accepts QEMU, waits for `ready`, sends the run and waits for `started`.
-fn handshake(
-    listener: &UnixListener,
-    vm: BorrowedFd<'_>,
-    deadline: Instant,
-    request: &RunRequest,
-) -> Result<(Channel, Option<Duration>), HandshakeError> {
-    let begun = Instant::now();
+/// Accepts QEMU and waits for the agent's `ready`.
+fn ready(listener: &UnixListener, vm: BorrowedFd<'_>, deadline: Instant) -> Result<Channel, HandshakeError> {
     let mut channel = accept(listener, vm, deadline)?;
     match channel.receive(vm, deadline, "the guest agent's ready")? {
-        GuestFrame::Ready { .. } => {}
-        other => return Err(HandshakeError::Guest(other)),
-    }
-    let boot_time = Some(begun.elapsed());
-    let request = request.clone();
-    channel
-        .send(&HostFrame::Run(request))
-        .map_err(HandshakeError::Io)?;
-    match channel.receive(vm, Instant::now() + START_TIMEOUT, "the command's start")? {
-        GuestFrame::Started => Ok((channel, boot_time)),
+        GuestFrame::Ready { .. } => Ok(channel),
         other => Err(HandshakeError::Guest(other)),
+    }
+}
+
+impl From<StartFailure> for HandshakeError {
+    fn from(failure: StartFailure) -> HandshakeError {
+        match failure {
+            StartFailure::Failed { kind, message } => HandshakeError::Guest(GuestFrame::Failed {
+                id: MAIN_EXEC,
+                kind,
+                message,
+            }),
+            StartFailure::VmEnded(Some(why)) => HandshakeError::Protocol(why),
+            StartFailure::VmEnded(None) => HandshakeError::VmExited,
+            StartFailure::TimedOut => HandshakeError::TimedOut("the command's start"),
+            StartFailure::Io(e) => HandshakeError::Io(e),
+        }
     }
 }
 
@@ -458,12 +497,12 @@ impl Sandbox for MicrovmSandbox {
     }
 
     fn event_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.running.as_ref().map(|r| r.pump.done.as_fd())
+        self.running.as_ref().map(|r| r.mux.ended())
     }
 
     fn try_wait(&mut self) -> Result<Option<Outcome>, RuntimeError> {
         match &self.running {
-            Some(running) if running.pump.finished() => self.finish().map(Some),
+            Some(running) if running.mux.is_over() => self.finish().map(Some),
             Some(_) => Ok(None),
             None => Ok(self.outcome),
         }
@@ -474,7 +513,7 @@ impl Sandbox for MicrovmSandbox {
             return self.outcome.ok_or(RuntimeError::State(self.state));
         };
         let deadline = self.timeout.map(|t| running.started + t);
-        if !self.wait_pump(deadline)? {
+        if !self.wait_over(deadline)? {
             self.stop_at_timeout()?;
         }
         self.finish()
@@ -499,14 +538,15 @@ impl Sandbox for MicrovmSandbox {
             running.killed.get_or_insert(KillReason::Timeout);
             if !grace.is_zero()
                 && running
-                    .pump
+                    .mux
                     .send(&HostFrame::Signal {
+                        id: MAIN_EXEC,
                         signal: libc::SIGTERM,
                     })
                     .is_ok()
             {
                 let deadline = Instant::now() + grace;
-                if self.wait_pump(Some(deadline))? {
+                if self.wait_over(Some(deadline))? {
                     return Ok(());
                 }
             }
