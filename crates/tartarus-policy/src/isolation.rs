@@ -191,11 +191,19 @@ pub struct LaneOffer {
     pub unavailable: Option<String>,
     /// Why the lane cannot honour this request (`None`: it can), e.g. a knob it lacks.
     pub unsupported: Option<String>,
+    /// Why the lane, although it works, is too slow here for `auto` to pick it (`None`: it is not), e.g.
+    /// a microVM lane whose guests run under software emulation. A request that names the lane gets it.
+    pub emulated: Option<String>,
 }
 
 impl LaneOffer {
     fn usable(&self) -> bool {
         self.unavailable.is_none() && self.unsupported.is_none()
+    }
+
+    /// Usable, and fast enough here for `auto`.
+    fn automatic(&self) -> bool {
+        self.usable() && self.emulated.is_none()
     }
 
     /// Why it cannot take the request, if it cannot.
@@ -281,7 +289,12 @@ pub fn choose_runtime(
         (false, Trust::Standard) => None,
     };
     let allowed = |lane: LaneName| policy.runtimes.contains(&lane);
-    let usable: Vec<&LaneOffer> = offers.iter().filter(|o| o.usable() && allowed(o.lane)).collect();
+    // What `auto` picks from, and the strong lane a weak request is pointed to: an emulated lane would
+    // pass every check and make each of those sandboxes take seconds to start.
+    let usable: Vec<&LaneOffer> = offers
+        .iter()
+        .filter(|o| o.automatic() && allowed(o.lane))
+        .collect();
     let strongest = usable
         .iter()
         .copied()
@@ -360,7 +373,11 @@ fn missing_note(offers: &[LaneOffer], chosen: LaneName, allowed: &dyn Fn(LaneNam
     let notes: Vec<String> = offers
         .iter()
         .filter(|o| wall_strength(o.lane) > wall_strength(chosen) && allowed(o.lane))
-        .filter_map(|o| o.obstacle().map(|why| format!("{}: {why}", o.lane)))
+        .filter_map(|o| {
+            o.obstacle()
+                .or(o.emulated.as_deref())
+                .map(|why| format!("{}: {why}", o.lane))
+        })
         .collect();
     match notes.is_empty() {
         true => String::new(),
@@ -379,7 +396,11 @@ fn obstacles(
         let why = match (allowed(lane), offers.iter().find(|o| o.lane == lane)) {
             (false, _) => "not allowed by the policy (isolation.runtimes)".to_string(),
             (true, None) => "not offered by this server".to_string(),
-            (true, Some(offer)) => offer.obstacle().unwrap_or("usable").to_string(),
+            (true, Some(offer)) => offer
+                .obstacle()
+                .or(offer.emulated.as_deref())
+                .unwrap_or("usable")
+                .to_string(),
         };
         lines.push(format!("{lane}: {why}"));
     }
@@ -399,7 +420,46 @@ mod tests {
             lane,
             unavailable: unavailable.map(str::to_string),
             unsupported: None,
+            emulated: None,
         }
+    }
+
+    #[test]
+    fn auto_never_picks_an_emulated_lane_but_a_request_naming_it_gets_it() {
+        let policy = EffectiveIsolation::default();
+        let mut offers = both();
+        offers.push(LaneOffer {
+            emulated: Some("guests run under TCG (software emulation)".into()),
+            ..offer(LaneName::Microvm, None)
+        });
+        let quarantined = choose_runtime(None, QUARANTINE, &policy, &offers).unwrap();
+        assert_eq!(quarantined.runtime, LaneName::Gvisor);
+        assert!(
+            quarantined.reason.contains("microvm: guests run under TCG"),
+            "{}",
+            quarantined.reason
+        );
+        let named = choose_runtime(
+            Some(RuntimeChoice::Lane(LaneName::Microvm)),
+            QUARANTINE,
+            &policy,
+            &offers,
+        )
+        .unwrap();
+        assert_eq!(named.runtime, LaneName::Microvm);
+        // Not usable for auto, the emulated lane is not where a weak request is pointed either.
+        let only_emulated = vec![offers[0].clone(), offers[2].clone()];
+        let weak = choose_runtime(
+            Some(RuntimeChoice::Lane(LaneName::Process)),
+            QUARANTINE,
+            &policy,
+            &only_emulated,
+        );
+        assert_eq!(weak.map(|d| d.runtime), Ok(LaneName::Process));
+        // Usable under KVM, it is the strongest.
+        offers[2].emulated = None;
+        let quarantined = choose_runtime(None, QUARANTINE, &policy, &offers).unwrap();
+        assert_eq!(quarantined.runtime, LaneName::Microvm);
     }
 
     fn both() -> Vec<LaneOffer> {

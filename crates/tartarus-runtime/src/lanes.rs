@@ -170,6 +170,8 @@ pub struct LaneReport {
     pub version: Option<String>,
     /// How the lane would run here, e.g. `platform ptrace (kvm: /dev/kvm does not run guests here)`.
     pub detail: Option<String>,
+    /// Why the lane works here but too slowly for an automatic choice (a microVM lane under TCG).
+    pub emulated: Option<String>,
 }
 
 /// Every lane's report, in [`LaneName::ALL`] order. Bounded in time.
@@ -242,6 +244,7 @@ fn probe_process() -> LaneReport {
         reason,
         version,
         detail,
+        emulated: None,
     }
 }
 
@@ -264,6 +267,7 @@ fn probe_gvisor(config: &LaneConfig) -> LaneReport {
         reason: Some(reason),
         version,
         detail: None,
+        emulated: None,
     };
     let runsc = match crate::gvisor::runsc::find(&config.gvisor) {
         Ok(runsc) => runsc,
@@ -291,6 +295,7 @@ fn probe_gvisor(config: &LaneConfig) -> LaneReport {
                 reason: None,
                 version,
                 detail: Some(format!("{}; {egress}", choice.detail)),
+                emulated: None,
             }
         }
         Err(e) => unavailable(e.to_string(), version),
@@ -315,6 +320,8 @@ fn probe_microvm(config: &LaneConfig) -> LaneReport {
                 runtime.accel().detail(),
                 runtime.kernel().path.display()
             )),
+            emulated: matches!(runtime.accel(), crate::microvm::qemu::Accel::Tcg { .. })
+                .then(|| "its guests run under TCG (software emulation) on this host".to_string()),
         },
         Err(e) => {
             let version = crate::microvm::qemu::find(config.microvm.qemu.as_deref())
@@ -326,6 +333,7 @@ fn probe_microvm(config: &LaneConfig) -> LaneReport {
                 reason: Some(e.to_string()),
                 version,
                 detail: None,
+                emulated: None,
             }
         }
     }

@@ -78,6 +78,7 @@ mod tests {
                 reason: None,
                 version: Some("6.1.0".into()),
                 detail: Some("cgroups v2".into()),
+                emulated: None,
             },
             LaneReport {
                 name: LaneName::Gvisor,
@@ -85,6 +86,7 @@ mod tests {
                 reason: Some("runsc not found: install it".into()),
                 version: None,
                 detail: None,
+                emulated: None,
             },
         ];
         let text = table(&reports);

@@ -207,6 +207,9 @@ pub fn lane_offers(records: &[NodeRecord], spec: &SandboxSpec) -> Vec<LaneOffer>
                 lane,
                 unavailable,
                 unsupported,
+                // A node's lanes report no emulation yet: a node's own server makes that choice for
+                // the sandboxes it places itself (docs/microvm.md).
+                emulated: None,
             }
         })
         .collect()

@@ -165,8 +165,14 @@ impl Manager {
     }
 
     /// Creates `DIR/sandboxes/<new id>/spec.json` and the sandbox's gateway directory, which the spec
-    /// mounts read-only at [`GATEWAY_MOUNT`]. Returns the spec as requested (without that mount).
-    async fn prepare_dir(&self, spec: &SandboxSpec) -> Result<(String, PathBuf, String), ApiError> {
+    /// mounts read-only at [`GATEWAY_MOUNT`] on a lane that takes bind mounts (a microVM's guest cannot
+    /// reach a host socket that way: its sandboxes have no gateway yet, docs/microvm.md). Returns the spec
+    /// as requested (without that mount).
+    async fn prepare_dir(
+        &self,
+        spec: &SandboxSpec,
+        lane: LaneName,
+    ) -> Result<(String, PathBuf, String), ApiError> {
         use std::os::unix::fs::PermissionsExt;
         let id = new_sandbox_id()?;
         let dir = self.data_dir.join("sandboxes").join(&id);
@@ -184,11 +190,13 @@ impl Manager {
             .map_err(io_err("creating the gateway directory"))?;
         let spec_json = serde_json::to_string(spec).map_err(|e| ApiError::internal(e.to_string()))?;
         let mut started = spec.clone();
-        started.mounts.push(tartarus_runtime::BindMount {
-            source: gateway,
-            target: PathBuf::from(GATEWAY_MOUNT),
-            writable: false,
-        });
+        if lane.capabilities().bind_mounts {
+            started.mounts.push(tartarus_runtime::BindMount {
+                source: gateway,
+                target: PathBuf::from(GATEWAY_MOUNT),
+                writable: false,
+            });
+        }
         let started_json = serde_json::to_string(&started).map_err(|e| ApiError::internal(e.to_string()))?;
         tokio::fs::write(SandboxDir::new(&dir).spec(), &started_json)
             .await
@@ -222,7 +230,7 @@ impl Manager {
         let (id, dir, mut child, pid, inserted) = match pooled {
             Some(p) => (p.id, p.dir, p.child, p.pid, false),
             None => {
-                let (id, dir, spec_json) = self.prepare_dir(&spec).await?;
+                let (id, dir, spec_json) = self.prepare_dir(&spec, runtime.runtime).await?;
                 let mut record = new_record(&id, tenant, &dir, spec_json, labels.clone());
                 record.template = template.map(str::to_string);
                 record.runtime = runtime.runtime.to_string();

@@ -176,7 +176,7 @@ impl Manager {
                 if have >= spec.size {
                     break;
                 }
-                let Ok((id, dir, _)) = manager.prepare_dir(&spec.spec).await else {
+                let Ok((id, dir, _)) = manager.prepare_dir(&spec.spec, LaneName::Process).await else {
                     break;
                 };
                 let (mut child, pid) = match manager

@@ -57,6 +57,7 @@ impl Runtimes {
                     lane: report.name,
                     unavailable,
                     unsupported,
+                    emulated: report.emulated.clone(),
                 }
             })
             .collect()
