@@ -77,13 +77,13 @@ suite! {
     ]
 }
 
-// The microVM lane (issue 16, first slice) runs the one-shot and hostile checks that apply to a one-shot
-// lane on the host root. Each is a TCG boot of seconds here, so the list is the checks this slice is
-// about; its LaneCapabilities refuse a terminal (asserted by `a_terminal_is_given_or_clearly_refused`).
-// Not here yet, and why: every `service::` check (service sandboxes are declared unsupported: the shim
-// refuses them with the contract's `unsupported`), `a_background_grandchild_dies_with_the_sandbox` (it
-// watches the grandchild through a bind mount, which the lane refuses; here every process of a sandbox
-// lives in its VM, and the leak check after each check asserts that no QEMU is left).
+// The microVM lane runs the one-shot, hostile and service checks that apply to a lane on the host root
+// without bind mounts. Each is a TCG boot of seconds here. Its LaneCapabilities refuse a terminal (asserted
+// by `a_terminal_is_given_or_clearly_refused`). Not here, and why: `a_background_grandchild_dies_with_the_
+// sandbox` (it watches the grandchild through a bind mount, which the lane refuses; here every process of
+// a sandbox lives in its VM, and the leak check after each check asserts that no QEMU is left), and
+// `quarantine_denies_its_syscalls_and_narrows_the_writable_paths` (the quarantine class asks for
+// Landlock writable paths, which the lane refuses; auto sends quarantine to gVisor here).
 suite! {
     lanes: [microvm];
     checks: [
@@ -105,5 +105,19 @@ suite! {
         hostile::host_files_are_invisible,
         hostile::host_processes_are_invisible,
         hostile::only_the_scratch_areas_are_writable,
+        service::the_api_names_the_lane_and_runs_execs,
+        service::execs_separate_stdin_stdout_stderr_and_exit_codes,
+        service::an_exec_killed_by_a_signal_reports_it,
+        service::an_exec_timeout_is_reported,
+        service::streamed_execs_deliver_output_while_running,
+        service::execs_get_env_cwd_and_user,
+        service::an_exec_in_a_missing_cwd_is_refused,
+        service::files_are_written_read_and_listed,
+        service::a_paused_sandbox_stops_and_resumes,
+        service::a_paused_sandbox_can_be_deleted,
+        service::a_delete_with_grace_sends_sigterm_then_sigkill,
+        service::a_main_commands_exit_timeout_and_oom_are_its_outcome,
+        service::a_delete_ends_background_processes_and_leaves_nothing,
+        service::a_fork_bomb_in_an_exec_stops_at_the_pids_limit,
     ]
 }

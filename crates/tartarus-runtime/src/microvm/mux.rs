@@ -286,9 +286,11 @@ impl Mux {
         (state.oom_kills, state.pids_limit_hits)
     }
 
-    /// After a [`HostFrame::Terminate`]: the guest reported nothing but its agent left.
+    /// After a [`HostFrame::Terminate`]: the guest reported nothing but its agent left, and every exec's
+    /// output has been written.
     pub fn terminated(&self) -> bool {
-        self.shared.lock().terminated
+        let state = self.shared.lock();
+        state.terminated && !state.phases.values().any(|p| matches!(p, Phase::Running))
     }
 
     /// Whether the thread has ended (the channel closed).

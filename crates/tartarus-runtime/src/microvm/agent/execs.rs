@@ -168,7 +168,8 @@ pub(super) fn serve(port: &mut File) -> Result<(), String> {
                 },
             )?;
         }
-        if terminating && !other_processes_left() {
+        // Only once every exec's end (and the output before it) has gone out: the host stops the VM at this.
+        if terminating && execs.is_empty() && !other_processes_left() {
             terminating = false;
             send(port, &GuestFrame::Terminated)?;
         }
