@@ -331,9 +331,7 @@ fn a_service_sandbox_serves_execs_and_files_behind_the_same_walls(env: &Env) {
         "CapEff: 0000000000000000\nCapBnd: 0000000000000000\nNoNewPrivs: 1\nSeccomp: 2\n"
     );
     // A missing command is refused with a shell's code; the sandbox still serves.
-    let err = start_exec(sandbox, &["no-such-command"], b"")
-        .err()
-        .expect("refused");
+    let err = start_exec(sandbox, &["no-such-command"], b"").expect_err("refused");
     assert_eq!(err.exit_code(), 127, "{err}");
     // Files: written, read back, listed; a path outside what the sandbox user may touch is refused.
     let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -456,9 +454,7 @@ fn one_exec_never_stalls_another_and_controls_reach_the_whole_vm(env: &Env) {
     rustix::io::read(&ticks, &mut tick).unwrap();
     sandbox.pause().expect("pause");
     assert!(sandbox.is_paused());
-    let err = start_exec(sandbox, &["true"], b"")
-        .err()
-        .expect("refused while paused");
+    let err = start_exec(sandbox, &["true"], b"").expect_err("refused while paused");
     assert!(err.to_string().contains("paused"), "{err}");
     // Whatever was written before the freeze is drained; after that nothing comes for a second.
     rustix::io::ioctl_fionbio(&ticks, true).unwrap();

@@ -56,6 +56,11 @@ pub struct ExecStdio {
     pub blocking: bool,
 }
 
+/// An exec id the multiplexer does not know (never started, or its end was collected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no exec {0}")]
+pub struct UnknownExec(pub u64);
+
 /// Why an exec did not start.
 #[derive(Debug)]
 pub enum StartFailure {
@@ -242,12 +247,12 @@ impl Mux {
 
     /// Exec `id`'s end, waiting up to `timeout` (forever with `None`); the end is collected (`id` is
     /// forgotten). `None` when it has not ended; an unknown id is `Err`.
-    pub fn wait_end(&self, id: u64, timeout: Option<Duration>) -> Result<Option<ExecEnd>, ()> {
+    pub fn wait_end(&self, id: u64, timeout: Option<Duration>) -> Result<Option<ExecEnd>, UnknownExec> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = self.shared.lock();
         loop {
             match state.phases.get(&id) {
-                None => return Err(()),
+                None => return Err(UnknownExec(id)),
                 Some(Phase::Done(end)) => {
                     let end = *end;
                     if id != MAIN_EXEC {

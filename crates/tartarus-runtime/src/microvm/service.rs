@@ -130,7 +130,7 @@ impl ServiceSandbox for MicrovmSandbox {
         let end = running
             .mux
             .wait_end(id.as_raw(), timeout)
-            .map_err(|()| ExecError::Invalid(format!("no exec {id}")))?;
+            .map_err(|e| ExecError::Invalid(e.to_string()))?;
         Ok(end.map(|end| match end {
             ExecEnd::Exited(exit) => match exit.signal {
                 Some(signal) => Termination::Signaled(signal),
