@@ -178,6 +178,7 @@ async fn own_lanes(
         .map(|v| tartarus_store::NodeLane {
             name: v.name,
             version: v.version,
+            emulated: v.emulated,
         })
         .collect())
 }

@@ -31,6 +31,9 @@ pub struct NodeLane {
     /// The engine's version on the node (the kernel's release, `runsc …`).
     #[serde(default)]
     pub version: Option<String>,
+    /// Why the lane runs too slowly on the node for an automatic choice (a microVM lane under TCG).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulated: Option<String>,
 }
 
 /// A node as its agent last reported it. Labels, taints, resources, pools and lanes are stored as JSON text
@@ -460,6 +463,7 @@ mod tests {
             let taints = [Taint::new("gpu", "true", TaintEffect::NoSchedule)];
             let pools = BTreeSet::from(["inferno".to_string()]);
             let lane = |name: &str, version: Option<&str>| NodeLane {
+                emulated: None,
                 name: name.to_string(),
                 version: version.map(str::to_string),
             };

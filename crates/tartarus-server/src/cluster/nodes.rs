@@ -159,6 +159,10 @@ pub fn check_lanes(lanes: &[NodeLane]) -> Result<(), NodeReportError> {
             .version
             .as_ref()
             .is_some_and(|v| v.len() > MAX_LANE_VERSION_LEN)
+            || lane
+                .emulated
+                .as_ref()
+                .is_some_and(|v| v.len() > MAX_LANE_VERSION_LEN)
         {
             return problem(format!("{name}'s version is too long"));
         }
@@ -207,9 +211,18 @@ pub fn lane_offers(records: &[NodeRecord], spec: &SandboxSpec) -> Vec<LaneOffer>
                 lane,
                 unavailable,
                 unsupported,
-                // A node's lanes report no emulation yet: a node's own server makes that choice for
-                // the sandboxes it places itself (docs/microvm.md).
-                emulated: None,
+                // Too slow for auto when every live node that runs it emulates it.
+                emulated: offered
+                    .then(|| {
+                        let mut on = live
+                            .iter()
+                            .filter_map(|n| n.lanes.iter().find(|l| l.name == lane.as_str()));
+                        match on.all(|l| l.emulated.is_some()) {
+                            true => Some("every node runs its guests under emulation".to_string()),
+                            false => None,
+                        }
+                    })
+                    .flatten(),
             }
         })
         .collect()
@@ -416,6 +429,7 @@ mod tests {
         NodeLane {
             name: name.to_string(),
             version: Some("1".to_string()),
+            emulated: None,
         }
     }
 

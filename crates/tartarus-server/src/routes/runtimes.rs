@@ -26,6 +26,9 @@ pub struct RuntimeView {
     pub version: Option<String>,
     /// How it runs here, e.g. the gVisor platform.
     pub detail: Option<String>,
+    /// Why `auto` does not choose it here although it runs (a microVM lane whose guests are emulated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulated: Option<String>,
 }
 
 /// The isolation lanes of this server (a create's `runtime`), with why each unavailable one cannot run.
@@ -43,6 +46,7 @@ pub(crate) async fn list_runtimes(State(state): State<AppState>, _caller: Caller
             reason: r.reason.clone(),
             version: r.version.clone(),
             detail: r.detail.clone(),
+            emulated: r.emulated.clone(),
         })
         .collect();
     Json(views)
