@@ -298,11 +298,6 @@ impl Mux {
         state.terminated && !state.phases.values().any(|p| matches!(p, Phase::Running))
     }
 
-    /// Whether the thread has ended (the channel closed).
-    pub fn finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
-    }
-
     /// Waits for the thread (it ends once the channel closes) and returns the main command's end:
     /// `Ok(None)` when there was none, `Err` with the agent's message when it failed.
     pub fn join(&mut self) -> Result<Option<GuestExit>, String> {

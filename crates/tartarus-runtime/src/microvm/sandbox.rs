@@ -125,10 +125,7 @@ impl MicrovmSandbox {
         let user = spec.user.map_or((SANDBOX_UID, SANDBOX_UID), |u| (u.uid, u.gid));
         let request = RunRequest {
             argv: spec.command.clone(),
-            env: crate::gvisor::bundle::environment(&spec.hostname, &[&spec.env])
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect(),
+            env: environment(&spec.hostname, &[&spec.env]),
             cwd: spec
                 .workdir
                 .as_ref()
@@ -326,7 +323,9 @@ impl MicrovmSandbox {
         }
     }
 
-    fn collect(&mut self, guest: Result<Option<GuestExit>, String>) -> Result<Outcome, RuntimeError> {
+    /// Ends the VM (its main command's end is in, or it is being stopped), reaps QEMU and judges the
+    /// outcome from the guest's report.
+    fn collect(&mut self) -> Result<Outcome, RuntimeError> {
         let Some(running) = self.running.take() else {
             return Err(RuntimeError::State(self.state));
         };
@@ -341,7 +340,8 @@ impl MicrovmSandbox {
         let pid = rustix::process::Pid::from_raw(qemu.id() as i32);
         let exit = pid.map(tartarus_hostsys::wait_child);
         drop(qemu);
-        let _ = mux.join();
+        // QEMU is gone, so the channel closed and the thread ends.
+        let guest = mux.join();
         let wall = started.elapsed();
         self.state = SandboxState::Finished;
         let (cpu, max_rss) = match exit {
@@ -417,14 +417,19 @@ impl MicrovmSandbox {
     }
 
     fn finish(&mut self) -> Result<Outcome, RuntimeError> {
-        let Some(running) = self.running.as_mut() else {
-            return self.outcome.ok_or(RuntimeError::State(self.state));
-        };
-        // The main command's end is in; the rest of the VM goes with it.
-        let _ = rustix::process::pidfd_send_signal(&running.pidfd, rustix::process::Signal::KILL);
-        let guest = running.mux.join();
-        self.collect(guest)
+        match self.running {
+            Some(_) => self.collect(),
+            None => self.outcome.ok_or(RuntimeError::State(self.state)),
+        }
     }
+}
+
+/// A command's environment as the agent takes it (`KEY=value`): the sandbox defaults with `layers` on top.
+pub(super) fn environment(hostname: &str, layers: &[&[(String, String)]]) -> Vec<String> {
+    crate::gvisor::bundle::environment(hostname, layers)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
 }
 
 /// Settings the agent reads from the kernel command line before any frame: scratch size, hostname, and

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::mux::{ExecEnd, ExecStdio, StartFailure};
 use super::protocol::{FailKind, HostFrame, RunRequest};
-use super::sandbox::{MicrovmSandbox, START_TIMEOUT};
+use super::sandbox::{environment, MicrovmSandbox, START_TIMEOUT};
 use crate::files::{self, FileOp};
 use crate::process::HostCgroupFs;
 use crate::sandbox::{SandboxState, StdioFds, Termination};
@@ -81,10 +81,7 @@ impl MicrovmSandbox {
     fn run_request(&self, argv: Vec<String>, env: &[(String, String)], cwd: String) -> RunRequest {
         RunRequest {
             argv,
-            env: crate::gvisor::bundle::environment(&self.spec.hostname, &[&self.spec.env, env])
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect(),
+            env: environment(&self.spec.hostname, &[&self.spec.env, env]),
             cwd,
             ..self.request.clone()
         }
