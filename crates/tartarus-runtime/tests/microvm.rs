@@ -175,6 +175,104 @@ fn a_kill_ends_the_vm_with_reason_killed(env: &Env) {
     assert!(!Path::new(&format!("/proc/{vmm}")).exists(), "QEMU was reaped");
 }
 
+/// One field of `/proc/<pid>/status`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// `command` run as QEMU's user `uid` would run it (setpriv, no groups, no capabilities).
+fn as_user(uid: u32, command: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .args(command)
+        .output()
+        .unwrap()
+}
+
+/// A guest that escaped into its QEMU is an unprivileged user of its own, without capabilities, behind
+/// QEMU's seccomp filter, without network, and unable to reach the lane's files or another VM's QEMU.
+fn each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network(env: &Env) {
+    let start = || {
+        let mut sandbox = env
+            .runtime
+            .prepare_sandbox(spec(&["sleep", "60"]))
+            .expect("prepare");
+        sandbox.start(StdioFds::inherit()).expect("start");
+        let pid = sandbox.vmm_pid().expect("QEMU runs");
+        (sandbox, pid)
+    };
+    let (mut first, first_pid) = start();
+    let (mut second, second_pid) = start();
+    let uid_of = |pid: u32| {
+        let uids: Vec<u32> = status_field(pid, "Uid")
+            .split_whitespace()
+            .map(|u| u.parse().unwrap())
+            .collect();
+        assert!(
+            uids.iter().all(|&u| u == uids[0]),
+            "real, effective, saved and fs uids: {uids:?}"
+        );
+        let gids = status_field(pid, "Gid");
+        assert!(
+            gids.split_whitespace().all(|g| g == uids[0].to_string()),
+            "gids {gids}"
+        );
+        uids[0]
+    };
+    let (first_uid, second_uid) = (uid_of(first_pid), uid_of(second_pid));
+    assert_ne!(first_uid, second_uid, "each VM's QEMU has a user of its own");
+    let own_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    for (pid, uid) in [(first_pid, first_uid), (second_pid, second_uid)] {
+        assert!(uid >= 200_000_000, "QEMU runs as uid {uid}");
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(status_field(pid, "Seccomp"), "2", "QEMU's -sandbox filter");
+        assert!(
+            !env.runtime.accel().is_kvm() == status_field(pid, "Groups").is_empty(),
+            "no supplementary group but /dev/kvm's under KVM"
+        );
+        let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        assert_ne!(
+            net, own_net,
+            "QEMU has a network namespace of its own, with no interface"
+        );
+    }
+    // As QEMU's user: no signal reaches the other VM's QEMU, and neither the lane's cache (its root disk,
+    // initramfs) nor the VM directories can be opened by path.
+    let signal = as_user(first_uid, &["kill", "-0", &second_pid.to_string()]);
+    assert!(
+        !signal.status.success(),
+        "one QEMU's user signalled another VM's QEMU"
+    );
+    let vms = env.state.join("vms");
+    for path in [vms.as_path(), Path::new("/var/cache/tartarus/microvm")] {
+        let listed = as_user(first_uid, &["ls", &path.to_string_lossy()]);
+        assert!(
+            !listed.status.success(),
+            "QEMU's user could list {}",
+            path.display()
+        );
+    }
+    for sandbox in [&mut first, &mut second] {
+        sandbox.kill(KillReason::Requested).expect("kill");
+        sandbox.wait().expect("ends");
+        sandbox.cleanup().expect("cleanup");
+    }
+}
+
 fn a_missing_command_is_127_and_leaves_nothing(env: &Env) {
     let err = match run_with(env, spec(&["no-such-command"]), b"") {
         Err(e) => e,
@@ -560,7 +658,8 @@ impl Env {
         lane_config(&self.state, &self.cgroup_parent)
     }
 
-    /// What a case may have left: VM directories, QEMU processes naming them, cgroups under the parent.
+    /// What a case may have left: VM directories, QEMU processes naming them, QEMU users still taken,
+    /// cgroups under the parent.
     fn leaks(&self) -> Vec<String> {
         let vms = self.state.join("vms");
         let mut leaks: Vec<String> = std::fs::read_dir(&vms)
@@ -569,6 +668,13 @@ impl Env {
             .flatten()
             .map(|e| format!("VM directory {}", e.path().display()))
             .collect();
+        leaks.extend(
+            std::fs::read_dir(self.state.join("vmm-users"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| format!("QEMU user {}", e.file_name().to_string_lossy())),
+        );
         let needle = vms.to_string_lossy().into_owned();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
@@ -627,6 +733,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "a_missing_command_is_127_and_leaves_nothing",
         a_missing_command_is_127_and_leaves_nothing,
+    ),
+    (
+        "each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network",
+        each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network,
     ),
     (
         "a_service_sandbox_serves_execs_and_files_behind_the_same_walls",

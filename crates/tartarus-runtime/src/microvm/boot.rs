@@ -231,8 +231,13 @@ fn build_once(
         return Ok(false);
     }
     let staged = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result =
-        build(&staged).and_then(|()| std::fs::rename(&staged, path).map_err(io_err("renaming a build")));
+    // World-readable: QEMU, as its own unprivileged user, reopens its descriptor of the file.
+    let result = build(&staged)
+        .and_then(|()| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err("making a build readable"))
+        })
+        .and_then(|()| std::fs::rename(&staged, path).map_err(io_err("renaming a build")));
     if result.is_err() {
         let _ = std::fs::remove_file(&staged);
     }
@@ -442,8 +447,28 @@ pub fn root_image(cache: &Path) -> Result<PathBuf, BootError> {
     if !built {
         return Ok(path);
     }
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
     remove_siblings(cache, "usr-", &path, Duration::ZERO);
+    Ok(path)
+}
+
+/// `kernel` if QEMU's unprivileged user can read it, else a world-readable copy of it in `cache` (some
+/// distributions install kernels readable by root only; a kernel image is no secret).
+pub fn world_readable_kernel(cache: &Path, kernel: &Path) -> Result<PathBuf, BootError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(kernel).map_err(io_err("reading the guest kernel"))?;
+    if meta.mode() & 0o004 != 0 {
+        return Ok(kernel.to_path_buf());
+    }
+    let identity = file_identity(kernel).map_err(io_err("reading the guest kernel"))?;
+    let path = cache.join(format!(
+        "kernel-{}",
+        digest(&[kernel.as_os_str().as_encoded_bytes(), &identity])
+    ));
+    build_once(cache, &path, |staged| {
+        std::fs::copy(kernel, staged)
+            .map(drop)
+            .map_err(io_err("copying the guest kernel"))
+    })?;
     Ok(path)
 }
 

@@ -3,7 +3,7 @@
 //! QEMU's system calls and a guest-kernel bug is behind a second wall (the agent's privilege drop).
 //!
 //! One sandbox: `prepare` finds or builds the cached initramfs and root disk ([`boot`]) and creates the
-//! VM's directory and cgroup; `start` listens on the agent socket, starts QEMU ([`qemu`]) in the cgroup,
+//! VM's directory and cgroup; `start` starts QEMU ([`qemu`]) confined ([`confine`]) in the cgroup,
 //! waits for the agent's `ready` (bounded) and hands the channel to the exec multiplexer ([`mux`]), which
 //! starts the command (one-shot) and, for a service sandbox, every exec and file operation after it,
 //! carrying their stdio until the guest reports each end. QEMU is killed and reaped on every path (end of
@@ -13,7 +13,8 @@
 //! This slice runs one-shot and service sandboxes on the host-system root; image roots, bind mounts,
 //! egress networking and a terminal are declared unsupported in [`CAPABILITIES`] (docs/microvm.md).
 //!
-//! Modules: [`qemu`] the driver; [`boot`] kernel, initramfs and root disk; [`protocol`] the channel's
+//! Modules: [`qemu`] the driver; [`confine`] QEMU's own user, namespaces and inherited files; [`boot`]
+//! kernel, initramfs and root disk; [`protocol`] the channel's
 //! frames; [`channel`] accepting QEMU and the boot handshake; [`mux`] the host side of the execs;
 //! `sandbox` one VM's lifecycle; `service` execs and controls of a service sandbox; [`agent`] the guest
 //! side.
@@ -21,6 +22,7 @@
 pub mod agent;
 pub mod boot;
 pub mod channel;
+pub mod confine;
 pub mod mux;
 pub mod protocol;
 pub mod qemu;
@@ -103,9 +105,13 @@ pub enum MicrovmError {
 pub struct MicrovmRuntime {
     qemu: QemuBinary,
     kernel: boot::Kernel,
+    /// The kernel QEMU's unprivileged user opens (the kernel itself, or a readable copy of it).
+    vmm_kernel: PathBuf,
     modules: Vec<PathBuf>,
     accel: Accel,
     vms_dir: PathBuf,
+    /// QEMU users taken by live VMs ([`confine`]).
+    users_dir: PathBuf,
     cache_dir: PathBuf,
     agent: PathBuf,
     cgroup_parent: String,
@@ -169,6 +175,8 @@ impl MicrovmRuntime {
             .unwrap_or_else(|| default_state_dir().join("microvm"));
         let vms_dir = state.join("vms");
         private_dir(&vms_dir, "creating the microvm state directory")?;
+        let users_dir = state.join("vmm-users");
+        private_dir(&users_dir, "creating the microvm state directory")?;
         let cache_dir = cache_dir(mc);
         private_dir(&cache_dir, "creating the microvm cache directory")?;
         let agent = std::env::current_exe()
@@ -179,12 +187,15 @@ impl MicrovmRuntime {
                 source,
             })?;
         let accel = qemu::accel(&qemu, &kernel.path, &cache_dir).clone();
+        let vmm_kernel = boot::world_readable_kernel(&cache_dir, &kernel.path)?;
         Ok(MicrovmRuntime {
             qemu,
             kernel,
+            vmm_kernel,
             modules,
             accel,
             vms_dir,
+            users_dir,
             cache_dir,
             agent,
             cgroup_parent: config.process.cgroup_parent.clone(),
@@ -222,6 +233,7 @@ impl MicrovmRuntime {
                 removed.push(entry.path());
             }
         }
+        removed.extend(confine::sweep_users(&self.users_dir));
         let layout = CgroupLayout::detect(&HostCgroupFs);
         removed.extend(cgroup::collect_garbage(
             &HostCgroupFs,

@@ -5,12 +5,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::channel::{accept, Channel, HandshakeError};
+use super::channel::{Channel, HandshakeError};
+use super::confine::{self, Inherited, VmmUser};
 use super::mux::{ExecStdio, GuestExit, Mux, StartFailure};
 use super::protocol::{FailKind, GuestFrame, HostFrame, RunRequest, MAIN_EXEC};
 use super::qemu::{self, Accel};
@@ -38,6 +39,8 @@ pub struct MicrovmSandbox {
     dir: PathBuf,
     qemu_path: PathBuf,
     qemu_args: Vec<std::ffi::OsString>,
+    /// QEMU runs on KVM (it gets `/dev/kvm`'s group).
+    kvm: bool,
     boot_timeout: Duration,
     /// The main command (empty for a service sandbox without one); execs start from its walls.
     pub(super) request: RunRequest,
@@ -45,6 +48,12 @@ pub struct MicrovmSandbox {
     timeout: Option<Duration>,
     grace: Duration,
     pub(super) cgroups: SandboxCgroups,
+    /// QEMU's own unprivileged user, released with the sandbox.
+    vmm_user: VmmUser,
+    /// What QEMU inherits (its files and its end of the channel) until it is started.
+    inherited: Option<Inherited>,
+    /// The supervisor's end of the agent channel until the boot handshake takes it.
+    channel: Option<UnixStream>,
     pub(super) running: Option<Running>,
     outcome: Option<Outcome>,
     /// From QEMU's start to the agent's `ready`.
@@ -90,6 +99,30 @@ impl MicrovmSandbox {
         let name = cgroup::cgroup_name(std::process::id(), &id);
         let dir = runtime.vms_dir.join(&name);
         std::fs::create_dir(&dir).map_err(host_err("creating the VM's directory"))?;
+        let remove_dir = |e| {
+            let _ = std::fs::remove_dir_all(&dir);
+            e
+        };
+        let vmm_user = VmmUser::allocate(&runtime.users_dir, &dir)
+            .map_err(host_err("allocating QEMU's user"))
+            .map_err(remove_dir)?;
+        let mut inherited = Inherited::default();
+        let (channel, agent_fd, kernel, initramfs, root_disk, console_log) = (|| {
+            let (host_end, guest_end) = UnixStream::pair()?;
+            let (agent_fd, _) = inherited.add_fd(guest_end.into());
+            Ok::<_, io::Error>((
+                host_end,
+                agent_fd,
+                inherited.add_file(&runtime.vmm_kernel)?,
+                inherited.add_file(&initramfs)?,
+                inherited.add_file(&root_disk)?,
+                inherited.add_log(&dir.join("console.log"), vmm_user.uid)?,
+            ))
+        })()
+        .map_err(|e| {
+            vmm_user.release();
+            remove_dir(host_err("opening the files QEMU uses")(e))
+        })?;
         let limits = spec.applied_limits();
         let guest_mib = qemu::guest_memory_mib(limits.memory_bytes.value());
         // The VMM's cgroup: the guest's RAM plus QEMU's own bounded overhead, and its threads.
@@ -106,19 +139,21 @@ impl MicrovmSandbox {
             &vmm_limits,
             &wanted,
         )
-        .inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&dir);
+        .map_err(|e| {
+            vmm_user.release();
+            remove_dir(e)
         })?;
         let accel = &runtime.accel;
         let vm = qemu::VmConfig {
             accel,
             memory_bytes: guest_mib << 20,
             vcpus: qemu::vcpus(limits.cpu_quota),
-            kernel: &runtime.kernel.path,
+            kernel: &kernel,
             initramfs: &initramfs,
             root_disk: &root_disk,
-            agent_socket: &dir.join("agent.sock"),
-            console_log: &dir.join("console.log"),
+            agent_fd,
+            console_log: &console_log,
+            vm_dir: &dir,
         };
         let mut qemu_args = qemu::vm_args(&vm);
         append_guest_settings(&mut qemu_args, &spec, &limits);
@@ -143,6 +178,7 @@ impl MicrovmSandbox {
             dir,
             qemu_path: runtime.qemu.path.clone(),
             qemu_args,
+            kvm: accel.is_kvm(),
             boot_timeout: match accel {
                 Accel::Kvm => BOOT_TIMEOUT_KVM,
                 Accel::Tcg { .. } => BOOT_TIMEOUT_TCG,
@@ -152,6 +188,9 @@ impl MicrovmSandbox {
             grace: spec.effective_timeout_grace(),
             spec,
             cgroups,
+            vmm_user,
+            inherited: Some(inherited),
+            channel: Some(channel),
             running: None,
             outcome: None,
             boot_time: None,
@@ -186,7 +225,7 @@ impl MicrovmSandbox {
         }
     }
 
-    fn spawn_qemu(&self) -> io::Result<Child> {
+    fn spawn_qemu(&mut self) -> io::Result<Child> {
         let log = std::fs::File::create(self.dir.join("qemu.log"))?;
         let mut command = Command::new(&self.qemu_path);
         command
@@ -204,14 +243,25 @@ impl MicrovmSandbox {
             .map_err(io::Error::other)?;
             tartarus_hostsys::join_cgroup_before_exec(&mut command, procs);
         }
+        let inherited = self
+            .inherited
+            .take()
+            .ok_or_else(|| io::Error::other("QEMU was started already"))?;
+        let kvm_group = self.kvm.then(confine::kvm_group).flatten();
+        // After the cgroup (which needs root), before the parent-death signal (which a change of
+        // credentials clears).
+        confine::confine_before_exec(&mut command, self.vmm_user.uid, kvm_group, &inherited);
         tartarus_hostsys::die_with_parent_before_exec(&mut command);
+        // QEMU has its copies once it runs; the supervisor's are closed here.
         command.spawn()
     }
 
     fn start_inner(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
-        let listener =
-            UnixListener::bind(self.dir.join("agent.sock")).map_err(host("listening on the agent socket"))?;
+        let channel = self
+            .channel
+            .take()
+            .ok_or_else(|| StartError::Protocol("the agent channel was used already".into()))?;
         let copies = ExecStdio {
             stdin: stdio.stdin.try_clone_to_owned().map_err(host("passing stdin"))?,
             stdout: stdio
@@ -240,7 +290,7 @@ impl MicrovmSandbox {
             }
         };
         let deadline = started + self.boot_timeout;
-        let channel = match ready(&listener, pidfd.as_fd(), deadline) {
+        let channel = match ready(channel, pidfd.as_fd(), deadline) {
             Ok(channel) => channel,
             Err(e) => {
                 kill_and_reap(qemu, &pidfd);
@@ -456,8 +506,8 @@ fn append_guest_settings(
 }
 
 /// Accepts QEMU and waits for the agent's `ready`.
-fn ready(listener: &UnixListener, vm: BorrowedFd<'_>, deadline: Instant) -> Result<Channel, HandshakeError> {
-    let mut channel = accept(listener, vm, deadline)?;
+fn ready(stream: UnixStream, vm: BorrowedFd<'_>, deadline: Instant) -> Result<Channel, HandshakeError> {
+    let mut channel = Channel::new(stream);
     match channel.receive(vm, deadline, "the guest agent's ready")? {
         GuestFrame::Ready { .. } => Ok(channel),
         other => Err(HandshakeError::Guest(other)),
@@ -582,6 +632,10 @@ impl Sandbox for MicrovmSandbox {
                 source,
             });
         }
+        // After the directory: a uid is free only once nothing of its VM is left.
+        self.vmm_user.release();
+        self.inherited = None;
+        self.channel = None;
         self.state = SandboxState::CleanedUp;
         failure.map_or(Ok(()), Err)
     }
