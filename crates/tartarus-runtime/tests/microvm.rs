@@ -241,7 +241,7 @@ fn each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network(en
         assert_eq!(status_field(pid, "NoNewPrivs"), "1");
         assert_eq!(status_field(pid, "Seccomp"), "2", "QEMU's -sandbox filter");
         assert!(
-            !env.runtime.accel().is_kvm() == status_field(pid, "Groups").is_empty(),
+            env.runtime.accel().is_kvm() != status_field(pid, "Groups").is_empty(),
             "no supplementary group but /dev/kvm's under KVM"
         );
         let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
