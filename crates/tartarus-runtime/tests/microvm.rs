@@ -273,6 +273,122 @@ fn each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network(en
     }
 }
 
+/// Two image layers as the image store leaves them (ids shifted by the process lane's base, an overlay
+/// whiteout as a 0:0 character device, an opaque directory marked `user.overlay.opaque`): busybox, an
+/// os-release, a file the top layer deletes, a directory it replaces, a file owned by the image's uid 1000.
+fn image_layers(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let base = tartarus_runtime::process::PRIVILEGED_HOST_ID_BASE;
+    let (bottom, top) = (dir.join("bottom"), dir.join("top"));
+    for d in ["bin", "etc", "old", "srv"] {
+        std::fs::create_dir_all(bottom.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", bottom.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bottom.join("bin/sh")).unwrap();
+    std::fs::write(bottom.join("etc/os-release"), "ID=tartarus-layers\n").unwrap();
+    std::fs::write(bottom.join("deleted.txt"), "from the bottom layer\n").unwrap();
+    std::fs::write(bottom.join("old/bottom.txt"), "hidden by the opaque directory\n").unwrap();
+    std::fs::write(bottom.join("srv/data"), "the image user's\n").unwrap();
+    std::fs::create_dir_all(top.join("old")).unwrap();
+    std::fs::write(top.join("old/top.txt"), "top\n").unwrap();
+    let whiteout = std::ffi::CString::new(top.join("deleted.txt").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mknod of a 0:0 character device is overlayfs's whiteout.
+    assert_eq!(
+        unsafe { libc::mknod(whiteout.as_ptr(), libc::S_IFCHR | 0o000, 0) },
+        0
+    );
+    let opaque = std::ffi::CString::new(top.join("old").as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated name, path and value of the given length.
+    let set = unsafe {
+        libc::setxattr(
+            opaque.as_ptr(),
+            c"user.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    for layer in [&bottom, &top] {
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "-h", &format!("{base}:{base}")])
+            .arg(layer)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+    }
+    std::os::unix::fs::chown(bottom.join("srv/data"), Some(base + 1000), Some(base + 1000)).unwrap();
+    vec![bottom, top]
+}
+
+/// An image's layers become one cached erofs disk, merged as overlayfs would (whiteouts and opaque
+/// directories), with the image's own owners: the sandbox user writes what the image's uid 1000 owns
+/// and not root's `/`, and every write vanishes with the VM.
+fn an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish(env: &Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let layers = image_layers(dir.path());
+    let image_spec = |command: &str| {
+        let mut spec = spec(&["/bin/sh", "-c", command]);
+        spec.root = tartarus_runtime::RootSpec::Layers(layers.clone());
+        spec
+    };
+    let disks = || -> Vec<(PathBuf, u64)> {
+        std::fs::read_dir("/var/cache/tartarus/microvm")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("image-") && name.ends_with(".erofs")
+            })
+            .map(|e| {
+                use std::os::unix::fs::MetadataExt;
+                (e.path(), e.metadata().unwrap().ino())
+            })
+            .collect()
+    };
+    let before = disks();
+    let ran = run_with(
+        env,
+        image_spec(
+            "cat /etc/os-release; ls /old; test -e /deleted.txt && echo deleted-file-seen; \
+             stat -c 'data %u' /srv/data; stat -c 'busybox %u' /bin/busybox; \
+             (echo written > /new.txt) 2>/dev/null || echo root-dir-not-writable; \
+             echo mine >> /srv/data && echo appended; id -u; \
+             test -e /usr/bin/python3 && echo host-usr-seen; true",
+        ),
+        b"",
+    )
+    .expect("runs");
+    assert_eq!(ran.outcome.termination.exit_code(), 0, "{}", ran.stderr);
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "ID=tartarus-layers",
+            "top.txt",
+            "data 1000",
+            "busybox 0",
+            "root-dir-not-writable",
+            "appended",
+            "1000"
+        ],
+        "stderr: {}",
+        ran.stderr
+    );
+    let built: Vec<(PathBuf, u64)> = disks().into_iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(built.len(), 1, "one disk for the image: {built:?}");
+    let again = run_with(env, image_spec("grep -q mine /srv/data"), b"").expect("runs");
+    assert_eq!(
+        again.outcome.termination.exit_code(),
+        1,
+        "the last VM's write is gone"
+    );
+    let after: Vec<(PathBuf, u64)> = disks().into_iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(after, built, "the image's disk is built once and reused");
+    // This test's layers are gone with its temporary directory: so goes their disk.
+    std::fs::remove_file(&built[0].0).unwrap();
+}
+
 fn a_missing_command_is_127_and_leaves_nothing(env: &Env) {
     let err = match run_with(env, spec(&["no-such-command"]), b"") {
         Err(e) => e,
@@ -733,6 +849,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "a_missing_command_is_127_and_leaves_nothing",
         a_missing_command_is_127_and_leaves_nothing,
+    ),
+    (
+        "an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish",
+        an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish,
     ),
     (
         "each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network",

@@ -10,8 +10,9 @@
 //! the command, timeout, kill, a failed start, drop), then the directory (socket, logs) and the cgroup are
 //! removed.
 //!
-//! This slice runs one-shot and service sandboxes on the host-system root; image roots, bind mounts,
-//! egress networking and a terminal are declared unsupported in [`CAPABILITIES`] (docs/microvm.md).
+//! This slice runs one-shot and service sandboxes on the host-system root or an image's root; directory
+//! roots, bind mounts, egress networking and a terminal are declared unsupported in [`CAPABILITIES`]
+//! (docs/microvm.md).
 //!
 //! Modules: [`qemu`] the driver; [`confine`] QEMU's own user, namespaces and inherited files; [`boot`]
 //! kernel, initramfs and root disk; [`protocol`] the channel's
@@ -42,11 +43,11 @@ use crate::sandbox::{PrepareError, Runtime, Sandbox};
 use crate::service::ServiceSandbox;
 use crate::spec::SandboxSpec;
 
-/// What the microVM lane honours in this slice: one-shot and service sandboxes on the host-system root,
-/// with memory (guest RAM and the guest's cgroup), CPUs (vCPUs and the VMM's cgroup), pids and rlimits
-/// inside the guest, extra denied syscalls and another user; execs, file operations, pause (the VMM's
-/// cgroup frozen) and CPU throttling. Not yet: a terminal, any network but none, bind mounts, directory or
-/// image roots, Landlock paths.
+/// What the microVM lane honours in this slice: one-shot and service sandboxes on the host-system root
+/// or an image's layers (one erofs disk per image), with memory (guest RAM and the guest's cgroup), CPUs
+/// (vCPUs and the VMM's cgroup), pids and rlimits inside the guest, extra denied syscalls and another
+/// user; execs, file operations, pause (the VMM's cgroup frozen) and CPU throttling. Not yet: a
+/// terminal, any network but none, bind mounts, directory roots, Landlock paths.
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     service: true,
     terminal: false,
@@ -54,7 +55,7 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     egress_network: false,
     bind_mounts: false,
     directory_root: false,
-    image_layers: false,
+    image_layers: true,
     memory_limit: true,
     cpu_limit: true,
     pids_limit: true,

@@ -84,14 +84,22 @@ impl MicrovmSandbox {
     ) -> Result<MicrovmSandbox, PrepareError> {
         spec.validate()?;
         runtime.supports(&spec)?;
-        debug_assert!(matches!(spec.root, RootSpec::HostSystem));
+        debug_assert!(!matches!(spec.root, RootSpec::Directory(_)));
         let boot_error = |e: boot::BootError| PrepareError::Host {
             what: "preparing the guest's boot files",
             source: io::Error::other(crate::error_chain(&e)),
         };
         let initramfs =
             boot::initramfs(&runtime.cache_dir, &runtime.agent, &runtime.modules).map_err(boot_error)?;
-        let root_disk = boot::root_image(&runtime.cache_dir).map_err(boot_error)?;
+        let root_disk = match &spec.root {
+            RootSpec::Layers(layers) => boot::image_disk(
+                &runtime.cache_dir,
+                layers,
+                crate::process::PRIVILEGED_HOST_ID_BASE,
+            ),
+            _ => boot::root_image(&runtime.cache_dir),
+        }
+        .map_err(boot_error)?;
         let denied_syscalls = crate::process::seccomp::denied_syscall_numbers(&spec.denied_syscalls)?;
         runtime.collect_garbage();
         let id =
@@ -500,6 +508,9 @@ fn append_guest_settings(
             }
             if let Some(pids) = limits.pids.value() {
                 line.push(format!(" tartarus.max_processes={pids}"));
+            }
+            if matches!(spec.root, RootSpec::Layers(_)) {
+                line.push(" tartarus.root=image");
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The guest agent: the supervisor's own static executable, PID 1 of the guest (`rdinit=`
 //! [`AGENT_PATH`](super::boot::AGENT_PATH)). It mounts the pseudo filesystems, loads the kernel modules
-//! from the initramfs, mounts the read-only root disk (the host's `/usr` as erofs) and scratch tmpfs,
+//! from the initramfs, mounts the read-only root disk (the host's `/usr` as erofs, or an image's erofs
+//! under an overlay it then makes the root: [`enter_image_root`]) and scratch tmpfs,
 //! creates the sandbox's cgroup with its limits, finds its virtio-serial port and then serves execs over
 //! it ([`execs`], frames in [`super::protocol`]): every command runs with the process lane's privilege
 //! drop — uid/gid 1000, no supplementary groups, an empty capability bounding set and no capabilities,
@@ -92,19 +93,23 @@ fn setup_filesystems() -> Result<(), String> {
     load_modules()?;
     let disk = wait_for(|| Path::new("/dev/vda").exists().then(|| PathBuf::from("/dev/vda")))
         .ok_or("the root disk /dev/vda did not appear (is virtio_blk loaded?)")?;
-    mount(
-        &disk.to_string_lossy(),
-        "/usr",
-        "erofs",
-        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
-        "",
-    )?;
     let settings = GuestSettings::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let scratch = MountFlags::NOSUID | MountFlags::NODEV;
     let size = settings
         .scratch_bytes
         .map(|b| format!(",size={b}"))
         .unwrap_or_default();
+    if settings.image_root {
+        enter_image_root(&disk.to_string_lossy(), &size)?;
+    } else {
+        mount(
+            &disk.to_string_lossy(),
+            "/usr",
+            "erofs",
+            MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+            "",
+        )?;
+    }
     mount("tmpfs", "/tmp", "tmpfs", scratch, &format!("mode=1777{size}"))?;
     mount("tmpfs", "/dev/shm", "tmpfs", scratch, &format!("mode=1777{size}"))?;
     mount(
@@ -124,20 +129,113 @@ fn setup_filesystems() -> Result<(), String> {
         secure,
         "newinstance,ptmxmode=0666",
     )?;
-    for (path, text) in [
-        (
+    let _ = std::fs::create_dir_all("/etc");
+    if settings.image_root {
+        // The image's own users and groups stay; the sandbox user is added when the image has no uid 1000.
+        add_sandbox_user(
             "/etc/passwd",
-            "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
-        ),
-        ("/etc/group", "root:x:0:\nsandbox:x:1000:\n"),
+            "sandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
+            2,
+        )?;
+        add_sandbox_user("/etc/group", "sandbox:x:1000:\n", 2)?;
+    } else {
+        for (path, text) in [
+            (
+                "/etc/passwd",
+                "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
+            ),
+            ("/etc/group", "root:x:0:\nsandbox:x:1000:\n"),
+        ] {
+            std::fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))?;
+        }
+    }
+    for (path, text) in [
         ("/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
         ("/etc/resolv.conf", "# this sandbox has no network\n"),
     ] {
+        // An image's /etc/resolv.conf may be a symlink out of the root: replace it, never follow it.
+        let _ = std::fs::remove_file(path);
         std::fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))?;
     }
     let _ = std::fs::write("/etc/hostname", format!("{}\n", settings.hostname));
     let _ = rustix::system::sethostname(settings.hostname.as_bytes());
     Ok(())
+}
+
+/// Where an image root is put together: the image's erofs disk, the tmpfs of its writes, the overlay.
+const IMAGE_LOWER: &str = "/.image";
+const IMAGE_WRITES: &str = "/.writes";
+const NEW_ROOT: &str = "/.root";
+
+/// Makes the image on `disk` the root: an overlay of the read-only erofs image under a tmpfs of `size`
+/// that takes the sandbox's writes, with `/proc`, `/sys`, `/dev` moved into it and the initramfs's
+/// `/.tartarus` (the agent, for file operations) bound read-only; then the agent moves it over `/` and
+/// chroots into it, as `switch_root` does (the initramfs cannot be unmounted or pivoted away).
+fn enter_image_root(disk: &str, size: &str) -> Result<(), String> {
+    mount(
+        disk,
+        IMAGE_LOWER,
+        "erofs",
+        MountFlags::RDONLY | MountFlags::NODEV,
+        "",
+    )?;
+    mount(
+        "tmpfs",
+        IMAGE_WRITES,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        &format!("mode=0755{size}"),
+    )?;
+    for dir in ["upper", "work"] {
+        std::fs::create_dir(format!("{IMAGE_WRITES}/{dir}"))
+            .map_err(|e| format!("creating the overlay's {dir}: {e}"))?;
+    }
+    mount(
+        "overlay",
+        NEW_ROOT,
+        "overlay",
+        MountFlags::NODEV,
+        &format!("lowerdir={IMAGE_LOWER},upperdir={IMAGE_WRITES}/upper,workdir={IMAGE_WRITES}/work"),
+    )?;
+    for dir in ["proc", "sys", "dev", ".tartarus"] {
+        let target = format!("{NEW_ROOT}/{dir}");
+        // A symlink where a mount point goes (an image may have anything) is replaced by a directory.
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(&target).map_err(|e| format!("clearing {target}: {e}"))?;
+        }
+        std::fs::create_dir_all(&target).map_err(|e| format!("creating {target}: {e}"))?;
+    }
+    for dir in ["/proc", "/sys", "/dev"] {
+        rustix::mount::mount_move(dir, format!("{NEW_ROOT}{dir}"))
+            .map_err(|e| format!("moving {dir} into the image root: {e}"))?;
+    }
+    let agent_dir = format!("{NEW_ROOT}/.tartarus");
+    rustix::mount::mount_bind("/.tartarus", &agent_dir).map_err(|e| format!("binding the agent: {e}"))?;
+    rustix::mount::mount_remount(
+        &agent_dir,
+        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+        c"",
+    )
+    .map_err(|e| format!("making the agent's directory read-only: {e}"))?;
+    std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("entering the image root: {e}"))?;
+    rustix::mount::mount_move(".", "/").map_err(|e| format!("moving the image root over /: {e}"))?;
+    rustix::process::chroot(".").map_err(|e| format!("entering the image root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("entering the image root: {e}"))
+}
+
+/// Appends `line` to `path` unless the file already has an entry with id 1000 (field `id_field`).
+fn add_sandbox_user(path: &str, line: &str, id_field: usize) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if text.lines().any(|l| l.split(':').nth(id_field) == Some("1000")) {
+        return Ok(());
+    }
+    let mut updated = text;
+    if !updated.is_empty() && !updated.ends_with('\n') {
+        updated.push('\n');
+    }
+    updated.push_str(line);
+    let _ = std::fs::remove_file(path);
+    std::fs::write(path, updated).map_err(|e| format!("writing {path}: {e}"))
 }
 
 /// What the host put on the kernel command line for the agent (`tartarus.<name>=<value>`).
@@ -149,6 +247,8 @@ struct GuestSettings {
     memory_bytes: Option<u64>,
     /// The sandbox's pids limit (its cgroup's `pids.max`).
     max_processes: Option<u64>,
+    /// The root disk is an image's (`tartarus.root=image`), not the host's `/usr`.
+    image_root: bool,
 }
 
 impl GuestSettings {
@@ -163,6 +263,7 @@ impl GuestSettings {
             hostname: value("tartarus.hostname").unwrap_or("sandbox").to_string(),
             memory_bytes: value("tartarus.memory_bytes").and_then(|v| v.parse().ok()),
             max_processes: value("tartarus.max_processes").and_then(|v| v.parse().ok()),
+            image_root: value("tartarus.root") == Some("image"),
         }
     }
 }
@@ -241,7 +342,7 @@ mod tests {
     fn test_guest_settings_are_read_from_the_kernel_command_line() {
         let settings = GuestSettings::from_cmdline(
             "console=ttyS0 tartarus.scratch_bytes=67108864 tartarus.hostname=box \
-             tartarus.memory_bytes=268435456 tartarus.max_processes=64 rdinit=/x",
+             tartarus.memory_bytes=268435456 tartarus.max_processes=64 tartarus.root=image rdinit=/x",
         );
         assert_eq!(
             settings,
@@ -250,8 +351,10 @@ mod tests {
                 hostname: "box".into(),
                 memory_bytes: Some(256 << 20),
                 max_processes: Some(64),
+                image_root: true,
             }
         );
+        assert!(!GuestSettings::from_cmdline("tartarus.root=host").image_root);
         assert_eq!(GuestSettings::from_cmdline("quiet").hostname, "sandbox");
     }
 }
