@@ -24,7 +24,14 @@ pub const FILE_OP_AGENT_PATH: &str = crate::gvisor::agent::AGENT_PATH;
 /// Where the initramfs holds the modules, loaded in the order of their file names.
 pub const MODULES_DIR: &str = "/.tartarus/modules";
 /// Kernel modules the guest needs, by name (dependencies are added from `modules.dep`).
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "erofs", "overlay"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "erofs",
+    "overlay",
+    "virtio_net",
+];
 /// Bumped when the initramfs layout or the agent's expectations of it change.
 const INITRAMFS_FORMAT: u32 = 2;
 /// Bumped when the root image's contents rules change.

@@ -24,6 +24,7 @@ pub mod agent;
 pub mod boot;
 pub mod channel;
 pub mod confine;
+mod egress;
 pub mod mux;
 pub mod protocol;
 pub mod qemu;
@@ -46,13 +47,14 @@ use crate::spec::SandboxSpec;
 /// What the microVM lane honours in this slice: one-shot and service sandboxes on the host-system root
 /// or an image's layers (one erofs disk per image), with memory (guest RAM and the guest's cgroup), CPUs
 /// (vCPUs and the VMM's cgroup), pids and rlimits inside the guest, extra denied syscalls and another
-/// user; execs, file operations, pause (the VMM's cgroup frozen) and CPU throttling. Not yet: a
-/// terminal, any network but none, bind mounts, directory roots, Landlock paths.
+/// user; egress under a contract (the guest's NIC on a TAP in the sandbox's network namespace); execs,
+/// file operations, pause (the VMM's cgroup frozen), CPU throttling and cutting the network. Not yet: a
+/// terminal, host loopback, bind mounts, directory roots, Landlock paths.
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     service: true,
     terminal: false,
     host_loopback: false,
-    egress_network: false,
+    egress_network: true,
     bind_mounts: false,
     directory_root: false,
     image_layers: true,
@@ -67,7 +69,7 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     pause: true,
     file_ops: true,
     cpu_throttle: true,
-    network_isolation: false,
+    network_isolation: true,
 };
 
 /// Settings of the microVM lane that are not per-sandbox.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::channel::{Channel, HandshakeError};
 use super::confine::{self, Inherited, VmmUser};
+use super::egress::Egress;
 use super::mux::{ExecStdio, GuestExit, Mux, StartFailure};
 use super::protocol::{FailKind, GuestFrame, HostFrame, RunRequest, MAIN_EXEC};
 use super::qemu::{self, Accel};
@@ -22,7 +23,7 @@ use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
 };
-use crate::spec::{Applied, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
+use crate::spec::{Applied, NetworkMode, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
 
 /// How long a boot may take to reach the agent's `ready`: TCG boots take seconds on a loaded host.
 const BOOT_TIMEOUT_TCG: Duration = Duration::from_secs(90);
@@ -50,6 +51,8 @@ pub struct MicrovmSandbox {
     pub(super) cgroups: SandboxCgroups,
     /// QEMU's own unprivileged user, released with the sandbox.
     vmm_user: VmmUser,
+    /// The network namespace, veth, rules and TAP of an egress sandbox, removed with it.
+    pub(super) egress: Option<Egress>,
     /// What QEMU inherits (its files and its end of the channel) until it is started.
     inherited: Option<Inherited>,
     /// The supervisor's end of the agent channel until the boot handshake takes it.
@@ -131,6 +134,15 @@ impl MicrovmSandbox {
             vmm_user.release();
             remove_dir(host_err("opening the files QEMU uses")(e))
         })?;
+        let mut egress = match &spec.network {
+            NetworkMode::Egress(contract) => {
+                Some(Egress::attach(&id, contract, &mut inherited).map_err(|e| {
+                    vmm_user.release();
+                    remove_dir(e)
+                })?)
+            }
+            _ => None,
+        };
         let limits = spec.applied_limits();
         let guest_mib = qemu::guest_memory_mib(limits.memory_bytes.value());
         // The VMM's cgroup: the guest's RAM plus QEMU's own bounded overhead, and its threads.
@@ -148,6 +160,9 @@ impl MicrovmSandbox {
             &wanted,
         )
         .map_err(|e| {
+            if let Some(mut egress) = egress.take() {
+                let _ = egress.network.remove();
+            }
             vmm_user.release();
             remove_dir(e)
         })?;
@@ -164,7 +179,10 @@ impl MicrovmSandbox {
             vm_dir: &dir,
         };
         let mut qemu_args = qemu::vm_args(&vm);
-        append_guest_settings(&mut qemu_args, &spec, &limits);
+        append_guest_settings(&mut qemu_args, &spec, &limits, egress.as_ref());
+        if let Some(egress) = &egress {
+            qemu_args.extend(egress.qemu_args());
+        }
         let user = spec.user.map_or((SANDBOX_UID, SANDBOX_UID), |u| (u.uid, u.gid));
         let request = RunRequest {
             argv: spec.command.clone(),
@@ -197,6 +215,7 @@ impl MicrovmSandbox {
             spec,
             cgroups,
             vmm_user,
+            egress,
             inherited: Some(inherited),
             channel: Some(channel),
             running: None,
@@ -496,6 +515,7 @@ fn append_guest_settings(
     args: &mut [std::ffi::OsString],
     spec: &SandboxSpec,
     limits: &crate::spec::AppliedLimits,
+    egress: Option<&Egress>,
 ) {
     if let Some(pos) = args.iter().position(|a| a == "-append") {
         if let Some(line) = args.get_mut(pos + 1) {
@@ -511,6 +531,9 @@ fn append_guest_settings(
             }
             if matches!(spec.root, RootSpec::Layers(_)) {
                 line.push(" tartarus.root=image");
+            }
+            if let Some(egress) = egress {
+                line.push(egress.cmdline());
             }
         }
     }
@@ -620,6 +643,10 @@ impl Sandbox for MicrovmSandbox {
         self.kill(KillReason::Timeout)
     }
 
+    fn blocked_packets(&self) -> Option<u64> {
+        self.egress.as_ref()?.network.blocked_packets().ok()
+    }
+
     fn cleanup(&mut self) -> Result<(), RuntimeError> {
         if self.state == SandboxState::CleanedUp {
             return Ok(());
@@ -642,6 +669,12 @@ impl Sandbox for MicrovmSandbox {
                 path: path.display().to_string(),
                 source,
             });
+        }
+        // QEMU is gone, and with it the TAP's last user.
+        if let Some(egress) = self.egress.as_mut() {
+            if let Err(e) = egress.network.remove() {
+                failure.get_or_insert(RuntimeError::Network(e));
+            }
         }
         // After the directory: a uid is free only once nothing of its VM is left.
         self.vmm_user.release();

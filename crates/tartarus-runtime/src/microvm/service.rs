@@ -208,7 +208,10 @@ impl ServiceSandbox for MicrovmSandbox {
     fn usage(&self) -> Usage {
         let (guest_ooms, pids_limit_hits) = self.running.as_ref().map_or((0, 0), |r| r.mux.counters());
         Usage {
-            blocked_packets: None,
+            blocked_packets: self
+                .egress
+                .as_ref()
+                .and_then(|e| e.network.blocked_packets().ok()),
             limit_hits: LimitHits {
                 oom_kills: guest_ooms + self.cgroups.oom_kills(&HostCgroupFs),
                 pids_limit_hits,
@@ -226,7 +229,14 @@ impl ServiceSandbox for MicrovmSandbox {
     }
 
     fn isolate_network(&mut self) -> Result<bool, ServiceError> {
-        // The guest has no NIC: there is nothing to cut.
-        Ok(false)
+        match self.egress.as_ref() {
+            Some(egress) => egress
+                .network
+                .isolate()
+                .map(|()| true)
+                .map_err(ServiceError::Network),
+            // No NIC: there is nothing to cut.
+            None => Ok(false),
+        }
     }
 }

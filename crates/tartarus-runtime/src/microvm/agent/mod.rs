@@ -11,6 +11,7 @@
 //! A binary that embeds the microVM lane calls [`run_if_invoked`] first thing in `main`.
 
 mod execs;
+mod nic;
 
 use std::fs::File;
 use std::io::Write;
@@ -122,6 +123,9 @@ fn setup_filesystems() -> Result<(), String> {
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", secure, "")?;
     execs::sandbox_cgroup(settings.memory_bytes, settings.max_processes)?;
     tartarus_hostsys::set_loopback_up().map_err(|e| format!("bringing loopback up: {e}"))?;
+    if let Some((address, prefix, gateway)) = settings.nic {
+        nic::configure("eth0", address, prefix, gateway)?;
+    }
     mount(
         "devpts",
         "/dev/pts",
@@ -149,9 +153,14 @@ fn setup_filesystems() -> Result<(), String> {
             std::fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))?;
         }
     }
+    let resolv = match (&settings.nic, settings.dns.is_empty()) {
+        (None, _) => "# this sandbox has no network\n".to_string(),
+        (Some(_), true) => "# DNS is not part of this sandbox's network contract\n".to_string(),
+        (Some(_), false) => settings.dns.iter().map(|r| format!("nameserver {r}\n")).collect(),
+    };
     for (path, text) in [
         ("/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
-        ("/etc/resolv.conf", "# this sandbox has no network\n"),
+        ("/etc/resolv.conf", resolv.as_str()),
     ] {
         // An image's /etc/resolv.conf may be a symlink out of the root: replace it, never follow it.
         let _ = std::fs::remove_file(path);
@@ -249,6 +258,10 @@ struct GuestSettings {
     max_processes: Option<u64>,
     /// The root disk is an image's (`tartarus.root=image`), not the host's `/usr`.
     image_root: bool,
+    /// The NIC's address, prefix and gateway (`tartarus.net=`), for an egress sandbox.
+    nic: Option<(std::net::Ipv4Addr, u8, std::net::Ipv4Addr)>,
+    /// Resolvers the contract lets the sandbox reach (`tartarus.dns=a,b`).
+    dns: Vec<std::net::IpAddr>,
 }
 
 impl GuestSettings {
@@ -264,6 +277,10 @@ impl GuestSettings {
             memory_bytes: value("tartarus.memory_bytes").and_then(|v| v.parse().ok()),
             max_processes: value("tartarus.max_processes").and_then(|v| v.parse().ok()),
             image_root: value("tartarus.root") == Some("image"),
+            nic: value("tartarus.net").and_then(nic::parse),
+            dns: value("tartarus.dns")
+                .map(|v| v.split(',').filter_map(|a| a.parse().ok()).collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -342,7 +359,8 @@ mod tests {
     fn test_guest_settings_are_read_from_the_kernel_command_line() {
         let settings = GuestSettings::from_cmdline(
             "console=ttyS0 tartarus.scratch_bytes=67108864 tartarus.hostname=box \
-             tartarus.memory_bytes=268435456 tartarus.max_processes=64 tartarus.root=image rdinit=/x",
+             tartarus.memory_bytes=268435456 tartarus.max_processes=64 tartarus.root=image \
+             tartarus.net=10.88.0.5/16,10.88.0.1 tartarus.dns=10.255.255.53,2001:db8::53 rdinit=/x",
         );
         assert_eq!(
             settings,
@@ -352,6 +370,15 @@ mod tests {
                 memory_bytes: Some(256 << 20),
                 max_processes: Some(64),
                 image_root: true,
+                nic: Some((
+                    std::net::Ipv4Addr::new(10, 88, 0, 5),
+                    16,
+                    std::net::Ipv4Addr::new(10, 88, 0, 1)
+                )),
+                dns: vec![
+                    "10.255.255.53".parse().expect("v4"),
+                    "2001:db8::53".parse().expect("v6")
+                ],
             }
         );
         assert!(!GuestSettings::from_cmdline("tartarus.root=host").image_root);
