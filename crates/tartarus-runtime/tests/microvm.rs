@@ -293,10 +293,8 @@ fn image_layers(dir: &Path) -> Vec<PathBuf> {
     std::fs::write(top.join("old/top.txt"), "top\n").unwrap();
     let whiteout = std::ffi::CString::new(top.join("deleted.txt").as_os_str().as_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path; mknod of a 0:0 character device is overlayfs's whiteout.
-    assert_eq!(
-        unsafe { libc::mknod(whiteout.as_ptr(), libc::S_IFCHR | 0o000, 0) },
-        0
-    );
+    let made = unsafe { libc::mknod(whiteout.as_ptr(), libc::S_IFCHR, 0) };
+    assert_eq!(made, 0);
     let opaque = std::ffi::CString::new(top.join("old").as_os_str().as_bytes()).unwrap();
     // SAFETY: valid NUL-terminated name, path and value of the given length.
     let set = unsafe {
