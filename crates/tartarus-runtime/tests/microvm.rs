@@ -501,6 +501,77 @@ fn file_op(sandbox: &mut dyn ServiceSandbox, op: FileOp, input: &[u8]) -> (Resul
     )
 }
 
+/// An echo service inside the guest, on its loopback only, reached through `connect_port`: several
+/// connections in turn, 2 MiB each way through the channel's flow control, a refused port, and no exec
+/// of the connector left for the caller to collect.
+fn a_port_inside_the_guest_is_reached_through_connect_port(env: &Env) {
+    use std::io::BufRead;
+    let mut sandbox = service_sandbox(env, spec(&[]));
+    let sandbox = sandbox.as_mut();
+    let echo = "import socket\n\
+                s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                s.bind(('127.0.0.1', 8123)); s.listen(8); print('listening', flush=True)\n\
+                while True:\n\
+                \x20   c, _ = s.accept()\n\
+                \x20   while (d := c.recv(65536)): c.sendall(d)\n\
+                \x20   c.close()\n";
+    let (server, stdout, _stderr) =
+        start_exec(sandbox, &["python3", "-c", echo], b"").expect("server starts");
+    let mut line = String::new();
+    std::io::BufReader::new(std::fs::File::from(stdout))
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "listening\n");
+    for round in 0..3 {
+        let fd = sandbox.connect_port(8123).expect("connects");
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        let payload: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8 ^ round).collect();
+        let mut writer = stream.try_clone().unwrap();
+        let sent = payload.clone();
+        let writing = std::thread::spawn(move || {
+            writer.write_all(&sent).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut echoed = Vec::new();
+        (&stream).read_to_end(&mut echoed).unwrap();
+        writing.join().unwrap();
+        assert!(
+            echoed == payload,
+            "round {round}: {} of {} bytes came back",
+            echoed.len(),
+            payload.len()
+        );
+    }
+    match sandbox.connect_port(8124) {
+        Err(tartarus_runtime::ServiceError::Connect { port: 8124, source }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused, "{source}");
+        }
+        other => panic!("nothing listens on 8124: {other:?}"),
+    }
+    // The connectors' ends are nobody's to collect: only the server's will be.
+    let events = sandbox
+        .exec_event_fd()
+        .expect("a service sandbox has the descriptor");
+    let mut fds = [rustix::event::PollFd::new(&events, rustix::event::PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        rustix::event::poll(&mut fds, Some(&zero)).unwrap(),
+        0,
+        "an exec end is pending"
+    );
+    sandbox.kill_exec(server).expect("kill the server");
+    sandbox
+        .wait_exec(server, Some(Duration::from_secs(30)))
+        .expect("wait")
+        .expect("the server ended");
+    sandbox.kill(KillReason::Requested).expect("kill");
+    sandbox.wait().expect("ends");
+    sandbox.cleanup().expect("cleanup");
+}
+
 fn service_sandbox(env: &Env, spec: SandboxSpec) -> Box<dyn ServiceSandbox> {
     let mut sandbox = env.runtime.prepare_service(spec).expect("prepare");
     sandbox.start(StdioFds::inherit()).expect("boots");
@@ -867,6 +938,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "an_exec_over_the_memory_limit_is_counted_and_the_sandbox_lives",
         an_exec_over_the_memory_limit_is_counted_and_the_sandbox_lives,
+    ),
+    (
+        "a_port_inside_the_guest_is_reached_through_connect_port",
+        a_port_inside_the_guest_is_reached_through_connect_port,
     ),
 ];
 

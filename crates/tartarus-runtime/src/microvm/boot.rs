@@ -33,7 +33,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_net",
 ];
 /// Bumped when the initramfs layout or the agent's expectations of it change.
-const INITRAMFS_FORMAT: u32 = 2;
+const INITRAMFS_FORMAT: u32 = 3;
 /// Bumped when the root image's contents rules change.
 const ROOT_FORMAT: u32 = 1;
 /// Bumped when the rules of an image's root disk change.
@@ -304,6 +304,8 @@ fn write_initramfs(out: &Path, agent: &Path, modules: &[PathBuf]) -> Result<(), 
     // The same executable under the file-operation agent's name, which is how it knows its role
     // (`crate::gvisor::agent`): service sandboxes' file operations run it as the sandbox user.
     w(cpio.symlink(&FILE_OP_AGENT_PATH[1..], AGENT_NAME))?;
+    // And under the port connector's (`connect_port`).
+    w(cpio.symlink(&super::agent::connect::CONNECT_PATH[1..], AGENT_NAME))?;
     for (i, module) in modules.iter().enumerate() {
         let bytes = std::fs::read(module).map_err(io_err("reading a kernel module"))?;
         let name = module.file_name().unwrap_or_default().to_string_lossy();

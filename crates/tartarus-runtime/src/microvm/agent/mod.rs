@@ -10,6 +10,7 @@
 //!
 //! A binary that embeds the microVM lane calls [`run_if_invoked`] first thing in `main`.
 
+pub mod connect;
 mod execs;
 mod nic;
 
@@ -29,10 +30,16 @@ pub const PORT_NAME: &str = "tartarus.agent";
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// When this process is the guest's PID 1 started as the agent: serves the host and never returns
-/// normally (PID 1 must not exit); `None` otherwise.
+/// normally (PID 1 must not exit); when it is the port connector ([`connect`]): connects and returns its
+/// exit code; `None` otherwise.
 pub fn run_if_invoked() -> Option<i32> {
     let first = std::env::args_os().next()?;
-    if Path::new(&first).file_name()? != AGENT_NAME || std::process::id() != 1 {
+    let name = Path::new(&first).file_name()?;
+    if name == connect::CONNECT_NAME {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return Some(connect::run(&args));
+    }
+    if name != AGENT_NAME || std::process::id() != 1 {
         return None;
     }
     if let Err(message) = boot_and_serve() {
