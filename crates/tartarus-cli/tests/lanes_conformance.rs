@@ -78,8 +78,8 @@ suite! {
 }
 
 // The microVM lane runs the one-shot, hostile and service checks that apply to a lane on the host root
-// without bind mounts. Each is a TCG boot of seconds here. Its LaneCapabilities refuse a terminal (asserted
-// by `a_terminal_is_given_or_clearly_refused`). Not here, and why: `a_background_grandchild_dies_with_the_
+// without bind mounts. Each is a TCG boot of seconds here. A terminal is a pty of the guest
+// (`a_terminal_is_given_or_clearly_refused`). Not here, and why: `a_background_grandchild_dies_with_the_
 // sandbox` (it watches the grandchild through a bind mount, which the lane refuses; here every process of
 // a sandbox lives in its VM, and the leak check after each check asserts that no QEMU is left), and
 // `quarantine_denies_its_syscalls_and_narrows_the_writable_paths` (the quarantine class asks for

@@ -387,6 +387,23 @@ fn an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish(env: &
     std::fs::remove_file(&built[0].0).unwrap();
 }
 
+/// A terminal for the command: a pty of the guest as its stdin, stdout and stderr (whatever the
+/// caller's are), its output back as stdout, and the caller's end of input as the terminal's end of file.
+fn a_terminal_is_a_pty_of_the_guest(env: &Env) {
+    let mut s = spec(&[
+        "/bin/sh",
+        "-c",
+        "test -t 0 && test -t 1 && test -t 2 && tty; stty -echo; read l; echo got:$l; cat; echo eof-seen",
+    ]);
+    s.tty = true;
+    let ran = run_with(env, s, b"hi\n").expect("runs");
+    assert_eq!(ran.outcome.termination.exit_code(), 0, "{}", ran.stderr);
+    assert!(ran.stdout.contains("/dev/pts/"), "{:?}", ran.stdout);
+    assert!(ran.stdout.contains("got:hi"), "{:?}", ran.stdout);
+    assert!(ran.stdout.contains("eof-seen"), "{:?}", ran.stdout);
+    assert_eq!(ran.stderr, "", "a terminal has one output");
+}
+
 fn a_missing_command_is_127_and_leaves_nothing(env: &Env) {
     let err = match run_with(env, spec(&["no-such-command"]), b"") {
         Err(e) => e,
@@ -398,9 +415,12 @@ fn a_missing_command_is_127_and_leaves_nothing(env: &Env) {
 
 fn what_the_lane_cannot_honour_is_refused_in_one_line(env: &Env) {
     let mut s = spec(&["/bin/true"]);
-    s.tty = true;
+    s.root = tartarus_runtime::RootSpec::Directory("/srv".into());
     let err = env.runtime.prepare(s).err().expect("refused");
-    assert_eq!(err.to_string(), "the microvm lane cannot honour a terminal (tty)");
+    assert_eq!(
+        err.to_string(),
+        "the microvm lane cannot honour a directory root (root: directory)"
+    );
     let mut s = spec(&[]);
     s.network = tartarus_runtime::NetworkMode::HostLoopback;
     let err = env.runtime.prepare_service(s).err().expect("refused");
@@ -918,6 +938,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "a_missing_command_is_127_and_leaves_nothing",
         a_missing_command_is_127_and_leaves_nothing,
+    ),
+    (
+        "a_terminal_is_a_pty_of_the_guest",
+        a_terminal_is_a_pty_of_the_guest,
     ),
     (
         "an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish",

@@ -11,8 +11,7 @@
 //! removed.
 //!
 //! This slice runs one-shot and service sandboxes on the host-system root or an image's root; directory
-//! roots, bind mounts, egress networking and a terminal are declared unsupported in [`CAPABILITIES`]
-//! (docs/microvm.md).
+//! roots, bind mounts and host loopback are declared unsupported in [`CAPABILITIES`] (docs/microvm.md).
 //!
 //! Modules: [`qemu`] the driver; [`confine`] QEMU's own user, namespaces and inherited files; [`boot`]
 //! kernel, initramfs and root disk; [`protocol`] the channel's
@@ -48,11 +47,12 @@ use crate::spec::SandboxSpec;
 /// or an image's layers (one erofs disk per image), with memory (guest RAM and the guest's cgroup), CPUs
 /// (vCPUs and the VMM's cgroup), pids and rlimits inside the guest, extra denied syscalls and another
 /// user; egress under a contract (the guest's NIC on a TAP in the sandbox's network namespace); execs,
-/// file operations, pause (the VMM's cgroup frozen), CPU throttling and cutting the network. Not yet: a
-/// terminal, host loopback, bind mounts, directory roots, Landlock paths.
+/// file operations, pause (the VMM's cgroup frozen), CPU throttling and cutting the network; a terminal
+/// for the main command (a pty of the guest). Not yet: host loopback, bind mounts, directory roots,
+/// Landlock paths.
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     service: true,
-    terminal: false,
+    terminal: true,
     host_loopback: false,
     egress_network: true,
     bind_mounts: false,

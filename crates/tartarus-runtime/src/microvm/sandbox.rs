@@ -197,6 +197,7 @@ impl MicrovmSandbox {
             open_files: spec.process_limits.open_files,
             file_size_bytes: spec.process_limits.file_size_bytes,
             max_processes: limits.pids.value(),
+            tty: spec.tty,
         };
         Ok(MicrovmSandbox {
             id,

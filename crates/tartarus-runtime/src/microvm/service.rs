@@ -92,6 +92,7 @@ impl MicrovmSandbox {
             argv,
             env: environment(&self.spec.hostname, &[&self.spec.env, env]),
             cwd,
+            tty: false,
             ..self.request.clone()
         }
     }

@@ -133,12 +133,13 @@ fn setup_filesystems() -> Result<(), String> {
     if let Some((address, prefix, gateway)) = settings.nic {
         nic::configure("eth0", address, prefix, gateway)?;
     }
+    // Not nodev: its device nodes are the terminals.
     mount(
         "devpts",
         "/dev/pts",
         "devpts",
-        secure,
-        "newinstance,ptmxmode=0666",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
     )?;
     let _ = std::fs::create_dir_all("/etc");
     if settings.image_root {
