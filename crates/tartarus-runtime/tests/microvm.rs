@@ -383,6 +383,14 @@ fn an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish(env: &
     );
     let after: Vec<(PathBuf, u64)> = disks().into_iter().filter(|d| !before.contains(d)).collect();
     assert_eq!(after, built, "the image's disk is built once and reused");
+    // A policy's narrower writable paths: /tmp only; the image's root and the home are read-only then.
+    let mut narrowed = image_spec(
+        "echo mine >> /srv/data 2>/dev/null; echo srv=$?; touch /tmp/x; echo tmp=$?; \
+         touch $HOME/x 2>/dev/null; echo home=$?",
+    );
+    narrowed.writable_paths = vec!["/tmp".into()];
+    let ran = run_with(env, narrowed, b"").expect("runs");
+    assert_eq!(ran.stdout, "srv=1\ntmp=0\nhome=1\n", "{}", ran.stderr);
     // This test's layers are gone with its temporary directory: so goes their disk.
     std::fs::remove_file(&built[0].0).unwrap();
 }

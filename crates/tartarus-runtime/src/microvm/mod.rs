@@ -48,8 +48,8 @@ use crate::spec::SandboxSpec;
 /// (vCPUs and the VMM's cgroup), pids and rlimits inside the guest, extra denied syscalls and another
 /// user; egress under a contract (the guest's NIC on a TAP in the sandbox's network namespace); execs,
 /// file operations, pause (the VMM's cgroup frozen), CPU throttling and cutting the network; a terminal
-/// for the main command (a pty of the guest). Not yet: host loopback, bind mounts, directory roots,
-/// Landlock paths.
+/// for the main command (a pty of the guest); a policy's writable paths (read-only mounts elsewhere).
+/// Not yet: host loopback, bind mounts, directory roots.
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     service: true,
     terminal: true,
@@ -63,7 +63,9 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     pids_limit: true,
     rlimits: true,
     seccomp_syscall_lists: true,
-    landlock_paths: false,
+    // Enforced by the guest's mounts: a scratch area outside the writable paths, and an image root
+    // unless `/` is one, are mounted read-only.
+    landlock_paths: true,
     custom_user: true,
     user_name: false,
     pause: true,

@@ -88,6 +88,9 @@ pub struct RunRequest {
     /// output comes back as stdout).
     #[serde(default)]
     pub tty: bool,
+    /// The terminal's rows and columns, when the caller's side is a terminal.
+    #[serde(default)]
+    pub tty_size: Option<(u16, u16)>,
 }
 
 /// What the agent tells the host.

@@ -57,6 +57,9 @@ pub struct MicrovmSandbox {
     inherited: Option<Inherited>,
     /// The supervisor's end of the agent channel until the boot handshake takes it.
     channel: Option<UnixStream>,
+    /// The caller's terminal and its settings before it was made raw (the guest's pty is the command's
+    /// terminal: the caller's must pass bytes through untouched), restored at the end.
+    raw_terminal: Option<(OwnedFd, rustix::termios::Termios)>,
     pub(super) running: Option<Running>,
     outcome: Option<Outcome>,
     /// From QEMU's start to the agent's `ready`.
@@ -198,6 +201,7 @@ impl MicrovmSandbox {
             file_size_bytes: spec.process_limits.file_size_bytes,
             max_processes: limits.pids.value(),
             tty: spec.tty,
+            tty_size: None,
         };
         Ok(MicrovmSandbox {
             id,
@@ -219,6 +223,7 @@ impl MicrovmSandbox {
             egress,
             inherited: Some(inherited),
             channel: Some(channel),
+            raw_terminal: None,
             running: None,
             outcome: None,
             boot_time: None,
@@ -304,6 +309,9 @@ impl MicrovmSandbox {
             // are. A service sandbox's are the shim's, and its execs share the multiplexer.
             blocking: !self.spec.service,
         };
+        if self.request.tty {
+            self.take_terminal(stdio.stdin);
+        }
         let started = Instant::now();
         let qemu = self.spawn_qemu().map_err(host("starting QEMU"))?;
         let pid = rustix::process::Pid::from_raw(qemu.id() as i32)
@@ -357,6 +365,34 @@ impl MicrovmSandbox {
         Ok(())
     }
 
+    /// When the caller's stdin is a terminal: its size goes to the guest's pty, and it is made raw until
+    /// the end, so that only the guest's line discipline echoes, edits and translates (not both).
+    fn take_terminal(&mut self, stdin: BorrowedFd<'_>) {
+        use rustix::termios::{tcgetattr, tcgetwinsize, tcsetattr, OptionalActions};
+        let Ok(saved) = tcgetattr(stdin) else {
+            return;
+        };
+        self.request.tty_size = tcgetwinsize(stdin)
+            .ok()
+            .filter(|w| w.ws_row > 0 && w.ws_col > 0)
+            .map(|w| (w.ws_row, w.ws_col));
+        let mut raw = saved.clone();
+        raw.make_raw();
+        if let (Ok(fd), Ok(())) = (
+            stdin.try_clone_to_owned(),
+            tcsetattr(stdin, OptionalActions::Now, &raw),
+        ) {
+            self.raw_terminal = Some((fd, saved));
+        }
+    }
+
+    /// Gives the caller's terminal its settings back.
+    fn restore_terminal(&mut self) {
+        if let Some((fd, saved)) = self.raw_terminal.take() {
+            let _ = rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Now, &saved);
+        }
+    }
+
     fn start_error(&self, e: HandshakeError) -> StartError {
         let command = self.request.argv.first().cloned().unwrap_or_default();
         match e {
@@ -407,6 +443,7 @@ impl MicrovmSandbox {
         let Some(running) = self.running.take() else {
             return Err(RuntimeError::State(self.state));
         };
+        self.restore_terminal();
         let Running {
             qemu,
             pidfd,
@@ -536,8 +573,27 @@ fn append_guest_settings(
             if let Some(egress) = egress {
                 line.push(egress.cmdline());
             }
+            if !spec.writable_paths.is_empty() {
+                let paths: Vec<String> = spec
+                    .writable_paths
+                    .iter()
+                    .map(|p| percent_encode(&crate::spec::normalize_sandbox_path(p).to_string_lossy()))
+                    .collect();
+                line.push(format!(" tartarus.writable={}", paths.join(",")));
+            }
         }
     }
+}
+
+/// `%`, `,` and whitespace as `%XX`, for a list on the kernel command line.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'%' | b',' => format!("%{b:02X}"),
+            b if b.is_ascii_whitespace() || b.is_ascii_control() => format!("%{b:02X}"),
+            b => (b as char).to_string(),
+        })
+        .collect()
 }
 
 /// Accepts QEMU and waits for the agent's `ready`.
@@ -671,6 +727,7 @@ impl Sandbox for MicrovmSandbox {
                 source,
             });
         }
+        self.restore_terminal();
         // QEMU is gone, and with it the TAP's last user.
         if let Some(egress) = self.egress.as_mut() {
             if let Err(e) = egress.network.remove() {

@@ -451,7 +451,7 @@ fn spawn(id: u64, request: &RunRequest) -> Result<GuestExec, (FailKind, String)>
         .envs(request.env.iter().filter_map(|kv| kv.split_once('=')))
         .current_dir(&request.cwd);
     let terminal = match request.tty {
-        true => Some(open_terminal().map_err(|e| setup(format!("opening a terminal: {e}")))?),
+        true => Some(open_terminal(request.tty_size).map_err(|e| setup(format!("opening a terminal: {e}")))?),
         false => None,
     };
     match &terminal {
@@ -566,8 +566,8 @@ fn spawn(id: u64, request: &RunRequest) -> Result<GuestExec, (FailKind, String)>
     })
 }
 
-/// A new pty of the guest's devpts instance: its master and its slave.
-fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A new pty of the guest's devpts instance, of `size` (rows, columns) when known: master and slave.
+fn open_terminal(size: Option<(u16, u16)>) -> io::Result<(OwnedFd, OwnedFd)> {
     use rustix::fs::{Mode, OFlags};
     let master = rustix::fs::open(
         "/dev/pts/ptmx",
@@ -581,6 +581,15 @@ fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
         OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
+    if let Some((rows, cols)) = size {
+        let winsize = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&master, winsize)?;
+    }
     Ok((master, slave))
 }
 

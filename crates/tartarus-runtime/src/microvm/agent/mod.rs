@@ -118,13 +118,30 @@ fn setup_filesystems() -> Result<(), String> {
             "",
         )?;
     }
-    mount("tmpfs", "/tmp", "tmpfs", scratch, &format!("mode=1777{size}"))?;
-    mount("tmpfs", "/dev/shm", "tmpfs", scratch, &format!("mode=1777{size}"))?;
+    // A policy's narrower writable paths (quarantine's /tmp): a scratch area outside them is read-only.
+    let flags = |target: &str| match settings.writable(target) {
+        true => scratch,
+        false => scratch | MountFlags::RDONLY,
+    };
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        flags("/tmp"),
+        &format!("mode=1777{size}"),
+    )?;
+    mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        flags("/dev/shm"),
+        &format!("mode=1777{size}"),
+    )?;
     mount(
         "tmpfs",
         "/home/sandbox",
         "tmpfs",
-        scratch,
+        flags("/home/sandbox"),
         &format!("mode=0700,uid=1000,gid=1000{size}"),
     )?;
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", secure, "")?;
@@ -176,6 +193,11 @@ fn setup_filesystems() -> Result<(), String> {
     }
     let _ = std::fs::write("/etc/hostname", format!("{}\n", settings.hostname));
     let _ = rustix::system::sethostname(settings.hostname.as_bytes());
+    if settings.image_root && !settings.writable("/") {
+        // Narrowed writable paths without `/`: the image's root is read-only too, as on the other lanes.
+        rustix::mount::mount_remount("/", MountFlags::RDONLY | MountFlags::NODEV, c"")
+            .map_err(|e| format!("making the image root read-only: {e}"))?;
+    }
     Ok(())
 }
 
@@ -270,6 +292,9 @@ struct GuestSettings {
     nic: Option<(std::net::Ipv4Addr, u8, std::net::Ipv4Addr)>,
     /// Resolvers the contract lets the sandbox reach (`tartarus.dns=a,b`).
     dns: Vec<std::net::IpAddr>,
+    /// The policy's writable paths (`tartarus.writable=`, percent-encoded, comma-separated); empty:
+    /// every scratch area and an image's root are writable.
+    writable_paths: Vec<PathBuf>,
 }
 
 impl GuestSettings {
@@ -289,8 +314,44 @@ impl GuestSettings {
             dns: value("tartarus.dns")
                 .map(|v| v.split(',').filter_map(|a| a.parse().ok()).collect())
                 .unwrap_or_default(),
+            writable_paths: value("tartarus.writable")
+                .map(|v| v.split(',').map(|p| PathBuf::from(percent_decode(p))).collect())
+                .unwrap_or_default(),
         }
     }
+
+    /// Whether `target` may be written: no narrowing, or under one of the writable paths.
+    fn writable(&self, target: &str) -> bool {
+        self.writable_paths.is_empty()
+            || self
+                .writable_paths
+                .iter()
+                .any(|p| Path::new(target).starts_with(p))
+    }
+}
+
+/// `%XX` escapes back to bytes (the host escapes `%`, `,` and whitespace in paths on the command line).
+pub(crate) fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Loads the initramfs's modules in order; virtio-mmio gets the devices QEMU put on the command line
@@ -368,7 +429,8 @@ mod tests {
         let settings = GuestSettings::from_cmdline(
             "console=ttyS0 tartarus.scratch_bytes=67108864 tartarus.hostname=box \
              tartarus.memory_bytes=268435456 tartarus.max_processes=64 tartarus.root=image \
-             tartarus.net=10.88.0.5/16,10.88.0.1 tartarus.dns=10.255.255.53,2001:db8::53 rdinit=/x",
+             tartarus.net=10.88.0.5/16,10.88.0.1 tartarus.dns=10.255.255.53,2001:db8::53 \
+             tartarus.writable=/tmp,/data%2Cset%20x rdinit=/x",
         );
         assert_eq!(
             settings,
@@ -387,8 +449,12 @@ mod tests {
                     "10.255.255.53".parse().expect("v4"),
                     "2001:db8::53".parse().expect("v6")
                 ],
+                writable_paths: vec!["/tmp".into(), "/data,set x".into()],
             }
         );
+        let narrowed = GuestSettings::from_cmdline("tartarus.writable=/tmp");
+        assert!(narrowed.writable("/tmp") && !narrowed.writable("/home/sandbox") && !narrowed.writable("/"));
+        assert!(GuestSettings::from_cmdline("quiet").writable("/"));
         assert!(!GuestSettings::from_cmdline("tartarus.root=host").image_root);
         assert_eq!(GuestSettings::from_cmdline("quiet").hostname, "sandbox");
     }
