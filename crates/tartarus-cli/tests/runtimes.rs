@@ -201,7 +201,7 @@ fn bad_runtime_names_and_forbidden_lanes_are_clear_refusals() {
     let (status, body) = create_status(&server, &user, json!({"runtime": "docker"}));
     assert_eq!(status, 422, "{body}");
     assert_eq!(
-        body["error"]["message"], "unknown runtime 'docker': use auto, process, gvisor, microvm",
+        body["error"]["message"], "unknown runtime 'docker': use auto, process, gvisor, microvm, wasm",
         "{body}"
     );
     // gVisor cannot share the host's network: asking for both is a 422 naming the knob.

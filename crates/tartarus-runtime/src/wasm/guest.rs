@@ -1,0 +1,341 @@
+//! The guest: a compiled WASI program ([`Program`]: a preview 1 core module or a preview 2 component,
+//! told apart by the binary's header) and one run of it ([`run`]) with its WASI context, memory cap and
+//! epoch deadline.
+//!
+//! A run ends with the program's own exit code (`proc_exit`, `wasi:cli/exit`, or 0 when `_start` or
+//! `run` returns), or with a trap: then one line `tartarus: …` goes to the guest's stderr and the exit
+//! code is [`TRAP_EXIT_CODE`]. A stop asked for through [`Control`] traps at the guest's next epoch check.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Engine, InstancePre, Linker, Module, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::cli::{InputFile, OutputFile};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::sync::CommandPre;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::sandbox::KillReason;
+
+/// The exit code of a run that trapped: 128 + SIGABRT, as wasmtime's own CLI reports a trap.
+pub const TRAP_EXIT_CODE: i32 = 134;
+
+/// A compiled program, its imports resolved against WASI: instantiating it cannot fail for a missing
+/// import.
+#[derive(Clone)]
+pub enum Program {
+    /// A core module exporting `_start` (WASI preview 1).
+    Module(InstancePre<P1Host>),
+    /// A component exporting `wasi:cli/run` (WASI preview 2).
+    Component(CommandPre<P2Host>),
+}
+
+/// Why a file is not a program this lane runs, in one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAProgram(pub String);
+
+/// A component's header: magic, then version 0x0d and layer 1 (a core module has version 1, layer 0).
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.get(4..8) == Some(&[0x0d, 0x00, 0x01, 0x00])
+}
+
+impl Program {
+    /// Compiles `bytes` and links it against WASI preview 1 or 2, whichever its header says.
+    pub fn compile(engine: &Engine, bytes: &[u8]) -> Result<Program, NotAProgram> {
+        if bytes.get(..4) != Some(b"\0asm") {
+            return Err(NotAProgram(
+                "not a WebAssembly binary (no \\0asm header)".to_string(),
+            ));
+        }
+        let fail = |what: &str, e: wasmtime::Error| NotAProgram(format!("{what}: {}", one_line(&e)));
+        if is_component(bytes) {
+            let component = Component::from_binary(engine, bytes).map_err(|e| fail("invalid component", e))?;
+            let mut linker = wasmtime::component::Linker::<P2Host>::new(engine);
+            wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| fail("linking WASI", e))?;
+            let pre = linker
+                .instantiate_pre(&component)
+                .map_err(|e| fail("the component's imports are not WASI preview 2", e))?;
+            let command = CommandPre::new(pre)
+                .map_err(|e| fail("the component does not export wasi:cli/run (not a command)", e))?;
+            return Ok(Program::Component(command));
+        }
+        let module = Module::from_binary(engine, bytes).map_err(|e| fail("invalid module", e))?;
+        if !module.exports().any(|e| e.name() == "_start") {
+            return Err(NotAProgram(
+                "the module exports no _start function (not a WASI command)".to_string(),
+            ));
+        }
+        let mut linker = Linker::<P1Host>::new(engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |host| &mut host.wasi)
+            .map_err(|e| fail("linking WASI", e))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| fail("the module's imports are not WASI preview 1", e))?;
+        Ok(Program::Module(pre))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Program::Module(_) => "module (WASI preview 1)",
+            Program::Component(_) => "component (WASI preview 2)",
+        }
+    }
+}
+
+/// An error on one line: a trap's own text, else the chain of causes.
+fn one_line(e: &wasmtime::Error) -> String {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        return trap.to_string();
+    }
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// Shared between a run, its ticker and the sandbox: the stop request and the run's end.
+#[derive(Default)]
+pub struct Control {
+    stop: Mutex<Option<(KillReason, Instant)>>,
+    stopping: AtomicBool,
+    end: Mutex<Option<GuestEnd>>,
+    ended: AtomicBool,
+}
+
+impl Control {
+    /// Asks the run to stop; the first reason stays.
+    pub fn request_stop(&self, reason: KillReason) {
+        if let Ok(mut stop) = self.stop.lock() {
+            stop.get_or_insert((reason, Instant::now()));
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The stop's reason and how long ago it was asked for.
+    pub fn stop(&self) -> Option<(KillReason, Duration)> {
+        let stop = self.stop.lock().ok()?;
+        stop.map(|(reason, at)| (reason, at.elapsed()))
+    }
+
+    fn finish(&self, end: GuestEnd) {
+        if let Ok(mut slot) = self.end.lock() {
+            *slot = Some(end);
+        }
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// The run has ended (its end may have been taken already).
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// The run's end, once it has ended (taken once).
+    pub fn take_end(&self) -> Option<GuestEnd> {
+        self.end.lock().ok()?.take()
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestEnd {
+    pub exit_code: i32,
+    /// The guest ended by a trap (after a stop request: the stop).
+    pub trapped: bool,
+    /// A memory growth was refused for the memory cap.
+    pub growth_refused: bool,
+    pub peak_memory_bytes: u64,
+    pub cpu: Duration,
+}
+
+/// What a run gets.
+pub struct RunConfig {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// `(host path, guest path, read-write)`: the scratch directory first, then read-only mounts.
+    pub preopens: Vec<(std::path::PathBuf, String, bool)>,
+    pub memory_cap_bytes: u64,
+    pub stdin: File,
+    pub stdout: File,
+    pub stderr: File,
+}
+
+/// Caps the guest's linear memories (their sum) and tables, and remembers a refusal and the peak.
+pub struct MemoryCap {
+    cap: usize,
+    total: usize,
+    peak: usize,
+    refused: bool,
+}
+
+/// Table elements one table may have (a table of funcrefs costs host memory outside the cap).
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.total.saturating_sub(current).saturating_add(desired);
+        if total > self.cap {
+            self.refused = true;
+            return Ok(false);
+        }
+        self.total = total;
+        self.peak = self.peak.max(total);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// A preview 1 run's store data.
+pub struct P1Host {
+    wasi: WasiP1Ctx,
+    cap: MemoryCap,
+}
+
+/// A preview 2 run's store data.
+pub struct P2Host {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    cap: MemoryCap,
+}
+
+impl WasiView for P2Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The WASI context: arguments, environment, stdio, preopens; no network, no inherited anything.
+fn wasi_builder(config: RunConfig) -> Result<WasiCtxBuilder, String> {
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .args(&config.args)
+        .envs(&config.env)
+        .stdin(InputFile::new(config.stdin))
+        .stdout(OutputFile::new(config.stdout))
+        .stderr(OutputFile::new(config.stderr))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }));
+    for (host, guest, writable) in &config.preopens {
+        let perms = if *writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
+        builder
+            .preopened_dir(host, guest, perms)
+            .map_err(|e| format!("cannot preopen {guest}: {}", one_line(&e)))?;
+    }
+    Ok(builder)
+}
+
+/// Runs `program` to its end on this thread; never panics on the guest's doing.
+pub fn run(engine: &Engine, program: &Program, config: RunConfig, control: &std::sync::Arc<Control>) {
+    let started_cpu = thread_cpu();
+    let mut stderr = match config.stderr.try_clone() {
+        Ok(file) => Some(file),
+        Err(_) => None,
+    };
+    let cap = MemoryCap {
+        cap: usize::try_from(config.memory_cap_bytes).unwrap_or(usize::MAX),
+        total: 0,
+        peak: 0,
+        refused: false,
+    };
+    let result = wasi_builder(config).map_err(wasmtime::Error::msg).and_then(|mut builder| match program {
+        Program::Module(pre) => {
+            let host = P1Host {
+                wasi: builder.build_p1(),
+                cap,
+            };
+            let mut store = Store::new(engine, host);
+            store.limiter(|host| &mut host.cap);
+            arm_epoch(&mut store, control);
+            let result = pre.instantiate(&mut store).and_then(|instance| {
+                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                start.call(&mut store, ())
+            });
+            let cap = &store.data().cap;
+            Ok((result, cap.refused, cap.peak))
+        }
+        Program::Component(pre) => {
+            let host = P2Host {
+                wasi: builder.build(),
+                table: ResourceTable::new(),
+                cap,
+            };
+            let mut store = Store::new(engine, host);
+            store.limiter(|host| &mut host.cap);
+            arm_epoch(&mut store, control);
+            let result = pre.instantiate(&mut store).and_then(|command| {
+                command
+                    .wasi_cli_run()
+                    .call_run(&mut store)?
+                    .map_err(|()| wasmtime::Error::new(I32Exit(1)))
+            });
+            let cap = &store.data().cap;
+            Ok((result, cap.refused, cap.peak))
+        }
+    });
+    let (result, growth_refused, peak) = match result {
+        Ok(triple) => triple,
+        Err(e) => (Err(e), false, 0),
+    };
+    let (exit_code, trapped) = match result {
+        Ok(()) => (0, false),
+        Err(e) => match e.downcast_ref::<I32Exit>() {
+            Some(I32Exit(code)) => (*code, false),
+            None => {
+                if !control.stop_requested() {
+                    if let Some(stderr) = stderr.as_mut() {
+                        let why = if growth_refused {
+                            " (after a memory growth past the sandbox's memory limit was refused)"
+                        } else {
+                            ""
+                        };
+                        let _ = writeln!(stderr, "tartarus: the Wasm program trapped: {}{why}", one_line(&e));
+                    }
+                }
+                (TRAP_EXIT_CODE, true)
+            }
+        },
+    };
+    control.finish(GuestEnd {
+        exit_code,
+        trapped,
+        growth_refused,
+        peak_memory_bytes: peak as u64,
+        cpu: thread_cpu().saturating_sub(started_cpu),
+    });
+}
+
+/// The guest checks the epoch at function entries and loop heads: each tick extends its deadline by one,
+/// until a stop is asked for.
+fn arm_epoch<T: 'static>(store: &mut Store<T>, control: &std::sync::Arc<Control>) {
+    let control = control.clone();
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if control.stop_requested() {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Continue(1))
+        }
+    });
+}
+
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
+}
