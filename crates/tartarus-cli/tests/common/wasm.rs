@@ -48,10 +48,13 @@ const KIT: &str = r#"
       (local.set $n (i32.div_u (local.get $n) (i32.const 10)))
       (br_if $digit (local.get $n)))
     (call $write (local.get $fd) (local.get $p) (i32.sub (i32.const 121) (local.get $p))))
-  ;; Opens path (ptr, len) under directory fd with oflags; the new fd, or -1 after printing the errno.
-  (func $open (param $dir i32) (param $ptr i32) (param $len i32) (param $oflags i32) (result i32) (local $errno i32)
+  ;; Opens path (ptr, len) under directory fd with oflags (to read when 0, with every right otherwise); the
+  ;; new fd, or -1 after printing the errno.
+  (func $open (param $dir i32) (param $ptr i32) (param $len i32) (param $oflags i32) (result i32)
+    (local $errno i32) (local $rights i64)
+    (local.set $rights (select (i64.const 0x1fffffff) (i64.const 2) (local.get $oflags)))
     (local.set $errno (call $path_open (local.get $dir) (i32.const 0) (local.get $ptr) (local.get $len)
-      (local.get $oflags) (i64.const -1) (i64.const -1) (i32.const 0) (i32.const 96)))
+      (local.get $oflags) (local.get $rights) (local.get $rights) (i32.const 0) (i32.const 96)))
     (if (result i32) (local.get $errno)
       (then (call $print_num (i32.const 1) (local.get $errno)) (i32.const -1))
       (else (i32.load (i32.const 96)))))

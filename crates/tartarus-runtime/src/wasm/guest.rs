@@ -244,10 +244,7 @@ fn wasi_builder(config: RunConfig) -> Result<WasiCtxBuilder, String> {
 /// Runs `program` to its end on this thread; never panics on the guest's doing.
 pub fn run(engine: &Engine, program: &Program, config: RunConfig, control: &std::sync::Arc<Control>) {
     let started_cpu = thread_cpu();
-    let mut stderr = match config.stderr.try_clone() {
-        Ok(file) => Some(file),
-        Err(_) => None,
-    };
+    let mut stderr = config.stderr.try_clone().ok();
     let cap = MemoryCap {
         cap: usize::try_from(config.memory_cap_bytes).unwrap_or(usize::MAX),
         total: 0,
@@ -338,4 +335,58 @@ fn arm_epoch<T: 'static>(store: &mut Store<T>, control: &std::sync::Arc<Control>
 fn thread_cpu() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(bytes: &[u8]) -> Result<&'static str, String> {
+        Program::compile(&Engine::default(), bytes)
+            .map(|p| p.kind())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn test_what_is_not_a_wasi_command_is_refused_in_one_line() {
+        assert_eq!(
+            compile(b"#!/bin/sh\n"),
+            Err("not a WebAssembly binary (no \\0asm header)".to_string())
+        );
+        // An empty module: valid, but nothing to start.
+        assert_eq!(
+            compile(b"\0asm\x01\0\0\0"),
+            Err("the module exports no _start function (not a WASI command)".to_string())
+        );
+        let truncated = compile(b"\0asm\x01\0\0\0\x01").expect_err("truncated");
+        assert!(truncated.starts_with("invalid module: "), "{truncated}");
+        assert!(!truncated.contains('\n'), "{truncated}");
+        let component = compile(b"\0asm\x0d\0\x01\0").expect_err("an empty component");
+        assert!(
+            component.starts_with("the component does not export wasi:cli/run"),
+            "{component}"
+        );
+    }
+
+    #[test]
+    fn test_a_component_is_told_from_a_module_by_its_header() {
+        assert!(is_component(b"\0asm\x0d\0\x01\0"));
+        assert!(!is_component(b"\0asm\x01\0\0\0"));
+        assert!(!is_component(b"\0asm"));
+    }
+
+    #[test]
+    fn test_the_memory_cap_counts_every_memory_and_remembers_a_refusal() {
+        let mut cap = MemoryCap {
+            cap: 10,
+            total: 0,
+            peak: 0,
+            refused: false,
+        };
+        assert!(cap.memory_growing(0, 6, None).expect("grow"));
+        assert!(cap.memory_growing(0, 4, None).expect("a second memory"));
+        assert!(!cap.memory_growing(6, 7, None).expect("past the cap"));
+        assert!(cap.refused);
+        assert_eq!((cap.total, cap.peak), (10, 10));
+    }
 }

@@ -373,6 +373,23 @@ impl Sandbox for WasmSandbox {
         Ok(())
     }
 
+    /// No signals in a Wasm guest, so no grace: the stop at once, then up to [`ABANDON_AFTER`] for the
+    /// guest to reach its next epoch check.
+    fn stop_at_timeout(&mut self) -> Result<(), RuntimeError> {
+        self.kill(KillReason::Timeout)?;
+        if let Some(running) = &self.running {
+            while !running.control.has_ended()
+                && running
+                    .control
+                    .stop()
+                    .is_some_and(|(_, since)| since < ABANDON_AFTER)
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(())
+    }
+
     fn cleanup(&mut self) -> Result<(), RuntimeError> {
         if self.state == SandboxState::CleanedUp {
             return Ok(());
