@@ -103,12 +103,7 @@ fn stdin_stdout_and_stderr_are_separate() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"from stdin\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert_eq!(stdout(&out), "out:from stdin\n");
@@ -129,7 +124,11 @@ fn arguments_and_environment_reach_the_program_and_nothing_else() {
         "{}\none\ntwo words\n--\nGREETING=hello world\nEMPTY=\n",
         program.display()
     );
-    assert_eq!(stdout(&out), expected, "argv[0] is the program as given; no host variable leaks");
+    assert_eq!(
+        stdout(&out),
+        expected,
+        "argv[0] is the program as given; no host variable leaks"
+    );
 }
 
 #[test]
@@ -160,10 +159,16 @@ fn a_timeout_interrupts_an_endless_loop_with_reason_timeout() {
     assert_eq!(record["signal"], 9, "{record}");
     assert_eq!(code(&out), 137);
     assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(10), "interrupted promptly, not {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "interrupted promptly, not {elapsed:?}"
+    );
     assert!(stderr(&out).contains("timed out after 500ms"), "{}", stderr(&out));
     assert!(record["wall_ms"].as_f64().unwrap() >= 500.0, "{record}");
-    assert!(record["cpu_ms"].as_f64().unwrap() > 100.0, "the loop burnt CPU: {record}");
+    assert!(
+        record["cpu_ms"].as_f64().unwrap() > 100.0,
+        "the loop burnt CPU: {record}"
+    );
 }
 
 #[test]
@@ -300,8 +305,16 @@ fn components_run_under_wasi_preview_2() {
 fn malformed_or_missing_programs_are_one_line_errors() {
     let lane = Lane::new();
     let cases: [(&str, Vec<u8>, &str); 4] = [
-        ("text.wasm", b"#!/bin/sh\necho hi\n".to_vec(), "not a WebAssembly binary"),
-        ("truncated.wasm", b"\0asm\x01\0\0\0\x01".to_vec(), "invalid module"),
+        (
+            "text.wasm",
+            b"#!/bin/sh\necho hi\n".to_vec(),
+            "not a WebAssembly binary",
+        ),
+        (
+            "truncated.wasm",
+            b"\0asm\x01\0\0\0\x01".to_vec(),
+            "invalid module",
+        ),
         (
             "nostart.wasm",
             wat::parse_str("(module (func (export \"main\")))").unwrap(),
@@ -309,10 +322,8 @@ fn malformed_or_missing_programs_are_one_line_errors() {
         ),
         (
             "imports.wasm",
-            wat::parse_str(
-                "(module (import \"env\" \"launch\" (func)) (func (export \"_start\") call 0))",
-            )
-            .unwrap(),
+            wat::parse_str("(module (import \"env\" \"launch\" (func)) (func (export \"_start\") call 0))")
+                .unwrap(),
             "imports are not WASI preview 1",
         ),
     ];
@@ -322,12 +333,19 @@ fn malformed_or_missing_programs_are_one_line_errors() {
         assert_eq!(code(&out), 126, "{name}: {}", stderr(&out));
         let err = stderr(&out);
         assert_eq!(err.lines().count(), 1, "{name}: one line: {err}");
-        assert!(err.contains("is not a Wasm program this lane runs"), "{name}: {err}");
+        assert!(
+            err.contains("is not a Wasm program this lane runs"),
+            "{name}: {err}"
+        );
         assert!(err.contains(why), "{name}: {err}");
     }
     let out = lane.run(&[], Path::new("/nonexistent/app.wasm"), &[]);
     assert_eq!(code(&out), 127, "{}", stderr(&out));
-    assert!(stderr(&out).contains("command not found: /nonexistent/app.wasm"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("command not found: /nonexistent/app.wasm"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -339,7 +357,10 @@ fn knobs_the_lane_cannot_honour_are_refused_by_name() {
         (&["--network", "host-loopback"][..], "host loopback networking"),
         (&["--cpus", "0.5"][..], "a CPU limit (limits.cpus)"),
         (&["--pids", "10"][..], "a pids limit (limits.pids)"),
-        (&["-w", "/home/sandbox"][..], "a working directory other than /tmp"),
+        (
+            &["-w", "/home/sandbox"][..],
+            "a working directory other than /tmp",
+        ),
     ] {
         let out = lane.run(flags, &program, &[]);
         assert_eq!(code(&out), 125, "{flags:?}: {}", stderr(&out));
@@ -367,7 +388,11 @@ fn a_kill_ends_the_program_with_reason_killed() {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let started = Instant::now();
     let out = child.wait_with_output().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(code(&out), 128 + 15, "{}", stderr(&out));
     let (_, reason, record) = record_of(&out);
     assert_eq!(reason, "killed", "{record}");

@@ -356,7 +356,8 @@ pub fn choose_runtime(
                     runtime: fallback.lane,
                     reason: format!(
                         "{why} asks for a strong wall but no stronger lane can take it here ({})",
-                        obstacles(offers, &allowed, |lane| wall_strength(lane) > 0 && automatic_lane(lane))
+                        obstacles(offers, &allowed, |lane| wall_strength(lane) > 0
+                            && automatic_lane(lane))
                     ),
                 }),
                 (None, None) => Err(RuntimeRefusal::NoLane(format!(

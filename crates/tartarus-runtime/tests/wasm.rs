@@ -65,11 +65,16 @@ fn test_the_eventfd_wakes_the_caller_and_try_wait_collects_the_exit_code() {
     let programs = Programs::new();
     let runtime = runtime();
     assert_eq!(runtime.name(), LaneName::Wasm.as_str());
-    let mut sandbox = runtime.prepare(spec(&programs.write("exit7.wasm", &exit_with(7)))).unwrap();
+    let mut sandbox = runtime
+        .prepare(spec(&programs.write("exit7.wasm", &exit_with(7))))
+        .unwrap();
     sandbox.start(StdioFds::inherit()).unwrap();
     assert_eq!(sandbox.state(), SandboxState::Running);
     let event = sandbox.event_fd().unwrap().try_clone_to_owned().unwrap();
-    assert!(readable(event.as_fd(), Duration::from_secs(30)), "the end is signalled");
+    assert!(
+        readable(event.as_fd(), Duration::from_secs(30)),
+        "the end is signalled"
+    );
     let outcome = loop {
         if let Some(outcome) = sandbox.try_wait().unwrap() {
             break outcome;
@@ -97,7 +102,11 @@ fn test_a_kill_interrupts_a_spinning_guest_at_once() {
     let killed = Instant::now();
     sandbox.kill(KillReason::Requested).unwrap();
     let outcome = sandbox.wait().unwrap();
-    assert!(killed.elapsed() < Duration::from_secs(1), "{:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        killed.elapsed()
+    );
     assert_eq!(
         (outcome.termination, outcome.reason),
         (Termination::Signaled(libc::SIGKILL), ExitReason::Killed)
@@ -113,7 +122,11 @@ fn test_cleanup_of_a_running_guest_ends_it() {
     sandbox.start(StdioFds::inherit()).unwrap();
     let started = Instant::now();
     sandbox.cleanup().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(sandbox.state(), SandboxState::CleanedUp);
 }
 
@@ -122,7 +135,9 @@ fn test_a_guest_blocked_reading_an_open_stdin_is_given_up_on_in_bounded_time() {
     let programs = Programs::new();
     let runtime = runtime();
     let (stdin_read, _stdin_write): (OwnedFd, OwnedFd) = rustix::pipe::pipe().unwrap();
-    let mut sandbox = runtime.prepare(spec(&programs.write("read.wasm", READ_STDIN))).unwrap();
+    let mut sandbox = runtime
+        .prepare(spec(&programs.write("read.wasm", READ_STDIN)))
+        .unwrap();
     let stdio = StdioFds {
         stdin: stdin_read.as_fd(),
         ..StdioFds::inherit()
@@ -164,5 +179,8 @@ fn test_a_service_sandbox_is_refused_naming_the_knob() {
         .prepare_service(spec(&programs.write("exit0.wasm", &exit_with(0))))
         .err()
         .unwrap();
-    assert_eq!(err.to_string(), "the wasm lane cannot honour service sandboxes (service)");
+    assert_eq!(
+        err.to_string(),
+        "the wasm lane cannot honour service sandboxes (service)"
+    );
 }

@@ -152,7 +152,8 @@ pub fn grow_once(mib: u32) -> Vec<u8> {
 /// Writes `hello` to `hello.txt` in the first preopen (fd 3), reads it back to stdout, then prints the
 /// preopen's name.
 pub fn scratch_round_trip() -> Vec<u8> {
-    p1(r#"(data (i32.const 200) "hello.txt") (data (i32.const 220) "hello\n")
+    p1(
+        r#"(data (i32.const 200) "hello.txt") (data (i32.const 220) "hello\n")
       (func (export "_start") (local $fd i32)
         (local.set $fd (call $open (i32.const 3) (i32.const 200) (i32.const 9) (i32.const 9)))
         (if (i32.lt_s (local.get $fd) (i32.const 0)) (then (call $proc_exit (i32.const 10))))
@@ -166,7 +167,8 @@ pub fn scratch_round_trip() -> Vec<u8> {
         (call $write (i32.const 1) (i32.const 4096) (i32.load (i32.const 8)))
         (drop (call $fd_prestat_dir_name (i32.const 3) (i32.const 500) (i32.const 4)))
         (call $write (i32.const 1) (i32.const 500) (i32.const 4))
-        (call $write (i32.const 1) (i32.const 16) (i32.const 1)))"#)
+        (call $write (i32.const 1) (i32.const 16) (i32.const 1)))"#,
+    )
 }
 
 /// Writes 64 KiB blocks to `fill` in the scratch area until a write fails; prints the errno and the
@@ -190,12 +192,14 @@ pub fn fill_scratch() -> Vec<u8> {
 /// Tries the host's `/etc/passwd` through the scratch preopen (`../../etc/passwd` and `/etc/passwd`) and
 /// asks for a preopen at fd 4 and 5: prints each errno (0 would mean it worked).
 pub fn reach_for_the_host() -> Vec<u8> {
-    p1(r#"(data (i32.const 200) "../../etc/passwd") (data (i32.const 220) "/etc/passwd")
+    p1(
+        r#"(data (i32.const 200) "../../etc/passwd") (data (i32.const 220) "/etc/passwd")
       (func (export "_start")
         (drop (call $open (i32.const 3) (i32.const 200) (i32.const 16) (i32.const 0)))
         (drop (call $open (i32.const 3) (i32.const 220) (i32.const 11) (i32.const 0)))
         (call $print_num (i32.const 1) (call $fd_prestat_dir_name (i32.const 4) (i32.const 500) (i32.const 8)))
-        (call $print_num (i32.const 1) (call $fd_prestat_dir_name (i32.const 5) (i32.const 500) (i32.const 8))))"#)
+        (call $print_num (i32.const 1) (call $fd_prestat_dir_name (i32.const 5) (i32.const 500) (i32.const 8))))"#,
+    )
 }
 
 /// Reads `file` from the preopen at fd 4 (a read-only mount) to stdout, then tries to create `new` there

@@ -61,7 +61,12 @@ pub fn a_timeout_ends_an_endless_loop_with_reason_timeout(f: &Fixture) {
 pub fn the_memory_limit_ends_in_an_oom(f: &Fixture) {
     let grow = program(f, "grow.wasm", &programs::grow_until_refused_then_trap());
     let out = f.run(&["--json", "--memory", "96M"], &[path(&grow)]);
-    assert_eq!(code(&out), 134, "a trap after the refused growth: {}", stderr(&out));
+    assert_eq!(
+        code(&out),
+        134,
+        "a trap after the refused growth: {}",
+        stderr(&out)
+    );
     assert_eq!(result_record(&out)["reason"], "oom");
     assert!(
         stderr(&out).contains("out of memory (limit 96 MiB)"),
@@ -155,17 +160,16 @@ pub fn only_the_scratch_areas_are_writable(f: &Fixture) {
     let out = f.run(&["-m", &mount], &[path(&write)]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(stdout(&out).starts_with("shared\n"), "{}", stdout(&out));
-    assert!(!shared.path().join("new").exists(), "wrote into a read-only mount");
+    assert!(
+        !shared.path().join("new").exists(),
+        "wrote into a read-only mount"
+    );
 }
 
 /// The lane has no service mode: the API refuses a Wasm sandbox by naming the knob.
 pub fn the_api_refuses_a_service_sandbox_by_name(f: &Fixture) {
     let service = f.service();
-    let (status, body) = service.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"runtime": "wasm"})),
-    );
+    let (status, body) = service.call("POST", "/v1/sandboxes", Some(json!({"runtime": "wasm"})));
     assert_eq!(status, 422, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(

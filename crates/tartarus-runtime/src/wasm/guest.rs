@@ -54,7 +54,8 @@ impl Program {
         }
         let fail = |what: &str, e: wasmtime::Error| NotAProgram(format!("{what}: {}", one_line(&e)));
         if is_component(bytes) {
-            let component = Component::from_binary(engine, bytes).map_err(|e| fail("invalid component", e))?;
+            let component =
+                Component::from_binary(engine, bytes).map_err(|e| fail("invalid component", e))?;
             let mut linker = wasmtime::component::Linker::<P2Host>::new(engine);
             wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| fail("linking WASI", e))?;
             let pre = linker
@@ -177,7 +178,12 @@ pub struct MemoryCap {
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let total = self.total.saturating_sub(current).saturating_add(desired);
         if total > self.cap {
             self.refused = true;
@@ -188,7 +194,12 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -251,41 +262,43 @@ pub fn run(engine: &Engine, program: &Program, config: RunConfig, control: &std:
         peak: 0,
         refused: false,
     };
-    let result = wasi_builder(config).map_err(wasmtime::Error::msg).and_then(|mut builder| match program {
-        Program::Module(pre) => {
-            let host = P1Host {
-                wasi: builder.build_p1(),
-                cap,
-            };
-            let mut store = Store::new(engine, host);
-            store.limiter(|host| &mut host.cap);
-            arm_epoch(&mut store, control);
-            let result = pre.instantiate(&mut store).and_then(|instance| {
-                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                start.call(&mut store, ())
-            });
-            let cap = &store.data().cap;
-            Ok((result, cap.refused, cap.peak))
-        }
-        Program::Component(pre) => {
-            let host = P2Host {
-                wasi: builder.build(),
-                table: ResourceTable::new(),
-                cap,
-            };
-            let mut store = Store::new(engine, host);
-            store.limiter(|host| &mut host.cap);
-            arm_epoch(&mut store, control);
-            let result = pre.instantiate(&mut store).and_then(|command| {
-                command
-                    .wasi_cli_run()
-                    .call_run(&mut store)?
-                    .map_err(|()| wasmtime::Error::new(I32Exit(1)))
-            });
-            let cap = &store.data().cap;
-            Ok((result, cap.refused, cap.peak))
-        }
-    });
+    let result = wasi_builder(config)
+        .map_err(wasmtime::Error::msg)
+        .and_then(|mut builder| match program {
+            Program::Module(pre) => {
+                let host = P1Host {
+                    wasi: builder.build_p1(),
+                    cap,
+                };
+                let mut store = Store::new(engine, host);
+                store.limiter(|host| &mut host.cap);
+                arm_epoch(&mut store, control);
+                let result = pre.instantiate(&mut store).and_then(|instance| {
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call(&mut store, ())
+                });
+                let cap = &store.data().cap;
+                Ok((result, cap.refused, cap.peak))
+            }
+            Program::Component(pre) => {
+                let host = P2Host {
+                    wasi: builder.build(),
+                    table: ResourceTable::new(),
+                    cap,
+                };
+                let mut store = Store::new(engine, host);
+                store.limiter(|host| &mut host.cap);
+                arm_epoch(&mut store, control);
+                let result = pre.instantiate(&mut store).and_then(|command| {
+                    command
+                        .wasi_cli_run()
+                        .call_run(&mut store)?
+                        .map_err(|()| wasmtime::Error::new(I32Exit(1)))
+                });
+                let cap = &store.data().cap;
+                Ok((result, cap.refused, cap.peak))
+            }
+        });
     let (result, growth_refused, peak) = match result {
         Ok(triple) => triple,
         Err(e) => (Err(e), false, 0),
@@ -302,7 +315,11 @@ pub fn run(engine: &Engine, program: &Program, config: RunConfig, control: &std:
                         } else {
                             ""
                         };
-                        let _ = writeln!(stderr, "tartarus: the Wasm program trapped: {}{why}", one_line(&e));
+                        let _ = writeln!(
+                            stderr,
+                            "tartarus: the Wasm program trapped: {}{why}",
+                            one_line(&e)
+                        );
                     }
                 }
                 (TRAP_EXIT_CODE, true)

@@ -88,8 +88,8 @@ impl WasmSandbox {
         }
         let id =
             tartarus_hostsys::random_hex(6).map_err(host_err("reading random bytes for the sandbox id"))?;
-        let event = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| PrepareError::Host {
+        let event =
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| PrepareError::Host {
                 what: "creating the sandbox's eventfd",
                 source: e.into(),
             })?;
