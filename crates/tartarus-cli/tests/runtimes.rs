@@ -65,6 +65,9 @@ fn the_server_lists_its_lanes_with_versions() {
         gvisor["detail"].as_str().unwrap().contains("platform"),
         "{gvisor}"
     );
+    let wasm = lane("wasm");
+    assert_eq!(wasm["available"], true, "wasmtime is built in: {wasm}");
+    assert_eq!(wasm["version"], "wasmtime 48.0.8", "{wasm}");
     let (status, _) = call("GET", &format!("{}/v1/runtimes", server.base), None, None);
     assert_eq!(status, 401);
 }
