@@ -1,7 +1,7 @@
 //! The Wasm lane through the `Sandbox` trait against the real engine: the eventfd and `try_wait`, a kill
-//! and a cleanup of a running guest, a guest blocked in a host call given up on in bounded time, and
-//! many sandboxes of one runtime in turn (pool slots are returned). The CLI's tests
-//! (`crates/tartarus-cli/tests/wasm.rs`) cover the programs' side.
+//! and a cleanup of a running guest, a stop reaching a guest blocked reading stdin, a guest blocked
+//! writing given up on in bounded time, and many sandboxes of one runtime in turn (pool slots are
+//! returned). The CLI's tests (`crates/tartarus-cli/tests/wasm.rs`) cover the programs' side.
 #![allow(clippy::unwrap_used)]
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,6 +28,14 @@ const READ_STDIN: &str = r#"(module
   (func (export "_start")
     (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 1))
     (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// Writes 64 KiB to stdout forever (blocking in the host once nobody reads).
+const FLOOD_STDOUT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 0)) (i32.store (i32.const 4) (i32.const 65536))
+    (loop $again (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))) (br $again))))"#;
 
 struct Programs(tempfile::TempDir);
 
@@ -131,7 +139,7 @@ fn test_cleanup_of_a_running_guest_ends_it() {
 }
 
 #[test]
-fn test_a_guest_blocked_reading_an_open_stdin_is_given_up_on_in_bounded_time() {
+fn test_a_stop_reaches_a_guest_blocked_reading_an_open_stdin() {
     let programs = Programs::new();
     let runtime = runtime();
     let (stdin_read, _stdin_write): (OwnedFd, OwnedFd) = rustix::pipe::pipe().unwrap();
@@ -144,6 +152,33 @@ fn test_a_guest_blocked_reading_an_open_stdin_is_given_up_on_in_bounded_time() {
     };
     sandbox.start(stdio).unwrap();
     std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(sandbox.try_wait().unwrap(), None, "still reading");
+    let killed = Instant::now();
+    sandbox.kill(KillReason::Timeout).unwrap();
+    let outcome = sandbox.wait().unwrap();
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert_eq!(outcome.reason, ExitReason::Timeout, "{outcome:?}");
+    sandbox.cleanup().unwrap();
+}
+
+#[test]
+fn test_a_guest_blocked_writing_to_a_full_stdout_is_given_up_on_in_bounded_time() {
+    let programs = Programs::new();
+    let runtime = runtime();
+    let (_stdout_read, stdout_write): (OwnedFd, OwnedFd) = rustix::pipe::pipe().unwrap();
+    let mut sandbox = runtime
+        .prepare(spec(&programs.write("flood.wasm", FLOOD_STDOUT)))
+        .unwrap();
+    let stdio = StdioFds {
+        stdout: stdout_write.as_fd(),
+        ..StdioFds::inherit()
+    };
+    sandbox.start(stdio).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let killed = Instant::now();
     sandbox.kill(KillReason::Timeout).unwrap();
     let outcome = sandbox.wait().unwrap();

@@ -262,46 +262,9 @@ pub fn run(engine: &Engine, program: &Program, config: RunConfig, control: &std:
         peak: 0,
         refused: false,
     };
-    let result = wasi_builder(config)
-        .map_err(wasmtime::Error::msg)
-        .and_then(|mut builder| match program {
-            Program::Module(pre) => {
-                let host = P1Host {
-                    wasi: builder.build_p1(),
-                    cap,
-                };
-                let mut store = Store::new(engine, host);
-                store.limiter(|host| &mut host.cap);
-                arm_epoch(&mut store, control);
-                let result = pre.instantiate(&mut store).and_then(|instance| {
-                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                    start.call(&mut store, ())
-                });
-                let cap = &store.data().cap;
-                Ok((result, cap.refused, cap.peak))
-            }
-            Program::Component(pre) => {
-                let host = P2Host {
-                    wasi: builder.build(),
-                    table: ResourceTable::new(),
-                    cap,
-                };
-                let mut store = Store::new(engine, host);
-                store.limiter(|host| &mut host.cap);
-                arm_epoch(&mut store, control);
-                let result = pre.instantiate(&mut store).and_then(|command| {
-                    command
-                        .wasi_cli_run()
-                        .call_run(&mut store)?
-                        .map_err(|()| wasmtime::Error::new(I32Exit(1)))
-                });
-                let cap = &store.data().cap;
-                Ok((result, cap.refused, cap.peak))
-            }
-        });
-    let (result, growth_refused, peak) = match result {
-        Ok(triple) => triple,
-        Err(e) => (Err(e), false, 0),
+    let (result, growth_refused, peak) = match wasi_builder(config) {
+        Ok(builder) => call_entry(engine, program, builder, cap, control),
+        Err(why) => (Err(wasmtime::Error::msg(why)), false, 0),
     };
     let (exit_code, trapped) = match result {
         Ok(()) => (0, false),
@@ -333,6 +296,52 @@ pub fn run(engine: &Engine, program: &Program, config: RunConfig, control: &std:
         peak_memory_bytes: peak as u64,
         cpu: thread_cpu().saturating_sub(started_cpu),
     });
+}
+
+/// Instantiates `program` in a store of its own and calls its entry (`_start`, `wasi:cli/run`): the
+/// result, whether a growth was refused, and the peak of its memories.
+fn call_entry(
+    engine: &Engine,
+    program: &Program,
+    mut builder: WasiCtxBuilder,
+    cap: MemoryCap,
+    control: &std::sync::Arc<Control>,
+) -> (wasmtime::Result<()>, bool, usize) {
+    match program {
+        Program::Module(pre) => {
+            let host = P1Host {
+                wasi: builder.build_p1(),
+                cap,
+            };
+            let mut store = Store::new(engine, host);
+            store.limiter(|host| &mut host.cap);
+            arm_epoch(&mut store, control);
+            let result = pre.instantiate(&mut store).and_then(|instance| {
+                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                start.call(&mut store, ())
+            });
+            let cap = &store.data().cap;
+            (result, cap.refused, cap.peak)
+        }
+        Program::Component(pre) => {
+            let host = P2Host {
+                wasi: builder.build(),
+                table: ResourceTable::new(),
+                cap,
+            };
+            let mut store = Store::new(engine, host);
+            store.limiter(|host| &mut host.cap);
+            arm_epoch(&mut store, control);
+            let result = pre.instantiate(&mut store).and_then(|command| {
+                command
+                    .wasi_cli_run()
+                    .call_run(&mut store)?
+                    .map_err(|()| wasmtime::Error::new(I32Exit(1)))
+            });
+            let cap = &store.data().cap;
+            (result, cap.refused, cap.peak)
+        }
+    }
 }
 
 /// The guest checks the epoch at function entries and loop heads: each tick extends its deadline by one,

@@ -12,12 +12,13 @@
 //! check); the end is signalled on an eventfd. The memory limit caps the guest's linear memories (a
 //! growth past it is refused; a run that then fails ends with reason `oom`).
 //!
-//! Modules: [`guest`] the program and one run of it; [`scratch`] the scratch directory; `sandbox` one
-//! sandbox's lifecycle (docs/wasm.md).
+//! Modules: [`guest`] the program and one run of it; [`scratch`] the scratch directory; `stdin` the pump
+//! that lets a stop reach a guest reading stdin; `sandbox` one sandbox's lifecycle (docs/wasm.md).
 
 pub mod guest;
 mod sandbox;
 pub mod scratch;
+mod stdin;
 
 use std::path::PathBuf;
 

@@ -3,9 +3,10 @@
 //!
 //! The ticker advances the engine's epoch every [`TICK`] while the guest runs, asks for the stop when the
 //! timeout is reached, and signals the eventfd when a stopped guest has not ended within
-//! [`ABANDON_AFTER`] (it is blocked in a host call, e.g. reading a stdin that stays open): the sandbox
-//! then reports the stop as its outcome and leaves the thread behind, holding only its own copies of the
-//! stdio descriptors and the scratch preopen until that call returns.
+//! [`ABANDON_AFTER`] (it is blocked in a host call, e.g. writing to a stdout nobody reads; stdin comes
+//! through a pump that closes it at a stop, so a read ends): the sandbox then reports the stop as its
+//! outcome and leaves the thread behind, holding only its own copies of the stdio descriptors and the
+//! scratch preopen until that call returns.
 
 use std::fs::File;
 use std::io;
@@ -19,7 +20,7 @@ use rustix::event::{eventfd, EventfdFlags, PollFd, PollFlags};
 
 use super::guest::{self, Control, GuestEnd, NotAProgram, Program, RunConfig};
 use super::scratch::Scratch;
-use super::WasmRuntime;
+use super::{stdin, WasmRuntime};
 use crate::capabilities::Unsupported;
 use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
@@ -59,6 +60,7 @@ struct Running {
     control: Arc<Control>,
     guest: Option<JoinHandle<()>>,
     ticker: Option<JoinHandle<()>>,
+    stdin_pump: Option<JoinHandle<()>>,
     started: Instant,
 }
 
@@ -166,6 +168,17 @@ impl WasmSandbox {
         if let Some(ticker) = running.ticker.take() {
             let _ = ticker.join();
         }
+        // The pump sees the end (or the stop) within its check interval; one blocked in a read that
+        // another reader of the caller's stdin raced it to is left to end with that read.
+        if let Some(pump) = running.stdin_pump.take() {
+            let deadline = Instant::now() + 4 * TICK + Duration::from_millis(200);
+            while !pump.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if pump.is_finished() {
+                let _ = pump.join();
+            }
+        }
         self.state = SandboxState::Finished;
         self.outcome = Some(outcome);
         outcome
@@ -259,12 +272,22 @@ impl Sandbox for WasmSandbox {
             )
         }));
         self.scratch = Some(scratch);
+        let control = Arc::new(Control::default());
+        let stdin_source = rustix::io::fcntl_dupfd_cloexec(stdio.stdin, 3).map_err(|e| StartError::Host {
+            what: "copying the sandbox's stdin",
+            source: e.into(),
+        })?;
+        let (guest_stdin, stdin_pump) =
+            stdin::pump(stdin_source, control.clone()).map_err(|source| StartError::Host {
+                what: "starting the guest's stdin pump",
+                source,
+            })?;
         let config = RunConfig {
             args: self.spec.command.clone(),
             env: self.spec.env.clone(),
             preopens,
             memory_cap_bytes: self.memory_cap_bytes,
-            stdin: dup_file(stdio.stdin, "copying the sandbox's stdin")?,
+            stdin: guest_stdin,
             stdout: dup_file(stdio.stdout, "copying the sandbox's stdout")?,
             stderr: dup_file(stdio.stderr, "copying the sandbox's stderr")?,
         };
@@ -272,7 +295,6 @@ impl Sandbox for WasmSandbox {
             what: "copying the sandbox's eventfd",
             source: e.into(),
         })?;
-        let control = Arc::new(Control::default());
         let started = Instant::now();
         let engine = self.engine.clone();
         let guest_control = control.clone();
@@ -313,6 +335,7 @@ impl Sandbox for WasmSandbox {
             control,
             guest: Some(guest),
             ticker: Some(ticker),
+            stdin_pump: Some(stdin_pump),
             started,
         });
         self.state = SandboxState::Running;
