@@ -552,7 +552,7 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
             .to_string()
     };
     assert!(
-        line_of("walled").contains(" process,gvisor,microvm "),
+        line_of("walled").contains(" process,gvisor,microvm,wasm "),
         "{listing}"
     );
     assert!(!line_of("plain").contains("gvisor"), "{listing}");

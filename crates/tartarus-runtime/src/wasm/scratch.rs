@@ -25,8 +25,10 @@ pub enum Scratch {
 }
 
 impl Scratch {
-    /// A size-bounded tmpfs when this process may mount one, else a directory `parent/name`.
+    /// A size-bounded tmpfs when this process may mount one, else a directory `parent/name` (`name` starts
+    /// with the supervisor's pid: directories of supervisors that died are removed first).
     pub fn create(parent: &Path, name: &str, bytes: u64) -> io::Result<Scratch> {
+        collect_garbage(parent);
         if rustix::process::geteuid().is_root() {
             if let Ok(mount) = detached_tmpfs(bytes) {
                 return Ok(Scratch::Tmpfs { mount, bytes });
@@ -76,6 +78,24 @@ impl Drop for Scratch {
     }
 }
 
+/// Removes the scratch directories under `parent` whose supervisor (the pid their name starts with) is
+/// gone; returns what it removed.
+pub fn collect_garbage(parent: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let owner = name
+            .to_str()
+            .and_then(|n| n.split('-').next()?.parse::<i32>().ok());
+        if owner.is_some_and(|pid| !tartarus_hostsys::process_exists(pid))
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed.push(entry.path());
+        }
+    }
+    removed
+}
+
 /// A tmpfs of `bytes`, mode 1777 like a `/tmp`, not attached anywhere.
 fn detached_tmpfs(bytes: u64) -> io::Result<OwnedFd> {
     let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
@@ -105,6 +125,12 @@ mod tests {
         assert_eq!(std::fs::read(&file).expect("read"), b"hi");
         scratch.remove().expect("remove");
         assert!(!parent.path().join("s1").exists());
+        let mine = parent.path().join(format!("{}-live", std::process::id()));
+        let dead = parent.path().join("4194305-dead"); // above the largest pid_max
+        std::fs::create_dir_all(mine.join("x")).expect("mine");
+        std::fs::create_dir_all(dead.join("x")).expect("dead");
+        assert_eq!(collect_garbage(parent.path()), vec![dead]);
+        assert!(mine.exists(), "a live supervisor's directory stays");
         if rustix::process::geteuid().is_root() {
             assert_eq!(scratch.bound(), Some(1 << 20), "root gets a bounded tmpfs");
             let big = vec![0u8; 2 << 20];
