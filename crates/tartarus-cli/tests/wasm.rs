@@ -295,6 +295,14 @@ fn components_run_under_wasi_preview_2() {
     let ok = lane.program("ok.component.wasm", &programs::component("ok"));
     let out = lane.run(&["--json"], &ok, &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let hello = lane.program("hello.component.wasm", &programs::component_hello());
+    let out = lane.run(&[], &hello, &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "hello from p2\n",
+        "wasi:cli/stdout is the sandbox's stdout"
+    );
     let err = lane.program("err.component.wasm", &programs::component("err"));
     let out = lane.run(&["--json"], &err, &[]);
     let (exit_code, reason, record) = record_of(&out);

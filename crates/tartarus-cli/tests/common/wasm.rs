@@ -234,3 +234,55 @@ pub fn component(behaviour: &str) -> Vec<u8> {
     ))
     .expect("valid component WAT")
 }
+
+/// A preview 2 component that writes `hello from p2` to `wasi:cli/stdout` and returns ok.
+pub fn component_hello() -> Vec<u8> {
+    wat::parse_str(
+        r#"(component
+          (import "wasi:io/error@0.2.0" (instance $io_error (export "error" (type (sub resource)))))
+          (alias export $io_error "error" (type $error))
+          (import "wasi:io/streams@0.2.0" (instance $streams
+            (alias outer 1 $error (type $error))
+            (export "error" (type $error_export (eq $error)))
+            (export "output-stream" (type $stream (sub resource)))
+            (type $own_error (own $error_export))
+            (type $stream_error (variant (case "last-operation-failed" $own_error) (case "closed")))
+            (export "stream-error" (type $stream_error_export (eq $stream_error)))
+            (type $borrow_stream (borrow $stream))
+            (type $bytes (list u8))
+            (type $write_result (result (error $stream_error_export)))
+            (export "[method]output-stream.blocking-write-and-flush"
+              (func (param "self" $borrow_stream) (param "contents" $bytes) (result $write_result)))))
+          (alias export $streams "output-stream" (type $output_stream))
+          (import "wasi:cli/stdout@0.2.0" (instance $stdout
+            (alias outer 1 $output_stream (type $output_stream))
+            (export "output-stream" (type $stream (eq $output_stream)))
+            (type $own_stream (own $stream))
+            (export "get-stdout" (func (result $own_stream)))))
+          (core module $memory_module (memory (export "memory") 1))
+          (core instance $memory_instance (instantiate $memory_module))
+          (alias core export $memory_instance "memory" (core memory $memory))
+          (alias export $stdout "get-stdout" (func $get_stdout))
+          (alias export $streams "[method]output-stream.blocking-write-and-flush" (func $write))
+          (core func $get_stdout_lowered (canon lower (func $get_stdout)))
+          (core func $write_lowered (canon lower (func $write) (memory $memory)))
+          (core instance $host
+            (export "get-stdout" (func $get_stdout_lowered))
+            (export "write" (func $write_lowered)))
+          (core instance $env (export "memory" (memory $memory)))
+          (core module $main
+            (import "env" "memory" (memory 1))
+            (import "host" "get-stdout" (func $get_stdout (result i32)))
+            (import "host" "write" (func $write (param i32 i32 i32 i32)))
+            (data (i32.const 16) "hello from p2\n")
+            (func (export "run") (result i32)
+              (call $write (call $get_stdout) (i32.const 16) (i32.const 14) (i32.const 64))
+              (i32.load8_u (i32.const 64))))
+          (core instance $main_instance (instantiate $main
+            (with "env" (instance $env)) (with "host" (instance $host))))
+          (func $run (result (result)) (canon lift (core func $main_instance "run")))
+          (instance $run_instance (export "run" (func $run)))
+          (export "wasi:cli/run@0.2.0" (instance $run_instance)))"#,
+    )
+    .expect("valid component WAT")
+}
