@@ -202,6 +202,44 @@ fn growth_past_the_memory_limit_is_refused_and_the_failure_is_an_oom() {
 }
 
 #[test]
+fn an_initial_memory_past_the_limit_is_an_oom_before_the_program_runs() {
+    let lane = Lane::new();
+    // 2000 pages: 125 MiB.
+    let big = wat::parse_str(r#"(module (memory (export "memory") 2000) (func (export "_start")))"#).unwrap();
+    let big = lane.program("big-memory.wasm", &big);
+    let out = lane.run(&["--json", "--memory", "64M"], &big, &[]);
+    let (exit_code, reason, record) = record_of(&out);
+    assert_eq!((exit_code, reason), (125, "oom"), "{record}");
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("tartarus: the Wasm program cannot be instantiated: ")
+            && err.contains("(after a memory growth past the sandbox's memory limit was refused)"),
+        "{err}"
+    );
+    // The same program under a larger limit runs.
+    assert_eq!(code(&lane.run(&["--memory", "256M"], &big, &[])), 0);
+}
+
+#[test]
+fn a_trap_is_exit_code_134_with_one_line_on_stderr() {
+    let lane = Lane::new();
+    let program = lane.program(
+        "trap.wasm",
+        &programs::p1(r#"(func (export "_start") unreachable)"#),
+    );
+    let out = lane.run(&["--json"], &program, &[]);
+    let (exit_code, reason, record) = record_of(&out);
+    assert_eq!((exit_code, reason), (134, "exited"), "{record}");
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(
+            "tartarus: the Wasm program trapped: wasm trap: wasm `unreachable` instruction executed\n"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_refused_growth_the_program_survives_is_not_an_oom() {
     let lane = Lane::new();
     let within = lane.program("grow8.wasm", &programs::grow_once(8));

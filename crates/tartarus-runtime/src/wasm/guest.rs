@@ -4,7 +4,9 @@
 //!
 //! A run ends with the program's own exit code (`proc_exit`, `wasi:cli/exit`, or 0 when `_start` or
 //! `run` returns), or with a trap: then one line `tartarus: …` goes to the guest's stderr and the exit
-//! code is [`TRAP_EXIT_CODE`]. A stop asked for through [`Control`] traps at the guest's next epoch check.
+//! code is [`TRAP_EXIT_CODE`]; a program that cannot be instantiated (the pool is full, its initial memory
+//! is past the limit) gets one line too and [`INSTANTIATE_EXIT_CODE`]. A stop asked for through
+//! [`Control`] traps at the guest's next epoch check.
 
 use std::fs::File;
 use std::io::Write;
@@ -23,6 +25,17 @@ use crate::sandbox::KillReason;
 
 /// The exit code of a run that trapped: 128 + SIGABRT, as wasmtime's own CLI reports a trap.
 pub const TRAP_EXIT_CODE: i32 = 134;
+/// The exit code of a program that could not be instantiated (the pool is full, its initial memory is
+/// past the limit): the shell's 125 for a failure before the command ran.
+pub const INSTANTIATE_EXIT_CODE: i32 = 125;
+
+/// How a run that did not end by itself failed.
+enum Failure {
+    /// Before the entry was called: the WASI context or the instantiation.
+    Instantiate(wasmtime::Error),
+    /// The entry's own error: an exit code (`I32Exit`) or a trap.
+    Run(wasmtime::Error),
+}
 
 /// A compiled program, its imports resolved against WASI: instantiating it cannot fail for a missing
 /// import.
@@ -264,30 +277,34 @@ pub fn run(engine: &Engine, program: &Program, config: RunConfig, control: &std:
     };
     let (result, growth_refused, peak) = match wasi_builder(config) {
         Ok(builder) => call_entry(engine, program, builder, cap, control),
-        Err(why) => (Err(wasmtime::Error::msg(why)), false, 0),
+        Err(why) => (Err(Failure::Instantiate(wasmtime::Error::msg(why))), false, 0),
+    };
+    let refused_note = match growth_refused {
+        true => " (after a memory growth past the sandbox's memory limit was refused)",
+        false => "",
+    };
+    // A stopped guest's failure is the stop's interruption: no message of its own.
+    let mut report = |line: String| {
+        if let (false, Some(stderr)) = (control.stop_requested(), stderr.as_mut()) {
+            let _ = writeln!(stderr, "{line}{refused_note}");
+        }
     };
     let (exit_code, trapped) = match result {
         Ok(()) => (0, false),
-        Err(e) => match e.downcast_ref::<I32Exit>() {
+        Err(Failure::Run(e)) => match e.downcast_ref::<I32Exit>() {
             Some(I32Exit(code)) => (*code, false),
             None => {
-                if !control.stop_requested() {
-                    if let Some(stderr) = stderr.as_mut() {
-                        let why = if growth_refused {
-                            " (after a memory growth past the sandbox's memory limit was refused)"
-                        } else {
-                            ""
-                        };
-                        let _ = writeln!(
-                            stderr,
-                            "tartarus: the Wasm program trapped: {}{why}",
-                            one_line(&e)
-                        );
-                    }
-                }
+                report(format!("tartarus: the Wasm program trapped: {}", one_line(&e)));
                 (TRAP_EXIT_CODE, true)
             }
         },
+        Err(Failure::Instantiate(e)) => {
+            report(format!(
+                "tartarus: the Wasm program cannot be instantiated: {}",
+                one_line(&e)
+            ));
+            (INSTANTIATE_EXIT_CODE, control.stop_requested())
+        }
     };
     control.finish(GuestEnd {
         exit_code,
@@ -306,7 +323,7 @@ fn call_entry(
     mut builder: WasiCtxBuilder,
     cap: MemoryCap,
     control: &std::sync::Arc<Control>,
-) -> (wasmtime::Result<()>, bool, usize) {
+) -> (Result<(), Failure>, bool, usize) {
     match program {
         Program::Module(pre) => {
             let host = P1Host {
@@ -316,10 +333,11 @@ fn call_entry(
             let mut store = Store::new(engine, host);
             store.limiter(|host| &mut host.cap);
             arm_epoch(&mut store, control);
-            let result = pre.instantiate(&mut store).and_then(|instance| {
-                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                start.call(&mut store, ())
-            });
+            let result = pre
+                .instantiate(&mut store)
+                .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
+                .map_err(Failure::Instantiate)
+                .and_then(|start| start.call(&mut store, ()).map_err(Failure::Run));
             let cap = &store.data().cap;
             (result, cap.refused, cap.peak)
         }
@@ -332,12 +350,17 @@ fn call_entry(
             let mut store = Store::new(engine, host);
             store.limiter(|host| &mut host.cap);
             arm_epoch(&mut store, control);
-            let result = pre.instantiate(&mut store).and_then(|command| {
-                command
-                    .wasi_cli_run()
-                    .call_run(&mut store)?
-                    .map_err(|()| wasmtime::Error::new(I32Exit(1)))
-            });
+            let result = pre
+                .instantiate(&mut store)
+                .map_err(Failure::Instantiate)
+                .and_then(|command| {
+                    match command.wasi_cli_run().call_run(&mut store) {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(())) => Err(wasmtime::Error::new(I32Exit(1))),
+                        Err(e) => Err(e),
+                    }
+                    .map_err(Failure::Run)
+                });
             let cap = &store.data().cap;
             (result, cap.refused, cap.peak)
         }
