@@ -59,8 +59,9 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     network_isolation: false,
 };
 
-/// Sandboxes one supervisor process may run at once: the pooling allocator reserves this many instance
-/// slots (a Wasm component counts as one, its core instances from a larger pool).
+/// Components one supervisor process may run at once: the pooling allocator reserves this many component
+/// slots; core modules take from the larger pools below (a module with a memory takes one of
+/// `POOL_MEMORIES`).
 pub const MAX_SANDBOXES: u32 = 16;
 /// Core instances, memories and tables in the pool (a WASI component has several core instances).
 const POOL_CORE_INSTANCES: u32 = 8 * MAX_SANDBOXES;
