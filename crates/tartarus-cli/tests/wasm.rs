@@ -283,6 +283,40 @@ fn the_scratch_directory_is_bounded_by_the_scratch_size_as_root() {
     assert!(words[1] <= 16, "{words:?}");
 }
 
+/// Without root (here: root dropping to `nobody` with setpriv) the scratch area is a directory under the
+/// state directory, and it is removed at the end.
+#[test]
+fn without_root_the_scratch_area_is_a_directory_removed_afterwards() {
+    use std::os::unix::fs::PermissionsExt;
+    let lane = Lane::new();
+    let program = lane.program("scratch.wasm", &programs::scratch_round_trip());
+    for dir in [lane.state.path(), lane.programs.path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let mut command = match rustix::process::geteuid().is_root() {
+        true => {
+            let mut setpriv = Command::new("setpriv");
+            setpriv.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", bin()]);
+            setpriv
+        }
+        false => Command::new(bin()),
+    };
+    let out = command
+        .args(["run", "--runtime", "wasm"])
+        .arg(&program)
+        .env("TARTARUS_STATE_DIR", lane.state.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out), "hello\n/tmp\n");
+    assert!(
+        lane.state.path().join("wasm").is_dir(),
+        "the scratch area was a directory there"
+    );
+    lane.assert_nothing_left();
+}
+
 #[test]
 fn host_files_are_out_of_reach() {
     let lane = Lane::new();
