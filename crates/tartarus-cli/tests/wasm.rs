@@ -382,6 +382,19 @@ fn components_run_under_wasi_preview_2() {
 }
 
 #[test]
+fn a_component_is_refused_a_tcp_socket() {
+    let lane = Lane::new();
+    let program = lane.program("tcp.component.wasm", &programs::component_tcp_socket_is_denied());
+    let out = lane.run(&[], &program, &[]);
+    assert_eq!(
+        code(&out),
+        0,
+        "create-tcp-socket was not refused with access-denied: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn malformed_or_missing_programs_are_one_line_errors() {
     let lane = Lane::new();
     let cases: [(&str, Vec<u8>, &str); 4] = [

@@ -286,3 +286,55 @@ pub fn component_hello() -> Vec<u8> {
     )
     .expect("valid component WAT")
 }
+
+/// A preview 2 component that asks `wasi:sockets` for a TCP socket: `run` returns ok only when the
+/// request is refused with `access-denied`.
+pub fn component_tcp_socket_is_denied() -> Vec<u8> {
+    wat::parse_str(
+        r#"(component
+          (import "wasi:sockets/network@0.2.0" (instance $network
+            (type $code (enum "unknown" "access-denied" "not-supported" "invalid-argument" "out-of-memory"
+              "timeout" "concurrency-conflict" "not-in-progress" "would-block" "invalid-state"
+              "new-socket-limit" "address-not-bindable" "address-in-use" "remote-unreachable"
+              "connection-refused" "connection-reset" "connection-aborted" "datagram-too-large"
+              "name-unresolvable" "temporary-resolver-failure" "permanent-resolver-failure"))
+            (export "error-code" (type (eq $code)))
+            (type $family (enum "ipv4" "ipv6"))
+            (export "ip-address-family" (type (eq $family)))))
+          (alias export $network "error-code" (type $error_code))
+          (alias export $network "ip-address-family" (type $ip_family))
+          (import "wasi:sockets/tcp@0.2.0" (instance $tcp (export "tcp-socket" (type (sub resource)))))
+          (alias export $tcp "tcp-socket" (type $tcp_socket))
+          (import "wasi:sockets/tcp-create-socket@0.2.0" (instance $create
+            (alias outer 1 $error_code (type $code))
+            (export "error-code" (type $code_export (eq $code)))
+            (alias outer 1 $ip_family (type $family))
+            (export "ip-address-family" (type $family_export (eq $family)))
+            (alias outer 1 $tcp_socket (type $socket))
+            (export "tcp-socket" (type $socket_export (eq $socket)))
+            (type $own_socket (own $socket_export))
+            (type $created (result $own_socket (error $code_export)))
+            (export "create-tcp-socket" (func (param "address-family" $family_export) (result $created)))))
+          (core module $memory_module (memory (export "memory") 1))
+          (core instance $memory_instance (instantiate $memory_module))
+          (alias core export $memory_instance "memory" (core memory $memory))
+          (alias export $create "create-tcp-socket" (func $create_socket))
+          (core func $create_lowered (canon lower (func $create_socket) (memory $memory)))
+          (core instance $host (export "create-tcp-socket" (func $create_lowered)))
+          (core instance $env (export "memory" (memory $memory)))
+          (core module $main
+            (import "env" "memory" (memory 1))
+            (import "host" "create-tcp-socket" (func $create (param i32 i32)))
+            (func (export "run") (result i32)
+              (call $create (i32.const 0) (i32.const 64))
+              ;; ok (0) only for err (1) with access-denied (1)
+              (i32.eqz (i32.and (i32.eq (i32.load8_u (i32.const 64)) (i32.const 1))
+                                (i32.eq (i32.load8_u (i32.const 68)) (i32.const 1))))))
+          (core instance $main_instance (instantiate $main
+            (with "env" (instance $env)) (with "host" (instance $host))))
+          (func $run (result (result)) (canon lift (core func $main_instance "run")))
+          (instance $run_instance (export "run" (func $run)))
+          (export "wasi:cli/run@0.2.0" (instance $run_instance)))"#,
+    )
+    .expect("valid component WAT")
+}
