@@ -119,8 +119,15 @@ pub fn a_terminal_is_clearly_refused(f: &Fixture) {
 }
 
 /// No network at all: host loopback and egress are refused by name; the guest has no socket to use
-/// (WASI preview 1 has none it could open; preview 2's are denied).
+/// (WASI preview 1 has none it could open; preview 2's are denied: a TCP socket is `access-denied`).
 pub fn the_network_is_refused_by_name(f: &Fixture) {
+    let tcp = program(
+        f,
+        "tcp.component.wasm",
+        &programs::component_tcp_socket_is_denied(),
+    );
+    let out = f.run(&[], &[path(&tcp)]);
+    assert_eq!(code(&out), 0, "a TCP socket was not refused: {}", stderr(&out));
     let exit0 = program(f, "exit0.wasm", &programs::exit_with(0));
     for (mode, knob) in [
         ("host-loopback", "host loopback networking"),
