@@ -318,6 +318,33 @@ fn without_root_the_scratch_area_is_a_directory_removed_afterwards() {
 }
 
 #[test]
+fn gc_removes_the_scratch_directories_of_dead_supervisors() {
+    let lane = Lane::new();
+    let dead = lane.state.path().join("wasm/4194305-0123456789ab"); // above the largest pid_max
+    let live = lane
+        .state
+        .path()
+        .join(format!("wasm/{}-0123456789ab", std::process::id()));
+    for dir in [&dead, &live] {
+        std::fs::create_dir_all(dir.join("left")).unwrap();
+    }
+    let gc = Command::new(bin())
+        .arg("gc")
+        .env("TARTARUS_STATE_DIR", lane.state.path())
+        .env("TARTARUS_CGROUP_PARENT", "tartarus-test-wasm-gc")
+        .output()
+        .unwrap();
+    assert_eq!(code(&gc), 0, "{}", stderr(&gc));
+    assert!(
+        stdout(&gc).contains(&format!("removed {}", dead.display())),
+        "{}",
+        stdout(&gc)
+    );
+    assert!(!dead.exists());
+    assert!(live.exists(), "a live supervisor's directory stays");
+}
+
+#[test]
 fn host_files_are_out_of_reach() {
     let lane = Lane::new();
     let program = lane.program("reach.wasm", &programs::reach_for_the_host());

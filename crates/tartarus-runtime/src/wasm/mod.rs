@@ -70,6 +70,16 @@ const POOL_TABLES: u32 = 4 * MAX_SANDBOXES;
 /// The largest linear memory a slot holds: all of a 32-bit memory (the spec's limit caps it lower).
 const POOL_MAX_MEMORY_BYTES: usize = 4 << 30;
 
+/// Where scratch directories go when they cannot be a tmpfs of their own.
+fn scratch_parent() -> PathBuf {
+    default_state_dir().join("wasm")
+}
+
+/// Removes the scratch directories of supervisors that died (`tartarus gc`); opens no engine.
+pub fn collect_garbage() -> Vec<PathBuf> {
+    scratch::collect_garbage(&scratch_parent())
+}
+
 /// The lane cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum WasmError {
@@ -104,7 +114,7 @@ impl WasmRuntime {
         let engine = wasmtime::Engine::new(&config).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
         Ok(WasmRuntime {
             engine,
-            scratch_parent: default_state_dir().join("wasm"),
+            scratch_parent: scratch_parent(),
         })
     }
 
