@@ -378,6 +378,18 @@ fn a_read_only_mount_is_readable_and_not_writable_and_a_writable_one_is_refused(
     let errno: u32 = lines.next().unwrap().parse().unwrap();
     assert_ne!(errno, 0, "creating a file in a read-only mount failed");
     assert!(!shared.path().join("new").exists());
+    for (source, why) in [
+        ("/etc/passwd", "it is not a directory"),
+        ("/nonexistent", "No such file or directory"),
+    ] {
+        let out = lane.run(&["-m", &format!("{source}:/data:ro")], &program, &[]);
+        assert_eq!(code(&out), 125, "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("mount source '{source}' cannot be used")) && err.contains(why),
+            "{err}"
+        );
+    }
     let writable = format!("{}:/data:rw", shared.path().display());
     let out = lane.run(&["-m", &writable], &program, &[]);
     assert_eq!(code(&out), 125);

@@ -79,6 +79,19 @@ impl WasmSandbox {
             }
             .into());
         }
+        for mount in &spec.mounts {
+            let source = match std::fs::metadata(&mount.source) {
+                Ok(meta) if meta.is_dir() => continue,
+                Ok(_) => {
+                    io::Error::other("it is not a directory (a Wasm guest's mount is a preopened directory)")
+                }
+                Err(e) => e,
+            };
+            return Err(PrepareError::MountSource {
+                path: mount.source.display().to_string(),
+                source,
+            });
+        }
         if let Some(workdir) = &spec.workdir {
             if normalize_sandbox_path(workdir) != std::path::Path::new(SCRATCH_GUEST_PATH) {
                 return Err(Unsupported {
