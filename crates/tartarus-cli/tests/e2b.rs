@@ -266,6 +266,50 @@ fn set_timeout_and_auto_pause_act_at_the_deadline() {
     assert_eq!(state(&paused).1["state"], "running");
 }
 
+/// The code interpreter's suite kills a sandbox from one thread while another request is in flight, then
+/// kills it again: kills that race each other all succeed, and once it is gone a kill is E2B's 404.
+#[test]
+fn kills_that_race_each_other_all_succeed_and_a_later_kill_is_not_found() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let alice = sdk_key(&new_key(dir.path(), "alice", "user"));
+    let as_alice = [("X-API-Key", alice.as_str())];
+    for round in 0..3 {
+        let (status, created, _) = e2b(
+            &server,
+            "POST",
+            "/sandboxes",
+            &as_alice,
+            Some(json!({"templateID": "base", "timeout": 120})),
+        );
+        assert_eq!(status, 201, "{created}");
+        let id = created["sandboxID"].as_str().unwrap().to_string();
+        let path = format!("/sandboxes/{id}");
+        let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+            let kills: Vec<_> = (0..6)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let (status, body, _) = e2b(&server, "DELETE", &path, &as_alice, None);
+                        (status, body)
+                    })
+                })
+                .collect();
+            kills.into_iter().map(|k| k.join().unwrap()).collect()
+        });
+        for (status, body) in &answers {
+            assert!(
+                *status == 204 || *status == 404,
+                "round {round}: a racing kill answered {status}: {body}"
+            );
+        }
+        assert!(
+            answers.iter().any(|(status, _)| *status == 204),
+            "round {round}: {answers:?}"
+        );
+        assert_eq!(e2b(&server, "DELETE", &path, &as_alice, None).0, 404);
+    }
+}
+
 #[test]
 fn sandbox_host_names_route_to_the_sandbox_with_its_token_only() {
     use std::io::{Read, Write};

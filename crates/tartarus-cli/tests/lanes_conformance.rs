@@ -79,13 +79,12 @@ suite! {
     ]
 }
 
-// The microVM lane runs the one-shot, hostile and service checks that apply to a lane on the host root
-// without bind mounts. Each is a TCG boot of seconds here. Its LaneCapabilities refuse a terminal (asserted
-// by `a_terminal_is_given_or_clearly_refused`). Not here, and why: `a_background_grandchild_dies_with_the_
-// sandbox` (it watches the grandchild through a bind mount, which the lane refuses; here every process of
-// a sandbox lives in its VM, and the leak check after each check asserts that no QEMU is left), and
-// `quarantine_denies_its_syscalls_and_narrows_the_writable_paths` (the quarantine class asks for
-// Landlock writable paths, which the lane refuses; auto sends quarantine to gVisor here).
+// The microVM lane runs the one-shot, hostile and service checks that apply to a lane without bind
+// mounts. Each is a TCG boot of seconds here. A terminal is a pty of the guest
+// (`a_terminal_is_given_or_clearly_refused`); quarantine's writable paths are read-only mounts in the
+// guest. Not here, and why: `a_background_grandchild_dies_with_the_sandbox` (it watches the grandchild
+// through a bind mount, which the lane refuses; here every process of a sandbox lives in its VM, and the
+// leak check after each check asserts that no QEMU is left).
 suite! {
     lanes: [microvm];
     checks: [
@@ -121,6 +120,7 @@ suite! {
         service::a_main_commands_exit_timeout_and_oom_are_its_outcome,
         service::a_delete_ends_background_processes_and_leaves_nothing,
         service::a_fork_bomb_in_an_exec_stops_at_the_pids_limit,
+        service::quarantine_denies_its_syscalls_and_narrows_the_writable_paths,
     ]
 }
 

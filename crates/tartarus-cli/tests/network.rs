@@ -786,3 +786,19 @@ fn test_a_gvisor_sandbox_is_held_to_the_same_egress_contract() {
     assert_blocked(&results, &private);
     assert!(record["blocked_packets"].as_u64().unwrap() > 0, "{record}");
 }
+
+#[test]
+fn test_a_microvm_sandbox_is_held_to_the_same_egress_contract() {
+    // The same namespace, veth and rules; the guest's NIC is bridged to the namespace's eth0 through a
+    // TAP, so its packets cross the same port and contract. QEMU itself only holds the TAP's descriptor.
+    let lab = Lab::standard();
+    let (p80, p8080, private) = (target(PUBLIC, 80), target(PUBLIC, 8080), target(PRIVATE, 80));
+    let (results, record) = lab.probe(
+        &["--runtime", "microvm", "--allow-port", "80"],
+        &[&p80, &p8080, &private],
+    );
+    assert_reached(&results, &p80);
+    assert_blocked(&results, &p8080);
+    assert_blocked(&results, &private);
+    assert!(record["blocked_packets"].as_u64().unwrap() > 0, "{record}");
+}

@@ -296,3 +296,51 @@ while True:
     );
     assert_eq!(status, 200, "{body}");
 }
+
+/// The same through a microVM: the guest has no NIC at all (network none); the port is reached over the
+/// agent's channel (an exec of the port connector in the guest), HTTP and a WebSocket both ways, and a
+/// closed port is the same clear 502.
+#[test]
+fn http_and_websocket_reach_an_opted_in_port_of_a_microvm_sandbox() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let alice = new_key(dir.path(), "alice", "user");
+    let sandbox = create(
+        &server,
+        &alice,
+        json!({"cmd": echo_server(8000), "ports": [8000, 8001], "runtime": "microvm"}),
+    );
+    assert_eq!(sandbox["runtime"], "microvm", "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap();
+    wait_listening(&server, &alice, id, 8000);
+    let (status, body) = raw_get(
+        &server,
+        &format!("/v1/sandboxes/{id}/ports/8000/in/the/guest?q=2"),
+        Some(&alice),
+    );
+    assert_eq!(status, 200, "{body}");
+    let host = server.base.trim_start_matches("http://");
+    assert_eq!(body, format!("path=/in/the/guest?q=2 host={host} credentials:"));
+    let (status, body) = raw_get(&server, &format!("/v1/sandboxes/{id}/ports/8001/"), Some(&alice));
+    assert_eq!(status, 502, "{body}");
+
+    let mut stream = TcpStream::connect(host).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        stream,
+        "GET /v1/sandboxes/{id}/ports/8000/ws HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice}\r\n\
+         Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    stream.write_all(b"ping through two walls").unwrap();
+    let mut echoed = [0u8; 22];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping through two walls");
+}

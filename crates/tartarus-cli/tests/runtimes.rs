@@ -381,3 +381,80 @@ fn a_microvm_sandbox_serves_execs_and_files_through_the_api() {
         "{untrusted}"
     );
 }
+
+/// An image from a registry on the microVM lane, as a user would ask for it: its layers become the
+/// guest's root (its env, working directory and user apply, its root is writable), in the guest's own
+/// kernel; a template of that image on the lane works the same; nothing is left at delete.
+#[test]
+fn a_microvm_sandbox_runs_an_image_and_a_template_from_the_registry() {
+    use common::registry::{base_layer, Compression, Format, Image, Registry, RunConfig};
+    let registry = Registry::anonymous();
+    let image = Image::new(vec![base_layer(Compression::Gzip)], RunConfig::default());
+    let reference = registry
+        .push("test/microvm", "1", &image, Format::Oci)
+        .reference(&registry.host());
+    let dir = DataDir::new();
+    let server = Server::start_with(dir.path(), &[], &["--insecure-registry", &registry.host()]);
+    let sandbox = create(
+        &server,
+        &server.admin,
+        json!({"image": reference, "runtime": "microvm"}),
+    );
+    assert_eq!(sandbox["runtime"], "microvm", "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap().to_string();
+    let (status, out) = exec(
+        &server,
+        &server.admin,
+        &id,
+        json!({"cmd": ["sh", "-c", "echo $GREETING; pwd; id -u; grep imguser /etc/passwd | cut -d: -f3; \
+                        echo x > /etc/new && cat /etc/new; uname -r"]}),
+    );
+    assert_eq!(status, 200, "{out}");
+    let stdout = out["stdout"].as_str().unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..5], ["hello", "/work", "0", "1234", "x"], "{out}");
+    assert_ne!(lines[5], host_release(), "the image runs on the guest's kernel");
+
+    let template = json!({
+        "id": "vm-base", "name": "VM base", "base_image": reference,
+        "env": {"TEAM": "data"}, "workdir": "/tmp",
+    });
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/templates", server.base),
+        Some(&server.admin),
+        Some(template),
+    );
+    assert_eq!(status, 201, "{body}");
+    let from_template = create(
+        &server,
+        &server.admin,
+        json!({"template": "vm-base", "runtime": "microvm"}),
+    );
+    assert_eq!(from_template["runtime"], "microvm", "{from_template}");
+    let template_id = from_template["id"].as_str().unwrap().to_string();
+    let (status, out) = exec(
+        &server,
+        &server.admin,
+        &template_id,
+        json!({"cmd": ["sh", "-c", "echo $TEAM $GREETING; pwd; test -e /etc/new || echo fresh-root"]}),
+    );
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["stdout"], "data hello\n/tmp\nfresh-root\n", "{out}");
+
+    for id in [&id, &template_id] {
+        let (status, body) = call(
+            "DELETE",
+            &format!("{}/v1/sandboxes/{id}", server.base),
+            Some(&server.admin),
+            None,
+        );
+        assert!(status == 200 || status == 204, "{status} {body}");
+        wait_for(&server, id, |s| s["state"] != "running");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !vmm_processes(id).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "QEMU outlived its sandbox");
+            std::thread::yield_now();
+        }
+    }
+}

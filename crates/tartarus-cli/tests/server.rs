@@ -698,6 +698,10 @@ fn metrics_follow_sandboxes_and_requests() {
         "{text}"
     );
     assert!(text.contains("node=\""), "{text}");
+    assert!(
+        text.contains("lane=\"process\""),
+        "launches are counted by lane: {text}"
+    );
     call(
         "DELETE",
         &format!("{}/v1/sandboxes/{id}", server.base),
@@ -709,7 +713,7 @@ fn metrics_follow_sandboxes_and_requests() {
     assert_eq!(
         metric_value(
             &text,
-            "tartarus_sandbox_total{template=\"none\",status=\"killed\"}"
+            "tartarus_sandbox_total{template=\"none\",status=\"killed\",lane=\"process\"}"
         ),
         Some(1.0),
         "{text}"

@@ -86,7 +86,7 @@ impl Tools {
         self.run(&self.ip, args, None)
     }
 
-    fn ip_batch(&self, netns: &str, commands: &str) -> Result<String, NetworkError> {
+    pub(crate) fn ip_batch(&self, netns: &str, commands: &str) -> Result<String, NetworkError> {
         self.run(&self.ip, &["-n", netns, "-batch", "-"], Some(commands))
     }
 

@@ -27,6 +27,7 @@
 pub mod cidr;
 mod contract;
 mod host;
+mod tap;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -37,6 +38,7 @@ pub use self::cidr::{Cidr, CidrError, ANYWHERE, METADATA_RANGES, PRIVATE_RANGES}
 use self::contract::{chain_name, SandboxRules, TABLE};
 pub use self::contract::{ContractError, EgressContract};
 use self::host::{Tools, TransactionLock};
+pub use self::tap::{GuestAddress, TAP_NAME};
 
 /// Name of the host bridge every egress sandbox is a port of.
 pub const BRIDGE: &str = "tartarus0";

@@ -175,6 +175,243 @@ fn a_kill_ends_the_vm_with_reason_killed(env: &Env) {
     assert!(!Path::new(&format!("/proc/{vmm}")).exists(), "QEMU was reaped");
 }
 
+/// One field of `/proc/<pid>/status`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// `command` run as QEMU's user `uid` would run it (setpriv, no groups, no capabilities).
+fn as_user(uid: u32, command: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .args(command)
+        .output()
+        .unwrap()
+}
+
+/// A guest that escaped into its QEMU is an unprivileged user of its own, without capabilities, behind
+/// QEMU's seccomp filter, without network, and unable to reach the lane's files or another VM's QEMU.
+fn each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network(env: &Env) {
+    let start = || {
+        let mut sandbox = env
+            .runtime
+            .prepare_sandbox(spec(&["sleep", "60"]))
+            .expect("prepare");
+        sandbox.start(StdioFds::inherit()).expect("start");
+        let pid = sandbox.vmm_pid().expect("QEMU runs");
+        (sandbox, pid)
+    };
+    let (mut first, first_pid) = start();
+    let (mut second, second_pid) = start();
+    let uid_of = |pid: u32| {
+        let uids: Vec<u32> = status_field(pid, "Uid")
+            .split_whitespace()
+            .map(|u| u.parse().unwrap())
+            .collect();
+        assert!(
+            uids.iter().all(|&u| u == uids[0]),
+            "real, effective, saved and fs uids: {uids:?}"
+        );
+        let gids = status_field(pid, "Gid");
+        assert!(
+            gids.split_whitespace().all(|g| g == uids[0].to_string()),
+            "gids {gids}"
+        );
+        uids[0]
+    };
+    let (first_uid, second_uid) = (uid_of(first_pid), uid_of(second_pid));
+    assert_ne!(first_uid, second_uid, "each VM's QEMU has a user of its own");
+    let own_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    for (pid, uid) in [(first_pid, first_uid), (second_pid, second_uid)] {
+        assert!(uid >= 200_000_000, "QEMU runs as uid {uid}");
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(status_field(pid, "Seccomp"), "2", "QEMU's -sandbox filter");
+        assert!(
+            env.runtime.accel().is_kvm() != status_field(pid, "Groups").is_empty(),
+            "no supplementary group but /dev/kvm's under KVM"
+        );
+        let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        assert_ne!(
+            net, own_net,
+            "QEMU has a network namespace of its own, with no interface"
+        );
+    }
+    // As QEMU's user: no signal reaches the other VM's QEMU, and neither the lane's cache (its root disk,
+    // initramfs) nor the VM directories can be opened by path.
+    let signal = as_user(first_uid, &["kill", "-0", &second_pid.to_string()]);
+    assert!(
+        !signal.status.success(),
+        "one QEMU's user signalled another VM's QEMU"
+    );
+    let vms = env.state.join("vms");
+    for path in [vms.as_path(), Path::new("/var/cache/tartarus/microvm")] {
+        let listed = as_user(first_uid, &["ls", &path.to_string_lossy()]);
+        assert!(
+            !listed.status.success(),
+            "QEMU's user could list {}",
+            path.display()
+        );
+    }
+    for sandbox in [&mut first, &mut second] {
+        sandbox.kill(KillReason::Requested).expect("kill");
+        sandbox.wait().expect("ends");
+        sandbox.cleanup().expect("cleanup");
+    }
+}
+
+/// Two image layers as the image store leaves them (ids shifted by the process lane's base, an overlay
+/// whiteout as a 0:0 character device, an opaque directory marked `user.overlay.opaque`): busybox, an
+/// os-release, a file the top layer deletes, a directory it replaces, a file owned by the image's uid 1000.
+fn image_layers(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let base = tartarus_runtime::process::PRIVILEGED_HOST_ID_BASE;
+    let (bottom, top) = (dir.join("bottom"), dir.join("top"));
+    for d in ["bin", "etc", "old", "srv"] {
+        std::fs::create_dir_all(bottom.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", bottom.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bottom.join("bin/sh")).unwrap();
+    std::fs::write(bottom.join("etc/os-release"), "ID=tartarus-layers\n").unwrap();
+    std::fs::write(bottom.join("deleted.txt"), "from the bottom layer\n").unwrap();
+    std::fs::write(bottom.join("old/bottom.txt"), "hidden by the opaque directory\n").unwrap();
+    std::fs::write(bottom.join("srv/data"), "the image user's\n").unwrap();
+    std::fs::create_dir_all(top.join("old")).unwrap();
+    std::fs::write(top.join("old/top.txt"), "top\n").unwrap();
+    let whiteout = std::ffi::CString::new(top.join("deleted.txt").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mknod of a 0:0 character device is overlayfs's whiteout.
+    let made = unsafe { libc::mknod(whiteout.as_ptr(), libc::S_IFCHR, 0) };
+    assert_eq!(made, 0);
+    let opaque = std::ffi::CString::new(top.join("old").as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated name, path and value of the given length.
+    let set = unsafe {
+        libc::setxattr(
+            opaque.as_ptr(),
+            c"user.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    for layer in [&bottom, &top] {
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "-h", &format!("{base}:{base}")])
+            .arg(layer)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+    }
+    std::os::unix::fs::chown(bottom.join("srv/data"), Some(base + 1000), Some(base + 1000)).unwrap();
+    vec![bottom, top]
+}
+
+/// An image's layers become one cached erofs disk, merged as overlayfs would (whiteouts and opaque
+/// directories), with the image's own owners: the sandbox user writes what the image's uid 1000 owns
+/// and not root's `/`, and every write vanishes with the VM.
+fn an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish(env: &Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let layers = image_layers(dir.path());
+    let image_spec = |command: &str| {
+        let mut spec = spec(&["/bin/sh", "-c", command]);
+        spec.root = tartarus_runtime::RootSpec::Layers(layers.clone());
+        spec
+    };
+    let disks = || -> Vec<(PathBuf, u64)> {
+        std::fs::read_dir("/var/cache/tartarus/microvm")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("image-") && name.ends_with(".erofs")
+            })
+            .map(|e| {
+                use std::os::unix::fs::MetadataExt;
+                (e.path(), e.metadata().unwrap().ino())
+            })
+            .collect()
+    };
+    let before = disks();
+    let ran = run_with(
+        env,
+        image_spec(
+            "cat /etc/os-release; ls /old; test -e /deleted.txt && echo deleted-file-seen; \
+             stat -c 'data %u' /srv/data; stat -c 'busybox %u' /bin/busybox; \
+             (echo written > /new.txt) 2>/dev/null || echo root-dir-not-writable; \
+             echo mine >> /srv/data && echo appended; id -u; \
+             test -e /usr/bin/python3 && echo host-usr-seen; true",
+        ),
+        b"",
+    )
+    .expect("runs");
+    assert_eq!(ran.outcome.termination.exit_code(), 0, "{}", ran.stderr);
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "ID=tartarus-layers",
+            "top.txt",
+            "data 1000",
+            "busybox 0",
+            "root-dir-not-writable",
+            "appended",
+            "1000"
+        ],
+        "stderr: {}",
+        ran.stderr
+    );
+    let built: Vec<(PathBuf, u64)> = disks().into_iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(built.len(), 1, "one disk for the image: {built:?}");
+    let again = run_with(env, image_spec("grep -q mine /srv/data"), b"").expect("runs");
+    assert_eq!(
+        again.outcome.termination.exit_code(),
+        1,
+        "the last VM's write is gone"
+    );
+    let after: Vec<(PathBuf, u64)> = disks().into_iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(after, built, "the image's disk is built once and reused");
+    // A policy's narrower writable paths: /tmp only; the image's root and the home are read-only then.
+    let mut narrowed = image_spec(
+        "echo mine >> /srv/data 2>/dev/null; echo srv=$?; touch /tmp/x; echo tmp=$?; \
+         touch $HOME/x 2>/dev/null; echo home=$?",
+    );
+    narrowed.writable_paths = vec!["/tmp".into()];
+    let ran = run_with(env, narrowed, b"").expect("runs");
+    assert_eq!(ran.stdout, "srv=1\ntmp=0\nhome=1\n", "{}", ran.stderr);
+    // This test's layers are gone with its temporary directory: so goes their disk.
+    std::fs::remove_file(&built[0].0).unwrap();
+}
+
+/// A terminal for the command: a pty of the guest as its stdin, stdout and stderr (whatever the
+/// caller's are), its output back as stdout, and the caller's end of input as the terminal's end of file.
+fn a_terminal_is_a_pty_of_the_guest(env: &Env) {
+    let mut s = spec(&[
+        "/bin/sh",
+        "-c",
+        "test -t 0 && test -t 1 && test -t 2 && tty; stty -echo; read l; echo got:$l; cat; echo eof-seen",
+    ]);
+    s.tty = true;
+    let ran = run_with(env, s, b"hi\n").expect("runs");
+    assert_eq!(ran.outcome.termination.exit_code(), 0, "{}", ran.stderr);
+    assert!(ran.stdout.contains("/dev/pts/"), "{:?}", ran.stdout);
+    assert!(ran.stdout.contains("got:hi"), "{:?}", ran.stdout);
+    assert!(ran.stdout.contains("eof-seen"), "{:?}", ran.stdout);
+    assert_eq!(ran.stderr, "", "a terminal has one output");
+}
+
 fn a_missing_command_is_127_and_leaves_nothing(env: &Env) {
     let err = match run_with(env, spec(&["no-such-command"]), b"") {
         Err(e) => e,
@@ -186,9 +423,12 @@ fn a_missing_command_is_127_and_leaves_nothing(env: &Env) {
 
 fn what_the_lane_cannot_honour_is_refused_in_one_line(env: &Env) {
     let mut s = spec(&["/bin/true"]);
-    s.tty = true;
+    s.root = tartarus_runtime::RootSpec::Directory("/srv".into());
     let err = env.runtime.prepare(s).err().expect("refused");
-    assert_eq!(err.to_string(), "the microvm lane cannot honour a terminal (tty)");
+    assert_eq!(
+        err.to_string(),
+        "the microvm lane cannot honour a directory root (root: directory)"
+    );
     let mut s = spec(&[]);
     s.network = tartarus_runtime::NetworkMode::HostLoopback;
     let err = env.runtime.prepare_service(s).err().expect("refused");
@@ -287,6 +527,77 @@ fn file_op(sandbox: &mut dyn ServiceSandbox, op: FileOp, input: &[u8]) -> (Resul
         tartarus_runtime::files::decode_outcome(termination, &stderr),
         stdout.join().unwrap(),
     )
+}
+
+/// An echo service inside the guest, on its loopback only, reached through `connect_port`: several
+/// connections in turn, 2 MiB each way through the channel's flow control, a refused port, and no exec
+/// of the connector left for the caller to collect.
+fn a_port_inside_the_guest_is_reached_through_connect_port(env: &Env) {
+    use std::io::BufRead;
+    let mut sandbox = service_sandbox(env, spec(&[]));
+    let sandbox = sandbox.as_mut();
+    let echo = "import socket\n\
+                s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                s.bind(('127.0.0.1', 8123)); s.listen(8); print('listening', flush=True)\n\
+                while True:\n\
+                \x20   c, _ = s.accept()\n\
+                \x20   while (d := c.recv(65536)): c.sendall(d)\n\
+                \x20   c.close()\n";
+    let (server, stdout, _stderr) =
+        start_exec(sandbox, &["python3", "-c", echo], b"").expect("server starts");
+    let mut line = String::new();
+    std::io::BufReader::new(std::fs::File::from(stdout))
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "listening\n");
+    for round in 0..3 {
+        let fd = sandbox.connect_port(8123).expect("connects");
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        let payload: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8 ^ round).collect();
+        let mut writer = stream.try_clone().unwrap();
+        let sent = payload.clone();
+        let writing = std::thread::spawn(move || {
+            writer.write_all(&sent).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut echoed = Vec::new();
+        (&stream).read_to_end(&mut echoed).unwrap();
+        writing.join().unwrap();
+        assert!(
+            echoed == payload,
+            "round {round}: {} of {} bytes came back",
+            echoed.len(),
+            payload.len()
+        );
+    }
+    match sandbox.connect_port(8124) {
+        Err(tartarus_runtime::ServiceError::Connect { port: 8124, source }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused, "{source}");
+        }
+        other => panic!("nothing listens on 8124: {other:?}"),
+    }
+    // The connectors' ends are nobody's to collect: only the server's will be.
+    let events = sandbox
+        .exec_event_fd()
+        .expect("a service sandbox has the descriptor");
+    let mut fds = [rustix::event::PollFd::new(&events, rustix::event::PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        rustix::event::poll(&mut fds, Some(&zero)).unwrap(),
+        0,
+        "an exec end is pending"
+    );
+    sandbox.kill_exec(server).expect("kill the server");
+    sandbox
+        .wait_exec(server, Some(Duration::from_secs(30)))
+        .expect("wait")
+        .expect("the server ended");
+    sandbox.kill(KillReason::Requested).expect("kill");
+    sandbox.wait().expect("ends");
+    sandbox.cleanup().expect("cleanup");
 }
 
 fn service_sandbox(env: &Env, spec: SandboxSpec) -> Box<dyn ServiceSandbox> {
@@ -560,7 +871,8 @@ impl Env {
         lane_config(&self.state, &self.cgroup_parent)
     }
 
-    /// What a case may have left: VM directories, QEMU processes naming them, cgroups under the parent.
+    /// What a case may have left: VM directories, QEMU processes naming them, QEMU users still taken,
+    /// cgroups under the parent.
     fn leaks(&self) -> Vec<String> {
         let vms = self.state.join("vms");
         let mut leaks: Vec<String> = std::fs::read_dir(&vms)
@@ -569,6 +881,13 @@ impl Env {
             .flatten()
             .map(|e| format!("VM directory {}", e.path().display()))
             .collect();
+        leaks.extend(
+            std::fs::read_dir(self.state.join("vmm-users"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| format!("QEMU user {}", e.file_name().to_string_lossy())),
+        );
         let needle = vms.to_string_lossy().into_owned();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
@@ -629,6 +948,18 @@ const CASES: &[(&str, Case)] = &[
         a_missing_command_is_127_and_leaves_nothing,
     ),
     (
+        "a_terminal_is_a_pty_of_the_guest",
+        a_terminal_is_a_pty_of_the_guest,
+    ),
+    (
+        "an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish",
+        an_image_root_is_its_layers_merged_with_their_owners_and_writes_vanish,
+    ),
+    (
+        "each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network",
+        each_qemu_runs_as_its_own_unprivileged_user_behind_seccomp_without_network,
+    ),
+    (
         "a_service_sandbox_serves_execs_and_files_behind_the_same_walls",
         a_service_sandbox_serves_execs_and_files_behind_the_same_walls,
     ),
@@ -639,6 +970,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "an_exec_over_the_memory_limit_is_counted_and_the_sandbox_lives",
         an_exec_over_the_memory_limit_is_counted_and_the_sandbox_lives,
+    ),
+    (
+        "a_port_inside_the_guest_is_reached_through_connect_port",
+        a_port_inside_the_guest_is_reached_through_connect_port,
     ),
 ];
 

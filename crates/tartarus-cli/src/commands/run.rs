@@ -381,6 +381,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     let started = Instant::now();
     let mut interrupted: Option<i32> = None;
+    let mut stdin_open = true;
     let outcome = loop {
         let event_fd = sandbox
             .event_fd()
@@ -394,7 +395,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         ];
         if let Some(pty) = &pty {
             fds.push(PollFd::new(&pty.master, PollFlags::IN));
-            fds.push(PollFd::new(&stdin, PollFlags::IN));
+            if stdin_open {
+                fds.push(PollFd::new(&stdin, PollFlags::IN));
+            }
         }
         let remaining = args.timeout.map(|t| t.saturating_sub(started.elapsed()));
         let ts = remaining.map(|d| rustix::time::Timespec {
@@ -416,9 +419,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             if ready[2] {
                 relay(pty.master.as_fd(), stdout);
             }
-            if ready[3] && !relay(stdin, pty.master.as_fd()) {
-                // Caller's stdin closed: stop watching it by sending EOF (^D) once.
+            if stdin_open && ready[3] && !relay(stdin, pty.master.as_fd()) {
+                // Caller's stdin closed: EOF (^D) once, and stop watching it (an end of file stays
+                // readable, and a ^D per turn would fill the terminal's input until the write blocks).
                 let _ = tartarus_hostsys::write_all(&pty.master, &[4]);
+                stdin_open = false;
             }
         }
         if ready[1] {

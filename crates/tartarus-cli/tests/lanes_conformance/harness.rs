@@ -44,7 +44,7 @@ impl Lane {
 
     /// Whether the lane honours a terminal (its `LaneCapabilities::terminal`).
     pub fn has_terminal(self) -> bool {
-        self == Lane::Process
+        matches!(self, Lane::Process | Lane::Microvm)
     }
 }
 

@@ -24,11 +24,22 @@ pub const FILE_OP_AGENT_PATH: &str = crate::gvisor::agent::AGENT_PATH;
 /// Where the initramfs holds the modules, loaded in the order of their file names.
 pub const MODULES_DIR: &str = "/.tartarus/modules";
 /// Kernel modules the guest needs, by name (dependencies are added from `modules.dep`).
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "erofs"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "erofs",
+    "overlay",
+    "virtio_net",
+];
 /// Bumped when the initramfs layout or the agent's expectations of it change.
-const INITRAMFS_FORMAT: u32 = 2;
+const INITRAMFS_FORMAT: u32 = 3;
 /// Bumped when the root image's contents rules change.
 const ROOT_FORMAT: u32 = 1;
+/// Bumped when the rules of an image's root disk change.
+const IMAGE_FORMAT: u32 = 1;
+/// An image's root disk unused (unmodified) for this long is removed when another is built.
+const IMAGE_DISK_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 /// Trees of the host's `/usr` left out of the root image: documentation, headers, toolchains and SDKs a
 /// sandbox of the host root does not run (relative to `/usr`, as `mkfs.erofs --exclude-regex`).
 pub const ROOT_EXCLUDES: &[&str] = &[
@@ -231,8 +242,13 @@ fn build_once(
         return Ok(false);
     }
     let staged = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result =
-        build(&staged).and_then(|()| std::fs::rename(&staged, path).map_err(io_err("renaming a build")));
+    // World-readable: QEMU, as its own unprivileged user, reopens its descriptor of the file.
+    let result = build(&staged)
+        .and_then(|()| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err("making a build readable"))
+        })
+        .and_then(|()| std::fs::rename(&staged, path).map_err(io_err("renaming a build")));
     if result.is_err() {
         let _ = std::fs::remove_file(&staged);
     }
@@ -288,6 +304,8 @@ fn write_initramfs(out: &Path, agent: &Path, modules: &[PathBuf]) -> Result<(), 
     // The same executable under the file-operation agent's name, which is how it knows its role
     // (`crate::gvisor::agent`): service sandboxes' file operations run it as the sandbox user.
     w(cpio.symlink(&FILE_OP_AGENT_PATH[1..], AGENT_NAME))?;
+    // And under the port connector's (`connect_port`).
+    w(cpio.symlink(&super::agent::connect::CONNECT_PATH[1..], AGENT_NAME))?;
     for (i, module) in modules.iter().enumerate() {
         let bytes = std::fs::read(module).map_err(io_err("reading a kernel module"))?;
         let name = module.file_name().unwrap_or_default().to_string_lossy();
@@ -442,8 +460,197 @@ pub fn root_image(cache: &Path) -> Result<PathBuf, BootError> {
     if !built {
         return Ok(path);
     }
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
     remove_siblings(cache, "usr-", &path, Duration::ZERO);
+    Ok(path)
+}
+
+/// The read-only root disk of an image: an erofs image of its layers (`layers` bottom first, as in
+/// [`crate::RootSpec::Layers`]) merged, built into `cache` unless there, named by the layers' paths and
+/// identities (the image store's layer directories are content-addressed and never change).
+///
+/// The layers are merged by a read-only overlay mounted in a private mount namespace (so no mount
+/// outlives the build, whatever happens to it), and read by `mkfs.erofs` inside a user namespace that
+/// maps the image store's shifted ids back (host `id_base + n` is `n`), so the disk carries the image's
+/// own owners. Bounded in time. A single layer gets an empty layer of ours below it: overlayfs needs
+/// two lower layers when it has no upper one.
+pub fn image_disk(cache: &Path, layers: &[PathBuf], id_base: u32) -> Result<PathBuf, BootError> {
+    let mkfs = which("mkfs.erofs").ok_or(BootError::NoMkfsErofs)?;
+    let mut parts: Vec<Vec<u8>> = vec![
+        IMAGE_FORMAT.to_le_bytes().to_vec(),
+        id_base.to_le_bytes().to_vec(),
+    ];
+    let mut lowers = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let canonical = std::fs::canonicalize(layer).map_err(io_err("reading an image layer"))?;
+        if canonical.to_string_lossy().contains([':', ',']) {
+            return Err(BootError::Build {
+                what: "an image's root disk",
+                message: format!(
+                    "a layer path with ':' or ',' cannot be an overlay layer: {}",
+                    canonical.display()
+                ),
+            });
+        }
+        parts.push(canonical.as_os_str().as_encoded_bytes().to_vec());
+        parts.push(file_identity(&canonical).map_err(io_err("reading an image layer"))?);
+        lowers.push(canonical);
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    let path = cache.join(format!("image-{}.erofs", digest(&refs)));
+    if lowers.is_empty() {
+        return Err(BootError::Build {
+            what: "an image's root disk",
+            message: "an image root needs at least one layer".into(),
+        });
+    }
+    if lowers.len() == 1 {
+        let empty = cache.join("empty-layer");
+        std::fs::create_dir_all(&empty).map_err(io_err("creating an empty layer"))?;
+        lowers.insert(0, empty);
+    }
+    let built = build_once(cache, &path, |staged| {
+        merge_into_erofs(&mkfs, staged, &lowers, id_base)
+    })?;
+    if built {
+        remove_siblings(cache, "image-", &path, IMAGE_DISK_MAX_AGE);
+    }
+    Ok(path)
+}
+
+/// `mkfs.erofs` of the overlay of `lowers` (bottom first) into `out`; see [`image_disk`].
+///
+/// A placeholder process makes a user namespace whose root is host `id_base` (`0 id_base 65536`; its
+/// descriptor keeps the namespace after the placeholder is gone). `mkfs.erofs` is then started by a
+/// child that, as the host's root, unshares a private mount namespace and mounts the layers' read-only
+/// overlay over `/tmp` in it (no host mount to leave behind), then joins the user namespace as its root,
+/// so `mkfs.erofs` reads every file with the image's own owner; it writes `out` through a descriptor it
+/// inherits (`/proc/self/fd/N`), as the cache directory is root's only.
+fn merge_into_erofs(mkfs: &Path, out: &Path, lowers: &[PathBuf], id_base: u32) -> Result<(), BootError> {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let failed = |message: String| BootError::Build {
+        what: "an image's root disk (mkfs.erofs of its layers)",
+        message,
+    };
+    let userns = id_mapped_user_namespace(id_base)
+        .map_err(|e| failed(format!("a user namespace for the build: {e}")))?;
+    let output = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out)
+        .map_err(io_err("creating an image's root disk"))?;
+    // The namespace's root reopens `out` through /proc/self/fd: it owns the file until the build is done.
+    std::os::unix::fs::fchown(&output, Some(id_base), Some(id_base))
+        .map_err(io_err("handing the disk to the build"))?;
+    let lowerdir: Vec<String> = lowers.iter().rev().map(|l| l.display().to_string()).collect();
+    let options = CString::new(format!("lowerdir={},userxattr", lowerdir.join(":")))
+        .map_err(|_| failed("a layer path has a NUL byte".into()))?;
+    let (output_fd, userns_fd) = (output.as_raw_fd(), userns.as_raw_fd());
+    let mut command = Command::new(mkfs);
+    command
+        .args(["--quiet", "-x-1"])
+        .arg(format!("/proc/self/fd/{output_fd}"))
+        .arg("/tmp")
+        .stdin(Stdio::null());
+    let hook = move || -> io::Result<()> {
+        let check = |rc: libc::c_int| match rc {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        };
+        // SAFETY: raw syscalls only between fork and exec (no allocation, no locks); every pointer is to
+        // a NUL-terminated string owned by the closure or a static C string.
+        unsafe {
+            check(libc::fcntl(output_fd, libc::F_SETFD, 0))?;
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            // Over /tmp: mkfs.erofs resolves its source to a path and walks it as the namespace's
+            // root, which may not enter root's own directories (the layers are found before the mount
+            // covers /tmp).
+            check(libc::mount(
+                c"overlay".as_ptr(),
+                c"/tmp".as_ptr(),
+                c"overlay".as_ptr(),
+                libc::MS_RDONLY,
+                options.as_ptr().cast(),
+            ))?;
+            check(libc::setns(userns_fd, libc::CLONE_NEWUSER))?;
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(0, 0, 0))?;
+            check(libc::setresuid(0, 0, 0))?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook is async-signal-safe (raw syscalls only), as pre_exec requires.
+    unsafe {
+        command.pre_exec(hook);
+    }
+    let message = match crate::gvisor::runsc::run_bounded(command, ROOT_BUILD_TIMEOUT) {
+        Ok(run) if run.status.success() => {
+            return std::os::unix::fs::fchown(&output, Some(0), Some(0))
+                .map_err(io_err("taking the disk back"));
+        }
+        Ok(run) => crate::gvisor::runsc::last_line(&run.stderr),
+        Err(e) => crate::error_chain(&e),
+    };
+    Err(failed(message))
+}
+
+/// A user namespace mapping ids 0..65536 to host `id_base`.., as a descriptor (`/proc/<pid>/ns/user`
+/// of a placeholder `sleep` that is killed and reaped before this returns).
+fn id_mapped_user_namespace(id_base: u32) -> io::Result<std::fs::File> {
+    use std::os::unix::process::CommandExt;
+    let mut placeholder = Command::new("sleep");
+    placeholder
+        .arg("30")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: one raw syscall between fork and exec.
+    unsafe {
+        placeholder.pre_exec(|| match libc::unshare(libc::CLONE_NEWUSER) {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        });
+    }
+    let mut child = placeholder.spawn()?;
+    let result = (|| {
+        let map = format!("0 {id_base} 65536\n");
+        std::fs::write(format!("/proc/{}/uid_map", child.id()), &map)?;
+        std::fs::write(format!("/proc/{}/gid_map", child.id()), &map)?;
+        std::fs::File::open(format!("/proc/{}/ns/user", child.id()))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// `kernel` if QEMU's unprivileged user can read it, else a world-readable copy of it in `cache` (some
+/// distributions install kernels readable by root only; a kernel image is no secret).
+pub fn world_readable_kernel(cache: &Path, kernel: &Path) -> Result<PathBuf, BootError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(kernel).map_err(io_err("reading the guest kernel"))?;
+    if meta.mode() & 0o004 != 0 {
+        return Ok(kernel.to_path_buf());
+    }
+    let identity = file_identity(kernel).map_err(io_err("reading the guest kernel"))?;
+    let path = cache.join(format!(
+        "kernel-{}",
+        digest(&[kernel.as_os_str().as_encoded_bytes(), &identity])
+    ));
+    build_once(cache, &path, |staged| {
+        std::fs::copy(kernel, staged)
+            .map(drop)
+            .map_err(io_err("copying the guest kernel"))
+    })?;
     Ok(path)
 }
 

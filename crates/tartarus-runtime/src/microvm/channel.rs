@@ -1,10 +1,10 @@
-//! The host's side of the agent channel: accepting QEMU's connection and reading frames during the boot
-//! handshake (bounded by a deadline and by QEMU staying alive). After the handshake the channel belongs to
+//! The host's side of the agent channel (a socket pair whose other end QEMU holds): reading frames during
+//! the boot handshake (bounded by a deadline and by QEMU staying alive). After the handshake the channel belongs to
 //! the exec multiplexer ([`super::mux`]).
 
 use std::io::{self, Read, Write};
 use std::os::fd::BorrowedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
@@ -41,42 +41,16 @@ fn poll_one(fds: &mut [PollFd<'_>], left: Duration) -> io::Result<()> {
     }
 }
 
-/// Accepts QEMU's connection to `listener`, giving up at `deadline` or when `vm` (QEMU's pidfd) ends.
-pub fn accept(
-    listener: &UnixListener,
-    vm: BorrowedFd<'_>,
-    deadline: Instant,
-) -> Result<Channel, HandshakeError> {
-    listener.set_nonblocking(true).map_err(HandshakeError::Io)?;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream.set_nonblocking(false).map_err(HandshakeError::Io)?;
-                return Ok(Channel {
-                    stream,
-                    lines: LineBuffer::default(),
-                    queued: Vec::new(),
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(HandshakeError::Io(e)),
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HandshakeError::TimedOut("QEMU to connect to the agent channel"));
-        }
-        let mut fds = [
-            PollFd::new(listener, PollFlags::IN),
-            PollFd::new(&vm, PollFlags::IN),
-        ];
-        poll_one(&mut fds, left).map_err(HandshakeError::Io)?;
-        if !fds[1].revents().is_empty() {
-            return Err(HandshakeError::VmExited);
+impl Channel {
+    /// The supervisor's end of the socket pair whose other end QEMU holds (blocking).
+    pub fn new(stream: UnixStream) -> Channel {
+        Channel {
+            stream,
+            lines: LineBuffer::default(),
+            queued: Vec::new(),
         }
     }
-}
 
-impl Channel {
     /// Lines read past the last frame returned, for whoever takes the channel over.
     pub fn take_queued(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.queued)

@@ -3,17 +3,18 @@
 //! QEMU's system calls and a guest-kernel bug is behind a second wall (the agent's privilege drop).
 //!
 //! One sandbox: `prepare` finds or builds the cached initramfs and root disk ([`boot`]) and creates the
-//! VM's directory and cgroup; `start` listens on the agent socket, starts QEMU ([`qemu`]) in the cgroup,
+//! VM's directory and cgroup; `start` starts QEMU ([`qemu`]) confined ([`confine`]) in the cgroup,
 //! waits for the agent's `ready` (bounded) and hands the channel to the exec multiplexer ([`mux`]), which
 //! starts the command (one-shot) and, for a service sandbox, every exec and file operation after it,
 //! carrying their stdio until the guest reports each end. QEMU is killed and reaped on every path (end of
 //! the command, timeout, kill, a failed start, drop), then the directory (socket, logs) and the cgroup are
 //! removed.
 //!
-//! This slice runs one-shot and service sandboxes on the host-system root; image roots, bind mounts,
-//! egress networking and a terminal are declared unsupported in [`CAPABILITIES`] (docs/microvm.md).
+//! This slice runs one-shot and service sandboxes on the host-system root or an image's root; directory
+//! roots, bind mounts and host loopback are declared unsupported in [`CAPABILITIES`] (docs/microvm.md).
 //!
-//! Modules: [`qemu`] the driver; [`boot`] kernel, initramfs and root disk; [`protocol`] the channel's
+//! Modules: [`qemu`] the driver; [`confine`] QEMU's own user, namespaces and inherited files; [`boot`]
+//! kernel, initramfs and root disk; [`protocol`] the channel's
 //! frames; [`channel`] accepting QEMU and the boot handshake; [`mux`] the host side of the execs;
 //! `sandbox` one VM's lifecycle; `service` execs and controls of a service sandbox; [`agent`] the guest
 //! side.
@@ -21,6 +22,8 @@
 pub mod agent;
 pub mod boot;
 pub mod channel;
+pub mod confine;
+mod egress;
 pub mod mux;
 pub mod protocol;
 pub mod qemu;
@@ -40,31 +43,35 @@ use crate::sandbox::{PrepareError, Runtime, Sandbox};
 use crate::service::ServiceSandbox;
 use crate::spec::SandboxSpec;
 
-/// What the microVM lane honours in this slice: one-shot and service sandboxes on the host-system root,
-/// with memory (guest RAM and the guest's cgroup), CPUs (vCPUs and the VMM's cgroup), pids and rlimits
-/// inside the guest, extra denied syscalls and another user; execs, file operations, pause (the VMM's
-/// cgroup frozen) and CPU throttling. Not yet: a terminal, any network but none, bind mounts, directory or
-/// image roots, Landlock paths.
+/// What the microVM lane honours in this slice: one-shot and service sandboxes on the host-system root
+/// or an image's layers (one erofs disk per image), with memory (guest RAM and the guest's cgroup), CPUs
+/// (vCPUs and the VMM's cgroup), pids and rlimits inside the guest, extra denied syscalls and another
+/// user; egress under a contract (the guest's NIC on a TAP in the sandbox's network namespace); execs,
+/// file operations, pause (the VMM's cgroup frozen), CPU throttling and cutting the network; a terminal
+/// for the main command (a pty of the guest); a policy's writable paths (read-only mounts elsewhere).
+/// Not yet: host loopback, bind mounts, directory roots.
 pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     service: true,
-    terminal: false,
+    terminal: true,
     host_loopback: false,
-    egress_network: false,
+    egress_network: true,
     bind_mounts: false,
     directory_root: false,
-    image_layers: false,
+    image_layers: true,
     memory_limit: true,
     cpu_limit: true,
     pids_limit: true,
     rlimits: true,
     seccomp_syscall_lists: true,
-    landlock_paths: false,
+    // Enforced by the guest's mounts: a scratch area outside the writable paths, and an image root
+    // unless `/` is one, are mounted read-only.
+    landlock_paths: true,
     custom_user: true,
     user_name: false,
     pause: true,
     file_ops: true,
     cpu_throttle: true,
-    network_isolation: false,
+    network_isolation: true,
 };
 
 /// Settings of the microVM lane that are not per-sandbox.
@@ -103,9 +110,13 @@ pub enum MicrovmError {
 pub struct MicrovmRuntime {
     qemu: QemuBinary,
     kernel: boot::Kernel,
+    /// The kernel QEMU's unprivileged user opens (the kernel itself, or a readable copy of it).
+    vmm_kernel: PathBuf,
     modules: Vec<PathBuf>,
     accel: Accel,
     vms_dir: PathBuf,
+    /// QEMU users taken by live VMs ([`confine`]).
+    users_dir: PathBuf,
     cache_dir: PathBuf,
     agent: PathBuf,
     cgroup_parent: String,
@@ -169,6 +180,8 @@ impl MicrovmRuntime {
             .unwrap_or_else(|| default_state_dir().join("microvm"));
         let vms_dir = state.join("vms");
         private_dir(&vms_dir, "creating the microvm state directory")?;
+        let users_dir = state.join("vmm-users");
+        private_dir(&users_dir, "creating the microvm state directory")?;
         let cache_dir = cache_dir(mc);
         private_dir(&cache_dir, "creating the microvm cache directory")?;
         let agent = std::env::current_exe()
@@ -179,12 +192,15 @@ impl MicrovmRuntime {
                 source,
             })?;
         let accel = qemu::accel(&qemu, &kernel.path, &cache_dir).clone();
+        let vmm_kernel = boot::world_readable_kernel(&cache_dir, &kernel.path)?;
         Ok(MicrovmRuntime {
             qemu,
             kernel,
+            vmm_kernel,
             modules,
             accel,
             vms_dir,
+            users_dir,
             cache_dir,
             agent,
             cgroup_parent: config.process.cgroup_parent.clone(),
@@ -222,6 +238,7 @@ impl MicrovmRuntime {
                 removed.push(entry.path());
             }
         }
+        removed.extend(confine::sweep_users(&self.users_dir));
         let layout = CgroupLayout::detect(&HostCgroupFs);
         removed.extend(cgroup::collect_garbage(
             &HostCgroupFs,

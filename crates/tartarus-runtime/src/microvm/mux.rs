@@ -85,6 +85,8 @@ enum Phase {
 #[derive(Debug, Default)]
 struct State {
     phases: BTreeMap<u64, Phase>,
+    /// Execs whose end nobody collects (the port connector's): forgotten when they end.
+    detached: std::collections::BTreeSet<u64>,
     /// The channel closed: `Some(None)`, or `Some(Some(why))` when the agent or the channel failed.
     closed: Option<Option<String>>,
     oom_kills: u64,
@@ -280,6 +282,23 @@ impl Mux {
         }
     }
 
+    /// Nobody will collect exec `id`'s end: it is forgotten when it ends (now, if it has), and never
+    /// counted in [`Mux::exec_events`].
+    pub fn detach(&self, id: u64) {
+        let mut state = self.shared.lock();
+        match state.phases.get(&id) {
+            Some(Phase::Done(_)) => {
+                state.phases.remove(&id);
+                let mut count = [0u8; 8];
+                let _ = rustix::io::read(&self.exec_events, &mut count);
+            }
+            Some(_) => {
+                state.detached.insert(id);
+            }
+            None => {}
+        }
+    }
+
     /// Whether exec `id` is known (starting, running, or ended and not collected).
     pub fn knows(&self, id: u64) -> bool {
         self.shared.lock().phases.contains_key(&id)
@@ -353,6 +372,8 @@ impl Worker {
     fn run(mut self, mut channel: Channel) {
         let why = self.serve(&mut channel).err();
         let mut state = self.shared.lock();
+        let detached = std::mem::take(&mut state.detached);
+        state.phases.retain(|id, _| !detached.contains(id));
         for (&id, phase) in state.phases.iter_mut() {
             if matches!(phase, Phase::Running) {
                 *phase = Phase::Done(ExecEnd::Lost);
@@ -621,6 +642,15 @@ impl Worker {
         };
         // Dropping the descriptors is the readers' end of file.
         self.execs.remove(&id);
+        {
+            let mut state = self.shared.lock();
+            if state.detached.remove(&id) {
+                state.phases.remove(&id);
+                drop(state);
+                self.shared.changed.notify_all();
+                return;
+            }
+        }
         self.set_phase(id, Phase::Done(ExecEnd::Exited(exit)));
         match id {
             MAIN_EXEC => signal(&self.ended),

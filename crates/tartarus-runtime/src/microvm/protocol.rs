@@ -84,6 +84,13 @@ pub struct RunRequest {
     pub file_size_bytes: u64,
     /// `RLIMIT_NPROC` of the command, if any (the sandbox's cgroup has the pids limit itself).
     pub max_processes: Option<u64>,
+    /// The command runs on a terminal of the guest (a pty: stdin, stdout and stderr are its slave, and its
+    /// output comes back as stdout).
+    #[serde(default)]
+    pub tty: bool,
+    /// The terminal's rows and columns, when the caller's side is a terminal.
+    #[serde(default)]
+    pub tty_size: Option<(u16, u16)>,
 }
 
 /// What the agent tells the host.

@@ -176,6 +176,10 @@ pub fn probe_kvm(qemu: &QemuBinary, kernel: &Path) -> Accel {
         "-no-user-config",
         "-nographic",
         "-no-reboot",
+        // QEMU's own seccomp filter: no fork or exec, no privilege changes, no obsolete or
+        // resource-control system calls (confine.rs adds the user, namespaces and no_new_privs).
+        "-sandbox",
+        SECCOMP_SANDBOX,
         "-m",
         "128",
         "-serial",
@@ -207,10 +211,12 @@ pub struct VmConfig<'a> {
     pub kernel: &'a Path,
     pub initramfs: &'a Path,
     pub root_disk: &'a Path,
-    /// The unix socket QEMU connects the agent's port to (the supervisor listens on it).
-    pub agent_socket: &'a Path,
+    /// QEMU's end of the agent channel (a socket pair with the supervisor), inherited.
+    pub agent_fd: i32,
     /// The serial console's log (kernel messages).
     pub console_log: &'a Path,
+    /// The VM's directory: QEMU's `-name`, so that `ps` (and a leak check) tells which VM a QEMU is.
+    pub vm_dir: &'a Path,
 }
 
 /// The guest's RAM for a sandbox memory limit: the limit, within the guest bounds, in MiB.
@@ -273,6 +279,9 @@ pub fn kernel_cmdline(accel: &Accel) -> String {
     text
 }
 
+/// QEMU's `-sandbox` setting: its seccomp filter with every optional denial on.
+pub const SECCOMP_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// `qemu-system-x86_64` arguments for one VM.
 pub fn vm_args(vm: &VmConfig<'_>) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
@@ -307,6 +316,10 @@ pub fn vm_args(vm: &VmConfig<'_>) -> Vec<OsString> {
         "-monitor",
         "none",
         "-no-reboot",
+        // QEMU's own seccomp filter: no fork or exec, no privilege changes, no obsolete or
+        // resource-control system calls (confine.rs adds the user, namespaces and no_new_privs).
+        "-sandbox",
+        SECCOMP_SANDBOX,
         "-m",
         &vm.memory_bytes.div_ceil(1 << 20).to_string(),
         "-smp",
@@ -319,7 +332,12 @@ pub fn vm_args(vm: &VmConfig<'_>) -> Vec<OsString> {
         arg.push(path.as_os_str());
         arg
     };
+    // QEMU's option syntax escapes a comma by doubling it.
+    let mut name = OsString::from("guest=");
+    name.push(vm.vm_dir.to_string_lossy().replace(',', ",,"));
     args.extend([
+        "-name".into(),
+        name,
         "-kernel".into(),
         vm.kernel.as_os_str().to_owned(),
         "-initrd".into(),
@@ -333,7 +351,7 @@ pub fn vm_args(vm: &VmConfig<'_>) -> Vec<OsString> {
         "-device".into(),
         "virtio-serial-device,max_ports=2".into(),
         "-chardev".into(),
-        path_arg("socket,id=agent,path=", vm.agent_socket),
+        format!("socket,id=agent,fd={}", vm.agent_fd).into(),
         "-device".into(),
         "virtserialport,chardev=agent,name=tartarus.agent".into(),
     ]);
@@ -365,8 +383,9 @@ mod tests {
             kernel: Path::new("/k"),
             initramfs: Path::new("/i"),
             root_disk: Path::new("/r.erofs"),
-            agent_socket: Path::new("/s/agent.sock"),
+            agent_fd: 7,
             console_log: Path::new("/s/console.log"),
+            vm_dir: Path::new("/s,1"),
         };
         let args: Vec<String> = vm_args(&vm)
             .into_iter()
@@ -378,6 +397,9 @@ mod tests {
         assert!(line.contains("-m 256 -smp 1"), "{line}");
         assert!(line.contains("readonly=on,file=/r.erofs"), "{line}");
         assert!(line.contains("rdinit=/.tartarus/guest-agent"), "{line}");
+        assert!(line.contains(&format!("-sandbox {SECCOMP_SANDBOX}")), "{line}");
+        assert!(line.contains("socket,id=agent,fd=7"), "{line}");
+        assert!(line.contains("-name guest=/s,,1 "), "{line}");
         let devices: Vec<&String> = args
             .windows(2)
             .filter(|w| w[0] == "-device")

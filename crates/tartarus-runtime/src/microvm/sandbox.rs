@@ -5,12 +5,14 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::channel::{accept, Channel, HandshakeError};
+use super::channel::{Channel, HandshakeError};
+use super::confine::{self, Inherited, VmmUser};
+use super::egress::Egress;
 use super::mux::{ExecStdio, GuestExit, Mux, StartFailure};
 use super::protocol::{FailKind, GuestFrame, HostFrame, RunRequest, MAIN_EXEC};
 use super::qemu::{self, Accel};
@@ -21,7 +23,7 @@ use crate::sandbox::{
     ExitReason, KillReason, Outcome, PrepareError, Runtime, RuntimeError, Sandbox, SandboxState, StartError,
     StdioFds, Termination,
 };
-use crate::spec::{Applied, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
+use crate::spec::{Applied, NetworkMode, RootSpec, SandboxSpec, SANDBOX_HOME, SANDBOX_UID};
 
 /// How long a boot may take to reach the agent's `ready`: TCG boots take seconds on a loaded host.
 const BOOT_TIMEOUT_TCG: Duration = Duration::from_secs(90);
@@ -38,6 +40,8 @@ pub struct MicrovmSandbox {
     dir: PathBuf,
     qemu_path: PathBuf,
     qemu_args: Vec<std::ffi::OsString>,
+    /// QEMU runs on KVM (it gets `/dev/kvm`'s group).
+    kvm: bool,
     boot_timeout: Duration,
     /// The main command (empty for a service sandbox without one); execs start from its walls.
     pub(super) request: RunRequest,
@@ -45,6 +49,17 @@ pub struct MicrovmSandbox {
     timeout: Option<Duration>,
     grace: Duration,
     pub(super) cgroups: SandboxCgroups,
+    /// QEMU's own unprivileged user, released with the sandbox.
+    vmm_user: VmmUser,
+    /// The network namespace, veth, rules and TAP of an egress sandbox, removed with it.
+    pub(super) egress: Option<Egress>,
+    /// What QEMU inherits (its files and its end of the channel) until it is started.
+    inherited: Option<Inherited>,
+    /// The supervisor's end of the agent channel until the boot handshake takes it.
+    channel: Option<UnixStream>,
+    /// The caller's terminal and its settings before it was made raw (the guest's pty is the command's
+    /// terminal: the caller's must pass bytes through untouched), restored at the end.
+    raw_terminal: Option<(OwnedFd, rustix::termios::Termios)>,
     pub(super) running: Option<Running>,
     outcome: Option<Outcome>,
     /// From QEMU's start to the agent's `ready`.
@@ -75,14 +90,22 @@ impl MicrovmSandbox {
     ) -> Result<MicrovmSandbox, PrepareError> {
         spec.validate()?;
         runtime.supports(&spec)?;
-        debug_assert!(matches!(spec.root, RootSpec::HostSystem));
+        debug_assert!(!matches!(spec.root, RootSpec::Directory(_)));
         let boot_error = |e: boot::BootError| PrepareError::Host {
             what: "preparing the guest's boot files",
             source: io::Error::other(crate::error_chain(&e)),
         };
         let initramfs =
             boot::initramfs(&runtime.cache_dir, &runtime.agent, &runtime.modules).map_err(boot_error)?;
-        let root_disk = boot::root_image(&runtime.cache_dir).map_err(boot_error)?;
+        let root_disk = match &spec.root {
+            RootSpec::Layers(layers) => boot::image_disk(
+                &runtime.cache_dir,
+                layers,
+                crate::process::PRIVILEGED_HOST_ID_BASE,
+            ),
+            _ => boot::root_image(&runtime.cache_dir),
+        }
+        .map_err(boot_error)?;
         let denied_syscalls = crate::process::seccomp::denied_syscall_numbers(&spec.denied_syscalls)?;
         runtime.collect_garbage();
         let id =
@@ -90,6 +113,39 @@ impl MicrovmSandbox {
         let name = cgroup::cgroup_name(std::process::id(), &id);
         let dir = runtime.vms_dir.join(&name);
         std::fs::create_dir(&dir).map_err(host_err("creating the VM's directory"))?;
+        let remove_dir = |e| {
+            let _ = std::fs::remove_dir_all(&dir);
+            e
+        };
+        let vmm_user = VmmUser::allocate(&runtime.users_dir, &dir)
+            .map_err(host_err("allocating QEMU's user"))
+            .map_err(remove_dir)?;
+        let mut inherited = Inherited::default();
+        let (channel, agent_fd, kernel, initramfs, root_disk, console_log) = (|| {
+            let (host_end, guest_end) = UnixStream::pair()?;
+            let (agent_fd, _) = inherited.add_fd(guest_end.into());
+            Ok::<_, io::Error>((
+                host_end,
+                agent_fd,
+                inherited.add_file(&runtime.vmm_kernel)?,
+                inherited.add_file(&initramfs)?,
+                inherited.add_file(&root_disk)?,
+                inherited.add_log(&dir.join("console.log"), vmm_user.uid)?,
+            ))
+        })()
+        .map_err(|e| {
+            vmm_user.release();
+            remove_dir(host_err("opening the files QEMU uses")(e))
+        })?;
+        let mut egress = match &spec.network {
+            NetworkMode::Egress(contract) => {
+                Some(Egress::attach(&id, contract, &mut inherited).map_err(|e| {
+                    vmm_user.release();
+                    remove_dir(e)
+                })?)
+            }
+            _ => None,
+        };
         let limits = spec.applied_limits();
         let guest_mib = qemu::guest_memory_mib(limits.memory_bytes.value());
         // The VMM's cgroup: the guest's RAM plus QEMU's own bounded overhead, and its threads.
@@ -106,22 +162,30 @@ impl MicrovmSandbox {
             &vmm_limits,
             &wanted,
         )
-        .inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&dir);
+        .map_err(|e| {
+            if let Some(mut egress) = egress.take() {
+                let _ = egress.network.remove();
+            }
+            vmm_user.release();
+            remove_dir(e)
         })?;
         let accel = &runtime.accel;
         let vm = qemu::VmConfig {
             accel,
             memory_bytes: guest_mib << 20,
             vcpus: qemu::vcpus(limits.cpu_quota),
-            kernel: &runtime.kernel.path,
+            kernel: &kernel,
             initramfs: &initramfs,
             root_disk: &root_disk,
-            agent_socket: &dir.join("agent.sock"),
-            console_log: &dir.join("console.log"),
+            agent_fd,
+            console_log: &console_log,
+            vm_dir: &dir,
         };
         let mut qemu_args = qemu::vm_args(&vm);
-        append_guest_settings(&mut qemu_args, &spec, &limits);
+        append_guest_settings(&mut qemu_args, &spec, &limits, egress.as_ref());
+        if let Some(egress) = &egress {
+            qemu_args.extend(egress.qemu_args());
+        }
         let user = spec.user.map_or((SANDBOX_UID, SANDBOX_UID), |u| (u.uid, u.gid));
         let request = RunRequest {
             argv: spec.command.clone(),
@@ -136,6 +200,8 @@ impl MicrovmSandbox {
             open_files: spec.process_limits.open_files,
             file_size_bytes: spec.process_limits.file_size_bytes,
             max_processes: limits.pids.value(),
+            tty: spec.tty,
+            tty_size: None,
         };
         Ok(MicrovmSandbox {
             id,
@@ -143,6 +209,7 @@ impl MicrovmSandbox {
             dir,
             qemu_path: runtime.qemu.path.clone(),
             qemu_args,
+            kvm: accel.is_kvm(),
             boot_timeout: match accel {
                 Accel::Kvm => BOOT_TIMEOUT_KVM,
                 Accel::Tcg { .. } => BOOT_TIMEOUT_TCG,
@@ -152,6 +219,11 @@ impl MicrovmSandbox {
             grace: spec.effective_timeout_grace(),
             spec,
             cgroups,
+            vmm_user,
+            egress,
+            inherited: Some(inherited),
+            channel: Some(channel),
+            raw_terminal: None,
             running: None,
             outcome: None,
             boot_time: None,
@@ -186,7 +258,7 @@ impl MicrovmSandbox {
         }
     }
 
-    fn spawn_qemu(&self) -> io::Result<Child> {
+    fn spawn_qemu(&mut self) -> io::Result<Child> {
         let log = std::fs::File::create(self.dir.join("qemu.log"))?;
         let mut command = Command::new(&self.qemu_path);
         command
@@ -204,14 +276,25 @@ impl MicrovmSandbox {
             .map_err(io::Error::other)?;
             tartarus_hostsys::join_cgroup_before_exec(&mut command, procs);
         }
+        let inherited = self
+            .inherited
+            .take()
+            .ok_or_else(|| io::Error::other("QEMU was started already"))?;
+        let kvm_group = self.kvm.then(confine::kvm_group).flatten();
+        // After the cgroup (which needs root), before the parent-death signal (which a change of
+        // credentials clears).
+        confine::confine_before_exec(&mut command, self.vmm_user.uid, kvm_group, &inherited);
         tartarus_hostsys::die_with_parent_before_exec(&mut command);
+        // QEMU has its copies once it runs; the supervisor's are closed here.
         command.spawn()
     }
 
     fn start_inner(&mut self, stdio: StdioFds<'_>) -> Result<(), StartError> {
         let host = |what: &'static str| move |source: io::Error| StartError::Host { what, source };
-        let listener =
-            UnixListener::bind(self.dir.join("agent.sock")).map_err(host("listening on the agent socket"))?;
+        let channel = self
+            .channel
+            .take()
+            .ok_or_else(|| StartError::Protocol("the agent channel was used already".into()))?;
         let copies = ExecStdio {
             stdin: stdio.stdin.try_clone_to_owned().map_err(host("passing stdin"))?,
             stdout: stdio
@@ -226,6 +309,9 @@ impl MicrovmSandbox {
             // are. A service sandbox's are the shim's, and its execs share the multiplexer.
             blocking: !self.spec.service,
         };
+        if self.request.tty {
+            self.take_terminal(stdio.stdin);
+        }
         let started = Instant::now();
         let qemu = self.spawn_qemu().map_err(host("starting QEMU"))?;
         let pid = rustix::process::Pid::from_raw(qemu.id() as i32)
@@ -240,7 +326,7 @@ impl MicrovmSandbox {
             }
         };
         let deadline = started + self.boot_timeout;
-        let channel = match ready(&listener, pidfd.as_fd(), deadline) {
+        let channel = match ready(channel, pidfd.as_fd(), deadline) {
             Ok(channel) => channel,
             Err(e) => {
                 kill_and_reap(qemu, &pidfd);
@@ -277,6 +363,34 @@ impl MicrovmSandbox {
         self.running = Some(running);
         self.state = SandboxState::Running;
         Ok(())
+    }
+
+    /// When the caller's stdin is a terminal: its size goes to the guest's pty, and it is made raw until
+    /// the end, so that only the guest's line discipline echoes, edits and translates (not both).
+    fn take_terminal(&mut self, stdin: BorrowedFd<'_>) {
+        use rustix::termios::{tcgetattr, tcgetwinsize, tcsetattr, OptionalActions};
+        let Ok(saved) = tcgetattr(stdin) else {
+            return;
+        };
+        self.request.tty_size = tcgetwinsize(stdin)
+            .ok()
+            .filter(|w| w.ws_row > 0 && w.ws_col > 0)
+            .map(|w| (w.ws_row, w.ws_col));
+        let mut raw = saved.clone();
+        raw.make_raw();
+        if let (Ok(fd), Ok(())) = (
+            stdin.try_clone_to_owned(),
+            tcsetattr(stdin, OptionalActions::Now, &raw),
+        ) {
+            self.raw_terminal = Some((fd, saved));
+        }
+    }
+
+    /// Gives the caller's terminal its settings back.
+    fn restore_terminal(&mut self) {
+        if let Some((fd, saved)) = self.raw_terminal.take() {
+            let _ = rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Now, &saved);
+        }
     }
 
     fn start_error(&self, e: HandshakeError) -> StartError {
@@ -329,6 +443,7 @@ impl MicrovmSandbox {
         let Some(running) = self.running.take() else {
             return Err(RuntimeError::State(self.state));
         };
+        self.restore_terminal();
         let Running {
             qemu,
             pidfd,
@@ -438,6 +553,7 @@ fn append_guest_settings(
     args: &mut [std::ffi::OsString],
     spec: &SandboxSpec,
     limits: &crate::spec::AppliedLimits,
+    egress: Option<&Egress>,
 ) {
     if let Some(pos) = args.iter().position(|a| a == "-append") {
         if let Some(line) = args.get_mut(pos + 1) {
@@ -451,13 +567,38 @@ fn append_guest_settings(
             if let Some(pids) = limits.pids.value() {
                 line.push(format!(" tartarus.max_processes={pids}"));
             }
+            if matches!(spec.root, RootSpec::Layers(_)) {
+                line.push(" tartarus.root=image");
+            }
+            if let Some(egress) = egress {
+                line.push(egress.cmdline());
+            }
+            if !spec.writable_paths.is_empty() {
+                let paths: Vec<String> = spec
+                    .writable_paths
+                    .iter()
+                    .map(|p| percent_encode(&crate::spec::normalize_sandbox_path(p).to_string_lossy()))
+                    .collect();
+                line.push(format!(" tartarus.writable={}", paths.join(",")));
+            }
         }
     }
 }
 
+/// `%`, `,` and whitespace as `%XX`, for a list on the kernel command line.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'%' | b',' => format!("%{b:02X}"),
+            b if b.is_ascii_whitespace() || b.is_ascii_control() => format!("%{b:02X}"),
+            b => (b as char).to_string(),
+        })
+        .collect()
+}
+
 /// Accepts QEMU and waits for the agent's `ready`.
-fn ready(listener: &UnixListener, vm: BorrowedFd<'_>, deadline: Instant) -> Result<Channel, HandshakeError> {
-    let mut channel = accept(listener, vm, deadline)?;
+fn ready(stream: UnixStream, vm: BorrowedFd<'_>, deadline: Instant) -> Result<Channel, HandshakeError> {
+    let mut channel = Channel::new(stream);
     match channel.receive(vm, deadline, "the guest agent's ready")? {
         GuestFrame::Ready { .. } => Ok(channel),
         other => Err(HandshakeError::Guest(other)),
@@ -559,6 +700,10 @@ impl Sandbox for MicrovmSandbox {
         self.kill(KillReason::Timeout)
     }
 
+    fn blocked_packets(&self) -> Option<u64> {
+        self.egress.as_ref()?.network.blocked_packets().ok()
+    }
+
     fn cleanup(&mut self) -> Result<(), RuntimeError> {
         if self.state == SandboxState::CleanedUp {
             return Ok(());
@@ -582,6 +727,17 @@ impl Sandbox for MicrovmSandbox {
                 source,
             });
         }
+        self.restore_terminal();
+        // QEMU is gone, and with it the TAP's last user.
+        if let Some(egress) = self.egress.as_mut() {
+            if let Err(e) = egress.network.remove() {
+                failure.get_or_insert(RuntimeError::Network(e));
+            }
+        }
+        // After the directory: a uid is free only once nothing of its VM is left.
+        self.vmm_user.release();
+        self.inherited = None;
+        self.channel = None;
         self.state = SandboxState::CleanedUp;
         failure.map_or(Ok(()), Err)
     }

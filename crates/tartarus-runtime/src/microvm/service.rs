@@ -2,13 +2,19 @@
 //! agent ([`super::mux`]), behind the same privilege drop as the main command, with the sandbox's
 //! environment and the request's on top. A file operation is an exec of the same executable under the
 //! file-operation agent's name (`crate::gvisor::agent`, linked into the initramfs), as the sandbox user.
+//! A connection to a port inside is an exec of the port connector, its stdio a socket pair.
 //! Pause freezes the VMM's cgroup (the guest's clock jumps at the thaw); throttling lowers its CPU quota;
 //! limit hits are the guest's counters plus OOM kills of the VMM itself.
 
-use std::os::fd::BorrowedFd;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use rustix::event::{PollFd, PollFlags};
+
+use super::agent::connect::{CONNECTED, CONNECT_PATH, REFUSED};
 use super::mux::{ExecEnd, ExecStdio, StartFailure};
 use super::protocol::{FailKind, HostFrame, RunRequest};
 use super::sandbox::{environment, MicrovmSandbox, START_TIMEOUT};
@@ -17,6 +23,9 @@ use crate::process::HostCgroupFs;
 use crate::sandbox::{SandboxState, StdioFds, Termination};
 use crate::service::{ExecError, ExecId, ExecRequest, LimitHits, ServiceError, ServiceSandbox, Usage};
 use crate::spec::{normalize_sandbox_path, SANDBOX_HOME};
+
+/// How long `connect_port` waits for the guest's connector to connect.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 impl MicrovmSandbox {
     fn require_running(&self) -> Result<(), ServiceError> {
@@ -83,6 +92,7 @@ impl MicrovmSandbox {
             argv,
             env: environment(&self.spec.hostname, &[&self.spec.env, env]),
             cwd,
+            tty: false,
             ..self.request.clone()
         }
     }
@@ -208,7 +218,10 @@ impl ServiceSandbox for MicrovmSandbox {
     fn usage(&self) -> Usage {
         let (guest_ooms, pids_limit_hits) = self.running.as_ref().map_or((0, 0), |r| r.mux.counters());
         Usage {
-            blocked_packets: None,
+            blocked_packets: self
+                .egress
+                .as_ref()
+                .and_then(|e| e.network.blocked_packets().ok()),
             limit_hits: LimitHits {
                 oom_kills: guest_ooms + self.cgroups.oom_kills(&HostCgroupFs),
                 pids_limit_hits,
@@ -225,8 +238,65 @@ impl ServiceSandbox for MicrovmSandbox {
             })
     }
 
+    /// An exec of the port connector ([`super::agent::connect`]) whose stdin and stdout are one end of a
+    /// socket pair; the caller gets the other end once the connector says it connected (bounded).
+    fn connect_port(&mut self, port: u16) -> Result<OwnedFd, ServiceError> {
+        self.require_running()?;
+        let connect_error = |source| ServiceError::Connect { port, source };
+        let (caller, inner) = UnixStream::pair().map_err(connect_error)?;
+        let (said, says) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| connect_error(e.into()))?;
+        let run = self.run_request(vec![CONNECT_PATH.to_string(), port.to_string()], &[], "/".into());
+        let stdio = StdioFds {
+            stdin: inner.as_fd(),
+            stdout: inner.as_fd(),
+            stderr: says.as_fd(),
+        };
+        let id = self.start_exec(run, stdio).map_err(|e| match e {
+            ExecError::NotRunning => ServiceError::State(self.state),
+            e => connect_error(io::Error::other(e.to_string())),
+        })?;
+        // Only the multiplexer's copies are left: their closing is the end of file on both sides.
+        drop((inner, says));
+        let mut byte = [0u8; 1];
+        let mut fds = [PollFd::new(&said, PollFlags::IN)];
+        let timeout = rustix::time::Timespec {
+            tv_sec: CONNECT_WAIT.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        let connected = match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) if n > 0 => matches!(rustix::io::read(&said, &mut byte), Ok(1)) && byte[0] == CONNECTED,
+            _ => false,
+        };
+        let running = self.running.as_ref().ok_or(ServiceError::State(self.state))?;
+        if connected {
+            running.mux.detach(id.as_raw());
+            return Ok(caller.into());
+        }
+        let end = running.mux.wait_end(id.as_raw(), Some(Duration::from_secs(1)));
+        let refused = matches!(end, Ok(Some(ExecEnd::Exited(exit))) if exit.code == Some(REFUSED));
+        if !matches!(end, Ok(Some(_))) {
+            let _ = running.mux.send(&HostFrame::Kill { id: id.as_raw() });
+            running.mux.detach(id.as_raw());
+        }
+        Err(connect_error(match refused {
+            true => io::Error::from(io::ErrorKind::ConnectionRefused),
+            false => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the guest did not connect within {}s", CONNECT_WAIT.as_secs()),
+            ),
+        }))
+    }
+
     fn isolate_network(&mut self) -> Result<bool, ServiceError> {
-        // The guest has no NIC: there is nothing to cut.
-        Ok(false)
+        match self.egress.as_ref() {
+            Some(egress) => egress
+                .network
+                .isolate()
+                .map(|()| true)
+                .map_err(ServiceError::Network),
+            // No NIC: there is nothing to cut.
+            None => Ok(false),
+        }
     }
 }

@@ -263,7 +263,7 @@ impl Manager {
                         if let Err(e) = self.store.record_event(&dead_letter).await {
                             tracing::error!(sandbox = %id, "recording a dead letter failed: {}", tartarus_runtime::error_chain(&e));
                         }
-                        metrics::counter!(crate::metrics::TOTAL, "template" => template_label, "status" => "failed")
+                        metrics::counter!(crate::metrics::TOTAL, "template" => template_label, "status" => "failed", "lane" => runtime.runtime.as_str())
                             .increment(1);
                         let _ = tokio::fs::remove_dir_all(&dir).await;
                         let _ = tokio::fs::remove_dir_all(self.gateway_dir(&id)).await;
@@ -281,9 +281,9 @@ impl Manager {
             self.store.insert_sandbox(&record).await?;
         }
         self.store.mark_running(&id, pid).await?;
-        metrics::histogram!(crate::metrics::LAUNCH_DURATION, "template" => template_label, "node" => self.node.clone())
+        metrics::histogram!(crate::metrics::LAUNCH_DURATION, "template" => template_label, "node" => self.node.clone(), "lane" => runtime.runtime.as_str())
             .record(started.elapsed().as_secs_f64());
-        self.watch(id.clone(), dir, async move {
+        self.watch(id.clone(), dir, runtime.runtime, async move {
             let _ = child.wait().await;
         })?;
         if let Some(key) = pool_key {
@@ -298,7 +298,7 @@ impl Manager {
     }
 
     /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).
-    async fn finalize(&self, id: &str, dir: &Path, missing: &str) {
+    async fn finalize(&self, id: &str, dir: &Path, lane: LaneName, missing: &str) {
         let sandbox_dir = SandboxDir::new(dir);
         let outcome = match sandbox_dir.read_result().await {
             Ok(Some(r)) => {
@@ -324,7 +324,7 @@ impl Manager {
             exit_code: outcome.1,
             reason: &outcome.2,
         };
-        metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => outcome.0.as_str())
+        metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => outcome.0.as_str(), "lane" => lane.as_str())
             .increment(1);
         if let Err(e) = self.store.finish_sandbox(id, &finish).await {
             tracing::error!(
@@ -449,15 +449,39 @@ impl Manager {
             .get(&record.id)
             .cloned();
         let shim = self.shim(record);
-        match grace {
+        let stopped = match grace {
             Some(grace) => shim.terminate(grace).await,
             None => shim.kill().await,
+        };
+        let mut waiter = waiter;
+        let ended = |rx: &mut Option<watch::Receiver<bool>>| {
+            let rx = rx.take();
+            async move {
+                match rx {
+                    Some(mut rx) => tokio::time::timeout(STOP_WAIT, rx.wait_for(|done| *done))
+                        .await
+                        .is_ok_and(|r| r.is_ok()),
+                    None => false,
+                }
+            }
+        };
+        match stopped {
+            Ok(()) => {
+                ended(&mut waiter).await;
+                Ok(())
+            }
+            // Another stop got there first: the shim went away under this call (not there, the
+            // connection cut, no answer). This stop's wish is being carried out, so it waits for the
+            // same end rather than failing — kills race when a client kills a sandbox while another of
+            // its requests is cut off by that kill.
+            Err(e @ (CallError::NotRunning | CallError::Io { .. } | CallError::Protocol { .. })) => {
+                match ended(&mut waiter).await {
+                    true => Ok(()),
+                    false => Err(call_error(&record.id, e)),
+                }
+            }
+            Err(e) => Err(call_error(&record.id, e)),
         }
-        .map_err(|e| call_error(&record.id, e))?;
-        if let Some(mut rx) = waiter {
-            let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|done| *done)).await;
-        }
-        Ok(())
     }
 
     /// Records the sandbox's outcome once `exited` (its shim's exit) completes, and lets `wait`/`kill`
@@ -466,6 +490,7 @@ impl Manager {
         self: &Arc<Self>,
         id: String,
         dir: PathBuf,
+        lane: LaneName,
         exited: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ApiError> {
         let (tx, rx) = watch::channel(false);
@@ -476,12 +501,17 @@ impl Manager {
         let manager = Arc::clone(self);
         tokio::spawn(async move {
             exited.await;
-            manager.finalize(&id, &dir, "shim exited without a result").await;
+            manager
+                .finalize(&id, &dir, lane, "shim exited without a result")
+                .await;
             let _ = tx.send(true);
         });
         Ok(())
     }
 }
+
+/// How long a stop waits for the sandbox's end to be recorded once its shim is gone.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// A sandbox that did not start, as the API answers it: the request's fault (its spec or command) is 422,
 /// the host's is 503 with the cause.

@@ -52,7 +52,7 @@ impl Manager {
                         if let Some(hooks) = self.lifecycle.get() {
                             hooks.started(&record, true).await;
                         }
-                        self.watch_adopted(record.id.clone(), dir, pidfd)?;
+                        self.watch_adopted(record.id.clone(), dir, lane_of(&record), pidfd)?;
                         adopted += 1;
                     }
                     _ => {
@@ -62,6 +62,7 @@ impl Manager {
                         self.finalize(
                             &record.id,
                             &dir,
+                            lane_of(&record),
                             "the server restarted and the sandbox's shim was gone",
                         )
                         .await;
@@ -99,15 +100,27 @@ impl Manager {
         Ok(())
     }
 
-    fn watch_adopted(self: &Arc<Self>, id: String, dir: PathBuf, pidfd: OwnedFd) -> Result<(), ApiError> {
+    fn watch_adopted(
+        self: &Arc<Self>,
+        id: String,
+        dir: PathBuf,
+        lane: LaneName,
+        pidfd: OwnedFd,
+    ) -> Result<(), ApiError> {
         // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the
         // same pidfd for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns it.
         let fd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
             .map_err(|e| ApiError::internal(format!("watching the shim: {e}")))?;
-        self.watch(id, dir, async move {
+        self.watch(id, dir, lane, async move {
             let _ = fd.readable().await;
         })
     }
+}
+
+/// The lane a stored sandbox ran on (the `lane` label of its metrics); a record from before lanes were
+/// recorded ran on the process lane.
+fn lane_of(record: &SandboxRecord) -> LaneName {
+    record.runtime.parse().unwrap_or(LaneName::Process)
 }
 
 /// How long a shim found for an unadopted sandbox gets to end its sandbox (it may still be starting it)

@@ -98,6 +98,9 @@ struct GuestExec {
     status: Option<i32>,
     /// When the command was reaped (or, while the output was held, released).
     exited_at: Option<Instant>,
+    /// The command is on a pty: `stdin` and `outputs[0]` are its master, and the end of stdin is the
+    /// terminal's end-of-file character rather than a close.
+    tty: bool,
 }
 
 impl GuestExec {
@@ -273,7 +276,7 @@ fn handle(port: &mut File, execs: &mut BTreeMap<u64, GuestExec>, frame: HostFram
             if let Some(exec) = execs.get_mut(&id) {
                 exec.stdin_closed = true;
                 if exec.pending_stdin.is_empty() {
-                    exec.stdin = None;
+                    close_stdin(exec);
                 }
             }
             Ok(())
@@ -363,7 +366,7 @@ fn feed_stdin(port: &mut File, id: u64, exec: &mut GuestExec) -> Result<(), Stri
     }
     if exec.pending_stdin.is_empty() {
         if exec.stdin_closed {
-            exec.stdin = None;
+            close_stdin(exec);
         }
         if exec.input_held {
             exec.input_held = false;
@@ -371,6 +374,15 @@ fn feed_stdin(port: &mut File, id: u64, exec: &mut GuestExec) -> Result<(), Stri
         }
     }
     Ok(())
+}
+
+/// The host's stdin ended and everything before its end was written: a pipe is closed; a terminal gets
+/// its end-of-file character (VEOF: closing a master is no end of file for the reader at the slave).
+fn close_stdin(exec: &mut GuestExec) {
+    if let (true, Some(fd)) = (exec.tty, exec.stdin.as_ref()) {
+        let _ = rustix::io::write(fd, &[0x04]);
+    }
+    exec.stdin = None;
 }
 
 /// Reports an exec's end and removes its cgroup (unless processes it left behind still run there).
@@ -437,10 +449,32 @@ fn spawn(id: u64, request: &RunRequest) -> Result<GuestExec, (FailKind, String)>
         .args(&request.argv[1..])
         .env_clear()
         .envs(request.env.iter().filter_map(|kv| kv.split_once('=')))
-        .current_dir(&request.cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(&request.cwd);
+    let terminal = match request.tty {
+        true => Some(open_terminal(request.tty_size).map_err(|e| setup(format!("opening a terminal: {e}")))?),
+        false => None,
+    };
+    match &terminal {
+        Some((_, slave)) => {
+            let stdio = |what| {
+                slave
+                    .try_clone()
+                    .map(Stdio::from)
+                    .map_err(|e| setup(format!("passing the terminal as {what}: {e}")))
+            };
+            command
+                .stdin(stdio("stdin")?)
+                .stdout(stdio("stdout")?)
+                .stderr(stdio("stderr")?);
+        }
+        None => {
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+    }
+    let tty = terminal.is_some();
     tartarus_hostsys::join_cgroup_before_exec(&mut command, procs);
     let (uid, gid) = (request.uid, request.gid);
     let limits = (
@@ -452,6 +486,10 @@ fn spawn(id: u64, request: &RunRequest) -> Result<GuestExec, (FailKind, String)>
     );
     let drop_privileges = move || -> io::Result<()> {
         rustix::process::setsid()?;
+        if tty {
+            // The terminal (stdin) becomes the new session's controlling terminal.
+            rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+        }
         crate::process::child::set_rlimits(&limits.0, limits.1).map_err(|e| e.source)?;
         for cap in 0..=last_cap {
             tartarus_hostsys::drop_bounding_capability(cap)?;
@@ -493,11 +531,23 @@ fn spawn(id: u64, request: &RunRequest) -> Result<GuestExec, (FailKind, String)>
         let _ = rustix::process::kill_process_group(pid, Signal::KILL);
         setup(format!("watching the command: {e}"))
     })?;
-    let stdin = child.stdin.take().map(OwnedFd::from);
-    let outputs = [
-        child.stdout.take().map(OwnedFd::from),
-        child.stderr.take().map(OwnedFd::from),
-    ];
+    let (stdin, outputs) = match terminal {
+        Some((master, slave)) => {
+            // The agent keeps no slave open: the master's end of file (EIO) comes with the last holder.
+            drop(slave);
+            let reader = master
+                .try_clone()
+                .map_err(|e| setup(format!("reading the terminal: {e}")))?;
+            (Some(master), [Some(reader), None])
+        }
+        None => (
+            child.stdin.take().map(OwnedFd::from),
+            [
+                child.stdout.take().map(OwnedFd::from),
+                child.stderr.take().map(OwnedFd::from),
+            ],
+        ),
+    };
     for fd in outputs.iter().flatten().chain(stdin.iter()) {
         nonblocking(fd);
     }
@@ -512,7 +562,35 @@ fn spawn(id: u64, request: &RunRequest) -> Result<GuestExec, (FailKind, String)>
         output_held: false,
         status: None,
         exited_at: None,
+        tty,
     })
+}
+
+/// A new pty of the guest's devpts instance, of `size` (rows, columns) when known: master and slave.
+fn open_terminal(size: Option<(u16, u16)>) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::fs::{Mode, OFlags};
+    let master = rustix::fs::open(
+        "/dev/pts/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::pty::unlockpt(&master)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if let Some((rows, cols)) = size {
+        let winsize = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&master, winsize)?;
+    }
+    Ok((master, slave))
 }
 
 /// The processes of the guest but PID 1 (kernel threads have no executable and are left out).

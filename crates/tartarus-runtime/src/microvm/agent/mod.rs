@@ -1,6 +1,7 @@
 //! The guest agent: the supervisor's own static executable, PID 1 of the guest (`rdinit=`
 //! [`AGENT_PATH`](super::boot::AGENT_PATH)). It mounts the pseudo filesystems, loads the kernel modules
-//! from the initramfs, mounts the read-only root disk (the host's `/usr` as erofs) and scratch tmpfs,
+//! from the initramfs, mounts the read-only root disk (the host's `/usr` as erofs, or an image's erofs
+//! under an overlay it then makes the root: [`enter_image_root`]) and scratch tmpfs,
 //! creates the sandbox's cgroup with its limits, finds its virtio-serial port and then serves execs over
 //! it ([`execs`], frames in [`super::protocol`]): every command runs with the process lane's privilege
 //! drop — uid/gid 1000, no supplementary groups, an empty capability bounding set and no capabilities,
@@ -9,7 +10,9 @@
 //!
 //! A binary that embeds the microVM lane calls [`run_if_invoked`] first thing in `main`.
 
+pub mod connect;
 mod execs;
+mod nic;
 
 use std::fs::File;
 use std::io::Write;
@@ -27,10 +30,16 @@ pub const PORT_NAME: &str = "tartarus.agent";
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// When this process is the guest's PID 1 started as the agent: serves the host and never returns
-/// normally (PID 1 must not exit); `None` otherwise.
+/// normally (PID 1 must not exit); when it is the port connector ([`connect`]): connects and returns its
+/// exit code; `None` otherwise.
 pub fn run_if_invoked() -> Option<i32> {
     let first = std::env::args_os().next()?;
-    if Path::new(&first).file_name()? != AGENT_NAME || std::process::id() != 1 {
+    let name = Path::new(&first).file_name()?;
+    if name == connect::CONNECT_NAME {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return Some(connect::run(&args));
+    }
+    if name != AGENT_NAME || std::process::id() != 1 {
         return None;
     }
     if let Err(message) = boot_and_serve() {
@@ -92,52 +101,180 @@ fn setup_filesystems() -> Result<(), String> {
     load_modules()?;
     let disk = wait_for(|| Path::new("/dev/vda").exists().then(|| PathBuf::from("/dev/vda")))
         .ok_or("the root disk /dev/vda did not appear (is virtio_blk loaded?)")?;
-    mount(
-        &disk.to_string_lossy(),
-        "/usr",
-        "erofs",
-        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
-        "",
-    )?;
     let settings = GuestSettings::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let scratch = MountFlags::NOSUID | MountFlags::NODEV;
     let size = settings
         .scratch_bytes
         .map(|b| format!(",size={b}"))
         .unwrap_or_default();
-    mount("tmpfs", "/tmp", "tmpfs", scratch, &format!("mode=1777{size}"))?;
-    mount("tmpfs", "/dev/shm", "tmpfs", scratch, &format!("mode=1777{size}"))?;
+    if settings.image_root {
+        enter_image_root(&disk.to_string_lossy(), &size)?;
+    } else {
+        mount(
+            &disk.to_string_lossy(),
+            "/usr",
+            "erofs",
+            MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+            "",
+        )?;
+    }
+    // A policy's narrower writable paths (quarantine's /tmp): a scratch area outside them is read-only.
+    let flags = |target: &str| match settings.writable(target) {
+        true => scratch,
+        false => scratch | MountFlags::RDONLY,
+    };
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        flags("/tmp"),
+        &format!("mode=1777{size}"),
+    )?;
+    mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        flags("/dev/shm"),
+        &format!("mode=1777{size}"),
+    )?;
     mount(
         "tmpfs",
         "/home/sandbox",
         "tmpfs",
-        scratch,
+        flags("/home/sandbox"),
         &format!("mode=0700,uid=1000,gid=1000{size}"),
     )?;
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", secure, "")?;
     execs::sandbox_cgroup(settings.memory_bytes, settings.max_processes)?;
     tartarus_hostsys::set_loopback_up().map_err(|e| format!("bringing loopback up: {e}"))?;
+    if let Some((address, prefix, gateway)) = settings.nic {
+        nic::configure("eth0", address, prefix, gateway)?;
+    }
+    // Not nodev: its device nodes are the terminals.
     mount(
         "devpts",
         "/dev/pts",
         "devpts",
-        secure,
-        "newinstance,ptmxmode=0666",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
     )?;
-    for (path, text) in [
-        (
+    let _ = std::fs::create_dir_all("/etc");
+    if settings.image_root {
+        // The image's own users and groups stay; the sandbox user is added when the image has no uid 1000.
+        add_sandbox_user(
             "/etc/passwd",
-            "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
-        ),
-        ("/etc/group", "root:x:0:\nsandbox:x:1000:\n"),
+            "sandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
+            2,
+        )?;
+        add_sandbox_user("/etc/group", "sandbox:x:1000:\n", 2)?;
+    } else {
+        for (path, text) in [
+            (
+                "/etc/passwd",
+                "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
+            ),
+            ("/etc/group", "root:x:0:\nsandbox:x:1000:\n"),
+        ] {
+            std::fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))?;
+        }
+    }
+    let resolv = match (&settings.nic, settings.dns.is_empty()) {
+        (None, _) => "# this sandbox has no network\n".to_string(),
+        (Some(_), true) => "# DNS is not part of this sandbox's network contract\n".to_string(),
+        (Some(_), false) => settings.dns.iter().map(|r| format!("nameserver {r}\n")).collect(),
+    };
+    for (path, text) in [
         ("/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
-        ("/etc/resolv.conf", "# this sandbox has no network\n"),
+        ("/etc/resolv.conf", resolv.as_str()),
     ] {
+        // An image's /etc/resolv.conf may be a symlink out of the root: replace it, never follow it.
+        let _ = std::fs::remove_file(path);
         std::fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))?;
     }
     let _ = std::fs::write("/etc/hostname", format!("{}\n", settings.hostname));
     let _ = rustix::system::sethostname(settings.hostname.as_bytes());
+    if settings.image_root && !settings.writable("/") {
+        // Narrowed writable paths without `/`: the image's root is read-only too, as on the other lanes.
+        rustix::mount::mount_remount("/", MountFlags::RDONLY | MountFlags::NODEV, c"")
+            .map_err(|e| format!("making the image root read-only: {e}"))?;
+    }
     Ok(())
+}
+
+/// Where an image root is put together: the image's erofs disk, the tmpfs of its writes, the overlay.
+const IMAGE_LOWER: &str = "/.image";
+const IMAGE_WRITES: &str = "/.writes";
+const NEW_ROOT: &str = "/.root";
+
+/// Makes the image on `disk` the root: an overlay of the read-only erofs image under a tmpfs of `size`
+/// that takes the sandbox's writes, with `/proc`, `/sys`, `/dev` moved into it and the initramfs's
+/// `/.tartarus` (the agent, for file operations) bound read-only; then the agent moves it over `/` and
+/// chroots into it, as `switch_root` does (the initramfs cannot be unmounted or pivoted away).
+fn enter_image_root(disk: &str, size: &str) -> Result<(), String> {
+    mount(
+        disk,
+        IMAGE_LOWER,
+        "erofs",
+        MountFlags::RDONLY | MountFlags::NODEV,
+        "",
+    )?;
+    mount(
+        "tmpfs",
+        IMAGE_WRITES,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        &format!("mode=0755{size}"),
+    )?;
+    for dir in ["upper", "work"] {
+        std::fs::create_dir(format!("{IMAGE_WRITES}/{dir}"))
+            .map_err(|e| format!("creating the overlay's {dir}: {e}"))?;
+    }
+    mount(
+        "overlay",
+        NEW_ROOT,
+        "overlay",
+        MountFlags::NODEV,
+        &format!("lowerdir={IMAGE_LOWER},upperdir={IMAGE_WRITES}/upper,workdir={IMAGE_WRITES}/work"),
+    )?;
+    for dir in ["proc", "sys", "dev", ".tartarus"] {
+        let target = format!("{NEW_ROOT}/{dir}");
+        // A symlink where a mount point goes (an image may have anything) is replaced by a directory.
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(&target).map_err(|e| format!("clearing {target}: {e}"))?;
+        }
+        std::fs::create_dir_all(&target).map_err(|e| format!("creating {target}: {e}"))?;
+    }
+    for dir in ["/proc", "/sys", "/dev"] {
+        rustix::mount::mount_move(dir, format!("{NEW_ROOT}{dir}"))
+            .map_err(|e| format!("moving {dir} into the image root: {e}"))?;
+    }
+    let agent_dir = format!("{NEW_ROOT}/.tartarus");
+    rustix::mount::mount_bind("/.tartarus", &agent_dir).map_err(|e| format!("binding the agent: {e}"))?;
+    rustix::mount::mount_remount(
+        &agent_dir,
+        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+        c"",
+    )
+    .map_err(|e| format!("making the agent's directory read-only: {e}"))?;
+    std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("entering the image root: {e}"))?;
+    rustix::mount::mount_move(".", "/").map_err(|e| format!("moving the image root over /: {e}"))?;
+    rustix::process::chroot(".").map_err(|e| format!("entering the image root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("entering the image root: {e}"))
+}
+
+/// Appends `line` to `path` unless the file already has an entry with id 1000 (field `id_field`).
+fn add_sandbox_user(path: &str, line: &str, id_field: usize) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if text.lines().any(|l| l.split(':').nth(id_field) == Some("1000")) {
+        return Ok(());
+    }
+    let mut updated = text;
+    if !updated.is_empty() && !updated.ends_with('\n') {
+        updated.push('\n');
+    }
+    updated.push_str(line);
+    let _ = std::fs::remove_file(path);
+    std::fs::write(path, updated).map_err(|e| format!("writing {path}: {e}"))
 }
 
 /// What the host put on the kernel command line for the agent (`tartarus.<name>=<value>`).
@@ -149,6 +286,15 @@ struct GuestSettings {
     memory_bytes: Option<u64>,
     /// The sandbox's pids limit (its cgroup's `pids.max`).
     max_processes: Option<u64>,
+    /// The root disk is an image's (`tartarus.root=image`), not the host's `/usr`.
+    image_root: bool,
+    /// The NIC's address, prefix and gateway (`tartarus.net=`), for an egress sandbox.
+    nic: Option<(std::net::Ipv4Addr, u8, std::net::Ipv4Addr)>,
+    /// Resolvers the contract lets the sandbox reach (`tartarus.dns=a,b`).
+    dns: Vec<std::net::IpAddr>,
+    /// The policy's writable paths (`tartarus.writable=`, percent-encoded, comma-separated); empty:
+    /// every scratch area and an image's root are writable.
+    writable_paths: Vec<PathBuf>,
 }
 
 impl GuestSettings {
@@ -163,8 +309,49 @@ impl GuestSettings {
             hostname: value("tartarus.hostname").unwrap_or("sandbox").to_string(),
             memory_bytes: value("tartarus.memory_bytes").and_then(|v| v.parse().ok()),
             max_processes: value("tartarus.max_processes").and_then(|v| v.parse().ok()),
+            image_root: value("tartarus.root") == Some("image"),
+            nic: value("tartarus.net").and_then(nic::parse),
+            dns: value("tartarus.dns")
+                .map(|v| v.split(',').filter_map(|a| a.parse().ok()).collect())
+                .unwrap_or_default(),
+            writable_paths: value("tartarus.writable")
+                .map(|v| v.split(',').map(|p| PathBuf::from(percent_decode(p))).collect())
+                .unwrap_or_default(),
         }
     }
+
+    /// Whether `target` may be written: no narrowing, or under one of the writable paths.
+    fn writable(&self, target: &str) -> bool {
+        self.writable_paths.is_empty()
+            || self
+                .writable_paths
+                .iter()
+                .any(|p| Path::new(target).starts_with(p))
+    }
+}
+
+/// `%XX` escapes back to bytes (the host escapes `%`, `,` and whitespace in paths on the command line).
+pub(crate) fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Loads the initramfs's modules in order; virtio-mmio gets the devices QEMU put on the command line
@@ -241,7 +428,9 @@ mod tests {
     fn test_guest_settings_are_read_from_the_kernel_command_line() {
         let settings = GuestSettings::from_cmdline(
             "console=ttyS0 tartarus.scratch_bytes=67108864 tartarus.hostname=box \
-             tartarus.memory_bytes=268435456 tartarus.max_processes=64 rdinit=/x",
+             tartarus.memory_bytes=268435456 tartarus.max_processes=64 tartarus.root=image \
+             tartarus.net=10.88.0.5/16,10.88.0.1 tartarus.dns=10.255.255.53,2001:db8::53 \
+             tartarus.writable=/tmp,/data%2Cset%20x rdinit=/x",
         );
         assert_eq!(
             settings,
@@ -250,8 +439,23 @@ mod tests {
                 hostname: "box".into(),
                 memory_bytes: Some(256 << 20),
                 max_processes: Some(64),
+                image_root: true,
+                nic: Some((
+                    std::net::Ipv4Addr::new(10, 88, 0, 5),
+                    16,
+                    std::net::Ipv4Addr::new(10, 88, 0, 1)
+                )),
+                dns: vec![
+                    "10.255.255.53".parse().expect("v4"),
+                    "2001:db8::53".parse().expect("v6")
+                ],
+                writable_paths: vec!["/tmp".into(), "/data,set x".into()],
             }
         );
+        let narrowed = GuestSettings::from_cmdline("tartarus.writable=/tmp");
+        assert!(narrowed.writable("/tmp") && !narrowed.writable("/home/sandbox") && !narrowed.writable("/"));
+        assert!(GuestSettings::from_cmdline("quiet").writable("/"));
+        assert!(!GuestSettings::from_cmdline("tartarus.root=host").image_root);
         assert_eq!(GuestSettings::from_cmdline("quiet").hostname, "sandbox");
     }
 }
