@@ -532,10 +532,10 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
     let plain_view = wait_node(&server, "plain", |n| n["state"] == "ready");
     assert_eq!(
         lane_names(&walled_view),
-        ["process", "gvisor", "microvm"],
+        ["process", "gvisor", "microvm", "wasm"],
         "{walled_view}"
     );
-    assert_eq!(lane_names(&plain_view), ["process"], "{plain_view}");
+    assert_eq!(lane_names(&plain_view), ["process", "wasm"], "{plain_view}");
     let versions = &walled_view["lanes"];
     assert_eq!(versions[0]["version"], host_release().as_str(), "{walled_view}");
     assert!(
@@ -552,7 +552,7 @@ fn nodes_report_their_lanes_and_untrusted_work_lands_on_a_gvisor_node() {
             .to_string()
     };
     assert!(
-        line_of("walled").contains(" process,gvisor,microvm "),
+        line_of("walled").contains(" process,gvisor,microvm,wasm "),
         "{listing}"
     );
     assert!(!line_of("plain").contains("gvisor"), "{listing}");

@@ -1,7 +1,7 @@
 //! One conformance suite for every lane (issue 15, item 5): the lifecycle, service-mode and hostile-tenant
 //! checks are each written once, as a function of a [`harness::Fixture`] (the lane plus its own state
 //! directory and cgroup parent), and [`suite!`] makes one `#[test]` per (lane, check): `process::…` and
-//! `gvisor::…`, `microvm::…`. After every check the harness asserts that nothing is left behind (cgroups, runsc
+//! `gvisor::…`, `microvm::…`, `wasm::…`. After every check the harness asserts that nothing is left behind (cgroups, runsc
 //! containers and bundles, shims, network namespaces).
 //!
 //! A lane this host cannot run fails every one of its tests with the probe's reason; CI may exclude a lane
@@ -19,6 +19,8 @@ mod hostile;
 mod oneshot;
 #[path = "lanes_conformance/service.rs"]
 mod service;
+#[path = "lanes_conformance/wasm_checks.rs"]
+mod wasm_checks;
 
 /// One module per lane, one test per check in it.
 macro_rules! suite {
@@ -119,5 +121,33 @@ suite! {
         service::a_delete_ends_background_processes_and_leaves_nothing,
         service::a_fork_bomb_in_an_exec_stops_at_the_pids_limit,
         service::quarantine_denies_its_syscalls_and_narrows_the_writable_paths,
+    ]
+}
+
+// The Wasm lane runs Wasm programs, not ELF executables: every check above that runs `/bin/sh` or
+// `python3` cannot apply as written. It runs `a_missing_command_is_127` as is, and `wasm_checks` asserts
+// the same properties with Wasm programs where the lane has them (exit codes, the timeout, the memory
+// limit as an oom, stdio, env and workdir, a refused terminal and network, no host files, only scratch
+// writable), plus the API's refusal of a Wasm service sandbox. Not here, and why: death by a signal and
+// the SIGTERM grace (a Wasm guest gets no signals: a timeout interrupts it at once, see
+// `a_timeout_ends_an_endless_loop_with_reason_timeout`), a background grandchild, the fork bomb and the
+// pids limit (a guest has no processes), a custom user (no users), the interface list, loopback, vsock
+// and mounting (a guest has no sockets and no mount call; the network modes are refused by name),
+// host processes (no /proc), and every service check (the lane has no service mode).
+suite! {
+    lanes: [wasm];
+    checks: [
+        oneshot::a_missing_command_is_127,
+        wasm_checks::exit_code_is_passed_through,
+        wasm_checks::a_timeout_ends_an_endless_loop_with_reason_timeout,
+        wasm_checks::the_memory_limit_ends_in_an_oom,
+        wasm_checks::stdin_stdout_and_stderr_are_separate,
+        wasm_checks::env_and_workdir_reach_the_command,
+        wasm_checks::a_workdir_other_than_tmp_is_refused,
+        wasm_checks::a_terminal_is_clearly_refused,
+        wasm_checks::the_network_is_refused_by_name,
+        wasm_checks::host_files_are_invisible,
+        wasm_checks::only_the_scratch_areas_are_writable,
+        wasm_checks::the_api_refuses_a_service_sandbox_by_name,
     ]
 }

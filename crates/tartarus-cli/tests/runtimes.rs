@@ -65,6 +65,9 @@ fn the_server_lists_its_lanes_with_versions() {
         gvisor["detail"].as_str().unwrap().contains("platform"),
         "{gvisor}"
     );
+    let wasm = lane("wasm");
+    assert_eq!(wasm["available"], true, "wasmtime is built in: {wasm}");
+    assert_eq!(wasm["version"], "wasmtime 48.0.8", "{wasm}");
     let (status, _) = call("GET", &format!("{}/v1/runtimes", server.base), None, None);
     assert_eq!(status, 401);
 }
@@ -201,7 +204,7 @@ fn bad_runtime_names_and_forbidden_lanes_are_clear_refusals() {
     let (status, body) = create_status(&server, &user, json!({"runtime": "docker"}));
     assert_eq!(status, 422, "{body}");
     assert_eq!(
-        body["error"]["message"], "unknown runtime 'docker': use auto, process, gvisor, microvm",
+        body["error"]["message"], "unknown runtime 'docker': use auto, process, gvisor, microvm, wasm",
         "{body}"
     );
     // gVisor cannot share the host's network: asking for both is a 422 naming the knob.

@@ -172,14 +172,24 @@ impl IsolationPolicy {
 
 /// How strong a lane's wall is: how little of the host kernel the sandbox's code reaches directly. The
 /// process lane (the host kernel behind seccomp) is the weakest; gVisor's user-space kernel is stronger; a
-/// microVM's own guest kernel is the strongest.
+/// microVM's own guest kernel is the strongest. The Wasm lane's guest makes no system calls at all (it
+/// reaches only wasmtime's WASI host), which ranks it with gVisor; but that host and the compiler run in
+/// the supervisor's own process, with no second wall behind them.
 pub fn wall_strength(lane: LaneName) -> u8 {
     match lane {
         LaneName::Process => 0,
         LaneName::Gvisor => 1,
+        LaneName::Wasm => 1,
         // Its own guest kernel: the host kernel sees only the VMM.
         LaneName::Microvm => 2,
     }
+}
+
+/// Whether `auto` may pick the lane. Never the Wasm lane: it runs only Wasm programs, and whether a
+/// request's command is one cannot be told from the spec (its `command[0]` is a path the caller reads),
+/// so a request gets it only by naming it.
+fn automatic_lane(lane: LaneName) -> bool {
+    lane != LaneName::Wasm
 }
 
 /// What one lane of this host can do for one request.
@@ -293,7 +303,7 @@ pub fn choose_runtime(
     // pass every check and make each of those sandboxes take seconds to start.
     let usable: Vec<&LaneOffer> = offers
         .iter()
-        .filter(|o| o.automatic() && allowed(o.lane))
+        .filter(|o| o.automatic() && allowed(o.lane) && automatic_lane(o.lane))
         .collect();
     let strongest = usable
         .iter()
@@ -346,12 +356,13 @@ pub fn choose_runtime(
                     runtime: fallback.lane,
                     reason: format!(
                         "{why} asks for a strong wall but no stronger lane can take it here ({})",
-                        obstacles(offers, &allowed, |lane| wall_strength(lane) > 0)
+                        obstacles(offers, &allowed, |lane| wall_strength(lane) > 0
+                            && automatic_lane(lane))
                     ),
                 }),
                 (None, None) => Err(RuntimeRefusal::NoLane(format!(
                     "no lane the policy allows can take this sandbox here: {}",
-                    obstacles(offers, &allowed, |_| true)
+                    obstacles(offers, &allowed, automatic_lane)
                 ))),
             },
             None => match usable.iter().min_by_key(|o| wall_strength(o.lane)) {
@@ -361,7 +372,7 @@ pub fn choose_runtime(
                 }),
                 None => Err(RuntimeRefusal::NoLane(format!(
                     "no lane the policy allows can take this sandbox here: {}",
-                    obstacles(offers, &allowed, |_| true)
+                    obstacles(offers, &allowed, automatic_lane)
                 ))),
             },
         },
@@ -372,7 +383,9 @@ pub fn choose_runtime(
 fn missing_note(offers: &[LaneOffer], chosen: LaneName, allowed: &dyn Fn(LaneName) -> bool) -> String {
     let notes: Vec<String> = offers
         .iter()
-        .filter(|o| wall_strength(o.lane) > wall_strength(chosen) && allowed(o.lane))
+        .filter(|o| {
+            wall_strength(o.lane) > wall_strength(chosen) && allowed(o.lane) && automatic_lane(o.lane)
+        })
         .filter_map(|o| {
             o.obstacle()
                 .or(o.emulated.as_deref())
@@ -460,6 +473,37 @@ mod tests {
         offers[2].emulated = None;
         let quarantined = choose_runtime(None, QUARANTINE, &policy, &offers).unwrap();
         assert_eq!(quarantined.runtime, LaneName::Microvm);
+    }
+
+    #[test]
+    fn auto_never_picks_the_wasm_lane_but_a_request_naming_it_gets_it() {
+        let policy = EffectiveIsolation::default();
+        let mut offers = both();
+        offers.push(offer(LaneName::Wasm, None));
+        assert_eq!(
+            choose_runtime(None, PLAIN, &policy, &offers).map(|d| d.runtime),
+            Ok(LaneName::Process)
+        );
+        assert_eq!(
+            choose_runtime(None, QUARANTINE, &policy, &offers).map(|d| d.runtime),
+            Ok(LaneName::Gvisor)
+        );
+        // With only the process lane and wasm, quarantine falls back to the process lane, not to wasm.
+        let without_gvisor = vec![offers[0].clone(), offers[2].clone()];
+        let fallback = choose_runtime(None, QUARANTINE, &policy, &without_gvisor).unwrap();
+        assert_eq!(fallback.runtime, LaneName::Process, "{}", fallback.reason);
+        let only_wasm = vec![offers[2].clone()];
+        let refused = choose_runtime(None, PLAIN, &policy, &only_wasm).unwrap_err();
+        assert!(matches!(refused, RuntimeRefusal::NoLane(_)), "{refused}");
+        let named = choose_runtime(
+            Some(RuntimeChoice::Lane(LaneName::Wasm)),
+            QUARANTINE,
+            &policy,
+            &offers,
+        )
+        .unwrap();
+        assert_eq!(named.runtime, LaneName::Wasm);
+        assert_eq!(wall_strength(LaneName::Wasm), wall_strength(LaneName::Gvisor));
     }
 
     fn both() -> Vec<LaneOffer> {
@@ -638,7 +682,7 @@ mod tests {
         let bad = "docker".parse::<RuntimeChoice>().unwrap_err();
         assert_eq!(
             bad.to_string(),
-            "unknown runtime 'docker': use auto, process, gvisor, microvm"
+            "unknown runtime 'docker': use auto, process, gvisor, microvm, wasm"
         );
         assert_eq!(RuntimeChoice::Lane(LaneName::Process).to_string(), "process");
     }

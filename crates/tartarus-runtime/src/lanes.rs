@@ -26,17 +26,25 @@ pub enum LaneName {
     Gvisor,
     /// A guest kernel of its own in a QEMU microVM (`microvm/`).
     Microvm,
+    /// A WebAssembly module or component run by wasmtime with WASI (`wasm/`).
+    Wasm,
 }
 
 impl LaneName {
     /// Every lane, in the order `tartarus runtimes` lists them.
-    pub const ALL: [LaneName; 3] = [LaneName::Process, LaneName::Gvisor, LaneName::Microvm];
+    pub const ALL: [LaneName; 4] = [
+        LaneName::Process,
+        LaneName::Gvisor,
+        LaneName::Microvm,
+        LaneName::Wasm,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LaneName::Process => "process",
             LaneName::Gvisor => "gvisor",
             LaneName::Microvm => "microvm",
+            LaneName::Wasm => "wasm",
         }
     }
 
@@ -47,6 +55,7 @@ impl LaneName {
             LaneName::Process => LaneCapabilities::ALL,
             LaneName::Gvisor => crate::gvisor::CAPABILITIES,
             LaneName::Microvm => crate::microvm::CAPABILITIES,
+            LaneName::Wasm => crate::wasm::CAPABILITIES,
         }
     }
 }
@@ -59,7 +68,7 @@ impl fmt::Display for LaneName {
 
 /// A lane name this build does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown lane '{0}': valid lanes are process, gvisor, microvm")]
+#[error("unknown lane '{0}': valid lanes are process, gvisor, microvm, wasm")]
 pub struct UnknownLane(pub String);
 
 impl FromStr for LaneName {
@@ -188,6 +197,7 @@ pub fn probe_lane(lane: LaneName, config: &LaneConfig) -> LaneReport {
         LaneName::Process => probe_process(),
         LaneName::Gvisor => probe_gvisor(config),
         LaneName::Microvm => probe_microvm(config),
+        LaneName::Wasm => probe_wasm(config),
     }
 }
 
@@ -215,6 +225,13 @@ pub fn open(name: LaneName, config: &LaneConfig) -> Result<Box<dyn Runtime + Sen
             }),
         },
         LaneName::Microvm => match crate::microvm::MicrovmRuntime::open(config) {
+            Ok(runtime) => Ok(Box::new(runtime)),
+            Err(e) => Err(LaneUnavailable {
+                lane: name,
+                reason: e.to_string(),
+            }),
+        },
+        LaneName::Wasm => match crate::wasm::WasmRuntime::open(config) {
             Ok(runtime) => Ok(Box::new(runtime)),
             Err(e) => Err(LaneUnavailable {
                 lane: name,
@@ -339,6 +356,37 @@ fn probe_microvm(config: &LaneConfig) -> LaneReport {
     }
 }
 
+/// wasmtime's version and whether its engine (with the pooling allocator's reservation) starts here.
+fn probe_wasm(config: &LaneConfig) -> LaneReport {
+    let version = Some(format!("wasmtime {}", crate::wasm::WASMTIME_VERSION));
+    match crate::wasm::WasmRuntime::open(config) {
+        Ok(_) => LaneReport {
+            name: LaneName::Wasm,
+            available: true,
+            reason: None,
+            version,
+            detail: Some(format!(
+                "WASI preview 1 and 2; pooling allocator for {} sandboxes; scratch {}",
+                crate::wasm::MAX_SANDBOXES,
+                if rustix::process::geteuid().is_root() {
+                    "a size-bounded tmpfs"
+                } else {
+                    "a directory (not size-bounded without root)"
+                }
+            )),
+            emulated: None,
+        },
+        Err(e) => LaneReport {
+            name: LaneName::Wasm,
+            available: false,
+            reason: Some(e.to_string()),
+            version,
+            detail: None,
+            emulated: None,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +407,7 @@ mod tests {
         assert_eq!(LaneName::Process.capabilities(), process.capabilities());
         assert_eq!(LaneName::Gvisor.capabilities(), crate::gvisor::CAPABILITIES);
         assert_eq!(LaneName::Microvm.capabilities(), crate::microvm::CAPABILITIES);
+        assert_eq!(LaneName::Wasm.capabilities(), crate::wasm::CAPABILITIES);
     }
 
     #[test]
@@ -366,7 +415,7 @@ mod tests {
         let err = "firecracker".parse::<LaneName>().expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown lane 'firecracker': valid lanes are process, gvisor, microvm"
+            "unknown lane 'firecracker': valid lanes are process, gvisor, microvm, wasm"
         );
         assert!(
             serde_json::from_str::<LaneName>("\"Process\"").is_err(),
@@ -396,6 +445,7 @@ mod tests {
             "{gvisor:?}"
         );
         assert!(!reports[2].available, "{:?}", reports[2]);
+        assert!(reports[3].available, "wasmtime is built in: {:?}", reports[3]);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! Modules: [`sandbox`] the lifecycle traits and types; [`capabilities`] what a lane can honour;
 //! [`service`] the service-sandbox seam; [`files`] file operations and their encoding; [`spec`] the
 //! validated input; [`lanes`] lanes by name, what this host can run and opening one; [`process`] the Linux
-//! process lane; [`gvisor`] the gVisor lane (runsc); [`microvm`] the microVM lane (QEMU and a guest agent); [`testing`] a scriptable fake of the seam.
+//! process lane; [`gvisor`] the gVisor lane (runsc); [`microvm`] the microVM lane (QEMU and a guest agent); [`wasm`] the Wasm lane (wasmtime and
+//! WASI); [`testing`] a scriptable fake of the seam.
 
 pub mod capabilities;
 pub mod files;
@@ -24,6 +25,7 @@ pub mod service;
 pub mod spec;
 pub mod testing;
 pub mod units;
+pub mod wasm;
 
 pub use capabilities::{LaneCapabilities, Unsupported};
 pub use files::{DirEntry, EntryKind, FileErrorKind, FileOp, FileOpError, MAX_FILE_BYTES};

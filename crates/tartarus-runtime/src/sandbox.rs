@@ -11,7 +11,7 @@ use crate::capabilities::{LaneCapabilities, Unsupported};
 use crate::service::ServiceSandbox;
 use crate::spec::{SandboxSpec, SpecError};
 
-/// An isolation backend (the process and gVisor lanes today; microVM and Wasm later).
+/// An isolation backend: the process, gVisor, microVM and Wasm lanes.
 pub trait Runtime {
     /// Short stable name, e.g. `process`.
     fn name(&self) -> &'static str;

@@ -22,6 +22,8 @@ pub fn run() -> anyhow::Result<u8> {
     if let Ok(runtime) = MicrovmRuntime::open(&config) {
         removed.extend(runtime.collect_garbage());
     }
+    // Wasm scratch directories (a supervisor without root) of dead supervisors.
+    removed.extend(tartarus_runtime::wasm::collect_garbage());
     for path in &removed {
         println!("removed {}", path.display());
     }
@@ -29,7 +31,7 @@ pub fn run() -> anyhow::Result<u8> {
         .map(|e| format!("; gVisor state not checked: {e}"))
         .unwrap_or_default();
     eprintln!(
-        "tartarus: gc removed {} leftover(s) (cgroups, sandbox networks, gVisor containers, microVM directories){skipped}",
+        "tartarus: gc removed {} leftover(s) (cgroups, sandbox networks, gVisor containers, microVM and Wasm scratch directories){skipped}",
         removed.len()
     );
     Ok(0)

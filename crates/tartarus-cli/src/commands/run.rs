@@ -24,8 +24,9 @@ use crate::{print_error, EXIT_TARTARUS_ERROR};
 #[derive(Args, Debug)]
 #[command(after_help = "Example: tartarus run --memory 256M --timeout 30s -- python3 -c \"print('hi')\"")]
 pub struct RunArgs {
-    /// Isolation lane: process (namespaces, seccomp, Landlock) or gvisor (gVisor's user-space kernel,
-    /// runsc; root only). `tartarus runtimes` lists what this host can run
+    /// Isolation lane: process (namespaces, seccomp, Landlock), gvisor (gVisor's user-space kernel, runsc;
+    /// root only), microvm (a QEMU microVM; root only) or wasm (a WebAssembly program under wasmtime and
+    /// WASI). `tartarus runtimes` lists what this host can run
     #[arg(long, value_name = "LANE", default_value = "process", value_parser = parse_lane_arg)]
     runtime: LaneName,
     /// Directory to use as the read-only root (default: the host's /usr with a generated /etc)
@@ -96,6 +97,11 @@ pub struct RunArgs {
     /// Write the JSON result record to this file instead of stderr
     #[arg(long, value_name = "FILE")]
     result_file: Option<PathBuf>,
+    /// The program, when it is not the first word after `--`; the words after `--` are then its
+    /// arguments: `tartarus run --runtime wasm app.wasm -- arg` (a Wasm lane's program is read from this
+    /// host path)
+    #[arg(value_name = "PROGRAM")]
+    program: Option<String>,
     /// The command and its arguments (optional with --image: the image's Cmd)
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -277,7 +283,8 @@ fn network_from(args: &RunArgs) -> Result<NetworkMode, String> {
 }
 
 fn spec_from(args: &RunArgs) -> SandboxSpec {
-    let mut spec = SandboxSpec::new(args.command.clone());
+    let command = args.program.iter().chain(&args.command).cloned().collect();
+    let mut spec = SandboxSpec::new(command);
     spec.env = args.env.clone();
     spec.workdir = args.workdir.clone();
     spec.root = args
@@ -513,7 +520,16 @@ fn explain(outcome: &Outcome, args: &RunArgs, memory_limit: Option<u64>) {
             let limit = memory_limit
                 .map(|m| format!(" (limit {} MiB)", m >> 20))
                 .unwrap_or_default();
-            eprintln!("tartarus: out of memory{limit}; the kernel killed the command");
+            match outcome.termination {
+                Termination::Signaled(_) => {
+                    eprintln!("tartarus: out of memory{limit}; the kernel killed the command")
+                }
+                // A lane that refuses the growth (wasm) instead of killing: the command failed after it.
+                Termination::Exited(_) => eprintln!(
+                    "tartarus: out of memory{limit}; a memory growth past the limit was refused and the \
+                     command failed"
+                ),
+            }
         }
         _ => {}
     }

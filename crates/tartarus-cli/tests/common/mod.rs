@@ -4,6 +4,7 @@
 pub mod postgres;
 pub mod registry;
 pub mod server;
+pub mod wasm;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;

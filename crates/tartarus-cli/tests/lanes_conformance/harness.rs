@@ -19,6 +19,7 @@ pub enum Lane {
     Process,
     Gvisor,
     Microvm,
+    Wasm,
 }
 
 impl Lane {
@@ -27,6 +28,7 @@ impl Lane {
             "process" => Lane::Process,
             "gvisor" => Lane::Gvisor,
             "microvm" => Lane::Microvm,
+            "wasm" => Lane::Wasm,
             other => panic!("no lane {other} in the harness: add a Lane variant"),
         }
     }
@@ -36,6 +38,7 @@ impl Lane {
             Lane::Process => "process",
             Lane::Gvisor => "gvisor",
             Lane::Microvm => "microvm",
+            Lane::Wasm => "wasm",
         }
     }
 
@@ -151,6 +154,13 @@ impl Fixture {
         self.run(flags, &["/bin/sh", "-c", script])
     }
 
+    /// A directory for programs the check writes (Wasm modules), removed with the fixture.
+    pub fn programs_dir(&self) -> PathBuf {
+        let dir = self.state.path().join("programs");
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     pub fn py(&self, script: &str) -> Output {
         self.run(&[], &["/usr/bin/python3", "-c", script])
     }
@@ -224,6 +234,13 @@ impl Fixture {
                 processes_naming(&needle)
                     .into_iter()
                     .map(|p| format!("process {p} naming {needle}")),
+            );
+        }
+        if let Ok(scratch) = std::fs::read_dir(self.state.path().join("wasm")) {
+            leaks.extend(
+                scratch
+                    .flatten()
+                    .map(|s| format!("Wasm scratch directory {}", s.path().display())),
             );
         }
         if let Ok(bundles) = std::fs::read_dir(self.state.path().join("gvisor/bundles")) {
