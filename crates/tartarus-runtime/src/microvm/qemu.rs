@@ -219,12 +219,15 @@ pub struct VmConfig<'a> {
     pub vm_dir: &'a Path,
 }
 
-/// The guest's RAM for a sandbox memory limit: the limit, within the guest bounds, in MiB.
-pub fn guest_memory_mib(limit: Option<u64>) -> u64 {
+/// The guest's RAM for a sandbox memory limit and an initramfs of `initramfs_bytes`, in MiB: the limit
+/// within the guest bounds (the sandbox's cgroup in the guest holds the command to the limit itself),
+/// plus twice the initramfs — the guest holds the archive and its unpacked files at once while it boots,
+/// and the files stay in RAM — so a large agent (a debug build) never leaves the boot without memory.
+pub fn guest_memory_mib(limit: Option<u64>, initramfs_bytes: u64) -> u64 {
     let bytes = limit
         .unwrap_or(MIN_GUEST_MEMORY_BYTES)
         .clamp(MIN_GUEST_MEMORY_BYTES, MAX_GUEST_MEMORY_BYTES);
-    bytes >> 20
+    (bytes >> 20) + initramfs_bytes.saturating_mul(2).div_ceil(1 << 20)
 }
 
 /// vCPUs for a CPU limit: its ceiling, at least 1 and at most the host's CPUs.
@@ -364,10 +367,15 @@ mod tests {
 
     #[test]
     fn test_guest_memory_and_vcpus_are_bounded() {
-        assert_eq!(guest_memory_mib(None), 256);
-        assert_eq!(guest_memory_mib(Some(64 << 20)), 256, "below the floor");
-        assert_eq!(guest_memory_mib(Some(1 << 30)), 1024);
-        assert_eq!(guest_memory_mib(Some(1 << 40)), 64 << 10, "capped");
+        assert_eq!(guest_memory_mib(None, 0), 256);
+        assert_eq!(guest_memory_mib(Some(64 << 20), 0), 256, "below the floor");
+        assert_eq!(guest_memory_mib(Some(1 << 30), 0), 1024);
+        assert_eq!(guest_memory_mib(Some(1 << 40), 0), 64 << 10, "capped");
+        assert_eq!(
+            guest_memory_mib(Some(64 << 20), 96 << 20),
+            256 + 192,
+            "room for the initramfs"
+        );
         assert_eq!(vcpus(None), 1);
         assert_eq!(vcpus(Some(0.5)), 1);
         assert!(vcpus(Some(1000.0)) >= 1);

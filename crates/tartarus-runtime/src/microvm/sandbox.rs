@@ -147,7 +147,8 @@ impl MicrovmSandbox {
             _ => None,
         };
         let limits = spec.applied_limits();
-        let guest_mib = qemu::guest_memory_mib(limits.memory_bytes.value());
+        let initramfs_bytes = std::fs::metadata(&initramfs).map(|m| m.len()).unwrap_or(0);
+        let guest_mib = qemu::guest_memory_mib(limits.memory_bytes.value(), initramfs_bytes);
         // The VMM's cgroup: the guest's RAM plus QEMU's own bounded overhead, and its threads.
         let mut vmm_limits = limits;
         vmm_limits.memory_bytes = Applied::Requested((guest_mib << 20) + qemu::VMM_OVERHEAD_BYTES);
