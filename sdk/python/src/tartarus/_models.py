@@ -207,6 +207,8 @@ class Runtime(_Model):
     detail: Optional[str] = None
     reason: Optional[str] = None
     version: Optional[str] = None
+    #: Why ``auto`` does not choose the lane although it runs (a microVM lane whose guests are emulated).
+    emulated: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
