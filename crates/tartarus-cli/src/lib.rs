@@ -84,9 +84,15 @@ pub mod cli {
         Cp { src: String, dst: String },
         /// Kill a sandbox on the server and remove it
         Kill { id: String },
-        /// Freeze every process of a sandbox on the server
-        Pause { id: String },
-        /// Thaw a paused sandbox on the server
+        /// Pause a sandbox on the server: freeze its processes, or with --disk save it to a snapshot and
+        /// release its CPU and memory (lanes with pause_to_disk: gvisor)
+        Pause {
+            id: String,
+            /// Save memory, processes and scratch files to disk instead of freezing them in memory
+            #[arg(long)]
+            disk: bool,
+        },
+        /// Resume a paused sandbox on the server (thawed, or restored from its snapshot)
         Resume { id: String },
         /// Quarantine a sandbox on the server: cut its network off and freeze it for inspection
         Quarantine { id: String },
@@ -152,8 +158,8 @@ pub mod cli {
             Command::Logs { id, follow } => commands::remote::logs(id, follow),
             Command::Cp { src, dst } => commands::remote::cp(src, dst),
             Command::Kill { id } => commands::remote::kill(id),
-            Command::Pause { id } => commands::remote::set_paused(id, true),
-            Command::Resume { id } => commands::remote::set_paused(id, false),
+            Command::Pause { id, disk } => commands::remote::set_paused(id, true, disk),
+            Command::Resume { id } => commands::remote::set_paused(id, false, false),
             Command::Quarantine { id } => commands::remote::quarantine(id),
             Command::Audit(args) => commands::remote::audit(args),
             Command::Template(args) => commands::template::run(args),

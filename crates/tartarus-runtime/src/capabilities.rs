@@ -46,6 +46,9 @@ pub struct LaneCapabilities {
     pub cpu_throttle: bool,
     /// Cutting a running sandbox's egress network off.
     pub network_isolation: bool,
+    /// Saving a service sandbox's whole state — memory, processes, scratch files — to disk and ending it,
+    /// then restoring it into a new sandbox of the same spec ([`crate::ServiceSandbox::hibernate`]).
+    pub pause_to_disk: bool,
 }
 
 impl LaneCapabilities {
@@ -70,6 +73,7 @@ impl LaneCapabilities {
         file_ops: true,
         cpu_throttle: true,
         network_isolation: true,
+        pause_to_disk: true,
     };
 
     /// The first knob of `spec` that `lane` (with these capabilities) cannot honour.

@@ -52,7 +52,7 @@ impl LaneName {
     /// a caller that judges a spec for another machine's lane (the control plane, for its nodes).
     pub fn capabilities(self) -> LaneCapabilities {
         match self {
-            LaneName::Process => LaneCapabilities::ALL,
+            LaneName::Process => crate::process::CAPABILITIES,
             LaneName::Gvisor => crate::gvisor::CAPABILITIES,
             LaneName::Microvm => crate::microvm::CAPABILITIES,
             LaneName::Wasm => crate::wasm::CAPABILITIES,

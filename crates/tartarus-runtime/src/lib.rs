@@ -22,6 +22,7 @@ pub mod microvm;
 pub mod process;
 pub mod sandbox;
 pub mod service;
+pub mod snapshot;
 pub mod spec;
 pub mod testing;
 pub mod units;

@@ -9,12 +9,13 @@
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::files::FileOp;
-use crate::sandbox::{Sandbox, SandboxState, StdioFds, Termination};
+use crate::sandbox::{Sandbox, SandboxState, StartError, StdioFds, Termination};
 
 /// A sandbox that stays up and serves execs, file operations and controls.
 ///
@@ -71,6 +72,28 @@ pub trait ServiceSandbox: Sandbox {
         Err(ServiceError::Unsupported {
             operation: "connecting to a port",
             why: "this lane has no network namespace the host can enter",
+        })
+    }
+    /// Pause to disk: saves the sandbox's whole state — memory, processes, the files of its scratch
+    /// space — into the empty directory `dir`, then ends the sandbox (its outcome is then collected as for
+    /// any end, with [`crate::Sandbox::wait`]). A sandbox of the same spec continues from `dir` with
+    /// [`ServiceSandbox::restore`]. Refused ([`ServiceErrorKind::State`]) while an exec is attached, since
+    /// its streams cannot cross; processes started in the background continue after the restore.
+    /// [`ServiceErrorKind::Unsupported`] when the lane cannot save memory.
+    fn hibernate(&mut self, dir: &Path) -> Result<(), ServiceError> {
+        let _ = dir;
+        Err(ServiceError::Unsupported {
+            operation: "pausing to disk",
+            why: "this lane cannot save a sandbox's memory and processes",
+        })
+    }
+    /// Starts this prepared sandbox from the state [`ServiceSandbox::hibernate`] saved in `dir` (of a
+    /// sandbox of the same spec), instead of [`crate::Sandbox::start`]; the main command's stdio is `stdio`.
+    fn restore(&mut self, dir: &Path, stdio: StdioFds<'_>) -> Result<(), StartError> {
+        let _ = (dir, stdio);
+        Err(StartError::Host {
+            what: "this lane cannot restore a sandbox from a snapshot",
+            source: io::Error::from(io::ErrorKind::Unsupported),
         })
     }
 }
@@ -166,6 +189,10 @@ pub enum ServiceError {
         #[source]
         source: io::Error,
     },
+    /// Not now, for the reason given (an exec is attached, the disk has too little room); the sandbox is
+    /// untouched and the operation may work later.
+    #[error("{operation} refused: {why}")]
+    Refused { operation: &'static str, why: String },
 }
 
 /// How a caller should treat a [`ServiceError`].
@@ -182,7 +209,7 @@ pub enum ServiceErrorKind {
 impl ServiceError {
     pub fn kind(&self) -> ServiceErrorKind {
         match self {
-            ServiceError::State(_) => ServiceErrorKind::State,
+            ServiceError::State(_) | ServiceError::Refused { .. } => ServiceErrorKind::State,
             ServiceError::Unsupported { .. } => ServiceErrorKind::Unsupported,
             ServiceError::Host { .. } | ServiceError::Network(_) | ServiceError::Connect { .. } => {
                 ServiceErrorKind::Unavailable

@@ -104,6 +104,29 @@ pub struct SandboxView {
     /// Why that lane: `the quarantine class requires a strong wall`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_reason: Option<String>,
+    /// A paused sandbox: `memory` (frozen in place) or `disk` (saved to a snapshot, using no CPU or memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_to: Option<PauseMode>,
+}
+
+/// `POST /v1/sandboxes/{id}/pause` (the body is optional: an empty one pauses in memory).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PauseBody {
+    #[serde(default)]
+    pub mode: PauseMode,
+}
+
+/// How a sandbox is paused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PauseMode {
+    /// Freeze every process where it is; memory stays in use. Every lane with `pause`.
+    #[default]
+    Memory,
+    /// Save memory, processes and scratch files to a sealed snapshot on disk, then release the sandbox's
+    /// CPU and memory; a resume restores it under the same id. Lanes with `pause_to_disk` (gvisor).
+    Disk,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`.

@@ -20,6 +20,10 @@ pub const TOTAL: &str = "tartarus_sandbox_total";
 pub const TOOL_CALLS: &str = "tartarus_tool_calls_total";
 /// Tool calls answered from the idempotency ledger (replays) or refused as divergent, by outcome.
 pub const LEDGER_OUTCOMES: &str = "tartarus_ledger_outcomes_total";
+/// Time from a resume request until a sandbox paused to disk runs again from its snapshot.
+pub const RESTORE_DURATION: &str = "tartarus_snapshot_restore_duration_seconds";
+/// Size of each snapshot a pause to disk sealed.
+pub const SNAPSHOT_BYTES: &str = "tartarus_snapshot_bytes";
 /// API request latency.
 pub const REQUEST_DURATION: &str = "tartarus_http_request_duration_seconds";
 

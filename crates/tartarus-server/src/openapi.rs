@@ -27,7 +27,7 @@ use crate::{api, cluster, gateway, routes};
           routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node,
           routes::keys::public_keys, routes::keys::rotate_key, routes::runtimes::list_runtimes,
           routes::ports::signed_url, routes::ports::forward_path, sandboxes::set_timeout),
-    components(schemas(CreateSandbox, SandboxView, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
+    components(schemas(CreateSandbox, SandboxView, api::PauseBody, api::PauseMode, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
                        blobs::GcView, gateway::ToolDefinition, routes::receipts::ReceiptView, routes::episodes::EpisodeView,

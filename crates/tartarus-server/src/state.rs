@@ -55,6 +55,11 @@ pub(crate) fn view(record: &SandboxRecord) -> SandboxView {
         placement: record.placement.clone(),
         runtime: record.runtime.clone(),
         runtime_reason: record.runtime_reason.clone(),
+        paused_to: match (record.status, record.paused, &record.hibernated_to) {
+            (SandboxStatus::Running, true, Some(_)) => Some(crate::api::PauseMode::Disk),
+            (SandboxStatus::Running, true, None) => Some(crate::api::PauseMode::Memory),
+            _ => None,
+        },
     }
 }
 

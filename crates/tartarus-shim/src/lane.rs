@@ -29,6 +29,29 @@ pub fn start(
     Ok(sandbox)
 }
 
+/// Prepares `spec` as a service sandbox of `runtime` and continues it from the snapshot in `dir` (checked
+/// by the caller), with the main command's stdio.
+pub fn restore(
+    runtime: &dyn Runtime,
+    spec: SandboxSpec,
+    dir: &std::path::Path,
+    stdio: [BorrowedFd<'_>; 3],
+) -> Result<Box<dyn ServiceSandbox>, StartFailure> {
+    let mut sandbox = runtime.prepare_service(spec).map_err(prepare_failure)?;
+    let [stdin, stdout, stderr] = stdio;
+    sandbox
+        .restore(
+            dir,
+            StdioFds {
+                stdin,
+                stdout,
+                stderr,
+            },
+        )
+        .map_err(start_failure)?;
+    Ok(sandbox)
+}
+
 fn prepare_failure(e: PrepareError) -> StartFailure {
     // A default limit the host cannot enforce is the host's (or the operator's) problem, not the request's.
     let kind = match e {
@@ -97,6 +120,7 @@ impl From<ServiceError> for LaneError {
             {
                 ErrorCode::PortClosed
             }
+            (ServiceError::Refused { .. }, _) => ErrorCode::Refused,
             (_, kind) => match kind {
                 ServiceErrorKind::Unsupported => ErrorCode::Unsupported,
                 ServiceErrorKind::State | ServiceErrorKind::Unavailable => ErrorCode::Unavailable,

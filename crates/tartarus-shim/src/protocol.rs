@@ -78,6 +78,13 @@ pub enum Request {
     /// Connect to `127.0.0.1:port` inside the sandbox's network namespace. → [`Done`], with the connected
     /// TCP socket passed along the reply line (`SCM_RIGHTS`); the caller then owns the connection.
     ConnectPort { port: u16 },
+    /// Pause to disk: save the whole sandbox into the empty directory `dir` (made by the caller), seal it
+    /// (`tartarus_runtime::snapshot`) and end the sandbox. Answered with [`Done`] once the snapshot is
+    /// sealed and the sandbox cleaned up (the result record's reason is then `hibernated`); the shim then
+    /// exits. Refused, with the sandbox untouched, while an exec is attached ([`ErrorCode::Refused`]) or
+    /// on a lane that cannot ([`ErrorCode::Unsupported`]). A shim started with `--restore DIR` continues
+    /// the sandbox from such a directory.
+    Hibernate { dir: std::path::PathBuf },
 }
 
 /// A command to run in a running sandbox.
@@ -180,6 +187,8 @@ pub enum ErrorCode {
     Unavailable,
     /// Nothing listens on the port inside the sandbox.
     PortClosed,
+    /// Not now (an exec is attached, too little disk for a snapshot); the sandbox is untouched.
+    Refused,
 }
 
 impl ErrorCode {
@@ -197,6 +206,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::PortClosed => "port_closed",
+            ErrorCode::Refused => "refused",
         }
     }
 }
@@ -408,6 +418,8 @@ pub enum EndReason {
     Timeout,
     Oom,
     Killed,
+    /// Saved to disk by `hibernate`: the sandbox has not ended and continues from its snapshot.
+    Hibernated,
 }
 
 impl EndReason {
@@ -417,6 +429,7 @@ impl EndReason {
             EndReason::Timeout => "timeout",
             EndReason::Oom => "oom",
             EndReason::Killed => "killed",
+            EndReason::Hibernated => "hibernated",
         }
     }
 }
@@ -433,6 +446,9 @@ pub struct ResultRecord {
     pub wall_ms: f64,
     pub cpu_ms: f64,
     pub peak_memory_bytes: u64,
+    /// With reason `hibernated`: the directory of the sealed snapshot the sandbox continues from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<std::path::PathBuf>,
 }
 
 /// A message of a version this side does not speak.

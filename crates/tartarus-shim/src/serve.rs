@@ -49,6 +49,9 @@ pub struct ShimPaths {
     pub result: Option<PathBuf>,
     /// File that receives the main command's stdout and stderr.
     pub log: Option<PathBuf>,
+    /// Continue the sandbox from this sealed snapshot (a `hibernate` of the same spec) instead of
+    /// starting it.
+    pub restore: Option<PathBuf>,
 }
 
 /// The shim could not run (after the handshake: before it, failures are reported in the handshake).
@@ -85,6 +88,7 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         sandbox,
         lifetime,
         timeout_grace,
+        spec_text,
     } = match start(paths, runtime) {
         Ok(started) => started,
         Err(failure) => {
@@ -124,13 +128,15 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
         timed_out: false,
         grace: None,
         stop: None,
+        hibernating: None,
     };
     let outcome = shim.serve(&listener, &signals)?;
     let Shim {
         mut sandbox,
-        kill_requester,
+        mut kill_requester,
         stop,
         timed_out,
+        hibernating,
         ..
     } = shim;
     let mut outcome = match outcome {
@@ -149,21 +155,75 @@ pub fn run(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<u8, ShimError> {
     if timed_out {
         outcome.reason = tartarus_runtime::ExitReason::Timeout;
     }
+    // A sandbox saved to disk has ended here but not for its owner: once its snapshot is sealed (synced,
+    // hashed, read back), the result says `hibernated` and the requester is answered after the cleanup.
+    let mut hibernated = None;
+    if let Some(hibernation) = hibernating {
+        let origin = tartarus_runtime::snapshot::Origin {
+            lane: runtime.name(),
+            spec: &spec_text,
+            timeout_left_ms: hibernation.timeout_left.map(|t| t.as_millis() as u64),
+        };
+        let sealed = match (outcome.reason, &kill_requester, timed_out) {
+            // Killed, timed out or out of memory while being saved: that end wins.
+            (tartarus_runtime::ExitReason::Timeout | tartarus_runtime::ExitReason::Oom, _, _)
+            | (_, Some(_), _)
+            | (_, _, true) => None,
+            _ => Some(tartarus_runtime::snapshot::seal(&hibernation.dir, origin)),
+        };
+        match sealed {
+            Some(Ok(_)) => hibernated = Some((hibernation.requester, hibernation.dir)),
+            Some(Err(e)) => {
+                let reply = ReplyLine::<Done>::error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the sandbox ended but its snapshot is unusable: {}",
+                        tartarus_runtime::error_chain(&e)
+                    ),
+                );
+                kill_requester.get_or_insert(hibernation.requester);
+                answer_blocking(kill_requester.take(), &reply);
+            }
+            None => {
+                let reply = ReplyLine::<Done>::error(
+                    ErrorCode::Unavailable,
+                    "the sandbox ended (killed, timed out or out of memory) before its snapshot was complete",
+                );
+                answer_blocking(Some(hibernation.requester), &reply);
+            }
+        }
+    }
     let _ = std::fs::remove_file(&paths.socket);
     if let Some(path) = &paths.result {
-        write_result(path, sandbox.id(), &outcome, stopped_by)
+        let snapshot = hibernated.as_ref().map(|(_, dir)| dir.as_path());
+        write_result(path, sandbox.id(), &outcome, stopped_by, snapshot)
             .map_err(io_err("writing the result record"))?;
     }
     // A kill is answered only now, so the requester knows the sandbox is gone; a cleanup that failed in
     // part is still answered (the sandbox ended, the result is written) and then reported.
     let cleaned = sandbox.cleanup().map_err(LaneError::from);
-    if let Some(mut stream) = kill_requester {
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let _ = stream.write_all(&protocol::encode(&ReplyLine::ok(Done {})));
-    }
+    answer_blocking(
+        kill_requester.or(hibernated.map(|(requester, _)| requester)),
+        &ReplyLine::ok(Done {}),
+    );
     cleaned?;
     Ok(0)
+}
+
+/// The last answer of a shim that is ending, written in blocking mode (bounded).
+fn answer_blocking<T: serde::Serialize>(stream: Option<UnixStream>, reply: &ReplyLine<T>) {
+    if let Some(mut stream) = stream {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.write_all(&protocol::encode(reply));
+    }
+}
+
+/// A `hibernate` under way: the sandbox is ending after its checkpoint.
+struct Hibernation {
+    dir: PathBuf,
+    requester: UnixStream,
+    timeout_left: Option<Duration>,
 }
 
 /// A started sandbox with its lifetime limit and the grace period its timeout gives.
@@ -171,6 +231,8 @@ struct StartedSandbox {
     sandbox: Box<dyn ServiceSandbox>,
     lifetime: Option<Duration>,
     timeout_grace: Duration,
+    /// The spec file's bytes, which a snapshot is sealed to.
+    spec_text: Vec<u8>,
 }
 
 /// Reads the spec and starts the sandbox, or says why it could not.
@@ -202,13 +264,26 @@ fn start(paths: &ShimPaths, runtime: &dyn Runtime) -> Result<StartedSandbox, Sta
     }
     .map_err(|e| host("opening the sandbox log", e))?;
     let null = std::fs::File::open("/dev/null").map_err(|e| host("opening /dev/null", e))?;
-    let lifetime = spec.timeout;
     let timeout_grace = spec.effective_timeout_grace();
-    let sandbox = lane::start(runtime, spec, [null.as_fd(), log.as_fd(), log.as_fd()])?;
+    let stdio = [null.as_fd(), log.as_fd(), log.as_fd()];
+    let (sandbox, lifetime) = match &paths.restore {
+        None => {
+            let lifetime = spec.timeout;
+            (lane::start(runtime, spec, stdio)?, lifetime)
+        }
+        Some(dir) => {
+            // Checked again here, whoever checked it before: only a whole snapshot of this spec is used.
+            let manifest = tartarus_runtime::snapshot::verify(dir, runtime.name(), text.as_bytes())
+                .map_err(|e| spec_failure(tartarus_runtime::error_chain(&e)))?;
+            let lifetime = manifest.timeout_left_ms.map(Duration::from_millis);
+            (lane::restore(runtime, spec, dir, stdio)?, lifetime)
+        }
+    };
     Ok(StartedSandbox {
         sandbox,
         lifetime,
         timeout_grace,
+        spec_text: text.into_bytes(),
     })
 }
 
@@ -222,7 +297,13 @@ fn listen(socket: &Path) -> std::io::Result<UnixListener> {
 
 /// Writes the result record; `stopped_by` is the signal that ended a sandbox a client asked to stop with
 /// a grace period (15: it ended within it, 9: it was killed).
-fn write_result(path: &Path, id: &str, outcome: &Outcome, stopped_by: Option<i32>) -> std::io::Result<()> {
+fn write_result(
+    path: &Path,
+    id: &str,
+    outcome: &Outcome,
+    stopped_by: Option<i32>,
+    hibernated_to: Option<&Path>,
+) -> std::io::Result<()> {
     let signal = match outcome.termination {
         Termination::Signaled(s) => Some(s),
         Termination::Exited(_) => None,
@@ -233,15 +314,19 @@ fn write_result(path: &Path, id: &str, outcome: &Outcome, stopped_by: Option<i32
         id: id.to_string(),
         exit_code: outcome.termination.exit_code(),
         signal,
-        reason: match outcome.reason {
-            tartarus_runtime::ExitReason::Exited => EndReason::Exited,
-            tartarus_runtime::ExitReason::Timeout => EndReason::Timeout,
-            tartarus_runtime::ExitReason::Oom => EndReason::Oom,
-            tartarus_runtime::ExitReason::Killed => EndReason::Killed,
+        reason: match hibernated_to {
+            Some(_) => EndReason::Hibernated,
+            None => match outcome.reason {
+                tartarus_runtime::ExitReason::Exited => EndReason::Exited,
+                tartarus_runtime::ExitReason::Timeout => EndReason::Timeout,
+                tartarus_runtime::ExitReason::Oom => EndReason::Oom,
+                tartarus_runtime::ExitReason::Killed => EndReason::Killed,
+            },
         },
         wall_ms: outcome.wall.as_secs_f64() * 1000.0,
         cpu_ms: outcome.cpu.as_secs_f64() * 1000.0,
         peak_memory_bytes: outcome.peak_memory_bytes,
+        snapshot: hibernated_to.map(Path::to_path_buf),
     };
     // Written whole then renamed: a reader never sees half a record.
     let partial = path.with_extension("partial");
@@ -349,6 +434,8 @@ struct Shim {
     grace: Option<Instant>,
     /// How a requested stop ended the sandbox, for the result record.
     stop: Option<StopSignal>,
+    /// The sandbox was checkpointed to disk and is ending.
+    hibernating: Option<Hibernation>,
 }
 
 /// The signal that ended a sandbox a client asked to stop.
@@ -710,6 +797,7 @@ impl Shim {
                 let started = self.start(Work::File(&FileOp::List { path }), Vec::new());
                 self.attach(stream, Purpose::File(FileOpKind::List), None, started);
             }
+            Request::Hibernate { dir } => self.hibernate(stream, dir),
             Request::ConnectPort { port } => match self.sandbox.connect_port(port) {
                 Ok(connection) => send_with_fd(&stream, &ReplyLine::ok(Done {}), connection),
                 Err(e) => {
@@ -719,6 +807,47 @@ impl Shim {
             },
         }
         Ok(false)
+    }
+
+    /// Saves the sandbox into `dir`; its end (seen by the event loop) completes the hibernation.
+    fn hibernate(&mut self, stream: UnixStream, dir: PathBuf) {
+        let refuse = |why: &str| {
+            ReplyLine::<Done>::error(ErrorCode::Refused, format!("pausing to disk refused: {why}"))
+        };
+        if self.hibernating.is_some() || self.grace.is_some() || self.kill_requester.is_some() {
+            self.answer(stream, &refuse("the sandbox is already being saved or stopped"));
+            return;
+        }
+        if !self.execs.is_empty() {
+            let why = format!(
+                "{} exec(s) or file operations are attached and their streams cannot cross a restore; wait \
+                 for them to end or kill them (background processes are kept)",
+                self.execs.len()
+            );
+            self.answer(stream, &refuse(&why));
+            return;
+        }
+        if !dir.is_absolute() {
+            let reply = ReplyLine::<Done>::error(
+                ErrorCode::InvalidRequest,
+                "the snapshot directory must be an absolute path",
+            );
+            self.answer(stream, &reply);
+            return;
+        }
+        let timeout_left = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        match self.sandbox.hibernate(&dir).map_err(LaneError::from) {
+            Ok(()) => {
+                // The sandbox is ending; its lifetime no longer runs.
+                self.deadline = None;
+                self.hibernating = Some(Hibernation {
+                    dir,
+                    requester: stream,
+                    timeout_left,
+                });
+            }
+            Err(e) => self.answer(stream, &ReplyLine::<Done>::error(e.code(), e.to_string())),
+        }
     }
 
     /// Starts work in the sandbox with fresh pipes; returns its id and the shim's ends.

@@ -73,6 +73,7 @@ fn the_shim_answers_the_contract_for_any_lane() {
         spec: dir.path().join("spec.json"),
         result: Some(dir.path().join("result.json")),
         log: None,
+        restore: None,
     };
     std::fs::write(
         &paths.spec,
@@ -138,6 +139,7 @@ fn start_shim(dir: &Path, lane: FakeLane) -> (ShimPaths, std::thread::JoinHandle
         spec: dir.join("spec.json"),
         result: Some(dir.join("result.json")),
         log: None,
+        restore: None,
     };
     std::fs::write(
         &paths.spec,

@@ -713,6 +713,8 @@ pub struct SandboxRecord {
     pub runtime: String,
     /// Why that lane was chosen.
     pub runtime_reason: Option<String>,
+    /// Paused to disk: the directory of its sealed snapshot (then `paused` is set and no shim runs).
+    pub hibernated_to: Option<String>,
 }
 
 /// How a sandbox ended.
@@ -735,7 +737,7 @@ pub struct EndedSandbox {
 
 const SANDBOX_COLUMNS: &str =
     "id, tenant, status, template, spec, labels, created_ms, finished_ms, exit_code, reason, shim_pid, dir, paused, \
-     node, remote_id, placement, runtime, runtime_reason";
+     node, remote_id, placement, runtime, runtime_reason, hibernated_to";
 
 /// What happens to a sandbox at its deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -806,6 +808,33 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// A running sandbox was paused to disk: its snapshot is sealed in `dir` and its shim has gone.
+    pub async fn set_hibernated(&self, id: &str, dir: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sandboxes SET paused = 1, hibernated_to = $1, shim_pid = NULL \
+             WHERE id = $2 AND status = 'running'",
+        )
+        .bind(dir)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A sandbox paused to disk runs again, under the shim `shim_pid`. False when it was not paused to
+    /// disk (another resume got there first, or it was deleted).
+    pub async fn mark_resumed(&self, id: &str, shim_pid: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET paused = 0, hibernated_to = NULL, shim_pid = $1 \
+             WHERE id = $2 AND status = 'running' AND hibernated_to IS NOT NULL",
+        )
+        .bind(shim_pid)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Sets or clears the paused flag of a running sandbox.
@@ -990,6 +1019,7 @@ mod sandbox_tests {
             placement: None,
             runtime: "process".into(),
             runtime_reason: None,
+            hibernated_to: None,
         }
     }
 

@@ -263,11 +263,16 @@ pub fn quarantine(id: String) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub fn set_paused(id: String, paused: bool) -> anyhow::Result<u8> {
+pub fn set_paused(id: String, paused: bool, to_disk: bool) -> anyhow::Result<u8> {
     let op = if paused { "pause" } else { "resume" };
-    let record = Client::from_env()?.json("POST", &format!("/v1/sandboxes/{}/{op}", encode(&id)), None)?;
+    let body = to_disk.then(|| serde_json::json!({ "mode": "disk" }));
+    let record = Client::from_env()?.json("POST", &format!("/v1/sandboxes/{}/{op}", encode(&id)), body)?;
+    let on_disk = match record["paused_to"].as_str() {
+        Some("disk") => " (on disk)",
+        _ => "",
+    };
     eprintln!(
-        "tartarus: {} {}",
+        "tartarus: {} {}{on_disk}",
         record["id"].as_str().unwrap_or(&id),
         record["status"].as_str().unwrap_or(op)
     );

@@ -25,6 +25,10 @@ pub struct ShimArgs {
     /// File that receives the main command's stdout and stderr
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Continue the sandbox from this sealed snapshot directory (written by a pause to disk of a sandbox of
+    /// the same spec) instead of starting it
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
     /// The lane to run the sandbox on (process or gvisor)
     #[arg(long, value_name = "LANE", default_value = "process", value_parser = parse_lane)]
     runtime: LaneName,
@@ -40,6 +44,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<u8> {
         spec: args.spec,
         result: args.result,
         log: args.log,
+        restore: args.restore,
     };
     let opened = lane_config().and_then(|config| Ok(lanes::open(args.runtime, &config)?));
     let runtime = match opened {

@@ -22,9 +22,12 @@ use super::runsc::{self, RunscError};
 use super::{GvisorSandbox, CONTROL_TIMEOUT};
 use crate::files::{self, FileOp};
 use crate::process::HostCgroupFs;
-use crate::sandbox::{SandboxState, StdioFds, Termination};
+use crate::sandbox::{SandboxState, StartError, StdioFds, Termination};
 use crate::service::{ExecError, ExecId, ExecRequest, LimitHits, ServiceError, ServiceSandbox, Usage};
 use crate::spec::{normalize_sandbox_path, SANDBOX_HOME};
+
+/// Room a snapshot may need beyond the sandbox's memory use (runsc's own state, the file's framing).
+const SNAPSHOT_MARGIN_BYTES: u64 = 16 << 20;
 
 /// How long runsc may take to start an exec's process.
 const EXEC_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -382,6 +385,62 @@ impl ServiceSandbox for GvisorSandbox {
 
     fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// `runsc checkpoint` into `dir`: the sentry saves every task, its memory and the root's in-memory
+    /// overlay (the sandbox's scratch files) into one compressed state file, and the container ends.
+    /// Refused first, with the sandbox untouched, when an exec is attached, when the sandbox has an egress
+    /// network (its namespace is not carried to the restore yet), or when `dir`'s filesystem has less room
+    /// than the sandbox's memory use (runsc's state file never holds more): Debian's runsc ends the
+    /// container when a checkpoint fails half-way, so a disk that fills up mid-write is caught before.
+    fn hibernate(&mut self, dir: &Path) -> Result<(), ServiceError> {
+        const OPERATION: &str = "pausing to disk";
+        self.require_running()?;
+        if self.network.is_some() {
+            return Err(ServiceError::Unsupported {
+                operation: OPERATION,
+                why: "a gVisor sandbox with an egress network cannot be saved yet: its network namespace \
+                      is not carried over to the restored sandbox",
+            });
+        }
+        if !self.execs.running.is_empty() {
+            return Err(ServiceError::Refused {
+                operation: OPERATION,
+                why: format!(
+                    "{} exec(s) or file operations are attached and their streams cannot cross a restore; \
+                     wait for them to end or kill them (background processes are kept)",
+                    self.execs.running.len()
+                ),
+            });
+        }
+        let needed = self.cgroups.current_memory(&HostCgroupFs).unwrap_or(0) + SNAPSHOT_MARGIN_BYTES;
+        let free = crate::snapshot::free_bytes(dir).map_err(|source| ServiceError::Host {
+            what: "reading the free space of the snapshot directory",
+            source,
+        })?;
+        if free < needed {
+            return Err(ServiceError::Refused {
+                operation: OPERATION,
+                why: format!(
+                    "{} has {free} bytes free and the snapshot may need up to {needed} (the sandbox's \
+                     memory use); free some space — the sandbox keeps running",
+                    dir.display()
+                ),
+            });
+        }
+        // Debian's runsc cannot checkpoint a frozen container (it panics and loses it): thaw it first; the
+        // checkpoint stops every task anyway.
+        if self.paused {
+            self.resume()?;
+        }
+        self.checkpoint(dir, false).map_err(|e| ServiceError::Host {
+            what: "runsc checkpoint failed",
+            source: io::Error::other(crate::error_chain(&e)),
+        })
+    }
+
+    fn restore(&mut self, dir: &Path, stdio: StdioFds<'_>) -> Result<(), StartError> {
+        self.start_restored(dir, stdio)
     }
 
     fn usage(&self) -> Usage {

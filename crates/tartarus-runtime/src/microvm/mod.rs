@@ -72,6 +72,7 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     file_ops: true,
     cpu_throttle: true,
     network_isolation: true,
+    pause_to_disk: false,
 };
 
 /// Settings of the microVM lane that are not per-sandbox.

@@ -607,6 +607,16 @@ impl SandboxCgroups {
         fs.read(&dir.path.join(file)).ok()?.trim().parse().ok()
     }
 
+    /// Memory the sandbox uses now (page cache and tmpfs included), when the memory controller tracks it.
+    pub fn current_memory(&self, fs: &dyn CgroupFs) -> Option<u64> {
+        let dir = self.dir_with(Controller::Memory)?;
+        let file = match dir.version {
+            CgroupVersion::V2 => "memory.current",
+            CgroupVersion::V1 => "memory.usage_in_bytes",
+        };
+        fs.read(&dir.path.join(file)).ok()?.trim().parse().ok()
+    }
+
     /// Removes every directory; processes still inside are killed first. Idempotent.
     pub fn remove(&mut self, fs: &dyn CgroupFs) -> Vec<(PathBuf, io::Error)> {
         let mut failures = Vec::new();

@@ -103,13 +103,20 @@ impl ProcessRuntime {
     }
 }
 
+/// Every knob, but not pausing to disk: a process's memory cannot be saved without a checkpointer that
+/// works inside its namespaces (docs/snapshots.md says what was found).
+pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
+    pause_to_disk: false,
+    ..LaneCapabilities::ALL
+};
+
 impl Runtime for ProcessRuntime {
     fn name(&self) -> &'static str {
         "process"
     }
 
     fn capabilities(&self) -> LaneCapabilities {
-        LaneCapabilities::ALL
+        CAPABILITIES
     }
 
     fn prepare(&self, spec: SandboxSpec) -> Result<Box<dyn Sandbox>, PrepareError> {

@@ -57,6 +57,7 @@ pub const CAPABILITIES: LaneCapabilities = LaneCapabilities {
     file_ops: false,
     cpu_throttle: false,
     network_isolation: false,
+    pause_to_disk: false,
 };
 
 /// Components one supervisor process may run at once: the pooling allocator reserves this many component

@@ -297,6 +297,7 @@ pub async fn place(state: &AppState, want: &PlacementRequest) -> Result<Option<S
                 .clone()
                 .unwrap_or_else(|| PROCESS_ONLY_REASON.to_string()),
         ),
+        hibernated_to: None,
     };
     state.store.insert_sandbox(&record).await?;
     state.store.mark_running(&record.id, 0).await?;

@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::json;
 use tartarus_store::{SandboxRecord, SandboxStatus};
 
-use crate::api::{CreateSandbox, ListQuery, SandboxView};
+use crate::api::{CreateSandbox, ListQuery, PauseBody, PauseMode, SandboxView};
 use crate::auth::Caller;
 use crate::error::{json_rejection, ApiError, ErrorBody};
 use crate::sandboxes::spec_from;
@@ -407,6 +407,7 @@ pub(crate) async fn set_paused(
     caller: Caller,
     id: String,
     paused: bool,
+    mode: PauseMode,
 ) -> Result<Json<SandboxView>, ApiError> {
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
@@ -416,11 +417,17 @@ pub(crate) async fn set_paused(
             record.status.as_str()
         )));
     }
+    if paused && mode == PauseMode::Memory && record.hibernated_to.is_some() {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id} is paused to disk already; resume it first"
+        )));
+    }
     let result = match record.node.is_some() {
-        // On a node: its server freezes it; this record keeps the flag for views.
+        // On a node: its server pauses it; this record keeps the flag for views.
         true => {
             let suffix = if paused { "/pause" } else { "/resume" };
-            let (status, theirs) = on_node(&state, &record, reqwest::Method::POST, suffix, None).await?;
+            let body = (paused && mode == PauseMode::Disk).then(|| serde_json::json!({ "mode": "disk" }));
+            let (status, theirs) = on_node(&state, &record, reqwest::Method::POST, suffix, body).await?;
             if status.is_success() {
                 state.store.set_paused(&id, paused).await.map_err(ApiError::from)
             } else {
@@ -434,9 +441,14 @@ pub(crate) async fn set_paused(
                 ))
             }
         }
+        false if paused && mode == PauseMode::Disk => state.manager.hibernate(&record).await,
         false => state.manager.set_paused(&record, paused).await,
     };
-    let action = if paused { "sandbox.pause" } else { "sandbox.resume" };
+    let action = match (paused, mode) {
+        (true, PauseMode::Disk) => "sandbox.pause_to_disk",
+        (true, PauseMode::Memory) => "sandbox.pause",
+        (false, _) => "sandbox.resume",
+    };
     audit(
         &state,
         &caller,
@@ -449,15 +461,34 @@ pub(crate) async fn set_paused(
     Ok(Json(view(&find(&state, &caller, &id).await?)))
 }
 
-/// Freeze every process of a running sandbox (cgroup freezer); execs get 409 until it is resumed.
+/// Pause a running sandbox; execs and file operations get 409 until it is resumed. Without a body (or
+/// `{"mode":"memory"}`) every process is frozen in place (cgroup freezer). With `{"mode":"disk"}` the
+/// sandbox's memory, processes and scratch files are saved to a sealed snapshot and its CPU and memory
+/// released (lanes with `pause_to_disk`, `GET /v1/runtimes`; 409 `unsupported` elsewhere, and 409 while an
+/// exec is attached or when the disk has too little room — the sandbox then keeps running); the timeout
+/// does not run while it is on disk. Resume restores it under the same id.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", security(("api_key" = [])),
-    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    request_body(content = Option<PauseBody>, content_type = "application/json"),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(crate) async fn pause_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Json<SandboxView>, ApiError> {
-    set_paused(state, caller, id, true).await
+    let mode = match body.iter().all(u8::is_ascii_whitespace) {
+        true => PauseMode::Memory,
+        false => {
+            serde_json::from_slice::<PauseBody>(&body)
+                .map_err(|e| {
+                    ApiError::invalid(format!(
+                        "invalid pause request: {e}; send {{\"mode\": \"memory\"}}, {{\"mode\": \"disk\"}} or no body"
+                    ))
+                })?
+                .mode
+        }
+    };
+    set_paused(state, caller, id, true, mode).await
 }
 
 /// Thaw a paused sandbox.
@@ -468,7 +499,7 @@ pub(crate) async fn resume_sandbox(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
-    set_paused(state, caller, id, false).await
+    set_paused(state, caller, id, false, PauseMode::Memory).await
 }
 
 /// `POST /v1/sandboxes/{id}/timeout`.

@@ -19,6 +19,7 @@ pub use self::shim_client::{CallError, ExecEvents, SandboxDir, ShimClient, ShimL
 use crate::error::ApiError;
 
 mod deadlines;
+mod hibernation;
 mod pools;
 mod reconcile;
 mod request;
@@ -54,6 +55,8 @@ pub struct Manager {
     /// Connections forwarded into each local sandbox's ports, at most
     /// [`crate::limits::PORT_CONNECTIONS_PER_SANDBOX`] each.
     pub port_connections: crate::limits::PerKey,
+    /// Sandboxes being paused to disk, resumed from it or stopped while on it: one transition at a time.
+    transitions: crate::limits::PerKey,
 }
 
 /// What else happens when a sandbox starts belonging to a tenant and when its outcome is recorded: the
@@ -98,6 +101,7 @@ fn new_record(
         placement: None,
         runtime: LaneName::Process.to_string(),
         runtime_reason: None,
+        hibernated_to: None,
     }
 }
 
@@ -140,6 +144,7 @@ impl Manager {
             lifecycle: std::sync::OnceLock::new(),
             execs: crate::limits::PerKey::new(crate::limits::EXECS_PER_SANDBOX),
             port_connections: crate::limits::PerKey::new(crate::limits::PORT_CONNECTIONS_PER_SANDBOX),
+            transitions: crate::limits::PerKey::new(1),
         })
     }
 
@@ -300,7 +305,22 @@ impl Manager {
     /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).
     async fn finalize(&self, id: &str, dir: &Path, lane: LaneName, missing: &str) {
         let sandbox_dir = SandboxDir::new(dir);
-        let outcome = match sandbox_dir.read_result().await {
+        let result = sandbox_dir.read_result().await;
+        if let Ok(Some(r)) = &result {
+            if r.reason == EndReason::Hibernated {
+                let _ = tokio::fs::remove_file(sandbox_dir.socket()).await;
+                match self.record_hibernation(id, lane, r.snapshot.clone()).await {
+                    Ok(()) => {
+                        if let Ok(mut done) = self.done.lock() {
+                            done.remove(id);
+                        }
+                        return;
+                    }
+                    Err(e) => tracing::error!(sandbox = id, "recording a pause to disk failed: {e}"),
+                }
+            }
+        }
+        let outcome = match result {
             Ok(Some(r)) => {
                 let status = match r.reason {
                     EndReason::Exited => SandboxStatus::Exited,
@@ -398,8 +418,14 @@ impl Manager {
             .map_err(|e| call_error(&record.id, e))
     }
 
-    /// Pauses (freezes) or resumes a running sandbox.
-    pub async fn set_paused(&self, record: &SandboxRecord, paused: bool) -> Result<(), ApiError> {
+    /// Pauses (freezes) or resumes a running sandbox; a resume of a sandbox paused to disk restores it.
+    pub async fn set_paused(self: &Arc<Self>, record: &SandboxRecord, paused: bool) -> Result<(), ApiError> {
+        if record.hibernated_to.is_some() {
+            return match paused {
+                true => Ok(()),
+                false => self.resume_from_disk(record).await,
+            };
+        }
         let shim = self.shim(record);
         let result = match paused {
             true => shim.pause().await,
@@ -442,6 +468,9 @@ impl Manager {
     /// Stops a running sandbox — with `grace`, SIGTERM first and SIGKILL once it is over, else SIGKILL at
     /// once — and waits until its outcome is recorded.
     pub async fn stop(&self, record: &SandboxRecord, grace: Option<Duration>) -> Result<(), ApiError> {
+        if record.hibernated_to.is_some() {
+            return self.stop_hibernated(record).await;
+        }
         let waiter = self
             .done
             .lock()
@@ -567,6 +596,7 @@ pub fn call_error(id: &str, e: CallError) -> ApiError {
         }
         ErrorCode::ExecFailed => ApiError::internal(format!("sandbox {id}: {message}")),
         ErrorCode::PortClosed => ApiError::new(StatusCode::BAD_GATEWAY, "port_closed", message),
+        ErrorCode::Refused => ApiError::conflict(message),
     }
 }
 

@@ -22,7 +22,8 @@ impl Manager {
                 .sandboxes(None, Some(status))
                 .await?
                 .into_iter()
-                .filter(|r| r.node.is_none())
+                // Paused to disk: no shim to find, its snapshot waits for a resume.
+                .filter(|r| r.node.is_none() && r.hibernated_to.is_none())
             {
                 let dir = PathBuf::from(&record.dir);
                 let pidfd = record
@@ -119,7 +120,7 @@ impl Manager {
 
 /// The lane a stored sandbox ran on (the `lane` label of its metrics); a record from before lanes were
 /// recorded ran on the process lane.
-fn lane_of(record: &SandboxRecord) -> LaneName {
+pub(super) fn lane_of(record: &SandboxRecord) -> LaneName {
     record.runtime.parse().unwrap_or(LaneName::Process)
 }
 

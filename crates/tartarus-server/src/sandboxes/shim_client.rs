@@ -22,6 +22,9 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline of a kill: the shim answers once the sandbox is gone and cleaned up.
 const KILL_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a pause to disk may take: the lane's checkpoint (runsc allows itself a minute), sealing
+/// (hashing every part twice) and the cleanup.
+const HIBERNATE_DEADLINE: Duration = Duration::from_secs(180);
 /// Deadline of a file operation (the shim moves at most `MAX_FILE_BYTES`).
 const FILE_DEADLINE: Duration = Duration::from_secs(60);
 /// Slack beyond an exec's own timeout, which the shim enforces.
@@ -133,12 +136,25 @@ impl ShimLauncher {
 
     /// Starts a shim for the spec in `dir` on the isolation lane `lane` and waits for its handshake.
     pub async fn launch(&self, dir: &SandboxDir, lane: LaneName) -> Result<LaunchedShim, LaunchError> {
+        self.launch_from(dir, lane, None).await
+    }
+
+    /// [`ShimLauncher::launch`], continuing the sandbox from the sealed snapshot `restore` when given.
+    pub async fn launch_from(
+        &self,
+        dir: &SandboxDir,
+        lane: LaneName,
+        restore: Option<&Path>,
+    ) -> Result<LaunchedShim, LaunchError> {
         let shim_log = std::fs::File::create(dir.shim_log()).map_err(LaunchError::Spawn)?;
         let mut command = tokio::process::Command::new(&self.exe);
         command.arg("shim");
         if lane != LaneName::Process {
             // The process lane is the shim's default, so shims of every version start it.
             command.arg("--runtime").arg(lane.as_str());
+        }
+        if let Some(snapshot) = restore {
+            command.arg("--restore").arg(snapshot);
         }
         let mut child = command
             .arg("--socket")
@@ -284,6 +300,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::WriteFile { .. } => "write_file",
         Request::ListDir { .. } => "list_dir",
         Request::ConnectPort { .. } => "connect_port",
+        Request::Hibernate { .. } => "hibernate",
     }
 }
 
@@ -405,6 +422,19 @@ impl ShimClient {
         self.call::<Done>(Request::Kill { grace_ms: None }, KILL_DEADLINE)
             .await
             .map(drop)
+    }
+
+    /// Pauses the sandbox to disk into `dir`; returns once its snapshot is sealed and the shim has cleaned
+    /// up (runsc may take a minute to checkpoint, then every part is hashed and read back).
+    pub async fn hibernate(&self, dir: &Path) -> Result<(), CallError> {
+        self.call::<Done>(
+            Request::Hibernate {
+                dir: dir.to_path_buf(),
+            },
+            HIBERNATE_DEADLINE,
+        )
+        .await
+        .map(drop)
     }
 
     /// Stops the sandbox gracefully: SIGTERM, then SIGKILL after `grace`; returns once it is gone.
