@@ -358,3 +358,146 @@ fn a_sandbox_paused_to_disk_outlives_a_killed_server_and_resumes_under_the_next(
     assert_eq!(run(&server, &key, &id, "cat /tmp/state/note").trim(), "survived");
     assert!(counter(&server, &key, &id) >= before);
 }
+
+fn fork(server: &Server, key: &str, id: &str, count: u32) -> (u16, Value) {
+    call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/fork?count={count}", server.base),
+        Some(key),
+        None,
+    )
+}
+
+#[test]
+fn a_fork_makes_independent_children_with_the_parents_files_and_processes_within_the_quota() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let key = new_key(dir.path(), "alpha", "user");
+    let parent = gvisor_sandbox(&server, &key);
+    run(&server, &key, &parent, COUNTER);
+    run(&server, &key, &parent, "echo from-the-parent > /tmp/state/shared");
+    let pid = run(&server, &key, &parent, "cat /tmp/counter.pid")
+        .trim()
+        .to_string();
+    let before = counter(&server, &key, &parent);
+
+    // Three sandboxes at most: the parent and two children fit, three children do not — and then none
+    // starts.
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/policies", server.base),
+        Some(&server.admin),
+        Some(
+            json!({"yaml": "id: three\nversion: 1\nresources: {max_sandboxes: 3}\n", "source": "test.yaml"}),
+        ),
+    );
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let (status, body) = fork(&server, &key, &parent, 3);
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_sandboxes"),
+        "{body}"
+    );
+    let (_, listed) = call("GET", &format!("{}/v1/sandboxes", server.base), Some(&key), None);
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "a refused fork starts nothing: {listed}"
+    );
+
+    let (status, children) = fork(&server, &key, &parent, 2);
+    assert_eq!(status, 201, "{children}");
+    let children: Vec<String> = children
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["status"], "running", "{c}");
+            assert_eq!(c["runtime"], "gvisor", "{c}");
+            assert_eq!(c["runtime_reason"], format!("forked from {parent}"), "{c}");
+            c["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(children.len(), 2);
+    assert!(!children.contains(&parent));
+    for child in &children {
+        assert_eq!(
+            run(&server, &key, child, "cat /tmp/state/shared").trim(),
+            "from-the-parent"
+        );
+        assert_eq!(
+            run(&server, &key, child, &format!("kill -0 {pid} && echo alive")).trim(),
+            "alive",
+            "the parent's background process runs on in the child"
+        );
+        assert!(
+            counter(&server, &key, child) >= before,
+            "the child's counter continues the parent's"
+        );
+    }
+    // Each goes its own way from here.
+    run(&server, &key, &children[0], "echo only-here > /tmp/state/mine");
+    for other in [&children[1], &parent] {
+        assert_eq!(
+            run(
+                &server,
+                &key,
+                other,
+                "cat /tmp/state/mine 2>/dev/null || echo absent"
+            )
+            .trim(),
+            "absent"
+        );
+    }
+    // The kernel's randomness is the host's in every child, not a copy of the parent's.
+    let random = |id: &str| run(&server, &key, id, "head -c 16 /dev/urandom | od -An -tx1");
+    assert_ne!(random(&children[0]), random(&children[1]));
+    // The parent goes on.
+    let (_, record) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{parent}", server.base),
+        Some(&key),
+        None,
+    );
+    assert_eq!(record["status"], "running", "{record}");
+    let now = counter(&server, &key, &parent);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&server, &key, &parent) == now {
+        assert!(
+            Instant::now() < deadline,
+            "the parent stopped counting after the fork"
+        );
+    }
+
+    // What cannot be forked says why.
+    let (status, body) = fork(&server, &key, &parent, 0);
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = fork(&server, &key, &parent, 17);
+    assert_eq!(status, 422, "{body}");
+    let other = new_key(dir.path(), "beta", "user");
+    let (status, body) = fork(&server, &other, &parent, 1);
+    assert_eq!(status, 404, "another tenant's sandbox does not exist: {body}");
+}
+
+#[test]
+fn a_process_lane_sandbox_cannot_be_forked_and_keeps_running() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let key = new_key(dir.path(), "alpha", "user");
+    let plain = create(&server, &key, json!({"runtime": "process"}));
+    let plain = plain["id"].as_str().unwrap();
+    let (status, body) = fork(&server, &key, plain, 1);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "unsupported", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the process lane cannot fork"),
+        "{body}"
+    );
+    assert_eq!(run(&server, &key, plain, "echo still here").trim(), "still here");
+}

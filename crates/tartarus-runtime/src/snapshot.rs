@@ -27,7 +27,8 @@ pub struct Manifest {
     pub lane: String,
     /// The Tartarus version that wrote it.
     pub writer: String,
-    /// BLAKE3 of the sandbox's spec as stored: a restore is of the same spec only.
+    /// BLAKE3 of the sandbox's spec as stored, mount sources left out ([`spec_identity`]): a restore is
+    /// of the same spec only.
     pub spec_blake3: String,
     /// What was left of the sandbox's lifetime (`timeout`) when it was saved; `None`: no timeout.
     pub timeout_left_ms: Option<u64>,
@@ -132,7 +133,7 @@ pub fn seal(dir: &Path, origin: Origin<'_>) -> Result<Manifest, SnapshotError> {
         format: FORMAT,
         lane: origin.lane.to_string(),
         writer: env!("CARGO_PKG_VERSION").to_string(),
-        spec_blake3: blake3::hash(origin.spec).to_hex().to_string(),
+        spec_blake3: spec_identity(origin.spec),
         timeout_left_ms: origin.timeout_left_ms,
         parts,
     };
@@ -164,13 +165,33 @@ pub fn verify(dir: &Path, lane: &str, spec: &[u8]) -> Result<Manifest, SnapshotE
             expected: lane.to_string(),
         });
     }
-    if manifest.spec_blake3 != blake3::hash(spec).to_hex().as_str() {
+    if manifest.spec_blake3 != spec_identity(spec) {
         return Err(SnapshotError::Spec {
             dir: dir.to_path_buf(),
         });
     }
     check_parts(dir, &manifest)?;
     Ok(manifest)
+}
+
+/// What a restore must match of a spec: its BLAKE3, with the sources of its mounts left out — the targets
+/// stay — since each sandbox restored from one snapshot (a fork's children) has its own host directories
+/// behind the same paths (the tool gateway's). A spec that is not JSON is hashed as it is.
+pub fn spec_identity(spec: &[u8]) -> String {
+    let canonical = match serde_json::from_slice::<serde_json::Value>(spec) {
+        Ok(mut value) => {
+            if let Some(mounts) = value.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+                for mount in mounts {
+                    if let Some(mount) = mount.as_object_mut() {
+                        mount.remove("source");
+                    }
+                }
+            }
+            value.to_string().into_bytes()
+        }
+        Err(_) => spec.to_vec(),
+    };
+    blake3::hash(&canonical).to_hex().to_string()
 }
 
 /// The manifest of `dir`, without checking the parts.
@@ -336,6 +357,28 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let err = verify(dir.path(), "gvisor", b"{\"command\":[]}").unwrap_err();
         assert!(matches!(err, SnapshotError::Manifest { .. }), "{err}");
+    }
+
+    #[test]
+    fn test_the_spec_identity_leaves_mount_sources_out_and_nothing_else() {
+        let spec = |source: &str, target: &str, command: &str| {
+            format!(
+                r#"{{"command":["{command}"],"mounts":[{{"source":"{source}","target":"{target}","writable":false}}]}}"#
+            )
+        };
+        let parent = spec_identity(spec("/data/gateway/sb_1", "/run/tartarus", "sh").as_bytes());
+        assert_eq!(
+            parent,
+            spec_identity(spec("/data/gateway/sb_2", "/run/tartarus", "sh").as_bytes())
+        );
+        assert_ne!(
+            parent,
+            spec_identity(spec("/data/gateway/sb_1", "/elsewhere", "sh").as_bytes())
+        );
+        assert_ne!(
+            parent,
+            spec_identity(spec("/data/gateway/sb_1", "/run/tartarus", "python3").as_bytes())
+        );
     }
 
     #[test]

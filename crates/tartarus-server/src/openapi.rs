@@ -13,7 +13,7 @@ use crate::{api, cluster, gateway, routes};
     info(title = "Tartarus API", version = "1"),
     paths(sandboxes::create_sandbox, sandboxes::list_sandboxes, sandboxes::get_sandbox, sandboxes::delete_sandbox,
           exec::exec_sandbox, sandboxes::wait_sandbox, health::healthz,
-          files::put_file, files::get_file, logs::logs_sandbox, sandboxes::pause_sandbox, sandboxes::resume_sandbox,
+          files::put_file, files::get_file, logs::logs_sandbox, sandboxes::pause_sandbox, sandboxes::resume_sandbox, routes::forks::fork_sandbox,
           audit::list_audit,
           templates::create_template, templates::list_templates, templates::get_template,
           templates::delete_template, policies::apply_policy, policies::list_policies, policies::get_policy, policies::effective_policy,

@@ -34,6 +34,18 @@ pub async fn admit(
     spec: &mut SandboxSpec,
     facts: &AdmissionFacts<'_>,
 ) -> Result<Option<Decision>, ApiError> {
+    admit_copies(state, caller, spec, facts, 1).await
+}
+
+/// [`admit`] for `copies` sandboxes of one spec at once (a fork): the quotas count all of them, so either
+/// every copy fits or the request is refused before any starts.
+pub async fn admit_copies(
+    state: &AppState,
+    caller: &Caller,
+    spec: &mut SandboxSpec,
+    facts: &AdmissionFacts<'_>,
+    copies: u32,
+) -> Result<Option<Decision>, ApiError> {
     let (policy, builtin) = effective_policy(state, &caller.tenant, caller.role, facts.template);
     if builtin {
         // A class still means what it says.
@@ -68,7 +80,20 @@ pub async fn admit(
         writable_mounts: spec.mounts.iter().any(|m| m.writable),
         quarantined: facts.class == Some("quarantine"),
     };
-    let usage = usage(state, &caller.tenant, facts.template).await?;
+    let mut usage = usage(state, &caller.tenant, facts.template).await?;
+    // The judges count this request as one more sandbox; the other copies count as already there.
+    let others = copies.saturating_sub(1);
+    usage.sandboxes += others;
+    usage.cpu_cores += spec.limits.cpus.unwrap_or(0.0) * f64::from(others);
+    usage.memory_mb += spec
+        .limits
+        .memory_bytes
+        .map(|b| b >> 20)
+        .unwrap_or(DEFAULT_CLASS_MEMORY_MB)
+        * u64::from(others);
+    if facts.template.is_some() {
+        usage.template_instances += others;
+    }
     let decision = tartarus_policy::admit(&mut request, &policy, &usage);
     let detail = json!({
         "request_digest": decision.request_digest,

@@ -7,7 +7,7 @@ pub mod classifier;
 pub mod enforcement;
 pub mod isolation;
 
-pub use admission::{admit, effective_policy, AdmissionFacts};
+pub use admission::{admit, admit_copies, effective_policy, AdmissionFacts};
 pub use classifier::classify;
 pub use enforcement::{quarantine, spawn_enforcement};
 pub use isolation::choose_runtime;

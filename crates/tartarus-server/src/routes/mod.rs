@@ -7,6 +7,7 @@ pub mod episodes;
 pub mod evaluators;
 pub mod exec;
 pub mod files;
+pub mod forks;
 pub mod health;
 pub mod keys;
 pub mod logs;
@@ -91,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .merge(runtimes::routes())
         .merge(ports::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
+        .route("/v1/sandboxes/{id}/fork", post(forks::fork_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route(

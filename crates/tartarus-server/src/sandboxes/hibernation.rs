@@ -31,7 +31,7 @@ impl Manager {
     }
 
     /// Holds sandbox `id` for one transition, or says why not.
-    fn hold_transition(&self, id: &str) -> Result<crate::limits::Held, ApiError> {
+    pub(super) fn hold_transition(&self, id: &str) -> Result<crate::limits::Held, ApiError> {
         self.transitions.try_hold(id).ok_or_else(|| {
             ApiError::conflict(format!(
                 "sandbox {id} is being paused, resumed or stopped already; try again when that is done"

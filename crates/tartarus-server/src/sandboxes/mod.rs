@@ -19,6 +19,7 @@ pub use self::shim_client::{CallError, ExecEvents, SandboxDir, ShimClient, ShimL
 use crate::error::ApiError;
 
 mod deadlines;
+mod fork;
 mod hibernation;
 mod pools;
 mod reconcile;
@@ -27,6 +28,7 @@ mod retention;
 mod runtimes;
 mod shim_client;
 
+pub use self::fork::MAX_FORK_COUNT;
 pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
 pub use self::retention::Retention;
