@@ -504,6 +504,29 @@ impl BlobStore {
         Ok(true)
     }
 
+    /// Bytes of blob data stored, over all tenants (outboards and staging files not counted). Reads the
+    /// directory without the store's lock: a put or gc running meanwhile may or may not be counted.
+    pub fn stored_bytes(&self) -> Result<u64, BlobError> {
+        let blobs = self.blobs_dir();
+        let mut total = 0u64;
+        for shard in fs::read_dir(&blobs).map_err(io_at(&blobs))? {
+            let shard = shard.map_err(io_at(&blobs))?.path();
+            let Ok(entries) = fs::read_dir(&shard) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let is_data = entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.len() == 64 && !n.contains('.'));
+                if let (true, Ok(meta)) = (is_data, entry.metadata()) {
+                    total = total.saturating_add(meta.len());
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Removes every blob no tenant references, and outboards without a blob.
     pub fn gc(&self) -> Result<GcReport, BlobError> {
         let _guard = self.lock();

@@ -43,6 +43,9 @@ struct AgentArgs {
     /// A taint (repeatable): KEY=VALUE:NoSchedule or KEY=VALUE:PreferNoSchedule
     #[arg(long = "taint", value_name = "KEY=VALUE:EFFECT")]
     taints: Vec<String>,
+    /// How log lines on stderr look: text for people, json (one object a line) for log collectors
+    #[arg(long, value_enum, default_value_t = super::server::LogFormat::Text)]
+    log_format: super::server::LogFormat,
     /// Where the agent listens
     #[arg(long, default_value = "127.0.0.1:7071")]
     listen: SocketAddr,
@@ -164,7 +167,7 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<u8> {
 }
 
 fn agent(args: AgentArgs) -> anyhow::Result<u8> {
-    super::server::init_daemon();
+    super::server::init_daemon(args.log_format);
     let control = args
         .control
         .ok_or_else(|| anyhow!("give the control plane: --control http://HOST:PORT"))?;

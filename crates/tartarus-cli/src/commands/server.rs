@@ -98,20 +98,36 @@ pub struct ServerArgs {
               other => other.map_err(|e| e.to_string()),
           })]
     header_timeout: std::time::Duration,
+    /// How log lines on stderr look: text for people, json (one object a line) for log collectors
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// The format of a daemon's log lines.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `target`, `message` and the event's fields
+    /// (`sandbox`, `tenant`, `lane`, `node`, …) at the top level, and the spans it happened in.
+    Json,
 }
 
 /// Start-up of a long-running daemon (the server, a node agent): peers that go away must never kill it
-/// (SIGPIPE ignored), and logs go to stderr at `TARTARUS_LOG` (default info).
-pub fn init_daemon() {
+/// (SIGPIPE ignored), and logs go to stderr at `TARTARUS_LOG` (default info), in `format`.
+pub fn init_daemon(format: LogFormat) {
     tartarus_hostsys::ignore_sigpipe();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TARTARUS_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
 }
 
 /// The server's settings with every flag at its default, listening on `listen` over `data_dir` with its
@@ -165,7 +181,7 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {
-    init_daemon();
+    init_daemon(args.log_format);
     let config = config(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(tartarus_server::serve(config, print_listening))?;

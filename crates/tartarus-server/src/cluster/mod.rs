@@ -54,10 +54,11 @@ async fn event(state: &AppState, kind: &str, node: &str, message: &str) {
         message,
         details: Some(&serde_json::json!({"node": node}).to_string()),
     };
-    if let Err(e) = state.store.record_event(&event).await {
-        tracing::error!(
+    match state.store.record_event(&event).await {
+        Ok(_) => crate::metrics::event_recorded(&event),
+        Err(e) => tracing::error!(
             "recording a cluster event failed: {}",
             tartarus_runtime::error_chain(&e)
-        );
+        ),
     }
 }

@@ -96,7 +96,9 @@ pub async fn lose_sandboxes_of(state: &AppState, node: &str) {
             message: &format!("sandbox {} lost: {reason}", record.id),
             details: None,
         };
-        let _ = state.store.record_event(&event).await;
+        if state.store.record_event(&event).await.is_ok() {
+            crate::metrics::event_recorded(&event);
+        }
     }
 }
 

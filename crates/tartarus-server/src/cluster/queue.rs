@@ -7,10 +7,6 @@ use super::placement::{new_sandbox_id, place, PlacementRequest};
 use super::{event, ClusterError};
 use crate::AppState;
 
-/// Queue lanes' depth and wait metrics.
-pub const QUEUE_DEPTH: &str = "tartarus_queue_depth";
-pub const QUEUE_WAIT: &str = "tartarus_queue_wait_duration_seconds";
-
 /// How often a queued request is tried before it becomes a dead letter.
 const MAX_ATTEMPTS: i64 = 30;
 /// Queued requests placed per dispatcher tick at most.
@@ -81,7 +77,7 @@ pub(super) async fn dispatch(state: &AppState) {
         match place(state, &want).await {
             Ok(Some(record)) => {
                 let waited = (tartarus_store::now_ms() - item.enqueued_ms).max(0) as f64 / 1000.0;
-                metrics::histogram!(QUEUE_WAIT, "lane" => lane).record(waited);
+                metrics::histogram!(crate::metrics::QUEUE_WAIT.name, "lane" => lane).record(waited);
                 if let Err(e) = state
                     .store
                     .ack_with(&item.id, &worker, Some(&record.id), tartarus_store::now_ms())
@@ -122,13 +118,10 @@ pub(super) async fn dispatch(state: &AppState) {
                     message: &format!("queued sandbox {} cannot be placed: {reason}", item.id),
                     details: Some(&item.payload),
                 };
-                let _ = state.store.record_event(&event).await;
+                if state.store.record_event(&event).await.is_ok() {
+                    crate::metrics::event_recorded(&event);
+                }
             }
-        }
-    }
-    for lane in Lane::ALL {
-        if let Ok(depth) = state.store.queue_depth(Some(lane)).await {
-            metrics::gauge!(QUEUE_DEPTH, "lane" => lane.as_str()).set(depth as f64);
         }
     }
 }

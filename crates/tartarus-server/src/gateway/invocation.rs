@@ -222,7 +222,7 @@ async fn write_receipt(
         // Every call its own receipt, even one identical to another in the same millisecond.
         nonce: Some(tartarus_effects::receipt::new_nonce().map_err(GatewayError::Signing)?),
     };
-    metrics::counter!(crate::metrics::TOOL_CALLS, "status" => receipt.status.clone()).increment(1);
+    metrics::counter!(crate::metrics::TOOL_CALLS.name, "status" => receipt.status.clone()).increment(1);
     let envelope = effects
         .with_keyring(|keyring| receipt.sign(keyring))
         .and_then(|e| e.encode())

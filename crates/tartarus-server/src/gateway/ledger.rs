@@ -75,11 +75,12 @@ pub async fn claim(effects: &Effects, call: &Call<'_>) -> Result<Claimed, Gatewa
         match effects.store.ledger_claim(&claim).await? {
             Claim::Acquired { epoch } => return Ok(Claimed::Acquired { epoch }),
             Claim::Replay(entry) => {
-                metrics::counter!(crate::metrics::LEDGER_OUTCOMES, "outcome" => "replay").increment(1);
+                metrics::counter!(crate::metrics::LEDGER_OUTCOMES.name, "outcome" => "replay").increment(1);
                 return Ok(Claimed::Replay(Box::new(entry)));
             }
             Claim::Divergent(entry) => {
-                metrics::counter!(crate::metrics::LEDGER_OUTCOMES, "outcome" => "divergence").increment(1);
+                metrics::counter!(crate::metrics::LEDGER_OUTCOMES.name, "outcome" => "divergence")
+                    .increment(1);
                 let error = GatewayError::Divergence {
                     key: call.key.to_string(),
                     tool: entry.tool.clone(),
@@ -118,11 +119,12 @@ async fn record_divergence(effects: &Effects, call: &Call<'_>, entry: &LedgerEnt
         message: &error.to_string(),
         details: Some(&details),
     };
-    if let Err(e) = effects.store.record_event(&event).await {
-        tracing::error!(
+    match effects.store.record_event(&event).await {
+        Ok(_) => crate::metrics::event_recorded(&event),
+        Err(e) => tracing::error!(
             "recording a divergence failed: {}",
             tartarus_runtime::error_chain(&e)
-        );
+        ),
     }
 }
 

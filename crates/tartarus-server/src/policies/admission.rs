@@ -95,6 +95,12 @@ pub async fn admit_copies(
         usage.template_instances += others;
     }
     let decision = tartarus_policy::admit(&mut request, &policy, &usage);
+    for (i, judge) in decision.judges.iter().enumerate() {
+        let rejected = decision.rejection.is_some() && i + 1 == decision.judges.len();
+        let verdict = if rejected { "reject" } else { "accept" };
+        metrics::counter!(crate::metrics::ADMISSION_DECISIONS.name, "judge" => *judge, "verdict" => verdict)
+            .increment(1);
+    }
     let detail = json!({
         "request_digest": decision.request_digest,
         "verdict": decision.verdict,

@@ -49,6 +49,8 @@ pub fn spawn_enforcement(state: AppState, every: std::time::Duration) {
                     let (blocked_before, hits_before) =
                         seen.insert(record.id.clone(), (blocked, hits)).unwrap_or((0, 0));
                     if blocked > blocked_before {
+                        metrics::counter!(crate::metrics::PACKETS_BLOCKED.name, "lane" => record.runtime.clone())
+                            .increment(blocked - blocked_before);
                         enforce_network(&state, record, blocked - blocked_before).await;
                     } else if hits > hits_before {
                         enforce_resources(&state, record, hits - hits_before).await;

@@ -54,7 +54,8 @@ impl Policies {
 
 /// Records an event; failures are logged, never fatal.
 pub async fn event(state: &AppState, event: NewEvent<'_>) {
-    if let Err(e) = state.store.record_event(&event).await {
-        tracing::error!("event write failed: {}", tartarus_runtime::error_chain(&e));
+    match state.store.record_event(&event).await {
+        Ok(_) => crate::metrics::event_recorded(&event),
+        Err(e) => tracing::error!("event write failed: {}", tartarus_runtime::error_chain(&e)),
     }
 }

@@ -26,6 +26,7 @@ pub(crate) async fn exec_sandbox(
     body: Result<Json<ExecBody>, JsonRejection>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
+    let started = std::time::Instant::now();
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     let Json(body) = body.map_err(json_rejection)?;
@@ -53,6 +54,7 @@ pub(crate) async fn exec_sandbox(
             } else {
                 "failed"
             };
+            crate::metrics::operation("exec", &record.runtime, outcome == "ok", started);
             audit(&state, &caller, "sandbox.exec", Some(&id), outcome).await;
             return answer;
         }
@@ -62,6 +64,7 @@ pub(crate) async fn exec_sandbox(
             Ok((status, _)) if status.is_success() => "ok",
             _ => "failed",
         };
+        crate::metrics::operation("exec", &record.runtime, outcome == "ok", started);
         audit(&state, &caller, "sandbox.exec", Some(&id), outcome).await;
         let (status, answer) = result?;
         return Ok((status, Json(answer)).into_response());
@@ -83,6 +86,7 @@ pub(crate) async fn exec_sandbox(
         };
         let error = result.as_ref().err().map(|e| e.message.as_str());
         trace_exec(&state, &record, (&body.cmd, &env), error, None).await;
+        crate::metrics::operation("exec", &record.runtime, result.is_ok(), started);
         audit(
             &state,
             &caller,
@@ -102,6 +106,7 @@ pub(crate) async fn exec_sandbox(
     };
     let error = result.as_ref().err().map(|e| e.message.as_str());
     trace_exec(&state, &record, (&body.cmd, &env), error, result.as_ref().ok()).await;
+    crate::metrics::operation("exec", &record.runtime, result.is_ok(), started);
     audit(
         &state,
         &caller,

@@ -19,7 +19,6 @@ pub(crate) async fn metrics_text(State(state): State<AppState>) -> Result<String
         .metrics
         .as_ref()
         .ok_or_else(|| ApiError::internal("metrics recorder not installed"))?;
-    let live = state.store.live_count_all().await?;
-    ::metrics::gauge!(metrics::ACTIVE).set(live as f64);
+    metrics::refresh(&state).await?;
     Ok(handle.render())
 }

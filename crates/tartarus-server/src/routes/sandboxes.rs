@@ -43,6 +43,7 @@ pub(crate) async fn create(
     shape: impl FnOnce(&mut tartarus_runtime::SandboxSpec),
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
+    let started = std::time::Instant::now();
     let mut spec = spec_from(&body, &caller, state.host_access)?;
     shape(&mut spec);
     let mut pool_key = None;
@@ -149,6 +150,7 @@ pub(crate) async fn create(
         let chosen = format!("runtime {}: {}", runtime.runtime, runtime.reason);
         match cluster::place_on_node(&state, &want).await {
             Ok(Some(record)) => {
+                crate::metrics::operation("create", runtime.runtime.as_str(), true, started);
                 audit(
                     &state,
                     &caller,
@@ -196,6 +198,7 @@ pub(crate) async fn create(
                 return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
             }
             Err(e) => {
+                crate::metrics::operation("create", runtime.runtime.as_str(), false, started);
                 audit(&state, &caller, "sandbox.create", None, "failed").await;
                 return Err(e);
             }
@@ -216,6 +219,7 @@ pub(crate) async fn create(
             &runtime,
         )
         .await;
+    crate::metrics::operation("create", runtime.runtime.as_str(), result.is_ok(), started);
     let outcome = match &result {
         Ok(_) => format!("ok (runtime {}: {})", runtime.runtime, runtime.reason),
         Err(_) => "failed".to_string(),
@@ -350,25 +354,37 @@ pub(crate) async fn delete_sandbox(
         Some(0) | None => None,
         Some(s) => Some(std::time::Duration::from_secs(s)),
     };
+    let started = std::time::Instant::now();
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     if record.status.is_live() {
-        if record.node.is_some() {
-            let (status, theirs) = on_node(&state, &record, reqwest::Method::DELETE, "", None).await?;
-            if !status.is_success() {
-                return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "node_failed",
-                    format!("node: {theirs}"),
-                ));
-            }
-            cluster::sync_from_node(&state, &record, &theirs).await?;
-        } else {
-            state.manager.stop(&record, grace).await?;
-        }
+        let stopped = stop(&state, &record, grace).await;
+        crate::metrics::operation("delete", &record.runtime, stopped.is_ok(), started);
+        stopped?;
     }
     audit(&state, &caller, "sandbox.delete", Some(&id), "ok").await;
     Ok(Json(view(&find(&state, &caller, &id).await?)))
+}
+
+/// Stops a live sandbox, here or through its node.
+async fn stop(
+    state: &AppState,
+    record: &tartarus_store::SandboxRecord,
+    grace: Option<Duration>,
+) -> Result<(), ApiError> {
+    if record.node.is_none() {
+        return state.manager.stop(record, grace).await;
+    }
+    let (status, theirs) = on_node(state, record, reqwest::Method::DELETE, "", None).await?;
+    if !status.is_success() {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "node_failed",
+            format!("node: {theirs}"),
+        ));
+    }
+    cluster::sync_from_node(state, record, &theirs).await?;
+    Ok(())
 }
 
 /// Wait (up to `timeout_s`, default 60, at most 3600) until a sandbox has ended; returns its record.
@@ -409,6 +425,7 @@ pub(crate) async fn set_paused(
     paused: bool,
     mode: PauseMode,
 ) -> Result<Json<SandboxView>, ApiError> {
+    let started = std::time::Instant::now();
     let record = find(&state, &caller, &id).await?;
     caller.require_mutate()?;
     if record.status != SandboxStatus::Running {
@@ -444,11 +461,12 @@ pub(crate) async fn set_paused(
         false if paused && mode == PauseMode::Disk => state.manager.hibernate(&record).await,
         false => state.manager.set_paused(&record, paused).await,
     };
-    let action = match (paused, mode) {
-        (true, PauseMode::Disk) => "sandbox.pause_to_disk",
-        (true, PauseMode::Memory) => "sandbox.pause",
-        (false, _) => "sandbox.resume",
+    let (operation, action) = match (paused, mode) {
+        (true, PauseMode::Disk) => ("pause_to_disk", "sandbox.pause_to_disk"),
+        (true, PauseMode::Memory) => ("pause", "sandbox.pause"),
+        (false, _) => ("resume", "sandbox.resume"),
     };
+    crate::metrics::operation(operation, &record.runtime, result.is_ok(), started);
     audit(
         &state,
         &caller,

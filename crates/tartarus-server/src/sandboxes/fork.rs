@@ -107,7 +107,7 @@ impl Manager {
                 }
             };
             self.store.mark_running(&id, shim.pid).await?;
-            metrics::histogram!(crate::metrics::RESTORE_DURATION, "lane" => lane.as_str(), "node" => self.node.clone())
+            metrics::histogram!(crate::metrics::RESTORE_DURATION.name, "lane" => lane.as_str(), "node" => self.node.clone())
                 .record(started.elapsed().as_secs_f64());
             let mut child = shim.child;
             self.watch(id.clone(), dir, lane, async move {

@@ -128,7 +128,8 @@ impl Manager {
                 tartarus_runtime::error_chain(&e)
             );
         }
-        metrics::histogram!(crate::metrics::SNAPSHOT_BYTES, "lane" => lane.as_str()).record(bytes as f64);
+        metrics::histogram!(crate::metrics::SNAPSHOT_BYTES.name, "lane" => lane.as_str())
+            .record(bytes as f64);
         Ok(())
     }
 
@@ -191,7 +192,7 @@ impl Manager {
                 record.id
             )));
         }
-        metrics::histogram!(crate::metrics::RESTORE_DURATION, "lane" => lane.as_str(), "node" => self.node.clone())
+        metrics::histogram!(crate::metrics::RESTORE_DURATION.name, "lane" => lane.as_str(), "node" => self.node.clone())
             .record(started.elapsed().as_secs_f64());
         self.watch(record.id.clone(), PathBuf::from(&record.dir), lane, async move {
             let _ = child.wait().await;
@@ -215,7 +216,7 @@ impl Manager {
             reason: KILLED_WHILE_HIBERNATED,
         };
         self.store.finish_sandbox(&record.id, &finish).await?;
-        metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => "killed", "lane" => lane_of(record).as_str())
+        metrics::counter!(crate::metrics::TOTAL.name, "template" => crate::metrics::template_label(record.template.as_deref()), "status" => "killed", "lane" => lane_of(record).as_str())
             .increment(1);
         let _ = tokio::fs::remove_dir_all(self.snapshots_dir(&record.id)).await;
         if let Some(hooks) = self.lifecycle.get() {

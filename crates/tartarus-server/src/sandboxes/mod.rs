@@ -267,10 +267,13 @@ impl Manager {
                             message: &format!("sandbox {id} did not start: {message}"),
                             details: details.as_deref(),
                         };
-                        if let Err(e) = self.store.record_event(&dead_letter).await {
-                            tracing::error!(sandbox = %id, "recording a dead letter failed: {}", tartarus_runtime::error_chain(&e));
+                        match self.store.record_event(&dead_letter).await {
+                            Ok(_) => crate::metrics::event_recorded(&dead_letter),
+                            Err(e) => {
+                                tracing::error!(sandbox = %id, "recording a dead letter failed: {}", tartarus_runtime::error_chain(&e))
+                            }
                         }
-                        metrics::counter!(crate::metrics::TOTAL, "template" => template_label, "status" => "failed", "lane" => runtime.runtime.as_str())
+                        metrics::counter!(crate::metrics::TOTAL.name, "template" => template_label, "status" => "failed", "lane" => runtime.runtime.as_str())
                             .increment(1);
                         let _ = tokio::fs::remove_dir_all(&dir).await;
                         let _ = tokio::fs::remove_dir_all(self.gateway_dir(&id)).await;
@@ -288,7 +291,8 @@ impl Manager {
             self.store.insert_sandbox(&record).await?;
         }
         self.store.mark_running(&id, pid).await?;
-        metrics::histogram!(crate::metrics::LAUNCH_DURATION, "template" => template_label, "node" => self.node.clone(), "lane" => runtime.runtime.as_str())
+        tracing::info!(sandbox = %id, tenant, lane = runtime.runtime.as_str(), node = %self.node, warm = !inserted, "sandbox running");
+        metrics::histogram!(crate::metrics::LAUNCH_DURATION.name, "template" => template_label, "node" => self.node.clone(), "lane" => runtime.runtime.as_str())
             .record(started.elapsed().as_secs_f64());
         self.watch(id.clone(), dir, runtime.runtime, async move {
             let _ = child.wait().await;
@@ -346,7 +350,11 @@ impl Manager {
             exit_code: outcome.1,
             reason: &outcome.2,
         };
-        metrics::counter!(crate::metrics::TOTAL, "template" => "none", "status" => outcome.0.as_str(), "lane" => lane.as_str())
+        let record = self.store.sandbox(id, None).await.ok().flatten();
+        let template = crate::metrics::template_label(record.as_ref().and_then(|r| r.template.as_deref()));
+        let tenant = record.as_ref().map_or("", |r| r.tenant.as_str());
+        tracing::info!(sandbox = id, tenant, lane = lane.as_str(), node = %self.node, status = outcome.0.as_str(), reason = %outcome.2, "sandbox ended");
+        metrics::counter!(crate::metrics::TOTAL.name, "template" => template, "status" => outcome.0.as_str(), "lane" => lane.as_str())
             .increment(1);
         if let Err(e) = self.store.finish_sandbox(id, &finish).await {
             tracing::error!(
@@ -370,13 +378,7 @@ impl Manager {
             _ => None,
         };
         if let Some((category, kind, message)) = enforced {
-            let tenant = self
-                .store
-                .sandbox(id, None)
-                .await
-                .ok()
-                .flatten()
-                .map(|r| r.tenant);
+            let tenant = record.map(|r| r.tenant);
             let event = NewEvent {
                 category,
                 kind,
@@ -385,12 +387,13 @@ impl Manager {
                 message: &format!("sandbox {id} {message}"),
                 details: None,
             };
-            if let Err(e) = self.store.record_event(&event).await {
-                tracing::error!(
+            match self.store.record_event(&event).await {
+                Ok(_) => crate::metrics::event_recorded(&event),
+                Err(e) => tracing::error!(
                     sandbox = id,
                     "recording an event failed: {}",
                     tartarus_runtime::error_chain(&e)
-                );
+                ),
             }
         }
         let _ = tokio::fs::remove_file(sandbox_dir.socket()).await;

@@ -136,14 +136,36 @@ impl Manager {
             .unwrap_or(0)
     }
 
-    /// A live prepared sandbox from the pool `key`, if any.
+    /// Warm sandboxes ready and wanted, summed over the plain pool (`none`) and over template pools
+    /// (`template`), as the pool metrics label them.
+    pub fn pool_totals(&self) -> [(&'static str, usize, usize); 2] {
+        let mut totals = [("none", 0, 0), ("template", 0, 0)];
+        if let Ok(pools) = self.pools.lock() {
+            for (key, pool) in pools.iter() {
+                let total = &mut totals[usize::from(key != DEFAULT_POOL)];
+                total.1 += pool.ready.len();
+                total.2 += pool.spec.size;
+            }
+        }
+        totals
+    }
+
+    /// A live prepared sandbox from the pool `key`, if any; a pool that should hold some and has none
+    /// counts a miss.
     pub(super) fn take_pooled(&self, key: &str) -> Option<Pooled> {
         let mut pools = self.pools.lock().ok()?;
         let pool = pools.get_mut(key)?;
+        let template = crate::metrics::template_label((key != DEFAULT_POOL).then_some(key));
         while let Some(mut p) = pool.ready.pop() {
             if matches!(p.child.try_wait(), Ok(None)) {
+                metrics::counter!(crate::metrics::POOL_CLAIMS.name, "template" => template, "outcome" => "hit")
+                    .increment(1);
                 return Some(p);
             }
+        }
+        if pool.spec.size > 0 {
+            metrics::counter!(crate::metrics::POOL_CLAIMS.name, "template" => template, "outcome" => "miss")
+                .increment(1);
         }
         None
     }

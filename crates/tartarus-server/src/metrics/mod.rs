@@ -1,4 +1,6 @@
-//! Prometheus metrics (`GET /metrics`). Names follow the design map.
+//! Prometheus metrics (`GET /metrics`): the recorder, the request-latency layer and the label helpers.
+//! Every metric is defined once in [`catalogue`] (docs/metrics.md is generated from it); the values read
+//! from the store at each scrape are in `scrape.rs`.
 //!
 //! `/metrics` needs no key, so no label names a tenant's objects: no template ids (tenants name their
 //! own), no tool names; per-tenant detail is in the API (events, audit, receipts) behind a key.
@@ -10,26 +12,18 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Time from the create request until the sandbox runs.
-pub const LAUNCH_DURATION: &str = "tartarus_sandbox_launch_duration_seconds";
-/// Sandboxes starting or running now.
-pub const ACTIVE: &str = "tartarus_sandbox_active_count";
-/// Sandboxes by final status (and failed starts).
-pub const TOTAL: &str = "tartarus_sandbox_total";
-/// Tool invocations through the gateway, by receipt status (ok, failed, error).
-pub const TOOL_CALLS: &str = "tartarus_tool_calls_total";
-/// Tool calls answered from the idempotency ledger (replays) or refused as divergent, by outcome.
-pub const LEDGER_OUTCOMES: &str = "tartarus_ledger_outcomes_total";
-/// Time from a resume request until a sandbox paused to disk runs again from its snapshot.
-pub const RESTORE_DURATION: &str = "tartarus_snapshot_restore_duration_seconds";
-/// Size of each snapshot a pause to disk sealed.
-pub const SNAPSHOT_BYTES: &str = "tartarus_snapshot_bytes";
-/// API request latency.
-pub const REQUEST_DURATION: &str = "tartarus_http_request_duration_seconds";
+pub mod catalogue;
+mod scrape;
+
+pub use self::catalogue::*;
+pub use self::scrape::refresh;
 
 const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// How long a gauge no scrape has set stays in `/metrics`.
+const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How often recorded histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -42,8 +36,11 @@ pub fn install() -> Option<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets(BUCKETS)
         .ok()?
+        // Scrape-time gauges are set at every scrape; one not set for this long (a removed node's) is gone.
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .install_recorder()
         .ok()?;
+    catalogue::describe_all();
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(UPKEEP_INTERVAL);
@@ -80,7 +77,27 @@ pub async fn track(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".into());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::histogram!(REQUEST_DURATION, "method" => method, "route" => route, "status" => status)
+    metrics::histogram!(REQUEST_DURATION.name, "method" => method, "route" => route, "status" => status)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// Counts a recorded event: by category, and as an enforcement action or a dead letter when it is one.
+/// Call it once the event is stored.
+pub fn event_recorded(event: &tartarus_store::NewEvent<'_>) {
+    metrics::counter!(EVENTS.name, "category" => event.category.to_string()).increment(1);
+    match event.category {
+        "enforcement" => {
+            metrics::counter!(ENFORCEMENT_ACTIONS.name, "kind" => event.kind.to_string()).increment(1)
+        }
+        "dead_letter" => metrics::counter!(DEAD_LETTERS.name, "kind" => event.kind.to_string()).increment(1),
+        _ => {}
+    }
+}
+
+/// Records one sandbox operation's latency (`operation`: create, exec, pause, resume, delete).
+pub fn operation(operation: &'static str, lane: &str, ok: bool, started: Instant) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::histogram!(OPERATION_DURATION.name, "operation" => operation, "lane" => lane.to_string(), "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
