@@ -30,6 +30,17 @@ impl Manager {
         self.data_dir.join("snapshots").join(id)
     }
 
+    /// Whether a pause to disk of sandbox `id` was started and not sealed: a snapshot directory without
+    /// its manifest.
+    pub(super) fn hibernation_under_way(&self, id: &str) -> bool {
+        let Ok(entries) = std::fs::read_dir(self.snapshots_dir(id)) else {
+            return false;
+        };
+        entries
+            .flatten()
+            .any(|e| e.path().is_dir() && !e.path().join(tartarus_runtime::snapshot::MANIFEST).exists())
+    }
+
     /// Holds sandbox `id` for one transition, or says why not.
     pub(super) fn hold_transition(&self, id: &str) -> Result<crate::limits::Held, ApiError> {
         self.transitions.try_hold(id).ok_or_else(|| {
@@ -203,6 +214,7 @@ impl Manager {
         }
         // The restored sandbox has moved on from its snapshot: it is no use any more.
         let _ = tokio::fs::remove_dir_all(&snapshot).await;
+        let _ = tokio::fs::remove_dir(self.snapshots_dir(&record.id)).await;
         Ok(())
     }
 

@@ -15,6 +15,7 @@ impl Manager {
     /// After a restart: re-adopt sandboxes whose shim still runs, record the others' outcomes.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(usize, usize), ApiError> {
         let (mut adopted, mut ended) = (0, 0);
+        self.settle_hibernated().await?;
         for status in [SandboxStatus::Starting, SandboxStatus::Running] {
             // Sandboxes on cluster nodes are their node's to re-adopt.
             for record in self
@@ -56,6 +57,21 @@ impl Manager {
                         self.watch_adopted(record.id.clone(), dir, lane_of(&record), pidfd)?;
                         adopted += 1;
                     }
+                    (false, Some(pidfd)) if self.hibernation_under_way(&record.id) => {
+                        // A pause to disk was under way when the last server stopped: its shim is busy
+                        // saving and answers nothing until it is done. It is let finish (bounded), and its
+                        // result says whether the sandbox is on disk now or ended.
+                        wait_for_exit(pidfd, super::shim_client::HIBERNATE_DEADLINE).await;
+                        end_unadopted(&SandboxDir::new(&dir)).await;
+                        self.finalize(
+                            &record.id,
+                            &dir,
+                            lane_of(&record),
+                            "the server restarted while the sandbox was being paused to disk",
+                        )
+                        .await;
+                        ended += 1;
+                    }
                     _ => {
                         // A shim may still run (killed mid-create, or not answering): end it before its
                         // socket goes, or nothing could ever stop it.
@@ -74,6 +90,25 @@ impl Manager {
         }
         self.remove_orphans().await?;
         Ok((adopted, ended))
+    }
+
+    /// Sandboxes paused to disk whose resume the last server did not finish: a shim it started may run
+    /// the restored sandbox, unrecorded. It is ended, so the sandbox is paused to disk (its snapshot is
+    /// removed only once a resume is recorded), never half resumed.
+    async fn settle_hibernated(&self) -> Result<(), ApiError> {
+        for record in self.store.sandboxes(None, Some(SandboxStatus::Running)).await? {
+            if record.node.is_some() || record.hibernated_to.is_none() {
+                continue;
+            }
+            let dir = SandboxDir::new(&record.dir);
+            if !processes_naming(&dir.socket()).is_empty() {
+                tracing::warn!(sandbox = %record.id, "ending a restore the last server did not record");
+                end_unadopted(&dir).await;
+            }
+            let _ = tokio::fs::remove_file(dir.socket()).await;
+            let _ = tokio::fs::remove_file(dir.result()).await;
+        }
+        Ok(())
     }
 
     /// Kills pooled sandboxes a previous run prepared but never handed out (they have no record), and
@@ -190,4 +225,13 @@ fn processes_naming(path: &Path) -> Vec<(i32, OwnedFd)> {
         }
     }
     found
+}
+
+/// Waits until the process behind `pidfd` has exited, at most `limit`.
+async fn wait_for_exit(pidfd: OwnedFd, limit: Duration) {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the
+    // same pidfd for the AsyncFd's whole life.
+    if let Ok(fd) = unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
+        let _ = tokio::time::timeout(limit, fd.readable()).await;
+    }
 }

@@ -24,7 +24,7 @@ const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
 const KILL_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a pause to disk may take: the lane's checkpoint (runsc allows itself a minute), sealing
 /// (hashing every part twice) and the cleanup.
-const HIBERNATE_DEADLINE: Duration = Duration::from_secs(180);
+pub(super) const HIBERNATE_DEADLINE: Duration = Duration::from_secs(180);
 /// Deadline of a file operation (the shim moves at most `MAX_FILE_BYTES`).
 const FILE_DEADLINE: Duration = Duration::from_secs(60);
 /// Slack beyond an exec's own timeout, which the shim enforces.
