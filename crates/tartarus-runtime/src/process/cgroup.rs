@@ -597,6 +597,46 @@ impl SandboxCgroups {
         Ok(true)
     }
 
+    /// CPU time the sandbox's processes have used so far, in microseconds: `usage_usec` of the v2 core
+    /// `cpu.stat` (kept by every v2 cgroup, whatever its controllers, so hybrid hosts have it too), else
+    /// v1 `cpuacct.usage` where cpuacct is mounted with cpu; `None` when neither is there.
+    pub fn cpu_usage_usec(&self, fs: &dyn CgroupFs) -> Option<u64> {
+        let v2 = self
+            .dirs
+            .iter()
+            .filter(|d| d.version == CgroupVersion::V2)
+            .find_map(|dir| {
+                fs.read(&dir.path.join("cpu.stat")).ok().and_then(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse().ok()))
+                })
+            });
+        if v2.is_some() {
+            return v2;
+        }
+        let dir = self
+            .dir_with(Controller::Cpu)
+            .filter(|d| d.version == CgroupVersion::V1)?;
+        let nanos: u64 = fs
+            .read(&dir.path.join("cpuacct.usage"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(nanos / 1000)
+    }
+
+    /// Memory the sandbox uses now (`memory.current`, v1 `memory.usage_in_bytes`), when the memory
+    /// controller tracks it.
+    pub fn memory_current(&self, fs: &dyn CgroupFs) -> Option<u64> {
+        let dir = self.dir_with(Controller::Memory)?;
+        let file = match dir.version {
+            CgroupVersion::V2 => "memory.current",
+            CgroupVersion::V1 => "memory.usage_in_bytes",
+        };
+        fs.read(&dir.path.join(file)).ok()?.trim().parse().ok()
+    }
+
     /// Peak memory use of the sandbox, when the memory controller tracks it.
     pub fn peak_memory(&self, fs: &dyn CgroupFs) -> Option<u64> {
         let dir = self.dir_with(Controller::Memory)?;
