@@ -20,6 +20,7 @@ pub mod sandboxes;
 pub mod signals;
 pub mod templates;
 pub mod tools;
+pub mod usage;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .merge(queue::routes())
         .merge(runtimes::routes())
         .merge(ports::routes())
+        .merge(usage::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))

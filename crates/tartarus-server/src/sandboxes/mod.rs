@@ -300,7 +300,9 @@ impl Manager {
     /// Records the outcome the shim left behind (or `lost` with `missing` when there is none).
     async fn finalize(&self, id: &str, dir: &Path, lane: LaneName, missing: &str) {
         let sandbox_dir = SandboxDir::new(dir);
-        let outcome = match sandbox_dir.read_result().await {
+        let result = sandbox_dir.read_result().await;
+        crate::usage::finish(&self.store, id, result.as_ref().ok().and_then(Option::as_ref)).await;
+        let outcome = match result {
             Ok(Some(r)) => {
                 let status = match r.reason {
                     EndReason::Exited => SandboxStatus::Exited,
