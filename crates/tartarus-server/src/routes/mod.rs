@@ -92,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .merge(runtimes::routes())
         .merge(ports::routes())
         .merge(usage::routes())
+        .merge(crate::ui::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
