@@ -1045,6 +1045,48 @@ mod tests {
     }
 
     #[test]
+    fn cpu_time_comes_from_any_v2_cgroup_before_v1_cpuacct_and_memory_from_the_memory_cgroup() {
+        let v1_memory = CgroupDir {
+            version: CgroupVersion::V1,
+            path: "/sys/fs/cgroup/memory/t/x".into(),
+            controllers: vec![Controller::Memory],
+        };
+        let v1_cpu = CgroupDir {
+            version: CgroupVersion::V1,
+            path: "/sys/fs/cgroup/cpu/t/x".into(),
+            controllers: vec![Controller::Cpu],
+        };
+        // A hybrid host: the freezer's v2 directory keeps the core cpu.stat.
+        let v2_freezer = CgroupDir {
+            version: CgroupVersion::V2,
+            path: "/sys/fs/cgroup/unified/t/x".into(),
+            controllers: vec![Controller::Freezer],
+        };
+        let fs = FakeCgroupFs::default()
+            .file(
+                "/sys/fs/cgroup/unified/t/x/cpu.stat",
+                "usage_usec 2500\nuser_usec 2000\n",
+            )
+            .file("/sys/fs/cgroup/cpu/t/x/cpuacct.usage", "9000000")
+            .file("/sys/fs/cgroup/memory/t/x/memory.usage_in_bytes", "4096\n");
+        let hybrid = SandboxCgroups {
+            dirs: vec![v1_memory.clone(), v1_cpu.clone(), v2_freezer],
+        };
+        assert_eq!(hybrid.cpu_usage_usec(&fs), Some(2500));
+        assert_eq!(hybrid.memory_current(&fs), Some(4096));
+        let v1_only = SandboxCgroups {
+            dirs: vec![v1_memory, v1_cpu],
+        };
+        assert_eq!(
+            v1_only.cpu_usage_usec(&fs),
+            Some(9000),
+            "cpuacct.usage is in nanoseconds"
+        );
+        assert_eq!(SandboxCgroups::default().cpu_usage_usec(&fs), None);
+        assert_eq!(SandboxCgroups::default().memory_current(&fs), None);
+    }
+
+    #[test]
     fn oom_kills_are_read_from_the_version_specific_file() {
         let fs = hybrid().file(
             "/sys/fs/cgroup/memory/t/x/memory.oom_control",
