@@ -224,6 +224,10 @@ pub struct Usage {
     /// Packets the egress contract dropped; `None` without egress.
     pub blocked_packets: Option<u64>,
     pub limit_hits: LimitHits,
+    /// CPU time used so far, in microseconds; `None` where the lane cannot tell.
+    pub cpu_usec: Option<u64>,
+    /// Memory in use now, in bytes; `None` where the lane cannot tell.
+    pub memory_bytes: Option<u64>,
 }
 
 /// Counters of a sandbox hitting its limits: OOM kills inside it and forks refused at its pids limit.

@@ -511,6 +511,8 @@ mod tests {
                 oom_kills: 1,
                 pids_limit_hits: 2,
             },
+            cpu_usec: Some(1_500_000),
+            memory_bytes: Some(64 << 20),
         };
         fake.set_usage(usage);
         fake.set_throttles(false);

@@ -23,6 +23,8 @@ pub mod node_agent;
 pub mod policies;
 pub mod sandbox_ports;
 pub mod sandboxes;
+pub mod ui;
+pub mod usage;
 
 mod openapi;
 pub mod routes;

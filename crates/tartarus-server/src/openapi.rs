@@ -26,7 +26,8 @@ use crate::{api, cluster, gateway, routes};
           routes::nodes::list_nodes, routes::nodes::create_token, routes::nodes::cluster_status,
           routes::queue::list_queue, routes::queue::get_queued, routes::nodes::delete_node,
           routes::keys::public_keys, routes::keys::rotate_key, routes::runtimes::list_runtimes,
-          routes::ports::signed_url, routes::ports::forward_path, sandboxes::set_timeout),
+          routes::ports::signed_url, routes::ports::forward_path, sandboxes::set_timeout,
+          routes::usage::sandbox_usage, routes::usage::usage_report, routes::usage::whoami),
     components(schemas(CreateSandbox, SandboxView, api::PauseBody, api::PauseMode, ExecBody, ExecResult, ErrorBody, api::Resources, files::DirEntry,
                        templates::CreateTemplate, templates::TemplateView,
                        policies::ApplyPolicy, policies::PolicyView, policies::Rollback, blobs::BlobPut,
@@ -35,7 +36,9 @@ use crate::{api, cluster, gateway, routes};
                        cluster::NodeReport, cluster::Heartbeat, cluster::Registration, routes::nodes::NodeView,
                        routes::nodes::CreateNodeToken, routes::runtimes::RuntimeView,
                        routes::ports::SignedUrlRequest, routes::ports::SignedUrl,
-                       sandboxes::SetTimeout, sandboxes::Deadline)),
+                       sandboxes::SetTimeout, sandboxes::Deadline,
+                       crate::usage::SandboxUsage, crate::usage::UsageReport, crate::usage::TenantUsage,
+                       crate::usage::Totals, crate::usage::Cost, routes::usage::Whoami)),
     modifiers(&BearerAuth, &LayerResponses)
 )]
 pub struct ApiDoc;

@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub registries: Vec<String>,
     /// E2B's sandbox host names are `{port}-{id}.DOMAIN` (`--sandbox-domain`); `None`: not served.
     pub sandbox_domain: Option<String>,
+    /// Prices that turn usage into cost (`--price-table FILE`).
+    pub prices: Option<crate::usage::PriceTable>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +332,7 @@ pub async fn serve_on(
             crate::e2b::E2bState::open(&config.data_dir, config.sandbox_domain.clone())
                 .map_err(|e| ServerError::Config(format!("the E2B API's state: {e}")))?,
         ),
+        prices: config.prices.clone().map(Arc::new),
     };
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);

@@ -35,6 +35,8 @@ pub struct AppState {
     pub host_access: crate::sandboxes::HostAccess,
     /// The E2B-compatible surface's keys and files.
     pub e2b: Arc<crate::e2b::E2bState>,
+    /// Prices that turn usage into cost (`--price-table`); `None`: usage is shown without cost.
+    pub prices: Option<Arc<crate::usage::PriceTable>>,
 }
 
 pub(crate) fn view(record: &SandboxRecord) -> SandboxView {

@@ -244,6 +244,12 @@ pub struct Status {
     /// Packets the egress contract dropped so far; `None` without egress.
     pub blocked_packets: Option<u64>,
     pub limit_hits: LimitHits,
+    /// CPU time the sandbox has used so far, in microseconds; absent where the lane cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usec: Option<u64>,
+    /// Memory the sandbox uses now, in bytes; absent where the lane cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 /// Reply to `isolate`.

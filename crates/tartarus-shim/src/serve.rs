@@ -722,6 +722,8 @@ impl Shim {
                         oom_kills: usage.limit_hits.oom_kills,
                         pids_limit_hits: usage.limit_hits.pids_limit_hits,
                     },
+                    cpu_usec: usage.cpu_usec,
+                    memory_bytes: usage.memory_bytes,
                 };
                 self.answer(stream, &ReplyLine::ok(status));
             }

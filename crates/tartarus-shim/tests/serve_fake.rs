@@ -28,6 +28,8 @@ impl FakeLane {
                 oom_kills: 1,
                 pids_limit_hits: 2,
             },
+            cpu_usec: Some(1_500_000),
+            memory_bytes: Some(64 << 20),
         });
         fake
     }
@@ -90,7 +92,8 @@ fn the_shim_answers_the_contract_for_any_lane() {
     assert_eq!(
         status,
         json!({"v": 1, "ok": {"id": "fake-1", "state": "running", "blocked_packets": 7,
-                             "limit_hits": {"oom_kills": 1, "pids_limit_hits": 2}}})
+                             "limit_hits": {"oom_kills": 1, "pids_limit_hits": 2},
+                             "cpu_usec": 1_500_000, "memory_bytes": 64 << 20}})
     );
     // A lane that cannot pause says so with its own code, not as a host failure.
     let pause = request(&paths.socket, json!({"op": "pause"}));

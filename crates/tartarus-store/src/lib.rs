@@ -16,6 +16,7 @@ mod queue;
 mod schema_tests;
 #[cfg(test)]
 mod testing;
+mod usage;
 
 pub use columns::UnknownValue;
 pub use effects::{
@@ -25,6 +26,7 @@ pub use effects::{
 pub use nodes::{Leadership, NodeLane, NodeRecord, NodeRegistration, Registered, NODE_TOKEN_PREFIX};
 pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
 pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem, QueueState};
+pub use usage::{UsageRecord, UsageSample};
 
 use std::path::Path;
 use std::str::FromStr;

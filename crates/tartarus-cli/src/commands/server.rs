@@ -54,6 +54,10 @@ pub struct ServerArgs {
     #[arg(long, default_value = "1s", value_name = "DURATION",
           value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
     enforcement_interval: std::time::Duration,
+    /// Prices that turn usage into cost (GET /v1/usage): a JSON file with currency, cpu_second,
+    /// memory_gib_second, egress_gib, tool_call and snapshot_gib (docs/usage.md)
+    #[arg(long, value_name = "FILE")]
+    price_table: Option<PathBuf>,
     /// Classification hook: a program given each create request as JSON on stdin that prints allow,
     /// quarantine or "reject REASON" (failures refuse the request)
     #[arg(long, value_name = "PROGRAM")]
@@ -176,6 +180,11 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
         },
         registries: args.registries,
         sandbox_domain: args.sandbox_domain,
+        prices: args
+            .price_table
+            .as_deref()
+            .map(tartarus_server::usage::PriceTable::load)
+            .transpose()?,
         runtime: super::run::runtime_config(),
     })
 }

@@ -450,6 +450,8 @@ impl ServiceSandbox for GvisorSandbox {
                 oom_kills: self.cgroups.oom_kills(&HostCgroupFs),
                 pids_limit_hits: self.cgroups.pids_limit_hits(&HostCgroupFs),
             },
+            cpu_usec: self.cgroups.cpu_usage_usec(&HostCgroupFs),
+            memory_bytes: self.cgroups.memory_current(&HostCgroupFs),
         }
     }
 

@@ -226,6 +226,8 @@ impl ServiceSandbox for MicrovmSandbox {
                 oom_kills: guest_ooms + self.cgroups.oom_kills(&HostCgroupFs),
                 pids_limit_hits,
             },
+            cpu_usec: self.cgroups.cpu_usage_usec(&HostCgroupFs),
+            memory_bytes: self.cgroups.memory_current(&HostCgroupFs),
         }
     }
 

@@ -597,6 +597,46 @@ impl SandboxCgroups {
         Ok(true)
     }
 
+    /// CPU time the sandbox's processes have used so far, in microseconds: `usage_usec` of the v2 core
+    /// `cpu.stat` (kept by every v2 cgroup, whatever its controllers, so hybrid hosts have it too), else
+    /// v1 `cpuacct.usage` where cpuacct is mounted with cpu; `None` when neither is there.
+    pub fn cpu_usage_usec(&self, fs: &dyn CgroupFs) -> Option<u64> {
+        let v2 = self
+            .dirs
+            .iter()
+            .filter(|d| d.version == CgroupVersion::V2)
+            .find_map(|dir| {
+                fs.read(&dir.path.join("cpu.stat")).ok().and_then(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse().ok()))
+                })
+            });
+        if v2.is_some() {
+            return v2;
+        }
+        let dir = self
+            .dir_with(Controller::Cpu)
+            .filter(|d| d.version == CgroupVersion::V1)?;
+        let nanos: u64 = fs
+            .read(&dir.path.join("cpuacct.usage"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(nanos / 1000)
+    }
+
+    /// Memory the sandbox uses now (`memory.current`, v1 `memory.usage_in_bytes`), when the memory
+    /// controller tracks it.
+    pub fn memory_current(&self, fs: &dyn CgroupFs) -> Option<u64> {
+        let dir = self.dir_with(Controller::Memory)?;
+        let file = match dir.version {
+            CgroupVersion::V2 => "memory.current",
+            CgroupVersion::V1 => "memory.usage_in_bytes",
+        };
+        fs.read(&dir.path.join(file)).ok()?.trim().parse().ok()
+    }
+
     /// Peak memory use of the sandbox, when the memory controller tracks it.
     pub fn peak_memory(&self, fs: &dyn CgroupFs) -> Option<u64> {
         let dir = self.dir_with(Controller::Memory)?;
@@ -1012,6 +1052,48 @@ mod tests {
             "25000"
         );
         assert!(!SandboxCgroups::default().set_cpu_quota(&fs, 1.0).unwrap());
+    }
+
+    #[test]
+    fn cpu_time_comes_from_any_v2_cgroup_before_v1_cpuacct_and_memory_from_the_memory_cgroup() {
+        let v1_memory = CgroupDir {
+            version: CgroupVersion::V1,
+            path: "/sys/fs/cgroup/memory/t/x".into(),
+            controllers: vec![Controller::Memory],
+        };
+        let v1_cpu = CgroupDir {
+            version: CgroupVersion::V1,
+            path: "/sys/fs/cgroup/cpu/t/x".into(),
+            controllers: vec![Controller::Cpu],
+        };
+        // A hybrid host: the freezer's v2 directory keeps the core cpu.stat.
+        let v2_freezer = CgroupDir {
+            version: CgroupVersion::V2,
+            path: "/sys/fs/cgroup/unified/t/x".into(),
+            controllers: vec![Controller::Freezer],
+        };
+        let fs = FakeCgroupFs::default()
+            .file(
+                "/sys/fs/cgroup/unified/t/x/cpu.stat",
+                "usage_usec 2500\nuser_usec 2000\n",
+            )
+            .file("/sys/fs/cgroup/cpu/t/x/cpuacct.usage", "9000000")
+            .file("/sys/fs/cgroup/memory/t/x/memory.usage_in_bytes", "4096\n");
+        let hybrid = SandboxCgroups {
+            dirs: vec![v1_memory.clone(), v1_cpu.clone(), v2_freezer],
+        };
+        assert_eq!(hybrid.cpu_usage_usec(&fs), Some(2500));
+        assert_eq!(hybrid.memory_current(&fs), Some(4096));
+        let v1_only = SandboxCgroups {
+            dirs: vec![v1_memory, v1_cpu],
+        };
+        assert_eq!(
+            v1_only.cpu_usage_usec(&fs),
+            Some(9000),
+            "cpuacct.usage is in nanoseconds"
+        );
+        assert_eq!(SandboxCgroups::default().cpu_usage_usec(&fs), None);
+        assert_eq!(SandboxCgroups::default().memory_current(&fs), None);
     }
 
     #[test]

@@ -635,6 +635,8 @@ impl ServiceSandbox for ProcessSandbox {
                 oom_kills: self.cgroups.oom_kills(self.cgroup_fs.as_ref()),
                 pids_limit_hits: self.cgroups.pids_limit_hits(self.cgroup_fs.as_ref()),
             },
+            cpu_usec: self.cgroups.cpu_usage_usec(self.cgroup_fs.as_ref()),
+            memory_bytes: self.cgroups.memory_current(self.cgroup_fs.as_ref()),
         }
     }
 

@@ -44,6 +44,7 @@ pub fn spawn_enforcement(state: AppState, every: std::time::Duration) {
                             continue;
                         }
                     };
+                    crate::usage::sample(&state.store, record, &status).await;
                     let blocked = status.blocked_packets.unwrap_or(0);
                     let hits = status.limit_hits.total();
                     let (blocked_before, hits_before) =

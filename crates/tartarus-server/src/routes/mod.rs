@@ -21,6 +21,7 @@ pub mod sandboxes;
 pub mod signals;
 pub mod templates;
 pub mod tools;
+pub mod usage;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -91,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         .merge(queue::routes())
         .merge(runtimes::routes())
         .merge(ports::routes())
+        .merge(usage::routes())
+        .merge(crate::ui::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
         .route("/v1/sandboxes/{id}/fork", post(forks::fork_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))

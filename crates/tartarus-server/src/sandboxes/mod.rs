@@ -326,6 +326,8 @@ impl Manager {
                 }
             }
         }
+        // A sandbox paused to disk has not ended: its usage goes on after the resume.
+        crate::usage::finish(&self.store, id, result.as_ref().ok().and_then(Option::as_ref)).await;
         let outcome = match result {
             Ok(Some(r)) => {
                 let status = match r.reason {
