@@ -69,8 +69,7 @@ fn snapshots(data: &Path, id: &str) -> Vec<PathBuf> {
     }
 }
 
-/// Whether any process of the host still runs the sandbox `runsc` started for this sandbox (its sentry
-/// and gofer carry the container id in their command lines, and the shim its socket path).
+/// The host processes that name sandbox `id`'s directory in their command line: its shim.
 fn host_processes_of(data: &Path, id: &str) -> Vec<String> {
     let needle = data.join("sandboxes").join(id);
     let needle = needle.to_string_lossy();
@@ -118,7 +117,8 @@ fn a_gvisor_sandbox_paused_to_disk_comes_back_with_its_files_and_processes_cycle
             1,
             "cycle {cycle}: one sealed snapshot"
         );
-        // On disk means nothing of it runs: no shim, no sentry, no gofer.
+        // On disk means nothing of it runs: its shim is gone, and a shim ends only after its sandbox is
+        // cleaned up (sentry, gofer, cgroups and bundle removed).
         assert_eq!(
             host_processes_of(dir.path(), &id),
             Vec::<String>::new(),
@@ -500,4 +500,95 @@ fn a_process_lane_sandbox_cannot_be_forked_and_keeps_running() {
         "{body}"
     );
     assert_eq!(run(&server, &key, plain, "echo still here").trim(), "still here");
+}
+
+/// Polls `check` until it holds (for what another process does meanwhile); panics after 30 s.
+fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// After a restart: the sandbox is either running or wholly paused to disk — with its files, its
+/// process and exactly as many shims as that state has — and a resume from there works.
+fn whole_after_restart(server: &Server, data: &Path, key: &str, id: &str) {
+    let record = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, record) = call(
+                "GET",
+                &format!("{}/v1/sandboxes/{id}", server.base),
+                Some(key),
+                None,
+            );
+            if record["status"] == "running" || record["paused_to"] == "disk" {
+                break record;
+            }
+            assert!(Instant::now() < deadline, "neither running nor on disk: {record}");
+        }
+    };
+    let shims = host_processes_of(data, id)
+        .into_iter()
+        .filter(|p| p.contains(" shim "))
+        .count();
+    match record["status"].as_str() {
+        Some("running") => assert_eq!(shims, 1, "a running sandbox has one shim: {record}"),
+        _ => {
+            assert_eq!(shims, 0, "a sandbox on disk has no shim: {record}");
+            let (status, body) = resume(server, key, id);
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    assert_eq!(run(server, key, id, "cat /tmp/state/note").trim(), "kept");
+    let pid = run(server, key, id, "cat /tmp/counter.pid").trim().to_string();
+    assert_eq!(
+        run(server, key, id, &format!("kill -0 {pid} && echo alive")).trim(),
+        "alive"
+    );
+}
+
+#[test]
+fn a_server_killed_during_a_pause_to_disk_or_a_resume_leaves_the_sandbox_whole() {
+    let dir = DataDir::new();
+    let server = Server::start(dir.path());
+    let key = new_key(dir.path(), "alpha", "user");
+    let id = gvisor_sandbox(&server, &key);
+    run(&server, &key, &id, COUNTER);
+    run(&server, &key, &id, "echo kept > /tmp/state/note");
+
+    // Killed while the shim saves: the pause is under way once its snapshot directory exists.
+    let base = server.base.clone();
+    let (pause_key, pause_id) = (key.clone(), id.clone());
+    let pausing = std::thread::spawn(move || {
+        let _ = ureq::post(&format!("{base}/v1/sandboxes/{pause_id}/pause"))
+            .set("Authorization", &format!("Bearer {pause_key}"))
+            .send_json(json!({"mode": "disk"}));
+    });
+    until("the pause started", || !snapshots(dir.path(), &id).is_empty());
+    server.kill9();
+    pausing.join().unwrap();
+    let server = Server::start(dir.path());
+    whole_after_restart(&server, dir.path(), &key, &id);
+
+    // Killed while a restored shim starts: the resume is under way once that shim runs.
+    let (status, body) = pause_to_disk(&server, &key, &id);
+    assert_eq!(status, 200, "{body}");
+    let base = server.base.clone();
+    let (resume_key, resume_id) = (key.clone(), id.clone());
+    let resuming = std::thread::spawn(move || {
+        let _ = ureq::post(&format!("{base}/v1/sandboxes/{resume_id}/resume"))
+            .set("Authorization", &format!("Bearer {resume_key}"))
+            .call();
+    });
+    until("the restored shim started", || {
+        host_processes_of(dir.path(), &id)
+            .iter()
+            .any(|p| p.contains("--restore"))
+    });
+    server.kill9();
+    resuming.join().unwrap();
+    let server = Server::start(dir.path());
+    whole_after_restart(&server, dir.path(), &key, &id);
 }
