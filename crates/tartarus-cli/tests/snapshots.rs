@@ -276,6 +276,20 @@ fn a_corrupted_snapshot_is_refused_kept_for_inspection_and_the_sandbox_stays_pau
     let (status, body) = pause_to_disk(&server, &key, &id);
     assert_eq!(status, 200, "{body}");
     let snapshot = snapshots(dir.path(), &id).pop().unwrap();
+    let (status, listed) = call("GET", &format!("{}/v1/snapshots", server.base), Some(&key), None);
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["sandbox"], id.as_str(), "{listed}");
+    assert_eq!(listed[0]["lane"], "gvisor", "{listed}");
+    assert!(listed[0]["bytes"].as_u64().unwrap() > 0, "{listed}");
+    let other = new_key(dir.path(), "beta", "user");
+    let (_, theirs) = call(
+        "GET",
+        &format!("{}/v1/snapshots", server.base),
+        Some(&other),
+        None,
+    );
+    assert_eq!(theirs, json!([]), "another tenant sees none of them");
     let image = snapshot.join("checkpoint.img");
     let mut bytes = std::fs::read(&image).unwrap();
     let middle = bytes.len() / 2;

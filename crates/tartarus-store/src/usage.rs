@@ -195,6 +195,7 @@ mod tests {
             placement: None,
             runtime: "process".into(),
             runtime_reason: None,
+            hibernated_to: None,
         }
     }
 

@@ -7,7 +7,6 @@ pub mod episodes;
 pub mod evaluators;
 pub mod exec;
 pub mod files;
-pub mod forks;
 pub mod health;
 pub mod keys;
 pub mod logs;
@@ -19,6 +18,7 @@ pub mod receipts;
 pub mod runtimes;
 pub mod sandboxes;
 pub mod signals;
+pub mod snapshots;
 pub mod templates;
 pub mod tools;
 pub mod usage;
@@ -95,7 +95,8 @@ pub fn router(state: AppState) -> Router {
         .merge(usage::routes())
         .merge(crate::ui::routes())
         .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause_sandbox))
-        .route("/v1/sandboxes/{id}/fork", post(forks::fork_sandbox))
+        .route("/v1/sandboxes/{id}/fork", post(snapshots::fork_sandbox))
+        .route("/v1/snapshots", get(snapshots::list_snapshots))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume_sandbox))
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route(

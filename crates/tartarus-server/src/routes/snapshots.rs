@@ -1,5 +1,6 @@
-//! `POST /v1/sandboxes/{id}/fork`: copies of a running (or paused-to-disk) sandbox, memory and
-//! processes included, each a sandbox of its own.
+//! Snapshots through the API: `GET /v1/snapshots` (the sealed snapshots of sandboxes paused to disk) and
+//! `POST /v1/sandboxes/{id}/fork` (copies of a running or paused-to-disk sandbox, memory and processes
+//! included, each a sandbox of its own).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -79,4 +80,56 @@ pub(crate) async fn fork_sandbox(
     audit(&state, &caller, "sandbox.fork", Some(&id), &outcome).await;
     let children = result?;
     Ok((StatusCode::CREATED, Json(children.iter().map(view).collect())))
+}
+
+/// A sealed snapshot of a sandbox paused to disk.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SnapshotView {
+    /// The sandbox it resumes (`POST /v1/sandboxes/{sandbox}/resume`).
+    pub sandbox: String,
+    pub tenant: String,
+    pub lane: String,
+    /// Every part together, as stored.
+    pub bytes: u64,
+    /// When it was sealed (milliseconds since the Unix epoch).
+    pub created_ms: i64,
+}
+
+/// The caller's tenant's snapshots (every tenant's for admins): one per sandbox paused to disk, newest
+/// first.
+#[utoipa::path(get, path = "/v1/snapshots", security(("api_key" = [])),
+    responses((status = 200, body = [SnapshotView]), (status = 401, body = ErrorBody)))]
+pub(crate) async fn list_snapshots(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<SnapshotView>>, ApiError> {
+    let records = state
+        .store
+        .sandboxes(caller.scope(), Some(tartarus_store::SandboxStatus::Running))
+        .await?;
+    let mut views = Vec::new();
+    for record in records {
+        let Some(dir) = record.hibernated_to.clone() else {
+            continue;
+        };
+        let path = std::path::PathBuf::from(&dir);
+        let manifest = tokio::task::spawn_blocking(move || tartarus_runtime::snapshot::read_manifest(&path))
+            .await
+            .map_err(|e| ApiError::internal(format!("reading a snapshot manifest: {e}")))?;
+        // The directory is named by the time it was made.
+        let created_ms = std::path::Path::new(&dir)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        views.push(SnapshotView {
+            sandbox: record.id,
+            tenant: record.tenant,
+            lane: record.runtime,
+            bytes: manifest.map(|m| m.total_bytes()).unwrap_or(0),
+            created_ms,
+        });
+    }
+    views.sort_by_key(|v| std::cmp::Reverse(v.created_ms));
+    Ok(Json(views))
 }
