@@ -35,6 +35,13 @@ pub struct AppState {
     pub host_access: crate::sandboxes::HostAccess,
     /// The E2B-compatible surface's keys and files.
     pub e2b: Arc<crate::e2b::E2bState>,
+    /// The event bus (docs/events.md).
+    pub events: crate::events::ServerEvents,
+    /// Agent tasks (docs/tasks.md): the settings, the key sealing projects' credentials, and where
+    /// workers clone repositories.
+    pub tasks: Arc<crate::tasks::TaskSettings>,
+    pub task_key: crate::tasks::TaskKey,
+    pub tasks_dir: PathBuf,
 }
 
 pub(crate) fn view(record: &SandboxRecord) -> SandboxView {

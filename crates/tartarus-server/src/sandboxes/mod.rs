@@ -26,6 +26,7 @@ mod retention;
 mod runtimes;
 mod shim_client;
 
+pub(crate) use self::pools::with_default_pids;
 pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
 pub use self::retention::Retention;
