@@ -368,6 +368,22 @@ fn a_task_pushes_its_agents_changes_on_a_new_branch() {
     }
     let (_, list) = call("GET", &f.url("/v1/tasks"), Some(&f.key), None);
     assert_eq!(list.as_array().unwrap().len(), 1);
+
+    // The same through the CLI, waiting for the end.
+    let out = common::server::cli(
+        &f.server,
+        &f.key,
+        &["task", "create", "--project", "demo", "--agent", "script", "--prompt", "from the CLI", "--wait"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("succeeded: pushed branch"));
+    let readme = git(&bare, &["show", &format!("tartarus/{cli_id}:README.md")]);
+    assert!(readme.ends_with("from the CLI\n"), "{readme}");
+    let out = common::server::cli(&f.server, &f.key, &["task", "ls"], b"");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains(&cli_id) && listing.contains(&id), "{listing}");
 }
 
 #[test]

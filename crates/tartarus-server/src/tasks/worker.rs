@@ -1,8 +1,9 @@
 //! The task workers: each leases the next task item from the queue (topic `task`), runs it, and acks it,
 //! retries it with the queue's backoff, or lets it become a dead letter.
 //!
-//! One run: clone on the host → a sandbox whose only view of the repository is the work tree, mounted
-//! read-write at `/workspace` (no network, the sandbox user owning the files) → the agent type's command
+//! One run: clone on the host → a sandbox (the project's template, then the tenant's policy, as any
+//! create) whose only view of the repository is the work tree, mounted read-write at `/workspace` (no
+//! network unless the policy or template gives it, the sandbox user owning the files) → the agent type's command
 //! with the prompt on stdin, its output appended to the task's logs as it is written → the sandbox
 //! killed → no change: succeeded with "no changes"; else commit on `tartarus/TASK`, push. A cancel
 //! request kills the sandbox; the agent's timeout ends the run as failed.
@@ -309,7 +310,7 @@ async fn run_in(
             return Run::Retry(format!("giving the work tree to the sandbox user: {e}"));
         }
     }
-    let agent = run_agent(state, settings, task, command, &repository.work_tree).await;
+    let agent = run_agent(state, settings, task, command, &repository.work_tree, project.template.as_ref()).await;
     let message = match agent {
         Ok(AgentEnd::Exited(0)) => None,
         Ok(AgentEnd::Exited(code)) => Some(format!("the agent exited with status {code}")),
@@ -378,18 +379,55 @@ async fn run_agent(
     task: &TaskRecord,
     command: &str,
     work_tree: &std::path::Path,
+    template: Option<&String>,
 ) -> Result<AgentEnd, String> {
     let mut spec = tartarus_runtime::SandboxSpec {
         service: true,
         ..tartarus_runtime::SandboxSpec::default()
     };
     crate::sandboxes::with_default_pids(&mut spec);
+    spec.timeout = Some(settings.agent_timeout + Duration::from_secs(60));
+    // The project's template (its image and defaults), then the tenant's policy, as for any create.
+    let caller = crate::auth::Caller {
+        key_id: format!("task:{}", task.id),
+        tenant: task.tenant.clone(),
+        role: tartarus_store::Role::User,
+    };
+    if let Some(id) = template {
+        let record = state
+            .store
+            .get_template(id, Some(&task.tenant))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the project's template '{id}' does not exist"))?;
+        let definition: tartarus_image::template::Template =
+            serde_json::from_str(&record.definition).map_err(|e| format!("stored template '{id}': {e}"))?;
+        let puller = crate::images::PullFor::owner(record.tenant.as_deref());
+        let image = state
+            .images
+            .ensure(&definition.base_image, puller)
+            .await
+            .map_err(|e| e.message)?;
+        crate::images::apply_template(&mut spec, &definition, &state.images, &image, state.manager.shim_exe())
+            .map_err(|e| e.message)?;
+    }
+    let facts = crate::policies::AdmissionFacts {
+        template: template.map(String::as_str),
+        class: None,
+        rootfs: false,
+    };
+    crate::policies::admit(state, &caller, &mut spec, &facts)
+        .await
+        .map_err(|e| format!("admission refused the task's sandbox: {}", e.message))?;
+    // The server's own mount, after admission: the policy judges what the tenant's project asks for
+    // (its template), and a policy that forbids writable mounts forbids the tenant's, not the work tree
+    // the task exists for.
     spec.mounts.push(tartarus_runtime::BindMount {
         source: work_tree.to_path_buf(),
         target: WORKSPACE.into(),
         writable: true,
     });
-    spec.timeout = Some(settings.agent_timeout + Duration::from_secs(60));
+    spec.validate().map_err(|e| e.to_string())?;
     let labels = std::collections::BTreeMap::from([("tartarus.task".to_string(), task.id.clone())]);
     let runtime = tartarus_policy::RuntimeDecision {
         runtime: tartarus_runtime::lanes::LaneName::Process,
