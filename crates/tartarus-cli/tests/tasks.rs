@@ -373,7 +373,17 @@ fn a_task_pushes_its_agents_changes_on_a_new_branch() {
     let out = common::server::cli(
         &f.server,
         &f.key,
-        &["task", "create", "--project", "demo", "--agent", "script", "--prompt", "from the CLI", "--wait"],
+        &[
+            "task",
+            "create",
+            "--project",
+            "demo",
+            "--agent",
+            "script",
+            "--prompt",
+            "from the CLI",
+            "--wait",
+        ],
         b"",
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -310,7 +310,15 @@ async fn run_in(
             return Run::Retry(format!("giving the work tree to the sandbox user: {e}"));
         }
     }
-    let agent = run_agent(state, settings, task, command, &repository.work_tree, project.template.as_ref()).await;
+    let agent = run_agent(
+        state,
+        settings,
+        task,
+        command,
+        &repository.work_tree,
+        project.template.as_ref(),
+    )
+    .await;
     let message = match agent {
         Ok(AgentEnd::Exited(0)) => None,
         Ok(AgentEnd::Exited(code)) => Some(format!("the agent exited with status {code}")),
@@ -408,8 +416,14 @@ async fn run_agent(
             .ensure(&definition.base_image, puller)
             .await
             .map_err(|e| e.message)?;
-        crate::images::apply_template(&mut spec, &definition, &state.images, &image, state.manager.shim_exe())
-            .map_err(|e| e.message)?;
+        crate::images::apply_template(
+            &mut spec,
+            &definition,
+            &state.images,
+            &image,
+            state.manager.shim_exe(),
+        )
+        .map_err(|e| e.message)?;
     }
     let facts = crate::policies::AdmissionFacts {
         template: template.map(String::as_str),
