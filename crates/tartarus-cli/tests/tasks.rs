@@ -192,6 +192,90 @@ fn serve_git(stream: std::net::TcpStream, root: &Path, expected_auth: &str) {
     let _ = stream.write_all(cgi_body);
 }
 
+const GITHUB_TOKEN: &str = "ghp_testtoken0123456789";
+
+/// What the GitHub double was sent: (authorization header, request body).
+type PullRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+/// A double of GitHub's REST API with the one endpoint tasks use, "Create a pull request"
+/// (`POST /repos/{owner}/{repo}/pulls`), answered as GitHub documents it: 201 with the pull request
+/// (`number`, `html_url`, `state`, `head`/`base` refs, …), 401 without the token, 422 "Validation Failed"
+/// without `title`, `head` or `base`.
+fn github_double() -> (String, PullRequests) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let requests: PullRequests = Default::default();
+    let seen = requests.clone();
+    let html = base.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut headers = std::collections::HashMap::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+                }
+            }
+            let mut body = vec![
+                0;
+                headers
+                    .get("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0)
+            ];
+            let _ = reader.read_exact(&mut body);
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let auth = headers.get("authorization").cloned().unwrap_or_default();
+            let mut parts = request_line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+            let (status, answer) =
+                if method != "POST" || !path.ends_with("/pulls") || !path.starts_with("/repos/") {
+                    ("404 Not Found", json!({"message": "Not Found"}))
+                } else if auth != format!("Bearer {GITHUB_TOKEN}") {
+                    ("401 Unauthorized", json!({"message": "Bad credentials"}))
+                } else if ["title", "head", "base"].iter().any(|k| !request[*k].is_string()) {
+                    (
+                        "422 Unprocessable Entity",
+                        json!({"message": "Validation Failed"}),
+                    )
+                } else {
+                    let number = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push((auth.clone(), request.clone()));
+                        seen.len()
+                    };
+                    let repo = path.trim_start_matches("/repos/").trim_end_matches("/pulls");
+                    (
+                        "201 Created",
+                        json!({
+                            "id": 1000 + number, "number": number, "state": "open",
+                            "url": format!("{html}/repos/{repo}/pulls/{number}"),
+                            "html_url": format!("{html}/{repo}/pull/{number}"),
+                            "title": request["title"], "body": request["body"],
+                            "head": {"ref": request["head"]}, "base": {"ref": request["base"]},
+                        }),
+                    )
+                };
+            let text = answer.to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    });
+    (base, requests)
+}
+
 struct Fixture {
     _dir: DataDir,
     _repos: tempfile::TempDir,
@@ -199,6 +283,8 @@ struct Fixture {
     git_base: String,
     server: Server,
     key: String,
+    pulls: PullRequests,
+    github: String,
 }
 
 fn fixture() -> Fixture {
@@ -215,6 +301,10 @@ fn fixture() -> Fixture {
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let git_base = git_http_server(root.clone());
     let dir = DataDir::new();
+    let (github, pulls) = github_double();
+    let token_file = dir.path().join("github.token");
+    std::fs::write(&token_file, format!("{GITHUB_TOKEN}\n")).unwrap();
+    let token_file = token_file.display().to_string();
     let script = r#"script=printf '\n## From the agent\n%s\n' "$(cat)" >> README.md && echo "agent env:" && env | sort"#;
     let server = Server::start_with(
         dir.path(),
@@ -230,6 +320,12 @@ fn fixture() -> Fixture {
             "4s",
             "--task-author",
             "Task Bot <bot@tasks.example>",
+            "--github-api-url",
+            &github,
+            "--github-token-file",
+            &token_file,
+            "--public-url",
+            "https://tartarus.example",
         ],
     );
     let key = new_key(dir.path(), "team-a", "user");
@@ -240,6 +336,8 @@ fn fixture() -> Fixture {
         git_base,
         server,
         key,
+        pulls,
+        github,
     }
 }
 
@@ -249,12 +347,17 @@ impl Fixture {
     }
 
     fn project(&self, name: &str, repo: &str, password: &str) -> Value {
+        self.project_with(name, repo, password, None)
+    }
+
+    fn project_with(&self, name: &str, repo: &str, password: &str, github_repo: Option<&str>) -> Value {
         let (status, project) = call(
             "POST",
             &self.url("/v1/projects"),
             Some(&self.key),
             Some(
                 json!({"name": name, "repo_url": format!("{}/{repo}.git", self.git_base),
+                        "github_repo": github_repo,
                         "credentials": {"username": USER, "password": password}}),
             ),
         );
@@ -394,6 +497,41 @@ fn a_task_pushes_its_agents_changes_on_a_new_branch() {
     let out = common::server::cli(&f.server, &f.key, &["task", "ls"], b"");
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(listing.contains(&cli_id) && listing.contains(&id), "{listing}");
+}
+
+#[test]
+fn a_project_on_github_gets_a_pull_request() {
+    let f = fixture();
+    f.project_with("demo", "demo", PASSWORD, Some("acme/demo"));
+    let id = f.task("demo", "script", "document the API\n\nin more detail");
+    let task = f.wait_ended(&id);
+    assert_eq!(task["status"], "succeeded", "{task}\nlogs:\n{}", f.logs(&id));
+    let url = format!("{}/acme/demo/pull/1", f.github);
+    assert_eq!(task["pull_request"], url.as_str(), "{task}");
+    assert_eq!(task["output"], format!("opened pull request {url}"));
+    let pulls = f.pulls.lock().unwrap().clone();
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
+    let (_, request) = &pulls[0];
+    assert_eq!(request["head"], format!("tartarus/{id}"));
+    assert_eq!(request["base"], "main");
+    assert_eq!(request["title"], "document the API");
+    let body = request["body"].as_str().unwrap();
+    assert!(body.starts_with("document the API\n\nin more detail"), "{body}");
+    assert!(
+        body.contains(&format!("https://tartarus.example/v1/tasks/{id}/logs")),
+        "{body}"
+    );
+    let logs = f.logs(&id);
+    assert!(logs.contains("opened pull request #1"), "{logs}");
+    assert!(
+        !logs.contains(GITHUB_TOKEN) && !task.to_string().contains(GITHUB_TOKEN),
+        "the token leaked"
+    );
+    // The branch it names is on the git server.
+    git(
+        &f.repos.join("demo.git"),
+        &["rev-parse", "--verify", &format!("tartarus/{id}")],
+    );
 }
 
 #[test]

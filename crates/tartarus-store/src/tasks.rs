@@ -74,6 +74,8 @@ pub struct ProjectRecord {
     pub repo_url: String,
     pub default_branch: String,
     pub template: Option<String>,
+    /// `OWNER/NAME` on GitHub, where tasks open their pull requests.
+    pub github_repo: Option<String>,
     /// Whether credentials are stored (they are never read back through this record).
     #[sqlx(try_from = "Flag")]
     pub has_credentials: bool,
@@ -85,7 +87,7 @@ impl Record for ProjectRecord {
     const KEY: &'static [&'static str] = &["id"];
 }
 
-const PROJECT_COLUMNS: &str = "id, tenant, name, repo_url, default_branch, template, \
+const PROJECT_COLUMNS: &str = "id, tenant, name, repo_url, default_branch, template, github_repo, \
     CAST(CASE WHEN credentials IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_credentials, created_ms";
 
 /// A new project.
@@ -97,6 +99,7 @@ pub struct NewProject<'a> {
     pub repo_url: &'a str,
     pub default_branch: &'a str,
     pub template: Option<&'a str>,
+    pub github_repo: Option<&'a str>,
     /// Sealed by the caller (the server's task key); never stored in the clear.
     pub sealed_credentials: Option<&'a str>,
 }
@@ -176,8 +179,8 @@ impl Store {
     /// Adds a project; `Ok(false)` when the tenant already has one of that name.
     pub async fn insert_project(&self, project: &NewProject<'_>, now_ms: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "INSERT INTO projects (id, tenant, name, repo_url, default_branch, template, credentials, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant, name) DO NOTHING",
+            "INSERT INTO projects (id, tenant, name, repo_url, default_branch, template, credentials, created_ms, \
+             github_repo) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (tenant, name) DO NOTHING",
         )
         .bind(project.id)
         .bind(project.tenant)
@@ -187,6 +190,7 @@ impl Store {
         .bind(project.template)
         .bind(project.sealed_credentials)
         .bind(now_ms)
+        .bind(project.github_repo)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -305,6 +309,16 @@ impl Store {
         sqlx::query("UPDATE tasks SET sandbox = $2 WHERE id = $1")
             .bind(id)
             .bind(sandbox)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the pull request a running task opened.
+    pub async fn set_task_pull_request(&self, id: &str, url: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE tasks SET pull_request = $2 WHERE id = $1")
+            .bind(id)
+            .bind(url)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -439,6 +453,7 @@ mod tests {
                 repo_url: "http://127.0.0.1:1/demo.git",
                 default_branch: "main",
                 template: None,
+                github_repo: Some("acme/demo"),
                 sealed_credentials: Some("sealed"),
             };
             assert!(store.insert_project(&project, 1).await.unwrap());
@@ -455,6 +470,7 @@ mod tests {
             let read = store.project("demo", Some("team-a")).await.unwrap().unwrap();
             assert_eq!(read.id, "prj_1");
             assert!(read.has_credentials);
+            assert_eq!(read.github_repo.as_deref(), Some("acme/demo"));
             assert!(
                 store.project("demo", Some("team-b")).await.unwrap().is_none(),
                 "another tenant's"

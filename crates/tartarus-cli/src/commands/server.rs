@@ -129,6 +129,15 @@ pub struct ServerArgs {
     /// Task workers on this server (0: it runs none; other replicas of its database may)
     #[arg(long, default_value_t = 1, value_name = "N")]
     task_workers: usize,
+    /// A file holding the GitHub token tasks open pull requests with (projects with a github_repo)
+    #[arg(long, value_name = "FILE")]
+    github_token_file: Option<PathBuf>,
+    /// GitHub's REST API (GitHub Enterprise: https://HOST/api/v3)
+    #[arg(long, default_value = "https://api.github.com", value_name = "URL")]
+    github_api_url: String,
+    /// This server's URL as links (in pull requests) should name it
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
 }
 
 /// Start-up of a long-running daemon (the server, a node agent): peers that go away must never kill it
@@ -194,12 +203,16 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
         sandbox_domain: args.sandbox_domain,
         runtime: super::run::runtime_config(),
         webhooks: webhooks(&args.event_webhooks, args.event_webhook_secret_file.as_deref())?,
-        tasks: task_settings(
-            &args.agent_types,
-            &args.task_author,
-            args.task_timeout,
-            args.task_workers,
-        )?,
+        tasks: tartarus_server::tasks::TaskSettings {
+            github: github(args.github_token_file.as_deref(), &args.github_api_url)?,
+            public_url: args.public_url.clone(),
+            ..task_settings(
+                &args.agent_types,
+                &args.task_author,
+                args.task_timeout,
+                args.task_workers,
+            )?
+        },
         event_bus: args.event_bus,
     })
 }
@@ -241,6 +254,34 @@ fn task_settings(
     settings.author_email = email.to_string();
     anyhow::ensure!(timeout.as_secs() >= 1, "--task-timeout must be at least 1s");
     Ok(settings)
+}
+
+/// `--github-token-file` and `--github-api-url`.
+fn github(
+    token_file: Option<&std::path::Path>,
+    api_url: &str,
+) -> anyhow::Result<Option<tartarus_server::tasks::github::GithubSettings>> {
+    use anyhow::Context as _;
+    let Some(path) = token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = token.trim().to_string();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "{}: the GitHub token file is empty",
+        path.display()
+    );
+    anyhow::ensure!(
+        api_url.starts_with("https://")
+            || api_url.starts_with("http://127.0.0.1:")
+            || api_url.starts_with("http://localhost:"),
+        "--github-api-url {api_url}: use https:// (plain http only on loopback)"
+    );
+    Ok(Some(tartarus_server::tasks::github::GithubSettings {
+        api_url: api_url.to_string(),
+        token,
+    }))
 }
 
 /// `--event-webhook URL[ FILTER]` with the secret from `--event-webhook-secret-file`.

@@ -25,6 +25,8 @@ pub struct CreateProject {
     #[serde(default = "default_branch")]
     pub default_branch: String,
     pub template: Option<String>,
+    /// `OWNER/NAME` on GitHub: tasks open a pull request there (needs the server's `--github-token-file`).
+    pub github_repo: Option<String>,
     pub credentials: Option<Credentials>,
 }
 
@@ -41,6 +43,7 @@ pub struct ProjectView {
     pub repo_url: String,
     pub default_branch: String,
     pub template: Option<String>,
+    pub github_repo: Option<String>,
     /// Whether credentials are stored (they are never returned).
     pub has_credentials: bool,
     pub created_ms: i64,
@@ -55,6 +58,7 @@ impl From<ProjectRecord> for ProjectView {
             repo_url: p.repo_url,
             default_branch: p.default_branch,
             template: p.template,
+            github_repo: p.github_repo,
             has_credentials: p.has_credentials,
             created_ms: p.created_ms,
         }
@@ -93,6 +97,22 @@ fn validate(body: &CreateProject) -> Result<(), ApiError> {
             .all(|b| b.is_ascii_graphic() && !b"~^:?*[\\".contains(&b));
     if !branch_ok {
         return Err(ApiError::invalid("default_branch is not a branch name"));
+    }
+    if let Some(repo) = &body.github_repo {
+        let ok = repo.split_once('/').is_some_and(|(owner, name)| {
+            let part = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 100
+                    && s != "."
+                    && s != ".."
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            };
+            part(owner) && part(name)
+        });
+        if !ok {
+            return Err(ApiError::invalid("github_repo must be OWNER/NAME"));
+        }
     }
     if let Some(c) = &body.credentials {
         if c.username.len() > 256 || c.password.len() > 4096 || c.username.contains(':') {
@@ -138,6 +158,7 @@ pub(crate) async fn create_project(
                 repo_url: &body.repo_url,
                 default_branch: &body.default_branch,
                 template: body.template.as_deref(),
+                github_repo: body.github_repo.as_deref(),
                 sealed_credentials: sealed.as_deref(),
             },
             tartarus_store::now_ms(),

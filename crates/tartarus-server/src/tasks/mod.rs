@@ -10,6 +10,7 @@
 //! tree. The host's git gets them from its environment, for the clone and the push only.
 
 pub mod git;
+pub mod github;
 pub mod key;
 pub mod worker;
 
@@ -33,6 +34,10 @@ pub struct TaskSettings {
     pub workers: usize,
     /// Attempts per task, for failures that may pass (the clone, the sandbox, the push's connection).
     pub max_attempts: i64,
+    /// Where projects with a `github_repo` get their pull requests.
+    pub github: Option<github::GithubSettings>,
+    /// This server's URL as links in pull requests should name it (`--public-url`).
+    pub public_url: Option<String>,
 }
 
 impl Default for TaskSettings {
@@ -44,6 +49,8 @@ impl Default for TaskSettings {
             agent_timeout: Duration::from_secs(30 * 60),
             workers: 1,
             max_attempts: 3,
+            github: None,
+            public_url: None,
         }
     }
 }

@@ -363,11 +363,45 @@ async fn run_in(
         Ok(output) => {
             append_log(state, &task.id, &output).await;
             append_log(state, &task.id, &format!("[tartarus] pushed {branch}\n")).await;
-            Run::Done(
-                TaskStatus::Succeeded,
-                format!("pushed branch {branch}"),
-                Some(branch),
-            )
+            match (&settings.github, &project.github_repo) {
+                (Some(github), Some(repo)) => {
+                    let body = pull_request_body(settings, task);
+                    let opened = super::github::open_pull_request(
+                        github,
+                        repo,
+                        &branch,
+                        &project.default_branch,
+                        &subject,
+                        &body,
+                    )
+                    .await;
+                    match opened {
+                        Ok(pull) => {
+                            let _ = state.store.set_task_pull_request(&task.id, &pull.html_url).await;
+                            let line = format!(
+                                "[tartarus] opened pull request #{} {}\n",
+                                pull.number, pull.html_url
+                            );
+                            append_log(state, &task.id, &line).await;
+                            let output = format!("opened pull request {}", pull.html_url);
+                            Run::Done(TaskStatus::Succeeded, output, Some(branch))
+                        }
+                        Err(e) => Run::Done(
+                            TaskStatus::Failed,
+                            format!(
+                                "pushed branch {branch}, but the pull request was not opened: {}",
+                                tartarus_runtime::error_chain(&e)
+                            ),
+                            Some(branch),
+                        ),
+                    }
+                }
+                _ => Run::Done(
+                    TaskStatus::Succeeded,
+                    format!("pushed branch {branch}"),
+                    Some(branch),
+                ),
+            }
         }
         // A push the remote rejected is not retried: the same commit would be rejected again.
         Err(e) => Run::Done(TaskStatus::Failed, tartarus_runtime::error_chain(&e), None),
@@ -519,6 +553,17 @@ async fn drive_agent(
             }
         }
     }
+}
+
+/// What a task's pull request says: the prompt, and links to the task and its logs.
+fn pull_request_body(settings: &super::TaskSettings, task: &TaskRecord) -> String {
+    let base = settings.public_url.as_deref().unwrap_or("").trim_end_matches('/');
+    format!(
+        "{}\n\n---\nTask [{id}]({base}/v1/tasks/{id}) ({agent} agent) · [logs]({base}/v1/tasks/{id}/logs)\n",
+        task.prompt,
+        id = task.id,
+        agent = task.agent_type,
+    )
 }
 
 /// `chown -R` without following symlinks (the agent may have made some).

@@ -8,6 +8,8 @@ CREATE TABLE projects (
     repo_url       TEXT NOT NULL,
     default_branch TEXT NOT NULL,
     template       TEXT,
+    -- OWNER/NAME on GitHub (or GitHub Enterprise): where the task's pull requests are opened.
+    github_repo    TEXT,
     -- ChaCha20-Poly1305 under the server's task key: nonce || ciphertext, base64. Never returned.
     credentials    TEXT,
     created_ms     BIGINT NOT NULL,
