@@ -690,4 +690,42 @@ fn bad_requests_are_refused_with_4xx() {
     let other = new_key(f._dir.path(), "team-b", "user");
     let (status, _) = call("GET", &f.url("/v1/projects/demo"), Some(&other), None);
     assert_eq!(status, 404, "another tenant's project");
+
+    // The tenant's policy applies to a task's sandbox: refused once, not retried.
+    let policy = "id: short\nversion: 1\ntenants: [team-b]\nresources: {max_duration: 30s}\n";
+    let (status, body) = call(
+        "POST",
+        &f.url("/v1/policies"),
+        Some(&f.server.admin),
+        Some(json!({"yaml": policy, "source": "short.yaml"})),
+    );
+    assert!(status < 300, "{body}");
+    let (status, body) = call(
+        "POST",
+        &f.url("/v1/projects"),
+        Some(&other),
+        Some(
+            json!({"name": "demo", "repo_url": format!("{}/demo.git", f.git_base),
+                    "credentials": {"username": USER, "password": PASSWORD}}),
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, task) = call(
+        "POST",
+        &f.url("/v1/tasks"),
+        Some(&other),
+        Some(json!({"project": "demo", "agent_type": "noop", "prompt": "x"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().unwrap();
+    let mut last = Value::Null;
+    common::poll_until(Duration::from_secs(30), "the refused task to fail", || {
+        last = call("GET", &f.url(&format!("/v1/tasks/{id}")), Some(&other), None).1;
+        last["status"] == "failed"
+    });
+    assert!(
+        last["error"].as_str().unwrap().contains("admission refused"),
+        "{last}"
+    );
+    assert_eq!(last["attempts"], 1, "a refusal was retried: {last}");
 }

@@ -327,6 +327,8 @@ async fn run_in(
             settings.agent_timeout
         )),
         Ok(AgentEnd::Cancelled) => return Run::Done(TaskStatus::Cancelled, "cancelled".to_string(), None),
+        // The tenant's policy decides the same way on the next attempt.
+        Ok(AgentEnd::Refused(reason)) => return Run::Done(TaskStatus::Failed, reason, None),
         Err(e) => return Run::Retry(e),
     };
     if let Some(message) = message {
@@ -412,6 +414,8 @@ enum AgentEnd {
     Exited(i32),
     TimedOut,
     Cancelled,
+    /// Admission refused the sandbox (not retried).
+    Refused(String),
 }
 
 /// Runs the agent in a new sandbox and kills the sandbox afterwards, whatever happened.
@@ -464,9 +468,16 @@ async fn run_agent(
         class: None,
         rootfs: false,
     };
-    crate::policies::admit(state, &caller, &mut spec, &facts)
-        .await
-        .map_err(|e| format!("admission refused the task's sandbox: {}", e.message))?;
+    match crate::policies::admit(state, &caller, &mut spec, &facts).await {
+        Ok(_) => {}
+        Err(e) if e.status.is_client_error() => {
+            return Ok(AgentEnd::Refused(format!(
+                "admission refused the task's sandbox: {}",
+                e.message
+            )));
+        }
+        Err(e) => return Err(format!("admission failed: {}", e.message)),
+    }
     // The server's own mount, after admission: the policy judges what the tenant's project asks for
     // (its template), and a policy that forbids writable mounts forbids the tenant's, not the work tree
     // the task exists for.
