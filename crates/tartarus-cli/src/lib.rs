@@ -102,6 +102,10 @@ pub mod cli {
         Apikey(commands::apikey::ApiKeyArgs),
         /// Manage templates on the server (an image plus defaults and a warm-up)
         Template(commands::template::TemplateArgs),
+        /// Run agents on repositories: `task create --project P --agent A --prompt …`, get, ls, logs, cancel
+        Task(commands::task::TaskArgs),
+        /// Register the repositories tasks run on
+        Project(commands::task::ProjectArgs),
         /// Write a starting file locally: `init template --name NAME --from IMAGE`
         Init(commands::template::InitArgs),
         /// Pull and manage OCI images in the local store
@@ -164,6 +168,8 @@ pub mod cli {
             Command::Audit(args) => commands::remote::audit(args),
             Command::Template(args) => commands::template::run(args),
             Command::Init(args) => commands::template::init(args),
+            Command::Task(args) => commands::task::run(args),
+            Command::Project(args) => commands::task::run_project(args),
             Command::Image(args) => commands::image::run(args),
             Command::Conformance(args) => commands::conformance::run(args),
             Command::Policy(args) => commands::policy::run(args),

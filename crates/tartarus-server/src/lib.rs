@@ -13,6 +13,7 @@ pub mod connections;
 pub mod e2b;
 pub mod effects;
 pub mod error;
+pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
@@ -23,6 +24,7 @@ pub mod node_agent;
 pub mod policies;
 pub mod sandbox_ports;
 pub mod sandboxes;
+pub mod tasks;
 pub mod ui;
 pub mod usage;
 

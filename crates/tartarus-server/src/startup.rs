@@ -60,6 +60,13 @@ pub struct ServerConfig {
     pub sandbox_domain: Option<String>,
     /// Prices that turn usage into cost (`--price-table FILE`).
     pub prices: Option<crate::usage::PriceTable>,
+    /// The event bus (`memory`, `postgres://…`, `nats://…`, `redis://…`); `None`: PostgreSQL's with
+    /// `database`, else in-memory (docs/events.md).
+    pub event_bus: Option<String>,
+    /// Receivers of signed event webhooks.
+    pub webhooks: Vec<tartarus_events::webhooks::Webhook>,
+    /// Agent tasks: agent types, the commits' author, the agent's timeout, workers (docs/tasks.md).
+    pub tasks: crate::tasks::TaskSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,9 +230,18 @@ pub async fn serve_on(
     gateway::refresh_redactor(&effects)
         .await
         .map_err(|e| ServerError::Config(e.message))?;
-    manager.set_lifecycle(Arc::new(effects::EffectsHooks {
-        effects: effects.clone(),
-        manager: Arc::downgrade(&manager),
+    let bus = connect_event_bus(&config).await?;
+    let events = crate::events::ServerEvents::new(bus.clone());
+    tartarus_events::webhooks::spawn(bus, config.webhooks.clone(), Default::default())
+        .await
+        .map_err(|e| ServerError::Config(e.chain()))?;
+    manager.set_lifecycle(Arc::new(crate::events::EventHooks {
+        inner: Arc::new(effects::EffectsHooks {
+            effects: effects.clone(),
+            manager: Arc::downgrade(&manager),
+        }),
+        events: events.clone(),
+        store: store.clone(),
     }));
     let (adopted, ended) = manager
         .reconcile()
@@ -328,14 +344,20 @@ pub async fn serve_on(
             .build()
             .map_err(|e| ServerError::Config(e.to_string()))?,
         host_access: config.host_access,
+        tasks: Arc::new(config.tasks.clone()),
+        task_key: crate::tasks::TaskKey::open_or_create(&config.data_dir)
+            .map_err(|e| ServerError::Config(tartarus_runtime::error_chain(&e)))?,
+        tasks_dir: config.data_dir.join("tasks"),
         e2b: Arc::new(
             crate::e2b::E2bState::open(&config.data_dir, config.sandbox_domain.clone())
                 .map_err(|e| ServerError::Config(format!("the E2B API's state: {e}")))?,
         ),
         prices: config.prices.clone().map(Arc::new),
+        events,
     };
     cluster::spawn_loops(state.clone(), Arc::new(leading_tx));
     policies::spawn_enforcement(state.clone(), config.enforcement_interval);
+    crate::tasks::worker::spawn_workers(state.clone(), state.tasks.clone());
     let app = router(state);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Streams (exec events, forwarded answers) are small writes that must not wait on delayed ACKs.
@@ -364,6 +386,39 @@ pub async fn serve_on(
                 "the grace period ended with requests still open (streams, follows); they are dropped"
             );
             Ok(())
+        }
+    }
+}
+
+/// The bus `--event-bus` names, PostgreSQL's with `--database` when it names none, else the in-memory
+/// one; retried with backoff for `--database-wait` while its server cannot be reached.
+async fn connect_event_bus(config: &ServerConfig) -> Result<Arc<dyn tartarus_events::EventBus>, ServerError> {
+    let setting = match (&config.event_bus, &config.database) {
+        (Some(setting), _) => setting.clone(),
+        (None, Some(database)) => database.clone(),
+        (None, None) => "memory".to_string(),
+    };
+    let bus_config = tartarus_events::BusConfig::parse(&setting)
+        .map_err(|e| ServerError::Config(format!("--event-bus: {}", e.chain())))?;
+    let started = std::time::Instant::now();
+    let mut backoff = tartarus_events::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match tartarus_events::connect(&bus_config).await {
+            Ok(bus) => {
+                tracing::info!(provider = %bus.provider(), "event bus connected");
+                return Ok(bus);
+            }
+            Err(e @ tartarus_events::BusError::Config(_)) => {
+                return Err(ServerError::Config(format!("--event-bus: {}", e.chain())))
+            }
+            Err(e) if started.elapsed() >= config.database_wait => {
+                return Err(ServerError::Config(format!("--event-bus: {}", e.chain())))
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!("{}; retrying in {:.1} s", e.chain(), delay.as_secs_f64());
+                tokio::time::sleep(delay).await;
+            }
         }
     }
 }

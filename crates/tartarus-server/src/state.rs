@@ -37,6 +37,13 @@ pub struct AppState {
     pub e2b: Arc<crate::e2b::E2bState>,
     /// Prices that turn usage into cost (`--price-table`); `None`: usage is shown without cost.
     pub prices: Option<Arc<crate::usage::PriceTable>>,
+    /// The event bus (docs/events.md).
+    pub events: crate::events::ServerEvents,
+    /// Agent tasks (docs/tasks.md): the settings, the key sealing projects' credentials, and where
+    /// workers clone repositories.
+    pub tasks: Arc<crate::tasks::TaskSettings>,
+    pub task_key: crate::tasks::TaskKey,
+    pub tasks_dir: PathBuf,
 }
 
 pub(crate) fn view(record: &SandboxRecord) -> SandboxView {

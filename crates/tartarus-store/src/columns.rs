@@ -85,6 +85,7 @@ text_enum_columns!(
     crate::Lane,
     crate::QueueState,
     crate::LedgerState,
+    crate::TaskStatus,
 );
 
 /// A TEXT column holding JSON, decoded into `T` (the field's type, through one of the `From` impls

@@ -14,6 +14,7 @@ mod policies;
 mod queue;
 #[cfg(test)]
 mod schema_tests;
+mod tasks;
 #[cfg(test)]
 mod testing;
 mod usage;
@@ -25,7 +26,10 @@ pub use effects::{
 };
 pub use nodes::{Leadership, NodeLane, NodeRecord, NodeRegistration, Registered, NODE_TOKEN_PREFIX};
 pub use policies::{Event, EventQuery, NewEvent, PolicyRevision};
-pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem, QueueState};
+pub use queue::{retry_backoff_ms, Enqueue, Lane, NewQueueItem, QueueItem, QueueState, Topic};
+pub use tasks::{
+    NewProject, NewTask, ProjectRecord, TaskEvent, TaskOutcome, TaskRecord, TaskStatus, MAX_TASK_LOG_BYTES,
+};
 pub use usage::{UsageRecord, UsageSample};
 
 use std::path::Path;

@@ -187,10 +187,40 @@ static REJECT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 const DELIVERABLE: &str =
     "((state = 'ready' AND not_before_ms <= $1) OR (state = 'leased' AND lease_expires_ms <= $1))";
 
+/// What a queue item is: the two never meet (a worker of one topic never leases the other's items, and
+/// each has its own depth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// A sandbox request waiting for a node (the leader's dispatcher).
+    Sandbox,
+    /// An agent task waiting for a worker (docs/tasks.md).
+    Task,
+}
+
+impl Topic {
+    fn as_str(self) -> &'static str {
+        match self {
+            Topic::Sandbox => "sandbox",
+            Topic::Task => "task",
+        }
+    }
+}
+
 impl Store {
-    /// Adds an item unless `max_depth` items already wait (ready or leased).
+    /// Adds a sandbox request unless `max_depth` items already wait (ready or leased).
     pub async fn enqueue(
         &self,
+        item: &NewQueueItem<'_>,
+        now_ms: i64,
+        max_depth: i64,
+    ) -> Result<Enqueue, StoreError> {
+        self.enqueue_on(Topic::Sandbox, item, now_ms, max_depth).await
+    }
+
+    /// Adds an item of `topic` unless `max_depth` items of it already wait.
+    pub async fn enqueue_on(
+        &self,
+        topic: Topic,
         item: &NewQueueItem<'_>,
         now_ms: i64,
         max_depth: i64,
@@ -201,9 +231,9 @@ impl Store {
         // One statement: the depth check and the insert cannot be split by another enqueue.
         let done = sqlx::query(
             "INSERT INTO queue (id, lane, lane_rank, priority, tenant, payload, state, attempts, max_attempts, \
-             not_before_ms, enqueued_ms, reason) \
-             SELECT $1, $2, $3, $4, $5, $6, 'ready', 0, $7, $8, $8, $9 \
-             WHERE (SELECT COUNT(*) FROM queue WHERE state IN ('ready', 'leased')) < $10",
+             not_before_ms, enqueued_ms, reason, topic) \
+             SELECT $1, $2, $3, $4, $5, $6, 'ready', 0, $7, $8, $8, $9, $11 \
+             WHERE (SELECT COUNT(*) FROM queue WHERE state IN ('ready', 'leased') AND topic = $11) < $10",
         )
         .bind(item.id)
         .bind(item.lane.as_str())
@@ -215,12 +245,13 @@ impl Store {
         .bind(now_ms)
         .bind(item.reason)
         .bind(max_depth)
+        .bind(topic.as_str())
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(Enqueue::Queued);
         }
-        let depth = self.queue_depth(None).await?;
+        let depth = self.topic_depth(topic).await?;
         Ok(Enqueue::Full { depth })
     }
 
@@ -232,12 +263,24 @@ impl Store {
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Option<QueueItem>, StoreError> {
+        self.dequeue_on(Topic::Sandbox, worker, now_ms, lease_ms).await
+    }
+
+    /// [`Store::dequeue`] for the items of `topic`.
+    pub async fn dequeue_on(
+        &self,
+        topic: Topic,
+        worker: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<QueueItem>, StoreError> {
+        let deliverable = format!("topic = '{}' AND {DELIVERABLE}", topic.as_str());
         let order = "ORDER BY lane_rank, priority DESC, enqueued_ms, id LIMIT 1";
         let row = match self.backend {
             Backend::Postgres => {
                 sqlx::query(&format!(
                     "UPDATE queue SET state = 'leased', leased_by = $2, lease_expires_ms = $3, \
-                     attempts = attempts + 1 WHERE id = (SELECT id FROM queue WHERE {DELIVERABLE} {order} \
+                     attempts = attempts + 1 WHERE id = (SELECT id FROM queue WHERE {deliverable} {order} \
                      FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
                 ))
                 .bind(now_ms)
@@ -248,7 +291,7 @@ impl Store {
             }
             Backend::Sqlite => {
                 let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-                let head = sqlx::query(&format!("SELECT id FROM queue WHERE {DELIVERABLE} {order}"))
+                let head = sqlx::query(&format!("SELECT id FROM queue WHERE {deliverable} {order}"))
                     .bind(now_ms)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -331,10 +374,22 @@ impl Store {
         Ok(())
     }
 
-    /// Items waiting (ready or leased), in all lanes or one.
+    /// Items of `topic` waiting (ready or leased).
+    pub async fn topic_depth(&self, topic: Topic) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS depth FROM queue WHERE state IN ('ready', 'leased') AND topic = $1",
+        )
+        .bind(topic.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("depth")?)
+    }
+
+    /// Sandbox requests waiting (ready or leased), in all lanes or one.
     pub async fn queue_depth(&self, lane: Option<Lane>) -> Result<i64, StoreError> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS depth FROM queue WHERE state IN ('ready', 'leased') AND ($1 IS NULL OR lane = $1)",
+            "SELECT COUNT(*) AS depth FROM queue WHERE state IN ('ready', 'leased') AND topic = 'sandbox' \
+             AND ($1 IS NULL OR lane = $1)",
         )
         .bind(lane.map(Lane::as_str))
         .fetch_one(&self.pool)
@@ -353,7 +408,8 @@ impl Store {
     /// Items waiting (ready or leased), in dequeue order, of one tenant or all.
     pub async fn queued(&self, tenant: Option<&str>) -> Result<Vec<QueueItem>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM queue WHERE state IN ('ready', 'leased') AND ($1 IS NULL OR tenant = $1) \
+            "SELECT {COLUMNS} FROM queue WHERE state IN ('ready', 'leased') AND topic = 'sandbox' \
+             AND ($1 IS NULL OR tenant = $1) \
              ORDER BY lane_rank, priority DESC, enqueued_ms, id"
         ))
         .bind(tenant)
@@ -365,7 +421,7 @@ impl Store {
     /// Dead letters, oldest first, of one tenant or all.
     pub async fn dead_letters(&self, tenant: Option<&str>) -> Result<Vec<QueueItem>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM queue WHERE state = 'dead' AND ($1 IS NULL OR tenant = $1) \
+            "SELECT {COLUMNS} FROM queue WHERE state = 'dead' AND topic = 'sandbox' AND ($1 IS NULL OR tenant = $1) \
              ORDER BY finished_ms, id"
         ))
         .bind(tenant)
@@ -536,6 +592,41 @@ mod tests {
                 .await;
             crate::testing::assert_corrupt(store.queue_item("x").await, ("queue", "x", "lane"), "'express'");
             crate::testing::assert_corrupt(store.queue_item("y").await, ("queue", "y", "state"), "'parked'");
+        }
+    }
+
+    #[tokio::test]
+    async fn topics_never_meet() {
+        for test_store in crate::testing::stores().await {
+            let store = test_store.store.clone();
+            store
+                .enqueue(&item("sandbox-1", Lane::Main, 0), 0, 1)
+                .await
+                .unwrap();
+            assert_eq!(
+                store
+                    .enqueue_on(Topic::Task, &item("task-1", Lane::Main, 0), 0, 1)
+                    .await
+                    .unwrap(),
+                Enqueue::Queued,
+                "a full sandbox queue refused a task"
+            );
+            assert_eq!(store.queue_depth(None).await.unwrap(), 1);
+            assert_eq!(store.topic_depth(Topic::Task).await.unwrap(), 1);
+            let task = store
+                .dequeue_on(Topic::Task, "w", 1, 1_000)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(task.id, "task-1");
+            assert!(store
+                .dequeue_on(Topic::Task, "w", 1, 1_000)
+                .await
+                .unwrap()
+                .is_none());
+            let sandbox = store.dequeue("w", 1, 1_000).await.unwrap().unwrap();
+            assert_eq!(sandbox.id, "sandbox-1");
+            assert!(store.queued(None).await.unwrap().iter().all(|i| i.id != "task-1"));
         }
     }
 

@@ -12,5 +12,6 @@ pub mod run;
 pub mod runtimes;
 pub mod server;
 pub mod shim;
+pub mod task;
 pub mod template;
 pub mod zygote;

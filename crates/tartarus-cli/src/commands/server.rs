@@ -102,6 +102,46 @@ pub struct ServerArgs {
               other => other.map_err(|e| e.to_string()),
           })]
     header_timeout: std::time::Duration,
+    /// The event bus (docs/events.md): memory, postgres://…, nats://HOST:PORT (JetStream) or
+    /// redis://HOST:PORT (streams). Default: the --database's PostgreSQL when given, else memory
+    #[arg(long, env = "TARTARUS_EVENT_BUS", value_name = "memory|URL")]
+    event_bus: Option<String>,
+    /// POST every event matching FILTER (default `>`: all; `task.>`, `sandbox.*`) to URL, signed with
+    /// HMAC-SHA256 under the --event-webhook-secret-file (repeatable)
+    #[arg(long = "event-webhook", value_name = "URL[ FILTER]")]
+    event_webhooks: Vec<String>,
+    /// The webhooks' signing secret: a file whose contents (trailing newline removed, at least 16 bytes)
+    /// key the X-Tartarus-Signature-256 header
+    #[arg(long, value_name = "FILE")]
+    event_webhook_secret_file: Option<PathBuf>,
+    /// An agent type for tasks (docs/tasks.md): NAME=COMMAND, a shell command run in the task's sandbox
+    /// with the prompt on stdin (and in $TARTARUS_PROMPT_FILE), the repository as its working directory
+    /// (repeatable)
+    #[arg(long = "agent-type", value_name = "NAME=COMMAND")]
+    agent_types: Vec<String>,
+    /// The author (and committer) of tasks' commits
+    #[arg(
+        long,
+        default_value = "Tartarus <tartarus@localhost>",
+        value_name = "NAME <EMAIL>"
+    )]
+    task_author: String,
+    /// The most one agent run may take
+    #[arg(long, default_value = "30m", value_name = "DURATION",
+          value_parser = |s: &str| tartarus_runtime::units::parse_duration(s).map_err(|e| e.to_string()))]
+    task_timeout: std::time::Duration,
+    /// Task workers on this server (0: it runs none; other replicas of its database may)
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    task_workers: usize,
+    /// A file holding the GitHub token tasks open pull requests with (projects with a github_repo)
+    #[arg(long, value_name = "FILE")]
+    github_token_file: Option<PathBuf>,
+    /// GitHub's REST API (GitHub Enterprise: https://HOST/api/v3)
+    #[arg(long, default_value = "https://api.github.com", value_name = "URL")]
+    github_api_url: String,
+    /// This server's URL as links (in pull requests) should name it
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
     /// How log lines on stderr look: text for people, json (one object a line) for log collectors
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -144,6 +184,7 @@ pub fn default_config(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<S
     args.data_dir = Some(data_dir);
     // Not from the environment either: a node keeps its own state.
     args.database = None;
+    args.event_bus = None;
     config(args)
 }
 
@@ -186,7 +227,114 @@ fn config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
             .map(tartarus_server::usage::PriceTable::load)
             .transpose()?,
         runtime: super::run::runtime_config(),
+        webhooks: webhooks(&args.event_webhooks, args.event_webhook_secret_file.as_deref())?,
+        tasks: tartarus_server::tasks::TaskSettings {
+            github: github(args.github_token_file.as_deref(), &args.github_api_url)?,
+            public_url: args.public_url.clone(),
+            ..task_settings(
+                &args.agent_types,
+                &args.task_author,
+                args.task_timeout,
+                args.task_workers,
+            )?
+        },
+        event_bus: args.event_bus,
     })
+}
+
+/// `--agent-type NAME=COMMAND`, `--task-author "NAME <EMAIL>"`, `--task-timeout`, `--task-workers`.
+fn task_settings(
+    agent_types: &[String],
+    author: &str,
+    timeout: std::time::Duration,
+    workers: usize,
+) -> anyhow::Result<tartarus_server::tasks::TaskSettings> {
+    let mut settings = tartarus_server::tasks::TaskSettings {
+        agent_timeout: timeout,
+        workers,
+        ..Default::default()
+    };
+    for agent in agent_types {
+        let (name, command) = agent
+            .split_once('=')
+            .filter(|(name, command)| {
+                !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && !command.trim().is_empty()
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!("--agent-type {agent:?}: give NAME=COMMAND (NAME of a-z, 0-9, '-', '_')")
+            })?;
+        settings.agent_types.insert(name.to_string(), command.to_string());
+    }
+    let (name, email) = author
+        .strip_suffix('>')
+        .and_then(|a| a.split_once(" <"))
+        .filter(|(name, email)| !name.trim().is_empty() && email.contains('@') && !email.contains(['<', '>']))
+        .ok_or_else(|| anyhow::anyhow!("--task-author {author:?}: give \"NAME <EMAIL>\""))?;
+    settings.author_name = name.trim().to_string();
+    settings.author_email = email.to_string();
+    anyhow::ensure!(timeout.as_secs() >= 1, "--task-timeout must be at least 1s");
+    Ok(settings)
+}
+
+/// `--github-token-file` and `--github-api-url`.
+fn github(
+    token_file: Option<&std::path::Path>,
+    api_url: &str,
+) -> anyhow::Result<Option<tartarus_server::tasks::github::GithubSettings>> {
+    use anyhow::Context as _;
+    let Some(path) = token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = token.trim().to_string();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "{}: the GitHub token file is empty",
+        path.display()
+    );
+    anyhow::ensure!(
+        api_url.starts_with("https://")
+            || api_url.starts_with("http://127.0.0.1:")
+            || api_url.starts_with("http://localhost:"),
+        "--github-api-url {api_url}: use https:// (plain http only on loopback)"
+    );
+    Ok(Some(tartarus_server::tasks::github::GithubSettings {
+        api_url: api_url.to_string(),
+        token,
+    }))
+}
+
+/// `--event-webhook URL[ FILTER]` with the secret from `--event-webhook-secret-file`.
+fn webhooks(
+    hooks: &[String],
+    secret_file: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<tartarus_events::webhooks::Webhook>> {
+    use anyhow::Context as _;
+    if hooks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let path = secret_file.context("--event-webhook needs --event-webhook-secret-file")?;
+    let mut secret = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    anyhow::ensure!(
+        secret.len() >= 16,
+        "{}: a webhook secret needs at least 16 bytes",
+        path.display()
+    );
+    hooks
+        .iter()
+        .map(|hook| {
+            tartarus_events::webhooks::Webhook::parse(hook, &secret)
+                .map_err(|e| anyhow::anyhow!("--event-webhook {hook}: {}", e.chain()))
+        })
+        .collect()
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<u8> {

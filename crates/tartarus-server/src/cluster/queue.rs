@@ -85,6 +85,9 @@ pub(super) async fn dispatch(state: &AppState) {
                 {
                     tracing::error!(item = %item.id, "ack: {}", tartarus_runtime::error_chain(&e));
                 }
+                state
+                    .events
+                    .sandbox("created", &record, serde_json::json!({ "queued_s": waited }));
                 event(
                     state,
                     "queue.placed",

@@ -52,10 +52,23 @@ impl Policies {
     }
 }
 
-/// Records an event; failures are logged, never fatal.
+/// Records an event and publishes it on the bus (`enforcement.…`, `admission.rejected`, …); failures are
+/// logged, never fatal.
 pub async fn event(state: &AppState, event: NewEvent<'_>) {
     match state.store.record_event(&event).await {
         Ok(_) => crate::metrics::event_recorded(&event),
         Err(e) => tracing::error!("event write failed: {}", tartarus_runtime::error_chain(&e)),
     }
+    let subject = match event.kind.strip_prefix(event.category) {
+        Some(rest) if rest.starts_with('.') => event.kind.to_string(),
+        _ => format!("{}.{}", event.category, event.kind),
+    };
+    let details = event
+        .details
+        .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());
+    state.events.publish(
+        &subject,
+        event.tenant,
+        serde_json::json!({ "sandbox": event.sandbox, "message": event.message, "details": details }),
+    );
 }

@@ -7,10 +7,19 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::{metrics, AppState};
 
-/// Liveness.
+/// Liveness, and whether the event bus takes events (its last error is in the server's log).
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "ok")))]
-pub(crate) async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+pub(crate) async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let bus = state.events.health();
+    Json(json!({
+        "status": "ok",
+        "event_bus": {
+            "provider": bus.provider,
+            "healthy": bus.healthy,
+            "pending": bus.pending,
+            "dropped": bus.dropped,
+        },
+    }))
 }
 
 /// Prometheus text format. Unauthenticated, like /healthz: serve it on an address scrapers can reach.

@@ -13,12 +13,14 @@ pub mod logs;
 pub mod nodes;
 pub mod policies;
 pub mod ports;
+pub mod projects;
 pub mod queue;
 pub mod receipts;
 pub mod runtimes;
 pub mod sandboxes;
 pub mod signals;
 pub mod snapshots;
+pub mod tasks;
 pub mod templates;
 pub mod tools;
 pub mod usage;
@@ -51,6 +53,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/wait", post(sandboxes::wait_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(logs::logs_sandbox))
         .route("/v1/audit", get(audit::list_audit))
+        .route(
+            "/v1/projects",
+            post(projects::create_project).get(projects::list_projects),
+        )
+        .route(
+            "/v1/projects/{id}",
+            get(projects::get_project).delete(projects::delete_project),
+        )
+        .route("/v1/tasks", post(tasks::create_task).get(tasks::list_tasks))
+        .route("/v1/tasks/{id}", get(tasks::get_task))
+        .route("/v1/tasks/{id}/logs", get(tasks::task_logs))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel_task))
         .route("/v1/events", get(policies::list_events))
         .route(
             "/v1/sandboxes/{id}/quarantine",

@@ -159,6 +159,7 @@ pub(crate) async fn create(
                     &format!("ok ({chosen})"),
                 )
                 .await;
+                state.events.sandbox("created", &record, json!({}));
                 return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
             }
             Ok(None) => {}
@@ -232,6 +233,7 @@ pub(crate) async fn create(
         &outcome,
     )
     .await;
+    // sandbox.created and sandbox.started were published by the lifecycle hooks (crate::events).
     Ok((StatusCode::CREATED, Json(view(&result?))).into_response())
 }
 
@@ -476,7 +478,11 @@ pub(crate) async fn set_paused(
     )
     .await;
     result?;
-    Ok(Json(view(&find(&state, &caller, &id).await?)))
+    let record = find(&state, &caller, &id).await?;
+    state
+        .events
+        .sandbox(if paused { "paused" } else { "resumed" }, &record, json!({}));
+    Ok(Json(view(&record)))
 }
 
 /// Pause a running sandbox; execs and file operations get 409 until it is resumed. Without a body (or

@@ -29,6 +29,7 @@ mod runtimes;
 mod shim_client;
 
 pub use self::fork::MAX_FORK_COUNT;
+pub(crate) use self::pools::with_default_pids;
 pub use self::pools::PoolSpec;
 use self::pools::{pool_spec, poolable, Pool};
 pub use self::retention::Retention;
