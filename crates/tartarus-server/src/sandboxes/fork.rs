@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use tartarus_store::{Finish, SandboxRecord, SandboxStatus};
 
+use super::hibernation::require_pause_to_disk;
 use super::reconcile::lane_of;
 use super::shim_client::SandboxDir;
 use super::{new_record, start_error, stored_spec, Manager};
@@ -26,18 +26,7 @@ impl Manager {
         parent: &SandboxRecord,
         count: u32,
     ) -> Result<Vec<SandboxRecord>, ApiError> {
-        let lane = lane_of(parent);
-        if !lane.capabilities().pause_to_disk {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "unsupported",
-                format!(
-                    "the {lane} lane cannot fork sandbox {}: it cannot save a sandbox's memory and \
-                     processes; fork sandboxes of the gvisor lane",
-                    parent.id
-                ),
-            ));
-        }
+        require_pause_to_disk(parent, "fork sandbox {id}", "fork sandboxes of the gvisor lane")?;
         let was_running = parent.hibernated_to.is_none();
         if was_running {
             self.hibernate(parent).await?;

@@ -52,18 +52,11 @@ impl Manager {
 
     /// Pauses a running local sandbox to disk; returns once its snapshot is sealed and its shim is gone.
     pub async fn hibernate(self: &Arc<Self>, record: &SandboxRecord) -> Result<(), ApiError> {
-        let lane = lane_of(record);
-        if !lane.capabilities().pause_to_disk {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "unsupported",
-                format!(
-                    "the {lane} lane cannot pause sandbox {} to disk: it cannot save a sandbox's memory \
-                     and processes; pause it in memory (mode \"memory\") or run it on the gvisor lane",
-                    record.id
-                ),
-            ));
-        }
+        require_pause_to_disk(
+            record,
+            "pause sandbox {id} to disk",
+            "pause it in memory (mode \"memory\") or run it on the gvisor lane",
+        )?;
         if record.hibernated_to.is_some() {
             return Ok(());
         }
@@ -250,6 +243,27 @@ impl Manager {
         if let Err(e) = self.store.record_event(&event).await {
             tracing::error!(sandbox = %record.id, "recording an event failed: {}", tartarus_runtime::error_chain(&e));
         }
+    }
+}
+
+/// The lane of `record` when it can save a sandbox's memory; otherwise 409 `unsupported` saying that it
+/// cannot `what` (`{id}` stands for the sandbox's id) and what to do instead.
+pub(super) fn require_pause_to_disk(
+    record: &SandboxRecord,
+    what: &str,
+    instead: &str,
+) -> Result<LaneName, ApiError> {
+    let lane = lane_of(record);
+    match lane.capabilities().pause_to_disk {
+        true => Ok(lane),
+        false => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "unsupported",
+            format!(
+                "the {lane} lane cannot {}: it cannot save a sandbox's memory and processes; {instead}",
+                what.replace("{id}", &record.id)
+            ),
+        )),
     }
 }
 
