@@ -192,6 +192,17 @@ fn pausing_to_disk_is_refused_where_it_cannot_be_done_and_the_sandbox_keeps_runn
             .contains("\"mode\": \"disk\""),
         "{body}"
     );
+    // `null` is no body: a plain pause in memory, as before there were modes.
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{plain}/pause", server.base),
+        Some(&key),
+        Some(Value::Null),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["paused_to"], "memory", "{body}");
+    let (status, body) = resume(&server, &key, plain);
+    assert_eq!(status, 200, "{body}");
 
     // An exec attached to a gVisor sandbox cannot cross a restore: refused while it runs.
     let id = gvisor_sandbox(&server, &key);

@@ -503,12 +503,14 @@ pub(crate) async fn pause_sandbox(
     let mode = match body.iter().all(u8::is_ascii_whitespace) {
         true => PauseMode::Memory,
         false => {
-            serde_json::from_slice::<PauseBody>(&body)
+            // `null` is no body too (clients and the node calls send it for a plain pause).
+            serde_json::from_slice::<Option<PauseBody>>(&body)
                 .map_err(|e| {
                     ApiError::invalid(format!(
                         "invalid pause request: {e}; send {{\"mode\": \"memory\"}}, {{\"mode\": \"disk\"}} or no body"
                     ))
                 })?
+                .unwrap_or_default()
                 .mode
         }
     };
