@@ -86,6 +86,8 @@ class SandboxInfo(_Model):
     runtime_reason: Optional[str] = None
     node: Optional[str] = None
     placement: Optional[str] = None
+    #: A paused sandbox: ``"memory"`` (frozen in place) or ``"disk"`` (saved to a snapshot).
+    paused_to: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
