@@ -77,8 +77,9 @@ pub trait ServiceSandbox: Sandbox {
     /// Pause to disk: saves the sandbox's whole state — memory, processes, the files of its scratch
     /// space — into the empty directory `dir`, then ends the sandbox (its outcome is then collected as for
     /// any end, with [`crate::Sandbox::wait`]). A sandbox of the same spec continues from `dir` with
-    /// [`ServiceSandbox::restore`]. Refused ([`ServiceErrorKind::State`]) while an exec is attached, since
-    /// its streams cannot cross; processes started in the background continue after the restore.
+    /// [`ServiceSandbox::restore`]. The caller refuses it while an exec is attached (the shim does: the
+    /// exec's streams are its own and cannot cross); an attached exec would end with the sandbox.
+    /// Processes started in the background continue after the restore.
     /// [`ServiceErrorKind::Unsupported`] when the lane cannot save memory.
     fn hibernate(&mut self, dir: &Path) -> Result<(), ServiceError> {
         let _ = dir;

@@ -389,7 +389,7 @@ impl ServiceSandbox for GvisorSandbox {
 
     /// `runsc checkpoint` into `dir`: the sentry saves every task, its memory and the root's in-memory
     /// overlay (the sandbox's scratch files) into one compressed state file, and the container ends.
-    /// Refused first, with the sandbox untouched, when an exec is attached, when the sandbox has an egress
+    /// Refused first, with the sandbox untouched, when the sandbox has an egress
     /// network (its namespace is not carried to the restore yet), or when `dir`'s filesystem has less room
     /// than the sandbox's memory use (runsc's state file never holds more): Debian's runsc ends the
     /// container when a checkpoint fails half-way, so a disk that fills up mid-write is caught before.
@@ -401,16 +401,6 @@ impl ServiceSandbox for GvisorSandbox {
                 operation: OPERATION,
                 why: "a gVisor sandbox with an egress network cannot be saved yet: its network namespace \
                       is not carried over to the restored sandbox",
-            });
-        }
-        if !self.execs.running.is_empty() {
-            return Err(ServiceError::Refused {
-                operation: OPERATION,
-                why: format!(
-                    "{} exec(s) or file operations are attached and their streams cannot cross a restore; \
-                     wait for them to end or kill them (background processes are kept)",
-                    self.execs.running.len()
-                ),
             });
         }
         let needed = self.cgroups.current_memory(&HostCgroupFs).unwrap_or(0) + SNAPSHOT_MARGIN_BYTES;
